@@ -1,0 +1,59 @@
+"""Atomic writes: a temporary sibling first, then one rename, so a failed run leaves nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BnmoveError
+
+
+def check_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse to write over an input, over an existing file without ``force``, or into a missing folder."""
+    resolved = path.resolve()
+    if any(resolved == p.resolve() for p in inputs):
+        raise BnmoveError(f"{path}: refusing to overwrite the input file; choose another output with -o")
+    if path.exists() and not force:
+        raise BnmoveError(f"{path}: already exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise BnmoveError(f"{path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BnmoveError(f"{path}: folder {path.parent} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise BnmoveError(f"{path}: cannot write there ({exc.strerror})") from exc
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        raise BnmoveError(f"{path}: cannot write it ({exc.strerror})") from exc
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it becomes ``path``."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise BnmoveError(f"{path}: cannot write there ({exc.strerror})") from exc
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,515 @@
+"""Find BatchNorm–activation pairs and decide, with a reason, what may move.
+
+Each rule is pattern + check-with-reason: a BN node next to an activation node
+is the pattern; the checks below say whether the pair may move at all
+(``movable``) and whether it may move without changing eval outputs
+(``exact``), and every failed check leaves a human-readable reason.
+
+* ``placement="before"``: ``BN -> f``. Exact when a single-user Conv,
+  ConvTranspose or Linear feeds the BN (fold BN into it, see ``bn_math``).
+* ``placement="after"``: ``f -> BN``. Exact when the BN's only user is a
+  Linear, an unpadded Conv or a pointwise ConvTranspose (fold BN forward).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import fx, nn
+
+from .patterns import (
+    ActivationCall,
+    is_batchnorm_module,
+    is_functional_batchnorm,
+    is_plain_batchnorm,
+    match_activation,
+)
+from .tracing import Untraced, trace_regions
+
+Placement = Literal["before", "after"]
+PLACEMENTS: tuple[Placement, ...] = ("before", "after")
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+AFFINE_LAYERS = (*_CONV, *_CONV_T, nn.Linear)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A BatchNorm next to an activation (or a BatchNorm next to none).
+
+    ``bn`` and ``activation`` are qualified module names, or ``region.node``
+    names for functional calls. ``placement`` is ``"before"`` for BN -> f,
+    ``"after"`` for f -> BN and ``None`` when no activation is adjacent.
+    """
+
+    bn: str
+    activation: str | None
+    activation_kind: str | None
+    placement: Placement | None
+    movable: bool
+    exact: bool
+    reason: str | None = None
+    #: the Conv/Linear that absorbs the BN in an exact move
+    neighbour: str | None = None
+    #: BN and activation live in one fused module (e.g. BatchNormAct2d)
+    fused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bn": self.bn,
+            "activation": self.activation,
+            "activation_kind": self.activation_kind,
+            "placement": self.placement,
+            "movable": self.movable,
+            "exact": self.exact,
+            "reason": self.reason,
+            "neighbour": self.neighbour,
+            "fused": self.fused,
+        }
+
+
+@dataclass(frozen=True)
+class FusedNorm:
+    """What a BatchNorm subclass with its own ``forward`` really computes."""
+
+    base: type[nn.modules.batchnorm._BatchNorm]
+    #: child module name of the activation, or None when it is a function call
+    act_child: str | None
+    act_target: Any
+    act_args: tuple[Any, ...]
+    act_kwargs: dict[str, Any]
+    call: ActivationCall
+
+
+@dataclass
+class Site:
+    """A pair plus the graph nodes it lives on (internal to detect/rewrite)."""
+
+    pair: Pair
+    region: str
+    bn_node: fx.Node
+    act_node: fx.Node | None
+    neighbour_node: fx.Node | None
+    fused: FusedNorm | None = None
+
+
+def torch_batchnorm_base(module: nn.Module) -> type[nn.modules.batchnorm._BatchNorm]:
+    """The torch BatchNorm class a (possibly user-defined) BN derives from."""
+    for cls in type(module).__mro__:
+        if cls.__module__ == "torch.nn.modules.batchnorm" and not cls.__name__.startswith("_"):
+            if cls.__name__.startswith("Lazy"):
+                continue
+            return cls
+    return nn.BatchNorm2d
+
+
+def _probe_shape(base: type[nn.Module], channels: int) -> tuple[int, ...]:
+    if base is nn.BatchNorm1d:
+        return (3, channels)
+    if base is nn.BatchNorm3d:
+        return (3, channels, 2, 2, 2)
+    return (3, channels, 3, 3)
+
+
+def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
+    """Recognise ``batch_norm -> [identity/dropout] -> activation`` inside a BN subclass.
+
+    Returns the recipe for splitting it, or a reason string when its forward is
+    something else. The split is checked numerically against the module.
+    """
+    probe = copy.deepcopy(module).eval()
+    try:
+        graph = _RootTracer().trace(probe)
+    except Exception as exc:
+        return f"forward of {type(module).__name__} could not be traced ({type(exc).__name__})"
+    gm = fx.GraphModule(probe, graph)
+    modules = dict(gm.named_modules())
+    bn_calls = [n for n in graph.nodes if is_functional_batchnorm(n)]
+    if len(bn_calls) != 1:
+        return f"forward of {type(module).__name__} is not one batch_norm call plus an activation"
+    node = bn_calls[0]
+    act: fx.Node | None = None
+    while len(node.users) == 1:
+        (nxt,) = node.users
+        call = match_activation(nxt, modules)
+        if call is not None:
+            act = nxt
+            break
+        is_identity = nxt.op == "call_module" and isinstance(
+            modules.get(str(nxt.target)), nn.Identity
+        )
+        if not is_identity:
+            break
+        node = nxt
+    if act is None or call is None or any(u.op != "output" for u in act.users):
+        return f"forward of {type(module).__name__} is not batch_norm followed by an activation"
+    if any(isinstance(a, fx.Node) for a in (*act.args[1:], *act.kwargs.values())):
+        return f"activation in {type(module).__name__} takes tensor arguments"
+    fused = FusedNorm(
+        base=torch_batchnorm_base(module),
+        act_child=str(act.target) if act.op == "call_module" else None,
+        act_target=act.target,
+        act_args=tuple(act.args[1:]),
+        act_kwargs=dict(act.kwargs),
+        call=call,
+    )
+    # Trust, but verify: the split must compute what the module computes.
+    plain = make_plain_batchnorm(probe, fused.base)
+    x = torch.randn(_probe_shape(fused.base, probe.num_features))
+    with torch.no_grad():
+        want = probe(x.clone())
+        got = apply_fused_activation(probe, fused, plain(x.clone()))
+    if not torch.allclose(want, got, atol=1e-5, rtol=1e-4):
+        return f"{type(module).__name__} does not compute activation(batch_norm(x))"
+    return fused
+
+
+class _RootTracer(fx.Tracer):
+    """Traces a module's own forward with every child kept as a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def make_plain_batchnorm(module: nn.Module, base: type[nn.Module]) -> nn.Module:
+    """A plain torch BN holding ``module``'s state (children kept, so keys stay)."""
+    bn = module
+    plain = base(
+        bn.num_features,  # type: ignore[arg-type]
+        eps=bn.eps,  # type: ignore[arg-type]
+        momentum=bn.momentum,  # type: ignore[arg-type]
+        affine=bn.affine,  # type: ignore[arg-type]
+        track_running_stats=bn.track_running_stats,  # type: ignore[arg-type]
+    )
+    ref = next(iter(module.buffers()), None)
+    if ref is not None:
+        plain.to(device=ref.device)
+    for name, child in module.named_children():
+        plain.add_module(name, child)
+    missing = plain.load_state_dict(module.state_dict(), strict=False)
+    assert not missing.missing_keys, missing.missing_keys
+    plain.to(dtype=next((p.dtype for p in module.parameters()), None) or torch.get_default_dtype())
+    plain.train(module.training)
+    return plain
+
+
+def apply_fused_activation(module: nn.Module, fused: FusedNorm, x: torch.Tensor) -> torch.Tensor:
+    if fused.act_child is not None:
+        out: torch.Tensor = module.get_submodule(fused.act_child)(x)
+        return out
+    if isinstance(fused.act_target, str):
+        return getattr(x, fused.act_target)(*fused.act_args, **fused.act_kwargs)  # type: ignore[no-any-return]
+    return fused.act_target(x, *fused.act_args, **fused.act_kwargs)  # type: ignore[no-any-return]
+
+
+def _qual(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _node_label(prefix: str, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return _qual(prefix, str(node.target))
+    return _qual(prefix, node.name)
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return f"{node.target} ({type(module).__name__})"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return f"{node.op} {node.target}"
+
+
+def _absorbing_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    module = modules.get(str(node.target))
+    return module if isinstance(module, AFFINE_LAYERS) else None
+
+
+def _out_channels(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    return int(layer.out_channels)  # type: ignore[arg-type]
+
+
+def _in_channels(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    return int(layer.in_channels)  # type: ignore[arg-type]
+
+
+def forward_fold_blocker(layer: nn.Module) -> str | None:
+    """Why folding a BN forward into ``layer`` would not be exact, or None."""
+    if isinstance(layer, _CONV):
+        padding = layer.padding
+        if padding == "same" and any(k != 1 for k in layer.kernel_size):
+            return "it pads its input ('same'), and padding does not commute with the BN's shift"
+        if isinstance(padding, tuple) and any(p != 0 for p in padding):
+            return "it pads its input, and padding does not commute with the BN's shift"
+        return None
+    if isinstance(layer, _CONV_T):
+        pointwise = all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
+        unpadded = all(p == 0 for p in layer.padding) and all(p == 0 for p in layer.output_padding)  # type: ignore[union-attr]
+        if not (pointwise and unpadded):
+            return "a transposed conv spreads the BN's shift unevenly over its output"
+        return None
+    return None
+
+
+class _RegionAnalysis:
+    def __init__(self, gm: fx.GraphModule, prefix: str) -> None:
+        self.gm = gm
+        self.prefix = prefix
+        self.modules = dict(gm.named_modules())
+        self.calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        self._fused: dict[str, FusedNorm | str] = {}
+
+    def bn_module(self, node: fx.Node) -> nn.Module | None:
+        if node.op != "call_module":
+            return None
+        module = self.modules.get(str(node.target))
+        return module if module is not None and is_batchnorm_module(module) else None
+
+    def fused_info(self, node: fx.Node) -> FusedNorm | str | None:
+        module = self.bn_module(node)
+        if module is None or is_plain_batchnorm(module):
+            return None
+        key = str(node.target)
+        if key not in self._fused:
+            self._fused[key] = analyze_fused_norm(module)
+        return self._fused[key]
+
+    def sites(self) -> list[Site]:
+        out: list[Site] = []
+        for node in self.gm.graph.nodes:
+            module = self.bn_module(node)
+            if module is None and not is_functional_batchnorm(node):
+                continue
+            out.extend(self._sites_for_bn(node, module))
+        return out
+
+    # -- checks shared by both placements ---------------------------------
+    def _bn_blocker(self, node: fx.Node, module: nn.Module | None) -> str | None:
+        if module is not None and self.calls[str(node.target)] > 1:
+            return f"BatchNorm {self._label(node)} is called at {self.calls[str(node.target)]} places"
+        return None
+
+    def _act_blocker(self, act: fx.Node) -> str | None:
+        if act.op == "call_module" and self.calls[str(act.target)] > 1:
+            module = self.modules[str(act.target)]
+            if any(True for _ in module.parameters()):
+                return (
+                    f"activation {self._label(act)} has parameters and is called at "
+                    f"{self.calls[str(act.target)]} places"
+                )
+        return None
+
+    def _stats_reason(self, module: nn.Module | None) -> str | None:
+        if module is None:
+            return "functional batch_norm: an exact move needs a BatchNorm module"
+        if not getattr(module, "track_running_stats", True) or module.running_mean is None:  # type: ignore[union-attr]
+            return "track_running_stats=False: the BN has no running statistics to fold"
+        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+            return "lazy BatchNorm not initialised yet (give example inputs)"
+        return None
+
+    def _label(self, node: fx.Node) -> str:
+        return _node_label(self.prefix, node)
+
+    # -- pattern: one BN node -> its pairs ---------------------------------
+    def _sites_for_bn(self, bn: fx.Node, module: nn.Module | None) -> list[Site]:
+        sites: list[Site] = []
+        fused = self.fused_info(bn)
+        if isinstance(fused, FusedNorm):
+            sites.append(self._before_site(bn, module, None, fused.call, fused))
+        elif isinstance(fused, str):
+            sites.append(self._site(bn, None, None, None, False, False, fused))
+            return sites
+        else:
+            for user in bn.users:
+                call = match_activation(user, self.modules)
+                if call is not None and user.args and user.args[0] is bn:
+                    sites.append(self._before_site(bn, module, user, call, None))
+        source = bn.args[0] if bn.args else None
+        if isinstance(source, fx.Node):
+            call = match_activation(source, self.modules)
+            if call is not None:
+                sites.append(self._after_site(bn, module, source, call))
+        if not sites:
+            feeds = ", ".join(_describe(u, self.modules) for u in bn.users) or "nothing"
+            sites.append(
+                self._site(bn, None, None, None, False, False, f"not adjacent to an activation (feeds {feeds})")
+            )
+        return sites
+
+    def _site(
+        self,
+        bn: fx.Node,
+        act: fx.Node | None,
+        call: ActivationCall | None,
+        placement: Placement | None,
+        movable: bool,
+        exact: bool,
+        reason: str | None,
+        neighbour: fx.Node | None = None,
+        fused: FusedNorm | None = None,
+    ) -> Site:
+        if fused is not None:
+            act_name = (
+                _qual(self._label(bn), fused.act_child) if fused.act_child else f"{self._label(bn)}:{getattr(fused.act_target, '__name__', fused.act_target)}"
+            )
+        else:
+            act_name = self._label(act) if act is not None else None
+        pair = Pair(
+            bn=self._label(bn),
+            activation=act_name,
+            activation_kind=call.spec.kind if call else None,
+            placement=placement,
+            movable=movable,
+            exact=exact and movable,
+            reason=reason,
+            neighbour=self._label(neighbour) if neighbour is not None and exact and movable else None,
+            fused=fused is not None,
+        )
+        return Site(pair, self.prefix, bn, act, neighbour, fused)
+
+    def _before_site(
+        self,
+        bn: fx.Node,
+        module: nn.Module | None,
+        act: fx.Node | None,
+        call: ActivationCall,
+        fused: FusedNorm | None,
+    ) -> Site:
+        blocker = self._bn_blocker(bn, module)
+        if blocker is None and act is not None:
+            if len(bn.users) > 1:
+                others = [u for u in bn.users if u is not act]
+                blocker = f"the BN output also feeds {_describe(others[0], self.modules)}"
+            else:
+                blocker = self._act_blocker(act)
+        if blocker:
+            return self._site(bn, act, call, "before", False, False, blocker, fused=fused)
+        reason = self._stats_reason(module)
+        source = bn.args[0] if bn.args else None
+        layer = _absorbing_layer(source, self.modules) if isinstance(source, fx.Node) else None
+        if reason is None:
+            if layer is None or not isinstance(source, fx.Node):
+                what = _describe(source, self.modules) if isinstance(source, fx.Node) else "no node"
+                reason = f"no Conv/Linear directly before the BN to fold into (input is {what})"
+            elif len(source.users) > 1:
+                reason = f"{self._label(source)} also feeds other nodes, so the BN cannot be folded into it"
+            elif self.calls[str(source.target)] > 1:
+                reason = f"{self._label(source)} is called at several places"
+            elif module is not None and _out_channels(layer) != module.num_features:  # type: ignore[union-attr]
+                reason = f"{self._label(source)} output channels do not match the BN"
+        exact = reason is None
+        return self._site(
+            bn, act, call, "before", True, exact, reason, source if exact else None, fused
+        )
+
+    def _after_site(
+        self, bn: fx.Node, module: nn.Module | None, act: fx.Node, call: ActivationCall
+    ) -> Site:
+        blocker = self._bn_blocker(bn, module)
+        if blocker is None:
+            if len(act.users) > 1:
+                others = [u for u in act.users if u is not bn]
+                blocker = f"the activation output also feeds {_describe(others[0], self.modules)}"
+            elif call.inplace and act.args and isinstance(act.args[0], fx.Node) and len(act.args[0].users) > 1:
+                blocker = "the in-place activation overwrites a tensor that other nodes read"
+            elif self.fused_info(bn) is not None:
+                blocker = "fused norm+activation module after another activation"
+            else:
+                blocker = self._act_blocker(act)
+        if blocker:
+            return self._site(bn, act, call, "after", False, False, blocker)
+        reason = self._stats_reason(module)
+        users = list(bn.users)
+        target = users[0] if len(users) == 1 else None
+        layer = _absorbing_layer(target, self.modules) if target is not None else None
+        if reason is None:
+            if target is None or layer is None:
+                what = ", ".join(_describe(u, self.modules) for u in users) or "nothing"
+                reason = f"no single Conv/Linear right after the BN to fold into (feeds {what})"
+            elif self.calls[str(target.target)] > 1:
+                reason = f"{self._label(target)} is called at several places"
+            elif module is not None and _in_channels(layer) != module.num_features:  # type: ignore[union-attr]
+                reason = f"{self._label(target)} input channels do not match the BN"
+            else:
+                blocked = forward_fold_blocker(layer)
+                if blocked:
+                    reason = f"cannot fold into {self._label(target)}: {blocked}"
+        exact = reason is None
+        return self._site(bn, act, call, "after", True, exact, reason, target if exact else None)
+
+
+def analyze_regions(regions: dict[str, fx.GraphModule]) -> list[Site]:
+    """All sites of all traced regions, in graph order."""
+    sites: list[Site] = []
+    for prefix, gm in regions.items():
+        sites.extend(_RegionAnalysis(gm, prefix).sites())
+    return sites
+
+
+def materialize_lazy(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> None:
+    """Run one forward so lazy modules get their shapes (the model is a copy)."""
+    from .verify import run_model
+
+    if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        return
+    if example_inputs is None:
+        from .errors import BnmoveError
+
+        raise BnmoveError("the model has lazy layers that are not initialised yet; give example inputs")
+    was_training = model.training
+    model.eval()
+    run_model(model, example_inputs)
+    model.train(was_training)
+
+
+@dataclass
+class Detection:
+    """Pairs of a model plus what could not be traced."""
+
+    pairs: list[Pair]
+    untraced: list[Untraced]
+
+
+def detect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> Detection:
+    """Detection with the trace report; :func:`find_pairs` returns just the pairs."""
+    work = model
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        work = copy.deepcopy(model)
+        materialize_lazy(work, example_inputs)
+    traced = trace_regions(work)
+    sites = analyze_regions(traced.regions)
+    return Detection([s.pair for s in sites], traced.untraced)
+
+
+def find_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> list[Pair]:
+    """Every BatchNorm in ``model`` with the activation next to it, if any.
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+        example_inputs: only needed to initialise lazy modules.
+
+    Returns:
+        One :class:`Pair` per BN–activation adjacency, in graph order, plus one
+        per BatchNorm with no adjacent activation (``placement=None``).
+
+    Example:
+        >>> pairs = find_pairs(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+        >>> pairs[0].placement, pairs[0].exact
+        ('before', True)
+    """
+    return detect(model, example_inputs).pairs

@@ -1,0 +1,205 @@
+"""What counts as a BatchNorm and what counts as an activation.
+
+Two registries: BatchNorm module types (any ``_BatchNorm`` subclass, which covers
+``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy variants) plus the
+functional ``F.batch_norm``; and activations, each known as a module class, as
+``torch.*``/``torch.nn.functional.*`` functions, as tensor methods and in their
+in-place forms.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+#: Functional batch norm; fx records calls to it as ``call_function`` nodes.
+FUNCTIONAL_BATCH_NORM: tuple[Callable[..., Any], ...] = (F.batch_norm,)
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """One activation family in all the forms a model may call it."""
+
+    kind: str
+    modules: tuple[type[nn.Module], ...]
+    functions: tuple[Callable[..., Any], ...] = ()
+    #: in-place function -> its out-of-place twin
+    inplace_functions: dict[Callable[..., Any], Callable[..., Any]] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()
+    #: f(k*z) = k*f(z) for k > 0
+    positively_homogeneous: bool = False
+
+
+_ACTIVATIONS: tuple[ActivationSpec, ...] = (
+    ActivationSpec(
+        "ReLU",
+        (nn.ReLU,),
+        (torch.relu, F.relu),
+        {torch.relu_: torch.relu},
+        ("relu", "relu_"),
+        positively_homogeneous=True,
+    ),
+    ActivationSpec("ReLU6", (nn.ReLU6,), (F.relu6,)),
+    ActivationSpec(
+        "LeakyReLU",
+        (nn.LeakyReLU,),
+        (F.leaky_relu,),
+        {F.leaky_relu_: F.leaky_relu},
+        positively_homogeneous=True,
+    ),
+    ActivationSpec("PReLU", (nn.PReLU,), (F.prelu, torch.prelu), positively_homogeneous=True),
+    ActivationSpec("ELU", (nn.ELU,), (F.elu,), {F.elu_: F.elu}),
+    ActivationSpec("CELU", (nn.CELU,), (F.celu, torch.celu), {torch.celu_: torch.celu}),
+    ActivationSpec("SELU", (nn.SELU,), (F.selu, torch.selu), {torch.selu_: torch.selu}),
+    ActivationSpec("GELU", (nn.GELU,), (F.gelu,)),
+    ActivationSpec("SiLU", (nn.SiLU,), (F.silu,)),
+    ActivationSpec("Mish", (nn.Mish,), (F.mish,)),
+    ActivationSpec("Hardswish", (nn.Hardswish,), (F.hardswish,)),
+    ActivationSpec("Hardsigmoid", (nn.Hardsigmoid,), (F.hardsigmoid,)),
+    ActivationSpec("Hardtanh", (nn.Hardtanh,), (F.hardtanh,), {F.hardtanh_: F.hardtanh}),
+    ActivationSpec(
+        "Sigmoid",
+        (nn.Sigmoid,),
+        (torch.sigmoid, F.sigmoid),
+        {torch.sigmoid_: torch.sigmoid},
+        ("sigmoid", "sigmoid_"),
+    ),
+    ActivationSpec(
+        "Tanh", (nn.Tanh,), (torch.tanh, F.tanh), {torch.tanh_: torch.tanh}, ("tanh", "tanh_")
+    ),
+    ActivationSpec("Softplus", (nn.Softplus,), (F.softplus,)),
+)
+
+# Lookup tables built once; ReLU6 and Hardtanh share a base class, so module
+# lookups walk the MRO and the most specific class wins.
+_BY_MODULE: dict[type[nn.Module], ActivationSpec] = {
+    cls: spec for spec in _ACTIVATIONS for cls in spec.modules
+}
+_BY_FUNCTION: dict[Any, ActivationSpec] = {
+    fn: spec
+    for spec in _ACTIVATIONS
+    for fn in (*spec.functions, *spec.inplace_functions)
+}
+_BY_METHOD: dict[str, ActivationSpec] = {m: spec for spec in _ACTIVATIONS for m in spec.methods}
+_BY_KIND: dict[str, ActivationSpec] = {spec.kind.lower(): spec for spec in _ACTIVATIONS}
+
+ACTIVATION_KINDS: tuple[str, ...] = tuple(spec.kind for spec in _ACTIVATIONS)
+
+
+def activation_spec(kind: str | ActivationSpec) -> ActivationSpec:
+    """The spec for an activation kind, by case-insensitive name (specs pass through)."""
+    if isinstance(kind, ActivationSpec):
+        return kind
+    try:
+        return _BY_KIND[kind.lower()]
+    except KeyError:
+        raise KeyError(f"unknown activation kind {kind!r}") from None
+
+
+def is_batchnorm_module(module: nn.Module) -> bool:
+    """True for every BatchNorm flavour: 1d/2d/3d, Sync, Lazy, and subclasses."""
+    return isinstance(module, _BatchNorm)
+
+
+def is_plain_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm whose forward is torch's own (no fused activation or extras)."""
+    if not is_batchnorm_module(module):
+        return False
+    forward = type(module).forward
+    return forward is _BatchNorm.forward or type(module).__module__.startswith("torch.nn")
+
+
+def module_activation_spec(module: nn.Module) -> ActivationSpec | None:
+    """The activation family of a module instance, or None."""
+    for cls in type(module).__mro__:
+        spec = _BY_MODULE.get(cls)
+        if spec is not None:
+            return spec
+    return None
+
+
+@dataclass(frozen=True)
+class ActivationCall:
+    """How one graph node applies an activation."""
+
+    spec: ActivationSpec
+    inplace: bool
+
+
+def _function_inplace(fn: Callable[..., Any], node: fx.Node) -> bool:
+    if "inplace" in node.kwargs:
+        return bool(node.kwargs["inplace"])
+    try:
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bool(bound.arguments.get("inplace", False))
+
+
+def match_activation(node: fx.Node, modules: dict[str, nn.Module]) -> ActivationCall | None:
+    """Recognise an activation in any of its call forms, or return None."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        if module is None:
+            return None
+        spec = module_activation_spec(module)
+        if spec is None:
+            return None
+        return ActivationCall(spec, bool(getattr(module, "inplace", False)))
+    if node.op == "call_function":
+        spec = _BY_FUNCTION.get(node.target)
+        if spec is None:
+            return None
+        inplace = node.target in spec.inplace_functions or _function_inplace(node.target, node)
+        return ActivationCall(spec, inplace)
+    if node.op == "call_method":
+        spec = _BY_METHOD.get(str(node.target))
+        if spec is None:
+            return None
+        return ActivationCall(spec, str(node.target).endswith("_"))
+    return None
+
+
+def is_functional_batchnorm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORM
+
+
+def make_out_of_place(node: fx.Node, modules: dict[str, nn.Module]) -> None:
+    """Rewrite an in-place activation node so it no longer writes over its input.
+
+    Modules get ``inplace=False`` (harmless for every other call site of a
+    shared module); functions and methods switch to their out-of-place twin.
+    """
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        if getattr(module, "inplace", False):
+            module.inplace = False  # type: ignore[assignment]
+        return
+    if node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_"):
+            node.target = name[:-1]
+        return
+    spec = _BY_FUNCTION.get(node.target)
+    if spec is not None and node.target in spec.inplace_functions:
+        node.target = spec.inplace_functions[node.target]
+        return
+    if "inplace" in node.kwargs:
+        node.kwargs = {**node.kwargs, "inplace": False}
+        return
+    fn = node.target
+    assert callable(fn)
+    try:
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return
+    if bound.arguments.get("inplace"):
+        bound.arguments["inplace"] = False
+        node.args = bound.args
+        node.kwargs = bound.kwargs

@@ -1,0 +1,262 @@
+"""Graph surgery for one pair: reorder nodes, fold BN into a neighbour, insert the new BN.
+
+The node surgery is the same for both directions: ``swap_adjacent(first,
+second)`` turns ``X -> first -> second -> users`` into ``X -> second -> first
+-> users``. The exact method adds parameter changes around it (see
+``bn_math``): the old BN is folded into the Conv/Linear beside it and a new BN,
+the identity in eval mode but holding real statistics, takes its name on the
+other side of the activation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from . import bn_math
+from .detect import FusedNorm, Site, make_plain_batchnorm, torch_batchnorm_base
+from .patterns import make_out_of_place
+from .tracing import set_submodule
+
+log = logging.getLogger(__name__)
+
+
+def swap_adjacent(first: fx.Node, second: fx.Node) -> None:
+    """``X -> first -> second -> users`` becomes ``X -> second -> first -> users``.
+
+    ``first`` must have ``second`` as its only user, and both take the moving
+    tensor as their first argument.
+    """
+    source = first.args[0]
+    assert isinstance(source, fx.Node) and second.args[0] is first
+    downstream = list(second.users)
+    second.replace_input_with(first, source)
+    first.replace_input_with(source, second)
+    for user in downstream:
+        user.replace_input_with(second, first)
+    second.append(first)
+
+
+def split_fused(gm: fx.GraphModule, site: Site) -> None:
+    """Replace a fused norm+act module by a plain BN node and an activation node.
+
+    The plain BN keeps the fused module's name and children (so state-dict keys
+    stay as they were); the activation is called as ``<name>.<child>`` or as
+    the function the fused forward used.
+    """
+    fused = site.fused
+    assert fused is not None
+    bn_node = site.bn_node
+    name = str(bn_node.target)
+    plain = make_plain_batchnorm(gm.get_submodule(name), fused.base)
+    set_submodule(gm, name, plain)
+    with gm.graph.inserting_after(bn_node):
+        if fused.act_child is not None:
+            act = gm.graph.call_module(f"{name}.{fused.act_child}", (bn_node,))
+        elif isinstance(fused.act_target, str):
+            act = gm.graph.call_method(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
+        else:
+            act = gm.graph.call_function(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
+    bn_node.replace_all_uses_with(act, delete_user_cb=lambda user: user is not act)
+    site.act_node = act
+    site.fused = None
+
+
+def _constant(gm: fx.GraphModule, value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        if value.op != "get_attr":
+            raise _NotConstant
+        tensor: Any = gm
+        for part in str(value.target).split("."):
+            tensor = getattr(tensor, part)
+        return tensor.detach().double() if isinstance(tensor, torch.Tensor) else tensor
+    return value
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def activation_function(gm: fx.GraphModule, node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The activation at ``node`` as a float64 function of its input (None if it needs runtime tensors)."""
+    if node.op == "call_module":
+        module = copy.deepcopy(gm.get_submodule(str(node.target))).double()
+        if hasattr(module, "inplace"):
+            module.inplace = False
+        return module  # type: ignore[no-any-return]
+    try:
+        args = tuple(_constant(gm, a) for a in node.args[1:])
+        kwargs = {k: _constant(gm, v) for k, v in node.kwargs.items() if k != "inplace"}
+    except _NotConstant:
+        return None
+    if node.op == "call_method":
+        method = str(node.target).rstrip("_")
+        return lambda z: getattr(z, method)(*args, **kwargs)  # type: ignore[no-any-return]
+    target = node.target
+    from .patterns import _BY_FUNCTION
+
+    spec = _BY_FUNCTION.get(target)
+    if spec is not None and target in spec.inplace_functions:
+        target = spec.inplace_functions[target]
+    assert callable(target)
+    return lambda z: target(z, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+def identity_batchnorm(like: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> nn.Module:
+    """A fresh BN of ``like``'s family that is the identity in eval mode but holds ``(mean, var)``."""
+    base = getattr(type(like), "cls_to_become", None) or torch_batchnorm_base(like)
+    eps = float(like.eps)  # type: ignore[arg-type]
+    bn = base(like.num_features, eps=eps, momentum=like.momentum, affine=True, track_running_stats=True)  # type: ignore[operator]
+    weight, bias = bn_math.identity_bn_params(mean, var, eps)
+    ref = like.running_mean if like.running_mean is not None else next(like.parameters(), None)  # type: ignore[union-attr]
+    dtype = ref.dtype if isinstance(ref, torch.Tensor) else torch.get_default_dtype()
+    device = ref.device if isinstance(ref, torch.Tensor) else torch.device("cpu")
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+    for name, child in like.named_children():
+        bn.add_module(name, child)
+    bn.to(device=device, dtype=dtype)
+    bn.train(like.training)
+    return bn  # type: ignore[no-any-return]
+
+
+def _bn_affine_of(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return bn_math.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))  # type: ignore[arg-type]
+
+
+def _gamma_beta(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    n = int(bn.num_features)  # type: ignore[arg-type]
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)  # type: ignore[union-attr]
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)  # type: ignore[union-attr]
+    return gamma.cpu(), beta.cpu()
+
+
+def _set_weight_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    w = layer.weight
+    with torch.no_grad():
+        w.copy_(weight.to(w.dtype))  # type: ignore[operator]
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype))  # type: ignore[union-attr]
+        else:
+            layer.bias.copy_(bias.to(layer.bias.dtype))  # type: ignore[operator]
+
+
+def _layer_layout(layer: nn.Module) -> tuple[bool, int]:
+    transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    return transposed, int(getattr(layer, "groups", 1))
+
+
+def exact_before_to_after(gm: fx.GraphModule, site: Site) -> list[str]:
+    """``L -> BN -> f`` becomes ``L' -> f -> BN'`` with identical eval outputs."""
+    notes: list[str] = []
+    assert site.neighbour_node is not None and site.act_node is not None
+    bn_name = str(site.bn_node.target)
+    bn = gm.get_submodule(bn_name)
+    layer = gm.get_submodule(str(site.neighbour_node.target))
+    a, b = _bn_affine_of(bn)
+    transposed, groups = _layer_layout(layer)
+    weight, bias = bn_math.fold_into_preceding(
+        layer.weight, layer.bias, a.to(layer.weight.device), b.to(layer.weight.device),  # type: ignore[arg-type]
+        transposed=transposed, groups=groups,
+    )
+    _set_weight_bias(layer, weight, bias)
+    # The old BN's train-mode output is N(beta, gamma^2) per channel: f of that is what BN' will see.
+    gamma, beta = _gamma_beta(bn)
+    f = activation_function(gm, site.act_node)
+    if f is None:
+        mean, var = torch.zeros_like(beta), torch.ones_like(beta)
+        notes.append("activation takes runtime tensors; new BN statistics set to mean 0, var 1")
+    else:
+        mean, var = bn_math.gaussian_moments(f, beta, gamma)
+    set_submodule(gm, bn_name, identity_batchnorm(bn, mean, var))
+    swap_adjacent(site.bn_node, site.act_node)
+    return notes
+
+
+def exact_after_to_before(gm: fx.GraphModule, site: Site) -> list[str]:
+    """``f -> BN -> N`` becomes ``BN' -> f -> N'`` with identical eval outputs."""
+    notes: list[str] = []
+    assert site.neighbour_node is not None and site.act_node is not None
+    bn_name = str(site.bn_node.target)
+    bn = gm.get_submodule(bn_name)
+    layer = gm.get_submodule(str(site.neighbour_node.target))
+    a, b = _bn_affine_of(bn)
+    transposed, groups = _layer_layout(layer)
+    weight, bias = bn_math.fold_into_following(
+        layer.weight, layer.bias, a.to(layer.weight.device), b.to(layer.weight.device),  # type: ignore[arg-type]
+        transposed=transposed, groups=groups,
+    )
+    _set_weight_bias(layer, weight, bias)
+    # BN' sits where f's input is: find the Gaussian whose image under f has the old BN's statistics.
+    f = activation_function(gm, site.act_node)
+    target_mean = bn.running_mean.detach().double().cpu()  # type: ignore[union-attr]
+    target_var = bn.running_var.detach().double().cpu()  # type: ignore[union-attr]
+    if f is None:
+        mean, var = torch.zeros_like(target_mean), torch.ones_like(target_var)
+        notes.append("activation takes runtime tensors; new BN statistics set to mean 0, var 1")
+    else:
+        mu, sigma, ok = bn_math.match_gaussian(f, target_mean, target_var)
+        mean = torch.where(ok, mu, torch.zeros_like(mu))
+        var = torch.where(ok, sigma**2, torch.ones_like(sigma))
+        if not bool(ok.all()):
+            notes.append(
+                f"{int((~ok).sum())} of {ok.numel()} channels: no Gaussian input explains the old "
+                "statistics; new BN statistics set to mean 0, var 1 there"
+            )
+    set_submodule(gm, bn_name, identity_batchnorm(bn, mean, var))
+    swap_adjacent(site.act_node, site.bn_node)
+    return notes
+
+
+def swap(gm: fx.GraphModule, site: Site) -> list[str]:
+    """Reorder only; every parameter stays as it was."""
+    assert site.act_node is not None and site.pair.placement is not None
+    if site.pair.placement == "before":
+        swap_adjacent(site.bn_node, site.act_node)
+    else:
+        swap_adjacent(site.act_node, site.bn_node)
+    return []
+
+
+def guard_inplace(gm: fx.GraphModule, act: fx.Node) -> list[str]:
+    """After a move, an in-place activation must not overwrite a tensor others still read."""
+    source = act.args[0]
+    if isinstance(source, fx.Node) and len(source.users) > 1:
+        from .patterns import match_activation
+
+        call = match_activation(act, dict(gm.named_modules()))
+        if call is not None and call.inplace:
+            make_out_of_place(act, dict(gm.named_modules()))
+            return ["activation made out-of-place: its new input has other readers"]
+    return []
+
+
+def move(gm: fx.GraphModule, site: Site, method: str) -> list[str]:
+    """Apply one move (``"exact"`` or ``"swap"``) to ``site``; returns notes for the report."""
+    if site.fused is not None:
+        split_fused(gm, site)
+    assert site.act_node is not None
+    if method == "swap":
+        notes = swap(gm, site)
+    elif site.pair.placement == "before":
+        notes = exact_before_to_after(gm, site)
+    else:
+        notes = exact_after_to_before(gm, site)
+    return notes + guard_inplace(gm, site.act_node)
+
+
+__all__ = [
+    "FusedNorm",
+    "activation_function",
+    "identity_batchnorm",
+    "move",
+    "split_fused",
+    "swap_adjacent",
+]

@@ -1,0 +1,107 @@
+"""Trace a model with torch.fx, falling back to its largest traceable parts.
+
+``symbolic_trace`` of the whole model is tried first. Real models often fail
+it (input checks, data-dependent branches in ``forward``); then each child is
+tried in turn, recursing into the ones that fail, so every traceable subtree is
+still rewritten and the untraceable parts are reported by name.
+
+BatchNorm modules (user subclasses included, so fused norm+activation modules
+stay whole) and activation modules are leaves: the tracer never inlines them,
+which keeps train/eval behaviour live instead of baking it into the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from .patterns import is_batchnorm_module, module_activation_spec
+
+log = logging.getLogger(__name__)
+
+
+class BnTracer(fx.Tracer):
+    """fx tracer that keeps BatchNorms and activations as leaf modules."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if is_batchnorm_module(m) or module_activation_spec(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    """Trace one module with :class:`BnTracer`; raises whatever fx raises."""
+    graph = BnTracer().trace(module)
+    name = type(module).__name__
+    return fx.GraphModule(module, graph, class_name=name)
+
+
+@dataclass(frozen=True)
+class Untraced:
+    """A part of the model that torch.fx could not trace."""
+
+    name: str
+    type_name: str
+    reason: str
+
+
+@dataclass
+class TraceResult:
+    """Traced regions by qualified name ("" is the whole model) and the parts left out."""
+
+    regions: dict[str, fx.GraphModule]
+    untraced: list[Untraced]
+
+    @property
+    def whole_model(self) -> bool:
+        return list(self.regions) == [""]
+
+
+def _is_opaque_leaf(module: nn.Module) -> bool:
+    # Nothing inside to rewrite: a module with no children, or a BN/activation.
+    return (
+        not any(True for _ in module.children())
+        or is_batchnorm_module(module)
+        or module_activation_spec(module) is not None
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+
+
+def trace_regions(model: nn.Module) -> TraceResult:
+    """Trace ``model`` whole, or else the largest subtrees that trace.
+
+    Example:
+        >>> result = trace_regions(torchvision_style_resnet)
+        >>> list(result.regions)      # [""] when the whole model traced
+    """
+    regions: dict[str, fx.GraphModule] = {}
+    untraced: list[Untraced] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if name and _is_opaque_leaf(module):
+            return
+        try:
+            regions[name] = trace_module(module)
+            return
+        except Exception as exc:  # fx raises many types for untraceable code
+            reason = _first_line(exc)
+            log.info("could not trace %s: %s", name or "<model>", reason)
+            untraced.append(Untraced(name or "<model>", type(module).__name__, reason))
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return TraceResult(regions, untraced)
+
+
+def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted path (``""`` is not allowed)."""
+    parent_name, _, attr = qualified_name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)

@@ -1,0 +1,166 @@
+"""Run models safely and measure how far a converted model's outputs moved."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import BnmoveError, ModelRunError
+
+_INPUT_SIZE = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    try:
+        from .tracing import trace_module
+
+        gm = trace_module(model)
+    except Exception:
+        gm = None
+    if gm is not None:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) == 1:
+            for node in gm.graph.nodes:
+                if node.op == "call_module" and placeholders[0] in node.all_input_nodes:
+                    return gm.get_submodule(str(node.target))
+                if node.op in ("call_function", "call_method"):
+                    break
+    for module in model.modules():
+        if not any(True for _ in module.children()):
+            return module
+    return None
+
+
+def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """One example input from the first layer: ``Conv2d(C, ...)`` -> ``1xCx224x224``, ``Linear(F, ...)`` -> ``1xF``.
+
+    Raises :class:`BnmoveError` asking for ``--input-shape`` when the first
+    layer says nothing about its input.
+    """
+    layer = _first_layer(model)
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    shape: tuple[int, ...] | None = None
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        shape = (1, layer.in_channels, *_INPUT_SIZE[len(layer.kernel_size)])
+    elif isinstance(layer, nn.Linear):
+        shape = (1, layer.in_features)
+    elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        layer.weight, nn.parameter.UninitializedParameter
+    ):
+        dims = {nn.BatchNorm1d: 0, nn.BatchNorm3d: 3}.get(type(layer), 2)  # type: ignore[call-overload]
+        shape = (2, layer.num_features, *_INPUT_SIZE.get(dims, ())[:dims])
+    if shape is None:
+        first = type(layer).__name__ if layer is not None else "nothing"
+        raise BnmoveError(
+            f"cannot infer the input shape (the first layer is {first}); "
+            "give it with --input-shape, e.g. --input-shape 1,3,224,224"
+        )
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(shape, generator=generator).to(device=device, dtype=dtype),)
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
+    parts = text.replace("x", ",").replace(" ", "").strip(",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise BnmoveError(f"bad input shape {text!r}: expected integers like 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise BnmoveError(f"bad input shape {text!r}: every dimension must be a positive integer")
+    return shape
+
+
+def inputs_from_shapes(model: nn.Module, shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in shapes)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode and restore each module's own flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def run_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
+    """``model(*inputs)`` without grad; the model's own exceptions become :class:`ModelRunError`."""
+    try:
+        with torch.no_grad():
+            return model(*[x.clone() for x in inputs])
+    except Exception as exc:
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelRunError(
+            f"the model's forward raised {type(exc).__name__} on input {shapes}: {first}"
+        ) from exc
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(output)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """Relative tolerance (of the output's magnitude) that float rounding can explain."""
+    return {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}.get(dtype, 1e-4)
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """How far converted outputs are from the original's on the same inputs (eval mode)."""
+
+    max_abs_error: float
+    max_rel_error: float
+    input_shapes: list[list[int]]
+    tolerance: float
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "within_tolerance": self.within_tolerance}
+
+
+def compare_models(
+    reference: nn.Module, converted: nn.Module, inputs: Sequence[torch.Tensor]
+) -> Deviation:
+    """Max abs error and error relative to the reference's largest |output|, in eval mode."""
+    with eval_mode(reference):
+        want = output_tensors(run_model(reference, inputs))
+    with eval_mode(converted):
+        got = output_tensors(run_model(converted, inputs))
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        raise BnmoveError("converted model returns outputs of a different structure (bnmove bug)")
+    max_abs = 0.0
+    scale = 0.0
+    for a, b in zip(want, got):
+        if not a.is_floating_point():
+            max_abs = max(max_abs, float((a != b).any()))
+            continue
+        diff = (a.double() - b.double()).abs()
+        max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
+        scale = max(scale, float(a.double().abs().max()) if a.numel() else 0.0)
+    dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
+    return Deviation(
+        max_abs_error=max_abs,
+        max_rel_error=max_abs / max(scale, 1e-12) if max_abs else 0.0,
+        input_shapes=[list(x.shape) for x in inputs],
+        tolerance=tolerance_for(dtype),
+    )
