@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from . import rewrite
-from .detect import PLACEMENTS, Pair, Site, analyze_regions, materialize_lazy
+from .detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
 from .errors import BnmoveError, VerificationError
 from .tracing import Untraced, set_submodule, trace_regions
 from .verify import Deviation, compare_models, infer_example_inputs
@@ -171,11 +171,12 @@ def convert(
     """
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("method", method, METHODS)
+    if has_uninitialized_lazy(model):
+        raise BnmoveError("the model has lazy layers that are not initialised; run one forward pass first")
     inputs: tuple[torch.Tensor, ...] | None = tuple(example_inputs) if example_inputs is not None else None
     if inputs is None and verify:
         inputs = infer_example_inputs(model)
     work = copy.deepcopy(model)
-    materialize_lazy(work, inputs)
     traced = trace_regions(work)
     sites = analyze_regions(traced.regions)
 

@@ -179,21 +179,22 @@ class _RootTracer(fx.Tracer):
 def make_plain_batchnorm(module: nn.Module, base: type[nn.Module]) -> nn.Module:
     """A plain torch BN holding ``module``'s state (children kept, so keys stay)."""
     bn = module
+    ref = next(iter(module.buffers()), None)
+    if ref is None:
+        ref = next(iter(module.parameters()), None)
     plain = base(
         bn.num_features,  # type: ignore[arg-type]
         eps=bn.eps,  # type: ignore[arg-type]
         momentum=bn.momentum,  # type: ignore[arg-type]
         affine=bn.affine,  # type: ignore[arg-type]
         track_running_stats=bn.track_running_stats,  # type: ignore[arg-type]
+        device=ref.device if ref is not None else None,
+        dtype=ref.dtype if ref is not None and ref.is_floating_point() else None,
     )
-    ref = next(iter(module.buffers()), None)
-    if ref is not None:
-        plain.to(device=ref.device)
     for name, child in module.named_children():
         plain.add_module(name, child)
     missing = plain.load_state_dict(module.state_dict(), strict=False)
     assert not missing.missing_keys, missing.missing_keys
-    plain.to(dtype=next((p.dtype for p in module.parameters()), None) or torch.get_default_dtype())
     plain.train(module.training)
     return plain
 
@@ -316,10 +317,10 @@ class _RegionAnalysis:
     def _stats_reason(self, module: nn.Module | None) -> str | None:
         if module is None:
             return "functional batch_norm: an exact move needs a BatchNorm module"
+        if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):  # type: ignore[union-attr]
+            return "lazy BatchNorm not initialised yet (run one forward pass first)"
         if not getattr(module, "track_running_stats", True) or module.running_mean is None:  # type: ignore[union-attr]
             return "track_running_stats=False: the BN has no running statistics to fold"
-        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
-            return "lazy BatchNorm not initialised yet (give example inputs)"
         return None
 
     def _label(self, node: fx.Node) -> str:
@@ -461,20 +462,8 @@ def analyze_regions(regions: dict[str, fx.GraphModule]) -> list[Site]:
     return sites
 
 
-def materialize_lazy(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> None:
-    """Run one forward so lazy modules get their shapes (the model is a copy)."""
-    from .verify import run_model
-
-    if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        return
-    if example_inputs is None:
-        from .errors import BnmoveError
-
-        raise BnmoveError("the model has lazy layers that are not initialised yet; give example inputs")
-    was_training = model.training
-    model.eval()
-    run_model(model, example_inputs)
-    model.train(was_training)
+def has_uninitialized_lazy(model: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
 
 
 @dataclass
@@ -487,11 +476,10 @@ class Detection:
 
 def detect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> Detection:
     """Detection with the trace report; :func:`find_pairs` returns just the pairs."""
-    work = model
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        work = copy.deepcopy(model)
-        materialize_lazy(work, example_inputs)
-    traced = trace_regions(work)
+    # Tracing does not need parameter values, so uninitialised lazy modules are
+    # fine here (their pairs say so); the model itself is never run or changed.
+    del example_inputs
+    traced = trace_regions(model)
     sites = analyze_regions(traced.regions)
     return Detection([s.pair for s in sites], traced.untraced)
 
@@ -501,7 +489,8 @@ def find_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None =
 
     Args:
         model: any ``nn.Module``; it is not modified.
-        example_inputs: only needed to initialise lazy modules.
+        example_inputs: accepted for API symmetry with :func:`convert`; detection
+            only traces, it never runs the model.
 
     Returns:
         One :class:`Pair` per BN–activation adjacency, in graph order, plus one

@@ -110,11 +110,15 @@ def identity_batchnorm(like: nn.Module, mean: torch.Tensor, var: torch.Tensor) -
     """A fresh BN of ``like``'s family that is the identity in eval mode but holds ``(mean, var)``."""
     base = getattr(type(like), "cls_to_become", None) or torch_batchnorm_base(like)
     eps = float(like.eps)  # type: ignore[arg-type]
-    bn = base(like.num_features, eps=eps, momentum=like.momentum, affine=True, track_running_stats=True)  # type: ignore[operator]
-    weight, bias = bn_math.identity_bn_params(mean, var, eps)
     ref = like.running_mean if like.running_mean is not None else next(like.parameters(), None)  # type: ignore[union-attr]
     dtype = ref.dtype if isinstance(ref, torch.Tensor) else torch.get_default_dtype()
     device = ref.device if isinstance(ref, torch.Tensor) else torch.device("cpu")
+    # Built in the target dtype: filling a float32 BN then casting would round the statistics.
+    bn = base(
+        like.num_features, eps=eps, momentum=like.momentum, affine=True, track_running_stats=True,
+        device=device, dtype=dtype,
+    )  # type: ignore[operator]
+    weight, bias = bn_math.identity_bn_params(mean, var, eps)
     with torch.no_grad():
         bn.weight.copy_(weight)
         bn.bias.copy_(bias)
@@ -122,7 +126,6 @@ def identity_batchnorm(like: nn.Module, mean: torch.Tensor, var: torch.Tensor) -
         bn.running_var.copy_(var)
     for name, child in like.named_children():
         bn.add_module(name, child)
-    bn.to(device=device, dtype=dtype)
     bn.train(like.training)
     return bn  # type: ignore[no-any-return]
 

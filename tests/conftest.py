@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def outputs_of(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*[x.clone() for x in inputs])
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def assert_same_outputs(
+    reference: nn.Module, converted: nn.Module, inputs: Sequence[torch.Tensor], rtol: float = 1e-4
+) -> None:
+    """Eval outputs equal within float tolerance, relative to the reference's magnitude."""
+    want = outputs_of(reference, inputs)
+    got = outputs_of(converted, inputs)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=rtol * max(scale, 1e-6))

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_same_outputs, outputs_of
+from torch import nn
+from zoo import ZOO, FusedNet, InplaceSecondUser, TinyResNet, build, randomize_bn
+
+import bnmove
+from bnmove import convert, find_pairs
+
+PLACEMENTS = ("before", "after")
+METHODS = ("exact", "swap", "auto")
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_conversion(name: str, placement: str, method: str) -> None:
+    model, inputs = build(name)
+    original_state = _state(model)
+    pairs = find_pairs(model)
+    result = convert(model, placement, method=method, example_inputs=inputs)
+
+    # The input model is untouched.
+    assert all(torch.equal(original_state[k], v) for k, v in model.state_dict().items())
+
+    other = "after" if placement == "before" else "before"
+    candidates = [p for p in pairs if p.placement == other and p.movable]
+    expected_moved = [p for p in candidates if p.exact] if method == "exact" else candidates
+    assert sorted(m.pair.bn for m in result.moved) == sorted(p.bn for p in expected_moved)
+    assert all(m.method == ("swap" if method == "swap" else "exact" if m.pair.exact else "swap") for m in result.moved)
+
+    # Every moved pair now sits at the target placement.
+    now = {p.bn: p for p in find_pairs(result.model) if p.placement}
+    for move in result.moved:
+        assert now[move.pair.bn].placement == placement
+
+    assert result.verification is not None
+    if all(m.keeps_outputs for m in result.moves):
+        assert_same_outputs(model, result.model, inputs)
+        assert result.verification.within_tolerance
+    if method == "swap":
+        converted = result.model.state_dict()
+        assert set(converted) == set(original_state)
+        assert all(torch.equal(original_state[k], converted[k]) for k in original_state)
+    # The model still runs in train mode and backpropagates.
+    out = result.model.train()(*[torch.cat([x, x]) for x in inputs])
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_round_trip_restores_placements(name: str) -> None:
+    model, inputs = build(name)
+    there = convert(model, "after", example_inputs=inputs).model
+    back = convert(there, "before", example_inputs=inputs).model
+    again = convert(back, "after", example_inputs=inputs).model
+    placements = lambda m: sorted((p.bn, p.placement) for p in find_pairs(m))  # noqa: E731
+    assert placements(again) == placements(there)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp", "nested", "fused"])
+def test_exact_round_trip_keeps_outputs(name: str) -> None:
+    model, inputs = build(name)
+    there = convert(model, "after", method="exact", example_inputs=inputs).model
+    back = convert(there, "before", method="exact", example_inputs=inputs).model
+    assert_same_outputs(model, back, inputs)
+
+
+def test_converting_to_current_placement_is_a_no_op() -> None:
+    model, inputs = build("resnet")
+    result = convert(model, "before", example_inputs=inputs)
+    assert not result.moved
+    assert result.verification is not None and result.verification.max_abs_error == 0.0
+    assert type(result.model) is TinyResNet and result.model is not model
+    state = result.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_state_dict_keys_of_untouched_layers_stay() -> None:
+    model, inputs = build("resnet")
+    result = convert(model, "after", method="exact", example_inputs=inputs)
+    new = result.model.state_dict()
+    old = model.state_dict()
+    # Folding may add a bias to a bias-free conv; nothing is dropped or renamed.
+    assert set(old) <= set(new)
+    assert set(new) - set(old) <= {f"{p.neighbour}.bias" for p in find_pairs(model) if p.neighbour}
+    for key in ("layer1.0.conv2.weight", "layer1.0.bn2.running_var", "fc.weight"):
+        assert torch.equal(old[key], new[key])
+
+
+def test_fused_module_split_keeps_keys_and_outputs() -> None:
+    model, inputs = build("fused")
+    result = convert(model, "after", method="exact", example_inputs=inputs)
+    assert set(model.state_dict()) <= set(result.model.state_dict())
+    pairs = find_pairs(result.model)
+    assert [(p.bn, p.activation, p.placement, p.fused) for p in pairs] == [("bn1", "bn1.act", "after", False)]
+    assert_same_outputs(model, result.model, inputs)
+
+
+def test_untraceable_top_level_converts_inside_children() -> None:
+    model, inputs = build("untraceable-top")
+    result = convert(model, "after", method="exact", example_inputs=inputs)
+    assert [u.name for u in result.untraced] == ["<model>"]
+    assert len(result.moved) == 2
+    assert type(result.model).__name__ == "CheckedNet"  # the untraceable forward is kept as written
+    assert_same_outputs(model, result.model, inputs)
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        result.model(torch.randn(1, 4, 8, 8))
+
+
+def test_inplace_activation_never_overwrites_a_shared_tensor() -> None:
+    class PreAct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.act = nn.ReLU(inplace=True)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x * 2
+            return y + self.conv(self.act(self.bn(y)))  # y is read by the add too
+
+    model = randomize_bn(PreAct()).eval()
+    x = torch.randn(2, 4, 5, 5)
+    result = convert(model, "after", method="swap", example_inputs=(x,))
+    assert result.moved[0].notes and "out-of-place" in result.moved[0].notes[0]
+    y = x * 2
+    want = y + model.conv(model.bn(torch.relu(y)))
+    torch.testing.assert_close(outputs_of(result.model, (x,)), want)
+
+
+def test_inplace_second_user_stays() -> None:
+    model = randomize_bn(InplaceSecondUser()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    result = convert(model, "before", example_inputs=(x,))
+    assert not result.moved
+    assert "in-place" in (result.moves[0].reason or "")
+
+
+def test_modes_device_and_dtype_are_kept() -> None:
+    model, inputs = build("resnet")
+    model.train()
+    model.layer1[0].bn1.eval()  # a user-frozen BN keeps its own flag
+    result = convert(model, "after", method="exact", example_inputs=inputs)
+    assert result.model.training
+    assert not result.model.get_submodule("layer1.0.bn1").training
+    assert result.model.get_submodule("layer2.0.bn1").training
+    assert model.training and not model.layer1[0].bn1.training  # flags of the input restored
+
+    double = copy.deepcopy(model).double().eval()
+    converted = convert(double, "after", method="exact", example_inputs=(inputs[0].double(),)).model
+    assert {p.dtype for p in converted.parameters()} == {torch.float64}
+    assert {b.dtype for n, b in converted.named_buffers() if "num_batches" not in n} == {torch.float64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_exact(dtype: torch.dtype) -> None:
+    model, inputs = build("mlp")
+    half = copy.deepcopy(model).to(dtype)
+    result = convert(half, "after", method="exact", example_inputs=(inputs[0].to(dtype),))
+    assert {p.dtype for p in result.model.parameters()} == {dtype}
+    assert result.verification is not None and result.verification.within_tolerance
+
+
+def test_exact_new_bn_statistics_match_train_mode() -> None:
+    # Train-mode outputs start close because BN' holds the real statistics of f(BN(x)).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(64, 3, 8, 8) * 2 + 0.5
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):  # let running stats converge to this data
+            model[1].momentum = None
+            model(x)
+    model.eval()
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    new_bn = result.model.get_submodule("1")
+    act_out = torch.nn.functional.gelu(result.model.get_submodule("0")(x))
+    torch.testing.assert_close(new_bn.running_mean, act_out.mean((0, 2, 3)), atol=0.05, rtol=0.1)
+    torch.testing.assert_close(new_bn.running_var, act_out.var((0, 2, 3)), atol=0.05, rtol=0.15)
+
+
+def test_verification_failure_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnmove import bn_math
+
+    original = bn_math.fold_into_preceding
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        weight, bias = original(*args, **kwargs)
+        return weight * 1.01, bias
+
+    monkeypatch.setattr(bn_math, "fold_into_preceding", broken)
+    model, inputs = build("mlp")
+    with pytest.raises(bnmove.VerificationError, match="exact conversion changed outputs"):
+        convert(model, "after", method="exact", example_inputs=inputs)
+
+
+def test_bad_arguments() -> None:
+    model, _ = build("mlp")
+    with pytest.raises(bnmove.BnmoveError, match="unknown placement 'middle'"):
+        convert(model, "middle")
+    with pytest.raises(bnmove.BnmoveError, match="unknown method"):
+        convert(model, "after", method="magic")
+
+
+def test_inferred_inputs() -> None:
+    model = FusedNet().eval()
+    result = convert(model, "after")
+    assert result.verification is not None
+    assert result.verification.input_shapes == [[1, 3, 224, 224]]
+    with pytest.raises(bnmove.BnmoveError, match="--input-shape"):
+        convert(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(3)), "after")
