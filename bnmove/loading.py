@@ -155,22 +155,23 @@ def build_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], spec: str) -> None:
-    try:
-        result = model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
-        text = str(exc)
-        if "size mismatch" in text:
-            detail = text.split("size mismatch for ", 1)[1].split("\n")[0].strip()
-            raise LoadError(f"state dict does not match --arch {spec}: size mismatch for {detail}") from exc
-        missing = [k for k in model.state_dict() if k not in state]
-        unexpected = [k for k in state if k not in model.state_dict()]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise LoadError(f"state dict does not match --arch {spec}: {', '.join(parts) or text}") from exc
-    assert not result.missing_keys and not result.unexpected_keys
+        raise LoadError(f"state dict does not match --arch {spec}: {', '.join(parts)}")
+    for key, value in state.items():
+        if expected[key].shape != value.shape:
+            raise LoadError(
+                f"state dict does not match --arch {spec}: size mismatch for {key} "
+                f"(file {tuple(value.shape)}, model {tuple(expected[key].shape)})"
+            )
+    model.load_state_dict(dict(state), strict=True)
 
 
 def load_model(

@@ -85,7 +85,8 @@ def conversion_table(conversion: Conversion) -> Table:
 def conversion_summary(conversion: Conversion) -> str:
     moved = conversion.moved
     exact = sum(m.method == "exact" for m in moved)
-    text = f"moved {len(moved)} of {len(conversion.moves)} pairs ({exact} exact, {len(moved) - exact} swapped)"
+    adjacent = sum(m.pair.placement is not None for m in conversion.moves)
+    text = f"moved {len(moved)} of {adjacent} BN–activation pairs ({exact} exact, {len(moved) - exact} swapped)"
     dev = conversion.verification
     if dev is not None:
         shapes = ", ".join("x".join(map(str, s)) for s in dev.input_shapes)

@@ -34,6 +34,11 @@ class BnTracer(fx.Tracer):
 def trace_module(module: nn.Module) -> fx.GraphModule:
     """Trace one module with :class:`BnTracer`; raises whatever fx raises."""
     graph = BnTracer().trace(module)
+    for node in graph.nodes:
+        # Under `from __future__ import annotations` fx records annotations as
+        # strings, which GraphModule cannot pickle or import: drop them.
+        if isinstance(node.type, str):
+            node.type = None
     name = type(module).__name__
     return fx.GraphModule(module, graph, class_name=name)
 

@@ -1,0 +1,1 @@
+"""Sample models for trying bnmove (importable as ``samples.models``)."""

@@ -1,0 +1,180 @@
+"""Small model definitions with BatchNorm before and after activations.
+
+Each is written the way popular model code writes it, so bnmove meets the
+patterns it meets in the wild:
+
+* ``resnet``: torchvision-style ResNet (BasicBlock, one ReLU module called twice,
+  BN -> add -> ReLU, conv+BN downsample shortcuts).
+* ``mobilenet``: MobileNetV3-style inverted residuals with depthwise convs and Hardswish.
+* ``preact_resnet``: pre-activation residual blocks (add -> BN -> ReLU -> conv).
+* ``mlp``: Linear + BatchNorm1d, with BN both before and after activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """torchvision-style ResNet; ``blocks=(2, 2, 2, 2)`` is ResNet-18's layout."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: tuple[int, ...] = (2, 2, 2, 2),
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        layers: list[nn.Module] = []
+        cin = width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            stage = [BasicBlock(cin, cout, 1 if i == 0 else 2)] + [BasicBlock(cout, cout) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*stage))
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, expand: int, stride: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), act(),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.use_res else out
+
+
+class MobileNet(nn.Module):
+    """MobileNetV3-style: depthwise separable inverted residuals with Hardswish."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3,
+                 settings: tuple[tuple[int, int, int], ...] = ((1, 16, 1), (4, 24, 2), (3, 24, 1), (4, 40, 2))) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.Hardswish())
+        blocks: list[nn.Module] = []
+        cin = width
+        for expand, cout, stride in settings:
+            blocks.append(InvertedResidual(cin, cout, expand, stride, nn.Hardswish))
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, cin * 4, 1, bias=False), nn.BatchNorm2d(cin * 4), nn.Hardswish())
+        self.classifier = nn.Linear(cin * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, c: int, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act1 = act()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.act2 = act()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.act1(self.bn1(x)))
+        return x + self.conv2(self.act2(self.bn2(out)))
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet: add -> BN -> act -> conv, so no affine layer precedes most BNs."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 3, in_channels: int = 3,
+                 act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.blocks = nn.Sequential(*[PreActBlock(width, act) for _ in range(blocks)])
+        self.bn = nn.BatchNorm2d(width)
+        self.act = act()
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.blocks(self.stem(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class MLP(nn.Module):
+    """Linear + BatchNorm1d: BN before GELU in the first layer, after it in the second."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 128, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.act1 = nn.GELU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.act2 = nn.GELU()
+        self.bn2 = nn.BatchNorm1d(hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.fc1(x.flatten(1))))
+        return self.fc3(self.bn2(self.act2(self.fc2(x))))
+
+
+def resnet(num_classes: int = 10, width: int = 16) -> ResNet:
+    return ResNet(num_classes, width)
+
+
+def resnet50_sized(num_classes: int = 1000) -> ResNet:
+    """About ResNet-50's parameter count (~25M) with BasicBlocks: for deployment benchmarks."""
+    return ResNet(num_classes, width=80, blocks=(3, 4, 6, 3))
+
+
+def mobilenet(num_classes: int = 10) -> MobileNet:
+    return MobileNet(num_classes)
+
+
+def preact_resnet(num_classes: int = 10, act: str = "relu") -> PreActResNet:
+    acts = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "tanh": nn.Tanh}
+    return PreActResNet(num_classes, act=acts[act.lower()])
+
+
+def mlp(in_features: int = 64, num_classes: int = 10) -> MLP:
+    return MLP(in_features, num_classes=num_classes)
+
+
+#: name -> (factory, example input shape)
+SAMPLES = {
+    "resnet": (resnet, (1, 3, 32, 32)),
+    "mobilenet": (mobilenet, (1, 3, 32, 32)),
+    "preact_resnet": (preact_resnet, (1, 3, 32, 32)),
+    "mlp": (mlp, (1, 64)),
+}
