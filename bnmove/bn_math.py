@@ -16,7 +16,7 @@ All math runs in float64 and is cast back by the caller.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -178,7 +178,5 @@ def match_gaussian(
             log_s = log_s - (0.7 * d_ls).clamp(-1.0, 1.0)
     with torch.no_grad():
         m, v = gaussian_moments(f, mu, torch.exp(log_s), nodes=nodes)
-        converged = ((m - tm).abs() <= 1e-3 * (tv.sqrt() + 1e-3)) & (
-            (v - tv).abs() <= 1e-2 * tv + 1e-8
-        )
+        converged = ((m - tm).abs() <= 1e-3 * (tv.sqrt() + 1e-3)) & ((v - tv).abs() <= 1e-2 * tv + 1e-8)
     return mu.detach(), torch.exp(log_s).detach(), converged

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -140,9 +141,7 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
         if call is not None:
             act = nxt
             break
-        is_identity = nxt.op == "call_module" and isinstance(
-            modules.get(str(nxt.target)), nn.Identity
-        )
+        is_identity = nxt.op == "call_module" and isinstance(modules.get(str(nxt.target)), nn.Identity)
         if not is_identity:
             break
         node = nxt
@@ -160,7 +159,7 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
     )
     # Trust, but verify: the split must compute what the module computes.
     plain = make_plain_batchnorm(probe, fused.base)
-    x = torch.randn(_probe_shape(fused.base, probe.num_features))
+    x = torch.randn(_probe_shape(fused.base, int(probe.num_features)))  # type: ignore[arg-type]
     with torch.no_grad():
         want = probe(x.clone())
         got = apply_fused_activation(probe, fused, plain(x.clone()))
@@ -348,7 +347,9 @@ class _RegionAnalysis:
         if not sites:
             feeds = ", ".join(_describe(u, self.modules) for u in bn.users) or "nothing"
             sites.append(
-                self._site(bn, None, None, None, False, False, f"not adjacent to an activation (feeds {feeds})")
+                self._site(
+                    bn, None, None, None, False, False, f"not adjacent to an activation (feeds {feeds})"
+                )
             )
         return sites
 
@@ -364,9 +365,12 @@ class _RegionAnalysis:
         neighbour: fx.Node | None = None,
         fused: FusedNorm | None = None,
     ) -> Site:
+        act_name: str | None
         if fused is not None:
             act_name = (
-                _qual(self._label(bn), fused.act_child) if fused.act_child else f"{self._label(bn)}:{getattr(fused.act_target, '__name__', fused.act_target)}"
+                _qual(self._label(bn), fused.act_child)
+                if fused.act_child
+                else f"{self._label(bn)}:{getattr(fused.act_target, '__name__', fused.act_target)}"
             )
         else:
             act_name = self._label(act) if act is not None else None
@@ -414,19 +418,18 @@ class _RegionAnalysis:
             elif module is not None and _out_channels(layer) != module.num_features:  # type: ignore[union-attr]
                 reason = f"{self._label(source)} output channels do not match the BN"
         exact = reason is None
-        return self._site(
-            bn, act, call, "before", True, exact, reason, source if exact else None, fused
-        )
+        neighbour = source if exact and isinstance(source, fx.Node) else None
+        return self._site(bn, act, call, "before", True, exact, reason, neighbour, fused)
 
-    def _after_site(
-        self, bn: fx.Node, module: nn.Module | None, act: fx.Node, call: ActivationCall
-    ) -> Site:
+    def _after_site(self, bn: fx.Node, module: nn.Module | None, act: fx.Node, call: ActivationCall) -> Site:
         blocker = self._bn_blocker(bn, module)
         if blocker is None:
             if len(act.users) > 1:
                 others = [u for u in act.users if u is not bn]
                 blocker = f"the activation output also feeds {_describe(others[0], self.modules)}"
-            elif call.inplace and act.args and isinstance(act.args[0], fx.Node) and len(act.args[0].users) > 1:
+            elif (
+                call.inplace and act.args and isinstance(act.args[0], fx.Node) and len(act.args[0].users) > 1
+            ):
                 blocker = "the in-place activation overwrites a tensor that other nodes read"
             elif self.fused_info(bn) is not None:
                 blocker = "fused norm+activation module after another activation"

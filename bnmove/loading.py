@@ -15,10 +15,10 @@ import pickle
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -97,7 +97,9 @@ def _explain(path: Path, kind: str) -> LoadError:
             "(torch.save(model.state_dict(), ...)) with --arch, or the pickled module with " + PICKLE_FLAG
         )
     if kind == "onnx":
-        return LoadError(f"{path}: is an ONNX model; bnmove converts PyTorch models (.pt/.pth), export from those")
+        return LoadError(
+            f"{path}: is an ONNX model; bnmove converts PyTorch models (.pt/.pth), export from those"
+        )
     if kind == "json":
         return LoadError(f"{path}: is a JSON file, not a PyTorch model (.pt/.pth)")
     if kind == "zip":
@@ -111,7 +113,11 @@ def _find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
                 return inner
     return None
 
@@ -207,7 +213,9 @@ def load_model(
         if "Weights only load failed" not in str(exc):
             raise _explain(path, "unknown") from exc
         if arch is not None:
-            raise LoadError(f"{path}: holds pickled Python objects, not a state dict, so --arch does not apply") from exc
+            raise LoadError(
+                f"{path}: holds pickled Python objects, not a state dict, so --arch does not apply"
+            ) from exc
         if not allow_pickle:
             raise LoadError(
                 f"{path}: holds a pickled Python object (e.g. a whole nn.Module); loading it runs code "

@@ -10,8 +10,9 @@ in-place forms.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +71,7 @@ _ACTIVATIONS: tuple[ActivationSpec, ...] = (
         {torch.sigmoid_: torch.sigmoid},
         ("sigmoid", "sigmoid_"),
     ),
-    ActivationSpec(
-        "Tanh", (nn.Tanh,), (torch.tanh, F.tanh), {torch.tanh_: torch.tanh}, ("tanh", "tanh_")
-    ),
+    ActivationSpec("Tanh", (nn.Tanh,), (torch.tanh, F.tanh), {torch.tanh_: torch.tanh}, ("tanh", "tanh_")),
     ActivationSpec("Softplus", (nn.Softplus,), (F.softplus,)),
 )
 
@@ -82,9 +81,7 @@ _BY_MODULE: dict[type[nn.Module], ActivationSpec] = {
     cls: spec for spec in _ACTIVATIONS for cls in spec.modules
 }
 _BY_FUNCTION: dict[Any, ActivationSpec] = {
-    fn: spec
-    for spec in _ACTIVATIONS
-    for fn in (*spec.functions, *spec.inplace_functions)
+    fn: spec for spec in _ACTIVATIONS for fn in (*spec.functions, *spec.inplace_functions)
 }
 _BY_METHOD: dict[str, ActivationSpec] = {m: spec for spec in _ACTIVATIONS for m in spec.methods}
 _BY_KIND: dict[str, ActivationSpec] = {spec.kind.lower(): spec for spec in _ACTIVATIONS}
@@ -154,7 +151,7 @@ def match_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Activation
         return ActivationCall(spec, bool(getattr(module, "inplace", False)))
     if node.op == "call_function":
         spec = _BY_FUNCTION.get(node.target)
-        if spec is None:
+        if spec is None or not callable(node.target):
             return None
         inplace = node.target in spec.inplace_functions or _function_inplace(node.target, node)
         return ActivationCall(spec, inplace)
@@ -168,6 +165,14 @@ def match_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Activation
 
 def is_functional_batchnorm(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORM
+
+
+def out_of_place_function(target: Any) -> Any:
+    """``torch.relu_`` -> ``torch.relu`` and so on; anything else passes through."""
+    spec = _BY_FUNCTION.get(target)
+    if spec is not None and target in spec.inplace_functions:
+        return spec.inplace_functions[target]
+    return target
 
 
 def make_out_of_place(node: fx.Node, modules: dict[str, nn.Module]) -> None:
@@ -186,9 +191,9 @@ def make_out_of_place(node: fx.Node, modules: dict[str, nn.Module]) -> None:
         if name.endswith("_"):
             node.target = name[:-1]
         return
-    spec = _BY_FUNCTION.get(node.target)
-    if spec is not None and node.target in spec.inplace_functions:
-        node.target = spec.inplace_functions[node.target]
+    twin = out_of_place_function(node.target)
+    if twin is not node.target:
+        node.target = twin
         return
     if "inplace" in node.kwargs:
         node.kwargs = {**node.kwargs, "inplace": False}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.table import Table
 
@@ -86,7 +86,9 @@ def conversion_summary(conversion: Conversion) -> str:
     moved = conversion.moved
     exact = sum(m.method == "exact" for m in moved)
     adjacent = sum(m.pair.placement is not None for m in conversion.moves)
-    text = f"moved {len(moved)} of {adjacent} BN–activation pairs ({exact} exact, {len(moved) - exact} swapped)"
+    text = (
+        f"moved {len(moved)} of {adjacent} BN–activation pairs ({exact} exact, {len(moved) - exact} swapped)"
+    )
     dev = conversion.verification
     if dev is not None:
         shapes = ", ".join("x".join(map(str, s)) for s in dev.input_shapes)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import fx, nn
 
 from . import bn_math
-from .detect import FusedNorm, Site, make_plain_batchnorm, torch_batchnorm_base
-from .patterns import make_out_of_place
+from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm, torch_batchnorm_base
+from .patterns import make_out_of_place, match_activation, out_of_place_function
 from .tracing import set_submodule
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _constant(gm: fx.GraphModule, value: Any) -> Any:
         tensor: Any = gm
         for part in str(value.target).split("."):
             tensor = getattr(tensor, part)
-        return tensor.detach().double() if isinstance(tensor, torch.Tensor) else tensor
+        return tensor.detach().double().cpu() if isinstance(tensor, torch.Tensor) else tensor
     return value
 
 
@@ -84,10 +85,11 @@ class _NotConstant(Exception):
 def activation_function(gm: fx.GraphModule, node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The activation at ``node`` as a float64 function of its input (None if it needs runtime tensors)."""
     if node.op == "call_module":
-        module = copy.deepcopy(gm.get_submodule(str(node.target))).double()
+        # float64 on the CPU: quadrature needs the precision, not the accelerator.
+        module = copy.deepcopy(gm.get_submodule(str(node.target))).double().cpu()
         if hasattr(module, "inplace"):
-            module.inplace = False
-        return module  # type: ignore[no-any-return]
+            module.inplace = False  # type: ignore[assignment]
+        return cast("Callable[[torch.Tensor], torch.Tensor]", module)
     try:
         args = tuple(_constant(gm, a) for a in node.args[1:])
         kwargs = {k: _constant(gm, v) for k, v in node.kwargs.items() if k != "inplace"}
@@ -96,29 +98,33 @@ def activation_function(gm: fx.GraphModule, node: fx.Node) -> Callable[[torch.Te
     if node.op == "call_method":
         method = str(node.target).rstrip("_")
         return lambda z: getattr(z, method)(*args, **kwargs)  # type: ignore[no-any-return]
-    target = node.target
-    from .patterns import _BY_FUNCTION
-
-    spec = _BY_FUNCTION.get(target)
-    if spec is not None and target in spec.inplace_functions:
-        target = spec.inplace_functions[target]
+    target = out_of_place_function(node.target)
     assert callable(target)
     return lambda z: target(z, *args, **kwargs)  # type: ignore[no-any-return]
 
 
-def identity_batchnorm(like: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> nn.Module:
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def identity_batchnorm(like: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> _BatchNorm:
     """A fresh BN of ``like``'s family that is the identity in eval mode but holds ``(mean, var)``."""
     base = getattr(type(like), "cls_to_become", None) or torch_batchnorm_base(like)
-    eps = float(like.eps)  # type: ignore[arg-type]
-    ref = like.running_mean if like.running_mean is not None else next(like.parameters(), None)  # type: ignore[union-attr]
+    eps = float(like.eps)
+    ref = like.running_mean if like.running_mean is not None else next(like.parameters(), None)
     dtype = ref.dtype if isinstance(ref, torch.Tensor) else torch.get_default_dtype()
     device = ref.device if isinstance(ref, torch.Tensor) else torch.device("cpu")
     # Built in the target dtype: filling a float32 BN then casting would round the statistics.
     bn = base(
-        like.num_features, eps=eps, momentum=like.momentum, affine=True, track_running_stats=True,
-        device=device, dtype=dtype,
-    )  # type: ignore[operator]
+        like.num_features,
+        eps=eps,
+        momentum=like.momentum,
+        affine=True,
+        track_running_stats=True,
+        device=device,
+        dtype=dtype,
+    )
     weight, bias = bn_math.identity_bn_params(mean, var, eps)
+    assert bn.running_mean is not None and bn.running_var is not None
     with torch.no_grad():
         bn.weight.copy_(weight)
         bn.bias.copy_(bias)
@@ -127,83 +133,101 @@ def identity_batchnorm(like: nn.Module, mean: torch.Tensor, var: torch.Tensor) -
     for name, child in like.named_children():
         bn.add_module(name, child)
     bn.train(like.training)
-    return bn  # type: ignore[no-any-return]
+    assert isinstance(bn, _BatchNorm)
+    return bn
 
 
-def _bn_affine_of(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return bn_math.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))  # type: ignore[arg-type]
+def _batchnorm(gm: fx.GraphModule, name: str) -> _BatchNorm:
+    module = gm.get_submodule(name)
+    assert isinstance(module, _BatchNorm)
+    return module
 
 
-def _gamma_beta(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    n = int(bn.num_features)  # type: ignore[arg-type]
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)  # type: ignore[union-attr]
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)  # type: ignore[union-attr]
+def _affine_layer(gm: fx.GraphModule, name: str) -> nn.Conv1d | nn.Linear:
+    """The Conv/ConvTranspose/Linear at ``name`` (typed as one with ``weight`` and ``bias``)."""
+    module = gm.get_submodule(name)
+    assert isinstance(module, AFFINE_LAYERS)
+    return cast("nn.Conv1d | nn.Linear", module)
+
+
+def _bn_affine_of(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    assert bn.running_mean is not None and bn.running_var is not None
+    return bn_math.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
+
+
+def _gamma_beta(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    n = int(bn.num_features)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
     return gamma.cpu(), beta.cpu()
 
 
-def _set_weight_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _set_weight_bias(layer: nn.Conv1d | nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
     w = layer.weight
     with torch.no_grad():
-        w.copy_(weight.to(w.dtype))  # type: ignore[operator]
+        w.copy_(weight.to(w.dtype))
         if layer.bias is None:
-            layer.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype))  # type: ignore[union-attr]
+            layer.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype))
         else:
-            layer.bias.copy_(bias.to(layer.bias.dtype))  # type: ignore[operator]
+            layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
-def _layer_layout(layer: nn.Module) -> tuple[bool, int]:
+def _fold(
+    gm: fx.GraphModule, site: Site, fold: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+) -> _BatchNorm:
+    """Fold the site's BN into its neighbour with ``fold`` (``bn_math.fold_into_*``); returns the old BN."""
+    assert site.neighbour_node is not None
+    bn = _batchnorm(gm, str(site.bn_node.target))
+    layer = _affine_layer(gm, str(site.neighbour_node.target))
+    a, b = _bn_affine_of(bn)
     transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
-    return transposed, int(getattr(layer, "groups", 1))
+    device = layer.weight.device
+    weight, bias = fold(
+        layer.weight,
+        layer.bias,
+        a.to(device),
+        b.to(device),
+        transposed=transposed,
+        groups=int(getattr(layer, "groups", 1)),
+    )
+    _set_weight_bias(layer, weight, bias)
+    return bn
+
+
+_NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
 
 
 def exact_before_to_after(gm: fx.GraphModule, site: Site) -> list[str]:
     """``L -> BN -> f`` becomes ``L' -> f -> BN'`` with identical eval outputs."""
+    assert site.act_node is not None
     notes: list[str] = []
-    assert site.neighbour_node is not None and site.act_node is not None
-    bn_name = str(site.bn_node.target)
-    bn = gm.get_submodule(bn_name)
-    layer = gm.get_submodule(str(site.neighbour_node.target))
-    a, b = _bn_affine_of(bn)
-    transposed, groups = _layer_layout(layer)
-    weight, bias = bn_math.fold_into_preceding(
-        layer.weight, layer.bias, a.to(layer.weight.device), b.to(layer.weight.device),  # type: ignore[arg-type]
-        transposed=transposed, groups=groups,
-    )
-    _set_weight_bias(layer, weight, bias)
+    bn = _fold(gm, site, bn_math.fold_into_preceding)
     # The old BN's train-mode output is N(beta, gamma^2) per channel: f of that is what BN' will see.
     gamma, beta = _gamma_beta(bn)
     f = activation_function(gm, site.act_node)
     if f is None:
         mean, var = torch.zeros_like(beta), torch.ones_like(beta)
-        notes.append("activation takes runtime tensors; new BN statistics set to mean 0, var 1")
+        notes.append(_NO_FUNCTION_NOTE)
     else:
         mean, var = bn_math.gaussian_moments(f, beta, gamma)
-    set_submodule(gm, bn_name, identity_batchnorm(bn, mean, var))
+    set_submodule(gm, str(site.bn_node.target), identity_batchnorm(bn, mean, var))
     swap_adjacent(site.bn_node, site.act_node)
     return notes
 
 
 def exact_after_to_before(gm: fx.GraphModule, site: Site) -> list[str]:
     """``f -> BN -> N`` becomes ``BN' -> f -> N'`` with identical eval outputs."""
+    assert site.act_node is not None
     notes: list[str] = []
-    assert site.neighbour_node is not None and site.act_node is not None
-    bn_name = str(site.bn_node.target)
-    bn = gm.get_submodule(bn_name)
-    layer = gm.get_submodule(str(site.neighbour_node.target))
-    a, b = _bn_affine_of(bn)
-    transposed, groups = _layer_layout(layer)
-    weight, bias = bn_math.fold_into_following(
-        layer.weight, layer.bias, a.to(layer.weight.device), b.to(layer.weight.device),  # type: ignore[arg-type]
-        transposed=transposed, groups=groups,
-    )
-    _set_weight_bias(layer, weight, bias)
+    bn = _fold(gm, site, bn_math.fold_into_following)
+    assert bn.running_mean is not None and bn.running_var is not None
     # BN' sits where f's input is: find the Gaussian whose image under f has the old BN's statistics.
     f = activation_function(gm, site.act_node)
-    target_mean = bn.running_mean.detach().double().cpu()  # type: ignore[union-attr]
-    target_var = bn.running_var.detach().double().cpu()  # type: ignore[union-attr]
+    target_mean = bn.running_mean.detach().double().cpu()
+    target_var = bn.running_var.detach().double().cpu()
     if f is None:
         mean, var = torch.zeros_like(target_mean), torch.ones_like(target_var)
-        notes.append("activation takes runtime tensors; new BN statistics set to mean 0, var 1")
+        notes.append(_NO_FUNCTION_NOTE)
     else:
         mu, sigma, ok = bn_math.match_gaussian(f, target_mean, target_var)
         mean = torch.where(ok, mu, torch.zeros_like(mu))
@@ -213,7 +237,7 @@ def exact_after_to_before(gm: fx.GraphModule, site: Site) -> list[str]:
                 f"{int((~ok).sum())} of {ok.numel()} channels: no Gaussian input explains the old "
                 "statistics; new BN statistics set to mean 0, var 1 there"
             )
-    set_submodule(gm, bn_name, identity_batchnorm(bn, mean, var))
+    set_submodule(gm, str(site.bn_node.target), identity_batchnorm(bn, mean, var))
     swap_adjacent(site.act_node, site.bn_node)
     return notes
 
@@ -232,8 +256,6 @@ def guard_inplace(gm: fx.GraphModule, act: fx.Node) -> list[str]:
     """After a move, an in-place activation must not overwrite a tensor others still read."""
     source = act.args[0]
     if isinstance(source, fx.Node) and len(source.users) > 1:
-        from .patterns import match_activation
-
         call = match_activation(act, dict(gm.named_modules()))
         if call is not None and call.inplace:
             make_out_of_place(act, dict(gm.named_modules()))

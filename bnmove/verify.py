@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,9 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     shape: tuple[int, ...] | None = None
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    if isinstance(
+        layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    ):
         shape = (1, layer.in_channels, *_INPUT_SIZE[len(layer.kernel_size)])
     elif isinstance(layer, nn.Linear):
         shape = (1, layer.in_features)
@@ -138,19 +141,17 @@ class Deviation:
         return {**asdict(self), "within_tolerance": self.within_tolerance}
 
 
-def compare_models(
-    reference: nn.Module, converted: nn.Module, inputs: Sequence[torch.Tensor]
-) -> Deviation:
+def compare_models(reference: nn.Module, converted: nn.Module, inputs: Sequence[torch.Tensor]) -> Deviation:
     """Max abs error and error relative to the reference's largest |output|, in eval mode."""
     with eval_mode(reference):
         want = output_tensors(run_model(reference, inputs))
     with eval_mode(converted):
         got = output_tensors(run_model(converted, inputs))
-    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got, strict=True)):
         raise BnmoveError("converted model returns outputs of a different structure (bnmove bug)")
     max_abs = 0.0
     scale = 0.0
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         if not a.is_floating_point():
             max_abs = max(max_abs, float((a != b).any()))
             continue

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     written = []
     for name in SAMPLES:
         model = build_sample(name)
-        for path, obj in ((args.out / f"{name}.pt", model), (args.out / f"{name}.state.pt", model.state_dict())):
+        for path, obj in (
+            (args.out / f"{name}.pt", model),
+            (args.out / f"{name}.state.pt", model.state_dict()),
+        ):
             torch.save(obj, path)
             written.append(path)
     print(f"wrote {len(written)} files to {args.out}/: " + ", ".join(p.name for p in written))

@@ -40,8 +40,13 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """torchvision-style ResNet; ``blocks=(2, 2, 2, 2)`` is ResNet-18's layout."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16, blocks: tuple[int, ...] = (2, 2, 2, 2),
-                 in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        width: int = 16,
+        blocks: tuple[int, ...] = (2, 2, 2, 2),
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -50,7 +55,9 @@ class ResNet(nn.Module):
         cin = width
         for i, n in enumerate(blocks):
             cout = width * 2**i
-            stage = [BasicBlock(cin, cout, 1 if i == 0 else 2)] + [BasicBlock(cout, cout) for _ in range(n - 1)]
+            stage = [BasicBlock(cin, cout, 1 if i == 0 else 2)] + [
+                BasicBlock(cout, cout) for _ in range(n - 1)
+            ]
             layers.append(nn.Sequential(*stage))
             cin = cout
         self.layers = nn.Sequential(*layers)
@@ -68,9 +75,14 @@ class InvertedResidual(nn.Module):
         hidden = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), act(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            act(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            act(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,17 +93,26 @@ class InvertedResidual(nn.Module):
 class MobileNet(nn.Module):
     """MobileNetV3-style: depthwise separable inverted residuals with Hardswish."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 3,
-                 settings: tuple[tuple[int, int, int], ...] = ((1, 16, 1), (4, 24, 2), (3, 24, 1), (4, 40, 2))) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        width: int = 16,
+        in_channels: int = 3,
+        settings: tuple[tuple[int, int, int], ...] = ((1, 16, 1), (4, 24, 2), (3, 24, 1), (4, 40, 2)),
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.Hardswish())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.Hardswish()
+        )
         blocks: list[nn.Module] = []
         cin = width
         for expand, cout, stride in settings:
             blocks.append(InvertedResidual(cin, cout, expand, stride, nn.Hardswish))
             cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Conv2d(cin, cin * 4, 1, bias=False), nn.BatchNorm2d(cin * 4), nn.Hardswish())
+        self.head = nn.Sequential(
+            nn.Conv2d(cin, cin * 4, 1, bias=False), nn.BatchNorm2d(cin * 4), nn.Hardswish()
+        )
         self.classifier = nn.Linear(cin * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +138,14 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     """Pre-activation ResNet: add -> BN -> act -> conv, so no affine layer precedes most BNs."""
 
-    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 3, in_channels: int = 3,
-                 act: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        width: int = 16,
+        blocks: int = 3,
+        in_channels: int = 3,
+        act: type[nn.Module] = nn.ReLU,
+    ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.blocks = nn.Sequential(*[PreActBlock(width, act) for _ in range(blocks)])

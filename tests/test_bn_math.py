@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnmove import bn_math
-
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +58,9 @@ def test_fold_into_preceding_conv(kind: str) -> None:
     bn = _bn(layer.out_channels)
     a, b = _affine(bn)
     transposed = isinstance(layer, nn.ConvTranspose2d)
-    w, bias = bn_math.fold_into_preceding(layer.weight, layer.bias, a, b, transposed=transposed, groups=layer.groups)
+    w, bias = bn_math.fold_into_preceding(
+        layer.weight, layer.bias, a, b, transposed=transposed, groups=layer.groups
+    )
     x = torch.randn(2, layer.in_channels, 7, 7)
     fn = F.conv_transpose2d if transposed else F.conv2d
     got = fn(x, w, bias, layer.stride, layer.padding, groups=layer.groups)
@@ -119,7 +120,9 @@ def test_identity_bn_is_identity_in_eval() -> None:
     torch.testing.assert_close(bn(x), x)
 
 
-@pytest.mark.parametrize("act", [F.relu, F.gelu, F.silu, torch.tanh, F.hardswish, F.softplus, nn.PReLU(4, 0.1).double()])
+@pytest.mark.parametrize(
+    "act", [F.relu, F.gelu, F.silu, torch.tanh, F.hardswish, F.softplus, nn.PReLU(4, 0.1).double()]
+)
 def test_gaussian_moments_against_monte_carlo(act) -> None:  # type: ignore[no-untyped-def]
     mean = torch.tensor([-1.0, 0.0, 0.5, 2.0])
     std = torch.tensor([0.5, 1.0, 2.0, 0.1])

@@ -35,7 +35,10 @@ def test_zoo_conversion(name: str, placement: str, method: str) -> None:
     candidates = [p for p in pairs if p.placement == other and p.movable]
     expected_moved = [p for p in candidates if p.exact] if method == "exact" else candidates
     assert sorted(m.pair.bn for m in result.moved) == sorted(p.bn for p in expected_moved)
-    assert all(m.method == ("swap" if method == "swap" else "exact" if m.pair.exact else "swap") for m in result.moved)
+    assert all(
+        m.method == ("swap" if method == "swap" else "exact" if m.pair.exact else "swap")
+        for m in result.moved
+    )
 
     # Every moved pair now sits at the target placement.
     now = {p.bn: p for p in find_pairs(result.model) if p.placement}

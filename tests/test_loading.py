@@ -107,7 +107,10 @@ def test_unimportable_pickle_names_import_flag(tmp_path: Path) -> None:
 
 def test_parse_arch_args() -> None:
     assert parse_arch_args(["n=10", "act=gelu", "widths=[1, 2]", "flag=True"]) == {
-        "n": 10, "act": "gelu", "widths": [1, 2], "flag": True,
+        "n": 10,
+        "act": "gelu",
+        "widths": [1, 2],
+        "flag": True,
     }
     with pytest.raises(LoadError, match="NAME=VALUE"):
         parse_arch_args(["oops"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,10 +15,21 @@ import bnmove
 from bnmove.patterns import ACTIVATION_KINDS, activation_spec
 
 ACT_MODULES: dict[str, Callable[[], nn.Module]] = {
-    "ReLU": nn.ReLU, "ReLU6": nn.ReLU6, "LeakyReLU": lambda: nn.LeakyReLU(0.2), "PReLU": lambda: nn.PReLU(6),
-    "ELU": nn.ELU, "CELU": lambda: nn.CELU(0.7), "SELU": nn.SELU, "GELU": lambda: nn.GELU("tanh"),
-    "SiLU": nn.SiLU, "Mish": nn.Mish, "Hardswish": nn.Hardswish, "Hardsigmoid": nn.Hardsigmoid,
-    "Hardtanh": lambda: nn.Hardtanh(-0.5, 2.0), "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh,
+    "ReLU": nn.ReLU,
+    "ReLU6": nn.ReLU6,
+    "LeakyReLU": lambda: nn.LeakyReLU(0.2),
+    "PReLU": lambda: nn.PReLU(6),
+    "ELU": nn.ELU,
+    "CELU": lambda: nn.CELU(0.7),
+    "SELU": nn.SELU,
+    "GELU": lambda: nn.GELU("tanh"),
+    "SiLU": nn.SiLU,
+    "Mish": nn.Mish,
+    "Hardswish": nn.Hardswish,
+    "Hardsigmoid": nn.Hardsigmoid,
+    "Hardtanh": lambda: nn.Hardtanh(-0.5, 2.0),
+    "Sigmoid": nn.Sigmoid,
+    "Tanh": nn.Tanh,
     "Softplus": lambda: nn.Softplus(beta=2.0),
 }
 

@@ -1,0 +1,212 @@
+"""The CLI through click's runner: output, exit codes, files written and not written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import assert_same_outputs
+from zoo import build
+
+from bnmove import find_pairs
+from bnmove.cli import main
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def resnet_files(tmp_path: Path) -> dict[str, Path]:
+    model, _ = build("resnet")
+    pickled, state = tmp_path / "resnet.pt", tmp_path / "resnet_sd.pt"
+    torch.save(model, pickled)
+    torch.save(model.state_dict(), state)
+    return {"pickled": pickled, "state": state}
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str] | object:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_inspect_table(resnet_files: dict[str, Path]) -> None:
+    result = run("inspect", resnet_files["pickled"], "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert "layer1.0.bn1" in result.stdout and "ReLU" in result.stdout
+    assert (
+        "4 pairs (4 BN before activation, 0 after), 4 movable, 4 exactly, 3 BatchNorm not adjacent"
+        in " ".join(result.stdout.split())
+    )
+
+
+def test_inspect_json(resnet_files: dict[str, Path]) -> None:
+    result = run("inspect", resnet_files["state"], "--arch", "zoo:TinyResNet", "--json")
+    assert result.exit_code == 0
+    payload = json.loads(result.stdout)
+    model, _ = build("resnet")
+    assert payload["pairs"] == [p.to_dict() for p in find_pairs(model)]
+
+
+def test_convert_pickled_resnet_end_to_end(resnet_files: dict[str, Path]) -> None:
+    source = resnet_files["pickled"]
+    digest = _digest(source)
+    result = run("convert", source, "--allow-pickle", "--placement", "after", "--input-shape", "2,3,8,8")
+    assert result.exit_code == 0, result.output
+    out = source.with_name("resnet.after.pt")
+    assert out.exists() and f"wrote {out}" in " ".join(result.stdout.split())
+    assert "moved 4 of 4 BN–activation pairs (4 exact, 0 swapped)" in " ".join(result.stdout.split())
+    assert _digest(source) == digest  # the input is never modified
+
+    converted = torch.load(out, weights_only=False)
+    original, inputs = build("resnet")
+    assert_same_outputs(original, converted, inputs)
+    pairs = [p for p in find_pairs(converted) if p.movable]
+    assert pairs and all(p.placement == "after" for p in pairs)
+
+    again = run("inspect", out, "--allow-pickle", "--json")
+    assert {p["placement"] for p in json.loads(again.stdout)["pairs"] if p["movable"]} == {"after"}
+
+
+def test_convert_refuses_to_overwrite(resnet_files: dict[str, Path]) -> None:
+    source = resnet_files["pickled"]
+    out = source.with_name("taken.pt")
+    out.write_bytes(b"keep me")
+    result = run("convert", source, "--allow-pickle", "--placement", "after", "-o", out)
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0 and "already exists; pass --force" in result.stderr
+    assert out.read_bytes() == b"keep me"
+    result = run("convert", source, "--allow-pickle", "--placement", "after", "-o", source, "--force")
+    assert result.exit_code == 1 and "refusing to overwrite the input" in result.stderr
+    forced = run("convert", source, "--allow-pickle", "--placement", "after", "-o", out, "--force")
+    assert forced.exit_code == 0 and out.read_bytes() != b"keep me"
+
+
+def test_convert_json_and_code_dir(resnet_files: dict[str, Path], tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    result = run(
+        "convert",
+        resnet_files["state"],
+        "--arch",
+        "zoo:TinyResNet",
+        "--placement",
+        "after",
+        "--method",
+        "swap",
+        "--code-dir",
+        code,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["moved_swap"] == 4 and payload["verification"]["max_abs_error"] > 0
+    assert (code / "module.py").exists() and (code / "state_dict.pt").exists()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from code import ConvertedModel  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        pass  # 'code' clashes with the stdlib module name; import by path instead
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("converted_code", code / "module.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    rebuilt = module.ConvertedModel()
+    saved = torch.load(resnet_files["state"].with_name("resnet_sd.after.pt"), weights_only=False)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(rebuilt.eval()(x), saved.eval()(x))
+
+
+def test_untraceable_model_reports_parts(tmp_path: Path) -> None:
+    model, _ = build("untraceable-top")
+    path = tmp_path / "checked.pt"
+    torch.save(model, path)
+    result = run("convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "2,3,8,8")
+    assert result.exit_code == 0, result.output
+    assert "not traced: <model> (CheckedNet)" in " ".join(result.stdout.split())
+    code = run(
+        "convert",
+        path,
+        "--allow-pickle",
+        "--placement",
+        "after",
+        "--code-dir",
+        tmp_path / "c",
+        "--force",
+        "--input-shape",
+        "2,3,8,8",
+    )
+    assert code.exit_code == 1 and "--code-dir needs a model whose whole forward traces" in code.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_model_without_batchnorm(tmp_path: Path) -> None:
+    model, _ = build("no-bn")
+    path = tmp_path / "plain.pt"
+    torch.save(model, path)
+    result = run("inspect", path, "--allow-pickle")
+    assert result.exit_code == 0 and "no BatchNorm found: nothing to move" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["inspect", "{pickled}"], 1, "pass --allow-pickle"),
+        (["inspect", "{state}"], 1, "--arch package.module:callable"),
+        (
+            ["convert", "{pickled}", "--allow-pickle", "--placement", "sideways"],
+            2,
+            "Invalid value for '--placement'",
+        ),
+        (
+            ["convert", "{pickled}", "--allow-pickle", "--placement", "after", "--method", "magic"],
+            2,
+            "Invalid value",
+        ),
+        (
+            ["convert", "{pickled}", "--allow-pickle", "--placement", "after", "--input-shape", "1,5,8,8"],
+            1,
+            "forward raised RuntimeError on input 1x5x8x8",
+        ),
+        (
+            ["convert", "{pickled}", "--allow-pickle", "--placement", "after", "--input-shape", "a,b"],
+            1,
+            "bad input shape",
+        ),
+        (
+            ["convert", "{pickled}", "--allow-pickle", "--placement", "after", "-o", "/nonexistent/x.pt"],
+            1,
+            "does not exist",
+        ),
+        (["inspect", "missing.pt"], 1, "no such file"),
+    ],
+)
+def test_errors_are_one_line(resnet_files: dict[str, Path], args: list[str], code: int, message: str) -> None:
+    before = set(resnet_files["pickled"].parent.iterdir())
+    argv = [a.format(**{k: str(v) for k, v in resnet_files.items()}) for a in args]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    if code == 1:
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert set(resnet_files["pickled"].parent.iterdir()) == before  # nothing written
+
+
+def test_debug_shows_traceback(resnet_files: dict[str, Path]) -> None:
+    from bnmove import LoadError
+
+    with pytest.raises(LoadError):
+        CliRunner().invoke(main, ["inspect", str(resnet_files["pickled"]), "--debug"], catch_exceptions=False)
+
+
+def test_python_dash_m() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnmove", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "convert" in proc.stdout and "inspect" in proc.stdout
