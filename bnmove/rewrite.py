@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
