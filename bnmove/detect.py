@@ -24,10 +24,14 @@ from torch import fx, nn
 
 from .patterns import (
     ActivationCall,
+    input_is_shared,
     is_batchnorm_module,
     is_functional_batchnorm,
+    is_identity_node,
     is_plain_batchnorm,
     match_activation,
+    skip_identity_down,
+    skip_identity_up,
 )
 from .tracing import Untraced, trace_regions
 
@@ -141,8 +145,7 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
         if call is not None:
             act = nxt
             break
-        is_identity = nxt.op == "call_module" and isinstance(modules.get(str(nxt.target)), nn.Identity)
-        if not is_identity:
+        if not is_identity_node(nxt, modules):
             break
         node = nxt
     if act is None or call is None or any(u.op != "output" for u in act.users):
@@ -335,12 +338,14 @@ class _RegionAnalysis:
             sites.append(self._site(bn, None, None, None, False, False, fused))
             return sites
         else:
-            for user in bn.users:
+            end = skip_identity_down(bn, self.modules)
+            for user in end.users:
                 call = match_activation(user, self.modules)
-                if call is not None and user.args and user.args[0] is bn:
+                if call is not None and user.args and user.args[0] is end:
                     sites.append(self._before_site(bn, module, user, call, None))
         source = bn.args[0] if bn.args else None
         if isinstance(source, fx.Node):
+            source = skip_identity_up(source, self.modules)
             call = match_activation(source, self.modules)
             if call is not None:
                 sites.append(self._after_site(bn, module, source, call))
@@ -396,9 +401,10 @@ class _RegionAnalysis:
         fused: FusedNorm | None,
     ) -> Site:
         blocker = self._bn_blocker(bn, module)
+        end = skip_identity_down(bn, self.modules)
         if blocker is None and act is not None:
-            if len(bn.users) > 1:
-                others = [u for u in bn.users if u is not act]
+            if len(end.users) > 1:
+                others = [u for u in end.users if u is not act]
                 blocker = f"the BN output also feeds {_describe(others[0], self.modules)}"
             else:
                 blocker = self._act_blocker(act)
@@ -427,9 +433,7 @@ class _RegionAnalysis:
             if len(act.users) > 1:
                 others = [u for u in act.users if u is not bn]
                 blocker = f"the activation output also feeds {_describe(others[0], self.modules)}"
-            elif (
-                call.inplace and act.args and isinstance(act.args[0], fx.Node) and len(act.args[0].users) > 1
-            ):
+            elif call.inplace and input_is_shared(act, self.modules):
                 blocker = "the in-place activation overwrites a tensor that other nodes read"
             elif self.fused_info(bn) is not None:
                 blocker = "fused norm+activation module after another activation"

@@ -1,8 +1,8 @@
 """Graph surgery for one pair: reorder nodes, fold BN into a neighbour, insert the new BN.
 
-The node surgery is the same for both directions: ``swap_adjacent(first,
-second)`` turns ``X -> first -> second -> users`` into ``X -> second -> first
--> users``. The exact method adds parameter changes around it (see
+The node surgery is one move for each direction: ``move_after(bn, act)``
+turns ``X -> BN -> f -> users`` into ``X -> f -> BN -> users`` and
+``move_before(bn, act)`` the reverse (Identity calls in between stay put). The exact method adds parameter changes around it (see
 ``bn_math``): the old BN is folded into the Conv/Linear beside it and a new BN,
 the identity in eval mode but holding real statistics, takes its name on the
 other side of the activation.
@@ -20,26 +20,46 @@ from torch import fx, nn
 
 from . import bn_math
 from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm, torch_batchnorm_base
-from .patterns import make_out_of_place, match_activation, out_of_place_function
+from .patterns import input_is_shared, make_out_of_place, match_activation, out_of_place_function
 from .tracing import set_submodule
 
 log = logging.getLogger(__name__)
 
 
-def swap_adjacent(first: fx.Node, second: fx.Node) -> None:
-    """``X -> first -> second -> users`` becomes ``X -> second -> first -> users``.
+def move_after(node: fx.Node, anchor: fx.Node) -> None:
+    """``X -> node -> ... -> anchor -> users`` becomes ``X -> ... -> anchor -> node -> users``.
 
-    ``first`` must have ``second`` as its only user, and both take the moving
-    tensor as their first argument.
+    The nodes between (Identity calls) stay where they are; ``node`` takes
+    its input as first argument and every link on the way has one user.
     """
-    source = first.args[0]
-    assert isinstance(source, fx.Node) and second.args[0] is first
-    downstream = list(second.users)
-    second.replace_input_with(first, source)
-    first.replace_input_with(source, second)
+    source = node.args[0]
+    assert isinstance(source, fx.Node)
+    downstream = list(anchor.users)  # before node becomes one of them
+    node.replace_all_uses_with(source)
+    node.replace_input_with(source, anchor)
     for user in downstream:
-        user.replace_input_with(second, first)
-    second.append(first)
+        user.replace_input_with(anchor, node)
+    anchor.append(node)
+
+
+def move_before(node: fx.Node, anchor: fx.Node) -> None:
+    """``X -> anchor -> ... -> node -> users`` becomes ``X -> node -> anchor -> ... -> users``."""
+    source, upstream = node.args[0], anchor.args[0]
+    assert isinstance(source, fx.Node) and isinstance(upstream, fx.Node)
+    chain = [source]
+    while chain[-1] is not anchor:
+        parent = chain[-1].args[0]
+        assert isinstance(parent, fx.Node)
+        chain.append(parent)
+    node.replace_all_uses_with(source)
+    node.replace_input_with(source, upstream)
+    anchor.replace_input_with(upstream, node)
+    # Move the activation (and links) down rather than the BN up: the BN's other
+    # arguments (a functional BN's statistics) may be defined just before it.
+    previous = node
+    for link in reversed(chain):
+        previous.append(link)
+        previous = link
 
 
 def split_fused(gm: fx.GraphModule, site: Site) -> None:
@@ -211,7 +231,7 @@ def exact_before_to_after(gm: fx.GraphModule, site: Site) -> list[str]:
     else:
         mean, var = bn_math.gaussian_moments(f, beta, gamma)
     set_submodule(gm, str(site.bn_node.target), identity_batchnorm(bn, mean, var))
-    swap_adjacent(site.bn_node, site.act_node)
+    move_after(site.bn_node, site.act_node)
     return notes
 
 
@@ -238,7 +258,7 @@ def exact_after_to_before(gm: fx.GraphModule, site: Site) -> list[str]:
                 "statistics; new BN statistics set to mean 0, var 1 there"
             )
     set_submodule(gm, str(site.bn_node.target), identity_batchnorm(bn, mean, var))
-    swap_adjacent(site.act_node, site.bn_node)
+    move_before(site.bn_node, site.act_node)
     return notes
 
 
@@ -246,19 +266,19 @@ def swap(gm: fx.GraphModule, site: Site) -> list[str]:
     """Reorder only; every parameter stays as it was."""
     assert site.act_node is not None and site.pair.placement is not None
     if site.pair.placement == "before":
-        swap_adjacent(site.bn_node, site.act_node)
+        move_after(site.bn_node, site.act_node)
     else:
-        swap_adjacent(site.act_node, site.bn_node)
+        move_before(site.bn_node, site.act_node)
     return []
 
 
 def guard_inplace(gm: fx.GraphModule, act: fx.Node) -> list[str]:
     """After a move, an in-place activation must not overwrite a tensor others still read."""
-    source = act.args[0]
-    if isinstance(source, fx.Node) and len(source.users) > 1:
-        call = match_activation(act, dict(gm.named_modules()))
+    modules = dict(gm.named_modules())
+    if input_is_shared(act, modules):
+        call = match_activation(act, modules)
         if call is not None and call.inplace:
-            make_out_of_place(act, dict(gm.named_modules()))
+            make_out_of_place(act, modules)
             return ["activation made out-of-place: its new input has other readers"]
     return []
 
@@ -282,6 +302,7 @@ __all__ = [
     "activation_function",
     "identity_batchnorm",
     "move",
+    "move_after",
+    "move_before",
     "split_fused",
-    "swap_adjacent",
 ]

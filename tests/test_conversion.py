@@ -220,3 +220,66 @@ def test_inferred_inputs() -> None:
     assert result.verification.input_shapes == [[1, 3, 224, 224]]
     with pytest.raises(bnmove.BnmoveError, match="--input-shape"):
         convert(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(3)), "after")
+
+
+class DropSlot(nn.Module):
+    """timm's ResNet block: BN -> Identity (drop-block slot) -> act, and act -> Identity -> BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.drop_block = nn.Identity()
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act2 = nn.SiLU()
+        self.aa = nn.Identity()
+        self.bn2 = nn.BatchNorm2d(4)
+        self.proj = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
+        return self.proj(self.bn2(self.aa(self.act2(self.conv2(x)))))
+
+
+@pytest.mark.parametrize("method", ["exact", "swap"])
+def test_pairs_through_identity_links(method: str) -> None:
+    model = randomize_bn(DropSlot()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    pairs = find_pairs(model)
+    assert [(p.bn, p.activation, p.placement, p.exact) for p in pairs] == [
+        ("bn1", "act1", "before", True),
+        ("bn2", "act2", "after", True),
+    ]
+    after = convert(model, "after", method=method, example_inputs=(x,))
+    before = convert(model, "before", method=method, example_inputs=(x,))
+    assert [p.placement for p in find_pairs(after.model)] == ["after", "after"]
+    assert [p.placement for p in find_pairs(before.model)] == ["before", "before"]
+    if method == "exact":
+        assert_same_outputs(model, after.model, (x,))
+        assert_same_outputs(model, before.model, (x,))
+    else:
+        with torch.no_grad():
+            h = model.act1(model.conv1(x))  # swap: act1 now sees the conv output directly
+            h = model.bn1(h)
+            want = model.proj(model.bn2(model.act2(model.conv2(h))))
+        torch.testing.assert_close(outputs_of(after.model, (x,)), want)
+
+
+def test_inplace_through_identity_alias_is_made_out_of_place() -> None:
+    class Alias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.skip = nn.Identity()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x + 1
+            return self.act(self.skip(self.bn(y))) + y
+
+    model = randomize_bn(Alias()).eval()
+    x = torch.randn(2, 3, 4, 4)
+    result = convert(model, "after", method="swap", example_inputs=(x,))
+    y = x + 1
+    torch.testing.assert_close(outputs_of(result.model, (x,)), model.bn(torch.relu(y)) + y)
