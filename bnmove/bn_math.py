@@ -16,6 +16,7 @@ All math runs in float64 and is cast back by the caller.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -117,6 +118,7 @@ def identity_bn_params(
     return torch.sqrt(var.double() + eps), mean.double().clone()
 
 
+@functools.lru_cache(maxsize=8)
 def _hermite_nodes(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     nodes, weights = np.polynomial.hermite_e.hermegauss(n)
     return torch.from_numpy(nodes), torch.from_numpy(weights / weights.sum())

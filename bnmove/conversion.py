@@ -7,7 +7,6 @@ in eval mode. The input model is never modified.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from . import rewrite
+from ._clone import clone_module
 from .detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
 from .errors import BnmoveError, VerificationError
 from .tracing import Untraced, set_submodule, trace_regions
@@ -174,23 +174,27 @@ def convert(
     _check_choice("method", method, METHODS)
     if has_uninitialized_lazy(model):
         raise BnmoveError("the model has lazy layers that are not initialised; run one forward pass first")
+    work = clone_module(model)
+    traced = trace_regions(work)
     inputs: tuple[torch.Tensor, ...] | None = tuple(example_inputs) if example_inputs is not None else None
     if inputs is None and verify:
-        inputs = infer_example_inputs(model)
-    work = copy.deepcopy(model)
-    traced = trace_regions(work)
+        whole = traced.regions.get("")
+        inputs = infer_example_inputs(model, whole.graph if whole else None)
     sites = analyze_regions(traced.regions)
 
     moves: list[Move] = []
     taken: set[fx.Node] = set()
     touched: set[str] = set()
+    region_modules: dict[str, dict[str, nn.Module]] = {}
     for site in sites:
         chosen, reason = _plan(site, placement, method, taken)
         if chosen is None:
             moves.append(Move(site.pair, False, None, reason))
             continue
-        gm = traced.regions[site.region]
-        notes = rewrite.move(gm, site, chosen)
+        root = traced.regions[site.region].root
+        if site.region not in region_modules:
+            region_modules[site.region] = dict(root.named_modules())
+        notes = rewrite.move(root, site, chosen, region_modules[site.region])
         taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
         touched.add(site.region)
         why = site.pair.reason if chosen == "swap" and method == "auto" else None
@@ -198,10 +202,10 @@ def convert(
 
     converted = work
     for name in touched:
-        gm = traced.regions[name]
-        gm.graph.lint()
-        gm.recompile()
-        region_original = work.get_submodule(name) if name else work
+        region = traced.regions[name]
+        region.graph.lint()
+        gm = region.graph_module()
+        region_original = region.root
         converted = _install(converted, name, gm, region_original)
 
     deviation = None

@@ -33,7 +33,7 @@ from .patterns import (
     skip_identity_down,
     skip_identity_up,
 )
-from .tracing import Untraced, trace_regions
+from .tracing import Region, Untraced, trace_regions
 
 Placement = Literal["before", "after"]
 PLACEMENTS: tuple[Placement, ...] = ("before", "after")
@@ -132,8 +132,7 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
         graph = _RootTracer().trace(probe)
     except Exception as exc:
         return f"forward of {type(module).__name__} could not be traced ({type(exc).__name__})"
-    gm = fx.GraphModule(probe, graph)
-    modules = dict(gm.named_modules())
+    modules = dict(probe.named_modules())
     bn_calls = [n for n in graph.nodes if is_functional_batchnorm(n)]
     if len(bn_calls) != 1:
         return f"forward of {type(module).__name__} is not one batch_norm call plus an activation"
@@ -269,11 +268,11 @@ def forward_fold_blocker(layer: nn.Module) -> str | None:
 
 
 class _RegionAnalysis:
-    def __init__(self, gm: fx.GraphModule, prefix: str) -> None:
-        self.gm = gm
+    def __init__(self, region: Region, prefix: str) -> None:
+        self.graph = region.graph
         self.prefix = prefix
-        self.modules = dict(gm.named_modules())
-        self.calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        self.modules = dict(region.root.named_modules())
+        self.calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
         self._fused: dict[str, FusedNorm | str] = {}
 
     def bn_module(self, node: fx.Node) -> nn.Module | None:
@@ -293,7 +292,7 @@ class _RegionAnalysis:
 
     def sites(self) -> list[Site]:
         out: list[Site] = []
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             module = self.bn_module(node)
             if module is None and not is_functional_batchnorm(node):
                 continue
@@ -461,11 +460,11 @@ class _RegionAnalysis:
         return self._site(bn, act, call, "after", True, exact, reason, target if exact else None)
 
 
-def analyze_regions(regions: dict[str, fx.GraphModule]) -> list[Site]:
+def analyze_regions(regions: dict[str, Region]) -> list[Site]:
     """All sites of all traced regions, in graph order."""
     sites: list[Site] = []
-    for prefix, gm in regions.items():
-        sites.extend(_RegionAnalysis(gm, prefix).sites())
+    for prefix, region in regions.items():
+        sites.extend(_RegionAnalysis(region, prefix).sites())
     return sites
 
 

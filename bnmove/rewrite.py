@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from . import bn_math
-from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm, torch_batchnorm_base
+from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm
 from .patterns import input_is_shared, make_out_of_place, match_activation, out_of_place_function
 from .tracing import set_submodule
 
@@ -62,7 +62,7 @@ def move_before(node: fx.Node, anchor: fx.Node) -> None:
         previous = link
 
 
-def split_fused(gm: fx.GraphModule, site: Site) -> None:
+def split_fused(root: nn.Module, site: Site) -> None:
     """Replace a fused norm+act module by a plain BN node and an activation node.
 
     The plain BN keeps the fused module's name and children (so state-dict keys
@@ -73,25 +73,26 @@ def split_fused(gm: fx.GraphModule, site: Site) -> None:
     assert fused is not None
     bn_node = site.bn_node
     name = str(bn_node.target)
-    plain = make_plain_batchnorm(gm.get_submodule(name), fused.base)
-    set_submodule(gm, name, plain)
-    with gm.graph.inserting_after(bn_node):
+    plain = make_plain_batchnorm(root.get_submodule(name), fused.base)
+    set_submodule(root, name, plain)
+    graph = bn_node.graph
+    with graph.inserting_after(bn_node):
         if fused.act_child is not None:
-            act = gm.graph.call_module(f"{name}.{fused.act_child}", (bn_node,))
+            act = graph.call_module(f"{name}.{fused.act_child}", (bn_node,))
         elif isinstance(fused.act_target, str):
-            act = gm.graph.call_method(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
+            act = graph.call_method(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
         else:
-            act = gm.graph.call_function(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
+            act = graph.call_function(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
     bn_node.replace_all_uses_with(act, delete_user_cb=lambda user: user is not act)
     site.act_node = act
     site.fused = None
 
 
-def _constant(gm: fx.GraphModule, value: Any) -> Any:
+def _constant(root: nn.Module, value: Any) -> Any:
     if isinstance(value, fx.Node):
         if value.op != "get_attr":
             raise _NotConstant
-        tensor: Any = gm
+        tensor: Any = root
         for part in str(value.target).split("."):
             tensor = getattr(tensor, part)
         return tensor.detach().double().cpu() if isinstance(tensor, torch.Tensor) else tensor
@@ -102,17 +103,21 @@ class _NotConstant(Exception):
     pass
 
 
-def activation_function(gm: fx.GraphModule, node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def activation_function(root: nn.Module, node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The activation at ``node`` as a float64 function of its input (None if it needs runtime tensors)."""
     if node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+            # Stateless: call it as is, on a copy of the input in case it works in place.
+            return lambda z: module(z.clone())  # type: ignore[no-any-return]
         # float64 on the CPU: quadrature needs the precision, not the accelerator.
-        module = copy.deepcopy(gm.get_submodule(str(node.target))).double().cpu()
+        module = copy.deepcopy(module).double().cpu()
         if hasattr(module, "inplace"):
             module.inplace = False  # type: ignore[assignment]
         return cast("Callable[[torch.Tensor], torch.Tensor]", module)
     try:
-        args = tuple(_constant(gm, a) for a in node.args[1:])
-        kwargs = {k: _constant(gm, v) for k, v in node.kwargs.items() if k != "inplace"}
+        args = tuple(_constant(root, a) for a in node.args[1:])
+        kwargs = {k: _constant(root, v) for k, v in node.kwargs.items() if k != "inplace"}
     except _NotConstant:
         return None
     if node.op == "call_method":
@@ -126,46 +131,40 @@ def activation_function(gm: fx.GraphModule, node: fx.Node) -> Callable[[torch.Te
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
-def identity_batchnorm(like: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> _BatchNorm:
-    """A fresh BN of ``like``'s family that is the identity in eval mode but holds ``(mean, var)``."""
-    base = getattr(type(like), "cls_to_become", None) or torch_batchnorm_base(like)
-    eps = float(like.eps)
-    ref = like.running_mean if like.running_mean is not None else next(like.parameters(), None)
-    dtype = ref.dtype if isinstance(ref, torch.Tensor) else torch.get_default_dtype()
-    device = ref.device if isinstance(ref, torch.Tensor) else torch.device("cpu")
-    # Built in the target dtype: filling a float32 BN then casting would round the statistics.
-    bn = base(
-        like.num_features,
-        eps=eps,
-        momentum=like.momentum,
-        affine=True,
-        track_running_stats=True,
-        device=device,
-        dtype=dtype,
-    )
-    weight, bias = bn_math.identity_bn_params(mean, var, eps)
+def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Turn ``bn`` (already folded away) into BN': the identity in eval mode, holding ``(mean, var)``.
+
+    Done in place on the working copy: eps, momentum, class, hooks, train flag
+    and state-dict keys stay; the statistics are fresh (``num_batches_tracked``
+    restarts at 0). An ``affine=False`` BN gains weight and bias, which the
+    identity needs.
+    """
     assert bn.running_mean is not None and bn.running_var is not None
+    eps = float(bn.eps)
+    weight, bias = bn_math.identity_bn_params(mean, var, eps)
+    ref = bn.running_mean
+    if not bn.affine:
+        bn.weight = nn.Parameter(torch.empty_like(ref))
+        bn.bias = nn.Parameter(torch.empty_like(ref))
+        bn.affine = True
     with torch.no_grad():
         bn.weight.copy_(weight)
         bn.bias.copy_(bias)
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-    for name, child in like.named_children():
-        bn.add_module(name, child)
-    bn.train(like.training)
-    assert isinstance(bn, _BatchNorm)
-    return bn
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.zero_()
 
 
-def _batchnorm(gm: fx.GraphModule, name: str) -> _BatchNorm:
-    module = gm.get_submodule(name)
+def _batchnorm(root: nn.Module, name: str) -> _BatchNorm:
+    module = root.get_submodule(name)
     assert isinstance(module, _BatchNorm)
     return module
 
 
-def _affine_layer(gm: fx.GraphModule, name: str) -> nn.Conv1d | nn.Linear:
+def _affine_layer(root: nn.Module, name: str) -> nn.Conv1d | nn.Linear:
     """The Conv/ConvTranspose/Linear at ``name`` (typed as one with ``weight`` and ``bias``)."""
-    module = gm.get_submodule(name)
+    module = root.get_submodule(name)
     assert isinstance(module, AFFINE_LAYERS)
     return cast("nn.Conv1d | nn.Linear", module)
 
@@ -192,13 +191,11 @@ def _set_weight_bias(layer: nn.Conv1d | nn.Linear, weight: torch.Tensor, bias: t
             layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
-def _fold(
-    gm: fx.GraphModule, site: Site, fold: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-) -> _BatchNorm:
+def _fold(root: nn.Module, site: Site, fold: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> _BatchNorm:
     """Fold the site's BN into its neighbour with ``fold`` (``bn_math.fold_into_*``); returns the old BN."""
     assert site.neighbour_node is not None
-    bn = _batchnorm(gm, str(site.bn_node.target))
-    layer = _affine_layer(gm, str(site.neighbour_node.target))
+    bn = _batchnorm(root, str(site.bn_node.target))
+    layer = _affine_layer(root, str(site.neighbour_node.target))
     a, b = _bn_affine_of(bn)
     transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     device = layer.weight.device
@@ -217,32 +214,32 @@ def _fold(
 _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
 
 
-def exact_before_to_after(gm: fx.GraphModule, site: Site) -> list[str]:
+def exact_before_to_after(root: nn.Module, site: Site) -> list[str]:
     """``L -> BN -> f`` becomes ``L' -> f -> BN'`` with identical eval outputs."""
     assert site.act_node is not None
     notes: list[str] = []
-    bn = _fold(gm, site, bn_math.fold_into_preceding)
+    bn = _fold(root, site, bn_math.fold_into_preceding)
     # The old BN's train-mode output is N(beta, gamma^2) per channel: f of that is what BN' will see.
     gamma, beta = _gamma_beta(bn)
-    f = activation_function(gm, site.act_node)
+    f = activation_function(root, site.act_node)
     if f is None:
         mean, var = torch.zeros_like(beta), torch.ones_like(beta)
         notes.append(_NO_FUNCTION_NOTE)
     else:
         mean, var = bn_math.gaussian_moments(f, beta, gamma)
-    set_submodule(gm, str(site.bn_node.target), identity_batchnorm(bn, mean, var))
+    make_identity(bn, mean, var)
     move_after(site.bn_node, site.act_node)
     return notes
 
 
-def exact_after_to_before(gm: fx.GraphModule, site: Site) -> list[str]:
+def exact_after_to_before(root: nn.Module, site: Site) -> list[str]:
     """``f -> BN -> N`` becomes ``BN' -> f -> N'`` with identical eval outputs."""
     assert site.act_node is not None
     notes: list[str] = []
-    bn = _fold(gm, site, bn_math.fold_into_following)
+    bn = _fold(root, site, bn_math.fold_into_following)
     assert bn.running_mean is not None and bn.running_var is not None
     # BN' sits where f's input is: find the Gaussian whose image under f has the old BN's statistics.
-    f = activation_function(gm, site.act_node)
+    f = activation_function(root, site.act_node)
     target_mean = bn.running_mean.detach().double().cpu()
     target_var = bn.running_var.detach().double().cpu()
     if f is None:
@@ -257,12 +254,12 @@ def exact_after_to_before(gm: fx.GraphModule, site: Site) -> list[str]:
                 f"{int((~ok).sum())} of {ok.numel()} channels: no Gaussian input explains the old "
                 "statistics; new BN statistics set to mean 0, var 1 there"
             )
-    set_submodule(gm, str(site.bn_node.target), identity_batchnorm(bn, mean, var))
+    make_identity(bn, mean, var)
     move_before(site.bn_node, site.act_node)
     return notes
 
 
-def swap(gm: fx.GraphModule, site: Site) -> list[str]:
+def swap(root: nn.Module, site: Site) -> list[str]:
     """Reorder only; every parameter stays as it was."""
     assert site.act_node is not None and site.pair.placement is not None
     if site.pair.placement == "before":
@@ -272,9 +269,8 @@ def swap(gm: fx.GraphModule, site: Site) -> list[str]:
     return []
 
 
-def guard_inplace(gm: fx.GraphModule, act: fx.Node) -> list[str]:
+def guard_inplace(act: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
     """After a move, an in-place activation must not overwrite a tensor others still read."""
-    modules = dict(gm.named_modules())
     if input_is_shared(act, modules):
         call = match_activation(act, modules)
         if call is not None and call.inplace:
@@ -283,24 +279,30 @@ def guard_inplace(gm: fx.GraphModule, act: fx.Node) -> list[str]:
     return []
 
 
-def move(gm: fx.GraphModule, site: Site, method: str) -> list[str]:
-    """Apply one move (``"exact"`` or ``"swap"``) to ``site``; returns notes for the report."""
+def move(root: nn.Module, site: Site, method: str, modules: dict[str, nn.Module]) -> list[str]:
+    """Apply one move (``"exact"`` or ``"swap"``) to ``site``; returns notes for the report.
+
+    ``modules`` is the region's ``dict(root.named_modules())``, built once per
+    region (building it per move made conversion quadratic in model size).
+    """
     if site.fused is not None:
-        split_fused(gm, site)
+        split_fused(root, site)
     assert site.act_node is not None
     if method == "swap":
-        notes = swap(gm, site)
+        notes = swap(root, site)
     elif site.pair.placement == "before":
-        notes = exact_before_to_after(gm, site)
+        notes = exact_before_to_after(root, site)
     else:
-        notes = exact_after_to_before(gm, site)
-    return notes + guard_inplace(gm, site.act_node)
+        notes = exact_after_to_before(root, site)
+    if site.act_node.op == "call_module" and str(site.act_node.target) not in modules:
+        modules[str(site.act_node.target)] = root.get_submodule(str(site.act_node.target))  # split fused
+    return notes + guard_inplace(site.act_node, modules)
 
 
 __all__ = [
     "FusedNorm",
     "activation_function",
-    "identity_batchnorm",
+    "make_identity",
     "move",
     "move_after",
     "move_before",

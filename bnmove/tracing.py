@@ -31,16 +31,35 @@ class BnTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace_module(module: nn.Module) -> fx.GraphModule:
-    """Trace one module with :class:`BnTracer`; raises whatever fx raises."""
+def trace_graph(module: nn.Module) -> fx.Graph:
+    """Trace one module's forward with :class:`BnTracer`; raises whatever fx raises."""
     graph = BnTracer().trace(module)
     for node in graph.nodes:
         # Under `from __future__ import annotations` fx records annotations as
         # strings, which GraphModule cannot pickle or import: drop them.
         if isinstance(node.type, str):
             node.type = None
-    name = type(module).__name__
-    return fx.GraphModule(module, graph, class_name=name)
+    return graph
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    """``trace_graph`` wrapped into a runnable GraphModule."""
+    return Region(module, trace_graph(module)).graph_module()
+
+
+@dataclass
+class Region:
+    """A traced module: its graph, and the module its node targets resolve against.
+
+    Detection and rewriting need only these two; the GraphModule (which copies
+    attributes and compiles code) is built once, after rewriting.
+    """
+
+    root: nn.Module
+    graph: fx.Graph
+
+    def graph_module(self) -> fx.GraphModule:
+        return fx.GraphModule(self.root, self.graph, class_name=type(self.root).__name__)
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,7 @@ class Untraced:
 class TraceResult:
     """Traced regions by qualified name ("" is the whole model) and the parts left out."""
 
-    regions: dict[str, fx.GraphModule]
+    regions: dict[str, Region]
     untraced: list[Untraced]
 
     @property
@@ -85,14 +104,14 @@ def trace_regions(model: nn.Module) -> TraceResult:
         >>> result = trace_regions(torchvision_style_resnet)
         >>> list(result.regions)      # [""] when the whole model traced
     """
-    regions: dict[str, fx.GraphModule] = {}
+    regions: dict[str, Region] = {}
     untraced: list[Untraced] = []
 
     def visit(name: str, module: nn.Module) -> None:
         if name and _is_opaque_leaf(module):
             return
         try:
-            regions[name] = trace_module(module)
+            regions[name] = Region(module, trace_graph(module))
             return
         except Exception as exc:  # fx raises many types for untraceable code
             reason = _first_line(exc)

@@ -8,27 +8,27 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import BnmoveError, ModelRunError
+from .tracing import trace_graph
 
 _INPUT_SIZE = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}
 
 
-def _first_layer(model: nn.Module) -> nn.Module | None:
-    try:
-        from .tracing import trace_module
-
-        gm = trace_module(model)
-    except Exception:
-        gm = None
-    if gm is not None:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def _first_layer(model: nn.Module, graph: fx.Graph | None) -> nn.Module | None:
+    if graph is None:
+        try:
+            graph = trace_graph(model)
+        except Exception:  # untraceable: fall back to registration order
+            graph = None
+    if graph is not None:
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) == 1:
-            for node in gm.graph.nodes:
+            for node in graph.nodes:
                 if node.op == "call_module" and placeholders[0] in node.all_input_nodes:
-                    return gm.get_submodule(str(node.target))
+                    return model.get_submodule(str(node.target))
                 if node.op in ("call_function", "call_method"):
                     break
     for module in model.modules():
@@ -37,13 +37,14 @@ def _first_layer(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+def infer_example_inputs(model: nn.Module, graph: fx.Graph | None = None) -> tuple[torch.Tensor, ...]:
     """One example input from the first layer: ``Conv2d(C, ...)`` -> ``1xCx224x224``, ``Linear(F, ...)`` -> ``1xF``.
 
+    ``graph`` is the model's traced graph when the caller already has it (saves a trace).
     Raises :class:`BnmoveError` asking for ``--input-shape`` when the first
     layer says nothing about its input.
     """
-    layer = _first_layer(model)
+    layer = _first_layer(model, graph)
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
@@ -104,7 +105,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def run_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
     """``model(*inputs)`` without grad; the model's own exceptions become :class:`ModelRunError`."""
     try:
-        with torch.no_grad():
+        with torch.inference_mode():  # cheaper than no_grad: outputs are only compared
             return model(*[x.clone() for x in inputs])
     except Exception as exc:
         shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
