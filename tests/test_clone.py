@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from zoo import ZOO, build
+
+from bnmove._clone import clone_module
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_clone_matches_deepcopy(name: str) -> None:
+    model, inputs = build(name)
+    model.register_forward_hook(lambda m, i, o: o * 1.0)  # hooks travel too
+    clone, reference = clone_module(model), copy.deepcopy(model)
+    assert type(clone) is type(reference)
+    assert [n for n, _ in clone.named_modules()] == [n for n, _ in reference.named_modules()]
+    for (key, a), b in zip(clone.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+        assert a.data_ptr() != b.data_ptr() or a.numel() == 0, key  # independent storage
+    assert len(clone._forward_hooks) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(clone.eval()(*inputs), model.eval()(*inputs))
+
+
+def test_clone_keeps_ties_and_independence() -> None:
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(3, 3))
+    model[3].weight = model[0].weight
+    model.config = {"depth": [1, 2]}  # type: ignore[assignment]
+    clone = clone_module(model)
+    assert clone[0] is clone[2] and clone[3].weight is clone[0].weight
+    with torch.no_grad():
+        clone[0].weight.add_(1.0)
+    assert not torch.equal(clone[0].weight, model[0].weight)
+    clone.config["depth"].append(3)  # type: ignore[union-attr]
+    assert model.config == {"depth": [1, 2]}
