@@ -230,20 +230,20 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} {node.target}"
 
 
-def _absorbing_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+def absorbing_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
     if node.op != "call_module":
         return None
     module = modules.get(str(node.target))
     return module if isinstance(module, AFFINE_LAYERS) else None
 
 
-def _out_channels(layer: nn.Module) -> int:
+def out_channels(layer: nn.Module) -> int:
     if isinstance(layer, nn.Linear):
         return layer.out_features
     return int(layer.out_channels)  # type: ignore[arg-type]
 
 
-def _in_channels(layer: nn.Module) -> int:
+def in_channels(layer: nn.Module) -> int:
     if isinstance(layer, nn.Linear):
         return layer.in_features
     return int(layer.in_channels)  # type: ignore[arg-type]
@@ -411,7 +411,7 @@ class _RegionAnalysis:
             return self._site(bn, act, call, "before", False, False, blocker, fused=fused)
         reason = self._stats_reason(module)
         source = bn.args[0] if bn.args else None
-        layer = _absorbing_layer(source, self.modules) if isinstance(source, fx.Node) else None
+        layer = absorbing_layer(source, self.modules) if isinstance(source, fx.Node) else None
         if reason is None:
             if layer is None or not isinstance(source, fx.Node):
                 what = _describe(source, self.modules) if isinstance(source, fx.Node) else "no node"
@@ -420,7 +420,7 @@ class _RegionAnalysis:
                 reason = f"{self._label(source)} also feeds other nodes, so the BN cannot be folded into it"
             elif self.calls[str(source.target)] > 1:
                 reason = f"{self._label(source)} is called at several places"
-            elif module is not None and _out_channels(layer) != module.num_features:  # type: ignore[union-attr]
+            elif module is not None and out_channels(layer) != module.num_features:  # type: ignore[union-attr]
                 reason = f"{self._label(source)} output channels do not match the BN"
         exact = reason is None
         neighbour = source if exact and isinstance(source, fx.Node) else None
@@ -443,14 +443,14 @@ class _RegionAnalysis:
         reason = self._stats_reason(module)
         users = list(bn.users)
         target = users[0] if len(users) == 1 else None
-        layer = _absorbing_layer(target, self.modules) if target is not None else None
+        layer = absorbing_layer(target, self.modules) if target is not None else None
         if reason is None:
             if target is None or layer is None:
                 what = ", ".join(_describe(u, self.modules) for u in users) or "nothing"
                 reason = f"no single Conv/Linear right after the BN to fold into (feeds {what})"
             elif self.calls[str(target.target)] > 1:
                 reason = f"{self._label(target)} is called at several places"
-            elif module is not None and _in_channels(layer) != module.num_features:  # type: ignore[union-attr]
+            elif module is not None and in_channels(layer) != module.num_features:  # type: ignore[union-attr]
                 reason = f"{self._label(target)} input channels do not match the BN"
             else:
                 blocked = forward_fold_blocker(layer)

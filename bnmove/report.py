@@ -1,14 +1,22 @@
-"""Rendering only: rich tables and summary lines for pairs and conversions."""
+"""Rendering only: tables, summaries, Markdown, CSV, JSON and plots of bnmove's results."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
+from ._atomic import atomic_path
+from .compare import Comparison, OutputDeviation, VariantInfo
 from .conversion import Conversion
 from .detect import Pair
+from .errors import BnmoveError
 from .tracing import Untraced
 
 
@@ -99,3 +107,201 @@ def conversion_summary(conversion: Conversion) -> str:
         if conversion.changed_function:
             text += " (swaps change the function: retrain or fine-tune)"
     return text
+
+
+# -- comparison (bnmove compare) -------------------------------------------------------
+
+
+def _deviation_of(comparison: Comparison, variant: str) -> OutputDeviation | None:
+    return next((d for d in comparison.deviations if d.variant == variant), None)
+
+
+def _top1(dev: OutputDeviation | None) -> str:
+    return "—" if dev is None or dev.top1_agreement is None else f"{dev.top1_agreement:.1%}"
+
+
+def _ops_summary(info: VariantInfo, top: int = 4) -> str:
+    return ", ".join(f"{k}×{v}" for k, v in list(info.optimized_nodes.items())[:top])
+
+
+def _rows(comparison: Comparison) -> list[dict[str, Any]]:
+    """One flat row per variant and batch size: the shared source of table, CSV and Markdown."""
+    infos = {v.name: v for v in comparison.variants}
+    rows = []
+    for t in comparison.timings:
+        dev = _deviation_of(comparison, t.variant)
+        info = infos[t.variant]
+        rows.append(
+            {
+                "variant": t.variant,
+                "batch": t.batch_size,
+                "mean_ms": t.mean_ms,
+                "p50_ms": t.p50_ms,
+                "p90_ms": t.p90_ms,
+                "p99_ms": t.p99_ms,
+                "throughput": t.throughput,
+                "ratio": t.ratio,
+                "max_abs": dev.max_abs if dev else None,
+                "mean_abs": dev.mean_abs if dev else None,
+                "cosine": dev.cosine if dev else None,
+                "top1": dev.top1_agreement if dev else None,
+                "nodes": sum(info.optimized_nodes.values()),
+                "batchnorms": info.batchnorms,
+                "file_size": info.file_size,
+            }
+        )
+    return rows
+
+
+def comparison_header(comparison: Comparison) -> str:
+    return (
+        f"onnxruntime {comparison.onnxruntime} on {comparison.provider.upper()} ({comparison.device}), "
+        f"{comparison.created}; ratios and deviations against '{comparison.reference}'"
+    )
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    table = Table(title=comparison_header(comparison), title_justify="left")
+    columns = (
+        "variant",
+        "batch",
+        "mean ms",
+        "p50",
+        "p90",
+        "p99",
+        "samples/s",
+        "ratio",
+        "max |Δ|",
+        "cosine",
+        "top-1",
+        "nodes (BN)",
+        "size",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in _rows(comparison):
+        table.add_row(
+            r["variant"],
+            str(r["batch"]),
+            f"{r['mean_ms']:.3f}",
+            f"{r['p50_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"{r['p99_ms']:.3f}",
+            f"{r['throughput']:,.0f}",
+            f"{r['ratio']:.2f}×",
+            f"{r['max_abs']:.2e}" if r["max_abs"] is not None else "—",
+            f"{r['cosine']:.6f}" if r["cosine"] is not None else "—",
+            _top1(_deviation_of(comparison, r["variant"])),
+            f"{r['nodes']} ({r['batchnorms']})",
+            f"{r['file_size'] / 1e6:.2f} MB",
+        )
+    return table
+
+
+def comparison_ops_lines(comparison: Comparison) -> list[str]:
+    return [f"{v.name}: {_ops_summary(v, 6)}" for v in comparison.variants]
+
+
+def comparison_csv(comparison: Comparison) -> str:
+    rows = _rows(comparison)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["variant"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    lines = ["# Placement variants under onnxruntime", "", comparison_header(comparison), ""]
+    lines += [
+        "| variant | batch | mean ms | p50 | p90 | p99 | samples/s | ratio | max abs dev | cosine | top-1 | nodes (BN) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in _rows(comparison):
+        top1 = _top1(_deviation_of(comparison, r["variant"]))
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {r['mean_ms']:.3f} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} | {r['throughput']:,.0f} | {r['ratio']:.2f}× | {r['max_abs']:.2e} | "
+            f"{r['cosine']:.6f} | {top1} | {r['nodes']} ({r['batchnorms']}) |"
+        )
+    lines += ["", "Nodes after onnxruntime's optimisations:", ""]
+    lines += [
+        f"- **{v.name}** ({v.file_size / 1e6:.2f} MB): {_ops_summary(v, 8)}" for v in comparison.variants
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_json(comparison: Comparison) -> str:
+    return json.dumps(comparison.to_dict(), indent=2) + "\n"
+
+
+def require_matplotlib() -> None:
+    """Fail early (before any work) when a plot is asked for and matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BnmoveError("--plot needs matplotlib: pip install 'bnmove[plot]'") from None
+
+
+def comparison_plot(comparison: Comparison, path: Path) -> None:
+    """Latency vs batch size per variant (needs matplotlib: ``pip install bnmove[plot]``)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
+    for info in comparison.variants:
+        timings = sorted(
+            (t for t in comparison.timings if t.variant == info.name), key=lambda t: t.batch_size
+        )
+        sizes = [t.batch_size for t in timings]
+        ax_lat.plot(sizes, [t.p50_ms for t in timings], marker="o", label=info.name)
+        ax_lat.fill_between(sizes, [t.p50_ms for t in timings], [t.p90_ms for t in timings], alpha=0.15)
+        ax_thr.plot(sizes, [t.throughput for t in timings], marker="o", label=info.name)
+    sizes = sorted({t.batch_size for t in comparison.timings})
+    for ax, label in ((ax_lat, "latency p50 (ms), band to p90"), (ax_thr, "throughput (samples/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(
+        f"{comparison.provider.upper()} · {comparison.device} · onnxruntime {comparison.onnxruntime}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# -- export (bnmove export) ------------------------------------------------------------------
+
+
+def export_table(manifest: dict[str, Any]) -> Table:
+    table = Table(title="Exported variants", title_justify="left")
+    for column in (
+        "variant",
+        "file",
+        "moves (exact/swap)",
+        "BN nodes",
+        "standalone BNs",
+        "ORT vs torch",
+        "size",
+    ):
+        table.add_column(column, justify="left" if column in ("variant", "file") else "right")
+    for name, v in manifest.get("variants", {}).items():
+        standalone = v.get("standalone_bns")
+        table.add_row(
+            name,
+            v["file"],
+            f"{v['moved']} ({v['moved_exact']}/{v['moved_swap']})",
+            str(v["batchnorm_nodes"]),
+            "—" if standalone is None else str(len(standalone)),
+            f"{v['onnxruntime_vs_torch_max_abs_error']:.1e}",
+            f"{v['file_size'] / 1e6:.2f} MB",
+        )
+    return table

@@ -191,11 +191,12 @@ def _set_weight_bias(layer: nn.Conv1d | nn.Linear, weight: torch.Tensor, bias: t
             layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
-def _fold(root: nn.Module, site: Site, fold: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> _BatchNorm:
-    """Fold the site's BN into its neighbour with ``fold`` (``bn_math.fold_into_*``); returns the old BN."""
-    assert site.neighbour_node is not None
-    bn = _batchnorm(root, str(site.bn_node.target))
-    layer = _affine_layer(root, str(site.neighbour_node.target))
+def fold_bn(
+    root: nn.Module, bn_name: str, layer_name: str, fold: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+) -> _BatchNorm:
+    """Fold BN ``bn_name`` into layer ``layer_name`` with ``fold`` (``bn_math.fold_into_*``); returns the BN."""
+    bn = _batchnorm(root, bn_name)
+    layer = _affine_layer(root, layer_name)
     a, b = _bn_affine_of(bn)
     transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     device = layer.weight.device
@@ -218,7 +219,8 @@ def exact_before_to_after(root: nn.Module, site: Site) -> list[str]:
     """``L -> BN -> f`` becomes ``L' -> f -> BN'`` with identical eval outputs."""
     assert site.act_node is not None
     notes: list[str] = []
-    bn = _fold(root, site, bn_math.fold_into_preceding)
+    assert site.neighbour_node is not None
+    bn = fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), bn_math.fold_into_preceding)
     # The old BN's train-mode output is N(beta, gamma^2) per channel: f of that is what BN' will see.
     gamma, beta = _gamma_beta(bn)
     f = activation_function(root, site.act_node)
@@ -236,7 +238,8 @@ def exact_after_to_before(root: nn.Module, site: Site) -> list[str]:
     """``f -> BN -> N`` becomes ``BN' -> f -> N'`` with identical eval outputs."""
     assert site.act_node is not None
     notes: list[str] = []
-    bn = _fold(root, site, bn_math.fold_into_following)
+    assert site.neighbour_node is not None
+    bn = fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), bn_math.fold_into_following)
     assert bn.running_mean is not None and bn.running_var is not None
     # BN' sits where f's input is: find the Gaussian whose image under f has the old BN's statistics.
     f = activation_function(root, site.act_node)

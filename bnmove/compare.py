@@ -1,0 +1,478 @@
+"""Compare exported variants under onnxruntime: speed, output deviation, surviving nodes.
+
+Variants are timed interleaved, round by round (and in rotating order), so
+machine drift hits all of them alike. On CUDA and TensorRT inputs and outputs
+are bound on the device (I/O binding), so timings measure inference rather
+than host-device copies. Node counts are taken from the graph *after*
+onnxruntime's optimisations, which shows which BatchNorms survived fusion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import platform
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .errors import BnmoveError
+
+PROVIDERS: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def _ort() -> Any:
+    import onnxruntime as ort
+
+    return ort
+
+
+@contextlib.contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """onnxruntime's C++ side prints library-load errors straight to fd 2; hide them while probing."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real fd 2 (e.g. some test runners): nothing to hide
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _nvidia_driver_present() -> bool:
+    name = ctypes.util.find_library("cuda") or "libcuda.so.1"
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def _preload_torch_cuda_libraries() -> None:
+    """With a CUDA build of torch installed, let onnxruntime reuse its CUDA/cuDNN libraries."""
+    ort = _ort()
+    try:
+        import torch
+
+        if torch.version.cuda and hasattr(ort, "preload_dlls"):
+            with _silenced_stderr():
+                ort.preload_dlls()
+    except Exception:  # best effort: onnxruntime may still find system libraries
+        pass
+
+
+def _probe_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Add", ["x", "x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+_WORKS: dict[str, bool] = {}
+
+
+def provider_works(name: str) -> bool:
+    """Whether onnxruntime can really run on ``name`` ("tensorrt", "cuda", "cpu") here."""
+    if name == "cpu":
+        return True
+    if name in _WORKS:
+        return _WORKS[name]
+    ort = _ort()
+    works = False
+    if PROVIDERS[name] in ort.get_available_providers() and _nvidia_driver_present():
+        _preload_torch_cuda_libraries()
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        try:
+            with _silenced_stderr():
+                session = ort.InferenceSession(
+                    _probe_model(), options, providers=[PROVIDERS[name], "CPUExecutionProvider"]
+                )
+                session.run(None, {"x": np.ones(1, np.float32)})
+            works = session.get_providers()[0] == PROVIDERS[name]
+        except Exception:
+            works = False
+    _WORKS[name] = works
+    return works
+
+
+def select_provider(requested: str = "auto") -> str:
+    """``auto`` -> the best that works here (TensorRT, CUDA, CPU); an unavailable explicit choice is an error."""
+    if requested == "auto":
+        for name in ("tensorrt", "cuda", "cpu"):
+            if provider_works(name):
+                return name
+    if requested not in PROVIDERS:
+        raise BnmoveError(f"unknown provider {requested!r}; choose auto, {', '.join(PROVIDERS)}")
+    if not provider_works(requested):
+        available = [n for n in PROVIDERS if provider_works(n)]
+        raise BnmoveError(
+            f"provider {requested!r} is not available here (onnxruntime "
+            f"{_ort().__version__}); available: {', '.join(available)}"
+        )
+    return requested
+
+
+def _device_name(provider: str) -> str:
+    if provider != "cpu":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return str(torch.cuda.get_device_name(0))
+        except Exception:
+            pass
+        return "NVIDIA GPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class Timing:
+    variant: str
+    batch_size: int
+    runs: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float  # samples per second
+    ratio: float  # mean latency / reference's mean latency at this batch size
+
+
+@dataclass(frozen=True)
+class OutputDeviation:
+    variant: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    #: fraction of samples whose argmax agrees with the reference (class-score outputs only)
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    name: str
+    path: str
+    file_size: int
+    #: node counts by op type after onnxruntime's optimisations on the chosen provider
+    optimized_nodes: dict[str, int]
+
+    @property
+    def batchnorms(self) -> int:
+        return sum(v for k, v in self.optimized_nodes.items() if k.endswith("BatchNormalization"))
+
+
+@dataclass
+class Comparison:
+    provider: str
+    device: str
+    onnxruntime: str
+    created: str
+    reference: str
+    variants: list[VariantInfo]
+    timings: list[Timing]
+    deviations: list[OutputDeviation]
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def timing(self, variant: str, batch_size: int) -> Timing:
+        return next(t for t in self.timings if t.variant == variant and t.batch_size == batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "device": self.device,
+            "onnxruntime": self.onnxruntime,
+            "created": self.created,
+            "reference": self.reference,
+            "batch_sizes": self.batch_sizes,
+            "variants": [{**asdict(v), "batchnorms_after_optimization": v.batchnorms} for v in self.variants],
+            "timings": [asdict(t) for t in self.timings],
+            "deviations": [asdict(d) for d in self.deviations],
+        }
+
+
+def collect_paths(items: Sequence[str | Path]) -> dict[str, Path]:
+    """Variant name -> file, from files and folders (``<stem>.<variant>.onnx``)."""
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.onnx") if not p.name.startswith("."))
+            if not found:
+                raise BnmoveError(f"{path}: no .onnx files in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise BnmoveError(f"{path}: no such file or folder")
+    named: dict[str, Path] = {}
+    for path in files:
+        stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+        name = stem.rsplit(".", 1)[-1] if "." in stem else stem
+        if name in named:
+            name = stem
+        named[name] = path
+    order = {"original": 0, "before": 1, "after": 2}
+    return dict(sorted(named.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
+
+
+def _label(node: onnx.NodeProto) -> str:
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type
+    return f"{node.domain.rsplit('.', 1)[-1]}.{node.op_type}"
+
+
+class _Runner:
+    """One variant's session, with device-bound I/O on GPU providers."""
+
+    def __init__(self, path: Path, provider: str, tmp: Path) -> None:
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        optimized = tmp / f"{path.stem}.optimized.onnx"
+        options.optimized_model_filepath = str(optimized)
+        try:
+            with _silenced_stderr() if provider != "cpu" else contextlib.nullcontext():
+                self.session = ort.InferenceSession(str(path), options, providers=[PROVIDERS[provider]])
+        except Exception as exc:
+            raise BnmoveError(
+                f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})"
+            ) from exc
+        self.on_device = provider != "cpu"
+        self.optimized_nodes: dict[str, int] = {}
+        if optimized.exists():
+            proto = onnx.load(str(optimized), load_external_data=False)
+            self.optimized_nodes = dict(Counter(_label(n) for n in proto.graph.node).most_common())
+        self.inputs = self.session.get_inputs()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._binding: Any = None
+
+    def feeds(self, batch: int, seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        arrays = []
+        for spec in self.inputs:
+            shape = []
+            for i, dim in enumerate(spec.shape):
+                if isinstance(dim, int):
+                    shape.append(dim)
+                elif i == 0:
+                    shape.append(batch)
+                else:
+                    raise BnmoveError(f"input {spec.name} has a dynamic dimension {dim!r} besides the batch")
+            dtype = _DTYPES.get(spec.type)
+            if dtype is None:
+                raise BnmoveError(f"input {spec.name} has type {spec.type}, which compare cannot generate")
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+        return arrays
+
+    def static_batch(self) -> int | None:
+        first = self.inputs[0].shape[0] if self.inputs[0].shape else None
+        return first if isinstance(first, int) else None
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        result: list[np.ndarray] = self.session.run(
+            None, {s.name: a for s, a in zip(self.inputs, arrays, strict=True)}
+        )
+        return result
+
+    def bind(self, arrays: list[np.ndarray]) -> None:
+        """Put inputs on the device once; outputs are allocated there too."""
+        if not self.on_device:
+            self._arrays = arrays
+            return
+        ort = _ort()
+        binding = self.session.io_binding()
+        for spec, array in zip(self.inputs, arrays, strict=True):
+            binding.bind_ortvalue_input(spec.name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", 0)
+        self._binding = binding
+
+    def timed_run(self) -> float:
+        if self._binding is not None:
+            start = time.perf_counter()
+            self.session.run_with_iobinding(self._binding)
+            return time.perf_counter() - start
+        feeds = {s.name: a for s, a in zip(self.inputs, self._arrays, strict=True)}
+        start = time.perf_counter()
+        self.session.run(None, feeds)
+        return time.perf_counter() - start
+
+
+def _deviation(name: str, got: list[np.ndarray], want: list[np.ndarray]) -> OutputDeviation:
+    g = np.concatenate([x.astype(np.float64).ravel() for x in got])
+    w = np.concatenate([x.astype(np.float64).ravel() for x in want])
+    diff = np.abs(g - w)
+    norm = float(np.linalg.norm(g) * np.linalg.norm(w))
+    cosine = float(np.dot(g, w) / norm) if norm > 0 else (1.0 if np.array_equal(g, w) else 0.0)
+    top1 = None
+    if want[0].ndim == 2 and want[0].shape[1] > 1:
+        top1 = float(np.mean(got[0].argmax(1) == want[0].argmax(1)))
+    return OutputDeviation(
+        name,
+        float(diff.max()) if diff.size else 0.0,
+        float(diff.mean()) if diff.size else 0.0,
+        min(cosine, 1.0),
+        top1,
+    )
+
+
+def compare(
+    paths: Sequence[str | Path] | dict[str, Path],
+    *,
+    provider: str = "auto",
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    warmup: int = 5,
+    iterations: int | None = 50,
+    seconds: float | None = None,
+    reference: str | None = None,
+    on_step: Any = None,
+) -> Comparison:
+    """Time and compare ONNX variants under onnxruntime.
+
+    Args:
+        paths: ``.onnx`` files or folders of them (as written by :func:`export_variants`),
+            or a ``{variant: path}`` mapping.
+        provider: ``"auto"`` (TensorRT, then CUDA, then CPU: the first that works),
+            or one of ``"tensorrt"``, ``"cuda"``, ``"cpu"``.
+        batch_sizes: batch sizes to time (a model exported with a static batch is
+            timed at its own batch only).
+        warmup: untimed runs per variant and batch size.
+        iterations: timed rounds per batch size (each round runs every variant once).
+        seconds: instead of ``iterations``, time rounds for this long per batch size.
+        reference: the variant ratios and deviations refer to (default ``original``, else the first).
+        on_step: called with a short description before each step (progress).
+
+    Returns:
+        A :class:`Comparison` (``to_dict()`` for JSON; ``bnmove.report`` renders it).
+    """
+    named = dict(paths) if isinstance(paths, dict) else collect_paths(paths)
+    if not named:
+        raise BnmoveError("nothing to compare: no .onnx files given")
+    if any(b <= 0 for b in batch_sizes) or not batch_sizes:
+        raise BnmoveError("batch sizes must be positive integers")
+    if (iterations is None) == (seconds is None):
+        raise BnmoveError("give either iterations or seconds")
+    if iterations is not None and iterations < 1:
+        raise BnmoveError("iterations must be at least 1")
+    chosen = select_provider(provider)
+    ref = reference or ("original" if "original" in named else next(iter(named)))
+    if ref not in named:
+        raise BnmoveError(f"reference variant {ref!r} is not among {', '.join(named)}")
+    step = on_step or (lambda _text: None)
+    with tempfile.TemporaryDirectory(prefix="bnmove-compare-") as tmp:
+        runners: dict[str, _Runner] = {}
+        for name, path in named.items():
+            step(f"loading {name}")
+            runners[name] = _Runner(path, chosen, Path(tmp))
+        signature = [(i.shape[1:], i.type) for i in runners[ref].inputs]
+        for name, runner in runners.items():
+            if [(i.shape[1:], i.type) for i in runner.inputs] != signature:
+                raise BnmoveError(f"variant {name} takes different inputs than {ref}")
+        statics = {r.static_batch() for r in runners.values()}
+        sizes = list(batch_sizes)
+        if statics != {None}:
+            fixed = {s for s in statics if s is not None}
+            if len(fixed) > 1 or None in statics:
+                raise BnmoveError("variants mix static and dynamic or different static batch sizes")
+            sizes = [fixed.pop()]
+
+        step("comparing outputs")
+        deviation_batch = max(sizes)
+        arrays = runners[ref].feeds(deviation_batch, seed=0)
+        want = runners[ref].run(arrays)
+        deviations = [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
+
+        timings: list[Timing] = []
+        order = list(runners)
+        for batch in sizes:
+            step(f"timing batch {batch}")
+            arrays = runners[ref].feeds(batch, seed=batch)
+            for runner in runners.values():
+                runner.bind(arrays)
+                for _ in range(warmup):
+                    runner.timed_run()
+            samples: dict[str, list[float]] = {n: [] for n in order}
+            deadline = time.perf_counter() + seconds if seconds is not None else None
+            rounds = 0
+            while True:
+                if iterations is not None and rounds >= iterations:
+                    break
+                if deadline is not None and rounds >= 3 and time.perf_counter() >= deadline:
+                    break
+                shift = rounds % len(order)
+                for name in order[shift:] + order[:shift]:
+                    samples[name].append(runners[name].timed_run())
+                rounds += 1
+            ref_mean = float(np.mean(samples[ref]))
+            for name in order:
+                ms = np.asarray(samples[name]) * 1000.0
+                mean = float(ms.mean())
+                timings.append(
+                    Timing(
+                        variant=name,
+                        batch_size=batch,
+                        runs=len(ms),
+                        mean_ms=mean,
+                        p50_ms=float(np.percentile(ms, 50)),
+                        p90_ms=float(np.percentile(ms, 90)),
+                        p99_ms=float(np.percentile(ms, 99)),
+                        throughput=batch / (mean / 1000.0),
+                        ratio=mean / (ref_mean * 1000.0),
+                    )
+                )
+        variants = [
+            VariantInfo(name, str(named[name]), named[name].stat().st_size, runners[name].optimized_nodes)
+            for name in order
+        ]
+    return Comparison(
+        provider=chosen,
+        device=_device_name(chosen),
+        onnxruntime=_ort().__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        reference=ref,
+        variants=variants,
+        timings=timings,
+        deviations=deviations,
+        batch_sizes=sizes,
+    )

@@ -1,0 +1,268 @@
+"""Export placement variants to ONNX, check each one, and write a manifest.
+
+Each variant (``original``, ``before``, ``after``) is exported with the
+torch.export-based exporter (``torch.onnx.export(..., dynamo=True)``), passes
+``onnx.checker``, and must give onnxruntime outputs that match PyTorch's for the
+same variant; the error goes in ``manifest.json``. Files land in the output
+folder only once every variant succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ._clone import clone_module
+from .conversion import convert
+from .errors import BnmoveError
+from .folding import fold_forward
+from .verify import eval_mode, output_tensors, run_model
+
+log = logging.getLogger(__name__)
+
+VARIANTS: tuple[str, ...] = ("original", "before", "after")
+MANIFEST = "manifest.json"
+DEFAULT_OPSET = 18
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter prints progress and warnings; a library should not."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _shape(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_param if d.dim_param else int(d.dim_value) for d in dims]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+) -> None:
+    """Export ``model`` (in eval mode) to ``path`` with the torch.export-based exporter."""
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+        # torch.export specialises size-1 dimensions, so a batch of 1 cannot stay dynamic.
+        example_inputs = [x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x for x in example_inputs]
+    with eval_mode(model), _quiet():
+        try:
+            program = torch.onnx.export(
+                model,
+                tuple(example_inputs),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BnmoveError(f"ONNX export failed: {first[:300]}") from exc
+        assert program is not None
+        program.save(str(path))
+
+
+def check_against_torch(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Path
+) -> tuple[float, float]:
+    """``onnx.checker`` the file and return (max abs error, max |torch output|) vs PyTorch on CPU."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise BnmoveError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    with eval_mode(model):
+        want = [t.detach().float().cpu().numpy() for t in output_tensors(run_model(model, example_inputs))]
+    session = _ort_session(path)
+    feeds = {
+        i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example_inputs, strict=True)
+    }
+    got = session.run(None, feeds)
+    if len(got) != len(want):
+        raise BnmoveError(f"{path.name}: onnxruntime gives {len(got)} outputs, PyTorch {len(want)}")
+    err = max(
+        (float(np.abs(g.astype(np.float64) - w).max()) if w.size else 0.0)
+        for g, w in zip(got, want, strict=True)
+    )
+    scale = max((float(np.abs(w).max()) if w.size else 0.0) for w in want)
+    return err, scale
+
+
+def _variant_model(
+    model: nn.Module, variant: str, method: str, inputs: Sequence[torch.Tensor]
+) -> tuple[nn.Module, dict[str, Any]]:
+    if variant == "original":
+        return clone_module(model), {"moves": [], "moved": 0, "moved_exact": 0, "moved_swap": 0}
+    result = convert(model, variant, method=method, example_inputs=inputs)
+    info = result.to_dict()
+    return result.model, {
+        "moves": [
+            {"bn": m["pair"]["bn"], "activation": m["pair"]["activation"], "method": m["method"]}
+            for m in info["moves"]
+            if m["moved"]
+        ],
+        "moved": info["moved"],
+        "moved_exact": info["moved_exact"],
+        "moved_swap": info["moved_swap"],
+        "conversion_verification": info["verification"],
+    }
+
+
+def export_variants(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    out_dir: str | Path,
+    placements: Sequence[str] = VARIANTS,
+    *,
+    method: str = "auto",
+    opset: int = DEFAULT_OPSET,
+    static_batch: bool = False,
+    fold_forward_bns: bool = False,
+    stem: str = "model",
+    force: bool = False,
+    tolerance: float = 1e-4,
+    on_variant: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """Export each placement variant of ``model`` to ``out_dir/<stem>.<variant>.onnx``.
+
+    Args:
+        model: the model; it is not modified.
+        example_inputs: inputs for export and for checking onnxruntime against PyTorch.
+        out_dir: created if missing; existing variant files need ``force``.
+        placements: any of ``"original"``, ``"before"``, ``"after"``.
+        method: conversion method for the moved variants (see :func:`bnmove.convert`).
+        opset: ONNX opset.
+        static_batch: fix the batch dimension (dynamic by default).
+        fold_forward_bns: fold BNs that follow their activation into the next layer where exact.
+        tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
+        on_variant: called with each variant's name before it is exported (progress).
+
+    Returns:
+        ``{variant: path}``; ``out_dir/manifest.json`` describes every file.
+    """
+    unknown = [p for p in placements if p not in VARIANTS]
+    if unknown or not placements:
+        raise BnmoveError(
+            f"unknown variant {unknown[0] if unknown else '(none)'}; choose from {', '.join(VARIANTS)}"
+        )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BnmoveError(f"{out}: exists and is not a folder")
+    if not out.parent.exists():
+        raise BnmoveError(f"{out}: folder {out.parent} does not exist")
+    targets = {v: out / f"{stem}.{v}.onnx" for v in placements}
+    clash = [p for p in (*targets.values(), out / MANIFEST) if p.exists()]
+    if clash and not force:
+        raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
+    inputs = tuple(example_inputs)
+    entries: dict[str, Any] = {}
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bnmove-export-", dir=out) as tmp:
+        staged: dict[str, Path] = {}
+        for variant in placements:
+            if on_variant is not None:
+                on_variant(variant)
+            variant_model, entry = _variant_model(model, variant, method, inputs)
+            if fold_forward_bns:
+                folding = fold_forward(variant_model)
+                variant_model = folding.model
+                entry["bns"] = [b.to_dict() for b in folding.bns]
+                entry["standalone_bns"] = [b.to_dict() for b in folding.standalone]
+            path = Path(tmp) / targets[variant].name
+            export_onnx(variant_model, inputs, path, opset=opset, dynamic_batch=not static_batch)
+            err, scale = check_against_torch(variant_model, inputs, path)
+            if err > tolerance * max(scale, 1.0):
+                raise BnmoveError(
+                    f"{variant}: onnxruntime output differs from PyTorch by {err:.3g} "
+                    f"(tolerance {tolerance:g} x {max(scale, 1.0):.3g})"
+                )
+            proto = onnx.load(str(path), load_external_data=False)
+            entry.update(
+                file=targets[variant].name,
+                opset=opset,
+                inputs=[{"name": i.name, "shape": _shape(i)} for i in proto.graph.input],
+                outputs=[{"name": o.name, "shape": _shape(o)} for o in proto.graph.output],
+                batch="static" if static_batch else "dynamic",
+                file_size=path.stat().st_size,
+                sha256=_sha256(path),
+                onnxruntime_vs_torch_max_abs_error=err,
+                batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
+            )
+            entries[variant] = entry
+            staged[variant] = path
+        manifest = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "method": method,
+            "fold_forward": fold_forward_bns,
+            "example_input_shapes": [list(x.shape) for x in inputs],
+            "variants": entries,
+        }
+        manifest_tmp = Path(tmp) / MANIFEST
+        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        for variant, path in staged.items():
+            os.replace(path, targets[variant])
+        os.replace(manifest_tmp, out / MANIFEST)
+    return targets
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data

@@ -1,0 +1,119 @@
+"""Deployment folding: fold BNs that sit after their activation forward into the next layer.
+
+A BN right after a Conv/Linear is fused into it by the exporter and by
+onnxruntime. Nothing fuses a BN that follows an activation: on CUDA it stays a
+separate memory-bound kernel. Where its only user is a Linear, an unpadded Conv
+or a pointwise ConvTranspose, ``N(BN(z)) = N'(z)`` exactly (``bn_math``), so the
+BN can disappear from the deployed graph. The result is for inference: the
+folded BN no longer normalises in train mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from . import bn_math
+from ._clone import clone_module
+from .detect import absorbing_layer, forward_fold_blocker, in_channels, out_channels
+from .patterns import is_batchnorm_module, is_plain_batchnorm
+from .rewrite import fold_bn
+from .tracing import set_submodule, trace_regions
+
+
+@dataclass(frozen=True)
+class BnFate:
+    """What happened to one BatchNorm in the deployed graph."""
+
+    bn: str
+    #: "folded-forward", "fused-backward" (by the exporter/runtime) or "standalone"
+    fate: str
+    into: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Folding:
+    model: nn.Module
+    bns: list[BnFate]
+
+    @property
+    def standalone(self) -> list[BnFate]:
+        return [b for b in self.bns if b.fate == "standalone"]
+
+
+def _qual(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _fate(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str) -> BnFate:
+    name = _qual(prefix, str(node.target))
+    module = modules[str(node.target)]
+    if not is_plain_batchnorm(module) or module.running_mean is None:  # type: ignore[union-attr]
+        return BnFate(name, "standalone", reason="not a plain BatchNorm with running statistics")
+    if calls[str(node.target)] > 1:
+        return BnFate(name, "standalone", reason="called at several places")
+    source = node.args[0]
+    if isinstance(source, fx.Node) and len(source.users) == 1:
+        layer = absorbing_layer(source, modules)
+        if layer is not None and out_channels(layer) == module.num_features:  # type: ignore[union-attr]
+            return BnFate(name, "fused-backward", into=_qual(prefix, str(source.target)))
+    users = list(node.users)
+    target = users[0] if len(users) == 1 else None
+    layer = absorbing_layer(target, modules) if target is not None else None
+    if target is None or layer is None:
+        feeds = ", ".join(str(u.target) if u.op == "call_module" else u.name for u in users) or "nothing"
+        return BnFate(name, "standalone", reason=f"no single Conv/Linear after it (feeds {feeds})")
+    if calls[str(target.target)] > 1:
+        return BnFate(name, "standalone", reason=f"{target.target} is called at several places")
+    if in_channels(layer) != module.num_features:  # type: ignore[union-attr]
+        return BnFate(name, "standalone", reason=f"{target.target} input channels do not match")
+    blocked = forward_fold_blocker(layer)
+    if blocked:
+        return BnFate(name, "standalone", reason=f"{target.target}: {blocked}")
+    return BnFate(name, "folded-forward", into=_qual(prefix, str(target.target)))
+
+
+def fold_forward(model: nn.Module) -> Folding:
+    """Fold every BN that cannot be fused backward into the layer after it, where exact.
+
+    Returns a copy of ``model`` and the fate of each BatchNorm.
+    """
+    work = clone_module(model)
+    traced = trace_regions(work)
+    fates: list[BnFate] = []
+    converted: nn.Module = work
+    for prefix, region in traced.regions.items():
+        modules = dict(region.root.named_modules())
+        calls: dict[str, int] = {}
+        for node in region.graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        changed = False
+        for node in list(region.graph.nodes):
+            if node.op != "call_module" or not is_batchnorm_module(
+                modules.get(str(node.target), nn.Identity())
+            ):
+                continue
+            fate = _fate(node, modules, calls, prefix)
+            fates.append(fate)
+            if fate.fate == "folded-forward":
+                (user,) = node.users
+                fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
+                node.replace_all_uses_with(node.args[0])
+                region.graph.erase_node(node)
+                changed = True
+        if changed:
+            region.graph.lint()
+            gm = region.graph_module()
+            gm.training = region.root.training
+            if prefix:
+                set_submodule(converted, prefix, gm)
+            else:
+                converted = gm
+    return Folding(converted, fates)
