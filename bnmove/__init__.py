@@ -4,13 +4,18 @@
 >>> pairs = bnmove.find_pairs(model)
 >>> result = bnmove.convert(model, "after", method="exact")
 >>> result.model, result.verification.max_abs_error
+>>> bnmove.export_variants(model, (x,), "variants/")
+>>> bnmove.compare(["variants/"], provider="auto")
 """
 
 from .conversion import Conversion, Move, convert
 from .detect import Detection, Pair, detect, find_pairs
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
+from .export import export_variants
+from .folding import Folding, fold_forward
 from .loading import LoadedModel, load_model
 from .patterns import ACTIVATION_KINDS
+from .runtime import Comparison, compare, select_provider
 from .verify import Deviation, compare_models, infer_example_inputs
 
 __version__ = "0.1.0"
@@ -18,9 +23,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATION_KINDS",
     "BnmoveError",
+    "Comparison",
     "Conversion",
     "Detection",
     "Deviation",
+    "Folding",
     "LoadError",
     "LoadedModel",
     "ModelRunError",
@@ -28,10 +35,14 @@ __all__ = [
     "Pair",
     "VerificationError",
     "__version__",
+    "compare",
     "compare_models",
     "convert",
     "detect",
+    "export_variants",
     "find_pairs",
+    "fold_forward",
     "infer_example_inputs",
     "load_model",
+    "select_provider",
 ]

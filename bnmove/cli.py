@@ -19,7 +19,6 @@ from rich.progress import Progress
 from . import __version__
 from ._atomic import atomic_path, check_output
 from .codegen import require_graph_module, write_code_folder
-from .compare import PROVIDERS, compare
 from .conversion import METHODS, convert
 from .detect import PLACEMENTS, detect
 from .errors import BnmoveError
@@ -40,6 +39,7 @@ from .report import (
     require_matplotlib,
     untraced_lines,
 )
+from .runtime import PROVIDERS, compare
 from .verify import infer_example_inputs, inputs_from_shapes, parse_input_shape
 
 _DEBUG_KEY = "bnmove.debug"

@@ -193,7 +193,7 @@ def export_variants(
     unknown = [p for p in placements if p not in VARIANTS]
     if unknown or not placements:
         raise BnmoveError(
-            f"unknown variant {unknown[0] if unknown else '(none)'}; choose from {', '.join(VARIANTS)}"
+            f"unknown variant {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
         )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -205,8 +205,42 @@ def export_variants(
     if clash and not force:
         raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
     inputs = tuple(example_inputs)
-    entries: dict[str, Any] = {}
+    created = not out.exists()
     out.mkdir(exist_ok=True)
+    try:
+        return _export_into(
+            model,
+            inputs,
+            out,
+            targets,
+            placements,
+            method,
+            opset,
+            static_batch,
+            fold_forward_bns,
+            tolerance,
+            on_variant,
+        )
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves nothing behind
+        raise
+
+
+def _export_into(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    out: Path,
+    targets: dict[str, Path],
+    placements: Sequence[str],
+    method: str,
+    opset: int,
+    static_batch: bool,
+    fold_forward_bns: bool,
+    tolerance: float,
+    on_variant: Callable[[str], None] | None,
+) -> dict[str, Path]:
+    entries: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=".bnmove-export-", dir=out) as tmp:
         staged: dict[str, Path] = {}
         for variant in placements:

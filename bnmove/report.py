@@ -13,10 +13,10 @@ from typing import Any
 from rich.table import Table
 
 from ._atomic import atomic_path
-from .compare import Comparison, OutputDeviation, VariantInfo
 from .conversion import Conversion
 from .detect import Pair
 from .errors import BnmoveError
+from .runtime import Comparison, OutputDeviation, VariantInfo
 from .tracing import Untraced
 
 

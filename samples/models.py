@@ -37,8 +37,37 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1x1 -> 3x3 -> 1x1 convs, each BN before ReLU (ResNet-50's block)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
 class ResNet(nn.Module):
-    """torchvision-style ResNet; ``blocks=(2, 2, 2, 2)`` is ResNet-18's layout."""
+    """torchvision-style ResNet: ``blocks=(2, 2, 2, 2)`` is ResNet-18's layout; with
+    ``bottleneck=True``, ``(3, 4, 6, 3)`` and ``stem_stride=2`` it is ResNet-50's."""
 
     def __init__(
         self,
@@ -46,26 +75,37 @@ class ResNet(nn.Module):
         width: int = 16,
         blocks: tuple[int, ...] = (2, 2, 2, 2),
         in_channels: int = 3,
+        bottleneck: bool = False,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        if stem_stride == 1:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        else:  # ImageNet stem: 7x7 stride 2, then max-pool (224 -> 56)
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stem_stride, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool: nn.Module = nn.MaxPool2d(3, 2, 1) if stem_stride != 1 else nn.Identity()
         layers: list[nn.Module] = []
         cin = width
         for i, n in enumerate(blocks):
-            cout = width * 2**i
-            stage = [BasicBlock(cin, cout, 1 if i == 0 else 2)] + [
-                BasicBlock(cout, cout) for _ in range(n - 1)
-            ]
+            planes = width * 2**i
+            stage: list[nn.Module] = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                if bottleneck:
+                    stage.append(Bottleneck(cin, planes, stride))
+                    cin = planes * Bottleneck.expansion
+                else:
+                    stage.append(BasicBlock(cin, planes, stride))
+                    cin = planes
             layers.append(nn.Sequential(*stage))
-            cin = cout
         self.layers = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        x = self.layers(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
@@ -180,9 +220,14 @@ def resnet(num_classes: int = 10, width: int = 16) -> ResNet:
     return ResNet(num_classes, width)
 
 
-def resnet50_sized(num_classes: int = 1000) -> ResNet:
-    """About ResNet-50's parameter count (~25M) with BasicBlocks: for deployment benchmarks."""
-    return ResNet(num_classes, width=80, blocks=(3, 4, 6, 3))
+def resnet50(num_classes: int = 1000) -> ResNet:
+    """ResNet-50's layout (Bottleneck blocks 3-4-6-3, ImageNet stem, 25.6M parameters)."""
+    return ResNet(num_classes, width=64, blocks=(3, 4, 6, 3), bottleneck=True, stem_stride=2)
+
+
+def bottleneck_resnet(num_classes: int = 10) -> ResNet:
+    """A small Bottleneck ResNet for CPU tests and benchmarks."""
+    return ResNet(num_classes, width=16, blocks=(1, 1, 1), bottleneck=True)
 
 
 def mobilenet(num_classes: int = 10) -> MobileNet:

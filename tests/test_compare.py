@@ -1,0 +1,158 @@
+"""compare() on the CPU provider, its report formats, and provider selection."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from zoo import build
+
+from bnmove import BnmoveError, report, runtime
+from bnmove import runtime as compare_module
+from bnmove.cli import main
+from bnmove.export import export_variants
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, inputs = build("resnet")
+    out = tmp_path_factory.mktemp("variants")
+    export_variants(model, inputs, out, stem="resnet", fold_forward_bns=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(variants: Path) -> compare_module.Comparison:
+    return runtime.compare([variants], provider="cpu", batch_sizes=(1, 4), warmup=1, iterations=5)
+
+
+def test_numbers_are_sane(result: compare_module.Comparison) -> None:
+    assert result.provider == "cpu" and result.reference == "original"
+    assert [v.name for v in result.variants] == ["original", "before", "after"]
+    assert len(result.timings) == 6
+    for t in result.timings:
+        assert t.runs == 5
+        assert 0 < t.p50_ms <= t.p90_ms <= t.p99_ms
+        assert t.mean_ms > 0 and t.throughput == pytest.approx(t.batch_size / (t.mean_ms / 1000))
+    assert all(t.ratio == 1.0 for t in result.timings if t.variant == "original")
+    devs = {d.variant: d for d in result.deviations}
+    assert devs["original"].max_abs == 0.0 and devs["original"].cosine == pytest.approx(1.0)
+    assert devs["original"].top1_agreement == 1.0
+    assert devs["after"].max_abs < 1e-4  # auto conversion of this model is exact
+    after = next(v for v in result.variants if v.name == "after")
+    original = next(v for v in result.variants if v.name == "original")
+    # On CPU the BNs after ReLU survive fusion as extra (1x1 depthwise) convs.
+    assert sum(after.optimized_nodes.values()) > sum(original.optimized_nodes.values())
+    assert after.file_size > 0
+
+
+def test_every_report_format(result: compare_module.Comparison, tmp_path: Path) -> None:
+    payload = json.loads(report.comparison_json(result))
+    assert payload["timings"][0]["variant"] == "original" and len(payload["deviations"]) == 3
+    rows = list(csv.DictReader(io.StringIO(report.comparison_csv(result))))
+    assert len(rows) == 6 and float(rows[0]["mean_ms"]) == pytest.approx(result.timings[0].mean_ms)
+    markdown = report.comparison_markdown(result)
+    assert markdown.count("\n| after |") == 2 and "onnxruntime" in markdown
+    plot = tmp_path / "plot.png"
+    report.comparison_plot(result, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unavailable_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compare_module, "_WORKS", {})
+    monkeypatch.setattr(compare_module, "_nvidia_driver_present", lambda: False)
+    assert compare_module.select_provider("auto") == "cpu"
+    for name in ("cuda", "tensorrt"):
+        with pytest.raises(BnmoveError, match=f"provider '{name}' is not available here"):
+            compare_module.select_provider(name)
+    with pytest.raises(BnmoveError, match="unknown provider"):
+        compare_module.select_provider("tpu")
+
+
+def test_auto_prefers_working_gpu_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    works = {"tensorrt": False, "cuda": True, "cpu": True}
+    monkeypatch.setattr(compare_module, "provider_works", lambda name: works[name])
+    assert compare_module.select_provider("auto") == "cuda"
+    works["tensorrt"] = True
+    assert compare_module.select_provider("auto") == "tensorrt"
+
+
+def test_bad_arguments(variants: Path, tmp_path: Path) -> None:
+    with pytest.raises(BnmoveError, match=r"no \.onnx files"):
+        runtime.compare([tmp_path], provider="cpu")
+    with pytest.raises(BnmoveError, match="batch sizes must be positive"):
+        runtime.compare([variants], provider="cpu", batch_sizes=(0,))
+    with pytest.raises(BnmoveError, match="reference variant 'nope'"):
+        runtime.compare([variants], provider="cpu", reference="nope", iterations=1)
+
+
+def test_cli_export_then_compare(tmp_path: Path) -> None:
+    import torch
+
+    model, _ = build("resnet")
+    model_file = tmp_path / "net.pt"
+    torch.save(model, model_file)
+    out = tmp_path / "variants"
+    runner = CliRunner()
+    exported = runner.invoke(
+        main,
+        [
+            "export",
+            str(model_file),
+            "--allow-pickle",
+            "-o",
+            str(out),
+            "--placements",
+            "original,after",
+            "--input-shape",
+            "2,3,8,8",
+            "--fold-forward",
+        ],
+    )
+    assert exported.exit_code == 0, exported.output
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "net.after.onnx", "net.original.onnx"]
+    assert "next: bnmove compare" in exported.stdout
+    reports = {k: tmp_path / f"r.{k}" for k in ("json", "csv", "md", "png")}
+    compared = runner.invoke(
+        main,
+        [
+            "compare",
+            str(out),
+            "--provider",
+            "cpu",
+            "--batch-sizes",
+            "1,2",
+            "--iterations",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(reports["json"]),
+            "--csv",
+            str(reports["csv"]),
+            "--markdown",
+            str(reports["md"]),
+            "--plot",
+            str(reports["png"]),
+        ],
+    )
+    assert compared.exit_code == 0, compared.output
+    assert "original" in compared.stdout and "after" in compared.stdout and "samples/s" in compared.stdout
+    assert all(p.stat().st_size > 0 for p in reports.values())
+    again = runner.invoke(
+        main, ["compare", str(out), "--provider", "cpu", "--iterations", "1", "--json", str(reports["json"])]
+    )
+    assert again.exit_code == 1 and "already exists; pass --force" in again.stderr
+    stdout_json = runner.invoke(
+        main,
+        ["compare", str(out), "--provider", "cpu", "--iterations", "2", "--batch-sizes", "1", "--json", "-"],
+    )
+    assert json.loads(stdout_json.stdout)["provider"] == "cpu"
+    bad = runner.invoke(main, ["compare", str(out), "--provider", "cuda"])
+    assert bad.exit_code == 1 and "provider 'cuda' is not available" in bad.stderr
+    both = runner.invoke(main, ["compare", str(out), "--iterations", "2", "--seconds", "1"])
+    assert both.exit_code == 2

@@ -1,0 +1,90 @@
+"""Export of placement variants: checker, onnxruntime agreement, manifest, fold-forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import outputs_of
+from zoo import build
+
+import bnmove
+from bnmove.export import export_variants
+
+
+def _run(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp", "nested"])
+def test_export_all_variants(name: str, tmp_path: Path) -> None:
+    model, inputs = build(name)
+    paths = export_variants(model, inputs, tmp_path / "out", stem=name)
+    assert set(paths) == {"original", "before", "after"}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    x = torch.cat([inputs[0], inputs[0] * 0.5, -inputs[0]])  # another batch size: the batch is dynamic
+    for variant, path in paths.items():
+        assert path.name == f"{name}.{variant}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        entry = manifest["variants"][variant]
+        assert entry["onnxruntime_vs_torch_max_abs_error"] < 1e-4
+        assert entry["inputs"][0]["shape"][0] == "batch"
+        assert entry["file_size"] == path.stat().st_size and len(entry["sha256"]) == 64
+        torch_model = (
+            model if variant == "original" else bnmove.convert(model, variant, example_inputs=inputs).model
+        )
+        np.testing.assert_allclose(_run(path, x), outputs_of(torch_model, (x,)).numpy(), atol=1e-4, rtol=1e-4)
+    moved = manifest["variants"]["after"]["moved"]
+    assert moved == sum(1 for p in bnmove.find_pairs(model) if p.placement == "before" and p.movable)
+
+
+def test_fold_forward_removes_foldable_batchnorms(tmp_path: Path) -> None:
+    model, inputs = build("mlp")
+    plain = export_variants(model, inputs, tmp_path / "plain", ["after"])
+    folded = export_variants(model, inputs, tmp_path / "folded", ["after"], fold_forward_bns=True)
+    count = lambda p: sum(n.op_type == "BatchNormalization" for n in onnx.load(str(p)).graph.node)  # noqa: E731
+    assert count(plain["after"]) == 2 and count(folded["after"]) == 0
+    manifest = json.loads((tmp_path / "folded" / "manifest.json").read_text())
+    assert manifest["variants"]["after"]["standalone_bns"] == []
+    x = inputs[0]
+    np.testing.assert_allclose(_run(folded["after"], x), _run(plain["after"], x), atol=1e-5, rtol=1e-5)
+    torch_out = bnmove.convert(model, "after", example_inputs=inputs).model
+    np.testing.assert_allclose(_run(folded["after"], x), outputs_of(torch_out, inputs).numpy(), atol=1e-5)
+
+
+def test_static_batch_and_refusals(tmp_path: Path) -> None:
+    model, inputs = build("mlp")
+    out = tmp_path / "static"
+    paths = export_variants(model, inputs, out, ["original"], static_batch=True)
+    shape = json.loads((out / "manifest.json").read_text())["variants"]["original"]["inputs"][0]["shape"]
+    assert shape == list(inputs[0].shape)
+    before = paths["original"].read_bytes()
+    with pytest.raises(bnmove.BnmoveError, match="already exists; pass --force"):
+        export_variants(model, inputs, out, ["original"])
+    with pytest.raises(bnmove.BnmoveError, match="unknown variant 'sideways'"):
+        export_variants(model, inputs, tmp_path / "x", ["sideways"])
+    assert paths["original"].read_bytes() == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnmove import export as export_module
+
+    model, inputs = build("mlp")
+    real = export_module.check_against_torch
+
+    def bad(model, inputs, path):  # type: ignore[no-untyped-def]
+        err, scale = real(model, inputs, path)
+        return (err + 1.0 if "after" in path.name else err), scale
+
+    monkeypatch.setattr(export_module, "check_against_torch", bad)
+    out = tmp_path / "out"
+    with pytest.raises(bnmove.BnmoveError, match="after: onnxruntime output differs"):
+        export_variants(model, inputs, out)
+    assert not out.exists()

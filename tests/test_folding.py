@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_outputs
+from torch import nn
+from zoo import build, randomize_bn
+
+import bnmove
+from bnmove.folding import fold_forward
+
+
+@pytest.mark.parametrize(
+    ("name", "folded", "standalone"),
+    [
+        ("mlp", {"bn1": "fc2", "bn2": "fc3"}, 0),
+        ("nested", {"stage.1.bn": "stage.1.proj"}, 2),
+        ("conv1d", {"bn2": "conv3"}, 1),
+    ],
+)
+def test_fold_forward_after_variant(name: str, folded: dict[str, str], standalone: int) -> None:
+    model, inputs = build(name)
+    after = bnmove.convert(model, "after", example_inputs=inputs).model
+    result = fold_forward(after)
+    assert {b.bn: b.into for b in result.bns if b.fate == "folded-forward"} == folded
+    assert len(result.standalone) == standalone
+    assert all(b.reason for b in result.standalone)
+    assert_same_outputs(after, result.model, inputs)
+    remaining = {n for n, m in result.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    called = {p.bn for p in bnmove.find_pairs(result.model)}
+    assert not (set(folded) & called) and set(folded).isdisjoint(remaining & called)
+
+
+def test_fold_forward_leaves_conv_bn_for_the_runtime() -> None:
+    model = randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    ).eval()
+    result = fold_forward(model)
+    assert [(b.bn, b.fate, b.into) for b in result.bns] == [("1", "fused-backward", "0")]
+    x = torch.randn(2, 3, 6, 6)
+    assert_same_outputs(model, result.model, (x,))
