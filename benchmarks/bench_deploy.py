@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnmove import compare, export_variants, report  # noqa: E402
-from samples.make_models import build_sample  # noqa: E402
-from samples.models import SAMPLES, bottleneck_resnet, mobilenet, resnet50  # noqa: E402
+from bnmove import compare, export_variants, report
+from samples.make_models import build_sample
+from samples.models import SAMPLES, bottleneck_resnet, mobilenet, resnet50
 
 MODELS = {
     "bottleneck_resnet": bottleneck_resnet,
