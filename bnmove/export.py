@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,15 @@ def _quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a chain, in one line: the exporter wraps the real cause in a banner."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
 
 def _ort_session(path: Path) -> Any:
@@ -107,8 +117,7 @@ def export_onnx(
                 verbose=False,
             )
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BnmoveError(f"ONNX export failed: {first[:300]}") from exc
+            raise BnmoveError(f"ONNX export failed: {_root_cause(exc)}") from exc
         assert program is not None
         program.save(str(path))
 

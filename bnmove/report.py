@@ -240,7 +240,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BnmoveError("--plot needs matplotlib: pip install 'bnmove[plot]'") from None
+        raise BnmoveError("--plot needs matplotlib: pip install matplotlib (or the bnmove[plot] extra)") from None
 
 
 def comparison_plot(comparison: Comparison, path: Path) -> None:

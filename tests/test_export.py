@@ -88,3 +88,17 @@ def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(bnmove.BnmoveError, match="after: onnxruntime output differs"):
         export_variants(model, inputs, out)
     assert not out.exists()
+
+
+def test_export_failure_names_the_root_cause(tmp_path: Path) -> None:
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.missing(self.fc(x))  # type: ignore[attr-defined]
+
+    with pytest.raises(bnmove.BnmoveError, match=r"ONNX export failed: AttributeError: .*'missing'"):
+        export_variants(Broken(), (torch.randn(2, 3),), tmp_path / "out", ["original"])
+    assert not (tmp_path / "out").exists()
