@@ -156,3 +156,23 @@ def test_cli_export_then_compare(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "provider 'cuda' is not available" in bad.stderr
     both = runner.invoke(main, ["compare", str(out), "--iterations", "2", "--seconds", "1"])
     assert both.exit_code == 2
+
+
+def test_probing_a_provider_that_fails_to_load_is_silent_and_false(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Pretend a driver is present: onnxruntime really tries CUDA here, fails, and says nothing."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider to probe")
+    monkeypatch.setattr(compare_module, "_WORKS", {})
+    monkeypatch.setattr(compare_module, "_nvidia_driver_present", lambda: True)
+    capfd.readouterr()
+    works = compare_module.provider_works("cuda")
+    out, err = capfd.readouterr()
+    import torch
+
+    assert works is torch.cuda.is_available()
+    if not works:
+        assert err == "" and out == ""

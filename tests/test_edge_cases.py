@@ -1,0 +1,108 @@
+"""Numerical edge cases of the BN itself, devices, and in-place forms after a move."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same_outputs, outputs_of
+from torch import nn
+
+import bnmove
+
+
+def _pair_model(bn: nn.BatchNorm2d, act: nn.Module | None = None) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bn, act or nn.GELU(), nn.Conv2d(4, 2, 1)).eval()
+
+
+def _set(bn: nn.BatchNorm2d, mean: float, var: float, gamma: list[float] | None = None, beta: float = 0.3) -> None:
+    with torch.no_grad():
+        bn.running_mean.fill_(mean)
+        bn.running_var.fill_(var)
+        if bn.affine:
+            bn.weight.copy_(torch.tensor(gamma or [1.0, -1.0, 0.5, 2.0]))
+            bn.bias.fill_(beta)
+
+
+EDGE: dict[str, Callable[[], nn.BatchNorm2d]] = {
+    "gamma-zero": lambda: nn.BatchNorm2d(4),
+    "negative-gamma": lambda: nn.BatchNorm2d(4),
+    "tiny-variance": lambda: nn.BatchNorm2d(4),
+    "eps-momentum": lambda: nn.BatchNorm2d(4, eps=0.1, momentum=0.9),
+    "momentum-none": lambda: nn.BatchNorm2d(4, momentum=None),
+    "affine-false": lambda: nn.BatchNorm2d(4, affine=False),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE))
+def test_exact_round_trip_on_edge_cases(case: str) -> None:
+    bn = EDGE[case]()
+    gamma = {"gamma-zero": [0.0, 1.0, 0.0, -2.0], "negative-gamma": [-1.0, -0.5, -3.0, -0.1]}.get(case)
+    _set(bn, mean=0.2, var=1e-9 if case == "tiny-variance" else 0.7, gamma=gamma)
+    model = _pair_model(bn)
+    x = torch.randn(2, 3, 5, 5)
+    after = bnmove.convert(model, "after", method="exact", example_inputs=(x,))
+    assert len(after.moved) == 1
+    assert_same_outputs(model, after.model, (x,), rtol=2e-4)
+    new_bn = after.model.get_submodule("1")
+    assert new_bn.eps == bn.eps and new_bn.momentum == bn.momentum and new_bn.affine
+    assert torch.isfinite(new_bn.running_var).all() and (new_bn.running_var >= 0).all()
+    back = bnmove.convert(after.model, "before", method="exact", example_inputs=(x,))
+    assert_same_outputs(model, back.model, (x,), rtol=2e-4)
+
+
+def test_bn_in_train_mode_stays_in_train_mode() -> None:
+    model = _pair_model(nn.BatchNorm2d(4))
+    _set(model[1], 0.1, 0.9)
+    model[1].train()
+    x = torch.randn(4, 3, 5, 5)
+    result = bnmove.convert(model, "after", method="exact", example_inputs=(x,))
+    assert result.model.get_submodule("1").training and not result.model.get_submodule("0").training
+    assert result.verification is not None and result.verification.within_tolerance  # verified in eval
+
+
+def test_model_on_cuda_keeps_device() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    model = _pair_model(nn.BatchNorm2d(4)).cuda()
+    x = torch.randn(2, 3, 5, 5, device="cuda")
+    result = bnmove.convert(model, "after", method="exact", example_inputs=(x,))
+    assert {p.device.type for p in result.model.parameters()} == {"cuda"}
+    assert_same_outputs(model, result.model, (x,))
+
+
+INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "F.relu(inplace=True)": lambda t: F.relu(t, inplace=True),
+    "torch.relu_": torch.relu_,
+    "Tensor.relu_": lambda t: t.relu_(),
+    "F.leaky_relu_": lambda t: F.leaky_relu_(t, 0.1),
+    "F.hardtanh(t, -1, 1, True)": lambda t: F.hardtanh(t, -1.0, 1.0, True),
+}
+
+
+class SharedInput(nn.Module):
+    """add -> BN -> in-place act, and the add's output is read again after."""
+
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.act = act
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + 1.0
+        return self.act(self.bn(y)) * 2 + y
+
+
+@pytest.mark.parametrize("form", list(INPLACE))
+def test_moved_inplace_functions_become_out_of_place(form: str) -> None:
+    fn = INPLACE[form]
+    model = SharedInput(fn).eval()
+    _set(model.bn, 0.1, 0.5, gamma=[1.0, -1.0, 2.0], beta=0.2)
+    x = torch.randn(2, 3, 4, 4)
+    result = bnmove.convert(model, "after", method="swap", example_inputs=(x,))
+    assert result.moved and "out-of-place" in " ".join(result.moved[0].notes)
+    y = x + 1.0
+    want = model.bn(fn(y.clone())) * 2 + y
+    torch.testing.assert_close(outputs_of(result.model, (x,)), want)
