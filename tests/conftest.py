@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,3 +30,15 @@ def assert_same_outputs(
     got = outputs_of(converted, inputs)
     scale = float(want.abs().max())
     torch.testing.assert_close(got, want, rtol=0, atol=rtol * max(scale, 1e-6))
+
+
+# Property tests: a CI-friendly default, and `HYPOTHESIS_PROFILE=long` for thousands of examples.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile(
+    "long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
