@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from . import rewrite
 from ._clone import clone_module
+from ._gc import paused_gc
 from .detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
 from .errors import BnmoveError, VerificationError
 from .tracing import Untraced, set_submodule, trace_regions
@@ -170,6 +171,17 @@ def convert(
         >>> result = convert(model, "after", method="exact")
         >>> result.verification.max_abs_error   # ~1e-6
     """
+    with paused_gc():
+        return _convert(model, placement, method, example_inputs, verify)
+
+
+def _convert(
+    model: nn.Module,
+    placement: str,
+    method: str,
+    example_inputs: Sequence[torch.Tensor] | None,
+    verify: bool,
+) -> Conversion:
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("method", method, METHODS)
     if has_uninitialized_lazy(model):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from ._gc import paused_gc
 from .patterns import (
     ActivationCall,
     input_is_shared,
@@ -485,8 +486,9 @@ def detect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = Non
     # Tracing does not need parameter values, so uninitialised lazy modules are
     # fine here (their pairs say so); the model itself is never run or changed.
     del example_inputs
-    traced = trace_regions(model)
-    sites = analyze_regions(traced.regions)
+    with paused_gc():
+        traced = trace_regions(model)
+        sites = analyze_regions(traced.regions)
     return Detection([s.pair for s in sites], traced.untraced)
 
 
