@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnmove import compare, export_variants, report
 from samples.make_models import build_sample
-from samples.models import SAMPLES, bottleneck_resnet, mobilenet, resnet50
+from bnmove.sample_models import SAMPLES, bottleneck_resnet, mobilenet, resnet50
 
 MODELS = {
     "bottleneck_resnet": bottleneck_resnet,

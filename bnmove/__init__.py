@@ -8,9 +8,12 @@
 >>> bnmove.compare(["variants/"], provider="auto")
 """
 
+from . import sample_models
 from .conversion import Conversion, Move, convert
+from .data import Dataset, load_dataset
 from .detect import Detection, Pair, detect, find_pairs
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
+from .experiment import ExperimentResult, experiment
 from .export import export_variants
 from .folding import Folding, fold_forward
 from .loading import LoadedModel, load_model
@@ -25,8 +28,10 @@ __all__ = [
     "BnmoveError",
     "Comparison",
     "Conversion",
+    "Dataset",
     "Detection",
     "Deviation",
+    "ExperimentResult",
     "Folding",
     "LoadError",
     "LoadedModel",
@@ -39,10 +44,13 @@ __all__ = [
     "compare_models",
     "convert",
     "detect",
+    "experiment",
     "export_variants",
     "find_pairs",
     "fold_forward",
     "infer_example_inputs",
+    "load_dataset",
     "load_model",
+    "sample_models",
     "select_provider",
 ]

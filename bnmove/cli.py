@@ -14,14 +14,17 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from ._atomic import atomic_path, check_output
 from .codegen import require_graph_module, write_code_folder
 from .conversion import METHODS, convert
+from .data import load_dataset
+from .demo import run_demo
 from .detect import PLACEMENTS, detect
 from .errors import BnmoveError
+from .experiment import EpochRecord, ExperimentResult, experiment
 from .export import DEFAULT_OPSET, export_variants, read_manifest
 from .loading import LoadedModel, load_model, parse_arch_args
 from .report import (
@@ -33,6 +36,10 @@ from .report import (
     comparison_table,
     conversion_summary,
     conversion_table,
+    experiment_json,
+    experiment_markdown,
+    experiment_plot,
+    experiment_table,
     export_table,
     pairs_summary,
     pairs_table,
@@ -490,6 +497,193 @@ def compare_command(
         out.print(f"  {line}", highlight=False)
     if reports:
         out.print("wrote " + ", ".join(str(p) for p in reports), highlight=False)
+
+
+def _prepare_outputs(out_dir: Path, names: Sequence[str], force: bool) -> dict[str, Path]:
+    """Paths in ``out_dir`` for ``names``, refusing to overwrite without ``force``; checked before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BnmoveError(f"{out_dir}: exists and is not a folder")
+    if not out_dir.parent.is_dir():
+        raise BnmoveError(f"{out_dir}: folder {out_dir.parent} does not exist")
+    paths = {name: out_dir / name for name in names}
+    for path in paths.values():
+        if path.exists() and not force:
+            raise BnmoveError(f"{path}: already exists; pass --force to overwrite")
+    return paths
+
+
+def _write_experiment(result: ExperimentResult, paths: dict[str, Path], plot: bool) -> list[Path]:
+    paths["results.json"].parent.mkdir(exist_ok=True)
+    written = []
+    for name, render in (("results.json", experiment_json), ("summary.md", experiment_markdown)):
+        with atomic_path(paths[name]) as tmp:
+            tmp.write_text(render(result))
+        written.append(paths[name])
+    if plot:
+        experiment_plot(result, paths["curves.png"])
+        written.append(paths["curves.png"])
+    return written
+
+
+def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, int, int, EpochRecord], None]]:
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_stderr(),
+        transient=True,
+        disable=not show,
+    )
+    task = progress.add_task("training", total=total)
+
+    def on_epoch(variant: str, seed: int, epoch: int, record: EpochRecord) -> None:
+        progress.update(
+            task,
+            advance=1,
+            description=(f"{variant} seed {seed} epoch {epoch}: val acc {record.val_accuracy:.1%}"),
+        )
+
+    return progress, on_epoch
+
+
+@main.command(name="experiment")
+@model_options
+@click.option(
+    "--data",
+    "data_spec",
+    required=True,
+    metavar="DATA",
+    help="'digits' (scikit-learn's 8x8 digits), an .npz with x/y (and optionally x_val/y_val), or a folder of them.",
+)
+@click.option(
+    "--placements", default="before,after", show_default=True, help="Variants to train, comma-separated."
+)
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--seeds", default=3, show_default=True, type=click.IntRange(1), help="Seeds (runs) per variant."
+)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--lr",
+    default=1e-3,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Adam learning rate.",
+)
+@click.option(
+    "--val-split",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Held-out fraction when the data has no x_val/y_val.",
+)
+@click.option(
+    "--from-pretrained",
+    is_flag=True,
+    help="Fine-tune from the model's weights (converted exactly where possible) instead of a fresh initialisation.",
+)
+@click.option("--device", help="Training device (default: cuda when available, else cpu).")
+@click.option(
+    "-o",
+    "--output-dir",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Folder for results.json, summary.md and curves.png. Default: experiment-<model stem>.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing result files.")
+def experiment_command(
+    model_path: Path,
+    arch: str | None,
+    arch_args: tuple[str, ...],
+    allow_pickle: bool,
+    imports: tuple[str, ...],
+    input_shapes: tuple[str, ...],
+    as_json: bool,
+    data_spec: str,
+    placements: str,
+    epochs: int,
+    seeds: int,
+    batch_size: int,
+    lr: float,
+    val_split: float,
+    from_pretrained: bool,
+    device: str | None,
+    out_dir: Path | None,
+    force: bool,
+) -> None:
+    """Train each BN placement of MODEL the same way and compare them: "before or after?" on your data.
+
+    Every variant of a seed starts from the same weights and sees the same batches in the same
+    order with the same optimiser; results are mean ± std over seeds.
+    """
+    del input_shapes  # the data decides the input shape
+    variants = _csv_list(placements, "placement")
+    out_dir = out_dir or Path(f"experiment-{model_path.name.split('.')[0]}")
+    plot = _has_matplotlib()
+    paths = _prepare_outputs(out_dir, ["results.json", "summary.md", "curves.png"], force)
+    loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
+    data = load_dataset(data_spec, val_split=val_split)
+    show = sys.stderr.isatty() and not as_json
+    progress, on_epoch = _epoch_progress(show, epochs * seeds * len(variants))
+    with progress:
+        result = experiment(
+            loaded.module,
+            data,
+            placements=variants,
+            epochs=epochs,
+            seeds=seeds,
+            batch_size=batch_size,
+            lr=lr,
+            from_pretrained=from_pretrained,
+            device=device,
+            on_epoch=on_epoch,
+        )
+    written = _write_experiment(result, paths, plot)
+    if as_json:
+        click.echo(experiment_json(result), nl=False)
+        return
+    out = _stdout()
+    out.print(experiment_table(result))
+    out.print(
+        "wrote "
+        + ", ".join(str(p) for p in written)
+        + ("" if plot else " (no plot: pip install matplotlib)"),
+        highlight=False,
+    )
+
+
+def _has_matplotlib() -> bool:
+    try:
+        require_matplotlib()
+    except BnmoveError:
+        return False
+    return True
+
+
+@main.command(name="demo")
+@click.option(
+    "-o",
+    "--output-dir",
+    "out_dir",
+    default=Path("bnmove-demo"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for everything the demo writes.",
+)
+@click.option(
+    "--epochs", default=3, show_default=True, type=click.IntRange(1), help="Epochs of the short experiment."
+)
+@click.option("--force", is_flag=True, help="Reuse an existing demo folder, overwriting its files.")
+@debug_option
+def demo_command(out_dir: Path, epochs: int, force: bool) -> None:
+    """Show bnmove end to end on a bundled sample model, no arguments needed.
+
+    Inspects it, converts it both ways with verification, exports the variants to ONNX,
+    compares them on the best available onnxruntime provider, and runs a short
+    before-vs-after training experiment on scikit-learn's digits when it is installed.
+    """
+    run_demo(out_dir, epochs=epochs, force=force, console=_stdout(), progress_console=_stderr())
 
 
 if __name__ == "__main__":  # pragma: no cover

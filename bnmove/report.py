@@ -16,6 +16,7 @@ from ._atomic import atomic_path
 from .conversion import Conversion
 from .detect import Pair
 from .errors import BnmoveError
+from .experiment import ExperimentResult
 from .runtime import Comparison, OutputDeviation, VariantInfo
 from .tracing import Untraced
 
@@ -240,7 +241,9 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise BnmoveError("--plot needs matplotlib: pip install matplotlib (or the bnmove[plot] extra)") from None
+        raise BnmoveError(
+            "--plot needs matplotlib: pip install matplotlib (or the bnmove[plot] extra)"
+        ) from None
 
 
 def comparison_plot(comparison: Comparison, path: Path) -> None:
@@ -305,3 +308,93 @@ def export_table(manifest: dict[str, Any]) -> Table:
             f"{v['file_size'] / 1e6:.2f} MB",
         )
     return table
+
+
+# -- experiment (bnmove experiment) ------------------------------------------------------
+
+
+def _pm(mean: float, std: float, pct: bool = False) -> str:
+    return f"{mean:.1%} ± {std:.1%}" if pct else f"{mean:.4f} ± {std:.4f}"
+
+
+def experiment_header(result: ExperimentResult) -> str:
+    start = "converted pretrained weights" if result.from_pretrained else "one random initialisation per seed"
+    return (
+        f"{result.dataset}: {result.epochs} epochs × {len(result.seeds)} seeds on {result.device}, "
+        f"each seed's variants start from {start}; mean ± std over seeds"
+    )
+
+
+def experiment_table(result: ExperimentResult) -> Table:
+    table = Table(title=experiment_header(result), title_justify="left")
+    for column in ("placement", "val accuracy", "val loss", "train loss", "time"):
+        table.add_column(column, justify="left" if column == "placement" else "right")
+    best = max(result.placements, key=lambda v: result.final(v).val_accuracy)
+    for variant in result.placements:
+        final = result.final(variant)
+        name = f"[bold]{variant}[/]" if variant == best and len(result.placements) > 1 else variant
+        table.add_row(
+            name,
+            _pm(final.val_accuracy, final.val_accuracy_std, pct=True),
+            _pm(final.val_loss, final.val_loss_std),
+            _pm(final.train_loss, final.train_loss_std),
+            f"{result.wall_seconds[variant]:.1f} s",
+        )
+    return table
+
+
+def experiment_markdown(result: ExperimentResult) -> str:
+    lines = ["# BatchNorm placement experiment", "", experiment_header(result), ""]
+    lines += ["| placement | epoch | val accuracy | val loss | train loss |", "|---|---:|---:|---:|---:|"]
+    for s in result.summary():
+        lines.append(
+            f"| {s.variant} | {s.epoch} | {_pm(s.val_accuracy, s.val_accuracy_std, pct=True)} | "
+            f"{_pm(s.val_loss, s.val_loss_std)} | {_pm(s.train_loss, s.train_loss_std)} |"
+        )
+    lines += [
+        "",
+        "Wall time per placement (all seeds): "
+        + ", ".join(f"{v} {t:.1f} s" for v, t in result.wall_seconds.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def experiment_json(result: ExperimentResult) -> str:
+    return json.dumps(result.to_dict(), indent=2) + "\n"
+
+
+def experiment_plot(result: ExperimentResult, path: Path) -> None:
+    """Validation accuracy and training loss per epoch, mean with a ±std band, per placement."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in result.placements:
+        rows = [s for s in result.summary() if s.variant == variant]
+        epochs = [s.epoch for s in rows]
+        for ax, mean, std in (
+            (ax_acc, [s.val_accuracy for s in rows], [s.val_accuracy_std for s in rows]),
+            (ax_loss, [s.train_loss for s in rows], [s.train_loss_std for s in rows]),
+        ):
+            ax.plot(epochs, mean, marker="o", label=variant)
+            ax.fill_between(
+                epochs,
+                [m - d for m, d in zip(mean, std, strict=True)],
+                [m + d for m, d in zip(mean, std, strict=True)],
+                alpha=0.2,
+            )
+    ax_acc.set_ylabel("validation accuracy")
+    ax_loss.set_ylabel("training loss")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="BN placement")
+    fig.suptitle(experiment_header(result), fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from samples.models import SAMPLES
+from bnmove.sample_models import SAMPLES
 
 
 def build_sample(name: str, seed: int = 0) -> torch.nn.Module:

@@ -17,7 +17,9 @@ def _pair_model(bn: nn.BatchNorm2d, act: nn.Module | None = None) -> nn.Sequenti
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bn, act or nn.GELU(), nn.Conv2d(4, 2, 1)).eval()
 
 
-def _set(bn: nn.BatchNorm2d, mean: float, var: float, gamma: list[float] | None = None, beta: float = 0.3) -> None:
+def _set(
+    bn: nn.BatchNorm2d, mean: float, var: float, gamma: list[float] | None = None, beta: float = 0.3
+) -> None:
     with torch.no_grad():
         bn.running_mean.fill_(mean)
         bn.running_var.fill_(var)

@@ -151,7 +151,9 @@ def test_detection_finds_exactly_the_planted_pairs(blocks: list[Spec], seed: int
 
 
 @given(specs, st.integers(0, 2**16), st.sampled_from(["before", "after"]))
-def test_exact_preserves_outputs_and_swap_preserves_parameters(blocks: list[Spec], seed: int, placement: str) -> None:
+def test_exact_preserves_outputs_and_swap_preserves_parameters(
+    blocks: list[Spec], seed: int, placement: str
+) -> None:
     model, inputs = _model(blocks, seed)
     exact = bnmove.convert(model, placement, method="exact", example_inputs=inputs)
     assert_same_outputs(model, exact.model, inputs)

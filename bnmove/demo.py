@@ -1,0 +1,169 @@
+"""``bnmove demo``: the whole tool on a bundled sample model, in one command.
+
+Builds ``DigitsNet`` (BN before ReLU/Hardswish, after GELU, and a BatchNorm1d
+head), trains it briefly on scikit-learn's digits when available, then:
+inspect -> convert both ways with verification -> export the ONNX variants ->
+compare them on the best onnxruntime provider -> a short before-vs-after
+training experiment. Everything is written under one folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.rule import Rule
+
+from . import report
+from .conversion import convert
+from .data import Dataset, load_dataset
+from .detect import detect
+from .errors import BnmoveError
+from .experiment import experiment
+from .export import export_variants, read_manifest
+from .runtime import compare
+from .sample_models import digits_net
+from .verify import eval_mode
+
+
+def _digits() -> Dataset | None:
+    try:
+        return load_dataset("digits")
+    except BnmoveError:
+        return None
+
+
+def _pretrain(model: torch.nn.Module, data: Dataset | None) -> str:
+    """A few quick epochs so the demo converts a trained model (random BN statistics otherwise)."""
+    torch.manual_seed(0)
+    if data is None:
+        with torch.no_grad():
+            model.train()
+            for _ in range(5):
+                model(torch.rand(64, 1, 8, 8))
+        model.eval()
+        return "BN statistics warmed on random data (install scikit-learn for the digits data)"
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(4):
+        perm = torch.randperm(len(data.train.y), generator=generator)
+        for start in range(0, len(perm) - 1, 64):
+            idx = perm[start : start + 64]
+            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(data.val.x).argmax(1) == data.val.y).float().mean())
+    return f"trained 4 epochs on digits: {acc:.1%} validation accuracy"
+
+
+def _agreement(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
+    with eval_mode(a), eval_mode(b), torch.no_grad():
+        return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
+
+
+def run_demo(
+    out_dir: Path,
+    *,
+    epochs: int = 3,
+    force: bool = False,
+    console: Console,
+    progress_console: Console | None = None,
+) -> list[Path]:
+    """Run the demo into ``out_dir`` and print what it does; returns the files written."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise BnmoveError(f"{out_dir}: already exists; pass --force to reuse it, or -o for another folder")
+    if not out_dir.parent.is_dir():
+        raise BnmoveError(f"{out_dir}: folder {out_dir.parent} does not exist")
+    out_dir.mkdir(exist_ok=True)
+    written: list[Path] = []
+    data = _digits()
+    status = progress_console or console
+
+    console.print(Rule("1. a sample model"))
+    model = digits_net()
+    with status.status("training the sample model briefly…"):
+        how = _pretrain(model, data)
+    model_file = out_dir / "digits_net.pt"
+    torch.save(model, model_file)
+    written.append(model_file)
+    console.print(f"DigitsNet for 1x8x8 digit images, {how}; saved as {model_file}", highlight=False)
+
+    console.print(Rule("2. bnmove inspect"))
+    found = detect(model)
+    console.print(report.pairs_table(found.pairs))
+    console.print(report.pairs_summary(found.pairs), highlight=False)
+
+    console.print(Rule("3. bnmove convert, both ways, verified"))
+    example = (data.val.x[:8] if data is not None else torch.rand(8, 1, 8, 8),)
+    for placement in ("after", "before"):
+        result = convert(model, placement, method="auto", example_inputs=example)
+        path = out_dir / f"digits_net.{placement}.pt"
+        torch.save(result.model, path)
+        written.append(path)
+        console.print(report.conversion_table(result))
+        line = report.conversion_summary(result)
+        if data is not None:
+            line += (
+                f"; top-1 agreement with the original on {len(data.val.y)} digits: "
+                f"{_agreement(model, result.model, data.val.x):.1%}"
+            )
+        console.print(line, highlight=False)
+
+    console.print(Rule("4. bnmove export (ONNX, --fold-forward)"))
+    variants_dir = out_dir / "variants"
+    with status.status("exporting original, before and after variants…"):
+        paths = export_variants(
+            model, example, variants_dir, stem="digits_net", fold_forward_bns=True, force=True
+        )
+    written += [*paths.values(), variants_dir / "manifest.json"]
+    console.print(report.export_table(read_manifest(variants_dir) or {}))
+
+    console.print(Rule("5. bnmove compare (onnxruntime)"))
+    with status.status("timing the variants…"):
+        comparison = compare(paths, provider="auto", batch_sizes=(1, 64), warmup=3, iterations=30)
+    console.print(report.comparison_table(comparison))
+    md = out_dir / "compare.md"
+    md.write_text(report.comparison_markdown(comparison))
+    written.append(md)
+    if _matplotlib():
+        report.comparison_plot(comparison, out_dir / "compare.png")
+        written.append(out_dir / "compare.png")
+
+    console.print(Rule("6. bnmove experiment (before vs after, trained from scratch)"))
+    if data is None:
+        console.print("skipped: the experiment uses scikit-learn's digits (pip install scikit-learn)")
+    else:
+        with status.status(f"training before and after variants, {epochs} epochs x 2 seeds…"):
+            result_exp = experiment(digits_net(), data, epochs=epochs, seeds=2, batch_size=64, lr=3e-3)
+        console.print(report.experiment_table(result_exp))
+        exp_dir = out_dir / "experiment"
+        exp_dir.mkdir(exist_ok=True)
+        for name, text in (
+            ("results.json", report.experiment_json(result_exp)),
+            ("summary.md", report.experiment_markdown(result_exp)),
+        ):
+            (exp_dir / name).write_text(text)
+            written.append(exp_dir / name)
+        if _matplotlib():
+            report.experiment_plot(result_exp, exp_dir / "curves.png")
+            written.append(exp_dir / "curves.png")
+
+    console.print(Rule("files"))
+    for path in written:
+        console.print(f"  {path}", highlight=False)
+    console.print("Next: try your own model, e.g. bnmove inspect model.pt --allow-pickle", highlight=False)
+    return written
+
+
+def _matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,278 @@
+"""Answer "before or after?" on the user's own model and data: train every placement the same way.
+
+For each seed, every variant starts from the same point: by default one random
+initialisation, converted with ``swap`` (which keeps every parameter, so the
+variants differ only in where BN sits); with ``from_pretrained`` the trained
+weights, converted with ``auto`` (exact where possible) for fine-tuning. Each
+variant then sees the same batches in the same order with the same optimiser.
+Digests of the starting weights and of the batch order are recorded, so anyone
+can check that the comparison was fair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._clone import clone_module
+from .conversion import convert
+from .data import Dataset
+from .errors import BnmoveError, ModelRunError
+
+VARIANTS = ("original", "before", "after")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    variant: str
+    seed: int
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    """Mean and standard deviation over seeds for one variant at one epoch."""
+
+    variant: str
+    epoch: int
+    train_loss: float
+    train_loss_std: float
+    val_loss: float
+    val_loss_std: float
+    val_accuracy: float
+    val_accuracy_std: float
+
+
+@dataclass
+class ExperimentResult:
+    placements: list[str]
+    seeds: list[int]
+    epochs: int
+    dataset: str
+    device: str
+    from_pretrained: bool
+    records: list[EpochRecord]
+    wall_seconds: dict[str, float]
+    #: sha256 of each (variant, seed)'s starting parameters, in a placement-independent order
+    start_digests: dict[str, str]
+    #: sha256 of the batch order each (variant, seed) saw
+    batch_digests: dict[str, str]
+    models: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> list[EpochSummary]:
+        out = []
+        for variant in self.placements:
+            for epoch in range(1, self.epochs + 1):
+                rows = [r for r in self.records if r.variant == variant and r.epoch == epoch]
+                out.append(
+                    EpochSummary(
+                        variant,
+                        epoch,
+                        *_mean_std([r.train_loss for r in rows]),
+                        *_mean_std([r.val_loss for r in rows]),
+                        *_mean_std([r.val_accuracy for r in rows]),
+                    )
+                )
+        return out
+
+    def final(self, variant: str) -> EpochSummary:
+        return next(s for s in self.summary() if s.variant == variant and s.epoch == self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "placements": self.placements,
+            "seeds": self.seeds,
+            "epochs": self.epochs,
+            "dataset": self.dataset,
+            "device": self.device,
+            "from_pretrained": self.from_pretrained,
+            "wall_seconds": self.wall_seconds,
+            "start_digests": self.start_digests,
+            "batch_digests": self.batch_digests,
+            "summary": [asdict(s) for s in self.summary()],
+            "records": [asdict(r) for r in self.records],
+        }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _key(variant: str, seed: int) -> str:
+    return f"{variant}/seed{seed}"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Digest of the parameter and buffer *values*, sorted, so it ignores names and graph order."""
+    blobs = sorted(t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values())
+    digest = hashlib.sha256()
+    for blob in blobs:
+        digest.update(blob)
+    return digest.hexdigest()
+
+
+def reinitialize(model: nn.Module, seed: int) -> None:
+    """Fresh random weights (and BN statistics) from ``seed``, layer by layer, in module order."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def check_data(model: nn.Module, data: Dataset) -> int:
+    """Fail before any training when data and model do not fit; returns the number of classes."""
+    probe = clone_module(model).eval()
+    x = data.train.x[:2]
+    try:
+        with torch.no_grad():
+            out = probe(x.to(next(probe.parameters()).device))
+    except Exception as exc:
+        raise ModelRunError(
+            f"the model does not accept samples of shape {tuple(x.shape[1:])} from {data.name}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise BnmoveError(f"the model must return class scores (batch x classes), it returns {shape}")
+    classes = int(out.shape[1])
+    if data.num_classes > classes:
+        raise BnmoveError(
+            f"labels go up to {data.num_classes - 1} but the model scores only {classes} classes"
+        )
+    return classes
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            out = model(x[start : start + batch_size])
+            target = y[start : start + batch_size]
+            loss += float(F.cross_entropy(out, target, reduction="sum"))
+            correct += int((out.argmax(1) == target).sum())
+    return loss / len(y), correct / len(y)
+
+
+def experiment(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    placements: Sequence[str] = ("before", "after"),
+    epochs: int = 5,
+    seeds: int | Sequence[int] = 3,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    from_pretrained: bool = False,
+    device: str | None = None,
+    keep_models: bool = False,
+    on_epoch: Callable[[str, int, int, EpochRecord], None] | None = None,
+) -> ExperimentResult:
+    """Train each placement variant of ``model`` under identical conditions and record the curves.
+
+    Args:
+        model: the architecture (and, with ``from_pretrained``, the weights); not modified.
+        data: a :class:`bnmove.data.Dataset` (``bnmove.data.load_dataset("digits")``, an ``.npz``...).
+        placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
+        epochs: training epochs per variant and seed.
+        seeds: a number of seeds (0..K-1) or the seeds themselves.
+        batch_size, lr: mini-batch size and Adam learning rate.
+        from_pretrained: start from the model's weights (converted with ``auto``)
+            instead of a fresh initialisation (converted with ``swap``).
+        device: ``"cuda"`` when available unless given.
+        keep_models: keep the trained models in ``result.models`` (for inspection).
+        on_epoch: progress callback ``(variant, seed, epoch, record)``.
+
+    Returns:
+        An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests.
+    """
+    unknown = [p for p in placements if p not in VARIANTS]
+    if unknown or not placements:
+        raise BnmoveError(
+            f"unknown placement {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
+        )
+    if epochs < 1 or batch_size < 1 or lr <= 0 or not math.isfinite(lr):
+        raise BnmoveError("epochs and batch size must be at least 1 and the learning rate positive")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise BnmoveError("give at least one seed")
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_data(model, data)
+    train_x, train_y = data.train.x.to(target), data.train.y.to(target)
+    val_x, val_y = data.val.x.to(target), data.val.y.to(target)
+    example = (data.train.x[:2],)
+
+    records: list[EpochRecord] = []
+    wall = dict.fromkeys(placements, 0.0)
+    start_digests: dict[str, str] = {}
+    batch_digests: dict[str, str] = {}
+    models: dict[str, nn.Module] = {}
+    for seed in seed_list:
+        base = clone_module(model).cpu()
+        if not from_pretrained:
+            reinitialize(base, seed)
+        for variant in placements:
+            if variant == "original":
+                net = clone_module(base)
+            else:
+                method = "auto" if from_pretrained else "swap"
+                net = convert(base, variant, method=method, example_inputs=example).model
+            net = net.to(target)
+            start_digests[_key(variant, seed)] = weights_digest(net)
+            optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+            order = torch.Generator().manual_seed(seed)
+            seen = hashlib.sha256()
+            for epoch in range(1, epochs + 1):
+                started = time.perf_counter()
+                torch.manual_seed(seed * 1_000_003 + epoch)  # same dropout stream for every variant
+                perm = torch.randperm(len(train_y), generator=order)
+                seen.update(perm.numpy().tobytes())
+                net.train()
+                total, count = 0.0, 0
+                for start in range(0, len(perm), batch_size):
+                    idx = perm[start : start + batch_size].to(target)
+                    if len(idx) < 2:
+                        continue  # BatchNorm cannot train on a single sample
+                    loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach()) * len(idx)
+                    count += len(idx)
+                val_loss, val_acc = _evaluate(net, val_x, val_y, max(batch_size, 256))
+                seconds = time.perf_counter() - started
+                wall[variant] += seconds
+                record = EpochRecord(variant, seed, epoch, total / max(count, 1), val_loss, val_acc, seconds)
+                records.append(record)
+                if on_epoch is not None:
+                    on_epoch(variant, seed, epoch, record)
+            batch_digests[_key(variant, seed)] = seen.hexdigest()
+            if keep_models:
+                models[_key(variant, seed)] = net
+    return ExperimentResult(
+        placements=list(placements),
+        seeds=seed_list,
+        epochs=epochs,
+        dataset=data.name,
+        device=str(target),
+        from_pretrained=from_pretrained,
+        records=records,
+        wall_seconds=wall,
+        start_digests=start_digests,
+        batch_digests=batch_digests,
+        models=models,
+    )

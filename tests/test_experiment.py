@@ -1,0 +1,164 @@
+"""experiment(): identical starts and batches, numbers that match a recomputation, data errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+import bnmove
+from bnmove.cli import main
+from bnmove.data import Dataset, Split, load_dataset
+from bnmove.experiment import experiment, weights_digest
+
+
+class Tiny(nn.Module):
+    def __init__(self, features: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(features, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.bn(self.fc1(x))))
+
+
+def _blobs(n: int = 120, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 6, generator=g) + F.one_hot(y, 6).float() * 2.5
+    return Dataset(Split(x[:90], y[:90]), Split(x[90:], y[90:]), "blobs")
+
+
+def test_variants_start_equal_and_see_the_same_batches() -> None:
+    data = _blobs()
+    result = experiment(Tiny(), data, epochs=2, seeds=2, batch_size=16, keep_models=True)
+    for seed in result.seeds:
+        assert result.start_digests[f"before/seed{seed}"] == result.start_digests[f"after/seed{seed}"]
+        assert result.batch_digests[f"before/seed{seed}"] == result.batch_digests[f"after/seed{seed}"]
+    assert result.start_digests["before/seed0"] != result.start_digests["before/seed1"]
+    assert len(result.records) == 2 * 2 * 2
+    # The placements really differ: 'after' trains the model with BN moved after GELU.
+    placements = {k: [p.placement for p in bnmove.find_pairs(m)] for k, m in result.models.items()}
+    assert placements["before/seed0"] == ["before"] and placements["after/seed0"] == ["after"]
+
+
+def test_reported_numbers_match_a_direct_recomputation() -> None:
+    data = _blobs()
+    result = experiment(Tiny(), data, epochs=2, seeds=[7], batch_size=32, keep_models=True)
+    for variant in ("before", "after"):
+        model = result.models[f"{variant}/seed7"].eval()
+        with torch.no_grad():
+            out = model(data.val.x)
+        last = next(r for r in result.records if r.variant == variant and r.epoch == 2)
+        assert last.val_loss == pytest.approx(float(F.cross_entropy(out, data.val.y)), rel=1e-5)
+        assert last.val_accuracy == pytest.approx(float((out.argmax(1) == data.val.y).float().mean()))
+    summary = result.final("after")
+    assert summary.val_accuracy == pytest.approx(last.val_accuracy) and summary.val_accuracy_std == 0.0
+
+
+def test_same_start_as_a_manual_swap_conversion() -> None:
+    data = _blobs()
+    result = experiment(Tiny(), data, placements=["original", "after"], epochs=1, seeds=[3])
+    fresh = Tiny()
+    torch.manual_seed(3)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert result.start_digests["original/seed3"] == weights_digest(fresh)
+
+
+def test_learns_digits() -> None:
+    data = load_dataset("digits")
+    assert data.train.x.shape[1:] == (1, 8, 8) and data.num_classes == 10
+    result = experiment(bnmove.sample_models.digits_net(), data, epochs=2, seeds=1, lr=3e-3)
+    assert all(result.final(v).val_accuracy > 0.6 for v in ("before", "after"))
+
+
+def test_data_errors(tmp_path: Path) -> None:
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((4, 6), np.float32))
+    np.savez(tmp_path / "mismatch.npz", x=np.zeros((4, 6), np.float32), y=np.zeros(3, np.int64))
+    np.savez(tmp_path / "floaty.npz", x=np.zeros((4, 6), np.float32), y=np.array([0.5, 1, 2, 0]))
+    np.savez(tmp_path / "wide.npz", x=np.zeros((8, 5), np.float32), y=np.arange(8) % 3)
+    np.savez(tmp_path / "many.npz", x=np.zeros((8, 6), np.float32), y=np.arange(8))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    cases = {
+        "nolabels.npz": r"missing array\(s\) y",
+        "mismatch.npz": "one label per sample",
+        "floaty.npz": "integer class labels",
+        "empty": "no .npz files",
+        "bad.npz": "not a readable .npz",
+        "missing.npz": "no such file",
+    }
+    for name, message in cases.items():
+        with pytest.raises(bnmove.BnmoveError, match=message):
+            load_dataset(tmp_path / name)
+    with pytest.raises(bnmove.ModelRunError, match=r"does not accept samples of shape \(5,\)"):
+        experiment(Tiny(), load_dataset(tmp_path / "wide.npz"), epochs=1, seeds=1)
+    with pytest.raises(bnmove.BnmoveError, match="labels go up to 7 but the model scores only 3 classes"):
+        experiment(Tiny(), load_dataset(tmp_path / "many.npz"), epochs=1, seeds=1)
+
+
+def test_npz_with_validation_arrays_and_folders(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(10) % 3, x_val=x[:4], y_val=np.arange(4) % 3)
+    data = load_dataset(tmp_path / "a.npz")
+    assert len(data.train.y) == 10 and len(data.val.y) == 4
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(2):
+        np.savez(folder / f"{i}.npz", x=x, y=np.arange(10) % 3)
+    both = load_dataset(folder, val_split=0.25)
+    assert len(both.train.y) + len(both.val.y) == 20 and len(both.val.y) == 5
+
+
+def test_cli_experiment(tmp_path: Path) -> None:
+    model_file = tmp_path / "digits.pt"
+    torch.save(bnmove.sample_models.digits_net(), model_file)
+    out = tmp_path / "exp"
+    result = CliRunner().invoke(
+        main,
+        [
+            "experiment",
+            str(model_file),
+            "--allow-pickle",
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--seeds",
+            "2",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "before" in result.stdout and "±" in result.stdout
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["seeds"] == [0, 1] and len(payload["summary"]) == 2
+    assert (out / "summary.md").exists() and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    again = CliRunner().invoke(
+        main, ["experiment", str(model_file), "--allow-pickle", "--data", "digits", "-o", str(out)]
+    )
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    bad = CliRunner().invoke(
+        main,
+        [
+            "experiment",
+            str(model_file),
+            "--allow-pickle",
+            "--data",
+            str(tmp_path / "nothing.npz"),
+            "-o",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert bad.exit_code == 1 and "no such file" in bad.stderr and not (tmp_path / "x").exists()
