@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnmove import compare, export_variants, report
-from samples.make_models import build_sample
 from bnmove.sample_models import SAMPLES, bottleneck_resnet, mobilenet, resnet50
+from samples.make_models import build_sample
 
 MODELS = {
     "bottleneck_resnet": bottleneck_resnet,

@@ -23,8 +23,9 @@ from torch import fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bnmove  # noqa: E402
-from bench_convert import make_cnn  # noqa: E402
+from bench_convert import make_cnn
+
+import bnmove
 
 
 def median_time(fn: Callable[[], object], rounds: int) -> float:
@@ -35,6 +36,14 @@ def median_time(fn: Callable[[], object], rounds: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def measure(model: torch.nn.Module, x: tuple[torch.Tensor, ...], rounds: int) -> tuple[float, float, float]:
+    """Median seconds of symbolic_trace, find_pairs and convert on one model."""
+    trace = median_time(lambda: fx.symbolic_trace(model), rounds)
+    inspect = median_time(lambda: bnmove.find_pairs(model), rounds)
+    convert = median_time(lambda: bnmove.convert(model, "after", method="exact", example_inputs=x), rounds)
+    return trace, inspect, convert
 
 
 def main() -> None:
@@ -53,11 +62,7 @@ def main() -> None:
     )
     for n in sizes:
         model = make_cnn(n, width=8)
-        trace = median_time(lambda: fx.symbolic_trace(model), args.rounds)
-        inspect = median_time(lambda: bnmove.find_pairs(model), args.rounds)
-        convert = median_time(
-            lambda: bnmove.convert(model, "after", method="exact", example_inputs=x), args.rounds
-        )
+        trace, inspect, convert = measure(model, x, args.rounds)
         rows.append((n, trace, inspect, convert))
         print(
             f"{n:>6} {trace * 1e3:9.1f} {inspect * 1e3:10.1f} {convert * 1e3:10.1f} "
