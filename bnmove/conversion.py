@@ -8,6 +8,7 @@ in eval mode. The input model is never modified.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,15 +19,25 @@ from torch import fx, nn
 from . import rewrite
 from ._clone import clone_module
 from ._gc import paused_gc
+from .calibrate import (
+    Batch,
+    calibration_batches,
+    call_model,
+    capture,
+    channel_samples,
+    refit_blocker,
+    refit_layer,
+)
 from .detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
 from .errors import BnmoveError, VerificationError
-from .tracing import Untraced, set_submodule, trace_regions
-from .verify import Deviation, compare_models, infer_example_inputs
+from .patterns import is_batchnorm_module, match_activation, module_activation_spec, skip_identity_down
+from .tracing import Region, Untraced, set_submodule, trace_graph, trace_regions
+from .verify import Deviation, compare_models, eval_mode, infer_example_inputs, output_tensors
 
 log = logging.getLogger(__name__)
 
-Method = Literal["auto", "exact", "swap"]
-METHODS: tuple[str, ...] = ("auto", "exact", "swap")
+Method = Literal["auto", "exact", "fit", "swap"]
+METHODS: tuple[str, ...] = ("auto", "exact", "fit", "swap")
 
 
 @dataclass(frozen=True)
@@ -35,10 +46,13 @@ class Move:
 
     pair: Pair
     moved: bool
-    #: "exact" (eval outputs kept) or "swap" (reordered, parameters untouched); None if not moved
+    #: "exact" (eval outputs kept), "fit-data-free" / "fit-calibrated" (BN' fitted to
+    #: reproduce the block), "swap" (reordered, parameters untouched); None if not moved
     method: str | None
     reason: str | None = None
     notes: tuple[str, ...] = ()
+    #: the fitted block's relative RMS error on the fitting samples (fits only)
+    effect: float | None = None
 
     @property
     def keeps_outputs(self) -> bool:
@@ -52,7 +66,18 @@ class Move:
             "keeps_outputs": self.keeps_outputs,
             "reason": self.reason,
             "notes": list(self.notes),
+            "effect": self.effect,
         }
+
+
+@dataclass(frozen=True)
+class CalibrationCheck:
+    """The converted model against the original on the calibration data (eval mode)."""
+
+    samples: int
+    max_abs_error: float
+    #: fraction of samples with the same argmax, when outputs look like class scores
+    top1_agreement: float | None
 
 
 @dataclass
@@ -65,6 +90,8 @@ class Conversion:
     moves: list[Move]
     verification: Deviation | None
     untraced: list[Untraced] = field(default_factory=list)
+    #: end-to-end agreement with the original on the calibration data, when given
+    calibration: CalibrationCheck | None = None
 
     @property
     def moved(self) -> list[Move]:
@@ -82,9 +109,11 @@ class Conversion:
             "moved": len(self.moved),
             "moved_exact": sum(1 for m in self.moved if m.method == "exact"),
             "moved_swap": sum(1 for m in self.moved if m.method == "swap"),
+            "moved_fit": sum(1 for m in self.moved if (m.method or "").startswith("fit")),
             "moves": [m.to_dict() for m in self.moves],
             "verification": self.verification.to_dict() if self.verification else None,
             "untraced": [u.__dict__ for u in self.untraced],
+            "calibration": self.calibration.__dict__ if self.calibration else None,
         }
 
 
@@ -106,11 +135,13 @@ def _plan(site: Site, placement: str, method: str, taken: set[fx.Node]) -> tuple
         return None, "its BatchNorm or activation already moved with another pair"
     if method == "swap":
         return "swap", None
+    if method == "fit":
+        return "fit", None
     if pair.exact:
         return "exact", None
     if method == "exact":
         return None, f"no exact move: {pair.reason}"
-    return "swap", None
+    return "fit", None
 
 
 def _install(work: nn.Module, name: str, gm: fx.GraphModule, original: nn.Module) -> nn.Module:
@@ -149,6 +180,9 @@ def convert(
     method: str = "auto",
     example_inputs: Sequence[torch.Tensor] | None = None,
     verify: bool = True,
+    calibration_data: Any = None,
+    calibration_samples: int = 256,
+    refit_next: bool = True,
 ) -> Conversion:
     """Move every movable BatchNorm ``placement`` (``"before"``/``"after"``) its activation.
 
@@ -157,11 +191,20 @@ def convert(
         placement: ``"before"`` (BN -> f) or ``"after"`` (f -> BN).
         method: ``"exact"`` moves only where eval outputs stay the same (BN
             folded into the neighbouring Conv/Linear, an identity BN with real
-            statistics on the other side); ``"swap"`` reorders and leaves
-            parameters untouched; ``"auto"`` is exact where possible, swap elsewhere.
+            statistics on the other side); ``"fit"`` moves every pair and fits
+            the new BN so the block reproduces the old one; ``"swap"`` reorders
+            and leaves parameters untouched; ``"auto"`` is exact where possible
+            and fit elsewhere (swap only where fitting is impossible).
         example_inputs: inputs for the verification run; inferred from the
             first layer when not given.
         verify: compare original and converted outputs in eval mode.
+        calibration_data: real inputs (a tensor, a sequence of tensors or
+            tuples, a DataLoader) for fitting: pair by pair in graph order, each
+            fed by the already converted upstream model. Without it, fits are
+            data-free (Gaussian inputs from the BN's own statistics).
+        calibration_samples: at most this many calibration samples are used.
+        refit_next: with calibration data, also re-fit the Conv/Linear after each
+            fitted pair (ridge least squares against the original's output there).
 
     Returns:
         A :class:`Conversion`; with ``method="exact"`` a deviation above float
@@ -171,8 +214,11 @@ def convert(
         >>> result = convert(model, "after", method="exact")
         >>> result.verification.max_abs_error   # ~1e-6
     """
+    batches = None
+    if calibration_data is not None:
+        batches = calibration_batches(calibration_data, samples=calibration_samples)
     with paused_gc():
-        return _convert(model, placement, method, example_inputs, verify)
+        return _convert(model, placement, method, example_inputs, verify, batches, refit_next)
 
 
 def _convert(
@@ -181,6 +227,8 @@ def _convert(
     method: str,
     example_inputs: Sequence[torch.Tensor] | None,
     verify: bool,
+    batches: list[Batch] | None = None,
+    refit_next: bool = True,
 ) -> Conversion:
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("method", method, METHODS)
@@ -194,6 +242,13 @@ def _convert(
         inputs = infer_example_inputs(model, whole.graph if whole else None)
     sites = analyze_regions(traced.regions)
 
+    calibrator = None
+    if batches is not None:
+        if traced.whole_model:
+            calibrator = _Calibrator(model, traced.regions[""], batches, refit_next)
+        else:
+            log.warning("calibrated fitting needs a model that traces whole; fitting data-free instead")
+
     moves: list[Move] = []
     taken: set[fx.Node] = set()
     touched: set[str] = set()
@@ -206,11 +261,14 @@ def _convert(
         root = traced.regions[site.region].root
         if site.region not in region_modules:
             region_modules[site.region] = dict(root.named_modules())
-        notes = rewrite.move(root, site, chosen, region_modules[site.region])
+        samples = calibrator.samples(site) if calibrator is not None and chosen == "fit" else None
+        used, notes, effect = rewrite.move(root, site, chosen, region_modules[site.region], samples)
+        if calibrator is not None and used == "fit-calibrated":
+            notes.extend(calibrator.refit_next_layer(site, region_modules[site.region]))
         taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
         touched.add(site.region)
-        why = site.pair.reason if chosen == "swap" and method == "auto" else None
-        moves.append(Move(site.pair, True, chosen, why, tuple(notes)))
+        why = site.pair.reason if used != "exact" and method == "auto" else None
+        moves.append(Move(site.pair, True, used, why, tuple(notes), effect))
 
     converted = work
     for name in touched:
@@ -229,5 +287,122 @@ def _convert(
                 f"exact conversion changed outputs: max abs error {deviation.max_abs_error:.3g} "
                 f"(relative {deviation.max_rel_error:.3g} > {deviation.tolerance:g}); please report this model"
             )
+    check = _calibration_check(model, converted, batches) if batches is not None else None
     log.info("moved %d of %d pairs", sum(m.moved for m in moves), len(moves))
-    return Conversion(converted, placement, method, moves, deviation, traced.untraced)
+    return Conversion(converted, placement, method, moves, deviation, traced.untraced, check)
+
+
+class _Calibrator:
+    """Fitting samples from real data: the converted-so-far graph's inputs, the original's outputs."""
+
+    def __init__(self, model: nn.Module, region: Region, batches: list[Batch], refit_next: bool) -> None:
+        self.region = region
+        self.batches = batches
+        self.refit = refit_next
+        # The original model, traced: it shares the user's modules and only runs in eval mode.
+        self.original = Region(model, trace_graph(model)).graph_module()
+
+    def _current(self) -> fx.GraphModule:
+        return self.region.graph_module()
+
+    def samples(self, site: Site) -> rewrite.FitSamples:
+        assert site.act_node is not None and site.pair.placement is not None
+        before = site.pair.placement == "before"
+        source = site.bn_node.args[0] if before else site.act_node.args[0]
+        assert isinstance(source, fx.Node)
+        # The pair's output in the original graph: the activation for BN -> f (the fused
+        # module itself when fused), the BN for f -> BN.
+        out_name = site.act_node.name if before and site.fused is None else site.bn_node.name
+        z = capture(self._current(), [source.name], self.batches)[source.name]
+        y = capture(self.original, [out_name], self.batches)[out_name]
+        z_rows, y_rows = channel_samples(z, y)
+        weights = torch.full((len(z_rows),), 1.0 / len(z_rows), dtype=torch.float64)
+        return rewrite.FitSamples(z_rows, weights, y_rows, "calibrated")
+
+    def refit_next_layer(self, site: Site, modules: dict[str, nn.Module]) -> list[str]:
+        """Re-fit the Conv/Linear fed by the moved pair against the original model's output there."""
+        if not self.refit:
+            return []
+        assert site.act_node is not None
+        out = site.bn_node if site.pair.placement == "before" else skip_identity_down(site.act_node, modules)
+        user = _next_affine(out, modules)
+        if user is None:
+            return []
+        layer = modules[str(user.target)]
+        assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear))
+        if (
+            refit_blocker(layer) is not None
+            or sum(1 for n in self.region.graph.nodes if n.target == user.target) > 1
+        ):
+            return []
+        source = user.args[0]
+        assert isinstance(source, fx.Node)
+        current = self._current()
+        x = capture(current, [source.name], self.batches)[source.name]
+        skip = _residual_partner(user)
+        if skip is None:
+            target = capture(self.original, [user.name], self.batches)[user.name]
+            what = "output"
+        else:
+            # layer -> add(layer, skip): fit so that the add matches the original, which also
+            # cancels the error the residual stream has accumulated upstream.
+            add, other = skip
+            target = capture(self.original, [add.name], self.batches)[add.name]
+            target = target - capture(current, [other.name], self.batches)[other.name]
+            what = "residual sum"
+        error = refit_layer(layer, x, target)
+        return [f"refitted {user.target} to the original's {what} (relative error {error:.3f})"]
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _residual_partner(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(add, other)`` when ``node``'s only user adds it to another tensor."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    add = users[0]
+    is_add = (add.op == "call_function" and add.target in _ADDS) or (
+        add.op == "call_method" and add.target in ("add", "add_")
+    )
+    if not is_add or len(add.args) != 2 or add.kwargs:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if not isinstance(other, fx.Node) or other is node:
+        return None
+    return add, other
+
+
+def _next_affine(node: fx.Node, modules: dict[str, nn.Module], hops: int = 6) -> fx.Node | None:
+    """The first Conv/Linear fed (through single-user pooling, flatten, identity...) by ``node``."""
+    for _ in range(hops):
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        (node,) = users
+        if node.op == "call_module":
+            module = modules.get(str(node.target))
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                return node
+            if module is None or is_batchnorm_module(module) or module_activation_spec(module) is not None:
+                return None
+        elif node.op not in ("call_function", "call_method") or match_activation(node, modules) is not None:
+            return None
+        if any(isinstance(a, fx.Node) for a in node.args[1:]):
+            return None  # combines with another tensor (add, cat...): not a pass-through
+    return None
+
+
+def _calibration_check(model: nn.Module, converted: nn.Module, batches: list[Batch]) -> CalibrationCheck:
+    want, got = [], []
+    with eval_mode(model), eval_mode(converted), torch.no_grad():
+        for batch in batches:
+            want.extend(output_tensors(call_model(model, batch)))
+            got.extend(output_tensors(call_model(converted, batch)))
+    err = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got, strict=True))
+    top1 = None
+    if all(t.dim() == 2 and t.shape[1] > 1 for t in want):
+        agree = sum(int((a.argmax(1) == b.argmax(1)).sum()) for a, b in zip(want, got, strict=True))
+        top1 = agree / sum(len(t) for t in want)
+    return CalibrationCheck(sum(len(b[0]) for b in batches), err, top1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -131,17 +132,16 @@ def activation_function(root: nn.Module, node: fx.Node) -> Callable[[torch.Tenso
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
-def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
-    """Turn ``bn`` (already folded away) into BN': the identity in eval mode, holding ``(mean, var)``.
+def set_bn(
+    bn: _BatchNorm, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+) -> None:
+    """Give ``bn`` (already folded or fitted away) new parameters and fresh running statistics.
 
     Done in place on the working copy: eps, momentum, class, hooks, train flag
-    and state-dict keys stay; the statistics are fresh (``num_batches_tracked``
-    restarts at 0). An ``affine=False`` BN gains weight and bias, which the
-    identity needs.
+    and state-dict keys stay; ``num_batches_tracked`` restarts at 0. An
+    ``affine=False`` BN gains weight and bias.
     """
     assert bn.running_mean is not None and bn.running_var is not None
-    eps = float(bn.eps)
-    weight, bias = bn_math.identity_bn_params(mean, var, eps)
     ref = bn.running_mean
     if not bn.affine:
         bn.weight = nn.Parameter(torch.empty_like(ref))
@@ -154,6 +154,11 @@ def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None
         bn.running_var.copy_(var)
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.zero_()
+
+
+def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """BN': the identity in eval mode, holding the real statistics ``(mean, var)`` of its input."""
+    set_bn(bn, *bn_math.identity_bn_params(mean, var, float(bn.eps)), mean, var)
 
 
 def _batchnorm(root: nn.Module, name: str) -> _BatchNorm:
@@ -262,6 +267,81 @@ def exact_after_to_before(root: nn.Module, site: Site) -> list[str]:
     return notes
 
 
+@dataclass
+class FitSamples:
+    """Per-channel samples of the pair's input ``z`` and the block output to reproduce."""
+
+    z: torch.Tensor  # (K, C) float64
+    w: torch.Tensor  # (K,) weights summing to 1
+    target: torch.Tensor  # (K, C) float64
+    source: str  # "data-free" or "calibrated"
+
+
+class CannotFit(Exception):
+    """This pair cannot be fitted (the caller swaps it instead, and says why)."""
+
+
+def _data_free_samples(
+    bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor], placement: str
+) -> FitSamples:
+    """Gaussian inputs from the BN's own statistics; the target is what the original block computes."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    a, b = (t.cpu() for t in _bn_affine_of(bn))
+    mean = bn.running_mean.detach().double().cpu()
+    var = bn.running_var.detach().double().cpu()
+    if placement == "before":  # BN -> f: z is the BN's input, N(running_mean, running_var)
+        z, w = bn_math.gaussian_samples(mean, var.sqrt())
+        with torch.no_grad():
+            target = f(a[None, :] * z + b[None, :]).double()
+    else:  # f -> BN: z is f's input; find the Gaussian whose image under f has the BN's statistics
+        mu, sigma, ok = bn_math.match_gaussian(f, mean, var)
+        mu = torch.where(ok, mu, torch.zeros_like(mu))
+        sigma = torch.where(ok, sigma, torch.ones_like(sigma))
+        z, w = bn_math.gaussian_samples(mu, sigma)
+        with torch.no_grad():
+            target = a[None, :] * f(z.clone()).double() + b[None, :]
+    return FitSamples(z, w, target, "data-free")
+
+
+def fit_pair(root: nn.Module, site: Site, samples: FitSamples | None) -> tuple[list[str], float]:
+    """Move the pair and fit BN' so the new block reproduces the old one (DESIGN.md §3).
+
+    ``BN -> f`` becomes ``f -> BN'`` with ``BN'(u) = a' u + b'`` fitted by least
+    squares; ``f -> BN`` becomes ``BN' -> f`` with ``f(a' z + b')`` fitted by
+    Levenberg–Marquardt. BN' gets the real moments of its new input as running
+    statistics. Returns notes and the block's relative RMS error on the samples.
+    """
+    assert site.act_node is not None and site.pair.placement is not None
+    if site.bn_node.op != "call_module":
+        raise CannotFit("functional batch_norm has no module to hold the fitted parameters")
+    bn = _batchnorm(root, str(site.bn_node.target))
+    if bn.running_mean is None or bn.running_var is None:
+        raise CannotFit("track_running_stats=False: no statistics to fit against")
+    f = activation_function(root, site.act_node)
+    if f is None:
+        raise CannotFit("the activation takes runtime tensors, so it cannot be evaluated for fitting")
+    placement = site.pair.placement
+    if samples is None:
+        samples = _data_free_samples(bn, f, placement)
+    z, w, target = samples.z, samples.w, samples.target
+    eps = float(bn.eps)
+    if placement == "before":
+        a2, b2, mean, var = bn_math.fit_after(f, z, w, target)
+        with torch.no_grad():
+            effect = bn_math.relative_rmse(a2[None, :] * f(z.clone()).double() + b2[None, :], target, w)
+        set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, eps), mean, var)
+        move_after(site.bn_node, site.act_node)
+    else:
+        a, b = (t.cpu() for t in _bn_affine_of(bn))
+        a2, b2 = bn_math.fit_before(f, z, w, target, (a, b))
+        mean, var = bn_math.weighted_moments(z, w)
+        with torch.no_grad():
+            effect = bn_math.relative_rmse(f(a2[None, :] * z + b2[None, :]).double(), target, w)
+        set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, eps), mean, var)
+        move_before(site.bn_node, site.act_node)
+    return [f"{samples.source} fit: block error {effect:.3f} (relative RMS)"], effect
+
+
 def swap(root: nn.Module, site: Site) -> list[str]:
     """Reorder only; every parameter stays as it was."""
     assert site.act_node is not None and site.pair.placement is not None
@@ -282,8 +362,17 @@ def guard_inplace(act: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
     return []
 
 
-def move(root: nn.Module, site: Site, method: str, modules: dict[str, nn.Module]) -> list[str]:
-    """Apply one move (``"exact"`` or ``"swap"``) to ``site``; returns notes for the report.
+def move(
+    root: nn.Module,
+    site: Site,
+    method: str,
+    modules: dict[str, nn.Module],
+    samples: FitSamples | None = None,
+) -> tuple[str, list[str], float | None]:
+    """Apply one move (``"exact"``, ``"fit"`` or ``"swap"``) to ``site``.
+
+    Returns the method really used (a pair that cannot be fitted is swapped,
+    and the notes say why), notes for the report, and the fitted block's error.
 
     ``modules`` is the region's ``dict(root.named_modules())``, built once per
     region (building it per move made conversion quadratic in model size).
@@ -291,7 +380,15 @@ def move(root: nn.Module, site: Site, method: str, modules: dict[str, nn.Module]
     if site.fused is not None:
         split_fused(root, site)
     assert site.act_node is not None
-    if method == "swap":
+    effect: float | None = None
+    used = method
+    if method == "fit":
+        try:
+            notes, effect = fit_pair(root, site, samples)
+            used = "fit-calibrated" if samples is not None else "fit-data-free"
+        except CannotFit as why:
+            notes, used = [f"swapped instead of fitted: {why}", *swap(root, site)], "swap"
+    elif method == "swap":
         notes = swap(root, site)
     elif site.pair.placement == "before":
         notes = exact_before_to_after(root, site)
@@ -299,7 +396,7 @@ def move(root: nn.Module, site: Site, method: str, modules: dict[str, nn.Module]
         notes = exact_after_to_before(root, site)
     if site.act_node.op == "call_module" and str(site.act_node.target) not in modules:
         modules[str(site.act_node.target)] = root.get_submodule(str(site.act_node.target))  # split fused
-    return notes + guard_inplace(site.act_node, modules)
+    return used, notes + guard_inplace(site.act_node, modules), effect
 
 
 __all__ = [

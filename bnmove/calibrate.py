@@ -1,0 +1,344 @@
+"""Calibration data and what bnmove does with it.
+
+* :func:`calibration_batches` turns what users have (a tensor, a sequence of
+  tensors or tuples, a DataLoader, or files) into input batches.
+* :func:`capture` records intermediate activations of a traced graph.
+* :func:`refit_layer` re-fits a Conv/Linear by ridge least squares so that, fed
+  the converted model's activations, it reproduces the original model's output
+  (im2col for convs, one solve per group).
+* :func:`recalibrate` re-estimates every BatchNorm's running statistics as exact
+  averages over the data.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ._clone import clone_module
+from .errors import BnmoveError, ModelRunError
+
+Batch = tuple[torch.Tensor, ...]
+MAX_ROWS = 60_000
+
+
+def _as_batch(item: Any, where: str) -> Batch:
+    if isinstance(item, torch.Tensor):
+        return (item,)
+    if isinstance(item, np.ndarray):
+        return (torch.from_numpy(item),)
+    if (
+        isinstance(item, (tuple, list))
+        and item
+        and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in item)
+    ):
+        return tuple(torch.as_tensor(t) for t in item)
+    if isinstance(item, dict) and "x" in item:
+        return _as_batch(item["x"], where)
+    raise BnmoveError(f"{where}: expected tensors (or tuples of tensors), got {type(item).__name__}")
+
+
+def calibration_batches(data: Any, *, samples: int = 256) -> list[Batch]:
+    """Input batches holding at most ``samples`` samples in all.
+
+    ``data``: a tensor (the batch dimension first), a sequence of tensors or
+    tuples of tensors (each one batch), or a DataLoader/iterable of such.
+    """
+    if samples < 1:
+        raise BnmoveError("calibration samples must be at least 1")
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        items: Iterable[Any] = [data]
+    elif isinstance(data, (str, Path)):
+        items = load_calibration_files(Path(data))
+    else:
+        items = data
+    batches: list[Batch] = []
+    total = 0
+    for item in items:
+        batch = _as_batch(item, "calibration data")
+        if any(not t.is_floating_point() for t in batch[:1]):
+            batch = (batch[0].float(), *batch[1:])
+        take = min(len(batch[0]), samples - total)
+        batches.append(tuple(t[:take] for t in batch))
+        total += take
+        if total >= samples:
+            break
+    if not batches or total == 0:
+        raise BnmoveError("calibration data is empty")
+    return batches
+
+
+def load_calibration_files(path: Path) -> list[Any]:
+    """``.pt``/``.pth`` (tensors, weights_only), ``.npy``, ``.npz`` (``x`` or its first array), or a folder."""
+    if not path.exists():
+        raise BnmoveError(f"{path}: no such file or folder")
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".npy", ".npz"))
+        if path.is_dir()
+        else [path]
+    )
+    if not files:
+        raise BnmoveError(f"{path}: no .pt, .pth, .npy or .npz files in this folder")
+    items: list[Any] = []
+    for file in files:
+        try:
+            if file.suffix in (".pt", ".pth"):
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+            elif file.suffix == ".npy":
+                obj = np.load(file, allow_pickle=False)
+            elif file.suffix == ".npz":
+                with np.load(file, allow_pickle=False) as archive:
+                    if not archive.files:
+                        raise BnmoveError(f"{file}: empty .npz archive")
+                    obj = archive["x" if "x" in archive.files else archive.files[0]]
+            else:
+                raise BnmoveError(f"{file}: unsupported calibration file type {file.suffix or '(none)'}")
+        except BnmoveError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BnmoveError(f"{file}: cannot read it as calibration data ({first[:160]})") from exc
+        if isinstance(obj, (list, tuple)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
+            items.extend(obj if obj[0].dim() > 1 and len({t.shape[1:] for t in obj}) == 1 else [tuple(obj)])
+        else:
+            items.append(obj)
+    for item in items:
+        _as_batch(item, str(path))
+    return items
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """Call ``model`` the way the batch needs: all its tensors, or just as many as forward takes
+    (a ``(x, y)`` pair from a labelled dataset feeds ``x`` only)."""
+    try:
+        params = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        takes_varargs = any(
+            p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()
+        )
+    except (TypeError, ValueError):
+        params, takes_varargs = [], True
+    args = batch if takes_varargs or len(batch) <= len(params) else batch[: max(len(params), 1)]
+    return model(*args)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a GraphModule and keeps copies of the named nodes' outputs; stops once it has them all."""
+
+    class _Done(Exception):
+        pass
+
+    def __init__(self, gm: fx.GraphModule, names: Sequence[str]) -> None:
+        super().__init__(gm)
+        self.wanted = set(names)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = out.detach().clone()  # later in-place ops must not touch it
+            if len(self.values) == len(self.wanted):
+                raise self._Done
+        return out
+
+
+def capture(gm: fx.GraphModule, names: Sequence[str], batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    """Outputs of nodes ``names`` over all batches (eval mode, no grad), concatenated on dim 0."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    collected: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    flags = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                recorder = _Recorder(gm, names)
+                try:
+                    recorder.run(*[t.to(device) for t in batch[: len(_placeholders(gm))]])
+                except _Recorder._Done:
+                    pass
+                except Exception as exc:
+                    raise ModelRunError(
+                        f"the model failed on the calibration data: {type(exc).__name__}: {exc}"
+                    ) from exc
+                for name in names:
+                    collected[name].append(recorder.values[name])
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    return {name: torch.cat(parts) for name, parts in collected.items()}
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def channel_samples(*tensors: torch.Tensor, max_rows: int = MAX_ROWS, seed: int = 0) -> list[torch.Tensor]:
+    """``(N, C, *spatial)`` tensors -> ``(K, C)`` rows (the same rows for each), subsampled to ``max_rows``."""
+    rows = [t.transpose(0, 1).reshape(t.shape[1], -1).T if t.dim() > 2 else t for t in tensors]
+    count = rows[0].shape[0]
+    if count > max_rows:
+        idx = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:max_rows]
+        rows = [r[idx.to(r.device)] for r in rows]
+    return [r.double().cpu() for r in rows]
+
+
+def _design(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows of the layer's input as the layer sees them (im2col for convs) and the row count per sample."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1]), 1
+    if isinstance(layer, nn.Conv1d):
+        x4 = x.unsqueeze(2)
+        cols = F.unfold(
+            x4,
+            (1, layer.kernel_size[0]),
+            dilation=(1, layer.dilation[0]),
+            padding=(0, int(layer.padding[0])),
+            stride=(1, layer.stride[0]),
+        )
+    else:
+        assert isinstance(layer, nn.Conv2d)
+        cols = F.unfold(
+            x,
+            layer.kernel_size,
+            dilation=layer.dilation,
+            padding=layer.padding,  # type: ignore[arg-type]
+            stride=layer.stride,
+        )
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
+
+
+def refit_blocker(layer: nn.Module) -> str | None:
+    if isinstance(layer, nn.Linear):
+        return None
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and type(layer) in (nn.Conv1d, nn.Conv2d):
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r}"
+        if isinstance(layer.padding, str):
+            return "string padding"
+        return None
+    return f"{type(layer).__name__} is not refitted"
+
+
+def refit_layer(
+    layer: nn.Conv1d | nn.Conv2d | nn.Linear,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ridge: float = 1e-4,
+    max_rows: int = MAX_ROWS,
+) -> float:
+    """Ridge least squares for ``layer``'s weight and bias so that ``layer(x) ≈ target``.
+
+    Returns the relative RMS error after the fit. Convs are unfolded (im2col),
+    and each group is solved on its own slice of input channels.
+    """
+    with torch.no_grad():
+        rows, _ = _design(layer, x.double())
+        if isinstance(layer, nn.Linear):
+            out_rows = target.double().reshape(-1, target.shape[-1])
+        else:  # (N, C_out, *spatial) -> rows in im2col order: sample-major, then spatial row-major
+            out_rows = target.double().flatten(2).transpose(1, 2).reshape(-1, target.shape[1])
+        if rows.shape[0] > max_rows:
+            idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
+            rows, out_rows = rows[idx], out_rows[idx]
+        groups = int(getattr(layer, "groups", 1))
+        out_ch = out_rows.shape[1]
+        cols_per_group = rows.shape[1] // groups
+        outs_per_group = out_ch // groups
+        weight = torch.zeros(out_ch, cols_per_group, dtype=torch.float64)
+        bias = torch.zeros(out_ch, dtype=torch.float64)
+        for g in range(groups):
+            xg = rows[:, g * cols_per_group : (g + 1) * cols_per_group]
+            yg = out_rows[:, g * outs_per_group : (g + 1) * outs_per_group]
+            design = torch.cat([xg, torch.ones(len(xg), 1, dtype=torch.float64)], 1)
+            gram = design.T @ design
+            lam = ridge * float(gram.diagonal().mean())
+            gram += lam * torch.eye(gram.shape[0], dtype=torch.float64)
+            solution = torch.linalg.solve(gram, design.T @ yg)
+            weight[g * outs_per_group : (g + 1) * outs_per_group] = solution[:-1].T
+            bias[g * outs_per_group : (g + 1) * outs_per_group] = solution[-1]
+        pred = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+        full = torch.zeros(rows.shape[1] + 1, out_ch, dtype=torch.float64)
+        for g in range(groups):
+            sl = slice(g * outs_per_group, (g + 1) * outs_per_group)
+            full[g * cols_per_group : (g + 1) * cols_per_group, sl] = weight[sl].T
+        full[-1] = bias
+        err = float(((pred @ full - out_rows) ** 2).mean().sqrt() / out_rows.std().clamp_min(1e-12))
+        w = layer.weight
+        layer.weight.copy_(weight.reshape(w.shape).to(w.dtype))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype))
+        else:
+            layer.bias.copy_(bias.to(layer.bias.dtype))
+    return err
+
+
+def recalibrate(model: nn.Module, data: Any, *, samples: int | None = None) -> nn.Module:
+    """A copy of ``model`` whose BatchNorms hold exact averages of their inputs over ``data``.
+
+    BatchNorms run in train mode (normalising with batch statistics, as in
+    training) while every other layer stays in eval mode (dropout off). Each
+    BN's running mean and (unbiased) variance become the exact mean and variance
+    of everything it saw, weighting every sample equally whatever the batch sizes.
+    """
+    work = clone_module(model)
+    batches = calibration_batches(data, samples=samples or 10**12)
+    bns = [
+        m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not bns:
+        return work
+    sums: dict[nn.Module, list[Any]] = {}  # [sum, sum of squares, count] per channel
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = x.numel() // x.shape[1]
+        acc = sums.setdefault(
+            module, [torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)] * 2 + [0]
+        )  # type: ignore[list-item]
+        acc[0] = acc[0] + x.sum(dims)
+        acc[1] = acc[1] + (x * x).sum(dims)
+        acc[2] = acc[2] + count  # type: ignore[assignment]
+
+    flags = [(m, m.training) for m in work.modules()]
+    handles = [bn.register_forward_pre_hook(record) for bn in bns]
+    work.eval()
+    for bn in bns:
+        bn.train()
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    call_model(work, tuple(t.to(device) for t in batch))
+                except Exception as exc:
+                    raise ModelRunError(f"the model failed on the data: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    with torch.no_grad():
+        for bn in bns:
+            if bn not in sums:
+                continue
+            total, square, count = sums[bn]
+            n = float(count)
+            mean = total / n
+            var = (square - n * mean * mean) / max(n - 1.0, 1.0)
+            bn.running_mean.copy_(mean.to(bn.running_mean.dtype))  # type: ignore[union-attr]
+            bn.running_var.copy_(var.clamp_min(0).to(bn.running_var.dtype))  # type: ignore[union-attr]
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.fill_(len(batches))
+    return work
