@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,10 @@ def calibration_batches(data: Any, *, samples: int = 256) -> list[Batch]:
     """
     if samples < 1:
         raise BnmoveError("calibration samples must be at least 1")
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        items: Iterable[Any] = [data]
+    if isinstance(data, list) and data and all(isinstance(b, tuple) for b in data):
+        items: Iterable[Any] = data  # already batches
+    elif isinstance(data, (torch.Tensor, np.ndarray)):
+        items = [data]
     elif isinstance(data, (str, Path)):
         items = load_calibration_files(Path(data))
     else:
@@ -283,7 +285,9 @@ def refit_layer(
     return err
 
 
-def recalibrate(model: nn.Module, data: Any, *, samples: int | None = None) -> nn.Module:
+def recalibrate(
+    model: nn.Module, data: Any, *, samples: int | None = None, on_batch: Callable[[], None] | None = None
+) -> nn.Module:
     """A copy of ``model`` whose BatchNorms hold exact averages of their inputs over ``data``.
 
     BatchNorms run in train mode (normalising with batch statistics, as in
@@ -324,6 +328,8 @@ def recalibrate(model: nn.Module, data: Any, *, samples: int | None = None) -> n
                     call_model(work, tuple(t.to(device) for t in batch))
                 except Exception as exc:
                     raise ModelRunError(f"the model failed on the data: {type(exc).__name__}: {exc}") from exc
+                if on_batch is not None:
+                    on_batch()
     finally:
         for handle in handles:
             handle.remove()

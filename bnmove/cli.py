@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from ._atomic import atomic_path, check_output
+from .calibrate import calibration_batches, recalibrate
 from .codegen import require_graph_module, write_code_folder
 from .conversion import METHODS, convert
 from .data import load_dataset
@@ -226,13 +227,30 @@ def inspect(
     show_default=True,
     type=click.Choice(METHODS),
     help="exact: only moves that keep eval outputs (BN folded into the neighbouring Conv/Linear); "
-    "swap: reorder only, parameters untouched; auto: exact where possible, swap elsewhere.",
+    "fit: move every pair and fit the new BN so the block reproduces the old one (data-free, or from "
+    "--calibration-data); swap: reorder only, parameters untouched; auto: exact where possible, fit elsewhere.",
 )
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
     help="Output file. Default: <stem>.<placement>.pt beside MODEL.",
+)
+@click.option(
+    "--calibration-data",
+    "calibration_path",
+    type=click.Path(path_type=Path),
+    help="Real inputs for fitting: .pt/.pth tensors (loaded weights-only), .npy, .npz, or a folder of them.",
+)
+@click.option(
+    "--calibration-samples",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Use at most this many calibration samples.",
+)
+@click.option(
+    "--no-refit", is_flag=True, help="With calibration data, do not re-fit the layer after each fitted pair."
 )
 @click.option(
     "--code-dir",
@@ -251,6 +269,9 @@ def convert_command(
     placement: str,
     method: str,
     output: Path | None,
+    calibration_path: Path | None,
+    calibration_samples: int,
+    no_refit: bool,
     code_dir: Path | None,
     force: bool,
 ) -> None:
@@ -263,13 +284,26 @@ def convert_command(
     if code_dir is not None:
         check_output(code_dir, force=force, inputs=(model_path,))
     loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
+    calibration = (
+        calibration_batches(calibration_path, samples=calibration_samples)
+        if calibration_path is not None
+        else None
+    )
     inputs = _inputs(loaded, input_shapes)
     with (
         _stderr().status("converting…", spinner="dots")
         if sys.stderr.isatty() and not as_json
         else contextlib.nullcontext()
     ):
-        result = convert(loaded.module, placement, method=method, example_inputs=inputs)
+        result = convert(
+            loaded.module,
+            placement,
+            method=method,
+            example_inputs=inputs,
+            calibration_data=calibration,
+            calibration_samples=calibration_samples,
+            refit_next=not no_refit,
+        )
     if code_dir is not None:
         require_graph_module(result.model)  # fail before writing anything
     with atomic_path(output) as tmp:
@@ -290,6 +324,69 @@ def convert_command(
         out.print(f"[yellow]{line}[/]", highlight=False)
     out.print(conversion_summary(result), highlight=False)
     out.print(f"wrote {output}" + (f" and {code_dir}/" if code_dir else ""), highlight=False)
+
+
+@main.command(name="recalibrate")
+@model_options
+@click.option(
+    "--calibration-data",
+    "calibration_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".pt/.pth tensors (loaded weights-only), .npy, .npz, or a folder of them.",
+)
+@click.option(
+    "--calibration-samples", type=click.IntRange(1), help="Use at most this many samples (default: all)."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file. Default: <stem>.recalibrated.pt beside MODEL.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def recalibrate_command(
+    model_path: Path,
+    arch: str | None,
+    arch_args: tuple[str, ...],
+    allow_pickle: bool,
+    imports: tuple[str, ...],
+    input_shapes: tuple[str, ...],
+    as_json: bool,
+    calibration_path: Path,
+    calibration_samples: int | None,
+    output: Path | None,
+    force: bool,
+) -> None:
+    """Re-estimate every BatchNorm's running statistics as exact averages over the data.
+
+    BatchNorms see the data in train mode (as in training) while every other layer stays in
+    eval mode (dropout off); nothing else changes. Useful after a swap or a fit.
+    """
+    del input_shapes
+    output = output or model_path.with_name(f"{model_path.name.split('.')[0]}.recalibrated.pt")
+    check_output(output, force=force, inputs=(model_path,))
+    loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
+    batches = calibration_batches(calibration_path, samples=calibration_samples or 10**12)
+    show = sys.stderr.isatty() and not as_json
+    with Progress(
+        TextColumn("recalibrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=_stderr(),
+        transient=True,
+        disable=not show,
+    ) as progress:
+        task = progress.add_task("batches", total=len(batches))
+        model = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
+    with atomic_path(output) as tmp:
+        torch.save(model, tmp)
+    bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    samples = sum(len(b[0]) for b in batches)
+    if as_json:
+        click.echo(json.dumps({"output": str(output), "batchnorms": bns, "samples": samples}))
+        return
+    _stdout().print(f"re-estimated {bns} BatchNorms over {samples} samples; wrote {output}", highlight=False)
 
 
 def _csv_list(text: str, what: str) -> list[str]:

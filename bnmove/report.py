@@ -75,6 +75,8 @@ def conversion_table(conversion: Conversion) -> Table:
         pair = move.pair
         if move.moved and move.method == "exact":
             result = "[green]moved (exact)[/]"
+        elif move.moved and move.method and move.method.startswith("fit"):
+            result = f"[cyan]moved ({move.method.replace('-', ', ')})[/]"
         elif move.moved:
             result = "[yellow]moved (swap: function changed)[/]"
         else:
@@ -105,8 +107,13 @@ def conversion_summary(conversion: Conversion) -> str:
             f"; eval outputs on {shapes}: max abs error {dev.max_abs_error:.3g}, "
             f"relative {dev.max_rel_error:.3g}"
         )
-        if conversion.changed_function:
+        if any(m.method == "swap" for m in moved):
             text += " (swaps change the function: retrain or fine-tune)"
+    check = conversion.calibration
+    if check is not None:
+        text += f"; on {check.samples} calibration samples: max abs error {check.max_abs_error:.3g}"
+        if check.top1_agreement is not None:
+            text += f", top-1 agreement {check.top1_agreement:.1%}"
     return text
 
 

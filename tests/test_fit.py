@@ -1,0 +1,255 @@
+"""Fitted moves (method fit): math against brute force, trained models, recalibration, data formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bnmove
+from bnmove import bn_math
+from bnmove.calibrate import calibration_batches, recalibrate
+from bnmove.cli import main
+from bnmove.data import load_dataset
+from bnmove.sample_models import PreActResNet
+
+ACTS = {"ReLU": nn.ReLU, "GELU": nn.GELU, "SiLU": nn.SiLU, "Hardswish": nn.Hardswish, "Tanh": nn.Tanh}
+
+
+def test_fit_after_is_the_least_squares_solution() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 3, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    w = torch.full((500,), 1 / 500, dtype=torch.float64)
+    target = torch.tanh(1.7 * z - 0.4) + 0.05 * torch.randn(500, 3, generator=g, dtype=torch.float64)
+    a, b, mean, var = bn_math.fit_after(torch.tanh, z, w, target)
+    for c in range(3):
+        design = np.stack([np.tanh(z[:, c].numpy()), np.ones(500)], 1)
+        (ref_a, ref_b), *_ = np.linalg.lstsq(design, target[:, c].numpy(), rcond=None)
+        assert float(a[c]) == pytest.approx(ref_a, rel=1e-9) and float(b[c]) == pytest.approx(ref_b, rel=1e-9)
+    torch.testing.assert_close(mean, torch.tanh(z).mean(0))
+    torch.testing.assert_close(var, torch.tanh(z).var(0, unbiased=False))
+
+
+@pytest.mark.parametrize("act", [F.relu, F.gelu, F.silu, F.hardswish, torch.tanh])
+def test_fit_before_reaches_the_brute_force_optimum(act) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(1)
+    a, b = (
+        torch.randn(4, generator=g, dtype=torch.float64) * 1.5,
+        torch.randn(4, generator=g, dtype=torch.float64),
+    )
+    z, w = bn_math.gaussian_samples(
+        torch.randn(4, generator=g, dtype=torch.float64), torch.rand(4, generator=g) + 0.5
+    )
+    target = a * act(z) + b
+    fa, fb = bn_math.fit_before(act, z, w, target, (a, b))
+    fitted = (w[:, None] * (act(fa * z + fb) - target) ** 2).sum(0)
+    grid = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    ga, gb = torch.meshgrid(grid, grid, indexing="ij")
+    for c in range(4):
+        brute = (w * (act(ga[..., None] * z[:, c] + gb[..., None]) - target[:, c]) ** 2).sum(-1).min()
+        assert float(fitted[c]) <= float(brute) * 1.1 + 1e-4
+
+
+def test_bn_params_for_affine() -> None:
+    a, b = torch.tensor([2.0, -0.5]), torch.tensor([0.3, 1.0])
+    mean, var = torch.tensor([0.1, -1.0]), torch.tensor([0.5, 2.0])
+    weight, bias = bn_math.bn_params_for_affine(a, b, mean, var, 1e-5)
+    u = torch.randn(10, 2, dtype=torch.float64)
+    out = F.batch_norm(u, mean.double(), var.double(), weight, bias, False, 0.0, 1e-5)
+    torch.testing.assert_close(out, a.double() * u + b.double())
+
+
+@pytest.fixture(scope="module")
+def digits() -> bnmove.Dataset:
+    return load_dataset("digits")
+
+
+def _train(act: type[nn.Module], data: bnmove.Dataset) -> nn.Module:
+    torch.manual_seed(0)
+    model = PreActResNet(10, width=16, blocks=2, in_channels=1, act=act)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        model.train()
+        perm = torch.randperm(len(data.train.y), generator=order)
+        for start in range(0, len(perm) - 1, 64):
+            idx = perm[start : start + 64]
+            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((a.eval()(x).argmax(1) == b.eval()(x).argmax(1)).float().mean())
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bnmove.Dataset) -> None:
+    model = _train(ACTS[act], digits)
+    x, example = digits.val.x, (digits.val.x[:4],)
+    pairs = {p.bn: p for p in bnmove.find_pairs(model)}
+    assert not pairs["blocks.1.bn1"].exact and "input is add" in (pairs["blocks.1.bn1"].reason or "")
+    swap = _agreement(model, bnmove.convert(model, "after", method="swap", example_inputs=example).model, x)
+    auto = bnmove.convert(model, "after", method="auto", example_inputs=example)
+    assert {m.pair.bn: m.method for m in auto.moved} == {
+        bn: "exact" if p.exact else "fit-data-free" for bn, p in pairs.items() if p.placement == "before"
+    }
+    fitted = bnmove.convert(model, "after", method="fit", example_inputs=example)
+    assert {m.method for m in fitted.moved} == {"fit-data-free"}
+    assert all(m.effect is not None and m.effect < 1.0 for m in fitted.moved)
+    calibrated = bnmove.convert(
+        model, "after", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
+    )
+    assert {m.method for m in calibrated.moved} == {"fit-calibrated"}
+    assert calibrated.calibration is not None and calibrated.calibration.samples == 256
+    free_agree, cal_agree = _agreement(model, fitted.model, x), _agreement(model, calibrated.model, x)
+    assert cal_agree >= 0.95 and cal_agree >= swap + 0.05
+    if act != "Tanh":  # a swapped Tanh network can stay close on its own (see README)
+        assert free_agree >= swap + 0.2
+    # BN' holds the real moments of its new input: train and eval mode start close.
+    new_bn = calibrated.model.get_submodule("blocks.0.bn1")
+    act_out = ACTS[act]()(calibrated.model.get_submodule("stem")(digits.train.x[:256]))
+    torch.testing.assert_close(new_bn.running_mean, act_out.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),
+    ).eval()
+
+
+def test_recalibrate_matches_an_independent_computation() -> None:
+    model = _bn_net()
+    data = [torch.randn(n, 2, 6, 6, generator=torch.Generator().manual_seed(n)) * 2 + 1 for n in (5, 16, 7)]
+    result = recalibrate(model, data)
+    conv1, bn1, _, _, conv2, _ = model
+    first = torch.cat([conv1(x).detach().transpose(0, 1).reshape(3, -1) for x in data], 1)
+    second = []
+    for x in data:  # BN in train mode uses batch statistics; dropout stays off
+        h = F.batch_norm(conv1(x), None, None, bn1.weight, bn1.bias, True)
+        second.append(conv2(torch.relu(h)).detach().transpose(0, 1).reshape(4, -1))
+    second_t = torch.cat(second, 1)
+    torch.testing.assert_close(result[1].running_mean, first.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result[1].running_var, first.var(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result[5].running_mean, second_t.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result[5].running_var, second_t.var(1), atol=1e-5, rtol=1e-5)
+    assert not result.training and not model[1].running_mean.equal(result[1].running_mean)
+
+
+def test_calibration_formats(tmp_path: Path) -> None:
+    x = torch.randn(40, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save([x[:10], x[10:20]], tmp_path / "list.pt")
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.savez(tmp_path / "x.npz", x=x.numpy(), y=np.zeros(40))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    np.save(folder / "a.npy", x[:25].numpy())
+    np.save(folder / "b.npy", x[25:].numpy())
+    loader = DataLoader(TensorDataset(x, torch.zeros(40)), batch_size=16)
+    sources = {
+        "tensor": x,
+        "list of tensors": [x[:20], x[20:]],
+        "list of tuples": [(x[:20],), (x[20:],)],
+        "DataLoader of (x, y)": loader,
+        ".pt": tmp_path / "x.pt",
+        ".pt list": tmp_path / "list.pt",
+        ".npy": tmp_path / "x.npy",
+        ".npz": tmp_path / "x.npz",
+        "folder": folder,
+    }
+    model = _bn_net()
+    reference = recalibrate(model, x[:32])
+    for name, source in sources.items():
+        batches = calibration_batches(source, samples=32)
+        assert sum(len(b[0]) for b in batches) == (20 if name == ".pt list" else 32), name
+        if name != ".pt list":
+            assert torch.equal(torch.cat([b[0] for b in batches]), x[:32]), name
+            torch.testing.assert_close(
+                recalibrate(model, source, samples=32)[1].running_mean, reference[1].running_mean, msg=name
+            )
+
+
+def test_calibration_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    cases = {
+        tmp_path / "empty": "no .pt, .pth, .npy or .npz files",
+        tmp_path / "module.pt": "cannot read it as calibration data",
+        tmp_path / "junk.npz": "cannot read it as calibration data",
+        tmp_path / "nothing.pt": "no such file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(bnmove.BnmoveError, match=message):
+            calibration_batches(path)
+    with pytest.raises(bnmove.BnmoveError, match="calibration data is empty"):
+        calibration_batches(torch.zeros(0, 3))
+    with pytest.raises(bnmove.BnmoveError, match="expected tensors"):
+        calibration_batches(["not a tensor"])
+    with pytest.raises(bnmove.ModelRunError, match="failed on the calibration data"):
+        bnmove.convert(
+            _bn_net(),
+            "after",
+            method="fit",
+            example_inputs=(torch.randn(2, 2, 6, 6),),
+            calibration_data=torch.randn(8, 5, 6, 6),
+        )
+
+
+def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.Dataset) -> None:
+    model = _train(nn.GELU, digits)
+    path = tmp_path / "preact.pt"
+    torch.save(model, path)
+    np.save(tmp_path / "calib.npy", digits.train.x[:128].numpy())
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(path),
+            "--allow-pickle",
+            "--placement",
+            "after",
+            "--calibration-data",
+            str(tmp_path / "calib.npy"),
+            "--input-shape",
+            "2,1,8,8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "fitted" in text and "on 128 calibration samples" in text and "top-1 agreement" in text
+    recal = CliRunner().invoke(
+        main, ["recalibrate", str(path), "--allow-pickle", "--calibration-data", str(tmp_path / "calib.npy")]
+    )
+    assert recal.exit_code == 0, recal.output
+    assert "re-estimated 5 BatchNorms over 128 samples" in " ".join(recal.stdout.split())
+    assert torch.load(tmp_path / "preact.recalibrated.pt", weights_only=False) is not None
+    bad = CliRunner().invoke(
+        main,
+        [
+            "recalibrate",
+            str(path),
+            "--allow-pickle",
+            "--calibration-data",
+            str(tmp_path / "none.npy"),
+            "-o",
+            str(tmp_path / "r.pt"),
+        ],
+    )
+    assert bad.exit_code == 1 and "no such file" in bad.stderr and not (tmp_path / "r.pt").exists()
