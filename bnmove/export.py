@@ -151,7 +151,13 @@ def _variant_model(
     model: nn.Module, variant: str, method: str, inputs: Sequence[torch.Tensor]
 ) -> tuple[nn.Module, dict[str, Any]]:
     if variant == "original":
-        return clone_module(model), {"moves": [], "moved": 0, "moved_exact": 0, "moved_swap": 0}
+        return clone_module(model), {
+            "moves": [],
+            "moved": 0,
+            "moved_exact": 0,
+            "moved_fit": 0,
+            "moved_swap": 0,
+        }
     result = convert(model, variant, method=method, example_inputs=inputs)
     info = result.to_dict()
     return result.model, {
@@ -162,6 +168,7 @@ def _variant_model(
         ],
         "moved": info["moved"],
         "moved_exact": info["moved_exact"],
+        "moved_fit": info["moved_fit"],
         "moved_swap": info["moved_swap"],
         "conversion_verification": info["verification"],
     }

@@ -67,6 +67,14 @@ def untraced_lines(untraced: Sequence[Untraced]) -> list[str]:
     ]
 
 
+_METHOD_LABEL = {
+    "exact": "exact",
+    "fit-data-free": "fitted data-free",
+    "fit-calibrated": "fitted on data",
+    "swap": "swapped",
+}
+
+
 def conversion_table(conversion: Conversion) -> Table:
     table = Table(title=f"Moves to placement '{conversion.placement}'", title_justify="left")
     for column in ("BN", "activation", "kind", "was", "result", "note"):
@@ -76,7 +84,7 @@ def conversion_table(conversion: Conversion) -> Table:
         if move.moved and move.method == "exact":
             result = "[green]moved (exact)[/]"
         elif move.moved and move.method and move.method.startswith("fit"):
-            result = f"[cyan]moved ({move.method.replace('-', ', ')})[/]"
+            result = f"[cyan]moved ({_METHOD_LABEL[move.method]})[/]"
         elif move.moved:
             result = "[yellow]moved (swap: function changed)[/]"
         else:
@@ -95,11 +103,10 @@ def conversion_table(conversion: Conversion) -> Table:
 
 def conversion_summary(conversion: Conversion) -> str:
     moved = conversion.moved
-    exact = sum(m.method == "exact" for m in moved)
+    counts = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in moved)
     adjacent = sum(m.pair.placement is not None for m in conversion.moves)
-    text = (
-        f"moved {len(moved)} of {adjacent} BN–activation pairs ({exact} exact, {len(moved) - exact} swapped)"
-    )
+    detail = ", ".join(f"{n} {label}" for label, n in counts.items()) or "none"
+    text = f"moved {len(moved)} of {adjacent} BN–activation pairs ({detail})"
     dev = conversion.verification
     if dev is not None:
         shapes = ", ".join("x".join(map(str, s)) for s in dev.input_shapes)
@@ -109,6 +116,8 @@ def conversion_summary(conversion: Conversion) -> str:
         )
         if any(m.method == "swap" for m in moved):
             text += " (swaps change the function: retrain or fine-tune)"
+        elif any((m.method or "").startswith("fit") for m in moved):
+            text += " (fitted moves approximate the function)"
     check = conversion.calibration
     if check is not None:
         text += f"; on {check.samples} calibration samples: max abs error {check.max_abs_error:.3g}"
@@ -308,7 +317,7 @@ def export_table(manifest: dict[str, Any]) -> Table:
         table.add_row(
             name,
             v["file"],
-            f"{v['moved']} ({v['moved_exact']}/{v['moved_swap']})",
+            f"{v['moved']} ({v['moved_exact']}/{v.get('moved_fit', 0)}/{v['moved_swap']})",
             str(v["batchnorm_nodes"]),
             "—" if standalone is None else str(len(standalone)),
             f"{v['onnxruntime_vs_torch_max_abs_error']:.1e}",
