@@ -19,10 +19,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import bnmove
 from bnmove.data import load_dataset
+from bnmove.experiment import train_classifier
 from bnmove.sample_models import PreActResNet
 
 ACTS = {
@@ -40,20 +40,7 @@ def train(
     """Train to convergence (Adam with a cosine schedule), as a model one would convert is."""
     torch.manual_seed(seed)
     model = PreActResNet(10, width=width, blocks=3, in_channels=1, act=act)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(data.train.y), generator=order)
-        for start in range(0, len(perm) - 1, 64):
-            idx = perm[start : start + 64]
-            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-    return model.eval()
+    return train_classifier(model, data, epochs=epochs, cosine=True, seed=seed)
 
 
 def agreement(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.rule import Rule
 
@@ -21,7 +20,7 @@ from .conversion import convert
 from .data import Dataset, load_dataset
 from .detect import detect
 from .errors import BnmoveError
-from .experiment import experiment
+from .experiment import experiment, train_classifier
 from .export import export_variants, read_manifest
 from .runtime import compare
 from .sample_models import digits_net
@@ -45,18 +44,7 @@ def _pretrain(model: torch.nn.Module, data: Dataset | None) -> str:
                 model(torch.rand(64, 1, 8, 8))
         model.eval()
         return "BN statistics warmed on random data (install scikit-learn for the digits data)"
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(4):
-        perm = torch.randperm(len(data.train.y), generator=generator)
-        for start in range(0, len(perm) - 1, 64):
-            idx = perm[start : start + 64]
-            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    train_classifier(model, data, epochs=4)
     with torch.no_grad():
         acc = float((model(data.val.x).argmax(1) == data.val.y).float().mean())
     return f"trained 4 epochs on digits: {acc:.1%} validation accuracy"

@@ -156,6 +156,58 @@ def check_data(model: nn.Module, data: Dataset) -> int:
     return classes
 
 
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+) -> float:
+    """One epoch of cross-entropy training over ``x[order]`` in mini-batches; returns the mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size].to(x.device)
+        if len(idx) < 2:
+            continue  # BatchNorm cannot train on a single sample
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def train_classifier(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    cosine: bool = False,
+) -> nn.Module:
+    """Train ``model`` in place with Adam (optionally a cosine schedule), seeded; returns it in eval mode."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if cosine else None
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        train_epoch(
+            model,
+            optimizer,
+            data.train.x,
+            data.train.y,
+            torch.randperm(len(data.train.y), generator=order),
+            batch_size,
+        )
+        if schedule is not None:
+            schedule.step()
+    return model.eval()
+
+
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
     model.eval()
     loss, correct = 0.0, 0
@@ -241,22 +293,11 @@ def experiment(
                 torch.manual_seed(seed * 1_000_003 + epoch)  # same dropout stream for every variant
                 perm = torch.randperm(len(train_y), generator=order)
                 seen.update(perm.numpy().tobytes())
-                net.train()
-                total, count = 0.0, 0
-                for start in range(0, len(perm), batch_size):
-                    idx = perm[start : start + batch_size].to(target)
-                    if len(idx) < 2:
-                        continue  # BatchNorm cannot train on a single sample
-                    loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += float(loss.detach()) * len(idx)
-                    count += len(idx)
+                train_loss = train_epoch(net, optimizer, train_x, train_y, perm, batch_size)
                 val_loss, val_acc = _evaluate(net, val_x, val_y, max(batch_size, 256))
                 seconds = time.perf_counter() - started
                 wall[variant] += seconds
-                record = EpochRecord(variant, seed, epoch, total / max(count, 1), val_loss, val_acc, seconds)
+                record = EpochRecord(variant, seed, epoch, train_loss, val_loss, val_acc, seconds)
                 records.append(record)
                 if on_epoch is not None:
                     on_epoch(variant, seed, epoch, record)

@@ -17,6 +17,7 @@ from bnmove import bn_math
 from bnmove.calibrate import calibration_batches, recalibrate
 from bnmove.cli import main
 from bnmove.data import load_dataset
+from bnmove.experiment import train_classifier
 from bnmove.sample_models import PreActResNet
 
 ACTS = {"ReLU": nn.ReLU, "GELU": nn.GELU, "SiLU": nn.SiLU, "Hardswish": nn.Hardswish, "Tanh": nn.Tanh}
@@ -73,18 +74,7 @@ def digits() -> bnmove.Dataset:
 def _train(act: type[nn.Module], data: bnmove.Dataset) -> nn.Module:
     torch.manual_seed(0)
     model = PreActResNet(10, width=16, blocks=2, in_channels=1, act=act)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    order = torch.Generator().manual_seed(0)
-    for _ in range(6):
-        model.train()
-        perm = torch.randperm(len(data.train.y), generator=order)
-        for start in range(0, len(perm) - 1, 64):
-            idx = perm[start : start + 64]
-            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return train_classifier(model, data, epochs=6)
 
 
 def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
