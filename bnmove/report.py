@@ -406,6 +406,7 @@ def experiment_plot(result: ExperimentResult, path: Path) -> None:
     ax_acc.set_ylabel("validation accuracy")
     ax_loss.set_ylabel("training loss")
     for ax in (ax_acc, ax_loss):
+        ax.set_xticks(range(1, result.epochs + 1))
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
         ax.legend(title="BN placement")
