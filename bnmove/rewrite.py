@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from . import bn_math
-from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm
+from .detect import AFFINE_LAYERS, Site, make_plain_batchnorm
 from .patterns import input_is_shared, make_out_of_place, match_activation, out_of_place_function
 from .tracing import set_submodule
 
@@ -400,11 +400,15 @@ def move(
 
 
 __all__ = [
-    "FusedNorm",
+    "CannotFit",
+    "FitSamples",
     "activation_function",
+    "fit_pair",
+    "fold_bn",
     "make_identity",
     "move",
     "move_after",
     "move_before",
+    "set_bn",
     "split_fused",
 ]
