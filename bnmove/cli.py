@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +94,58 @@ debug_option = click.option(
 )
 
 
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model file and how to read it: what every model-reading command shares."""
+
+    path: Path
+    arch: str | None
+    arch_args: tuple[str, ...]
+    allow_pickle: bool
+    imports: tuple[str, ...]
+    input_shapes: tuple[str, ...]
+
+    def load(self) -> LoadedModel:
+        return load_model(
+            self.path,
+            arch=self.arch,
+            arch_kwargs=parse_arch_args(self.arch_args),
+            allow_pickle=self.allow_pickle,
+            imports=self.imports,
+        )
+
+    def given_inputs(self, loaded: LoadedModel) -> tuple[torch.Tensor, ...] | None:
+        """Example inputs from --input-shape, if given."""
+        if not self.input_shapes:
+            return None
+        return inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in self.input_shapes])
+
+    def inputs(self, loaded: LoadedModel) -> tuple[torch.Tensor, ...]:
+        """Example inputs from --input-shape, else inferred from the first layer."""
+        return self.given_inputs(loaded) or infer_example_inputs(loaded.module)
+
+    @property
+    def stem(self) -> str:
+        return self.path.name.split(".")[0]
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every command that reads a model file shares."""
+    """Options every command that reads a model file shares; the command receives them as ``model``."""
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        model_path: Path,
+        arch: str | None,
+        arch_args: tuple[str, ...],
+        allow_pickle: bool,
+        imports: tuple[str, ...],
+        input_shapes: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        model = ModelArgs(model_path, arch, arch_args, allow_pickle, imports, input_shapes)
+        return fn(*args, model=model, **kwargs)
+
     decorators = [
         click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path)),
         click.option(
@@ -130,27 +182,10 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
         debug_option,
     ]
+    wrapped: Callable[..., Any] = command
     for decorator in reversed(decorators):
-        fn = decorator(fn)
-    return fn
-
-
-def _load(
-    model_path: Path, arch: str | None, arch_args: Sequence[str], allow_pickle: bool, imports: Sequence[str]
-) -> LoadedModel:
-    return load_model(
-        model_path,
-        arch=arch,
-        arch_kwargs=parse_arch_args(arch_args),
-        allow_pickle=allow_pickle,
-        imports=imports,
-    )
-
-
-def _inputs(loaded: LoadedModel, shapes: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    if shapes:
-        return inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in shapes])
-    return infer_example_inputs(loaded.module)
+        wrapped = decorator(wrapped)
+    return wrapped
 
 
 def _stdout() -> Console:
@@ -181,25 +216,15 @@ def main() -> None:
 @main.command()
 @model_options
 def inspect(
-    model_path: Path,
-    arch: str | None,
-    arch_args: tuple[str, ...],
-    allow_pickle: bool,
-    imports: tuple[str, ...],
-    input_shapes: tuple[str, ...],
+    model: ModelArgs,
     as_json: bool,
 ) -> None:
     """List every BatchNorm–activation pair: placement, whether it can move, and whether exactly."""
-    loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
-    inputs = (
-        inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in input_shapes])
-        if input_shapes
-        else None
-    )
-    result = detect(loaded.module, inputs)
+    loaded = model.load()
+    result = detect(loaded.module, model.given_inputs(loaded))
     if as_json:
         payload = {
-            "model": str(model_path),
+            "model": str(model.path),
             "pairs": [p.to_dict() for p in result.pairs],
             "untraced": [u.__dict__ for u in result.untraced],
         }
@@ -259,12 +284,7 @@ def inspect(
 )
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def convert_command(
-    model_path: Path,
-    arch: str | None,
-    arch_args: tuple[str, ...],
-    allow_pickle: bool,
-    imports: tuple[str, ...],
-    input_shapes: tuple[str, ...],
+    model: ModelArgs,
     as_json: bool,
     placement: str,
     method: str,
@@ -279,17 +299,17 @@ def convert_command(
 
     The saved file is a whole module: load it with torch.load(OUT, weights_only=False).
     """
-    output = output or model_path.with_name(f"{model_path.stem}.{placement}.pt")
-    check_output(output, force=force, inputs=(model_path,))
+    output = output or model.path.with_name(f"{model.path.stem}.{placement}.pt")
+    check_output(output, force=force, inputs=(model.path,))
     if code_dir is not None:
-        check_output(code_dir, force=force, inputs=(model_path,))
-    loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
+        check_output(code_dir, force=force, inputs=(model.path,))
+    loaded = model.load()
     calibration = (
         calibration_batches(calibration_path, samples=calibration_samples)
         if calibration_path is not None
         else None
     )
-    inputs = _inputs(loaded, input_shapes)
+    inputs = model.inputs(loaded)
     with (
         _stderr().status("converting…", spinner="dots")
         if sys.stderr.isatty() and not as_json
@@ -346,12 +366,7 @@ def convert_command(
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def recalibrate_command(
-    model_path: Path,
-    arch: str | None,
-    arch_args: tuple[str, ...],
-    allow_pickle: bool,
-    imports: tuple[str, ...],
-    input_shapes: tuple[str, ...],
+    model: ModelArgs,
     as_json: bool,
     calibration_path: Path,
     calibration_samples: int | None,
@@ -363,10 +378,9 @@ def recalibrate_command(
     BatchNorms see the data in train mode (as in training) while every other layer stays in
     eval mode (dropout off); nothing else changes. Useful after a swap or a fit.
     """
-    del input_shapes
-    output = output or model_path.with_name(f"{model_path.name.split('.')[0]}.recalibrated.pt")
-    check_output(output, force=force, inputs=(model_path,))
-    loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
+    output = output or model.path.with_name(f"{model.stem}.recalibrated.pt")
+    check_output(output, force=force, inputs=(model.path,))
+    loaded = model.load()
     batches = calibration_batches(calibration_path, samples=calibration_samples or 10**12)
     show = sys.stderr.isatty() and not as_json
     with Progress(
@@ -378,10 +392,10 @@ def recalibrate_command(
         disable=not show,
     ) as progress:
         task = progress.add_task("batches", total=len(batches))
-        model = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
+        recalibrated = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
     with atomic_path(output) as tmp:
-        torch.save(model, tmp)
-    bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        torch.save(recalibrated, tmp)
+    bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in recalibrated.modules())
     samples = sum(len(b[0]) for b in batches)
     if as_json:
         click.echo(json.dumps({"output": str(output), "batchnorms": bns, "samples": samples}))
@@ -431,12 +445,7 @@ def _csv_list(text: str, what: str) -> list[str]:
 @click.option("--force", is_flag=True, help="Overwrite existing variant files in the folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export_command(
-    model_path: Path,
-    arch: str | None,
-    arch_args: tuple[str, ...],
-    allow_pickle: bool,
-    imports: tuple[str, ...],
-    input_shapes: tuple[str, ...],
+    model: ModelArgs,
     as_json: bool,
     out_dir: Path,
     placements: str,
@@ -453,8 +462,8 @@ def export_command(
     variant; manifest.json records moves, shapes, sizes, hashes and the measured error.
     """
     variants = _csv_list(placements, "variant")
-    loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
-    inputs = _inputs(loaded, input_shapes)
+    loaded = model.load()
+    inputs = model.inputs(loaded)
     show = sys.stderr.isatty() and not (as_json or quiet)
     with Progress(transient=True, console=_stderr(), disable=not show) as progress:
         task = progress.add_task("exporting", total=len(variants))
@@ -471,7 +480,7 @@ def export_command(
             opset=opset,
             static_batch=static_batch,
             fold_forward_bns=fold_forward,
-            stem=model_path.name.split(".")[0],
+            stem=model.stem,
             force=force,
             on_variant=advance,
         )
@@ -690,12 +699,7 @@ def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, in
 )
 @click.option("--force", is_flag=True, help="Overwrite existing result files.")
 def experiment_command(
-    model_path: Path,
-    arch: str | None,
-    arch_args: tuple[str, ...],
-    allow_pickle: bool,
-    imports: tuple[str, ...],
-    input_shapes: tuple[str, ...],
+    model: ModelArgs,
     as_json: bool,
     data_spec: str,
     placements: str,
@@ -714,12 +718,12 @@ def experiment_command(
     Every variant of a seed starts from the same weights and sees the same batches in the same
     order with the same optimiser; results are mean ± std over seeds.
     """
-    del input_shapes  # the data decides the input shape
+    # The data decides the input shape; --input-shape is not used here.
     variants = _csv_list(placements, "placement")
-    out_dir = out_dir or Path(f"experiment-{model_path.name.split('.')[0]}")
+    out_dir = out_dir or Path(f"experiment-{model.stem}")
     plot = _has_matplotlib()
     paths = _prepare_outputs(out_dir, ["results.json", "summary.md", "curves.png"], force)
-    loaded = _load(model_path, arch, arch_args, allow_pickle, imports)
+    loaded = model.load()
     data = load_dataset(data_spec, val_split=val_split)
     show = sys.stderr.isatty() and not as_json
     progress, on_epoch = _epoch_progress(show, epochs * seeds * len(variants))
