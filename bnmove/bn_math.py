@@ -282,8 +282,7 @@ def _grid_start(
     w: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The best of a coarse grid of ``(a', b')`` per channel: a start that avoids poor local minima."""
-    _, var = weighted_moments(z, w)
-    mean, _ = weighted_moments(z, w)
+    mean, var = weighted_moments(z, w)
     scale = a.abs().clamp_min(1e-3)
     best_a, best_b = a.clone(), torch.zeros_like(a)
     best = torch.full_like(a, float("inf"))

@@ -27,7 +27,7 @@ from .data import load_dataset
 from .demo import run_demo
 from .detect import PLACEMENTS, detect
 from .errors import BnmoveError
-from .experiment import EpochRecord, ExperimentResult, experiment
+from .experiment import EpochRecord, experiment
 from .export import DEFAULT_OPSET, export_variants, read_manifest
 from .loading import LoadedModel, load_model, parse_arch_args
 from .report import (
@@ -40,14 +40,14 @@ from .report import (
     conversion_summary,
     conversion_table,
     experiment_json,
-    experiment_markdown,
-    experiment_plot,
     experiment_table,
     export_table,
+    has_matplotlib,
     pairs_summary,
     pairs_table,
     require_matplotlib,
     untraced_lines,
+    write_experiment,
 )
 from .runtime import PROVIDERS, compare
 from .verify import infer_example_inputs, inputs_from_shapes, parse_input_shape
@@ -605,30 +605,15 @@ def compare_command(
         out.print("wrote " + ", ".join(str(p) for p in reports), highlight=False)
 
 
-def _prepare_outputs(out_dir: Path, names: Sequence[str], force: bool) -> dict[str, Path]:
-    """Paths in ``out_dir`` for ``names``, refusing to overwrite without ``force``; checked before any work."""
+def _check_outputs(out_dir: Path, names: Sequence[str], force: bool) -> None:
+    """Refuse to overwrite files in ``out_dir`` without ``force``; checked before any work."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BnmoveError(f"{out_dir}: exists and is not a folder")
     if not out_dir.parent.is_dir():
         raise BnmoveError(f"{out_dir}: folder {out_dir.parent} does not exist")
-    paths = {name: out_dir / name for name in names}
-    for path in paths.values():
-        if path.exists() and not force:
-            raise BnmoveError(f"{path}: already exists; pass --force to overwrite")
-    return paths
-
-
-def _write_experiment(result: ExperimentResult, paths: dict[str, Path], plot: bool) -> list[Path]:
-    paths["results.json"].parent.mkdir(exist_ok=True)
-    written = []
-    for name, render in (("results.json", experiment_json), ("summary.md", experiment_markdown)):
-        with atomic_path(paths[name]) as tmp:
-            tmp.write_text(render(result))
-        written.append(paths[name])
-    if plot:
-        experiment_plot(result, paths["curves.png"])
-        written.append(paths["curves.png"])
-    return written
+    for name in names:
+        if (out_dir / name).exists() and not force:
+            raise BnmoveError(f"{out_dir / name}: already exists; pass --force to overwrite")
 
 
 def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, int, int, EpochRecord], None]]:
@@ -721,8 +706,8 @@ def experiment_command(
     # The data decides the input shape; --input-shape is not used here.
     variants = _csv_list(placements, "placement")
     out_dir = out_dir or Path(f"experiment-{model.stem}")
-    plot = _has_matplotlib()
-    paths = _prepare_outputs(out_dir, ["results.json", "summary.md", "curves.png"], force)
+    plot = has_matplotlib()
+    _check_outputs(out_dir, ["results.json", "summary.md", "curves.png"], force)
     loaded = model.load()
     data = load_dataset(data_spec, val_split=val_split)
     show = sys.stderr.isatty() and not as_json
@@ -740,7 +725,7 @@ def experiment_command(
             device=device,
             on_epoch=on_epoch,
         )
-    written = _write_experiment(result, paths, plot)
+    written = write_experiment(result, out_dir)
     if as_json:
         click.echo(experiment_json(result), nl=False)
         return
@@ -752,14 +737,6 @@ def experiment_command(
         + ("" if plot else " (no plot: pip install matplotlib)"),
         highlight=False,
     )
-
-
-def _has_matplotlib() -> bool:
-    try:
-        require_matplotlib()
-    except BnmoveError:
-        return False
-    return True
 
 
 @main.command(name="demo")

@@ -123,7 +123,7 @@ def run_demo(
     md = out_dir / "compare.md"
     md.write_text(report.comparison_markdown(comparison))
     written.append(md)
-    if _matplotlib():
+    if report.has_matplotlib():
         report.comparison_plot(comparison, out_dir / "compare.png")
         written.append(out_dir / "compare.png")
 
@@ -134,28 +134,10 @@ def run_demo(
         with status.status(f"training before and after variants, {epochs} epochs x 2 seeds…"):
             result_exp = experiment(digits_net(), data, epochs=epochs, seeds=2, batch_size=64, lr=3e-3)
         console.print(report.experiment_table(result_exp))
-        exp_dir = out_dir / "experiment"
-        exp_dir.mkdir(exist_ok=True)
-        for name, text in (
-            ("results.json", report.experiment_json(result_exp)),
-            ("summary.md", report.experiment_markdown(result_exp)),
-        ):
-            (exp_dir / name).write_text(text)
-            written.append(exp_dir / name)
-        if _matplotlib():
-            report.experiment_plot(result_exp, exp_dir / "curves.png")
-            written.append(exp_dir / "curves.png")
+        written += report.write_experiment(result_exp, out_dir / "experiment")
 
     console.print(Rule("files"))
     for path in written:
         console.print(f"  {path}", highlight=False)
     console.print("Next: try your own model, e.g. bnmove inspect model.pt --allow-pickle", highlight=False)
     return written
-
-
-def _matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True

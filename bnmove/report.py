@@ -252,11 +252,17 @@ def comparison_json(comparison: Comparison) -> str:
     return json.dumps(comparison.to_dict(), indent=2) + "\n"
 
 
-def require_matplotlib() -> None:
-    """Fail early (before any work) when a plot is asked for and matplotlib is missing."""
+def has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def require_matplotlib() -> None:
+    """Fail early (before any work) when a plot is asked for and matplotlib is missing."""
+    if not has_matplotlib():
         raise BnmoveError(
             "--plot needs matplotlib: pip install matplotlib (or the bnmove[plot] extra)"
         ) from None
@@ -415,3 +421,17 @@ def experiment_plot(result: ExperimentResult, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def write_experiment(result: ExperimentResult, folder: Path) -> list[Path]:
+    """``results.json``, ``summary.md`` and (with matplotlib) ``curves.png`` in ``folder``, each written atomically."""
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, render in (("results.json", experiment_json), ("summary.md", experiment_markdown)):
+        with atomic_path(folder / name) as tmp:
+            tmp.write_text(render(result))
+        written.append(folder / name)
+    if has_matplotlib():
+        experiment_plot(result, folder / "curves.png")
+        written.append(folder / "curves.png")
+    return written
