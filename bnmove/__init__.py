@@ -3,6 +3,7 @@
 >>> import bnmove
 >>> pairs = bnmove.find_pairs(model)
 >>> result = bnmove.convert(model, "after", method="exact")
+>>> fitted = bnmove.convert(model, "after", method="fit", data_free="synthetic")
 >>> result.model, result.verification.max_abs_error
 >>> bnmove.export_variants(model, (x,), "variants/")
 >>> bnmove.compare(["variants/"], provider="auto")
@@ -19,6 +20,7 @@ from .folding import Folding, fold_forward
 from .loading import LoadedModel, load_model
 from .patterns import ACTIVATION_KINDS
 from .runtime import Comparison, compare, select_provider
+from .synthetic import synthesize_inputs
 from .verify import Deviation, compare_models, infer_example_inputs
 
 __version__ = "0.1.0"
@@ -53,4 +55,5 @@ __all__ = [
     "load_model",
     "sample_models",
     "select_provider",
+    "synthesize_inputs",
 ]

@@ -16,13 +16,20 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from . import __version__
 from ._atomic import atomic_path, check_output
 from .calibrate import calibration_batches, recalibrate
 from .codegen import require_graph_module, write_code_folder
-from .conversion import METHODS, convert
+from .conversion import DATA_FREE, METHODS, convert
 from .data import load_dataset
 from .demo import run_demo
 from .detect import PLACEMENTS, detect
@@ -278,6 +285,16 @@ def inspect(
     "--no-refit", is_flag=True, help="With calibration data, do not re-fit the layer after each fitted pair."
 )
 @click.option(
+    "--data-free",
+    default="gaussian",
+    show_default=True,
+    type=click.Choice(DATA_FREE),
+    help="How to fit without --calibration-data. gaussian: per channel, from each BN's own statistics "
+    "(instant). synthetic: make --calibration-samples inputs whose statistics match every BN's "
+    "(shape from --input-shape), then fit on them like real data: seconds to minutes, far closer "
+    "to the original.",
+)
+@click.option(
     "--code-dir",
     type=click.Path(path_type=Path),
     help="Also write the converted model as readable Python code plus weights into this folder.",
@@ -292,6 +309,7 @@ def convert_command(
     calibration_path: Path | None,
     calibration_samples: int,
     no_refit: bool,
+    data_free: str,
     code_dir: Path | None,
     force: bool,
 ) -> None:
@@ -310,11 +328,22 @@ def convert_command(
         else None
     )
     inputs = model.inputs(loaded)
-    with (
-        _stderr().status("converting…", spinner="dots")
-        if sys.stderr.isatty() and not as_json
-        else contextlib.nullcontext()
-    ):
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_stderr(),
+        transient=True,
+        disable=not sys.stderr.isatty() or as_json,
+    ) as progress:
+        task = progress.add_task("converting", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            what = "making synthetic inputs" if done < total else "fitting"
+            progress.update(task, description=what, completed=done, total=total)
+
         result = convert(
             loaded.module,
             placement,
@@ -323,6 +352,8 @@ def convert_command(
             calibration_data=calibration,
             calibration_samples=calibration_samples,
             refit_next=not no_refit,
+            data_free=data_free,
+            on_progress=on_progress,
         )
     if code_dir is not None:
         require_graph_module(result.model)  # fail before writing anything

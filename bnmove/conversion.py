@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from .calibrate import (
 from .detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
 from .errors import BnmoveError, VerificationError
 from .patterns import is_batchnorm_module, match_activation, module_activation_spec, skip_identity_down
+from .synthetic import synthesize_inputs
 from .tracing import Region, Untraced, set_submodule, trace_graph, trace_regions
 from .verify import Deviation, compare_models, eval_mode, infer_example_inputs, output_tensors
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 Method = Literal["auto", "exact", "fit", "swap"]
 METHODS: tuple[str, ...] = ("auto", "exact", "fit", "swap")
+#: how pairs are fitted without calibration data
+DATA_FREE: tuple[str, ...] = ("gaussian", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,9 @@ class Move:
 
     pair: Pair
     moved: bool
-    #: "exact" (eval outputs kept), "fit-data-free" / "fit-calibrated" (BN' fitted to
-    #: reproduce the block), "swap" (reordered, parameters untouched); None if not moved
+    #: "exact" (eval outputs kept); "fit-data-free" / "fit-calibrated" / "fit-synthetic"
+    #: (BN' fitted to reproduce the block from Gaussian inputs / real data / synthetic
+    #: inputs); "swap" (reordered, parameters untouched); None if not moved
     method: str | None
     reason: str | None = None
     notes: tuple[str, ...] = ()
@@ -183,6 +187,8 @@ def convert(
     calibration_data: Any = None,
     calibration_samples: int = 256,
     refit_next: bool = True,
+    data_free: str = "gaussian",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Conversion:
     """Move every movable BatchNorm ``placement`` (``"before"``/``"after"``) its activation.
 
@@ -202,9 +208,17 @@ def convert(
             tuples, a DataLoader) for fitting: pair by pair in graph order, each
             fed by the already converted upstream model. Without it, fits are
             data-free (Gaussian inputs from the BN's own statistics).
-        calibration_samples: at most this many calibration samples are used.
+        calibration_samples: at most this many calibration samples are used
+            (and made, with ``data_free="synthetic"``).
         refit_next: with calibration data, also re-fit the Conv/Linear after each
             fitted pair (ridge least squares against the original's output there).
+        data_free: how to fit without calibration data: ``"gaussian"``
+            (per channel, from each BN's own running statistics; instant) or
+            ``"synthetic"`` (inputs optimised until every BN's batch statistics
+            match its running statistics, see :func:`synthesize_inputs`, then
+            fitted like calibration data; seconds to minutes, far closer to the
+            original). Synthetic inputs take the shape of ``example_inputs``.
+        on_progress: called with ``(done, total)`` while synthetic inputs are made.
 
     Returns:
         A :class:`Conversion`; with ``method="exact"`` a deviation above float
@@ -214,11 +228,29 @@ def convert(
         >>> result = convert(model, "after", method="exact")
         >>> result.verification.max_abs_error   # ~1e-6
     """
+    _check_choice("data-free fitting", data_free, DATA_FREE)
     batches = None
     if calibration_data is not None:
+        if data_free == "synthetic":
+            raise BnmoveError("give calibration data or ask for synthetic data-free fitting, not both")
         batches = calibration_batches(calibration_data, samples=calibration_samples)
+    elif calibration_samples < 1:
+        raise BnmoveError("calibration samples must be at least 1")
+    synthetic = _Synthetic(calibration_samples, on_progress) if data_free == "synthetic" else None
     with paused_gc():
-        return _convert(model, placement, method, example_inputs, verify, batches, refit_next)
+        return _convert(model, placement, method, example_inputs, verify, batches, refit_next, synthetic)
+
+
+@dataclass(frozen=True)
+class _Synthetic:
+    """A request for synthetic calibration inputs, made only if some pair is fitted."""
+
+    samples: int
+    on_progress: Callable[[int, int], None] | None
+
+    def batches(self, model: nn.Module, inputs: Sequence[torch.Tensor] | None) -> list[Batch]:
+        x = synthesize_inputs(model, inputs, samples=self.samples, on_step=self.on_progress)
+        return [(x,)]
 
 
 def _convert(
@@ -229,6 +261,7 @@ def _convert(
     verify: bool,
     batches: list[Batch] | None = None,
     refit_next: bool = True,
+    synthetic: _Synthetic | None = None,
 ) -> Conversion:
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("method", method, METHODS)
@@ -242,10 +275,16 @@ def _convert(
         inputs = infer_example_inputs(model, whole.graph if whole else None)
     sites = analyze_regions(traced.regions)
 
+    source = "calibration"
+    if synthetic is not None and any(_plan(site, placement, method, set())[0] == "fit" for site in sites):
+        if traced.whole_model:
+            batches, source = synthetic.batches(model, inputs), "synthetic"
+        else:
+            log.warning("synthetic fitting needs a model that traces whole; fitting from Gaussian statistics")
     calibrator = None
     if batches is not None:
         if traced.whole_model:
-            calibrator = _Calibrator(model, traced.regions[""], batches, refit_next)
+            calibrator = _Calibrator(model, traced.regions[""], batches, refit_next, source)
         else:
             log.warning("calibrated fitting needs a model that traces whole; fitting data-free instead")
 
@@ -263,7 +302,7 @@ def _convert(
             region_modules[site.region] = dict(root.named_modules())
         samples = calibrator.samples(site) if calibrator is not None and chosen == "fit" else None
         used, notes, effect = rewrite.move(root, site, chosen, region_modules[site.region], samples)
-        if calibrator is not None and used == "fit-calibrated":
+        if calibrator is not None and used in ("fit-calibrated", "fit-synthetic"):
             notes.extend(calibrator.refit_next_layer(site, region_modules[site.region]))
         taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
         touched.add(site.region)
@@ -287,7 +326,13 @@ def _convert(
                 f"exact conversion changed outputs: max abs error {deviation.max_abs_error:.3g} "
                 f"(relative {deviation.max_rel_error:.3g} > {deviation.tolerance:g}); please report this model"
             )
-    check = _calibration_check(model, converted, batches) if batches is not None else None
+    # Agreement on synthetic inputs says little about real data (they sit near decision
+    # boundaries), so only the user's own calibration data is checked end to end.
+    check = (
+        _calibration_check(model, converted, batches)
+        if batches is not None and source != "synthetic"
+        else None
+    )
     log.info("moved %d of %d pairs", sum(m.moved for m in moves), len(moves))
     return Conversion(converted, placement, method, moves, deviation, traced.untraced, check)
 
@@ -295,10 +340,13 @@ def _convert(
 class _Calibrator:
     """Fitting samples from real data: the converted-so-far graph's inputs, the original's outputs."""
 
-    def __init__(self, model: nn.Module, region: Region, batches: list[Batch], refit_next: bool) -> None:
+    def __init__(
+        self, model: nn.Module, region: Region, batches: list[Batch], refit_next: bool, source: str
+    ) -> None:
         self.region = region
         self.batches = batches
         self.refit = refit_next
+        self.source = "synthetic" if source == "synthetic" else "calibrated"
         # The original model, traced: it shares the user's modules and only runs in eval mode.
         self.original = Region(model, trace_graph(model)).graph_module()
 
@@ -317,7 +365,7 @@ class _Calibrator:
         y = capture(self.original, [out_name], self.batches)[out_name]
         z_rows, y_rows = channel_samples(z, y)
         weights = torch.full((len(z_rows),), 1.0 / len(z_rows), dtype=torch.float64)
-        return rewrite.FitSamples(z_rows, weights, y_rows, "calibrated")
+        return rewrite.FitSamples(z_rows, weights, y_rows, self.source)
 
     def refit_next_layer(self, site: Site, modules: dict[str, nn.Module]) -> list[str]:
         """Re-fit the Conv/Linear fed by the moved pair against the original model's output there."""

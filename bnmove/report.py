@@ -71,6 +71,7 @@ _METHOD_LABEL = {
     "exact": "exact",
     "fit-data-free": "fitted data-free",
     "fit-calibrated": "fitted on data",
+    "fit-synthetic": "fitted on synthetic inputs",
     "swap": "swapped",
 }
 

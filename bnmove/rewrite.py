@@ -274,7 +274,7 @@ class FitSamples:
     z: torch.Tensor  # (K, C) float64
     w: torch.Tensor  # (K,) weights summing to 1
     target: torch.Tensor  # (K, C) float64
-    source: str  # "data-free" or "calibrated"
+    source: str  # "data-free", "calibrated" (real data) or "synthetic" (made from BN statistics)
 
 
 class CannotFit(Exception):
@@ -385,7 +385,7 @@ def move(
     if method == "fit":
         try:
             notes, effect = fit_pair(root, site, samples)
-            used = "fit-calibrated" if samples is not None else "fit-data-free"
+            used = f"fit-{samples.source}" if samples is not None else "fit-data-free"
         except CannotFit as why:
             notes, used = [f"swapped instead of fitted: {why}", *swap(root, site)], "swap"
     elif method == "swap":
