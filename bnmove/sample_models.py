@@ -162,22 +162,35 @@ class MobileNet(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, c: int, act: type[nn.Module] = nn.ReLU) -> None:
+    """``x + conv2(f(BN2(conv1(f(BN1(x))))))``, or with ``convs=1`` ``x + conv1(f(BN1(x)))``.
+
+    With one conv every BN is fed by the residual stream, so none can be moved exactly.
+    """
+
+    def __init__(self, c: int, act: type[nn.Module] = nn.ReLU, convs: int = 2) -> None:
         super().__init__()
+        if convs not in (1, 2):
+            raise ValueError(f"convs must be 1 or 2, not {convs}")
         self.bn1 = nn.BatchNorm2d(c)
         self.act1 = act()
         self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.act2 = act()
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        if convs == 2:
+            self.bn2 = nn.BatchNorm2d(c)
+            self.act2 = act()
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.act1(self.bn1(x)))
-        return x + self.conv2(self.act2(self.bn2(out)))
+        if hasattr(self, "conv2"):  # not a stored flag: blocks pickled before `convs` existed load too
+            out = self.conv2(self.act2(self.bn2(out)))
+        return x + out
 
 
 class PreActResNet(nn.Module):
-    """Pre-activation ResNet: add -> BN -> act -> conv, so no affine layer precedes most BNs."""
+    """Pre-activation ResNet: add -> BN -> act -> conv, so no affine layer precedes most BNs.
+
+    ``convs`` per block: 2 (a BN after the first conv can move exactly) or 1 (none can).
+    """
 
     def __init__(
         self,
@@ -186,10 +199,11 @@ class PreActResNet(nn.Module):
         blocks: int = 3,
         in_channels: int = 3,
         act: type[nn.Module] = nn.ReLU,
+        convs: int = 2,
     ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        self.blocks = nn.Sequential(*[PreActBlock(width, act) for _ in range(blocks)])
+        self.blocks = nn.Sequential(*[PreActBlock(width, act, convs) for _ in range(blocks)])
         self.bn = nn.BatchNorm2d(width)
         self.act = act()
         self.fc = nn.Linear(width, num_classes)
