@@ -275,7 +275,7 @@ def _convert(
         inputs = infer_example_inputs(model, whole.graph if whole else None)
     sites = analyze_regions(traced.regions)
 
-    source = "calibration"
+    source = "calibrated"
     if synthetic is not None and any(_plan(site, placement, method, set())[0] == "fit" for site in sites):
         if traced.whole_model:
             batches, source = synthetic.batches(model, inputs), "synthetic"
@@ -346,7 +346,7 @@ class _Calibrator:
         self.region = region
         self.batches = batches
         self.refit = refit_next
-        self.source = "synthetic" if source == "synthetic" else "calibrated"
+        self.source = source  # "calibrated" (the user's data) or "synthetic"
         # The original model, traced: it shares the user's modules and only runs in eval mode.
         self.original = Region(model, trace_graph(model)).graph_module()
 

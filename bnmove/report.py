@@ -69,7 +69,7 @@ def untraced_lines(untraced: Sequence[Untraced]) -> list[str]:
 
 _METHOD_LABEL = {
     "exact": "exact",
-    "fit-data-free": "fitted data-free",
+    "fit-data-free": "fitted to Gaussian statistics",
     "fit-calibrated": "fitted on data",
     "fit-synthetic": "fitted on synthetic inputs",
     "swap": "swapped",
