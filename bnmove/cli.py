@@ -16,14 +16,7 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from ._atomic import atomic_path, check_output
@@ -328,16 +321,7 @@ def convert_command(
         else None
     )
     inputs = model.inputs(loaded)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_stderr(),
-        transient=True,
-        disable=not sys.stderr.isatty() or as_json,
-    ) as progress:
+    with _progress(sys.stderr.isatty() and not as_json) as progress:
         task = progress.add_task("converting", total=None)
 
         def on_progress(done: int, total: int) -> None:
@@ -414,15 +398,8 @@ def recalibrate_command(
     loaded = model.load()
     batches = calibration_batches(calibration_path, samples=calibration_samples or 10**12)
     show = sys.stderr.isatty() and not as_json
-    with Progress(
-        TextColumn("recalibrating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=_stderr(),
-        transient=True,
-        disable=not show,
-    ) as progress:
-        task = progress.add_task("batches", total=len(batches))
+    with _progress(show) as progress:
+        task = progress.add_task("recalibrating", total=len(batches))
         recalibrated = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
     with atomic_path(output) as tmp:
         torch.save(recalibrated, tmp)
@@ -647,8 +624,9 @@ def _check_outputs(out_dir: Path, names: Sequence[str], force: bool) -> None:
             raise BnmoveError(f"{out_dir / name}: already exists; pass --force to overwrite")
 
 
-def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, int, int, EpochRecord], None]]:
-    progress = Progress(
+def _progress(show: bool) -> Progress:
+    """The progress bar every long command shows on stderr: what, bar, done/total, time."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -657,6 +635,10 @@ def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, in
         transient=True,
         disable=not show,
     )
+
+
+def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, int, int, EpochRecord], None]]:
+    progress = _progress(show)
     task = progress.add_task("training", total=total)
 
     def on_epoch(variant: str, seed: int, epoch: int, record: EpochRecord) -> None:

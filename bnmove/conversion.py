@@ -234,8 +234,6 @@ def convert(
         if data_free == "synthetic":
             raise BnmoveError("give calibration data or ask for synthetic data-free fitting, not both")
         batches = calibration_batches(calibration_data, samples=calibration_samples)
-    elif calibration_samples < 1:
-        raise BnmoveError("calibration samples must be at least 1")
     synthetic = _Synthetic(calibration_samples, on_progress) if data_free == "synthetic" else None
     with paused_gc():
         return _convert(model, placement, method, example_inputs, verify, batches, refit_next, synthetic)
