@@ -339,12 +339,12 @@ def convert_command(
             data_free=data_free,
             on_progress=on_progress,
         )
-    if code_dir is not None:
-        require_graph_module(result.model)  # fail before writing anything
+    # Traced before anything is written, so an untraceable model fails cleanly.
+    code_model = require_graph_module(result.model) if code_dir is not None else None
     with atomic_path(output) as tmp:
         torch.save(result.model, tmp)
-    if code_dir is not None:
-        write_code_folder(result.model, code_dir)
+    if code_dir is not None and code_model is not None:
+        write_code_folder(code_model, code_dir)
     if as_json:
         click.echo(
             json.dumps(

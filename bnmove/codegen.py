@@ -1,4 +1,4 @@
-"""Write a converted GraphModule as readable Python code plus weights (torch.fx ``to_folder``)."""
+"""Write a converted model as readable Python code plus weights (torch.fx ``to_folder``)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,23 @@ from torch import fx, nn
 
 from ._atomic import atomic_dir
 from .errors import BnmoveError
+from .surgery import first_line
+from .tracing import trace_module
 
 _PREAMBLE = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n"
 
 
 def require_graph_module(model: nn.Module) -> fx.GraphModule:
-    if not isinstance(model, fx.GraphModule):
+    """``model`` traced whole with torch.fx (a GraphModule passes through)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        return trace_module(model)
+    except Exception as exc:
         raise BnmoveError(
-            "--code-dir needs a model whose whole forward traces; this one traced only in parts"
-        )
-    return model
+            f"--code-dir needs a model whose whole forward traces with torch.fx; this one does not "
+            f"({first_line(exc)})"
+        ) from None
 
 
 def write_code_folder(model: nn.Module, folder: Path, class_name: str = "ConvertedModel") -> Path:

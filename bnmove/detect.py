@@ -34,7 +34,7 @@ from .patterns import (
     skip_identity_down,
     skip_identity_up,
 )
-from .tracing import Region, Untraced, trace_regions
+from .tracing import Region, Untraced, analysis_regions
 
 Placement = Literal["before", "after"]
 PLACEMENTS: tuple[Placement, ...] = ("before", "after")
@@ -122,11 +122,16 @@ def _probe_shape(base: type[nn.Module], channels: int) -> tuple[int, ...]:
     return (3, channels, 3, 3)
 
 
+#: a BatchNorm subclass whose forward is batch_norm alone (a fused module with its activation off)
+PLAIN = "plain"
+
+
 def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
     """Recognise ``batch_norm -> [identity/dropout] -> activation`` inside a BN subclass.
 
-    Returns the recipe for splitting it, or a reason string when its forward is
-    something else. The split is checked numerically against the module.
+    Returns the recipe for splitting it, :data:`PLAIN` when the forward is the
+    batch norm alone (timm's ``BatchNormAct2d(apply_act=False)``), or a reason
+    string when it is something else. The split is checked numerically.
     """
     probe = copy.deepcopy(module).eval()
     try:
@@ -139,8 +144,11 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
         return f"forward of {type(module).__name__} is not one batch_norm call plus an activation"
     node = bn_calls[0]
     act: fx.Node | None = None
+    call = None
     while len(node.users) == 1:
         (nxt,) = node.users
+        if nxt.op == "output":
+            return PLAIN  # its activation is disabled (an Identity): a plain BatchNorm
         call = match_activation(nxt, modules)
         if call is not None:
             act = nxt
@@ -289,7 +297,8 @@ class _RegionAnalysis:
         key = str(node.target)
         if key not in self._fused:
             self._fused[key] = analyze_fused_norm(module)
-        return self._fused[key]
+        found = self._fused[key]
+        return None if found == PLAIN else found
 
     def sites(self) -> list[Site]:
         out: list[Site] = []
@@ -412,6 +421,8 @@ class _RegionAnalysis:
             return self._site(bn, act, call, "before", False, False, blocker, fused=fused)
         reason = self._stats_reason(module)
         source = bn.args[0] if bn.args else None
+        if isinstance(source, fx.Node):  # links that change nothing in eval mode (Identity slots)
+            source = skip_identity_up(source, self.modules)
         layer = absorbing_layer(source, self.modules) if isinstance(source, fx.Node) else None
         if reason is None:
             if layer is None or not isinstance(source, fx.Node):
@@ -442,7 +453,7 @@ class _RegionAnalysis:
         if blocker:
             return self._site(bn, act, call, "after", False, False, blocker)
         reason = self._stats_reason(module)
-        users = list(bn.users)
+        users = list(skip_identity_down(bn, self.modules).users)
         target = users[0] if len(users) == 1 else None
         layer = absorbing_layer(target, self.modules) if target is not None else None
         if reason is None:
@@ -484,10 +495,10 @@ class Detection:
 def detect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> Detection:
     """Detection with the trace report; :func:`find_pairs` returns just the pairs."""
     # Tracing does not need parameter values, so uninitialised lazy modules are
-    # fine here (their pairs say so); the model itself is never run or changed.
-    del example_inputs
+    # fine here (their pairs say so). The model itself is never changed: a model
+    # that does not trace is recorded running on a copy.
     with paused_gc():
-        traced = trace_regions(model)
+        traced = analysis_regions(model, example_inputs)
         sites = analyze_regions(traced.regions)
     return Detection([s.pair for s in sites], traced.untraced)
 
@@ -497,8 +508,9 @@ def find_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None =
 
     Args:
         model: any ``nn.Module``; it is not modified.
-        example_inputs: accepted for API symmetry with :func:`convert`; detection
-            only traces, it never runs the model.
+        example_inputs: used only when the model does not trace with torch.fx:
+            then one forward pass on them (on a copy) is recorded instead;
+            inferred from the first layer when not given.
 
     Returns:
         One :class:`Pair` per BN–activation adjacency, in graph order, plus one

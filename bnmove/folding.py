@@ -18,9 +18,10 @@ from torch import fx, nn
 from . import bn_math
 from ._clone import clone_module
 from .detect import absorbing_layer, forward_fold_blocker, in_channels, out_channels
-from .patterns import is_batchnorm_module, is_plain_batchnorm
+from .patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_down, skip_identity_up
 from .rewrite import fold_bn
-from .tracing import set_submodule, trace_regions
+from .surgery import set_submodule
+from .tracing import analysis_regions
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,13 @@ def _fate(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], p
     if calls[str(node.target)] > 1:
         return BnFate(name, "standalone", reason="called at several places")
     source = node.args[0]
+    if isinstance(source, fx.Node):
+        source = skip_identity_up(source, modules)
     if isinstance(source, fx.Node) and len(source.users) == 1:
         layer = absorbing_layer(source, modules)
         if layer is not None and out_channels(layer) == module.num_features:  # type: ignore[union-attr]
             return BnFate(name, "fused-backward", into=_qual(prefix, str(source.target)))
-    users = list(node.users)
+    users = list(skip_identity_down(node, modules).users)
     target = users[0] if len(users) == 1 else None
     layer = absorbing_layer(target, modules) if target is not None else None
     if target is None or layer is None:
@@ -85,16 +88,14 @@ def fold_forward(model: nn.Module) -> Folding:
     Returns a copy of ``model`` and the fate of each BatchNorm.
     """
     work = clone_module(model)
-    traced = trace_regions(work)
+    traced = analysis_regions(work)
     fates: list[BnFate] = []
-    converted: nn.Module = work
     for prefix, region in traced.regions.items():
         modules = dict(region.root.named_modules())
         calls: dict[str, int] = {}
         for node in region.graph.nodes:
             if node.op == "call_module":
                 calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-        changed = False
         for node in list(region.graph.nodes):
             if node.op != "call_module" or not is_batchnorm_module(
                 modules.get(str(node.target), nn.Identity())
@@ -103,17 +104,8 @@ def fold_forward(model: nn.Module) -> Folding:
             fate = _fate(node, modules, calls, prefix)
             fates.append(fate)
             if fate.fate == "folded-forward":
-                (user,) = node.users
+                (user,) = skip_identity_down(node, modules).users
                 fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
-                node.replace_all_uses_with(node.args[0])
-                region.graph.erase_node(node)
-                changed = True
-        if changed:
-            region.graph.lint()
-            gm = region.graph_module()
-            gm.training = region.root.training
-            if prefix:
-                set_submodule(converted, prefix, gm)
-            else:
-                converted = gm
-    return Folding(converted, fates)
+                # The BN's slot computes nothing now; every forward stays the user's.
+                set_submodule(region.root, str(node.target), nn.Identity())
+    return Folding(work, fates)

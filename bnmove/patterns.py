@@ -113,12 +113,127 @@ def is_plain_batchnorm(module: nn.Module) -> bool:
 
 
 def module_activation_spec(module: nn.Module) -> ActivationSpec | None:
-    """The activation family of a module instance, or None."""
+    """The activation family of a module instance, or None.
+
+    torch's activation classes are known by class. Any other module with no
+    parameters, buffers or children (timm's ``GELU``/``Swish``/``HardSwish``, HF's
+    ``ACT2FN`` classes, a user's own) is recognised by what it computes: a
+    non-linear elementwise function (see :func:`probe_activation`).
+    """
     for cls in type(module).__mro__:
         spec = _BY_MODULE.get(cls)
         if spec is not None:
             return spec
-    return None
+        if cls in _NOT_ACTIVATIONS:
+            return None
+    if module._parameters or module._buffers or module._modules:
+        return None
+    key = _probe_key(module)
+    if key not in _PROBED:
+        _PROBED[key] = probe_activation(module)
+    return _PROBED[key]
+
+
+#: torch classes that are never activations (links, shape changes, pooling...), never probed
+_NOT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Softmin,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+    nn.ChannelShuffle,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+)
+
+_PROBED: dict[tuple[Any, ...], ActivationSpec | None] = {}
+
+#: known elementwise functions a probed module may compute, most specific first
+_KNOWN: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor]], ...] = (
+    ("ReLU", torch.relu),
+    ("ReLU6", F.relu6),
+    ("LeakyReLU", F.leaky_relu),
+    ("ELU", F.elu),
+    ("SELU", F.selu),
+    ("CELU", F.celu),
+    ("GELU", F.gelu),
+    ("GELU", lambda z: F.gelu(z, approximate="tanh")),
+    ("SiLU", F.silu),
+    ("Mish", F.mish),
+    ("Hardswish", F.hardswish),
+    ("Hardsigmoid", F.hardsigmoid),
+    ("Hardtanh", F.hardtanh),
+    ("Sigmoid", torch.sigmoid),
+    ("Tanh", torch.tanh),
+    ("Softplus", F.softplus),
+)
+
+
+def _probe_key(module: nn.Module) -> tuple[Any, ...]:
+    plain = (bool, int, float, str, type(None))
+    state = tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, plain)
+        )
+    )
+    return (type(module), state)
+
+
+def probe_activation(module: nn.Module) -> ActivationSpec | None:
+    """An :class:`ActivationSpec` for a stateless module that computes a non-linear elementwise function.
+
+    The module runs (eval mode, no grad) on a fixed grid of values laid out in
+    two shapes; it counts as elementwise when both give the same values
+    position by position, and as an activation when the result is not affine.
+    The kind is a known function's name when the values match one, else the
+    module's class name. Anything that raises, changes shapes or is affine is
+    not an activation.
+    """
+    grid = torch.linspace(-6.0, 6.0, 120)
+    flag = module.training
+    try:
+        module.training = False
+        with torch.no_grad():
+            flat = module(grid.clone())
+            shaped = module(grid.reshape(2, 3, 4, 5).clone())
+    except Exception:
+        return None
+    finally:
+        module.training = flag
+    if not isinstance(flat, torch.Tensor) or not isinstance(shaped, torch.Tensor):
+        return None
+    if flat.shape != grid.shape or shaped.shape != (2, 3, 4, 5) or not flat.is_floating_point():
+        return None
+    flat = flat.float()
+    if not torch.allclose(flat, shaped.float().reshape(-1), atol=1e-6) or not torch.isfinite(flat).all():
+        return None
+    # affine in z (identity, scaling, shifting): a link, not an activation
+    design = torch.stack([grid, torch.ones_like(grid)], 1)
+    fit = torch.linalg.lstsq(design, flat[:, None]).solution
+    if torch.allclose(design @ fit, flat[:, None], atol=1e-5):
+        return None
+    cls = type(module)
+    for kind, fn in _KNOWN:
+        if torch.allclose(flat, fn(grid), atol=1e-5):
+            base = _BY_KIND[kind.lower()]
+            return ActivationSpec(kind, (cls,), positively_homogeneous=base.positively_homogeneous)
+    return ActivationSpec(cls.__name__, (cls,))
 
 
 @dataclass(frozen=True)
@@ -164,8 +279,11 @@ def match_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Activation
 
 
 def is_identity_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A call of an ``nn.Identity`` module (timm puts them between BN and act as drop-block slots)."""
-    return node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity)
+    """A call of a module that changes nothing in eval mode: ``nn.Identity`` (timm's drop-block and
+    anti-aliasing slots) or dropout."""
+    return node.op == "call_module" and isinstance(
+        modules.get(str(node.target)), (nn.Identity, nn.modules.dropout._DropoutNd)
+    )
 
 
 def skip_identity_down(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:

@@ -1,11 +1,15 @@
-"""Graph surgery for one pair: reorder nodes, fold BN into a neighbour, insert the new BN.
+"""What one move does to parameters, and the node reordering of a graph move.
 
-The node surgery is one move for each direction: ``move_after(bn, act)``
-turns ``X -> BN -> f -> users`` into ``X -> f -> BN -> users`` and
-``move_before(bn, act)`` the reverse (Identity calls in between stay put). The exact method adds parameter changes around it (see
-``bn_math``): the old BN is folded into the Conv/Linear beside it and a new BN,
-the identity in eval mode but holding real statistics, takes its name on the
-other side of the activation.
+Parameters (``adjust``): the exact method folds the old BN into the
+Conv/Linear beside it and turns the BN module itself into BN', the identity in
+eval mode but holding real statistics (see ``bn_math``); ``fit`` gives BN' the
+least-squares parameters that reproduce the block; ``swap`` changes nothing.
+The BN module object is kept, so its hooks, class and keys stay.
+
+Structure: where BN and activation are modules, :mod:`bnmove.surgery` moves
+the modules; elsewhere ``move_after(bn, act)`` turns ``X -> BN -> f -> users``
+into ``X -> f -> BN -> users`` in a graph and ``move_before(bn, act)`` the
+reverse (Identity calls in between stay put).
 """
 
 from __future__ import annotations
@@ -20,9 +24,14 @@ import torch
 from torch import fx, nn
 
 from . import bn_math
-from .detect import AFFINE_LAYERS, Site, make_plain_batchnorm
-from .patterns import input_is_shared, make_out_of_place, match_activation, out_of_place_function
-from .tracing import set_submodule
+from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm
+from .patterns import (
+    activation_spec,
+    input_is_shared,
+    make_out_of_place,
+    match_activation,
+    out_of_place_function,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,30 +72,41 @@ def move_before(node: fx.Node, anchor: fx.Node) -> None:
         previous = link
 
 
-def split_fused(root: nn.Module, site: Site) -> None:
-    """Replace a fused norm+act module by a plain BN node and an activation node.
+def split_fused(module: nn.Module, fused: FusedNorm) -> tuple[nn.Module, nn.Module] | None:
+    """A fused norm+act module as ``(plain BN, activation module)``, or None when no module computes its act.
 
-    The plain BN keeps the fused module's name and children (so state-dict keys
-    stay as they were); the activation is called as ``<name>.<child>`` or as
-    the function the fused forward used.
+    The plain BN holds the fused module's state (its own keys) without its
+    children; the activation is the fused module's own child, or a torch module
+    made from the function the fused forward calls (checked numerically).
     """
-    fused = site.fused
-    assert fused is not None
-    bn_node = site.bn_node
-    name = str(bn_node.target)
-    plain = make_plain_batchnorm(root.get_submodule(name), fused.base)
-    set_submodule(root, name, plain)
-    graph = bn_node.graph
-    with graph.inserting_after(bn_node):
-        if fused.act_child is not None:
-            act = graph.call_module(f"{name}.{fused.act_child}", (bn_node,))
-        elif isinstance(fused.act_target, str):
-            act = graph.call_method(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
+    plain = make_plain_batchnorm(module, fused.base)
+    for name in list(plain._modules):
+        del plain._modules[name]
+    if fused.act_child is not None:
+        return plain, module.get_submodule(fused.act_child)
+    act = activation_module(fused.call.spec.kind, fused.act_target, fused.act_args, fused.act_kwargs)
+    return None if act is None else (plain, act)
+
+
+def activation_module(
+    kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> nn.Module | None:
+    """The torch module that computes ``target(x, *args, **kwargs)``, or None (checked on a probe)."""
+    spec = activation_spec(kind)
+    if not spec.modules:
+        return None
+    options = {k: v for k, v in kwargs.items() if k != "inplace"}
+    try:
+        module = spec.modules[0](*args, **options)
+    except TypeError:
+        return None
+    probe = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        if isinstance(target, str):
+            want = getattr(probe.clone(), target.rstrip("_"))(*args, **options)
         else:
-            act = graph.call_function(fused.act_target, (bn_node, *fused.act_args), fused.act_kwargs)
-    bn_node.replace_all_uses_with(act, delete_user_cb=lambda user: user is not act)
-    site.act_node = act
-    site.fused = None
+            want = out_of_place_function(target)(probe.clone(), *args, **options)
+        return module if torch.allclose(module(probe.clone()), want, atol=1e-6) else None
 
 
 def _constant(root: nn.Module, value: Any) -> Any:
@@ -104,18 +124,38 @@ class _NotConstant(Exception):
     pass
 
 
+def pair_activation(root: nn.Module, site: Site) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The pair's activation as a float64 function of its input (None if it needs runtime tensors)."""
+    fused = site.fused
+    if fused is not None:
+        if fused.act_child is not None:
+            return module_function(root.get_submodule(f"{site.bn_node.target}.{fused.act_child}"))
+        act_args, act_kwargs = fused.act_args, {k: v for k, v in fused.act_kwargs.items() if k != "inplace"}
+        if isinstance(fused.act_target, str):
+            method = fused.act_target.rstrip("_")
+            return lambda z: getattr(z, method)(*act_args, **act_kwargs)  # type: ignore[no-any-return]
+        target = out_of_place_function(fused.act_target)
+        return lambda z: target(z, *act_args, **act_kwargs)  # type: ignore[no-any-return]
+    assert site.act_node is not None
+    return activation_function(root, site.act_node)
+
+
+def module_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An activation module as a function that never writes over its input."""
+    if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+        # Stateless: call it as is, on a copy of the input in case it works in place.
+        return lambda z: module(z.clone())  # type: ignore[no-any-return]
+    # float64 on the CPU: quadrature needs the precision, not the accelerator.
+    module = copy.deepcopy(module).double().cpu()
+    if hasattr(module, "inplace"):
+        module.inplace = False  # type: ignore[assignment]
+    return cast("Callable[[torch.Tensor], torch.Tensor]", module)
+
+
 def activation_function(root: nn.Module, node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The activation at ``node`` as a float64 function of its input (None if it needs runtime tensors)."""
     if node.op == "call_module":
-        module = root.get_submodule(str(node.target))
-        if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
-            # Stateless: call it as is, on a copy of the input in case it works in place.
-            return lambda z: module(z.clone())  # type: ignore[no-any-return]
-        # float64 on the CPU: quadrature needs the precision, not the accelerator.
-        module = copy.deepcopy(module).double().cpu()
-        if hasattr(module, "inplace"):
-            module.inplace = False  # type: ignore[assignment]
-        return cast("Callable[[torch.Tensor], torch.Tensor]", module)
+        return module_function(root.get_submodule(str(node.target)))
     try:
         args = tuple(_constant(root, a) for a in node.args[1:])
         kwargs = {k: _constant(root, v) for k, v in node.kwargs.items() if k != "inplace"}
@@ -221,33 +261,30 @@ _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to 
 
 
 def exact_before_to_after(root: nn.Module, site: Site) -> list[str]:
-    """``L -> BN -> f`` becomes ``L' -> f -> BN'`` with identical eval outputs."""
-    assert site.act_node is not None
+    """Parameters of ``L -> BN -> f`` becoming ``L' -> f -> BN'`` with identical eval outputs."""
     notes: list[str] = []
     assert site.neighbour_node is not None
     bn = fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), bn_math.fold_into_preceding)
     # The old BN's train-mode output is N(beta, gamma^2) per channel: f of that is what BN' will see.
     gamma, beta = _gamma_beta(bn)
-    f = activation_function(root, site.act_node)
+    f = pair_activation(root, site)
     if f is None:
         mean, var = torch.zeros_like(beta), torch.ones_like(beta)
         notes.append(_NO_FUNCTION_NOTE)
     else:
         mean, var = bn_math.gaussian_moments(f, beta, gamma)
     make_identity(bn, mean, var)
-    move_after(site.bn_node, site.act_node)
     return notes
 
 
 def exact_after_to_before(root: nn.Module, site: Site) -> list[str]:
-    """``f -> BN -> N`` becomes ``BN' -> f -> N'`` with identical eval outputs."""
-    assert site.act_node is not None
+    """Parameters of ``f -> BN -> N`` becoming ``BN' -> f -> N'`` with identical eval outputs."""
     notes: list[str] = []
     assert site.neighbour_node is not None
     bn = fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), bn_math.fold_into_following)
     assert bn.running_mean is not None and bn.running_var is not None
     # BN' sits where f's input is: find the Gaussian whose image under f has the old BN's statistics.
-    f = activation_function(root, site.act_node)
+    f = pair_activation(root, site)
     target_mean = bn.running_mean.detach().double().cpu()
     target_var = bn.running_var.detach().double().cpu()
     if f is None:
@@ -263,7 +300,6 @@ def exact_after_to_before(root: nn.Module, site: Site) -> list[str]:
                 "statistics; new BN statistics set to mean 0, var 1 there"
             )
     make_identity(bn, mean, var)
-    move_before(site.bn_node, site.act_node)
     return notes
 
 
@@ -304,20 +340,20 @@ def _data_free_samples(
 
 
 def fit_pair(root: nn.Module, site: Site, samples: FitSamples | None) -> tuple[list[str], float]:
-    """Move the pair and fit BN' so the new block reproduces the old one (DESIGN.md §3).
+    """Fit BN' so the moved block reproduces the old one (DESIGN.md §3).
 
     ``BN -> f`` becomes ``f -> BN'`` with ``BN'(u) = a' u + b'`` fitted by least
     squares; ``f -> BN`` becomes ``BN' -> f`` with ``f(a' z + b')`` fitted by
     Levenberg–Marquardt. BN' gets the real moments of its new input as running
     statistics. Returns notes and the block's relative RMS error on the samples.
     """
-    assert site.act_node is not None and site.pair.placement is not None
+    assert site.pair.placement is not None
     if site.bn_node.op != "call_module":
         raise CannotFit("functional batch_norm has no module to hold the fitted parameters")
     bn = _batchnorm(root, str(site.bn_node.target))
     if bn.running_mean is None or bn.running_var is None:
         raise CannotFit("track_running_stats=False: no statistics to fit against")
-    f = activation_function(root, site.act_node)
+    f = pair_activation(root, site)
     if f is None:
         raise CannotFit("the activation takes runtime tensors, so it cannot be evaluated for fitting")
     placement = site.pair.placement
@@ -330,7 +366,6 @@ def fit_pair(root: nn.Module, site: Site, samples: FitSamples | None) -> tuple[l
         with torch.no_grad():
             effect = bn_math.relative_rmse(a2[None, :] * f(z.clone()).double() + b2[None, :], target, w)
         set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, eps), mean, var)
-        move_after(site.bn_node, site.act_node)
     else:
         a, b = (t.cpu() for t in _bn_affine_of(bn))
         a2, b2 = bn_math.fit_before(f, z, w, target, (a, b))
@@ -338,18 +373,15 @@ def fit_pair(root: nn.Module, site: Site, samples: FitSamples | None) -> tuple[l
         with torch.no_grad():
             effect = bn_math.relative_rmse(f(a2[None, :] * z + b2[None, :]).double(), target, w)
         set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, eps), mean, var)
-        move_before(site.bn_node, site.act_node)
     return [f"{samples.source} fit: block error {effect:.3f} (relative RMS)"], effect
 
 
-def swap(root: nn.Module, site: Site) -> list[str]:
-    """Reorder only; every parameter stays as it was."""
-    assert site.act_node is not None and site.pair.placement is not None
-    if site.pair.placement == "before":
-        move_after(site.bn_node, site.act_node)
+def move_nodes(site_placement: str, bn: fx.Node, act: fx.Node) -> None:
+    """Reorder one pair's nodes in a graph: BN to the other side of the activation."""
+    if site_placement == "before":
+        move_after(bn, act)
     else:
-        move_before(site.bn_node, site.act_node)
-    return []
+        move_before(bn, act)
 
 
 def guard_inplace(act: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
@@ -362,53 +394,46 @@ def guard_inplace(act: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
     return []
 
 
-def move(
-    root: nn.Module,
-    site: Site,
-    method: str,
-    modules: dict[str, nn.Module],
-    samples: FitSamples | None = None,
+def adjust(
+    root: nn.Module, site: Site, method: str, samples: FitSamples | None = None
 ) -> tuple[str, list[str], float | None]:
-    """Apply one move (``"exact"``, ``"fit"`` or ``"swap"``) to ``site``.
+    """The parameter side of one move (``"exact"``, ``"fit"`` or ``"swap"``) of ``site``.
 
     Returns the method really used (a pair that cannot be fitted is swapped,
     and the notes say why), notes for the report, and the fitted block's error.
-
-    ``modules`` is the region's ``dict(root.named_modules())``, built once per
-    region (building it per move made conversion quadratic in model size).
+    The caller then moves the modules or nodes (:mod:`bnmove.surgery`).
     """
-    if site.fused is not None:
-        split_fused(root, site)
-    assert site.act_node is not None
     effect: float | None = None
     used = method
+    notes: list[str] = []
     if method == "fit":
         try:
             notes, effect = fit_pair(root, site, samples)
             used = f"fit-{samples.source}" if samples is not None else "fit-data-free"
         except CannotFit as why:
-            notes, used = [f"swapped instead of fitted: {why}", *swap(root, site)], "swap"
-    elif method == "swap":
-        notes = swap(root, site)
-    elif site.pair.placement == "before":
-        notes = exact_before_to_after(root, site)
-    else:
-        notes = exact_after_to_before(root, site)
-    if site.act_node.op == "call_module" and str(site.act_node.target) not in modules:
-        modules[str(site.act_node.target)] = root.get_submodule(str(site.act_node.target))  # split fused
-    return used, notes + guard_inplace(site.act_node, modules), effect
+            notes, used = [f"swapped instead of fitted: {why}"], "swap"
+    elif method == "exact":
+        if site.pair.placement == "before":
+            notes = exact_before_to_after(root, site)
+        else:
+            notes = exact_after_to_before(root, site)
+    return used, notes, effect
 
 
 __all__ = [
     "CannotFit",
     "FitSamples",
     "activation_function",
+    "activation_module",
+    "adjust",
     "fit_pair",
     "fold_bn",
+    "guard_inplace",
     "make_identity",
-    "move",
     "move_after",
     "move_before",
+    "move_nodes",
+    "pair_activation",
     "set_bn",
     "split_fused",
 ]

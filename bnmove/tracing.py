@@ -1,9 +1,15 @@
-"""Trace a model with torch.fx, falling back to its largest traceable parts.
+"""The analysis graph of a model: what bnmove reads to decide what moves.
 
 ``symbolic_trace`` of the whole model is tried first. Real models often fail
-it (input checks, data-dependent branches in ``forward``); then each child is
-tried in turn, recursing into the ones that fail, so every traceable subtree is
-still rewritten and the untraceable parts are reported by name.
+it (padding computed from shapes, optional arguments tested in ``forward``,
+loops over ``torch.split``); then one forward pass on an example input is
+recorded instead (:mod:`bnmove.recording`), which sees through all of that.
+Only when no example input can be had are the largest traceable subtrees
+traced one by one, and the untraceable parts reported by name.
+
+The graph only decides what moves; the moves themselves are made on the
+user's modules (:mod:`bnmove.surgery`). Tracing never changes the model it
+reads (:func:`untouched`).
 
 BatchNorm modules (user subclasses included, so fused norm+activation modules
 stay whole) and activation modules are leaves: the tracer never inlines them,
@@ -12,12 +18,18 @@ which keeps train/eval behaviour live instead of baking it into the graph.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import fx, nn
 
+from ._clone import clone_module
 from .patterns import is_batchnorm_module, module_activation_spec
+from .recording import record_graph
+from .surgery import class_forward, first_line
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +45,8 @@ class BnTracer(fx.Tracer):
 
 def trace_graph(module: nn.Module) -> fx.Graph:
     """Trace one module's forward with :class:`BnTracer`; raises whatever fx raises."""
-    graph = BnTracer().trace(module)
+    with class_forward(module):
+        graph = BnTracer().trace(module)
     for node in graph.nodes:
         # Under `from __future__ import annotations` fx records annotations as
         # strings, which GraphModule cannot pickle or import: drop them.
@@ -57,6 +70,8 @@ class Region:
 
     root: nn.Module
     graph: fx.Graph
+    #: recorded from a forward pass: describes the model, cannot be run as a GraphModule
+    recorded: bool = False
 
     def graph_module(self) -> fx.GraphModule:
         return fx.GraphModule(self.root, self.graph, class_name=type(self.root).__name__)
@@ -92,9 +107,31 @@ def _is_opaque_leaf(module: nn.Module) -> bool:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Whatever happens inside, every module's attributes, parameters, buffers and children are put back.
+
+    torch.fx calls ``forward`` with Proxies; a module that caches a tensor in a
+    plain attribute (an attention-bias cache) would keep a Proxy afterwards.
+    """
+    saved = [
+        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+        for m in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for module, state, params, buffers, children in saved:
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            stores: list[tuple[dict[str, Any], dict[str, Any]]] = [
+                (module._parameters, params),
+                (module._buffers, buffers),
+                (module._modules, children),
+            ]
+            for store, old in stores:
+                store.clear()
+                store.update(old)
 
 
 def trace_regions(model: nn.Module) -> TraceResult:
@@ -114,7 +151,7 @@ def trace_regions(model: nn.Module) -> TraceResult:
             regions[name] = Region(module, trace_graph(module))
             return
         except Exception as exc:  # fx raises many types for untraceable code
-            reason = _first_line(exc)
+            reason = first_line(exc)
             log.info("could not trace %s: %s", name or "<model>", reason)
             untraced.append(Untraced(name or "<model>", type(module).__name__, reason))
         for child_name, child in module.named_children():
@@ -124,8 +161,32 @@ def trace_regions(model: nn.Module) -> TraceResult:
     return TraceResult(regions, untraced)
 
 
-def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
-    """Replace the submodule at a dotted path (``""`` is not allowed)."""
-    parent_name, _, attr = qualified_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
+def analysis_regions(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> TraceResult:
+    """The model's analysis graph: traced whole, else recorded from one forward, else traced in parts.
+
+    ``example_inputs`` feed the recording; when None they are inferred from the
+    first layer where possible. The model is not changed (the recording runs
+    on a copy).
+    """
+    with untouched(model):
+        try:
+            return TraceResult({"": Region(model, trace_graph(model))}, [])
+        except Exception as exc:
+            reason = first_line(exc)
+            log.info("could not trace the whole model: %s", reason)
+    inputs = example_inputs
+    if inputs is None:
+        from .verify import infer_example_inputs
+
+        try:
+            inputs = infer_example_inputs(model)
+        except Exception:
+            inputs = None
+    if inputs is not None:
+        try:
+            graph = record_graph(clone_module(model), inputs)
+            return TraceResult({"": Region(model, graph, recorded=True)}, [])
+        except Exception as exc:
+            log.info("could not record a forward pass: %s", first_line(exc))
+    with untouched(model):
+        return trace_regions(model)

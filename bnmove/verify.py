@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import BnmoveError, ModelRunError
-from .tracing import trace_graph
+from .tracing import trace_graph, untouched
 
 _INPUT_SIZE = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}
 
@@ -106,9 +107,11 @@ def run_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
     """``model(*inputs)`` without grad; the model's own exceptions become :class:`ModelRunError`."""
     try:
         with torch.inference_mode():  # cheaper than no_grad: outputs are only compared
-            return model(*[x.clone() for x in inputs])
+            return model(*tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, list(inputs)))
     except Exception as exc:
-        shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+        shapes = ", ".join(
+            "x".join(map(str, x.shape)) for x in tree_flatten(list(inputs))[0] if isinstance(x, torch.Tensor)
+        )
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelRunError(
             f"the model's forward raised {type(exc).__name__} on input {shapes}: {first}"
@@ -116,8 +119,17 @@ def run_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(output)
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
+    """Every tensor in an output of any structure: tensors, tuples, lists, dicts (HF ``ModelOutput``
+    included), dataclasses, in a fixed order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for value in output.values() for t in output_tensors(value)]
+    if isinstance(output, (list, tuple)):
+        return [t for value in output for t in output_tensors(value)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [t for f in dataclasses.fields(output) for t in output_tensors(getattr(output, f.name))]
+    return []
 
 
 def tolerance_for(dtype: torch.dtype) -> float:
@@ -133,18 +145,27 @@ class Deviation:
     max_rel_error: float
     input_shapes: list[list[int]]
     tolerance: float
+    #: the same conversion made and compared on a float64 copy, when the float32 comparison
+    #: exceeds its tolerance: it tells float rounding the network amplifies from a changed function
+    float64_rel_error: float | None = None
 
     @property
     def within_tolerance(self) -> bool:
+        if self.float64_rel_error is not None:
+            return self.float64_rel_error <= tolerance_for(torch.float64)
         return self.max_rel_error <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "within_tolerance": self.within_tolerance}
 
 
-def compare_models(reference: nn.Module, converted: nn.Module, inputs: Sequence[torch.Tensor]) -> Deviation:
-    """Max abs error and error relative to the reference's largest |output|, in eval mode."""
-    with eval_mode(reference):
+def compare_models(reference: nn.Module, converted: nn.Module, inputs: Sequence[Any]) -> Deviation:
+    """Max abs error and error relative to the reference's largest |output|, in eval mode.
+
+    Every tensor of any output structure (tuples, dicts, dataclasses) is
+    compared. The reference runs without keeping anything its forward caches.
+    """
+    with eval_mode(reference), untouched(reference):
         want = output_tensors(run_model(reference, inputs))
     with eval_mode(converted):
         got = output_tensors(run_model(converted, inputs))
@@ -160,9 +181,19 @@ def compare_models(reference: nn.Module, converted: nn.Module, inputs: Sequence[
         max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
         scale = max(scale, float(a.double().abs().max()) if a.numel() else 0.0)
     dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
-    return Deviation(
+    deviation = Deviation(
         max_abs_error=max_abs,
         max_rel_error=max_abs / max(scale, 1e-12) if max_abs else 0.0,
-        input_shapes=[list(x.shape) for x in inputs],
+        input_shapes=[list(x.shape) for x in tree_flatten(list(inputs))[0] if isinstance(x, torch.Tensor)],
         tolerance=tolerance_for(dtype),
+    )
+    return deviation
+
+
+def double_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Floating-point tensors of ``inputs`` (any structure) in float64."""
+    return tuple(
+        tree_map(
+            lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, list(inputs)
+        )
     )

@@ -4,6 +4,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,3 +43,12 @@ settings.register_profile(
     "long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def renamed_key(result: Any, key: str) -> str:
+    """Where a state-dict key of the original lives in ``result.model`` (a moved BN's slot may
+    have become ``Sequential(act, bn)``: ``bn1.weight`` -> ``bn1.1.weight``)."""
+    for move in result.moved:
+        if move.moved_to and key.startswith(move.pair.bn + "."):
+            return str(move.moved_to) + key[len(move.pair.bn) :]
+    return key

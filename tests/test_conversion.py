@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_same_outputs, outputs_of
+from conftest import assert_same_outputs, outputs_of, renamed_key
 from torch import nn
 from zoo import ZOO, FusedNet, InplaceSecondUser, TinyResNet, build, randomize_bn
 
@@ -44,7 +44,9 @@ def test_zoo_conversion(name: str, placement: str, method: str) -> None:
     # Every moved pair now sits at the target placement.
     now = {p.bn: p for p in find_pairs(result.model) if p.placement}
     for move in result.moved:
-        assert now[move.pair.bn].placement == placement
+        assert move.moved_to is not None and now[move.moved_to].placement == placement
+    # The converted model is the user's model: same class, every module's forward its own.
+    assert type(result.model) is type(model)
 
     assert result.verification is not None
     if all(m.keeps_outputs for m in result.moves):
@@ -52,8 +54,9 @@ def test_zoo_conversion(name: str, placement: str, method: str) -> None:
         assert result.verification.within_tolerance
     if method == "swap":
         converted = result.model.state_dict()
-        assert set(converted) == set(original_state)
-        assert all(torch.equal(original_state[k], converted[k]) for k in original_state)
+        renamed = {renamed_key(result, k): v for k, v in original_state.items()}
+        assert set(converted) == set(renamed)
+        assert all(torch.equal(renamed[k], converted[k]) for k in renamed)
     # The model still runs in train mode and backpropagates.
     out = result.model.train()(*[torch.cat([x, x]) for x in inputs])
     out.sum().backward()
@@ -65,8 +68,11 @@ def test_round_trip_restores_placements(name: str) -> None:
     there = convert(model, "after", example_inputs=inputs).model
     back = convert(there, "before", example_inputs=inputs).model
     again = convert(back, "after", example_inputs=inputs).model
-    placements = lambda m: sorted((p.bn, p.placement) for p in find_pairs(m))  # noqa: E731
+    placements = lambda m: sorted((p.activation_kind or "", p.placement or "") for p in find_pairs(m))  # noqa: E731
     assert placements(again) == placements(there)
+    # Names settle after the first move: a BN moved inside the Sequential it now lives in keeps its name.
+    back_again = convert(again, "before", example_inputs=inputs).model
+    assert sorted(p.bn for p in find_pairs(back_again)) == sorted(p.bn for p in find_pairs(back))
 
 
 @pytest.mark.parametrize("name", ["resnet", "mlp", "nested", "fused"])
@@ -92,9 +98,18 @@ def test_state_dict_keys_of_untouched_layers_stay() -> None:
     result = convert(model, "after", method="exact", example_inputs=inputs)
     new = result.model.state_dict()
     old = model.state_dict()
-    # Folding may add a bias to a bias-free conv; nothing is dropped or renamed.
-    assert set(old) <= set(new)
-    assert set(new) - set(old) <= {f"{p.neighbour}.bias" for p in find_pairs(model) if p.neighbour}
+    # Folding may add a bias to a bias-free conv; a moved BN's keys gain the index of its
+    # place in the Sequential that took its slot (``bn1.weight`` -> ``bn1.1.weight``).
+    renamed = {}
+    for move in result.moved:
+        assert move.moved_to is not None
+        for key in old:
+            if key.startswith(move.pair.bn + "."):
+                renamed[key] = move.moved_to + key[len(move.pair.bn) :]
+    assert renamed and all(k.startswith("bn1.") or ".bn1." in k for k in renamed)
+    expected = {renamed.get(k, k) for k in old}
+    assert expected <= set(new)
+    assert set(new) - expected <= {f"{p.neighbour}.bias" for p in find_pairs(model) if p.neighbour}
     for key in ("layer1.0.conv2.weight", "layer1.0.bn2.running_var", "fc.weight"):
         assert torch.equal(old[key], new[key])
 
@@ -102,16 +117,19 @@ def test_state_dict_keys_of_untouched_layers_stay() -> None:
 def test_fused_module_split_keeps_keys_and_outputs() -> None:
     model, inputs = build("fused")
     result = convert(model, "after", method="exact", example_inputs=inputs)
-    assert set(model.state_dict()) <= set(result.model.state_dict())
+    # The fused slot became Sequential(act, BN'): its BN keys gain ".1".
+    renamed = {k.replace("bn1.", "bn1.1.", 1) for k in model.state_dict() if k.startswith("bn1.")}
+    assert renamed <= set(result.model.state_dict())
     pairs = find_pairs(result.model)
-    assert [(p.bn, p.activation, p.placement, p.fused) for p in pairs] == [("bn1", "bn1.act", "after", False)]
+    assert [(p.bn, p.activation, p.placement, p.fused) for p in pairs] == [("bn1.1", "bn1.0", "after", False)]
+    assert isinstance(result.model.bn1, nn.Sequential)
     assert_same_outputs(model, result.model, inputs)
 
 
 def test_untraceable_top_level_converts_inside_children() -> None:
     model, inputs = build("untraceable-top")
     result = convert(model, "after", method="exact", example_inputs=inputs)
-    assert [u.name for u in result.untraced] == ["<model>"]
+    assert result.untraced == []  # recorded from a forward pass instead of traced
     assert len(result.moved) == 2
     assert type(result.model).__name__ == "CheckedNet"  # the untraceable forward is kept as written
     assert_same_outputs(model, result.model, inputs)

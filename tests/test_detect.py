@@ -103,12 +103,20 @@ def test_padded_conv_blocks_exact_back_move() -> None:
     assert "pads its input" in (pair.reason or "")
 
 
-def test_untraceable_parts_are_reported() -> None:
+def test_untraceable_model_is_recorded_instead() -> None:
+    model, inputs = build("untraceable-top")
+    result = bnmove.detect(model, inputs)
+    assert result.untraced == []  # one forward pass recorded on a copy sees through the checks
+    assert {p.bn for p in result.pairs} == {"features.0.bn", "features.1.bn"}
+
+
+def test_untraceable_parts_are_reported_without_an_input() -> None:
     model, _ = build("untraceable-top")
+    model.features.insert(0, nn.Identity())  # the first layer no longer tells the input's shape
     result = bnmove.detect(model)
     assert [u.name for u in result.untraced] == ["<model>"]
     assert "TraceError" in result.untraced[0].reason or "raise" in result.untraced[0].reason.lower()
-    assert {p.bn for p in result.pairs} == {"features.0.bn", "features.1.bn"}
+    assert {p.bn for p in result.pairs} == {"features.1.bn", "features.2.bn"}
 
 
 def test_basic_block_alone() -> None:

@@ -113,7 +113,9 @@ def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bn
     assert synthetic_agree >= 0.95 and synthetic_agree >= swap + 0.4
     assert cal_agree >= 0.97
     # BN' holds the real moments of its new input: train and eval mode start close.
-    new_bn = calibrated.model.get_submodule("blocks.0.bn1")
+    (moved_to,) = [m.moved_to for m in calibrated.moved if m.pair.bn == "blocks.0.bn1"]
+    assert moved_to is not None
+    new_bn = calibrated.model.get_submodule(moved_to)
     act_out = ACTS[act]()(calibrated.model.get_submodule("stem")(digits.train.x[:256]))
     torch.testing.assert_close(new_bn.running_mean, act_out.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
 

@@ -13,7 +13,7 @@ from bnmove.folding import fold_forward
 @pytest.mark.parametrize(
     ("name", "folded", "standalone"),
     [
-        ("mlp", {"bn1": "fc2", "bn2": "fc3"}, 0),
+        ("mlp", {"bn1.1": "fc2", "bn2": "fc3"}, 0),  # bn1 moved: its slot is Sequential(act, bn)
         ("nested", {"stage.1.bn": "stage.1.proj"}, 2),
         ("conv1d", {"bn2": "conv3"}, 1),
     ],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_outputs
+from conftest import assert_same_outputs, renamed_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -158,7 +158,8 @@ def test_exact_preserves_outputs_and_swap_preserves_parameters(
     exact = bnmove.convert(model, placement, method="exact", example_inputs=inputs)
     assert_same_outputs(model, exact.model, inputs)
     swap = bnmove.convert(model, placement, method="swap", example_inputs=inputs)
-    old, new = model.state_dict(), swap.model.state_dict()
+    old = {renamed_key(swap, k): v for k, v in model.state_dict().items()}
+    new = swap.model.state_dict()
     assert set(old) == set(new) and all(torch.equal(old[k], new[k]) for k in old)
     other = "after" if placement == "before" else "before"
     assert len(swap.moved) == sum(1 for p in bnmove.find_pairs(model) if p.placement == other)
@@ -173,7 +174,8 @@ def test_current_placement_is_a_no_op_and_round_trips_restore(blocks: list[Spec]
     assert not again.moved and again.verification is not None and again.verification.max_abs_error == 0.0
     before = bnmove.convert(after, "before", example_inputs=inputs).model
     restored = bnmove.convert(before, "after", example_inputs=inputs).model
-    assert _placements(restored) == _placements(after)
+    # A BN that moved now lives in a Sequential in its old slot, so names may differ; placements do not.
+    assert sorted(p or "" for _, p in _placements(restored)) == sorted(p or "" for _, p in _placements(after))
 
 
 @settings(max_examples=5)

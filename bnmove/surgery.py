@@ -1,0 +1,285 @@
+"""Install a move in the smallest scope that holds it, so the user's model stays the user's model.
+
+Two ways, tried in this order:
+
+* **Module surgery** (BN and activation are modules, each called once): no
+  ``forward`` changes. Inside a stock ``nn.Sequential`` the two children swap
+  places in the order (names and state-dict keys stay). Elsewhere the BN's slot
+  becomes ``nn.Sequential(act, bn)`` (before -> after: ``<bn>.0`` is the
+  activation, ``<bn>.1`` the BN) or ``nn.Sequential(bn, act)`` (after -> before:
+  ``<bn>.0`` the BN, ``<bn>.1`` the activation), and the activation's slot
+  becomes ``nn.Identity``. Hooks stay on the same module objects.
+* **Graph surgery of one forward**: where the activation is a function or a
+  method call, or a module called at several places, the module whose own
+  ``forward`` calls both (its children kept whole) is traced, the nodes are
+  reordered, and the generated code is installed as that instance's
+  ``forward`` (:class:`GraphForward`). The instance keeps its class, attributes,
+  properties and hooks; every other module keeps its code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from torch import fx, nn
+from torch.fx.graph_module import _format_import_block, _forward_from_src
+from torch.package import sys_importer
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+class GraphForward:
+    """A ``forward`` generated from an fx graph, bound to one module instance.
+
+    Stored as the instance attribute ``forward``, so ``nn.Module.__call__``
+    (hooks included) runs it while the class stays the user's. It pickles and
+    deep-copies with its module (the code is kept as source text).
+    """
+
+    def __init__(self, module: nn.Module, graph: fx.Graph) -> None:
+        self.graph = graph
+        self._module = module
+        code = graph.python_code(root_module="self")
+        self._source = _format_import_block(code.globals, sys_importer) + "\n" + code.src
+        self._compile()
+
+    def _compile(self) -> None:
+        namespace: dict[str, Any] = {}
+        self._fn = _forward_from_src(self._source, namespace)
+        self.__signature__ = _drop_self(inspect.signature(self._fn))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self._module, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"graph": self.graph, "_module": self._module, "_source": self._source}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
+        import copy
+
+        new = GraphForward.__new__(GraphForward)
+        memo[id(self)] = new
+        new.__dict__.update(
+            {
+                "graph": copy.deepcopy(self.graph, memo),
+                "_module": copy.deepcopy(self._module, memo),
+                "_source": self._source,
+                "_fn": self._fn,
+                "__signature__": self.__signature__,
+            }
+        )
+        return new
+
+
+def _drop_self(sig: inspect.Signature) -> inspect.Signature:
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def generated_forward(module: nn.Module) -> GraphForward | None:
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, GraphForward) else None
+
+
+def install_forward(module: nn.Module, graph: fx.Graph) -> None:
+    """Make ``graph`` the forward of this one instance (its class and everything else stay)."""
+    graph.lint()
+    module.__dict__["forward"] = GraphForward(module, graph)
+
+
+@contextlib.contextmanager
+def class_forward(module: nn.Module) -> Iterator[None]:
+    """While open, ``type(module).forward`` is the instance's generated forward.
+
+    torch.fx traces a root module through its class's ``forward``; a module
+    that bnmove rewrote earlier carries its forward on the instance, and
+    tracing must see that one (a second conversion, a round trip).
+    """
+    generated = generated_forward(module)
+    if generated is None:
+        yield
+        return
+    original = type(module)
+    fn = generated._fn
+    temporary = type(original.__name__, (original,), {"forward": fn, "__module__": original.__module__})
+    module.__class__ = temporary
+    try:
+        yield
+    finally:
+        module.__class__ = original
+
+
+def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted path (``""`` is not allowed)."""
+    parent_name, _, attr = qualified_name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+# -- module surgery ---------------------------------------------------------------------------
+
+
+def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` in every slot that holds ``old`` (a module registered under several names)."""
+    for parent in list(root.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, key, new)
+
+
+def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), attr
+
+
+def _is_link(module: nn.Module | None) -> bool:
+    return isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
+
+
+def sequential_neighbours(root: nn.Module, first: str, second: str) -> nn.Sequential | None:
+    """The stock ``nn.Sequential`` holding ``first`` then ``second`` (only links between), or None."""
+    parent_a, a = _parent(root, first)
+    parent_b, b = _parent(root, second)
+    if parent_a is not parent_b or not isinstance(parent_a, nn.Sequential):
+        return None
+    if type(parent_a).forward is not nn.Sequential.forward:
+        return None
+    keys = list(parent_a._modules)
+    i, j = keys.index(a), keys.index(b)
+    if j <= i or not all(_is_link(parent_a._modules[k]) for k in keys[i + 1 : j]):
+        return None
+    return parent_a
+
+
+def _reorder(seq: nn.Sequential, key: str, after: str | None, before: str | None) -> None:
+    """Move child ``key`` right after child ``after`` (or right before child ``before``)."""
+    items = [(k, m) for k, m in seq._modules.items() if k != key]
+    moved = seq._modules[key]
+    out: list[tuple[str, Any]] = []
+    for k, m in items:
+        if k == before:
+            out.append((key, moved))
+        out.append((k, m))
+        if k == after:
+            out.append((key, moved))
+    seq._modules = OrderedDict(out)
+
+
+def module_move(root: nn.Module, bn: str, act: str | None, act_module: nn.Module, placement: str) -> str:
+    """Move BN ``bn`` across activation ``act`` by replacing module slots; returns the BN's new name.
+
+    ``placement`` is the pair's current placement. ``act`` is None for a fused
+    norm+activation module, whose slot becomes ``Sequential(act, bn)``;
+    ``act_module`` is the activation to call (the fused module's own).
+    """
+    bn_module = root.get_submodule(bn)
+    if act is not None:
+        first, second = (bn, act) if placement == "before" else (act, bn)
+        seq = sequential_neighbours(root, first, second)
+        if seq is not None:
+            bn_key, act_key = bn.rpartition(".")[2], act.rpartition(".")[2]
+            if placement == "before":
+                _reorder(seq, bn_key, after=act_key, before=None)
+            else:
+                _reorder(seq, bn_key, after=None, before=act_key)
+            return bn
+        replace_everywhere(root, root.get_submodule(act), nn.Identity())
+    pair = (act_module, bn_module) if placement == "before" else (bn_module, act_module)
+    replace_everywhere(root, bn_module, nn.Sequential(*pair))
+    return f"{bn}.1" if placement == "before" else f"{bn}.0"
+
+
+# -- graph surgery of one forward -----------------------------------------------------------------
+
+
+def owner(node: fx.Node, prefix: str = "") -> str:
+    """Qualified name of the module whose own ``forward`` makes this call (``""`` for the root).
+
+    ``prefix`` is the traced region's own name; nodes without a recorded stack belong to it.
+    """
+    stack = node.meta.get("nn_module_stack")
+    names = [name for name, _ in stack.values()] if stack else []
+    if node.op == "call_module" and names and names[-1] == str(node.target):
+        names = names[:-1]
+    local = names[-1] if names else ""
+    return ".".join(part for part in (prefix, local) if part)
+
+
+def node_key(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, Any]:
+    """What identifies a call within one forward: its kind and target (a module by identity,
+    since a shared module has one name per path)."""
+    if node.op == "call_module":
+        return node.op, id(modules.get(str(node.target)))
+    return node.op, node.target
+
+
+def keyed_calls(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> dict[tuple[Any, ...], fx.Node]:
+    """Calls of one forward by (kind, target, occurrence), the same in every trace of that forward."""
+    seen: Counter[tuple[str, Any]] = Counter()
+    out: dict[tuple[Any, ...], fx.Node] = {}
+    for node in nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        key = node_key(node, modules)
+        out[(*key, seen[key])] = node
+        seen[key] += 1
+    return out
+
+
+class _OwnForwardTracer(fx.Tracer):
+    """Traces one module's own forward; every child module stays a call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def trace_own_forward(module: nn.Module) -> fx.Graph:
+    """The graph of ``module``'s own forward, refusing code whose graph depends on the train flag.
+
+    Raises ``ValueError`` with the reason when the forward is specialised to
+    ``self.training`` (a generated forward must work in both modes).
+    """
+    graphs = []
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        for mode in (False, True):
+            module.training = mode
+            with class_forward(module):
+                graph = _OwnForwardTracer().trace(module)
+            for node in graph.nodes:
+                if isinstance(node.type, str):
+                    node.type = None
+            graphs.append(graph)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        raise ValueError(f"forward of {type(module).__name__} branches on self.training")
+    return graphs[0]
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+
+
+__all__ = [
+    "GraphForward",
+    "class_forward",
+    "first_line",
+    "generated_forward",
+    "install_forward",
+    "keyed_calls",
+    "module_move",
+    "owner",
+    "sequential_neighbours",
+    "set_submodule",
+    "trace_own_forward",
+]

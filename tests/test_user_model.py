@@ -1,0 +1,406 @@
+"""The converted model is the user's model: one hand-written model per pattern real libraries use.
+
+Each model reproduces in a few lines what made third-party models fail: code
+torch.fx cannot trace, caches, properties, hooks, library activation classes,
+fused modules with their activation off, list inputs and dict outputs, deep
+nets that amplify float32 rounding.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same_outputs
+from torch import nn
+
+import bnmove
+from bnmove import convert, find_pairs
+
+
+def _same(model: nn.Module, converted: nn.Module, *inputs: object, atol: float = 1e-5) -> None:
+    with torch.no_grad():
+        want, got = model.eval()(*inputs), converted.eval()(*inputs)
+    for a, b in zip(bnmove.verify.output_tensors(want), bnmove.verify.output_tensors(got), strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self, cin: int, cout: int, act: nn.Module | None = None, k: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = act if act is not None else nn.ReLU()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # TF-style "same" padding computed from the input's shape: torch.fx cannot trace this.
+        pad = max((math.ceil(x.shape[-1] / 1) - 1) + self.k - x.shape[-1], 0)
+        x = F.pad(x, [pad // 2, pad - pad // 2, pad // 2, pad - pad // 2])
+        return self.act(self.bn(self.conv(x)))
+
+
+class SamePadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = ConvBnAct(3, 8)
+        self.b = ConvBnAct(8, 8, nn.SiLU())
+        self.head = nn.Linear(8, 4)
+
+    @property
+    def width(self) -> int:  # a property the forward reads
+        return self.head.in_features
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.b(self.a(x))
+        if mask is not None:  # an optional argument tested in forward
+            x = x * mask
+        return self.head(x.mean((2, 3)).reshape(-1, self.width))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_untraceable_padding_and_optional_argument_convert_as_modules() -> None:
+    model = _randomize(SamePadNet())
+    x = torch.randn(2, 3, 9, 9)
+    pairs = find_pairs(model, (x,))
+    assert sorted((p.bn, p.placement, p.exact) for p in pairs) == [
+        ("a.bn", "before", True),
+        ("b.bn", "before", True),
+    ]
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    out = result.model
+    assert type(out) is SamePadNet and out.width == 8
+    assert len(result.moved) == 2 and "forward" not in vars(out) and "forward" not in vars(out.a)
+    assert isinstance(out.a.bn, nn.Sequential) and isinstance(out.a.act, nn.Identity)
+    # The user's forward (and its other methods) still decide shapes: other sizes, the mask.
+    for size in (9, 12):
+        y = torch.randn(2, 3, size, size)
+        _same(model, out, y)
+        mask = torch.rand(1, 8, size, size)
+        _same(model, out, y, mask)
+    torch.testing.assert_close(model.forward_features(x), out.forward_features(x), atol=1e-5, rtol=1e-4)
+    assert sorted((p.bn, p.placement) for p in find_pairs(out, (x,))) == [
+        ("a.bn.1", "after"),
+        ("b.bn.1", "after"),
+    ]
+
+
+class SplitNet(nn.Module):
+    """A loop over ``torch.split`` outputs (mixed-kernel convs): fx cannot iterate a Proxy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(2, 2, 1) for _ in range(2))
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.Hardswish()
+        self.out = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [conv(chunk) for conv, chunk in zip(self.convs, torch.split(x, 2, 1), strict=True)]
+        return self.out(self.bn(self.act(torch.cat(parts, 1))))
+
+
+def test_loop_over_split_is_analysed_by_recording() -> None:
+    model = _randomize(SplitNet())
+    x = torch.randn(2, 4, 5, 5)
+    (pair,) = find_pairs(model, (x,))
+    assert (pair.bn, pair.activation, pair.placement, pair.exact) == ("bn", "act", "after", True)
+    result = convert(model, "before", method="exact", example_inputs=(x,))
+    assert type(result.model) is SplitNet and result.moved[0].moved_to == "bn.0"
+    _same(model, result.model, x)
+
+
+class CachingAttention(nn.Module):
+    """Caches a tensor in a plain attribute during forward in eval mode (timm LeViT's bias cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.cached: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self.cached = self.bias * 2
+            return x + self.cached[None, :, None, None]
+        return x + self.bias[None, :, None, None] * 2
+
+
+class CacheNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.GELU()
+        self.attn = CachingAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.act(self.bn(self.conv(x))))
+
+
+def test_analysis_never_changes_the_model() -> None:
+    model = _randomize(CacheNet())
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
+    find_pairs(model)
+    bnmove.detect(model)
+    convert(model, "after")
+    assert model.attn.cached is None and model.attn.cache == {}  # no fx Proxy left behind
+    assert {name: dict(vars(m)) for name, m in model.named_modules()} == before_attrs
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    # Converting the same model again works (a Proxy left in the cache would break this).
+    again = convert(model, "after")
+    assert len(again.moved) == 1
+
+
+class SharedReluBlock(nn.Module):
+    """torchvision's BasicBlock: one ReLU module called at two places, a functional tanh too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.bn3 = nn.BatchNorm2d(4)
+
+    @property
+    def channels(self) -> int:
+        return self.conv1.in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = self.relu(out + x)
+        return torch.tanh(self.bn3(self.conv3(out)))
+
+
+class Top(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.block = SharedReluBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(F.relu(self.bn(self.stem(x))))
+
+
+def test_graph_moves_rewrite_only_the_forward_that_holds_them() -> None:
+    model = _randomize(Top())
+    calls: list[str] = []
+    hooks = [
+        model.block.register_forward_hook(lambda m, i, o: calls.append("block")),
+        model.block.bn1.register_forward_hook(lambda m, i, o: calls.append("bn1")),
+    ]
+    x = torch.randn(2, 3, 6, 6)
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    out = result.model
+    assert {m.pair.bn for m in result.moved} == {"bn", "block.bn1", "block.bn3"}
+    # The top level and the block keep their classes, properties and hooks; only their own
+    # forward is regenerated (functional relu/tanh and the shared ReLU need node moves).
+    assert type(out) is Top and type(out.block) is SharedReluBlock and out.block.channels == 4
+    assert isinstance(vars(out)["forward"], bnmove.surgery.GraphForward)
+    assert isinstance(vars(out.block)["forward"], bnmove.surgery.GraphForward)
+    assert "forward" not in vars(out.stem)
+    calls.clear()
+    with torch.no_grad():
+        out.eval()(x)
+    assert calls == ["bn1", "block"]
+    _same(model, out, x)
+    # A second conversion reads the generated forwards (no exact way back here: fitted).
+    back = convert(out, "before", example_inputs=(x,))
+    assert {m.pair.bn for m in back.moved} == {"bn", "block.bn1", "block.bn3"}
+    assert {p.bn: p.placement for p in find_pairs(back.model)} == {
+        "bn": "before",
+        "block.bn1": "before",
+        "block.bn2": None,
+        "block.bn3": "before",
+    }
+    # The converted model pickles and deep-copies with its generated forwards (without the
+    # test's lambda hooks, which no pickle can hold).
+    for handle in hooks:
+        handle.remove()
+    out.block._forward_hooks.clear()
+    out.block.bn1._forward_hooks.clear()
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    _same(model, loaded, x)
+    assert type(loaded) is Top
+    _same(model, pickle.loads(pickle.dumps(out)), x)
+
+
+class LibSwish(nn.Module):
+    """A model library's own activation class (timm's Swish, HF's ACT2FN classes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class LibGELUTanh(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+class StrangeAct(nn.Module):
+    """Not a known function, but stateless, elementwise and non-linear: an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) + 0.5 * x
+
+
+class Scale(nn.Module):
+    """Stateless and elementwise but affine: a link, not an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x + 1
+
+
+@pytest.mark.parametrize(
+    ("act", "kind"),
+    [(LibSwish(), "SiLU"), (LibGELUTanh(), "GELU"), (StrangeAct(), "StrangeAct"), (Scale(), None)],
+    ids=["swish", "gelu-tanh", "unknown", "affine"],
+)
+def test_library_activation_classes_are_recognised_by_what_they_compute(
+    act: nn.Module, kind: str | None
+) -> None:
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), act, nn.Conv2d(4, 2, 1)))
+    (pair,) = find_pairs(model)
+    assert pair.activation_kind == kind
+    if kind is not None:
+        result = convert(model, "after", method="exact")
+        assert [type(m).__name__ for m in result.model] == [
+            "Conv2d",
+            type(act).__name__,
+            "BatchNorm2d",
+            "Conv2d",
+        ]
+        x = torch.randn(2, 3, 4, 4)
+        _same(model, result.model, x)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BN subclass with its activation inside; ``apply_act=False`` turns it off."""
+
+    def __init__(self, n: int, apply_act: bool = True) -> None:
+        super().__init__(n)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU() if apply_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+class RepBranch(nn.Module):
+    """RepVGG/MobileOne: an identity branch ``act -> BN`` whose activation output has several users."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.identity = BatchNormAct(4, apply_act=False)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = BatchNormAct(4, apply_act=False)
+        self.act2 = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        y = self.conv(y) + self.identity(y)
+        return self.act2(self.bn2(self.conv2(y)))
+
+
+def test_fused_module_with_activation_off_is_a_plain_batchnorm() -> None:
+    model = _randomize(RepBranch())
+    pairs = {p.bn: p for p in find_pairs(model)}
+    assert pairs["identity"].placement == "after" and not pairs["identity"].movable
+    assert "also feeds" in (pairs["identity"].reason or "")
+    assert (pairs["bn2"].activation, pairs["bn2"].placement, pairs["bn2"].exact) == ("act2", "before", True)
+    result = convert(model, "after", method="exact")
+    assert [m.pair.bn for m in result.moved] == ["bn2"]
+    _same(model, result.model, torch.randn(2, 4, 5, 5))
+
+
+class ListInDictOut(nn.Module):
+    """torchvision detection models take ``list[Tensor]``; HF models return dict-like outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = torch.stack(images)
+        y = self.act(self.bn(self.conv(x)))
+        return {"features": y, "pooled": y.mean((2, 3))}
+
+
+def test_list_inputs_and_dict_outputs_are_verified_whole() -> None:
+    model = _randomize(ListInDictOut())
+    images = [torch.randn(3, 5, 5), torch.randn(3, 5, 5)]
+    result = convert(model, "after", method="exact", example_inputs=(images,))
+    assert len(result.moved) == 1 and result.verification is not None
+    assert result.verification.within_tolerance and result.verification.input_shapes == [[3, 5, 5], [3, 5, 5]]
+    # A wrong conversion is caught in every output, not only the first.
+    swapped = convert(model, "after", method="swap", example_inputs=(images,))
+    assert swapped.verification is not None and not swapped.verification.within_tolerance
+
+
+def _deep_sensitive_net(depth: int = 30) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        conv = nn.Conv2d(16, 16, 1)
+        nn.init.normal_(conv.weight, std=3.0 / 4)  # chaotic: tiny differences grow layer by layer
+        layers += [conv, nn.BatchNorm2d(16), nn.Tanh()]
+    return _randomize(nn.Sequential(*layers))
+
+
+def test_exactness_is_decided_in_float64_when_float32_rounding_is_amplified() -> None:
+    model = _deep_sensitive_net()
+    x = torch.randn(2, 16, 3, 3)
+    result = convert(model, "after", method="exact", example_inputs=(x,))  # must not raise
+    dev = result.verification
+    assert dev is not None and dev.within_tolerance
+    assert dev.max_rel_error > dev.tolerance  # float32 alone would have cried wolf ...
+    assert dev.float64_rel_error is not None and dev.float64_rel_error < 1e-9  # ... float64 says exact
+    # A real change of function is still caught: the swap fails in float64 too.
+    swapped = convert(model, "after", method="swap", example_inputs=(x,))
+    assert swapped.verification is not None and not swapped.verification.within_tolerance
+
+
+def test_zoo_models_keep_their_class_and_methods() -> None:
+    from zoo import ZOO, build
+
+    for name in ZOO:
+        model, inputs = build(name)
+        for placement in ("before", "after"):
+            out = convert(model, placement, example_inputs=inputs).model
+            assert type(out) is type(model), name
+            for method in ("forward_features", "extra_repr"):
+                if hasattr(model, method) and callable(getattr(model, method)):
+                    getattr(out, method)(*inputs) if method == "forward_features" else getattr(out, method)()
+            assert_same_outputs(out, out, inputs)
