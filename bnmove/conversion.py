@@ -498,6 +498,7 @@ class _Mover:
         self._keys: dict[str, dict[fx.Node, tuple[str, tuple[Any, ...]]]] = {}
         self._scopes: dict[str, tuple[fx.Graph, dict[tuple[Any, ...], fx.Node]] | str] = {}
         self._dirty: set[str] = set()
+        self._reorders = surgery.Reorders()
 
     def modules(self, region: str) -> dict[str, nn.Module]:
         if region not in self._modules:
@@ -599,7 +600,7 @@ class _Mover:
                 assert split is not None
                 plain, act_module = split
                 surgery.set_submodule(root, bn_name, plain)
-            new_name = surgery.module_move(root, bn_name, act_name, act_module, placement)
+            new_name = surgery.module_move(root, bn_name, act_name, act_module, placement, self._reorders)
             if how.reorder:
                 assert site.act_node is not None
                 rewrite.move_nodes(placement, site.bn_node, site.act_node)
@@ -617,7 +618,8 @@ class _Mover:
         return notes, site.pair.bn
 
     def install(self) -> None:
-        """Install the rewritten forwards of every scope that graph moves changed."""
+        """Reorder Sequentials and install the rewritten forwards of every scope that graph moves changed."""
+        self._reorders.apply()
         for scope in self._dirty:
             entry = self._scopes[scope]
             assert not isinstance(entry, str)

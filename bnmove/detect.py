@@ -25,6 +25,7 @@ from torch import fx, nn
 from ._gc import paused_gc
 from .patterns import (
     ActivationCall,
+    bn_channels,
     input_is_shared,
     is_batchnorm_module,
     is_functional_batchnorm,
@@ -354,7 +355,9 @@ class _RegionAnalysis:
                     sites.append(self._before_site(bn, module, user, call, None))
         source = bn.args[0] if bn.args else None
         if isinstance(source, fx.Node):
-            source = skip_identity_up(source, self.modules)
+            # Through every link, shared or not: a shared one still makes a pair, which cannot move.
+            while is_identity_node(source, self.modules) and isinstance(source.args[0], fx.Node):
+                source = source.args[0]
             call = match_activation(source, self.modules)
             if call is not None:
                 sites.append(self._after_site(bn, module, source, call))
@@ -432,18 +435,32 @@ class _RegionAnalysis:
                 reason = f"{self._label(source)} also feeds other nodes, so the BN cannot be folded into it"
             elif self.calls[str(source.target)] > 1:
                 reason = f"{self._label(source)} is called at several places"
-            elif module is not None and out_channels(layer) != module.num_features:  # type: ignore[union-attr]
+            elif module is not None and out_channels(layer) != bn_channels(module):
                 reason = f"{self._label(source)} output channels do not match the BN"
         exact = reason is None
         neighbour = source if exact and isinstance(source, fx.Node) else None
         return self._site(bn, act, call, "before", True, exact, reason, neighbour, fused)
 
+    def _shared_link(self, act: fx.Node, bn: fx.Node) -> fx.Node | None:
+        """Another reader of the activation's output (directly or through a link before the BN)."""
+        node, chain = bn, []
+        while node is not act:
+            parent = node.args[0]
+            assert isinstance(parent, fx.Node)
+            chain.append((parent, node))
+            node = parent
+        for link, next_node in chain:
+            others = [u for u in link.users if u is not next_node]
+            if others:
+                return others[0]
+        return None
+
     def _after_site(self, bn: fx.Node, module: nn.Module | None, act: fx.Node, call: ActivationCall) -> Site:
         blocker = self._bn_blocker(bn, module)
         if blocker is None:
-            if len(act.users) > 1:
-                others = [u for u in act.users if u is not bn]
-                blocker = f"the activation output also feeds {_describe(others[0], self.modules)}"
+            shared = self._shared_link(act, bn)
+            if shared is not None:
+                blocker = f"the activation output also feeds {_describe(shared, self.modules)}"
             elif call.inplace and input_is_shared(act, self.modules):
                 blocker = "the in-place activation overwrites a tensor that other nodes read"
             elif self.fused_info(bn) is not None:
@@ -462,7 +479,7 @@ class _RegionAnalysis:
                 reason = f"no single Conv/Linear right after the BN to fold into (feeds {what})"
             elif self.calls[str(target.target)] > 1:
                 reason = f"{self._label(target)} is called at several places"
-            elif module is not None and in_channels(layer) != module.num_features:  # type: ignore[union-attr]
+            elif module is not None and in_channels(layer) != bn_channels(module):
                 reason = f"{self._label(target)} input channels do not match the BN"
             else:
                 blocked = forward_fold_blocker(layer)

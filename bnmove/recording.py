@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .patterns import is_batchnorm_module, module_activation_spec
+from .patterns import is_batchnorm_module, module_activation_spec, recognise
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -33,10 +33,15 @@ def is_leaf(module: nn.Module) -> bool:
     """What ``BnTracer`` keeps whole: BatchNorms, activations, torch's own non-container layers."""
     if is_batchnorm_module(module) or module_activation_spec(module) is not None:
         return True
-    name = type(module).__module__
-    return (name.startswith("torch.nn") or name.startswith("torch.ao.nn")) and not isinstance(
-        module, _CONTAINERS
-    )
+    return torch_forward(module) and not isinstance(module, _CONTAINERS)
+
+
+def torch_forward(module: nn.Module) -> bool:
+    """The module runs torch's own forward: a torch layer, or a library subclass that only changes
+    ``__init__`` (HF's ``EfficientNetDepthwiseConv2d(nn.Conv2d)``)."""
+    forward = getattr(type(module), "forward", None)
+    name = getattr(forward, "__module__", "") or ""
+    return name.startswith("torch.nn") or name.startswith("torch.ao.nn")
 
 
 class _Recorder(TorchFunctionMode):
@@ -44,6 +49,9 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.graph = fx.Graph()
         self.names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        # Decided before recording starts: recognising a module may run it on a probe.
+        recognise(model)
+        self.leaves = {id(m) for m in model.modules() if is_leaf(m)}
         self.attrs = {id(t): name for name, t in (*model.named_parameters(), *model.named_buffers())}
         self.producers: dict[int, fx.Node] = {}
         self.alive: list[Any] = []  # keeps recorded tensors alive, so their ids stay unique
@@ -95,7 +103,7 @@ class _Recorder(TorchFunctionMode):
         if self.inside_leaf:
             self.stack.append((module, True))
             return
-        leaf = is_leaf(module) and id(module) in self.names
+        leaf = id(module) in self.leaves and id(module) in self.names
         if leaf:
             self.pending.append(tuple(self.node_for(a) for a in args))
         self.stack.append((module, leaf))

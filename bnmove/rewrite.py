@@ -27,7 +27,10 @@ from . import bn_math
 from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm
 from .patterns import (
     activation_spec,
+    bn_channels,
     input_is_shared,
+    is_batchnorm_module,
+    is_frozen_batchnorm,
     make_out_of_place,
     match_activation,
     out_of_place_function,
@@ -183,7 +186,7 @@ def set_bn(
     """
     assert bn.running_mean is not None and bn.running_var is not None
     ref = bn.running_mean
-    if not bn.affine:
+    if not getattr(bn, "affine", True):
         bn.weight = nn.Parameter(torch.empty_like(ref))
         bn.bias = nn.Parameter(torch.empty_like(ref))
         bn.affine = True
@@ -192,8 +195,9 @@ def set_bn(
         bn.bias.copy_(bias)
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.zero_()
+        tracked = getattr(bn, "num_batches_tracked", None)
+        if tracked is not None:
+            tracked.zero_()
 
 
 def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -202,9 +206,10 @@ def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None
 
 
 def _batchnorm(root: nn.Module, name: str) -> _BatchNorm:
+    """The BN at ``name``; a frozen BN has the same state under the same names, so it is typed as one."""
     module = root.get_submodule(name)
-    assert isinstance(module, _BatchNorm)
-    return module
+    assert is_batchnorm_module(module)
+    return cast("_BatchNorm", module)
 
 
 def _affine_layer(root: nn.Module, name: str) -> nn.Conv1d | nn.Linear:
@@ -220,7 +225,7 @@ def _bn_affine_of(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gamma_beta(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    n = int(bn.num_features)
+    n = bn_channels(bn)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
     return gamma.cpu(), beta.cpu()
@@ -417,6 +422,13 @@ def adjust(
             notes = exact_before_to_after(root, site)
         else:
             notes = exact_after_to_before(root, site)
+    if site.bn_node.op == "call_module" and is_frozen_batchnorm(root.get_submodule(str(site.bn_node.target))):
+        notes.append(
+            "frozen BN: it never normalises, so the move folds its affine away and leaves it as the "
+            "identity on the other side (it stays frozen)"
+            if used == "exact"
+            else "frozen BN: it keeps a fixed affine map on the other side and never normalises"
+        )
     return used, notes, effect
 
 

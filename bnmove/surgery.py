@@ -158,26 +158,39 @@ def sequential_neighbours(root: nn.Module, first: str, second: str) -> nn.Sequen
     return parent_a
 
 
-def _reorder(seq: nn.Sequential, key: str, after: str | None, before: str | None) -> None:
-    """Move child ``key`` right after child ``after`` (or right before child ``before``)."""
-    items = [(k, m) for k, m in seq._modules.items() if k != key]
-    moved = seq._modules[key]
-    out: list[tuple[str, Any]] = []
-    for k, m in items:
-        if k == before:
-            out.append((key, moved))
-        out.append((k, m))
-        if k == after:
-            out.append((key, moved))
-    seq._modules = OrderedDict(out)
+class Reorders:
+    """Pending reorders of Sequential children, applied in one pass per Sequential.
+
+    Rebuilding a Sequential's ordered dict per move made converting a long
+    Sequential quadratic; the moves are collected as key lists (C-level list
+    operations) and each Sequential is rebuilt once.
+    """
+
+    def __init__(self) -> None:
+        self._orders: dict[int, tuple[nn.Sequential, list[str]]] = {}
+
+    def move(self, seq: nn.Sequential, key: str, anchor: str, after: bool) -> None:
+        """Put child ``key`` right after (or right before) child ``anchor``."""
+        _, keys = self._orders.setdefault(id(seq), (seq, list(seq._modules)))
+        keys.remove(key)
+        keys.insert(keys.index(anchor) + (1 if after else 0), key)
+
+    def apply(self) -> None:
+        for seq, keys in self._orders.values():
+            children = seq._modules
+            seq._modules = OrderedDict((k, children[k]) for k in keys)
+        self._orders.clear()
 
 
-def module_move(root: nn.Module, bn: str, act: str | None, act_module: nn.Module, placement: str) -> str:
+def module_move(
+    root: nn.Module, bn: str, act: str | None, act_module: nn.Module, placement: str, reorders: Reorders
+) -> str:
     """Move BN ``bn`` across activation ``act`` by replacing module slots; returns the BN's new name.
 
     ``placement`` is the pair's current placement. ``act`` is None for a fused
     norm+activation module, whose slot becomes ``Sequential(act, bn)``;
-    ``act_module`` is the activation to call (the fused module's own).
+    ``act_module`` is the activation to call (the fused module's own). Swaps
+    inside a Sequential wait in ``reorders`` until ``reorders.apply()``.
     """
     bn_module = root.get_submodule(bn)
     if act is not None:
@@ -186,9 +199,9 @@ def module_move(root: nn.Module, bn: str, act: str | None, act_module: nn.Module
         if seq is not None:
             bn_key, act_key = bn.rpartition(".")[2], act.rpartition(".")[2]
             if placement == "before":
-                _reorder(seq, bn_key, after=act_key, before=None)
+                reorders.move(seq, bn_key, act_key, after=True)
             else:
-                _reorder(seq, bn_key, after=None, before=act_key)
+                reorders.move(seq, bn_key, act_key, after=False)
             return bn
         replace_everywhere(root, root.get_submodule(act), nn.Identity())
     pair = (act_module, bn_module) if placement == "before" else (bn_module, act_module)
@@ -272,6 +285,7 @@ def first_line(exc: BaseException) -> str:
 
 __all__ = [
     "GraphForward",
+    "Reorders",
     "class_forward",
     "first_line",
     "generated_forward",

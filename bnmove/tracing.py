@@ -27,8 +27,8 @@ from typing import Any
 from torch import fx, nn
 
 from ._clone import clone_module
-from .patterns import is_batchnorm_module, module_activation_spec
-from .recording import record_graph
+from .patterns import is_batchnorm_module, module_activation_spec, recognise
+from .recording import record_graph, torch_forward
 from .surgery import class_forward, first_line
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,14 @@ class BnTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_batchnorm_module(m) or module_activation_spec(m) is not None:
             return True
+        if torch_forward(m) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return True  # library subclasses of torch layers stay one call, like the layers
         return super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_graph(module: nn.Module) -> fx.Graph:
     """Trace one module's forward with :class:`BnTracer`; raises whatever fx raises."""
+    recognise(module)
     with class_forward(module):
         graph = BnTracer().trace(module)
     for node in graph.nodes:

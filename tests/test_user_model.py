@@ -404,3 +404,71 @@ def test_zoo_models_keep_their_class_and_methods() -> None:
                 if hasattr(model, method) and callable(getattr(model, method)):
                     getattr(out, method)(*inputs) if method == "forward_features" else getattr(out, method)()
             assert_same_outputs(out, out, inputs)
+
+
+class FrozenBN(nn.Module):
+    """torchvision's FrozenBatchNorm2d in a few lines: a BN frozen into a fixed affine map."""
+
+    def __init__(self, n: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n) * 0.3)
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+def test_frozen_batchnorm_is_detected_and_folded_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        FrozenBN(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        nn.GELU(),
+        FrozenBN(4),
+        nn.Conv2d(4, 2, 1),
+    ).eval()
+    pairs = find_pairs(model)
+    assert [(p.bn, p.placement, p.exact) for p in pairs] == [("1", "before", True), ("5", "after", True)]
+    x = torch.randn(2, 3, 7, 7)
+    for placement in ("after", "before"):
+        result = convert(model, placement, method="exact", example_inputs=(x,))
+        (move,) = result.moved
+        assert any("frozen BN" in note for note in move.notes)
+        assert isinstance(result.model.get_submodule(move.moved_to or ""), FrozenBN)
+        _same(model, result.model, x)
+    # A module with the same buffers that computes something else is not a BN.
+    assert not bnmove.patterns.is_frozen_batchnorm(NotFrozen(4))
+    assert bnmove.patterns.is_frozen_batchnorm(FrozenBN(4))
+
+
+class NotFrozen(FrozenBN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+
+class SharedIdentityLink(nn.Module):
+    """``act -> Identity -> BN`` where the Identity's output also feeds another branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU()
+        self.link = nn.Identity()
+        self.bn = nn.BatchNorm2d(4)
+        self.other = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.link(self.act(self.conv(x)))
+        return self.bn(y) + self.other(y)
+
+
+def test_pair_through_a_shared_link_is_reported_with_its_reason() -> None:
+    (pair,) = find_pairs(SharedIdentityLink())
+    assert (pair.bn, pair.activation, pair.placement, pair.movable) == ("bn", "act", "after", False)
+    assert pair.reason == "the activation output also feeds other (Conv2d)"

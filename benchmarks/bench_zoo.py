@@ -1,0 +1,334 @@
+"""bnmove on models no one here wrote: timm, torchvision and HF transformers, one model per family.
+
+For every BatchNorm-bearing model the libraries offer (``pretrained=False`` /
+``weights=None``, random weights, small inputs, one thread, a time limit per
+model) it checks the contract of issue 10 and prints one line per failure:
+
+* every BN-activation adjacency is found: bnmove's pairs against a run-time
+  reference count made here independently (hooks on BN modules, activation
+  module hooks and activation function calls, linked by tensor identity);
+* both placements convert with ``method="exact"`` without raising, and the
+  converted model keeps the outputs (verification within tolerance);
+* the converted model is the user's model: ``type(out) is type(model)``.
+
+Needs the libraries, which are not bnmove dependencies: run it from the
+scratch environment ``../shared/tools/thirdparty-venv.sh`` builds.
+
+    python benchmarks/bench_zoo.py [--library timm --library torchvision --library hf]
+                                   [--limit 40] [--timeout 60] [--size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import bnmove
+from bnmove.patterns import module_activation_spec
+
+torch.set_num_threads(1)
+
+_ACT_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
+    F.mish, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, torch.Tensor.relu, torch.Tensor.relu_,
+    torch.Tensor.sigmoid, torch.Tensor.tanh, F.softplus, F.hardtanh,
+}  # fmt: skip
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+class _Reference(TorchFunctionMode):
+    """Counts BN-activation adjacencies at run time by tensor identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_out: dict[int, int] = {}  # id(tensor) -> id(bn)
+        self.act_out: set[int] = set()
+        self.pairs: set[tuple[int, str]] = set()
+        self.keep: list[Any] = []
+        self.depth = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0 and args and isinstance(args[0], torch.Tensor):
+            if func in _ACT_FUNCTIONS:
+                self._act(args[0], out)
+            elif out is args[0]:  # an in-place op (x += skip): the BN's output is no longer what it was
+                self.bn_out.pop(id(out), None)
+                self.act_out.discard(id(out))
+        return out
+
+    def _act(self, x: torch.Tensor, out: Any) -> None:
+        if id(x) in self.bn_out:
+            self.pairs.add((self.bn_out[id(x)], "before"))
+        if isinstance(out, torch.Tensor):
+            self.act_out.add(id(out))
+            self.keep.append(out)
+
+    def _leaf(self, m: nn.Module) -> bool:
+        return _is_bn(m) or (not list(m.children()) and module_activation_spec(m) is not None)
+
+    def pre(self, m: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.depth:  # inside a BN or an activation: its internals are not adjacencies
+            self.depth += 1
+            return
+        if _is_bn(m) and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.act_out:
+            self.pairs.add((id(m), "after"))
+        if self._leaf(m):
+            self.depth = 1
+
+    def post(self, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not self.depth:
+            return
+        self.depth -= 1
+        if (
+            self.depth
+            or not isinstance(out, torch.Tensor)
+            or not args
+            or not isinstance(args[0], torch.Tensor)
+        ):
+            return
+        if _is_bn(m):
+            self.bn_out[id(out)] = id(m)
+            self.keep.append(out)
+        else:
+            self._act(args[0], out)
+
+
+def reference_pairs(model: nn.Module, inputs: tuple[Any, ...]) -> int:
+    ref = _Reference()
+    handles = [
+        nn.modules.module.register_module_forward_pre_hook(ref.pre),
+        nn.modules.module.register_module_forward_hook(ref.post),
+    ]
+    try:
+        with torch.no_grad(), ref:
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(ref.pairs)
+
+
+@dataclass
+class Outcome:
+    library: str
+    name: str
+    ok: bool = False
+    found: int = 0
+    reference: int = 0
+    kept_class: bool = False
+    converted: bool = False
+    failures: list[str] = field(default_factory=list)
+    #: pairs the exact method leaves in place, each with its reason (not failures)
+    unmoved: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _Timeout
+
+
+def check(
+    library: str, name: str, build: Callable[[], tuple[nn.Module, tuple[Any, ...]]], limit: int
+) -> Outcome:
+    outcome = Outcome(library, name)
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        model, inputs = build()
+        model.eval()
+        outcome.reference = reference_pairs(model, inputs)
+        pairs = [p for p in bnmove.find_pairs(model, inputs) if p.placement]
+        outcome.found = len(pairs)
+        if outcome.found < outcome.reference:
+            outcome.failures.append(f"found {outcome.found} of {outcome.reference} adjacencies")
+        kept = True
+        for placement in ("before", "after"):
+            try:
+                result = bnmove.convert(model, placement, method="exact", example_inputs=inputs)
+            except bnmove.BnmoveError as exc:
+                outcome.failures.append(f"{placement}: {exc}")
+                kept = False
+                continue
+            kept &= type(result.model) is type(model)
+            if result.verification is not None and not result.verification.within_tolerance:
+                outcome.failures.append(
+                    f"{placement}: outputs changed ({result.verification.max_rel_error:.2g})"
+                )
+            stuck = [
+                m for m in result.moves if not m.moved and m.pair.placement and m.pair.placement != placement
+            ]
+            outcome.unmoved.extend(f"{placement}: {m.pair.bn}: {m.reason}" for m in stuck)
+            if any(not m.reason for m in stuck):
+                outcome.failures.append(f"{placement}: a pair stayed without a reason")
+        outcome.kept_class = kept
+        outcome.converted = kept and not any(f.startswith(("before:", "after:")) for f in outcome.failures)
+    except _Timeout:
+        outcome.failures.append(f"time limit {limit}s")
+    except Exception as exc:
+        outcome.failures.append(
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ''}"
+        )
+        if args_debug:
+            traceback.print_exc()
+    finally:
+        signal.alarm(0)
+    outcome.seconds = time.perf_counter() - start
+    outcome.ok = not outcome.failures
+    return outcome
+
+
+def _has_bn(model: nn.Module) -> bool:
+    return any(_is_bn(m) for m in model.modules())
+
+
+def timm_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
+    import timm
+
+    for module in sorted(timm.list_modules()):
+        names = timm.list_models(module=module)
+        if not names:
+            continue
+        name = names[0]
+
+        def build(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
+            model = timm.create_model(name, pretrained=False, num_classes=10)
+            cfg = getattr(model, "pretrained_cfg", {}) or {}
+            fixed = cfg.get("fixed_input_size", False)
+            shape = cfg.get("input_size", (3, 224, 224)) if fixed else (3, size, size)
+            return model, (torch.randn(1, *shape),)
+
+        yield f"{module}:{name}", build
+
+
+def torchvision_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
+    import torchvision.models as tvm
+
+    groups = [(tvm, 0), (tvm.segmentation, 1)]
+    for group, _ in groups:
+        for name in sorted(tvm.list_models(module=group)):
+
+            def build(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
+                model = tvm.get_model(name, weights=None)
+                needs = 299 if "inception" in name else 224 if "maxvit" in name else size
+                return model, (torch.randn(1, 3, needs, needs),)
+
+            yield name, build
+
+
+def hf_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
+    import transformers as T
+
+    small = {"num_channels": 3}
+    specs: list[tuple[str, Any, Any, dict[str, Any]]] = [
+        ("resnet", T.ResNetConfig, T.ResNetModel, {"depths": [1, 1, 1, 1]}),
+        ("regnet", T.RegNetConfig, T.RegNetModel, {"depths": [1, 1, 1, 1]}),
+        ("bit", T.BitConfig, T.BitModel, {"depths": [1, 1, 1, 1]}),
+        ("mobilenet_v1", T.MobileNetV1Config, T.MobileNetV1Model, {}),
+        ("mobilenet_v2", T.MobileNetV2Config, T.MobileNetV2Model, {}),
+        ("efficientnet", T.EfficientNetConfig, T.EfficientNetModel, {"image_size": size}),
+        ("levit", T.LevitConfig, T.LevitModel, {"image_size": 224}),
+        ("mobilevit", T.MobileViTConfig, T.MobileViTModel, {"image_size": size}),
+        ("mobilevitv2", T.MobileViTV2Config, T.MobileViTV2Model, {"image_size": size}),
+    ]
+    for name, config_cls, model_cls, extra in specs:
+
+        def build(
+            config_cls: Any = config_cls, model_cls: Any = model_cls, extra: Any = extra
+        ) -> tuple[nn.Module, tuple[Any, ...]]:
+            config = config_cls(**{**small, **extra})
+            model = model_cls(config)
+            side = extra.get("image_size", size)
+            return model, (torch.randn(1, 3, side, side),)
+
+        yield name, build
+
+    # speech: the conformer's convolution module (BN inside, optional attention mask tested in forward)
+    def conformer() -> tuple[nn.Module, tuple[Any, ...]]:
+        config = T.Wav2Vec2ConformerConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), conv_depthwise_kernel_size=3,
+        )  # fmt: skip
+        return T.Wav2Vec2ConformerModel(config), (torch.randn(1, 1600),)
+
+    yield "wav2vec2_conformer", conformer
+
+
+LIBRARIES = {"timm": timm_models, "torchvision": torchvision_models, "hf": hf_models}
+args_debug = False
+
+
+def main() -> None:
+    global args_debug
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--library", action="append", choices=sorted(LIBRARIES))
+    parser.add_argument("--limit", type=int, default=0, help="at most this many models per library (0: all)")
+    parser.add_argument("--timeout", type=int, default=90, help="seconds per model")
+    parser.add_argument("--size", type=int, default=64, help="input side for models without a fixed size")
+    parser.add_argument("--only", default="", help="substring of the model names to run")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args()
+    args_debug = args.debug
+    outcomes: list[Outcome] = []
+    for library in args.library or list(LIBRARIES):
+        count = 0
+        for name, build in LIBRARIES[library](args.size):
+            if args.only and args.only not in name:
+                continue
+            try:
+                model, _ = build()
+            except Exception as exc:
+                print(f"  skip {library}/{name}: cannot build ({type(exc).__name__})", flush=True)
+                continue
+            if not _has_bn(model):
+                continue
+            del model
+            outcome = check(library, name, build, args.timeout)
+            outcomes.append(outcome)
+            mark = "ok  " if outcome.ok else "FAIL"
+            print(
+                f"{mark} {library}/{name}: pairs {outcome.found}/{outcome.reference} ref, "
+                f"class {'kept' if outcome.kept_class else 'LOST'}, "
+                f"{len(outcome.unmoved)} left in place with a reason, {outcome.seconds:.1f}s"
+                + (f"\n       ~ e.g. {outcome.unmoved[0]}" if outcome.unmoved else "")
+                + ("".join(f"\n       - {f}" for f in outcome.failures)),
+                flush=True,
+            )
+            count += 1
+            if args.limit and count >= args.limit:
+                break
+    print()
+    for library in sorted({o.library for o in outcomes}):
+        group = [o for o in outcomes if o.library == library]
+        passed = sum(o.ok for o in group)
+        found = sum(min(o.found, o.reference) for o in group)
+        ref = sum(o.reference for o in group)
+        kept = sum(o.kept_class for o in group)
+        unmoved = sum(len(o.unmoved) for o in group)
+        print(
+            f"{library}: {passed}/{len(group)} pass ({100 * passed / len(group):.0f}%), "
+            f"adjacencies found {found}/{ref} ({100 * found / max(ref, 1):.1f}%), "
+            f"class kept {kept}/{len(group)}, {unmoved} pair moves left to fit/kept affine (with reasons)"
+        )
+
+
+if __name__ == "__main__":
+    main()
