@@ -101,8 +101,14 @@ class _Reference(TorchFunctionMode):
         ):
             return
         if _is_bn(m):
-            self.bn_out[id(out)] = id(m)
             self.keep.append(out)
+            # a fused norm+act module (timm's BatchNormAct2d): its own activation is a pair,
+            # and what it returns is an activation's output
+            if any(module_activation_spec(c) is not None for c in m.children()):
+                self.pairs.add((id(m), "fused"))
+                self.act_out.add(id(out))
+            else:
+                self.bn_out[id(out)] = id(m)
         else:
             self._act(args[0], out)
 
@@ -210,11 +216,18 @@ def timm_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, 
         name = names[0]
 
         def build(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
-            model = timm.create_model(name, pretrained=False, num_classes=10)
+            model = timm.create_model(name, pretrained=False, num_classes=10).eval()
             cfg = getattr(model, "pretrained_cfg", {}) or {}
-            fixed = cfg.get("fixed_input_size", False)
-            shape = cfg.get("input_size", (3, 224, 224)) if fixed else (3, size, size)
-            return model, (torch.randn(1, *shape),)
+            full = tuple(cfg.get("input_size", (3, 224, 224)))
+            small = (torch.randn(1, 3, size, size),)
+            if not cfg.get("fixed_input_size", False):
+                try:  # the small input when the model takes it, else the model's own size
+                    with torch.no_grad():
+                        model(*small)
+                    return model, small
+                except Exception:
+                    pass
+            return model, (torch.randn(1, *full),)
 
         yield f"{module}:{name}", build
 

@@ -476,11 +476,11 @@ class _ModuleSurgery:
 
 @dataclass(frozen=True)
 class _GraphSurgery:
-    """Move by reordering nodes in the forward of module ``scope``."""
+    """Move by reordering nodes in the forward of module ``scope`` (in each of its graphs)."""
 
     scope: str
-    bn: fx.Node
-    act: fx.Node
+    #: the pair's (BN, activation) nodes in each graph of that forward
+    nodes: list[tuple[fx.Node, fx.Node]]
 
 
 class _Mover:
@@ -496,7 +496,9 @@ class _Mover:
         self._modules: dict[str, dict[str, nn.Module]] = {}
         self._calls: dict[str, Counter[int]] = {}
         self._keys: dict[str, dict[fx.Node, tuple[str, tuple[Any, ...]]]] = {}
-        self._scopes: dict[str, tuple[fx.Graph, dict[tuple[Any, ...], fx.Node]] | str] = {}
+        self._scopes: dict[
+            str, tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]] | str
+        ] = {}
         self._dirty: set[str] = set()
         self._reorders = surgery.Reorders()
 
@@ -555,21 +557,28 @@ class _Mover:
         local = self._scope_graph(bn_scope)
         if isinstance(local, str):
             return local
-        _, calls_by_key = local
-        local_bn, local_act = calls_by_key.get(bn_key), calls_by_key.get(act_key)
-        if local_bn is None or local_act is None:
-            return f"the pair could not be found again in the forward of {bn_scope or 'the model'}"
-        return _GraphSurgery(bn_scope, local_bn, local_act)
+        nodes = []
+        for calls_by_key in local[1]:
+            local_bn, local_act = calls_by_key.get(bn_key), calls_by_key.get(act_key)
+            if local_bn is None or local_act is None:
+                return f"the pair could not be found again in the forward of {bn_scope or 'the model'}"
+            nodes.append((local_bn, local_act))
+        return _GraphSurgery(bn_scope, nodes)
 
-    def _scope_graph(self, scope: str) -> tuple[fx.Graph, dict[tuple[Any, ...], fx.Node]] | str:
+    def _scope_graph(
+        self, scope: str
+    ) -> tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]] | str:
         if scope not in self._scopes:
             module = self.work.get_submodule(scope) if scope else self.work
             what = f"{scope or 'the model'} ({type(module).__name__})"
             try:
                 with untouched(module):
-                    graph = surgery.trace_own_forward(module)
+                    variants = surgery.trace_own_forward(module)
                 local = dict(module.named_modules())
-                self._scopes[scope] = (graph, surgery.keyed_calls(list(graph.nodes), local))
+                self._scopes[scope] = (
+                    variants,
+                    [surgery.keyed_calls(list(graph.nodes), local) for _, graph in variants],
+                )
             except Exception as exc:
                 self._scopes[scope] = (
                     f"the move needs a rewrite of the forward of {what}, which torch.fx cannot trace "
@@ -610,10 +619,12 @@ class _Mover:
             return notes, _qual(site.region, new_name)
         assert site.act_node is not None
         rewrite.move_nodes(placement, site.bn_node, site.act_node)
-        rewrite.move_nodes(placement, how.bn, how.act)
         scope_module = self.work.get_submodule(how.scope) if how.scope else self.work
         notes = rewrite.guard_inplace(site.act_node, modules)
-        rewrite.guard_inplace(how.act, dict(scope_module.named_modules()))
+        scope_modules = dict(scope_module.named_modules())
+        for local_bn, local_act in how.nodes:
+            rewrite.move_nodes(placement, local_bn, local_act)
+            rewrite.guard_inplace(local_act, scope_modules)
         self._dirty.add(how.scope)
         return notes, site.pair.bn
 

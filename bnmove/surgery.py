@@ -20,9 +20,11 @@ Two ways, tried in this order:
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import fx, nn
@@ -33,49 +35,59 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 class GraphForward:
-    """A ``forward`` generated from an fx graph, bound to one module instance.
+    """A ``forward`` generated from fx graphs, bound to one module instance.
 
     Stored as the instance attribute ``forward``, so ``nn.Module.__call__``
     (hooks included) runs it while the class stays the user's. It pickles and
     deep-copies with its module (the code is kept as source text).
+
+    A forward that tests optional arguments (``if shortcut is None``) has one
+    graph per combination of them left at ``None``; each call runs the one that
+    matches its arguments (see :func:`trace_own_forward`).
     """
 
-    def __init__(self, module: nn.Module, graph: fx.Graph) -> None:
-        self.graph = graph
+    def __init__(self, module: nn.Module, variants: Sequence[tuple[frozenset[str], fx.Graph]]) -> None:
+        self.variants = list(variants)
         self._module = module
-        code = graph.python_code(root_module="self")
-        self._source = _format_import_block(code.globals, sys_importer) + "\n" + code.src
+        self._sources = [self._source_of(graph) for _, graph in self.variants]
         self._compile()
 
+    @staticmethod
+    def _source_of(graph: fx.Graph) -> str:
+        code = graph.python_code(root_module="self")
+        return _format_import_block(code.globals, sys_importer) + "\n" + code.src
+
     def _compile(self) -> None:
-        namespace: dict[str, Any] = {}
-        self._fn = _forward_from_src(self._source, namespace)
+        self._fns = [_forward_from_src(source, {}) for source in self._sources]
+        self._fn = self._fns[0]  # the general one: every optional argument as given
         self.__signature__ = _drop_self(inspect.signature(self._fn))
+        self._by_nones = {nones: fn for (nones, _), fn in zip(self.variants, self._fns, strict=True)}
+        self._optional = sorted(set().union(*(nones for nones, _ in self.variants)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(self._module, *args, **kwargs)
+        fn = self._fn
+        if self._optional:
+            bound = self.__signature__.bind(*args, **kwargs)
+            nones = frozenset(n for n in self._optional if bound.arguments.get(n) is None)
+            fn = self._by_nones.get(nones, fn)
+        return fn(self._module, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"graph": self.graph, "_module": self._module, "_source": self._source}
+        return {"variants": self.variants, "_module": self._module, "_sources": self._sources}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._compile()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
-        import copy
-
         new = GraphForward.__new__(GraphForward)
         memo[id(self)] = new
-        new.__dict__.update(
-            {
-                "graph": copy.deepcopy(self.graph, memo),
-                "_module": copy.deepcopy(self._module, memo),
-                "_source": self._source,
-                "_fn": self._fn,
-                "__signature__": self.__signature__,
-            }
-        )
+        state = {
+            "variants": copy.deepcopy(self.variants, memo),
+            "_module": copy.deepcopy(self._module, memo),
+            "_sources": self._sources,
+        }
+        new.__setstate__(state)
         return new
 
 
@@ -88,10 +100,11 @@ def generated_forward(module: nn.Module) -> GraphForward | None:
     return forward if isinstance(forward, GraphForward) else None
 
 
-def install_forward(module: nn.Module, graph: fx.Graph) -> None:
-    """Make ``graph`` the forward of this one instance (its class and everything else stay)."""
-    graph.lint()
-    module.__dict__["forward"] = GraphForward(module, graph)
+def install_forward(module: nn.Module, variants: Sequence[tuple[frozenset[str], fx.Graph]]) -> None:
+    """Make the graphs the forward of this one instance (its class and everything else stay)."""
+    for _, graph in variants:
+        graph.lint()
+    module.__dict__["forward"] = GraphForward(module, variants)
 
 
 @contextlib.contextmanager
@@ -253,29 +266,99 @@ class _OwnForwardTracer(fx.Tracer):
         return True
 
 
-def trace_own_forward(module: nn.Module) -> fx.Graph:
-    """The graph of ``module``'s own forward, refusing code whose graph depends on the train flag.
+def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> fx.Graph:
+    with class_forward(module):
+        graph = _OwnForwardTracer().trace(module, concrete_args=concrete)
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    return graph
 
-    Raises ``ValueError`` with the reason when the forward is specialised to
-    ``self.training`` (a generated forward must work in both modes).
+
+def trace_own_forward(module: nn.Module) -> list[tuple[frozenset[str], fx.Graph]]:
+    """The graphs of ``module``'s own forward: one, or one per combination of optional arguments.
+
+    fx passes a Proxy for ``shortcut=None``, so ``if shortcut is None`` takes
+    the branch for a given argument. When the forward reads its optional
+    (``None``-default) arguments differently once they are left at ``None``,
+    each combination is traced with them concrete; the combinations must make
+    the same calls (only what they read may differ), so a move is the same
+    move in each. Raises ``ValueError`` with the reason for code that cannot be
+    kept this way: graphs that depend on ``self.training``, optional arguments
+    that change which calls are made, more than three optional arguments.
     """
-    graphs = []
     flags = [(m, m.training) for m in module.modules()]
     try:
+        graphs = []
         for mode in (False, True):
             module.training = mode
-            with class_forward(module):
-                graph = _OwnForwardTracer().trace(module)
-            for node in graph.nodes:
-                if isinstance(node.type, str):
-                    node.type = None
-            graphs.append(graph)
+            graphs.append(_trace(module))
     finally:
         for m, flag in flags:
             m.training = flag
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
         raise ValueError(f"forward of {type(module).__name__} branches on self.training")
-    return graphs[0]
+    general = graphs[0]
+    optional = [name for name, default in _optional_arguments(module).items() if default is None]
+    variants = [(frozenset[str](), general)]
+    if not optional:
+        return variants
+    if len(optional) > 3:
+        raise ValueError(f"forward of {type(module).__name__} has more than three optional arguments")
+    calls = _calls(general)
+    for r in range(1, len(optional) + 1):
+        for nones in itertools.combinations(optional, r):
+            graph = _trace(module, dict.fromkeys(nones))
+            mine = _calls(graph)
+            if [c[:2] for c in mine] != [c[:2] for c in calls]:
+                names = ", ".join(f"`{name}`" for name in nones)
+                raise ValueError(
+                    f"forward of {type(module).__name__} makes other calls when {names} is not given"
+                )
+            if mine != calls:
+                variants.append((frozenset(nones), graph))
+    return variants
+
+
+def _optional_arguments(module: nn.Module) -> dict[str, Any]:
+    """Parameters of the forward that have a default, with it."""
+    forward = generated_forward(module) or type(module).forward
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
+def _calls(graph: fx.Graph) -> list[tuple[Any, ...]]:
+    """The calls a graph makes and what each reads, without the checks fx adds for concrete arguments."""
+    calls = [
+        n
+        for n in graph.nodes
+        if n.op in ("call_module", "call_function", "call_method") and "assert" not in str(n.target)
+    ]
+    index = {node: i for i, node in enumerate(calls)}
+
+    def read(value: Any) -> str:
+        if isinstance(value, fx.Node):
+            return (
+                f"input {value.target}" if value.op == "placeholder" else f"call {index.get(value, value.op)}"
+            )
+        return repr(value)
+
+    return [
+        (
+            n.op,
+            str(n.target),
+            tuple(read(a) for a in n.args),
+            tuple((k, read(v)) for k, v in n.kwargs.items()),
+        )
+        for n in calls
+    ]
 
 
 def first_line(exc: BaseException) -> str:

@@ -472,3 +472,50 @@ def test_pair_through_a_shared_link_is_reported_with_its_reason() -> None:
     (pair,) = find_pairs(SharedIdentityLink())
     assert (pair.bn, pair.activation, pair.placement, pair.movable) == ("bn", "act", "after", False)
     assert pair.reason == "the activation output also feeds other (Conv2d)"
+
+
+class OptionalShortcutBlock(nn.Module):
+    """timm's DlaBasic: a shared ReLU (graph move) in a forward that tests an optional argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        if shortcut is None:
+            shortcut = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class OtherCallsBlock(OptionalShortcutBlock):
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        if shortcut is not None:
+            out = out + torch.sigmoid(shortcut)  # a call made only when the argument is given
+        return self.relu(self.conv2(out))  # the ReLU serves two call sites: a graph move
+
+
+def test_forward_that_tests_an_optional_argument_keeps_both_branches() -> None:
+    model = _randomize(OptionalShortcutBlock())
+    x, skip = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    assert [m.pair.bn for m in result.moved] == ["bn1"]
+    forward = vars(result.model)["forward"]
+    assert [sorted(nones) for nones, _ in forward.variants] == [[], ["shortcut"]]
+    _same(model, result.model, x)  # shortcut left out: the variant that reads x
+    _same(model, result.model, x, skip)  # shortcut given: the general variant
+    _same(model, pickle.loads(pickle.dumps(result.model)), x, skip)
+
+
+def test_forward_whose_calls_depend_on_an_optional_argument_is_not_rewritten() -> None:
+    model = _randomize(OtherCallsBlock())
+    (pair,) = [p for p in find_pairs(model) if p.bn == "bn1"]
+    result = convert(model, "after", method="exact", example_inputs=(torch.randn(2, 4, 3, 3),))
+    (move,) = [m for m in result.moves if m.pair.bn == pair.bn]
+    assert not move.moved
+    assert "makes other calls when `shortcut` is not given" in (move.reason or "")
