@@ -26,9 +26,9 @@ import time
 import torch
 
 import bnmove
-from bnmove.data import load_dataset
-from bnmove.experiment import train_classifier
 from bnmove.sample_models import PreActResNet
+from bnmove.study.data import load_dataset
+from bnmove.study.experiment import train_classifier
 
 ACTS = {
     "ReLU": torch.nn.ReLU,

@@ -34,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import bnmove
-from bnmove.patterns import module_activation_spec
+from bnmove.analysis.patterns import is_frozen_batchnorm, module_activation_spec
 
 torch.set_num_threads(1)
 
@@ -46,7 +46,7 @@ _ACT_FUNCTIONS = {
 
 
 def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d"
 
 
 class _Reference(TorchFunctionMode):
@@ -203,7 +203,7 @@ def check(
 
 
 def _has_bn(model: nn.Module) -> bool:
-    return any(_is_bn(m) for m in model.modules())
+    return any(_is_bn(m) or is_frozen_batchnorm(m) for m in model.modules())
 
 
 def timm_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
@@ -233,18 +233,53 @@ def timm_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, 
 
 
 def torchvision_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
+    """Classification, segmentation and video models whole; detection models by their backbone
+    (their heads need torchvision's compiled ops); a ResNet with FrozenBatchNorm2d, as detection
+    backbones are built when loaded with weights."""
     import torchvision.models as tvm
+    from torchvision.ops.misc import FrozenBatchNorm2d
 
-    groups = [(tvm, 0), (tvm.segmentation, 1)]
-    for group, _ in groups:
-        for name in sorted(tvm.list_models(module=group)):
+    for name in sorted(tvm.list_models(module=tvm)):
 
-            def build(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
-                model = tvm.get_model(name, weights=None)
-                needs = 299 if "inception" in name else 224 if "maxvit" in name else size
-                return model, (torch.randn(1, 3, needs, needs),)
+        def build(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
+            needs = 299 if "inception" in name else 224 if "maxvit" in name else size
+            return tvm.get_model(name, weights=None), (torch.randn(1, 3, needs, needs),)
 
-            yield name, build
+        yield name, build
+    for name in sorted(tvm.list_models(module=tvm.segmentation)):
+
+        def build_seg(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
+            model = tvm.get_model(name, weights=None, weights_backbone=None)
+            return model, (torch.randn(1, 3, size, size),)
+
+        yield name, build_seg
+    for name in sorted(tvm.list_models(module=tvm.video)):
+
+        def build_video(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
+            model = tvm.get_model(name, weights=None)
+            frames = 16 if "mvit" in name or "s3d" in name else 4
+            side = 224 if "mvit" in name or "s3d" in name else size
+            return model, (torch.randn(1, 3, frames, side, side),)
+
+        yield f"video/{name}", build_video
+    for name in sorted(tvm.list_models(module=tvm.detection)):
+
+        def build_det(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
+            model = tvm.get_model(name, weights=None, weights_backbone=None)
+            return model.backbone, (torch.randn(1, 3, size, size),)
+
+        yield f"detection/{name}.backbone", build_det
+
+    def frozen() -> tuple[nn.Module, tuple[Any, ...]]:
+        model = tvm.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        gen = torch.Generator().manual_seed(0)
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.running_mean.normal_(0, 0.2, generator=gen)
+        return model, (torch.randn(1, 3, size, size),)
+
+    yield "resnet50(norm_layer=FrozenBatchNorm2d)", frozen
 
 
 def hf_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:

@@ -10,18 +10,18 @@
 """
 
 from . import sample_models
-from .conversion import Conversion, Move, convert
-from .data import Dataset, load_dataset
-from .detect import Detection, Pair, detect, find_pairs
+from .analysis.detect import Detection, Pair, detect, find_pairs
+from .analysis.patterns import ACTIVATION_KINDS
+from .deploy.export import export_variants
+from .deploy.folding import Folding, fold_forward
+from .deploy.runtime import Comparison, compare, select_provider
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
-from .experiment import ExperimentResult, experiment
-from .export import export_variants
-from .folding import Folding, fold_forward
-from .loading import LoadedModel, load_model
-from .patterns import ACTIVATION_KINDS
-from .runtime import Comparison, compare, select_provider
-from .synthetic import synthesize_inputs
-from .verify import Deviation, compare_models, infer_example_inputs
+from .fitting.synthetic import synthesize_inputs
+from .io.loading import LoadedModel, load_model
+from .moving.conversion import Conversion, Move, convert
+from .moving.verify import Deviation, compare_models, infer_example_inputs
+from .study.data import Dataset, load_dataset
+from .study.experiment import ExperimentResult, experiment
 
 __version__ = "0.1.0"
 

@@ -13,12 +13,12 @@ from typing import Any
 from rich.table import Table
 
 from ._atomic import atomic_path
-from .conversion import Conversion
-from .detect import Pair
+from .analysis.detect import Pair
+from .analysis.tracing import Untraced
+from .deploy.runtime import Comparison, OutputDeviation, VariantInfo
 from .errors import BnmoveError
-from .experiment import ExperimentResult
-from .runtime import Comparison, OutputDeviation, VariantInfo
-from .tracing import Untraced
+from .moving.conversion import Conversion
+from .study.experiment import ExperimentResult
 
 
 def _yes(flag: bool) -> str:

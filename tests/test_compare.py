@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 from zoo import build
 
-from bnmove import BnmoveError, report, runtime
-from bnmove import runtime as compare_module
+from bnmove import BnmoveError, report
 from bnmove.cli import main
-from bnmove.export import export_variants
+from bnmove.deploy import runtime
+from bnmove.deploy import runtime as compare_module
+from bnmove.deploy.export import export_variants
 
 
 @pytest.fixture(scope="module")

@@ -210,7 +210,7 @@ def test_exact_new_bn_statistics_match_train_mode() -> None:
 
 
 def test_verification_failure_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bnmove import bn_math
+    from bnmove.moving import bn_math
 
     original = bn_math.fold_into_preceding
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import bnmove
 from bnmove.cli import main
-from bnmove.data import Dataset, Split, load_dataset
-from bnmove.experiment import experiment, weights_digest
+from bnmove.study.data import Dataset, Split, load_dataset
+from bnmove.study.experiment import experiment, weights_digest
 
 
 class Tiny(nn.Module):

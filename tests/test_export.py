@@ -14,7 +14,7 @@ from conftest import outputs_of
 from zoo import build
 
 import bnmove
-from bnmove.export import export_variants
+from bnmove.deploy.export import export_variants
 
 
 def _run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -74,7 +74,7 @@ def test_static_batch_and_refusals(tmp_path: Path) -> None:
 
 
 def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bnmove import export as export_module
+    from bnmove.deploy import export as export_module
 
     model, inputs = build("mlp")
     real = export_module.check_against_torch

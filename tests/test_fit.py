@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnmove
-from bnmove import bn_math
-from bnmove.calibrate import calibration_batches, recalibrate
 from bnmove.cli import main
-from bnmove.data import load_dataset
-from bnmove.experiment import train_classifier
+from bnmove.fitting.calibrate import calibration_batches, recalibrate
+from bnmove.moving import bn_math
 from bnmove.sample_models import PreActResNet
+from bnmove.study.data import load_dataset
+from bnmove.study.experiment import train_classifier
 
 ACTS = {"ReLU": nn.ReLU, "GELU": nn.GELU, "SiLU": nn.SiLU, "Hardswish": nn.Hardswish, "Tanh": nn.Tanh}
 

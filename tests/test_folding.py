@@ -7,7 +7,7 @@ from torch import nn
 from zoo import build, randomize_bn
 
 import bnmove
-from bnmove.folding import fold_forward
+from bnmove.deploy.folding import fold_forward
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch
 from zoo import TinyResNet, build
 
 from bnmove import LoadError, load_model
-from bnmove.loading import parse_arch_args
+from bnmove.io.loading import parse_arch_args
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from torch import nn
 from zoo import randomize_bn
 
 import bnmove
-from bnmove.patterns import ACTIVATION_KINDS, activation_spec
+from bnmove.analysis.patterns import ACTIVATION_KINDS, activation_spec
 
 ACT_MODULES: dict[str, Callable[[], nn.Module]] = {
     "ReLU": nn.ReLU,

@@ -23,7 +23,7 @@ from torch import nn
 from zoo import randomize_bn
 
 import bnmove
-from bnmove.tracing import trace_regions
+from bnmove.analysis.tracing import trace_regions
 
 C = 4
 ACTS: dict[str, tuple[type[nn.Module], object, str | None]] = {

@@ -25,7 +25,9 @@ from bnmove import convert, find_pairs
 def _same(model: nn.Module, converted: nn.Module, *inputs: object, atol: float = 1e-5) -> None:
     with torch.no_grad():
         want, got = model.eval()(*inputs), converted.eval()(*inputs)
-    for a, b in zip(bnmove.verify.output_tensors(want), bnmove.verify.output_tensors(got), strict=True):
+    for a, b in zip(
+        bnmove.moving.verify.output_tensors(want), bnmove.moving.verify.output_tensors(got), strict=True
+    ):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
 
 
@@ -220,8 +222,8 @@ def test_graph_moves_rewrite_only_the_forward_that_holds_them() -> None:
     # The top level and the block keep their classes, properties and hooks; only their own
     # forward is regenerated (functional relu/tanh and the shared ReLU need node moves).
     assert type(out) is Top and type(out.block) is SharedReluBlock and out.block.channels == 4
-    assert isinstance(vars(out)["forward"], bnmove.surgery.GraphForward)
-    assert isinstance(vars(out.block)["forward"], bnmove.surgery.GraphForward)
+    assert isinstance(vars(out)["forward"], bnmove.moving.surgery.GraphForward)
+    assert isinstance(vars(out.block)["forward"], bnmove.moving.surgery.GraphForward)
     assert "forward" not in vars(out.stem)
     calls.clear()
     with torch.no_grad():
@@ -443,8 +445,8 @@ def test_frozen_batchnorm_is_detected_and_folded_exactly() -> None:
         assert isinstance(result.model.get_submodule(move.moved_to or ""), FrozenBN)
         _same(model, result.model, x)
     # A module with the same buffers that computes something else is not a BN.
-    assert not bnmove.patterns.is_frozen_batchnorm(NotFrozen(4))
-    assert bnmove.patterns.is_frozen_batchnorm(FrozenBN(4))
+    assert not bnmove.analysis.patterns.is_frozen_batchnorm(NotFrozen(4))
+    assert bnmove.analysis.patterns.is_frozen_batchnorm(FrozenBN(4))
 
 
 class NotFrozen(FrozenBN):

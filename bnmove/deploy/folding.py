@@ -15,13 +15,13 @@ from typing import Any
 
 from torch import fx, nn
 
-from . import bn_math
-from ._clone import clone_module
-from .detect import absorbing_layer, forward_fold_blocker, in_channels, out_channels
-from .patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_down, skip_identity_up
-from .rewrite import fold_bn
-from .surgery import set_submodule
-from .tracing import analysis_regions
+from .._clone import clone_module
+from ..analysis.detect import absorbing_layer, forward_fold_blocker, in_channels, out_channels
+from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_down, skip_identity_up
+from ..analysis.tracing import analysis_regions
+from ..moving import bn_math
+from ..moving.rewrite import fold_bn
+from ..moving.surgery import set_submodule
 
 
 @dataclass(frozen=True)

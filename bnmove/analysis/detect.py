@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from ._gc import paused_gc
+from .._gc import paused_gc
 from .patterns import (
     ActivationCall,
     bn_channels,

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._clone import clone_module
-from .conversion import convert
+from .._clone import clone_module
+from ..errors import BnmoveError, ModelRunError
+from ..moving.conversion import convert
 from .data import Dataset
-from .errors import BnmoveError, ModelRunError
 
 VARIANTS = ("original", "before", "after")
 
@@ -238,7 +238,7 @@ def experiment(
 
     Args:
         model: the architecture (and, with ``from_pretrained``, the weights); not modified.
-        data: a :class:`bnmove.data.Dataset` (``bnmove.data.load_dataset("digits")``, an ``.npz``...).
+        data: a :class:`bnmove.study.data.Dataset` (``bnmove.study.data.load_dataset("digits")``, an ``.npz``...).
         placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
         epochs: training epochs per variant and seed.
         seeds: a number of seeds (0..K-1) or the seeds themselves.

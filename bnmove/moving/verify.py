@@ -12,8 +12,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import BnmoveError, ModelRunError
-from .tracing import trace_graph, untouched
+from ..analysis.tracing import trace_graph, untouched
+from ..errors import BnmoveError, ModelRunError
 
 _INPUT_SIZE = {1: (224,), 2: (224, 224), 3: (16, 112, 112)}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BnmoveError
+from ..errors import BnmoveError
 
 
 @dataclass

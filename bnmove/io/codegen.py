@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import fx, nn
 
-from ._atomic import atomic_dir
-from .errors import BnmoveError
-from .surgery import first_line
-from .tracing import trace_module
+from .._atomic import atomic_dir
+from ..analysis.tracing import trace_module
+from ..errors import BnmoveError
+from ..moving.surgery import first_line
 
 _PREAMBLE = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n"
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import LoadError
+from ..errors import LoadError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._clone import clone_module
-from .errors import BnmoveError, ModelRunError
+from .._clone import clone_module
+from ..errors import BnmoveError, ModelRunError
 
 Batch = tuple[torch.Tensor, ...]
 MAX_ROWS = 60_000

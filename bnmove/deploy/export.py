@@ -28,11 +28,11 @@ import onnx
 import torch
 from torch import nn
 
-from ._clone import clone_module
-from .conversion import convert
-from .errors import BnmoveError
+from .._clone import clone_module
+from ..errors import BnmoveError
+from ..moving.conversion import convert
+from ..moving.verify import eval_mode, output_tensors, run_model
 from .folding import fold_forward
-from .verify import eval_mode, output_tensors, run_model
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
 ``symbolic_trace`` of the whole model is tried first. Real models often fail
 it (padding computed from shapes, optional arguments tested in ``forward``,
 loops over ``torch.split``); then one forward pass on an example input is
-recorded instead (:mod:`bnmove.recording`), which sees through all of that.
+recorded instead (:mod:`bnmove.analysis.recording`), which sees through all of that.
 Only when no example input can be had are the largest traceable subtrees
 traced one by one, and the untraceable parts reported by name.
 
 The graph only decides what moves; the moves themselves are made on the
-user's modules (:mod:`bnmove.surgery`). Tracing never changes the model it
+user's modules (:mod:`bnmove.moving.surgery`). Tracing never changes the model it
 reads (:func:`untouched`).
 
 BatchNorm modules (user subclasses included, so fused norm+activation modules
@@ -26,10 +26,10 @@ from typing import Any
 
 from torch import fx, nn
 
-from ._clone import clone_module
+from .._clone import clone_module
+from ..moving.surgery import class_forward, first_line
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
 from .recording import record_graph, torch_forward
-from .surgery import class_forward, first_line
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def analysis_regions(model: nn.Module, example_inputs: Sequence[Any] | None = No
             log.info("could not trace the whole model: %s", reason)
     inputs = example_inputs
     if inputs is None:
-        from .verify import infer_example_inputs
+        from ..moving.verify import infer_example_inputs
 
         try:
             inputs = infer_example_inputs(model)

@@ -15,16 +15,16 @@ import torch
 from rich.console import Console
 from rich.rule import Rule
 
-from . import report
-from .conversion import convert
+from .. import report
+from ..analysis.detect import detect
+from ..deploy.export import export_variants, read_manifest
+from ..deploy.runtime import compare
+from ..errors import BnmoveError
+from ..moving.conversion import convert
+from ..moving.verify import eval_mode
+from ..sample_models import digits_net
 from .data import Dataset, load_dataset
-from .detect import detect
-from .errors import BnmoveError
 from .experiment import experiment, train_classifier
-from .export import export_variants, read_manifest
-from .runtime import compare
-from .sample_models import digits_net
-from .verify import eval_mode
 
 
 def _digits() -> Dataset | None:

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BnmoveError, ModelRunError
-from .patterns import is_batchnorm_module
-from .verify import eval_mode, infer_example_inputs
+from ..analysis.patterns import is_batchnorm_module
+from ..errors import BnmoveError, ModelRunError
+from ..moving.verify import eval_mode, infer_example_inputs
 
 log = logging.getLogger(__name__)
 

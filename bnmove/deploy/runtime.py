@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import BnmoveError
+from ..errors import BnmoveError
 
 PROVIDERS: dict[str, str] = {
     "tensorrt": "TensorrtExecutionProvider",

@@ -20,10 +20,19 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from . import rewrite, surgery
-from ._clone import clone_module
-from ._gc import paused_gc
-from .calibrate import (
+from .._clone import clone_module
+from .._gc import paused_gc
+from ..analysis.detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
+from ..analysis.patterns import (
+    input_is_shared,
+    is_batchnorm_module,
+    match_activation,
+    module_activation_spec,
+    skip_identity_down,
+)
+from ..analysis.tracing import Region, Untraced, analysis_regions, trace_graph, untouched
+from ..errors import BnmoveError, VerificationError
+from ..fitting.calibrate import (
     Batch,
     calibration_batches,
     call_model,
@@ -32,17 +41,8 @@ from .calibrate import (
     refit_blocker,
     refit_layer,
 )
-from .detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
-from .errors import BnmoveError, VerificationError
-from .patterns import (
-    input_is_shared,
-    is_batchnorm_module,
-    match_activation,
-    module_activation_spec,
-    skip_identity_down,
-)
-from .synthetic import synthesize_inputs
-from .tracing import Region, Untraced, analysis_regions, trace_graph, untouched
+from ..fitting.synthetic import synthesize_inputs
+from . import rewrite, surgery
 from .verify import (
     Deviation,
     compare_models,

@@ -6,7 +6,7 @@ eval mode but holding real statistics (see ``bn_math``); ``fit`` gives BN' the
 least-squares parameters that reproduce the block; ``swap`` changes nothing.
 The BN module object is kept, so its hooks, class and keys stay.
 
-Structure: where BN and activation are modules, :mod:`bnmove.surgery` moves
+Structure: where BN and activation are modules, :mod:`bnmove.moving.surgery` moves
 the modules; elsewhere ``move_after(bn, act)`` turns ``X -> BN -> f -> users``
 into ``X -> f -> BN -> users`` in a graph and ``move_before(bn, act)`` the
 reverse (Identity calls in between stay put).
@@ -23,9 +23,8 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from . import bn_math
-from .detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm
-from .patterns import (
+from ..analysis.detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm
+from ..analysis.patterns import (
     activation_spec,
     bn_channels,
     input_is_shared,
@@ -35,6 +34,7 @@ from .patterns import (
     match_activation,
     out_of_place_function,
 )
+from . import bn_math
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ def adjust(
 
     Returns the method really used (a pair that cannot be fitted is swapped,
     and the notes say why), notes for the report, and the fitted block's error.
-    The caller then moves the modules or nodes (:mod:`bnmove.surgery`).
+    The caller then moves the modules or nodes (:mod:`bnmove.moving.surgery`).
     """
     effect: float | None = None
     used = method

@@ -1,0 +1,213 @@
+"""What every command shares: the group, its one-line errors, model options, consoles, progress."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import __version__
+from ..errors import BnmoveError
+from ..io.loading import LoadedModel, load_model, parse_arch_args
+from ..moving.verify import infer_example_inputs, inputs_from_shapes, parse_input_shape
+
+_DEBUG_KEY = "bnmove.debug"
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.find_root().meta[_DEBUG_KEY] = True
+    return value
+
+
+class BnmoveGroup(click.Group):
+    """Turns user errors into one line on stderr and exit code 1 (tracebacks only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BnmoveError as exc:
+            if ctx.meta.get(_DEBUG_KEY) or os.environ.get("BNMOVE_DEBUG"):
+                raise
+            click.echo(f"bnmove: error: {exc}", err=True)
+            ctx.exit(1)
+        except Exception as exc:
+            if ctx.meta.get(_DEBUG_KEY) or os.environ.get("BNMOVE_DEBUG"):
+                raise
+            click.echo(
+                f"bnmove: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                err=True,
+            )
+            ctx.exit(1)
+
+
+debug_option = click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="Show full tracebacks instead of one-line errors.",
+)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The model file and how to read it: what every model-reading command shares."""
+
+    path: Path
+    arch: str | None
+    arch_args: tuple[str, ...]
+    allow_pickle: bool
+    imports: tuple[str, ...]
+    input_shapes: tuple[str, ...]
+
+    def load(self) -> LoadedModel:
+        return load_model(
+            self.path,
+            arch=self.arch,
+            arch_kwargs=parse_arch_args(self.arch_args),
+            allow_pickle=self.allow_pickle,
+            imports=self.imports,
+        )
+
+    def given_inputs(self, loaded: LoadedModel) -> tuple[torch.Tensor, ...] | None:
+        """Example inputs from --input-shape, if given."""
+        if not self.input_shapes:
+            return None
+        return inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in self.input_shapes])
+
+    def inputs(self, loaded: LoadedModel) -> tuple[torch.Tensor, ...]:
+        """Example inputs from --input-shape, else inferred from the first layer."""
+        return self.given_inputs(loaded) or infer_example_inputs(loaded.module)
+
+    @property
+    def stem(self) -> str:
+        return self.path.name.split(".")[0]
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command that reads a model file shares; the command receives them as ``model``."""
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        model_path: Path,
+        arch: str | None,
+        arch_args: tuple[str, ...],
+        allow_pickle: bool,
+        imports: tuple[str, ...],
+        input_shapes: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
+        model = ModelArgs(model_path, arch, arch_args, allow_pickle, imports, input_shapes)
+        return fn(*args, model=model, **kwargs)
+
+    decorators = [
+        click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path)),
+        click.option(
+            "--arch",
+            metavar="MODULE:CALLABLE",
+            help="Architecture for a state-dict file, e.g. mymodels:resnet18 (a class or factory).",
+        ),
+        click.option(
+            "--arch-arg",
+            "arch_args",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="Keyword argument for --arch (repeatable), e.g. --arch-arg num_classes=10.",
+        ),
+        click.option(
+            "--allow-pickle",
+            is_flag=True,
+            help="Allow loading a whole pickled module. Unpickling runs code from the file: only for files you trust.",
+        ),
+        click.option(
+            "--import",
+            "imports",
+            multiple=True,
+            metavar="MODULE",
+            help="Import MODULE first so pickled classes or --arch resolve (repeatable).",
+        ),
+        click.option(
+            "--input-shape",
+            "input_shapes",
+            multiple=True,
+            metavar="SHAPE",
+            help="Example input shape, e.g. 1,3,224,224 (repeat for several inputs). Default: inferred from the first layer.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+        debug_option,
+    ]
+    wrapped: Callable[..., Any] = command
+    for decorator in reversed(decorators):
+        wrapped = decorator(wrapped)
+    return wrapped
+
+
+def _stdout() -> Console:
+    # Piped output is read by grep and people's logs: give tables room instead of folding names.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+@click.group(cls=BnmoveGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnmove")
+@debug_option
+def main() -> None:
+    """Move BatchNorm before or after its activation in a trained PyTorch model.
+
+    \b
+    bnmove inspect model.pt --allow-pickle          list BN–activation pairs
+    bnmove convert model.pt --placement after       move every BN after its activation
+
+    MODEL is a state dict (.pt/.pth, give --arch) or a pickled module
+    (needs --allow-pickle: unpickling runs code from the file).
+    """
+    logging.basicConfig(level=logging.WARNING, format="bnmove: %(message)s")
+
+
+def _csv_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise click.BadParameter(f"give at least one {what}")
+    return items
+
+
+def _check_outputs(out_dir: Path, names: Sequence[str], force: bool) -> None:
+    """Refuse to overwrite files in ``out_dir`` without ``force``; checked before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BnmoveError(f"{out_dir}: exists and is not a folder")
+    if not out_dir.parent.is_dir():
+        raise BnmoveError(f"{out_dir}: folder {out_dir.parent} does not exist")
+    for name in names:
+        if (out_dir / name).exists() and not force:
+            raise BnmoveError(f"{out_dir / name}: already exists; pass --force to overwrite")
+
+
+def _progress(show: bool) -> Progress:
+    """The progress bar every long command shows on stderr: what, bar, done/total, time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_stderr(),
+        transient=True,
+        disable=not show,
+    )

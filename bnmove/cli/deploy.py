@@ -1,0 +1,230 @@
+"""Deployment commands: ``export`` the variants to ONNX, ``compare`` them under onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.progress import Progress
+
+from .._atomic import atomic_path, check_output
+from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest
+from ..deploy.runtime import PROVIDERS, compare
+from ..moving.conversion import METHODS
+from ..report import (
+    comparison_csv,
+    comparison_json,
+    comparison_markdown,
+    comparison_ops_lines,
+    comparison_plot,
+    comparison_table,
+    export_table,
+    require_matplotlib,
+)
+from ._common import (
+    ModelArgs,
+    _csv_list,
+    _stderr,
+    _stdout,
+    debug_option,
+    main,
+    model_options,
+)
+
+
+@main.command(name="export")
+@model_options
+@click.option(
+    "-o",
+    "--output-dir",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for <stem>.<variant>.onnx files and manifest.json (created if missing).",
+)
+@click.option(
+    "--placements",
+    default="original,before,after",
+    show_default=True,
+    help="Variants to export, comma-separated.",
+)
+@click.option(
+    "--method",
+    default="auto",
+    show_default=True,
+    type=click.Choice(METHODS),
+    help="How the before/after variants are converted (see bnmove convert --help).",
+)
+@click.option(
+    "--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(13, 23), help="ONNX opset."
+)
+@click.option("--static-batch", is_flag=True, help="Fix the batch dimension (dynamic by default).")
+@click.option(
+    "--fold-forward",
+    is_flag=True,
+    help="Fold BNs that follow their activation into the next Linear/unpadded Conv where exact.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing variant files in the folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export_command(
+    model: ModelArgs,
+    as_json: bool,
+    out_dir: Path,
+    placements: str,
+    method: str,
+    opset: int,
+    static_batch: bool,
+    fold_forward: bool,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Export the original, before and after variants to ONNX, each checked against PyTorch.
+
+    Every file passes onnx.checker and onnxruntime's outputs match PyTorch's for the same
+    variant; manifest.json records moves, shapes, sizes, hashes and the measured error.
+    """
+    variants = _csv_list(placements, "variant")
+    loaded = model.load()
+    inputs = model.inputs(loaded)
+    show = sys.stderr.isatty() and not (as_json or quiet)
+    with Progress(transient=True, console=_stderr(), disable=not show) as progress:
+        task = progress.add_task("exporting", total=len(variants))
+
+        def advance(variant: str) -> None:
+            progress.update(task, description=f"exporting {variant}", completed=variants.index(variant))
+
+        paths = export_variants(
+            loaded.module,
+            inputs,
+            out_dir,
+            variants,
+            method=method,
+            opset=opset,
+            static_batch=static_batch,
+            fold_forward_bns=fold_forward,
+            stem=model.stem,
+            force=force,
+            on_variant=advance,
+        )
+        progress.update(task, completed=len(variants))
+    manifest = read_manifest(out_dir) or {}
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    out = _stdout()
+    out.print(export_table(manifest), highlight=False)
+    out.print(
+        f"wrote {len(paths)} variants and {out_dir / 'manifest.json'}; next: bnmove compare {out_dir}",
+        highlight=False,
+    )
+
+
+@main.command(name="compare")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="DIR_OR_FILES...")
+@click.option(
+    "--provider",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", *PROVIDERS]),
+    help="auto picks the best that works here: TensorRT, then CUDA, then CPU.",
+)
+@click.option(
+    "--batch-sizes", default="1,8,32", show_default=True, help="Batch sizes to time, comma-separated."
+)
+@click.option(
+    "--warmup",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Untimed runs per variant and batch size.",
+)
+@click.option("--iterations", type=click.IntRange(1), help="Timed rounds per batch size [default: 50].")
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Time each batch size for this long instead.",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON ('-' for stdout)."
+)
+@click.option(
+    "--csv", "csv_path", type=click.Path(path_type=Path), help="Write one CSV row per variant and batch size."
+)
+@click.option("--markdown", "md_path", type=click.Path(path_type=Path), help="Write a Markdown report.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    help="Write a PNG of latency and throughput vs batch size.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing report files.")
+@debug_option
+def compare_command(
+    paths: tuple[Path, ...],
+    provider: str,
+    batch_sizes: str,
+    warmup: int,
+    iterations: int | None,
+    seconds: float | None,
+    json_path: Path | None,
+    csv_path: Path | None,
+    md_path: Path | None,
+    plot_path: Path | None,
+    force: bool,
+) -> None:
+    """Time exported variants side by side under onnxruntime and compare their outputs.
+
+    Variants run interleaved, round by round; on GPU with inputs and outputs bound on the device.
+    Reports latency percentiles, throughput, the ratio to the original, output deviation and the
+    nodes left after onnxruntime's optimisations (which BatchNorms survived fusion).
+    """
+    if iterations is not None and seconds is not None:
+        raise click.UsageError("give --iterations or --seconds, not both")
+    try:
+        sizes = [int(b) for b in _csv_list(batch_sizes, "batch size")]
+    except ValueError:
+        raise click.BadParameter(
+            f"{batch_sizes!r} is not a comma-separated list of integers", param_hint="--batch-sizes"
+        ) from None
+    reports = [p for p in (json_path, csv_path, md_path, plot_path) if p is not None and str(p) != "-"]
+    for path in reports:
+        check_output(path, force=force)
+    if plot_path is not None:
+        require_matplotlib()
+    to_stdout = json_path is not None and str(json_path) == "-"
+    show = sys.stderr.isatty() and not to_stdout
+    with _stderr().status("comparing…") if show else contextlib.nullcontext() as status:
+
+        def step(text: str) -> None:
+            if status is not None:
+                status.update(text)
+
+        result = compare(
+            list(paths),
+            provider=provider,
+            batch_sizes=sizes,
+            warmup=warmup,
+            iterations=None if seconds is not None else (iterations or 50),
+            seconds=seconds,
+            on_step=step,
+        )
+    writers = ((json_path, comparison_json), (csv_path, comparison_csv), (md_path, comparison_markdown))
+    for target, render in writers:
+        if target is None or str(target) == "-":
+            continue
+        with atomic_path(target) as tmp:
+            tmp.write_text(render(result))
+    if plot_path is not None:
+        comparison_plot(result, plot_path)
+    if to_stdout:
+        click.echo(comparison_json(result), nl=False)
+        return
+    out = _stdout()
+    out.print(comparison_table(result))
+    for line in comparison_ops_lines(result):
+        out.print(f"  {line}", highlight=False)
+    if reports:
+        out.print("wrote " + ", ".join(str(p) for p in reports), highlight=False)

@@ -1,0 +1,171 @@
+"""Training commands: ``experiment`` (before or after, on your data) and ``demo``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from rich.progress import Progress
+
+from ..report import (
+    experiment_json,
+    experiment_table,
+    has_matplotlib,
+    write_experiment,
+)
+from ..study.data import load_dataset
+from ..study.demo import run_demo
+from ..study.experiment import EpochRecord, experiment
+from ._common import (
+    ModelArgs,
+    _check_outputs,
+    _csv_list,
+    _progress,
+    _stderr,
+    _stdout,
+    debug_option,
+    main,
+    model_options,
+)
+
+
+def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, int, int, EpochRecord], None]]:
+    progress = _progress(show)
+    task = progress.add_task("training", total=total)
+
+    def on_epoch(variant: str, seed: int, epoch: int, record: EpochRecord) -> None:
+        progress.update(
+            task,
+            advance=1,
+            description=(f"{variant} seed {seed} epoch {epoch}: val acc {record.val_accuracy:.1%}"),
+        )
+
+    return progress, on_epoch
+
+
+@main.command(name="experiment")
+@model_options
+@click.option(
+    "--data",
+    "data_spec",
+    required=True,
+    metavar="DATA",
+    help="'digits' (scikit-learn's 8x8 digits), an .npz with x/y (and optionally x_val/y_val), or a folder of them.",
+)
+@click.option(
+    "--placements", default="before,after", show_default=True, help="Variants to train, comma-separated."
+)
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--seeds", default=3, show_default=True, type=click.IntRange(1), help="Seeds (runs) per variant."
+)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--lr",
+    default=1e-3,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Adam learning rate.",
+)
+@click.option(
+    "--val-split",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Held-out fraction when the data has no x_val/y_val.",
+)
+@click.option(
+    "--from-pretrained",
+    is_flag=True,
+    help="Fine-tune from the model's weights (converted exactly where possible) instead of a fresh initialisation.",
+)
+@click.option("--device", help="Training device (default: cuda when available, else cpu).")
+@click.option(
+    "-o",
+    "--output-dir",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    help="Folder for results.json, summary.md and curves.png. Default: experiment-<model stem>.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing result files.")
+def experiment_command(
+    model: ModelArgs,
+    as_json: bool,
+    data_spec: str,
+    placements: str,
+    epochs: int,
+    seeds: int,
+    batch_size: int,
+    lr: float,
+    val_split: float,
+    from_pretrained: bool,
+    device: str | None,
+    out_dir: Path | None,
+    force: bool,
+) -> None:
+    """Train each BN placement of MODEL the same way and compare them: "before or after?" on your data.
+
+    Every variant of a seed starts from the same weights and sees the same batches in the same
+    order with the same optimiser; results are mean ± std over seeds.
+    """
+    # The data decides the input shape; --input-shape is not used here.
+    variants = _csv_list(placements, "placement")
+    out_dir = out_dir or Path(f"experiment-{model.stem}")
+    plot = has_matplotlib()
+    _check_outputs(out_dir, ["results.json", "summary.md", "curves.png"], force)
+    loaded = model.load()
+    data = load_dataset(data_spec, val_split=val_split)
+    show = sys.stderr.isatty() and not as_json
+    progress, on_epoch = _epoch_progress(show, epochs * seeds * len(variants))
+    with progress:
+        result = experiment(
+            loaded.module,
+            data,
+            placements=variants,
+            epochs=epochs,
+            seeds=seeds,
+            batch_size=batch_size,
+            lr=lr,
+            from_pretrained=from_pretrained,
+            device=device,
+            on_epoch=on_epoch,
+        )
+    written = write_experiment(result, out_dir)
+    if as_json:
+        click.echo(experiment_json(result), nl=False)
+        return
+    out = _stdout()
+    out.print(experiment_table(result))
+    out.print(
+        "wrote "
+        + ", ".join(str(p) for p in written)
+        + ("" if plot else " (no plot: pip install matplotlib)"),
+        highlight=False,
+    )
+
+
+@main.command(name="demo")
+@click.option(
+    "-o",
+    "--output-dir",
+    "out_dir",
+    default=Path("bnmove-demo"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for everything the demo writes.",
+)
+@click.option(
+    "--epochs", default=3, show_default=True, type=click.IntRange(1), help="Epochs of the short experiment."
+)
+@click.option("--force", is_flag=True, help="Reuse an existing demo folder, overwriting its files.")
+@debug_option
+def demo_command(out_dir: Path, epochs: int, force: bool) -> None:
+    """Show bnmove end to end on a bundled sample model, no arguments needed.
+
+    Inspects it, converts it both ways with verification, exports the variants to ONNX,
+    compares them on the best available onnxruntime provider, and runs a short
+    before-vs-after training experiment on scikit-learn's digits when it is installed.
+    """
+    run_demo(out_dir, epochs=epochs, force=force, console=_stdout(), progress_console=_stderr())

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export of the variants, forward folding, onnxruntime comparison."""

@@ -1,0 +1,1 @@
+"""Fitting where no exact move exists: calibration data, activation capture, layer refits, synthetic inputs."""

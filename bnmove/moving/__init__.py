@@ -1,0 +1,1 @@
+"""Moving pairs: the BN math, what a move does to parameters, module and graph surgery, ``convert``, verification."""

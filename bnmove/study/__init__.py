@@ -1,0 +1,1 @@
+"""Answering before-or-after by training: data sets, the experiment, the demo."""
