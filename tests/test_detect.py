@@ -82,7 +82,7 @@ def test_bn_output_with_second_user_is_not_movable() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.bn(self.conv(x))
-            return torch.sigmoid(y) * y
+            return torch.sigmoid(y) + y  # (sigmoid(y) * y would be SiLU written out: one activation)
 
     (pair,) = find_pairs(Branchy())
     assert pair.placement == "before" and not pair.movable

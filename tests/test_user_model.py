@@ -521,3 +521,61 @@ def test_forward_whose_calls_depend_on_an_optional_argument_is_not_rewritten() -
     (move,) = [m for m in result.moves if m.pair.bn == pair.bn]
     assert not move.moved
     assert "makes other calls when `shortcut` is not given" in (move.reason or "")
+
+
+COMPOSITES = {
+    "silu": (lambda x: x * torch.sigmoid(x), "SiLU"),
+    "hardswish": (lambda x: x * F.relu6(x + 3) / 6, "Hardswish"),
+    "mish": (lambda x: x * torch.tanh(F.softplus(x)), "Mish"),
+    "gelu-tanh": (
+        lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+        "GELU",
+    ),
+    "relu-clamp": (lambda x: x.clamp(min=0), "ReLU"),
+}
+
+
+class CompositeNet(nn.Module):
+    """An activation written out in the model's own forward, before and after a BN."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.conv1 = nn.Conv2d(3, 4, 1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = COMPOSITES[self.name][0]
+        x = act(self.bn1(self.conv1(x)))  # BN -> composite
+        return self.head(self.bn2(act(self.conv2(x))))  # composite -> BN
+
+
+@pytest.mark.parametrize("name", list(COMPOSITES))
+def test_composite_activations_are_one_activation_and_move(name: str) -> None:
+    model = _randomize(CompositeNet(name))
+    kind = COMPOSITES[name][1]
+    pairs = find_pairs(model)
+    assert [(p.bn, p.activation_kind, p.placement, p.exact) for p in pairs] == [
+        ("bn1", kind, "before", True),
+        ("bn2", kind, "after", True),
+    ]
+    x = torch.randn(2, 3, 5, 5)
+    for placement in ("after", "before"):
+        result = convert(model, placement, method="exact", example_inputs=(x,))
+        assert len(result.moved) == 1 and type(result.model) is CompositeNet
+        _same(model, result.model, x)
+    both = convert(model, "after", method="swap", example_inputs=(x,))
+    assert [p.placement for p in find_pairs(both.model)] == ["after", "after"]
+
+
+def test_a_composite_that_is_no_known_activation_stays_as_written() -> None:
+    from bnmove.analysis.composite import collapse_composites
+
+    graph = torch.fx.symbolic_trace(nn.Sequential(LibSwish(), Scale())).graph  # x*sigmoid(x), then 2x+1
+    before = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert collapse_composites(graph) == 1
+    after = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert F.silu in after and torch.sigmoid not in after and len(after) == len(before) - 1

@@ -236,25 +236,36 @@ _NOT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 
 _PROBED: dict[tuple[Any, ...], ActivationSpec | None] = {}
 
-#: known elementwise functions a probed module may compute, most specific first
-_KNOWN: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor]], ...] = (
-    ("ReLU", torch.relu),
-    ("ReLU6", F.relu6),
-    ("LeakyReLU", F.leaky_relu),
-    ("ELU", F.elu),
-    ("SELU", F.selu),
-    ("CELU", F.celu),
-    ("GELU", F.gelu),
-    ("GELU", lambda z: F.gelu(z, approximate="tanh")),
-    ("SiLU", F.silu),
-    ("Mish", F.mish),
-    ("Hardswish", F.hardswish),
-    ("Hardsigmoid", F.hardsigmoid),
-    ("Hardtanh", F.hardtanh),
-    ("Sigmoid", torch.sigmoid),
-    ("Tanh", torch.tanh),
-    ("Softplus", F.softplus),
+#: known elementwise functions a probed module or a composite may compute, most specific first:
+#: (kind, torch function, its keyword arguments)
+KNOWN_FUNCTIONS: tuple[tuple[str, Callable[..., torch.Tensor], dict[str, Any]], ...] = (
+    ("ReLU", torch.relu, {}),
+    ("ReLU6", F.relu6, {}),
+    ("LeakyReLU", F.leaky_relu, {}),
+    ("ELU", F.elu, {}),
+    ("SELU", F.selu, {}),
+    ("CELU", F.celu, {}),
+    ("GELU", F.gelu, {}),
+    ("GELU", F.gelu, {"approximate": "tanh"}),
+    ("SiLU", F.silu, {}),
+    ("Mish", F.mish, {}),
+    ("Hardswish", F.hardswish, {}),
+    ("Hardsigmoid", F.hardsigmoid, {}),
+    ("Hardtanh", F.hardtanh, {}),
+    ("Sigmoid", torch.sigmoid, {}),
+    ("Tanh", torch.tanh, {}),
+    ("Softplus", F.softplus, {}),
 )
+
+
+def known_function(
+    values: torch.Tensor, grid: torch.Tensor
+) -> tuple[str, Callable[..., torch.Tensor], dict[str, Any]] | None:
+    """The known activation whose values on ``grid`` are ``values`` (to float rounding), or None."""
+    for kind, fn, kwargs in KNOWN_FUNCTIONS:
+        if torch.allclose(values, fn(grid, **kwargs), atol=1e-5):
+            return kind, fn, kwargs
+    return None
 
 
 def _probe_key(module: nn.Module) -> tuple[Any, ...]:
@@ -303,10 +314,10 @@ def probe_activation(module: nn.Module) -> ActivationSpec | None:
     if torch.allclose(design @ fit, flat[:, None], atol=1e-5):
         return None
     cls = type(module)
-    for kind, fn in _KNOWN:
-        if torch.allclose(flat, fn(grid), atol=1e-5):
-            base = _BY_KIND[kind.lower()]
-            return ActivationSpec(kind, (cls,), positively_homogeneous=base.positively_homogeneous)
+    known = known_function(flat, grid)
+    if known is not None:
+        base = _BY_KIND[known[0].lower()]
+        return ActivationSpec(known[0], (cls,), positively_homogeneous=base.positively_homogeneous)
     return ActivationSpec(cls.__name__, (cls,))
 
 

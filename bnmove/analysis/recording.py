@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .composite import collapse_composites
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -170,6 +171,7 @@ def record_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.Graph:
             m.training = flag
     leaves = [recorder.node_for(t) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
     recorder.graph.output(tuple(leaves))
+    collapse_composites(recorder.graph)
     return recorder.graph
 
 

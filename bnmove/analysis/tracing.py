@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from .._clone import clone_module
 from ..moving.surgery import class_forward, first_line
+from .composite import collapse_composites
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
 from .recording import record_graph, torch_forward
 
@@ -50,6 +51,7 @@ def trace_graph(module: nn.Module) -> fx.Graph:
     recognise(module)
     with class_forward(module):
         graph = BnTracer().trace(module)
+    collapse_composites(graph)
     for node in graph.nodes:
         # Under `from __future__ import annotations` fx records annotations as
         # strings, which GraphModule cannot pickle or import: drop them.

@@ -31,6 +31,8 @@ from torch import fx, nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
+from ..analysis.composite import collapse_composites
+
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
@@ -272,6 +274,7 @@ def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> fx.Grap
     for node in graph.nodes:
         if isinstance(node.type, str):
             node.type = None
+    collapse_composites(graph)  # as in the analysis graph, so the calls match
     return graph
 
 
