@@ -86,7 +86,7 @@ def test_bn_output_with_second_user_is_not_movable() -> None:
 
     (pair,) = find_pairs(Branchy())
     assert pair.placement == "before" and not pair.movable
-    assert "also feeds mul" in (pair.reason or "")
+    assert "also feeds add" in (pair.reason or "")
 
 
 def test_track_running_stats_false_is_swap_only() -> None:
