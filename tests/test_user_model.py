@@ -579,3 +579,31 @@ def test_a_composite_that_is_no_known_activation_stays_as_written() -> None:
     assert collapse_composites(graph) == 1
     after = [n.target for n in graph.nodes if n.op == "call_function"]
     assert F.silu in after and torch.sigmoid not in after and len(after) == len(before) - 1
+
+
+class StaticSamePadConv(nn.Conv2d):
+    """efficientnet_pytorch's Conv2dStaticSamePadding: a Conv2d subclass that pads in its own forward."""
+
+    def __init__(self, cin: int, cout: int, k: int) -> None:
+        super().__init__(cin, cout, k, bias=False)
+        self.static_padding = nn.ZeroPad2d(k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding)
+
+
+def test_library_conv_with_its_own_forward_absorbs_a_bn_where_the_math_allows() -> None:
+    model = _randomize(
+        nn.Sequential(
+            StaticSamePadConv(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), StaticSamePadConv(4, 4, 1),
+            nn.ReLU(), nn.BatchNorm2d(4), StaticSamePadConv(4, 4, 3),
+        )
+    )  # fmt: skip
+    pairs = {p.bn: p for p in find_pairs(model)}
+    assert pairs["1"].exact and pairs["1"].neighbour == "0"  # folds backward: padding comes first
+    assert not pairs["5"].exact  # folding forward would shift the zero padding
+    assert "its own forward (StaticSamePadConv) pads" in (pairs["5"].reason or "")
+    x = torch.randn(2, 3, 6, 6)
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    assert [m.pair.bn for m in result.moved] == ["1"]
+    _same(model, result.model, x)

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from .._gc import paused_gc
+from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, out_channels
 from .patterns import (
     ActivationCall,
     bn_channels,
@@ -39,10 +40,6 @@ from .tracing import Region, Untraced, analysis_regions
 
 Placement = Literal["before", "after"]
 PLACEMENTS: tuple[Placement, ...] = ("before", "after")
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-AFFINE_LAYERS = (*_CONV, *_CONV_T, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -245,36 +242,6 @@ def absorbing_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module |
         return None
     module = modules.get(str(node.target))
     return module if isinstance(module, AFFINE_LAYERS) else None
-
-
-def out_channels(layer: nn.Module) -> int:
-    if isinstance(layer, nn.Linear):
-        return layer.out_features
-    return int(layer.out_channels)  # type: ignore[arg-type]
-
-
-def in_channels(layer: nn.Module) -> int:
-    if isinstance(layer, nn.Linear):
-        return layer.in_features
-    return int(layer.in_channels)  # type: ignore[arg-type]
-
-
-def forward_fold_blocker(layer: nn.Module) -> str | None:
-    """Why folding a BN forward into ``layer`` would not be exact, or None."""
-    if isinstance(layer, _CONV):
-        padding = layer.padding
-        if padding == "same" and any(k != 1 for k in layer.kernel_size):
-            return "it pads its input ('same'), and padding does not commute with the BN's shift"
-        if isinstance(padding, tuple) and any(p != 0 for p in padding):
-            return "it pads its input, and padding does not commute with the BN's shift"
-        return None
-    if isinstance(layer, _CONV_T):
-        pointwise = all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
-        unpadded = all(p == 0 for p in layer.padding) and all(p == 0 for p in layer.output_padding)  # type: ignore[union-attr]
-        if not (pointwise and unpadded):
-            return "a transposed conv spreads the BN's shift unevenly over its output"
-        return None
-    return None
 
 
 class _RegionAnalysis:

@@ -163,9 +163,12 @@ def recognise(model: nn.Module) -> None:
     Recognising a frozen BN or an activation by what it computes runs it on a
     probe; under torch.fx or a recording that call would be traced instead.
     """
+    from .layers import custom_affine_layer  # layers sits above patterns
+
     for module in model.modules():
         if not is_frozen_batchnorm(module):
             module_activation_spec(module)
+        custom_affine_layer(module)
 
 
 def bn_channels(module: nn.Module) -> int:

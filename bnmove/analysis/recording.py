@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .composite import collapse_composites
+from .layers import custom_affine_layer, torch_forward
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -34,15 +35,9 @@ def is_leaf(module: nn.Module) -> bool:
     """What ``BnTracer`` keeps whole: BatchNorms, activations, torch's own non-container layers."""
     if is_batchnorm_module(module) or module_activation_spec(module) is not None:
         return True
+    if custom_affine_layer(module):
+        return True  # a library Conv/Linear with its own forward: one call, so a BN can fold into it
     return torch_forward(module) and not isinstance(module, _CONTAINERS)
-
-
-def torch_forward(module: nn.Module) -> bool:
-    """The module runs torch's own forward: a torch layer, or a library subclass that only changes
-    ``__init__`` (HF's ``EfficientNetDepthwiseConv2d(nn.Conv2d)``)."""
-    forward = getattr(type(module), "forward", None)
-    name = getattr(forward, "__module__", "") or ""
-    return name.startswith("torch.nn") or name.startswith("torch.ao.nn")
 
 
 class _Recorder(TorchFunctionMode):

@@ -29,8 +29,9 @@ from torch import fx, nn
 from .._clone import clone_module
 from ..moving.surgery import class_forward, first_line
 from .composite import collapse_composites
+from .layers import custom_affine_layer, torch_forward
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
-from .recording import record_graph, torch_forward
+from .recording import record_graph
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class BnTracer(fx.Tracer):
             return True
         if torch_forward(m) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return True  # library subclasses of torch layers stay one call, like the layers
+        if custom_affine_layer(m):
+            return True  # a library Conv/Linear with its own forward that a BN folds into exactly
         return super().is_leaf_module(m, module_qualified_name)
 
 

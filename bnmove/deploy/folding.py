@@ -16,7 +16,8 @@ from typing import Any
 from torch import fx, nn
 
 from .._clone import clone_module
-from ..analysis.detect import absorbing_layer, forward_fold_blocker, in_channels, out_channels
+from ..analysis.detect import absorbing_layer
+from ..analysis.layers import forward_fold_blocker, in_channels, out_channels
 from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_down, skip_identity_up
 from ..analysis.tracing import analysis_regions
 from ..moving import bn_math

@@ -23,7 +23,8 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from ..analysis.detect import AFFINE_LAYERS, FusedNorm, Site, make_plain_batchnorm
+from ..analysis.detect import FusedNorm, Site, make_plain_batchnorm
+from ..analysis.layers import AFFINE_LAYERS
 from ..analysis.patterns import (
     activation_spec,
     bn_channels,

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import inspect
 import itertools
+import traceback
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -365,8 +366,28 @@ def _calls(graph: fx.Graph) -> list[tuple[Any, ...]]:
 
 
 def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, and where the user's code raised it when that is known."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+    line = f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+    where = blocking_code(exc)
+    return f"{line}, at {where}" if where else line
+
+
+def blocking_code(exc: BaseException) -> str | None:
+    """``file.py:LINE `code``` of the innermost frame outside torch and bnmove: the code that blocks."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not any(
+            part in f.filename.replace("\\", "/") for part in ("/torch/", "/bnmove/", "<eval_with_key>")
+        )
+    ]
+    if not frames:
+        return None
+    frame = frames[-1]
+    code = (frame.line or "").strip()
+    name = "/".join(frame.filename.replace("\\", "/").split("/")[-2:])
+    return f"{name}:{frame.lineno}" + (f" `{code}`" if code else "")
 
 
 __all__ = [
