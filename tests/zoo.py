@@ -103,9 +103,16 @@ class TinyResNet(nn.Module):
         self.layer2 = nn.Sequential(BasicBlock(8))
         self.fc = nn.Linear(8, classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_features(self) -> int:  # a property, as timm models have
+        return self.fc.in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer2(self.layer1(x))
+        return self.layer2(self.layer1(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
