@@ -366,12 +366,15 @@ def match_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Activation
     return None
 
 
-def is_identity_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A call of a module that changes nothing in eval mode: ``nn.Identity`` (timm's drop-block and
+def is_link_module(module: nn.Module | None) -> bool:
+    """A module that changes nothing in eval mode: ``nn.Identity`` (timm's drop-block and
     anti-aliasing slots) or dropout."""
-    return node.op == "call_module" and isinstance(
-        modules.get(str(node.target)), (nn.Identity, nn.modules.dropout._DropoutNd)
-    )
+    return isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd))
+
+
+def is_identity_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A call of a link module (:func:`is_link_module`)."""
+    return node.op == "call_module" and is_link_module(modules.get(str(node.target)))
 
 
 def skip_identity_down(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:

@@ -33,8 +33,7 @@ from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
 from ..analysis.composite import collapse_composites
-
-_BatchNorm = nn.modules.batchnorm._BatchNorm
+from ..analysis.patterns import is_link_module
 
 
 class GraphForward:
@@ -155,10 +154,6 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-def _is_link(module: nn.Module | None) -> bool:
-    return isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
-
-
 def sequential_neighbours(root: nn.Module, first: str, second: str) -> nn.Sequential | None:
     """The stock ``nn.Sequential`` holding ``first`` then ``second`` (only links between), or None."""
     parent_a, a = _parent(root, first)
@@ -169,7 +164,7 @@ def sequential_neighbours(root: nn.Module, first: str, second: str) -> nn.Sequen
         return None
     keys = list(parent_a._modules)
     i, j = keys.index(a), keys.index(b)
-    if j <= i or not all(_is_link(parent_a._modules[k]) for k in keys[i + 1 : j]):
+    if j <= i or not all(is_link_module(parent_a._modules[k]) for k in keys[i + 1 : j]):
         return None
     return parent_a
 

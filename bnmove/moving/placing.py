@@ -1,0 +1,199 @@
+"""Where each move happens: the smallest scope that holds it, and the move made there.
+
+Per pair, in this order: module surgery (BN and activation are modules, the
+activation called once: slots change, no forward does), else graph surgery of
+the one forward that calls both (traced with its children whole, nodes
+reordered in each of its graphs, installed on that instance). A pair that fits
+neither is reported with the reason. See :mod:`bnmove.moving.surgery` for the
+operations themselves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from ..analysis.detect import Site
+from ..analysis.patterns import input_is_shared
+from ..analysis.tracing import Region, untouched
+from . import rewrite, surgery
+
+
+@dataclass(frozen=True)
+class _ModuleSurgery:
+    """Move by replacing module slots: no forward changes."""
+
+    act_module: nn.Module
+    #: also reorder the analysis graph (the modules swap places inside a Sequential)
+    reorder: bool
+
+
+@dataclass(frozen=True)
+class _GraphSurgery:
+    """Move by reordering nodes in the forward of module ``scope`` (in each of its graphs)."""
+
+    scope: str
+    #: the pair's (BN, activation) nodes in each graph of that forward
+    nodes: list[tuple[fx.Node, fx.Node]]
+
+
+class Mover:
+    """Decides, per pair, the smallest scope that holds its move, and makes the move there.
+
+    The analysis graph is kept a faithful description of the converted model
+    (calibration replays it), so graph moves are made in it too.
+    """
+
+    def __init__(self, work: nn.Module, regions: dict[str, Region]) -> None:
+        self.work = work
+        self.regions = regions
+        self._modules: dict[str, dict[str, nn.Module]] = {}
+        self._calls: dict[str, Counter[int]] = {}
+        self._keys: dict[str, dict[fx.Node, tuple[str, tuple[Any, ...]]]] = {}
+        self._scopes: dict[
+            str, tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]] | str
+        ] = {}
+        self._dirty: set[str] = set()
+        self._reorders = surgery.Reorders()
+
+    def modules(self, region: str) -> dict[str, nn.Module]:
+        if region not in self._modules:
+            self._modules[region] = dict(self.regions[region].root.named_modules())
+        return self._modules[region]
+
+    def _module_calls(self, region: str) -> Counter[int]:
+        if region not in self._calls:
+            modules = self.modules(region)
+            self._calls[region] = Counter(
+                id(modules[str(n.target)])
+                for n in self.regions[region].graph.nodes
+                if n.op == "call_module" and str(n.target) in modules
+            )
+        return self._calls[region]
+
+    def _node_keys(self, region: str) -> dict[fx.Node, tuple[str, tuple[Any, ...]]]:
+        """Each call's (owner, key) in the pristine analysis graph, computed before any move."""
+        if region not in self._keys:
+            by_owner: dict[str, list[fx.Node]] = {}
+            for node in self.regions[region].graph.nodes:
+                by_owner.setdefault(surgery.owner(node, region), []).append(node)
+            keys: dict[fx.Node, tuple[str, tuple[Any, ...]]] = {}
+            modules = self.modules(region)
+            for scope, nodes in by_owner.items():
+                for key, node in surgery.keyed_calls(nodes, modules).items():
+                    keys[node] = (scope, key)
+            self._keys[region] = keys
+        return self._keys[region]
+
+    def structure(self, site: Site) -> _ModuleSurgery | _GraphSurgery | str:
+        """How this pair moves, or why it cannot."""
+        modules = self.modules(site.region)
+        root = self.regions[site.region].root
+        if site.fused is not None:
+            split = rewrite.split_fused(root.get_submodule(str(site.bn_node.target)), site.fused)
+            if split is None:
+                return "the fused module's activation is a function no torch module computes"
+            return _ModuleSurgery(split[1], reorder=False)
+        assert site.act_node is not None
+        bn, act = site.bn_node, site.act_node
+        calls = self._module_calls(site.region)
+        if bn.op == "call_module" and act.op == "call_module" and calls[id(modules[str(act.target)])] == 1:
+            first, second = (bn, act) if site.pair.placement == "before" else (act, bn)
+            reorder = surgery.sequential_neighbours(root, str(first.target), str(second.target)) is not None
+            return _ModuleSurgery(modules[str(act.target)], reorder)
+        keys = self._node_keys(site.region)
+        (bn_scope, bn_key), (act_scope, act_key) = keys[bn], keys[act]
+        if bn_scope != act_scope:
+            return (
+                f"the BN is called in the forward of {bn_scope or 'the model'} and the activation "
+                f"in that of {act_scope or 'the model'}; no one forward holds the move"
+            )
+        local = self._scope_graph(bn_scope)
+        if isinstance(local, str):
+            return local
+        nodes = []
+        for calls_by_key in local[1]:
+            local_bn, local_act = calls_by_key.get(bn_key), calls_by_key.get(act_key)
+            if local_bn is None or local_act is None:
+                return f"the pair could not be found again in the forward of {bn_scope or 'the model'}"
+            nodes.append((local_bn, local_act))
+        return _GraphSurgery(bn_scope, nodes)
+
+    def _scope_graph(
+        self, scope: str
+    ) -> tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]] | str:
+        if scope not in self._scopes:
+            module = self.work.get_submodule(scope) if scope else self.work
+            what = f"{scope or 'the model'} ({type(module).__name__})"
+            try:
+                with untouched(module):
+                    variants = surgery.trace_own_forward(module)
+                local = dict(module.named_modules())
+                self._scopes[scope] = (
+                    variants,
+                    [surgery.keyed_calls(list(graph.nodes), local) for _, graph in variants],
+                )
+            except Exception as exc:
+                self._scopes[scope] = (
+                    f"the move needs a rewrite of the forward of {what}, which torch.fx cannot trace "
+                    f"({surgery.first_line(exc)})"
+                )
+        return self._scopes[scope]
+
+    def apply(self, site: Site, how: _ModuleSurgery | _GraphSurgery) -> tuple[list[str], str]:
+        """Make the structural move; returns notes and the BN's qualified name afterwards."""
+        assert site.pair.placement is not None
+        modules = self.modules(site.region)
+        root = self.regions[site.region].root
+        placement = site.pair.placement
+        bn_name = str(site.bn_node.target)
+        if isinstance(how, _ModuleSurgery):
+            notes: list[str] = []
+            act_name = str(site.act_node.target) if site.act_node is not None and site.fused is None else None
+            if (
+                placement == "before"
+                and input_is_shared(site.bn_node, modules)
+                and getattr(how.act_module, "inplace", False)
+            ):
+                how.act_module.inplace = False  # type: ignore[assignment]
+                notes.append("activation made out-of-place: its new input has other readers")
+            act_module = how.act_module
+            if site.fused is not None:  # split after the parameters moved: the plain BN copies them
+                split = rewrite.split_fused(root.get_submodule(bn_name), site.fused)
+                assert split is not None
+                plain, act_module = split
+                surgery.set_submodule(root, bn_name, plain)
+            new_name = surgery.module_move(root, bn_name, act_name, act_module, placement, self._reorders)
+            if how.reorder:
+                assert site.act_node is not None
+                rewrite.move_nodes(placement, site.bn_node, site.act_node)
+            for name in (bn_name, act_name):
+                if name is not None:
+                    modules[name] = root.get_submodule(name)
+            return notes, _qual(site.region, new_name)
+        assert site.act_node is not None
+        rewrite.move_nodes(placement, site.bn_node, site.act_node)
+        scope_module = self.work.get_submodule(how.scope) if how.scope else self.work
+        notes = rewrite.guard_inplace(site.act_node, modules)
+        scope_modules = dict(scope_module.named_modules())
+        for local_bn, local_act in how.nodes:
+            rewrite.move_nodes(placement, local_bn, local_act)
+            rewrite.guard_inplace(local_act, scope_modules)
+        self._dirty.add(how.scope)
+        return notes, site.pair.bn
+
+    def install(self) -> None:
+        """Reorder Sequentials and install the rewritten forwards of every scope that graph moves changed."""
+        self._reorders.apply()
+        for scope in self._dirty:
+            entry = self._scopes[scope]
+            assert not isinstance(entry, str)
+            module = self.work.get_submodule(scope) if scope else self.work
+            surgery.install_forward(module, entry[0])
+
+
+def _qual(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
