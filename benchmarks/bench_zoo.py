@@ -24,6 +24,7 @@ import argparse
 import signal
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 import bnmove
 from bnmove.analysis.patterns import is_frozen_batchnorm, module_activation_spec
+from bnmove.moving.surgery import GraphForward
 
 torch.set_num_threads(1)
 
@@ -140,6 +142,8 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
     #: pairs the exact method leaves in place, each with its reason (not failures)
     unmoved: list[str] = field(default_factory=list)
+    #: modules whose forward was regenerated (graph moves), over both placements
+    regenerated: int = 0
     seconds: float = 0.0
 
 
@@ -175,6 +179,9 @@ def check(
                 kept = False
                 continue
             kept &= type(result.model) is type(model)
+            outcome.regenerated += sum(
+                isinstance(vars(m).get("forward"), GraphForward) for m in result.model.modules()
+            )
             if result.verification is not None and not result.verification.within_tolerance:
                 outcome.failures.append(
                     f"{placement}: outputs changed ({result.verification.max_rel_error:.2g})"
@@ -371,11 +378,18 @@ def main() -> None:
         ref = sum(o.reference for o in group)
         kept = sum(o.kept_class for o in group)
         unmoved = sum(len(o.unmoved) for o in group)
+        regenerated = sum(o.regenerated > 0 for o in group)
         print(
             f"{library}: {passed}/{len(group)} pass ({100 * passed / len(group):.0f}%), "
             f"adjacencies found {found}/{ref} ({100 * found / max(ref, 1):.1f}%), "
-            f"class kept {kept}/{len(group)}, {unmoved} pair moves left to fit/kept affine (with reasons)"
+            f"class kept {kept}/{len(group)}, {unmoved} pair moves left to fit/kept affine (with reasons), "
+            f"{regenerated} models with a regenerated forward somewhere (the rest: module surgery only)"
         )
+    reasons = Counter(u.split(": ", 2)[-1].split(" (")[0] for o in outcomes for u in o.unmoved)
+    if reasons:
+        print("\nwhy the exact method leaves pairs in place (most common):")
+        for reason, count in reasons.most_common(6):
+            print(f"  {count:5d}  {reason}")
 
 
 if __name__ == "__main__":
