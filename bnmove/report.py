@@ -36,7 +36,7 @@ def pairs_table(pairs: Sequence[Pair]) -> Table:
             pair.activation_kind or "—",
             pair.placement or "not adjacent",
             _yes(pair.movable),
-            _yes(pair.exact),
+            ("[green]yes[/] (kept affine)" if pair.keeps_affine else _yes(pair.exact)),
             pair.reason or "",
         )
     return table
@@ -50,10 +50,11 @@ def pairs_summary(pairs: Sequence[Pair]) -> str:
     lone = len(pairs) - adjacent
     movable = sum(p.movable for p in pairs)
     exact = sum(p.exact for p in pairs)
+    kept = sum(p.keeps_affine for p in pairs)
     parts = [
         f"{adjacent} pairs ({placed['before']} BN before activation, {placed['after']} after)",
         f"{movable} movable",
-        f"{exact} exactly",
+        f"{exact} exactly" + (f" ({kept} keeping the BN's affine as a layer)" if kept else ""),
     ]
     if lone:
         parts.append(f"{lone} BatchNorm not adjacent to an activation")
@@ -68,7 +69,8 @@ def untraced_lines(untraced: Sequence[Untraced]) -> list[str]:
 
 
 _METHOD_LABEL = {
-    "exact": "exact",
+    "exact": "exact (folded)",
+    "exact-kept-affine": "exact (kept affine)",
     "fit-data-free": "fitted to Gaussian statistics",
     "fit-calibrated": "fitted on data",
     "fit-synthetic": "fitted on synthetic inputs",
@@ -82,8 +84,8 @@ def conversion_table(conversion: Conversion) -> Table:
         table.add_column(column, overflow="fold")
     for move in conversion.moves:
         pair = move.pair
-        if move.moved and move.method == "exact":
-            result = "[green]moved (exact)[/]"
+        if move.moved and move.keeps_outputs:
+            result = f"[green]moved ({_METHOD_LABEL[move.method or 'exact']})[/]"
         elif move.moved and move.method and move.method.startswith("fit"):
             result = f"[cyan]moved ({_METHOD_LABEL[move.method]})[/]"
         elif move.moved:
@@ -312,7 +314,7 @@ def export_table(manifest: dict[str, Any]) -> Table:
     for column in (
         "variant",
         "file",
-        "moves (exact/swap)",
+        "moves (exact/fit/swap)",
         "BN nodes",
         "standalone BNs",
         "ORT vs torch",

@@ -38,8 +38,10 @@ def test_zoo_conversion(name: str, placement: str, method: str) -> None:
     for m in result.moved:
         if method == "swap" or "functional" in (m.pair.reason or ""):  # functional BN: nothing to fit
             assert m.method == "swap"
+        elif m.pair.exact:
+            assert m.method == ("exact-kept-affine" if m.pair.keeps_affine else "exact")
         else:
-            assert m.method == ("exact" if m.pair.exact else "fit-data-free")
+            assert m.method == "fit-data-free"
 
     # Every moved pair now sits at the target placement.
     now = {p.bn: p for p in find_pairs(result.model) if p.placement}

@@ -21,6 +21,7 @@ def test_zoo_pair_counts(name: str) -> None:
     assert placed["after"] == case.after
     assert placed[None] == case.lone
     assert sum(p.exact for p in pairs) == case.exact
+    assert sum(p.keeps_affine for p in pairs) == case.kept
     assert sum(not p.movable for p in pairs if p.placement) == case.immovable
 
 
@@ -96,11 +97,11 @@ def test_track_running_stats_false_is_swap_only() -> None:
     assert "track_running_stats=False" in (pair.reason or "")
 
 
-def test_padded_conv_blocks_exact_back_move() -> None:
+def test_padded_conv_blocks_the_fold_so_the_exact_move_keeps_the_affine() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1))
     (pair,) = find_pairs(model)
-    assert pair.placement == "after" and pair.movable and not pair.exact
-    assert "pads its input" in (pair.reason or "")
+    assert pair.placement == "after" and pair.movable and pair.exact and pair.keeps_affine
+    assert pair.neighbour is None and "pads its input" in (pair.reason or "")
 
 
 def test_untraceable_model_is_recorded_instead() -> None:

@@ -88,12 +88,16 @@ def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bn
     model = _train(ACTS[act], digits)
     x, example = digits.val.x, (digits.val.x[:4],)
     pairs = {p.bn: p for p in bnmove.find_pairs(model)}
-    assert not pairs["blocks.1.bn1"].exact and "input is add" in (pairs["blocks.1.bn1"].reason or "")
+    # no layer absorbs this BN: exact moves keep its affine, fits remove it
+    assert pairs["blocks.1.bn1"].keeps_affine and "input is add" in (pairs["blocks.1.bn1"].reason or "")
     swap = _agreement(model, bnmove.convert(model, "after", method="swap", example_inputs=example).model, x)
     auto = bnmove.convert(model, "after", method="auto", example_inputs=example)
     assert {m.pair.bn: m.method for m in auto.moved} == {
-        bn: "exact" if p.exact else "fit-data-free" for bn, p in pairs.items() if p.placement == "before"
+        bn: "exact-kept-affine" if p.keeps_affine else "exact"
+        for bn, p in pairs.items()
+        if p.placement == "before"
     }
+    assert _agreement(model, auto.model, x) == 1.0  # exact everywhere: the function is kept
     fitted = bnmove.convert(model, "after", method="fit", example_inputs=example)
     assert {m.method for m in fitted.moved} == {"fit-data-free"}
     assert all(m.effect is not None and m.effect < 1.0 for m in fitted.moved)
@@ -224,6 +228,8 @@ def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.Dataset) -> None
             "--allow-pickle",
             "--placement",
             "after",
+            "--method",
+            "fit",
             "--calibration-data",
             str(tmp_path / "calib.npy"),
             "--input-shape",
@@ -234,7 +240,17 @@ def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.Dataset) -> None
     text = " ".join(result.stdout.split())
     assert "fitted" in text and "on 128 calibration samples" in text and "top-1 agreement" in text
     out = tmp_path / "synthetic.pt"
-    common = ["convert", str(path), "--allow-pickle", "--placement", "after", "--input-shape", "2,1,8,8"]
+    common = [
+        "convert",
+        str(path),
+        "--allow-pickle",
+        "--placement",
+        "after",
+        "--method",
+        "fit",
+        "--input-shape",
+        "2,1,8,8",
+    ]
     synthetic = CliRunner().invoke(
         main, [*common, "--data-free", "synthetic", "--calibration-samples", "64", "-o", str(out)]
     )

@@ -37,7 +37,7 @@ def test_make_models_writes_loadable_files(tmp_path: Path) -> None:
 
 def test_walkthrough_runs() -> None:
     out = _run("-m", "samples.walkthrough")
-    assert "exact: moved 2" in out and "swapped bn" in out and "after    batch 16" in out
+    assert "exact: moved 2" in out and "exact-kept-affine bn -> bn.0" in out and "after    batch 16" in out
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

@@ -303,8 +303,9 @@ class Case:
     before: int  # pairs with BN before the activation
     after: int  # pairs with BN after the activation
     lone: int = 0  # BNs with no adjacent activation
-    exact: int = 0  # pairs that can move exactly
+    exact: int = 0  # pairs that can move exactly (folded or keeping the BN's affine)
     immovable: int = 0
+    kept: int = 0  # of those, pairs whose exact move keeps the affine (no layer absorbs it)
 
 
 ZOO: dict[str, Case] = {
@@ -315,7 +316,7 @@ ZOO: dict[str, Case] = {
     "fused": Case(FusedNet, (2, 3, 8, 8), before=1, after=0, exact=1),
     "untraceable-top": Case(CheckedNet, (2, 3, 8, 8), before=2, after=0, exact=2),
     "inplace-second-user": Case(InplaceSecondUser, (2, 3, 8, 8), before=0, after=1, immovable=1),
-    "preact": Case(PreActNet, (2, 3, 8, 8), before=2, after=0, exact=0),
+    "preact": Case(PreActNet, (2, 3, 8, 8), before=2, after=0, exact=2, kept=2),
     "nested": Case(Nested, (2, 3, 8, 8), before=2, after=1, exact=3),
     "functional-bn": Case(FunctionalBN, (2, 3, 8, 8), before=1, after=0, exact=0),
     "no-bn": Case(NoBN, (2, 3, 8, 8), before=0, after=0),

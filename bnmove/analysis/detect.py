@@ -5,10 +5,14 @@ is the pattern; the checks below say whether the pair may move at all
 (``movable``) and whether it may move without changing eval outputs
 (``exact``), and every failed check leaves a human-readable reason.
 
-* ``placement="before"``: ``BN -> f``. Exact when a single-user Conv,
-  ConvTranspose or Linear feeds the BN (fold BN into it, see ``bn_math``).
-* ``placement="after"``: ``f -> BN``. Exact when the BN's only user is a
-  Linear, an unpadded Conv or a pointwise ConvTranspose (fold BN forward).
+* ``placement="before"``: ``BN -> f``. The BN folds into a single-user Conv,
+  ConvTranspose or Linear that feeds it (see ``bn_math``).
+* ``placement="after"``: ``f -> BN``. The BN folds forward when its only user
+  is a Linear, an unpadded Conv or a pointwise ConvTranspose.
+
+Every movable pair whose BN has running statistics moves exactly: where no
+layer absorbs the BN's affine map, it is kept as a :class:`ChannelAffine`
+(``Pair.keeps_affine``; ``reason`` says why no fold).
 """
 
 from __future__ import annotations
@@ -56,12 +60,16 @@ class Pair:
     activation_kind: str | None
     placement: Placement | None
     movable: bool
+    #: an exact move exists: the BN's affine folds into ``neighbour``, or it is kept
+    #: as a per-channel affine layer (``keeps_affine``; ``reason`` says why no fold)
     exact: bool
     reason: str | None = None
     #: the Conv/Linear that absorbs the BN in an exact move
     neighbour: str | None = None
     #: BN and activation live in one fused module (e.g. BatchNormAct2d)
     fused: bool = False
+    #: an exact move keeps the BN's eval-mode affine map as a ChannelAffine layer
+    keeps_affine: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +82,7 @@ class Pair:
             "reason": self.reason,
             "neighbour": self.neighbour,
             "fused": self.fused,
+            "keeps_affine": self.keeps_affine,
         }
 
 
@@ -368,6 +377,7 @@ class _RegionAnalysis:
             reason=reason,
             neighbour=self._label(neighbour) if neighbour is not None and exact and movable else None,
             fused=fused is not None,
+            keeps_affine=exact and movable and neighbour is None,
         )
         return Site(pair, self.prefix, bn, act, neighbour, fused)
 
@@ -389,7 +399,8 @@ class _RegionAnalysis:
                 blocker = self._act_blocker(act)
         if blocker:
             return self._site(bn, act, call, "before", False, False, blocker, fused=fused)
-        reason = self._stats_reason(module)
+        stats = self._stats_reason(module)
+        reason = stats
         source = bn.args[0] if bn.args else None
         if isinstance(source, fx.Node):  # links that change nothing in eval mode (Identity slots)
             source = skip_identity_up(source, self.modules)
@@ -404,9 +415,9 @@ class _RegionAnalysis:
                 reason = f"{self._label(source)} is called at several places"
             elif module is not None and out_channels(layer) != bn_channels(module):
                 reason = f"{self._label(source)} output channels do not match the BN"
-        exact = reason is None
-        neighbour = source if exact and isinstance(source, fx.Node) else None
-        return self._site(bn, act, call, "before", True, exact, reason, neighbour, fused)
+        folds = reason is None
+        neighbour = source if folds and isinstance(source, fx.Node) else None
+        return self._site(bn, act, call, "before", True, stats is None, reason, neighbour, fused)
 
     def _shared_link(self, act: fx.Node, bn: fx.Node) -> fx.Node | None:
         """Another reader of the activation's output (directly or through a link before the BN)."""
@@ -436,7 +447,8 @@ class _RegionAnalysis:
                 blocker = self._act_blocker(act)
         if blocker:
             return self._site(bn, act, call, "after", False, False, blocker)
-        reason = self._stats_reason(module)
+        stats = self._stats_reason(module)
+        reason = stats
         users = list(skip_identity_down(bn, self.modules).users)
         target = users[0] if len(users) == 1 else None
         layer = absorbing_layer(target, self.modules) if target is not None else None
@@ -452,8 +464,8 @@ class _RegionAnalysis:
                 blocked = forward_fold_blocker(layer)
                 if blocked:
                     reason = f"cannot fold into {self._label(target)}: {blocked}"
-        exact = reason is None
-        return self._site(bn, act, call, "after", True, exact, reason, target if exact else None)
+        folds = reason is None
+        return self._site(bn, act, call, "after", True, stats is None, reason, target if folds else None)
 
 
 def analyze_regions(regions: dict[str, Region]) -> list[Site]:

@@ -16,9 +16,12 @@ from typing import cast
 import torch
 from torch import nn
 
+from ..moving.affine import ChannelAffine
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-AFFINE_LAYERS = (*_CONV, *_CONV_T, nn.Linear)
+#: layers a BN folds into; a ChannelAffine left by an earlier move absorbs one exactly both ways
+AFFINE_LAYERS = (*_CONV, *_CONV_T, nn.Linear, ChannelAffine)
 
 
 def torch_forward(module: nn.Module) -> bool:
@@ -30,12 +33,16 @@ def torch_forward(module: nn.Module) -> bool:
 
 
 def out_channels(layer: nn.Module) -> int:
+    if isinstance(layer, ChannelAffine):
+        return layer.num_features
     if isinstance(layer, nn.Linear):
         return layer.out_features
     return int(layer.out_channels)  # type: ignore[arg-type]
 
 
 def in_channels(layer: nn.Module) -> int:
+    if isinstance(layer, ChannelAffine):
+        return layer.num_features
     if isinstance(layer, nn.Linear):
         return layer.in_features
     return int(layer.in_channels)  # type: ignore[arg-type]
@@ -91,7 +98,7 @@ _PROBED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary(
 
 def custom_affine_layer(module: nn.Module) -> bool:
     """A Conv/Linear subclass with its own forward that a BN still folds into exactly (backward)."""
-    if not isinstance(module, AFFINE_LAYERS) or torch_forward(module):
+    if not isinstance(module, AFFINE_LAYERS) or torch_forward(module) or isinstance(module, ChannelAffine):
         return False
     if module not in _PROBED:
         _PROBED[module] = _probe_fold(module, backward=True)
@@ -100,6 +107,8 @@ def custom_affine_layer(module: nn.Module) -> bool:
 
 def forward_fold_blocker(layer: nn.Module) -> str | None:
     """Why folding a BN forward into ``layer`` would not be exact, or None."""
+    if isinstance(layer, ChannelAffine):
+        return None
     if not torch_forward(layer):
         if _probe_fold(layer, backward=False):
             return None

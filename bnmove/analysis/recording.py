@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..moving.affine import ChannelAffine
 from .composite import collapse_composites
 from .layers import custom_affine_layer, torch_forward
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
@@ -35,7 +36,7 @@ def is_leaf(module: nn.Module) -> bool:
     """What ``BnTracer`` keeps whole: BatchNorms, activations, torch's own non-container layers."""
     if is_batchnorm_module(module) or module_activation_spec(module) is not None:
         return True
-    if custom_affine_layer(module):
+    if custom_affine_layer(module) or isinstance(module, ChannelAffine):
         return True  # a library Conv/Linear with its own forward: one call, so a BN can fold into it
     return torch_forward(module) and not isinstance(module, _CONTAINERS)
 

@@ -27,6 +27,7 @@ from typing import Any
 from torch import fx, nn
 
 from .._clone import clone_module
+from ..moving.affine import ChannelAffine
 from ..moving.surgery import class_forward, first_line
 from .composite import collapse_composites
 from .layers import custom_affine_layer, torch_forward
@@ -44,8 +45,8 @@ class BnTracer(fx.Tracer):
             return True
         if torch_forward(m) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return True  # library subclasses of torch layers stay one call, like the layers
-        if custom_affine_layer(m):
-            return True  # a library Conv/Linear with its own forward that a BN folds into exactly
+        if custom_affine_layer(m) or isinstance(m, ChannelAffine):
+            return True  # a layer a BN folds into exactly: one call
         return super().is_leaf_module(m, module_qualified_name)
 
 

@@ -66,7 +66,8 @@ class Move:
 
     pair: Pair
     moved: bool
-    #: "exact" (eval outputs kept); "fit-data-free" / "fit-calibrated" / "fit-synthetic"
+    #: "exact" (BN folded into a neighbour, eval outputs kept); "exact-kept-affine" (the BN's
+    #: eval-mode affine kept as a ChannelAffine layer, eval outputs kept); "fit-data-free" / "fit-calibrated" / "fit-synthetic"
     #: (BN' fitted to reproduce the block from Gaussian inputs / real data / synthetic
     #: inputs); "swap" (reordered, parameters untouched); None if not moved
     method: str | None
@@ -80,7 +81,7 @@ class Move:
 
     @property
     def keeps_outputs(self) -> bool:
-        return not self.moved or self.method == "exact"
+        return not self.moved or (self.method or "").startswith("exact")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,7 +133,8 @@ class Conversion:
             "placement": self.placement,
             "method": self.method,
             "moved": len(self.moved),
-            "moved_exact": sum(1 for m in self.moved if m.method == "exact"),
+            "moved_exact": sum(1 for m in self.moved if m.keeps_outputs),
+            "moved_kept_affine": sum(1 for m in self.moved if m.method == "exact-kept-affine"),
             "moved_swap": sum(1 for m in self.moved if m.method == "swap"),
             "moved_fit": sum(1 for m in self.moved if (m.method or "").startswith("fit")),
             "moves": [m.to_dict() for m in self.moves],
@@ -294,13 +296,13 @@ def _convert(
             continue
         root = traced.regions[site.region].root
         samples = calibrator.samples(site) if calibrator is not None and chosen == "fit" else None
-        used, notes, effect = rewrite.adjust(root, site, chosen, samples)
-        more, moved_to = mover.apply(site, structure)
+        used, notes, effect, affine = rewrite.adjust(root, site, chosen, samples)
+        more, moved_to = mover.apply(site, structure, affine)
         notes.extend(more)
         if calibrator is not None and used in ("fit-calibrated", "fit-synthetic"):
             notes.extend(calibrator.refit_next_layer(site, mover.modules(site.region)))
         taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
-        why = site.pair.reason if used != "exact" and method == "auto" else None
+        why = site.pair.reason if used != "exact" and method in ("auto", "exact") else None
         moves.append(Move(site.pair, True, used, why, tuple(notes), effect, moved_to))
     mover.install()
     converted = work

@@ -143,8 +143,11 @@ class Mover:
                 )
         return self._scopes[scope]
 
-    def apply(self, site: Site, how: _ModuleSurgery | _GraphSurgery) -> tuple[list[str], str]:
-        """Make the structural move; returns notes and the BN's qualified name afterwards."""
+    def apply(
+        self, site: Site, how: _ModuleSurgery | _GraphSurgery, affine: nn.Module | None = None
+    ) -> tuple[list[str], str]:
+        """Make the structural move (placing ``affine``, the kept affine layer, when given);
+        returns notes and the BN's qualified name afterwards."""
         assert site.pair.placement is not None
         modules = self.modules(site.region)
         root = self.regions[site.region].root
@@ -166,8 +169,10 @@ class Mover:
                 assert split is not None
                 plain, act_module = split
                 surgery.set_submodule(root, bn_name, plain)
-            new_name = surgery.module_move(root, bn_name, act_name, act_module, placement, self._reorders)
-            if how.reorder:
+            new_name = surgery.module_move(
+                root, bn_name, act_name, act_module, placement, self._reorders, affine
+            )
+            if how.reorder and affine is None:
                 assert site.act_node is not None
                 rewrite.move_nodes(placement, site.bn_node, site.act_node)
             for name in (bn_name, act_name):
@@ -177,10 +182,17 @@ class Mover:
         assert site.act_node is not None
         rewrite.move_nodes(placement, site.bn_node, site.act_node)
         scope_module = self.work.get_submodule(how.scope) if how.scope else self.work
+        affine_name = None
+        if affine is not None:  # beside the BN, under a name of its own
+            affine_name = surgery.add_beside(root, bn_name, "affine", affine)
+            modules[affine_name] = affine
+            rewrite.insert_affine(placement, site.act_node, affine_name)
         notes = rewrite.guard_inplace(site.act_node, modules)
         scope_modules = dict(scope_module.named_modules())
         for local_bn, local_act in how.nodes:
             rewrite.move_nodes(placement, local_bn, local_act)
+            if affine_name is not None:
+                rewrite.insert_affine(placement, local_act, _relative(affine_name, site.region, how.scope))
             rewrite.guard_inplace(local_act, scope_modules)
         self._dirty.add(how.scope)
         return notes, site.pair.bn
@@ -197,3 +209,9 @@ class Mover:
 
 def _qual(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _relative(name: str, region: str, scope: str) -> str:
+    """A region-relative module name, relative to ``scope`` (a global name) instead."""
+    full = _qual(region, name)
+    return full[len(scope) + 1 :] if scope else full

@@ -36,6 +36,7 @@ from ..analysis.patterns import (
     out_of_place_function,
 )
 from . import bn_math
+from .affine import ChannelAffine
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,13 @@ def fold_bn(
     bn = _batchnorm(root, bn_name)
     layer = _affine_layer(root, layer_name)
     a, b = _bn_affine_of(bn)
+    if isinstance(layer, ChannelAffine):  # diagonal: A then BN, or BN then A, is again one affine
+        w, c = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
+        if fold is bn_math.fold_into_preceding:
+            _set_weight_bias(layer, a * w, a * c + b)  # type: ignore[arg-type]
+        else:
+            _set_weight_bias(layer, w * a, w * b + c)  # type: ignore[arg-type]
+        return bn
     transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     device = layer.weight.device
     weight, bias = fold(
@@ -266,11 +274,33 @@ def fold_bn(
 _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
 
 
-def exact_before_to_after(root: nn.Module, site: Site) -> list[str]:
-    """Parameters of ``L -> BN -> f`` becoming ``L' -> f -> BN'`` with identical eval outputs."""
+def kept_affine(bn: _BatchNorm) -> ChannelAffine:
+    """The BN's eval-mode map ``a*z + b`` as a layer of its own (same device and dtype)."""
+    a, b = _bn_affine_of(bn)
+    ref = bn.running_mean
+    assert ref is not None
+    affine = ChannelAffine(bn_channels(bn), device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        affine.weight.copy_(a)
+        affine.bias.copy_(b)
+    affine.train(bn.training)
+    return affine
+
+
+def _fold_or_keep(
+    root: nn.Module, site: Site, fold: Callable[..., Any]
+) -> tuple[_BatchNorm, ChannelAffine | None]:
+    """Fold the BN into the pair's neighbour, or (no neighbour) take its affine map out as a layer."""
+    if site.neighbour_node is not None:
+        return fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), fold), None
+    bn = _batchnorm(root, str(site.bn_node.target))
+    return bn, kept_affine(bn)
+
+
+def exact_before_to_after(root: nn.Module, site: Site) -> tuple[list[str], ChannelAffine | None]:
+    """Parameters of ``L -> BN -> f`` becoming ``L' -> f -> BN'`` (or ``X -> A -> f -> BN'``), eval outputs kept."""
     notes: list[str] = []
-    assert site.neighbour_node is not None
-    bn = fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), bn_math.fold_into_preceding)
+    bn, affine = _fold_or_keep(root, site, bn_math.fold_into_preceding)
     # The old BN's train-mode output is N(beta, gamma^2) per channel: f of that is what BN' will see.
     gamma, beta = _gamma_beta(bn)
     f = pair_activation(root, site)
@@ -280,14 +310,13 @@ def exact_before_to_after(root: nn.Module, site: Site) -> list[str]:
     else:
         mean, var = bn_math.gaussian_moments(f, beta, gamma)
     make_identity(bn, mean, var)
-    return notes
+    return notes, affine
 
 
-def exact_after_to_before(root: nn.Module, site: Site) -> list[str]:
-    """Parameters of ``f -> BN -> N`` becoming ``BN' -> f -> N'`` with identical eval outputs."""
+def exact_after_to_before(root: nn.Module, site: Site) -> tuple[list[str], ChannelAffine | None]:
+    """Parameters of ``f -> BN -> N`` becoming ``BN' -> f -> N'`` (or ``BN' -> f -> A -> N``), eval outputs kept."""
     notes: list[str] = []
-    assert site.neighbour_node is not None
-    bn = fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), bn_math.fold_into_following)
+    bn, affine = _fold_or_keep(root, site, bn_math.fold_into_following)
     assert bn.running_mean is not None and bn.running_var is not None
     # BN' sits where f's input is: find the Gaussian whose image under f has the old BN's statistics.
     f = pair_activation(root, site)
@@ -306,7 +335,7 @@ def exact_after_to_before(root: nn.Module, site: Site) -> list[str]:
                 "statistics; new BN statistics set to mean 0, var 1 there"
             )
     make_identity(bn, mean, var)
-    return notes
+    return notes, affine
 
 
 @dataclass
@@ -390,6 +419,25 @@ def move_nodes(site_placement: str, bn: fx.Node, act: fx.Node) -> None:
         move_before(bn, act)
 
 
+def insert_affine(site_placement: str, act: fx.Node, target: str) -> fx.Node:
+    """After a graph move, call the kept affine ``target`` on its side of the activation.
+
+    Before -> after: ``X -> A -> f -> BN'``; after -> before: ``BN' -> f -> A -> N``.
+    """
+    graph = act.graph
+    if site_placement == "before":
+        source = act.args[0]
+        assert isinstance(source, fx.Node)
+        with graph.inserting_before(act):
+            node = graph.call_module(target, (source,))
+        act.replace_input_with(source, node)
+    else:
+        with graph.inserting_after(act):
+            node = graph.call_module(target, (act,))
+        act.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return node
+
+
 def guard_inplace(act: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
     """After a move, an in-place activation must not overwrite a tensor others still read."""
     if input_is_shared(act, modules):
@@ -402,16 +450,19 @@ def guard_inplace(act: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
 
 def adjust(
     root: nn.Module, site: Site, method: str, samples: FitSamples | None = None
-) -> tuple[str, list[str], float | None]:
+) -> tuple[str, list[str], float | None, ChannelAffine | None]:
     """The parameter side of one move (``"exact"``, ``"fit"`` or ``"swap"``) of ``site``.
 
-    Returns the method really used (a pair that cannot be fitted is swapped,
-    and the notes say why), notes for the report, and the fitted block's error.
-    The caller then moves the modules or nodes (:mod:`bnmove.moving.surgery`).
+    Returns the method really used (``"exact"`` folded, ``"exact-kept-affine"``,
+    ``"fit-…"``, or ``"swap"`` for a pair that cannot be fitted, with the
+    reason in the notes), notes for the report, the fitted block's error, and
+    the kept affine layer the caller must place. The caller then moves the
+    modules or nodes (:mod:`bnmove.moving.placing`).
     """
     effect: float | None = None
     used = method
     notes: list[str] = []
+    affine: ChannelAffine | None = None
     if method == "fit":
         try:
             notes, effect = fit_pair(root, site, samples)
@@ -420,17 +471,19 @@ def adjust(
             notes, used = [f"swapped instead of fitted: {why}"], "swap"
     elif method == "exact":
         if site.pair.placement == "before":
-            notes = exact_before_to_after(root, site)
+            notes, affine = exact_before_to_after(root, site)
         else:
-            notes = exact_after_to_before(root, site)
+            notes, affine = exact_after_to_before(root, site)
+        if affine is not None:
+            used = "exact-kept-affine"
     if site.bn_node.op == "call_module" and is_frozen_batchnorm(root.get_submodule(str(site.bn_node.target))):
         notes.append(
             "frozen BN: it never normalises, so the move folds its affine away and leaves it as the "
             "identity on the other side (it stays frozen)"
-            if used == "exact"
+            if used.startswith("exact")
             else "frozen BN: it keeps a fixed affine map on the other side and never normalises"
         )
-    return used, notes, effect
+    return used, notes, effect, affine
 
 
 __all__ = [
@@ -442,6 +495,8 @@ __all__ = [
     "fit_pair",
     "fold_bn",
     "guard_inplace",
+    "insert_affine",
+    "kept_affine",
     "make_identity",
     "move_after",
     "move_before",

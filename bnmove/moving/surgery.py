@@ -193,17 +193,43 @@ class Reorders:
         self._orders.clear()
 
 
+def add_beside(root: nn.Module, name: str, suffix: str, module: nn.Module) -> str:
+    """Register ``module`` beside submodule ``name`` as ``<leaf>_<suffix>`` (made unique); returns its name."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    new, i = f"{leaf}_{suffix}", 1
+    while new in parent._modules or hasattr(parent, new):
+        i += 1
+        new = f"{leaf}_{suffix}{i}"
+    parent.add_module(new, module)
+    return f"{parent_name}.{new}" if parent_name else new
+
+
 def module_move(
-    root: nn.Module, bn: str, act: str | None, act_module: nn.Module, placement: str, reorders: Reorders
+    root: nn.Module,
+    bn: str,
+    act: str | None,
+    act_module: nn.Module,
+    placement: str,
+    reorders: Reorders,
+    affine: nn.Module | None = None,
 ) -> str:
     """Move BN ``bn`` across activation ``act`` by replacing module slots; returns the BN's new name.
 
     ``placement`` is the pair's current placement. ``act`` is None for a fused
     norm+activation module, whose slot becomes ``Sequential(act, bn)``;
     ``act_module`` is the activation to call (the fused module's own). Swaps
-    inside a Sequential wait in ``reorders`` until ``reorders.apply()``.
+    inside a Sequential wait in ``reorders`` until ``reorders.apply()``. A
+    kept ``affine`` joins the BN's slot: ``Sequential(affine, act, bn)`` (to
+    after) or ``Sequential(bn, act, affine)`` (to before).
     """
     bn_module = root.get_submodule(bn)
+    if affine is not None:  # X -> A -> f -> BN' or BN' -> f -> A -> N, all in the BN's slot
+        if act is not None:
+            replace_everywhere(root, root.get_submodule(act), nn.Identity())
+        three = (affine, act_module, bn_module) if placement == "before" else (bn_module, act_module, affine)
+        replace_everywhere(root, bn_module, nn.Sequential(*three))
+        return f"{bn}.2" if placement == "before" else f"{bn}.0"
     if act is not None:
         first, second = (bn, act) if placement == "before" else (act, bn)
         seq = sequential_neighbours(root, first, second)
@@ -388,6 +414,7 @@ def blocking_code(exc: BaseException) -> str | None:
 __all__ = [
     "GraphForward",
     "Reorders",
+    "add_beside",
     "class_forward",
     "first_line",
     "generated_forward",

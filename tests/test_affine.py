@@ -1,0 +1,205 @@
+"""Exact moves where no layer absorbs the BN: its eval-mode affine map stays as a ChannelAffine layer.
+
+``X -> BN -> f`` becomes ``X -> A -> f -> BN'`` and ``f -> BN -> N`` becomes
+``BN' -> f -> A -> N``: eval outputs are unchanged for every activation and in
+every form an activation is written (module, function, method, in place, fused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnmove
+from bnmove import convert, find_pairs
+from bnmove.moving.affine import ChannelAffine
+
+FORMS = ["module", "function", "method", "inplace"]
+
+
+def _act(form: str, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    if form == "module":
+        return module(x)
+    if form == "function":
+        return F.gelu(x)
+    if form == "method":
+        return x.tanh()
+    return F.relu(x, inplace=True)
+
+
+class PreAct(nn.Module):
+    """Pre-activation blocks ``x + conv(f(BN(x)))``: the BN is fed by an add."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.act = nn.SiLU()
+        self.conv1, self.conv2 = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.conv1(_act(self.form, self.bn1(x), self.act))
+        return x + self.conv2(_act(self.form, self.bn2(x), self.act))
+
+
+class Mixed(nn.Module):
+    """BN after a concatenation, BN after pooling, and ``f -> BN -> padded conv``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.bn_cat = nn.BatchNorm2d(8)
+        self.act1 = nn.Hardswish()
+        self.pool = nn.AvgPool2d(2)
+        self.bn_pool = nn.BatchNorm2d(8)
+        self.act2 = nn.ELU()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.act3 = nn.Mish()
+        self.bn_pad = nn.BatchNorm2d(8)
+        self.padded = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.bn_cat(torch.cat([self.a(x), self.b(x)], 1)))
+        y = self.act2(self.bn_pool(self.pool(y)))
+        return self.padded(self.bn_pad(self.act3(self.conv(y))))
+
+
+def _trained_like(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Running statistics from real batches and non-trivial affine parameters, as training leaves them."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 1.5 - 0.25)  # some negative
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(x + 0.1 * torch.randn(x.shape, generator=gen))
+    return model.eval()
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+    model.train(train)
+    with torch.no_grad():
+        return model(x.clone())
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("there", ["after", "before"], ids=["to-after", "round-trip"])
+def test_pre_activation_blocks_move_exactly_keeping_the_affine(form: str, there: str) -> None:
+    x = torch.randn(16, 3, 6, 6)
+    model = _trained_like(PreAct(form), x)
+    pairs = find_pairs(model)
+    assert [(p.bn, p.placement, p.exact, p.keeps_affine) for p in pairs] == [
+        ("bn1", "before", True, True),
+        ("bn2", "before", True, True),
+    ]
+    after = convert(model, "after", method="exact", example_inputs=(x,))
+    assert [m.method for m in after.moved] == ["exact-kept-affine"] * 2
+    assert sum(isinstance(m, ChannelAffine) for m in after.model.modules()) == 2
+    torch.testing.assert_close(_outputs(after.model, x), _outputs(model, x), atol=1e-5, rtol=1e-4)
+    assert {p.placement for p in find_pairs(after.model)} == {"after"}
+    if there == "before":  # and back: exact again, the affine stays a layer
+        back = convert(after.model, "before", example_inputs=(x,))
+        assert all(m.keeps_outputs for m in back.moved) and len(back.moved) == 2
+        torch.testing.assert_close(_outputs(back.model, x), _outputs(model, x), atol=1e-5, rtol=1e-4)
+    # In train mode BN' normalises with the batch's statistics, which it starts close to.
+    train_out, train_ref = _outputs(after.model, x, train=True), _outputs(model, x, train=True)
+    rel = float((train_out - train_ref).norm() / train_ref.norm())
+    assert rel < 0.5, rel
+
+
+def test_concat_pooling_and_padded_conv_keep_the_affine_both_ways() -> None:
+    x = torch.randn(16, 3, 6, 6)
+    model = _trained_like(Mixed(), x)
+    pairs = {p.bn: p for p in find_pairs(model)}
+    assert {bn: (p.placement, p.keeps_affine) for bn, p in pairs.items()} == {
+        "bn_cat": ("before", True),
+        "bn_pool": ("before", True),
+        "bn_pad": ("after", True),
+    }
+    for placement, moved in (("after", {"bn_cat", "bn_pool"}), ("before", {"bn_pad"})):
+        result = convert(model, placement, method="exact", example_inputs=(x,))
+        assert {m.pair.bn for m in result.moved} == moved
+        assert all(m.method == "exact-kept-affine" for m in result.moved)
+        torch.testing.assert_close(_outputs(result.model, x), _outputs(model, x), atol=1e-5, rtol=1e-4)
+    # Slots: the BN's slot holds the affine, the activation and BN' in order.
+    after = convert(model, "after", method="exact", example_inputs=(x,)).model
+    assert [type(m).__name__ for m in after.bn_cat] == ["ChannelAffine", "Hardswish", "BatchNorm2d"]
+    assert isinstance(after.act1, nn.Identity)
+
+
+class FusedAfterAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = BatchNormReLU(4)
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.out(self.bn(y + y.flip(-1)))
+
+
+class BatchNormReLU(nn.BatchNorm2d):
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # as timm writes it
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps
+        )
+        return self.act(x)
+
+
+def test_fused_module_fed_by_an_add_keeps_the_affine() -> None:
+    x = torch.randn(16, 3, 5, 5)
+    model = _trained_like(FusedAfterAdd(), x)
+    (pair,) = find_pairs(model)
+    assert pair.fused and pair.keeps_affine
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    assert [type(m).__name__ for m in result.model.bn] == ["ChannelAffine", "ReLU", "BatchNorm2d"]
+    torch.testing.assert_close(_outputs(result.model, x), _outputs(model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_channel_affine_any_rank_dtype_and_a_later_fold_into_it() -> None:
+    affine = ChannelAffine(3, dtype=torch.float64)
+    with torch.no_grad():
+        affine.weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        affine.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    for shape in [(4, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 2, 2)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        view = (1, 3) + (1,) * (len(shape) - 2)
+        torch.testing.assert_close(affine(x), x * affine.weight.view(view) + affine.bias.view(view))
+    # A BN next to a kept affine folds into it exactly, in both directions.
+    model = nn.Sequential(ChannelAffine(4), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), ChannelAffine(4))
+    x = torch.randn(16, 4, 3, 3)
+    _trained_like(model, x)
+    pairs = find_pairs(model)
+    assert [(p.bn, p.neighbour) for p in pairs] == [("1", "0"), ("3", "4")]
+    for placement in ("after", "before"):
+        result = convert(model, placement, method="exact", example_inputs=(x,))
+        assert [m.method for m in result.moved] == ["exact"]
+        torch.testing.assert_close(_outputs(result.model, x), _outputs(model, x), atol=1e-5, rtol=1e-4)
+
+
+def test_kept_affine_exports_to_onnx_and_onnxruntime_agrees(tmp_path: Path) -> None:
+    x = torch.randn(4, 3, 6, 6)
+    model = _trained_like(Mixed(), x)
+    paths = bnmove.export_variants(model, (x,), tmp_path, ["after", "before"])
+    session_ref = ort.InferenceSession(str(paths["after"]), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session_ref.get_inputs()]
+    for variant, path in paths.items():
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {name: x.numpy()})[0]
+        np.testing.assert_allclose(got, _outputs(model, x).numpy(), atol=1e-4, rtol=1e-4, err_msg=variant)
