@@ -18,6 +18,7 @@ from .deploy.runtime import Comparison, compare, select_provider
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
 from .fitting.synthetic import synthesize_inputs
 from .io.loading import LoadedModel, load_model
+from .moving.affine import ChannelAffine
 from .moving.conversion import Conversion, Move, convert
 from .moving.verify import Deviation, compare_models, infer_example_inputs
 from .study.data import Dataset, load_dataset
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATION_KINDS",
     "BnmoveError",
+    "ChannelAffine",
     "Comparison",
     "Conversion",
     "Dataset",

@@ -69,8 +69,8 @@ def untraced_lines(untraced: Sequence[Untraced]) -> list[str]:
 
 
 _METHOD_LABEL = {
-    "exact": "exact (folded)",
-    "exact-kept-affine": "exact (kept affine)",
+    "exact": "folded exactly",
+    "exact-kept-affine": "exact with kept affine",
     "fit-data-free": "fitted to Gaussian statistics",
     "fit-calibrated": "fitted on data",
     "fit-synthetic": "fitted on synthetic inputs",

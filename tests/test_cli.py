@@ -60,7 +60,7 @@ def test_convert_pickled_resnet_end_to_end(resnet_files: dict[str, Path]) -> Non
     assert result.exit_code == 0, result.output
     out = source.with_name("resnet.after.pt")
     assert out.exists() and f"wrote {out}" in " ".join(result.stdout.split())
-    assert "moved 4 of 4 BN–activation pairs (4 exact (folded))" in " ".join(result.stdout.split())
+    assert "moved 4 of 4 BN–activation pairs (4 folded exactly)" in " ".join(result.stdout.split())
     assert _digest(source) == digest  # the input is never modified
 
     converted = torch.load(out, weights_only=False)

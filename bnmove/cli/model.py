@@ -68,9 +68,10 @@ def inspect(
     default="auto",
     show_default=True,
     type=click.Choice(METHODS),
-    help="exact: only moves that keep eval outputs (BN folded into the neighbouring Conv/Linear); "
-    "fit: move every pair and fit the new BN so the block reproduces the old one (data-free, or from "
-    "--calibration-data); swap: reorder only, parameters untouched; auto: exact where possible, fit elsewhere.",
+    help="exact: moves that keep eval outputs (BN folded into the neighbouring Conv/Linear, or its affine map "
+    "kept as a ChannelAffine layer where none absorbs it); fit: move every pair and fit the new BN so the "
+    "block reproduces the old one, no extra layer (data-free, or from --calibration-data); swap: reorder "
+    "only, parameters untouched; auto: exact wherever the BN has running statistics, fit elsewhere.",
 )
 @click.option(
     "-o",

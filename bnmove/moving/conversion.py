@@ -189,10 +189,13 @@ def convert(
     Args:
         model: the model to convert; it is copied, never modified.
         placement: ``"before"`` (BN -> f) or ``"after"`` (f -> BN).
-        method: ``"exact"`` moves only where eval outputs stay the same (BN
-            folded into the neighbouring Conv/Linear, an identity BN with real
-            statistics on the other side); ``"fit"`` moves every pair and fits
-            the new BN so the block reproduces the old one; ``"swap"`` reorders
+        method: ``"exact"`` keeps eval outputs: the BN is folded into the
+            neighbouring Conv/Linear, or where none absorbs it its eval-mode
+            affine map is kept as a :class:`~bnmove.moving.affine.ChannelAffine`
+            layer; an identity BN with real statistics goes to the other side.
+            Only a BN without running statistics has no exact move.
+            ``"fit"`` moves every pair and fits the new BN so the block
+            reproduces the old one, with no extra layer; ``"swap"`` reorders
             and leaves parameters untouched; ``"auto"`` is exact where possible
             and fit elsewhere (swap only where fitting is impossible).
         example_inputs: inputs for the verification run; inferred from the

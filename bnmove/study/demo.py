@@ -91,7 +91,8 @@ def run_demo(
     example = (data.val.x[:8] if data is not None else torch.rand(8, 1, 8, 8),)
     calibration = data.train.x[:256] if data is not None else None
     for placement in ("after", "before"):
-        # auto: exact where the math allows; elsewhere BN is fitted, here on 256 training digits.
+        # auto: exact everywhere (folded, or the BN's affine kept as a layer where nothing absorbs
+        # it); a BN without running statistics would be fitted, here on 256 training digits.
         result = convert(
             model, placement, method="auto", example_inputs=example, calibration_data=calibration
         )
