@@ -109,7 +109,15 @@ def conversion_summary(conversion: Conversion) -> str:
     counts = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in moved)
     adjacent = sum(m.pair.placement is not None for m in conversion.moves)
     detail = ", ".join(f"{n} {label}" for label, n in counts.items()) or "none"
-    text = f"moved {len(moved)} of {adjacent} BN–activation pairs ({detail})"
+    if moved:
+        text = f"moved {len(moved)} of {adjacent} BN–activation pairs ({detail})"
+    elif not adjacent:
+        text = "nothing moved: the model has no BatchNorm next to an activation"
+    else:
+        text = (
+            f"nothing moved: none of the {adjacent} BN–activation pairs needed or allowed a move to "
+            f"'{conversion.placement}' (the table says why)"
+        )
     dev = conversion.verification
     if dev is not None:
         shapes = ", ".join("x".join(map(str, s)) for s in dev.input_shapes)
@@ -121,11 +129,15 @@ def conversion_summary(conversion: Conversion) -> str:
             text += " (swaps change the function: retrain or fine-tune)"
         elif any((m.method or "").startswith("fit") for m in moved):
             text += " (fitted moves approximate the function)"
-    check = conversion.calibration
-    if check is not None:
-        text += f"; on {check.samples} calibration samples: max abs error {check.max_abs_error:.3g}"
-        if check.top1_agreement is not None:
-            text += f", top-1 agreement {check.top1_agreement:.1%}"
+    # Held-out first: the fits never saw those samples, so that is the figure to trust.
+    for check, what in (
+        (conversion.held_out, "held-out calibration samples (not used by the fits)"),
+        (conversion.calibration, "calibration samples the fits used"),
+    ):
+        if check is not None:
+            text += f"; on {check.samples} {what}: max abs error {check.max_abs_error:.3g}"
+            if check.top1_agreement is not None:
+                text += f", top-1 agreement {check.top1_agreement:.1%}"
     return text
 
 

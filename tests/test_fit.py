@@ -105,7 +105,9 @@ def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bn
         model, "after", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
     )
     assert {m.method for m in calibrated.moved} == {"fit-calibrated"}
-    assert calibrated.calibration is not None and calibrated.calibration.samples == 256
+    # 20% of the 256 samples stay out of every fit, and are reported apart
+    assert calibrated.calibration is not None and calibrated.calibration.samples == 205
+    assert calibrated.held_out is not None and calibrated.held_out.samples == 51
     synthetic = bnmove.convert(
         model, "after", method="fit", example_inputs=example, data_free="synthetic", calibration_samples=128
     )
@@ -120,7 +122,8 @@ def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bn
     (moved_to,) = [m.moved_to for m in calibrated.moved if m.pair.bn == "blocks.0.bn1"]
     assert moved_to is not None
     new_bn = calibrated.model.get_submodule(moved_to)
-    act_out = ACTS[act]()(calibrated.model.get_submodule("stem")(digits.train.x[:256]))
+    fit_set = digits.train.x[:205]  # the samples the fits used (the last 51 are held out)
+    act_out = ACTS[act]()(calibrated.model.get_submodule("stem")(fit_set))
     torch.testing.assert_close(new_bn.running_mean, act_out.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
 
 
@@ -238,7 +241,8 @@ def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.Dataset) -> None
     )
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
-    assert "fitted" in text and "on 128 calibration samples" in text and "top-1 agreement" in text
+    assert "fitted" in text and "on 32 held-out calibration samples" in text and "top-1 agreement" in text
+    assert "on 96 calibration samples the fits used" in text
     out = tmp_path / "synthetic.pt"
     common = [
         "convert",

@@ -110,6 +110,14 @@ def inspect(
     type=click.Path(path_type=Path),
     help="Also write the converted model as readable Python code plus weights into this folder.",
 )
+@click.option(
+    "--max-error",
+    type=click.FloatRange(min=0.0),
+    metavar="X",
+    help="Fail (exit 1, nothing written) when a fitted or swapped conversion changes the outputs by more "
+    "than X relative to their largest magnitude: on the held-out calibration samples when given, else on "
+    "the example input. Without it a large change is a warning naming the pairs that caused it.",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def convert_command(
     model: ModelArgs,
@@ -122,6 +130,7 @@ def convert_command(
     no_refit: bool,
     data_free: str,
     code_dir: Path | None,
+    max_error: float | None,
     force: bool,
 ) -> None:
     """Move every movable BatchNorm before or after its activation and save the model.
@@ -156,7 +165,10 @@ def convert_command(
             refit_next=not no_refit,
             data_free=data_free,
             on_progress=on_progress,
+            max_error=max_error,
         )
+    for warning in result.warnings:
+        click.echo(f"bnmove: warning: {warning}", err=True)
     # Traced before anything is written, so an untraceable model fails cleanly.
     code_model = require_graph_module(result.model) if code_dir is not None else None
     with atomic_path(output) as tmp:

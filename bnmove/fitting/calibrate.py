@@ -45,6 +45,29 @@ def _as_batch(item: Any, where: str) -> Batch:
     raise BnmoveError(f"{where}: expected tensors (or tuples of tensors), got {type(item).__name__}")
 
 
+def split_held_out(
+    batches: list[Batch], fraction: float = 0.2, minimum: int = 32
+) -> tuple[list[Batch], list[Batch]]:
+    """``(fit, held_out)``: the last ``fraction`` of the samples (at least ``minimum``, at most half)
+    are kept out of every fit, so fidelity is reported on data the fit did not see."""
+    total = sum(len(b[0]) for b in batches)
+    held = min(max(round(total * fraction), minimum), total // 2)
+    if held == 0:
+        return batches, []
+    fit: list[Batch] = []
+    out: list[Batch] = []
+    seen = 0
+    for batch in batches:
+        n = len(batch[0])
+        cut = min(max(total - held - seen, 0), n)
+        if cut:
+            fit.append(tuple(t[:cut] for t in batch))
+        if cut < n:
+            out.append(tuple(t[cut:] for t in batch))
+        seen += n
+    return fit, out
+
+
 def calibration_batches(data: Any, *, samples: int = 256) -> list[Batch]:
     """Input batches holding at most ``samples`` samples in all.
 
@@ -231,6 +254,14 @@ def refit_blocker(layer: nn.Module) -> str | None:
     return f"{type(layer).__name__} is not refitted"
 
 
+class Underdetermined(Exception):
+    """Too few rows for the unknowns of a least-squares refit: it would fit the samples, not the layer."""
+
+
+#: a refit needs this many rows (samples × positions) per unknown of one output channel
+ROWS_PER_UNKNOWN = 4
+
+
 def refit_layer(
     layer: nn.Conv1d | nn.Conv2d | nn.Linear,
     x: torch.Tensor,
@@ -242,10 +273,16 @@ def refit_layer(
     """Ridge least squares for ``layer``'s weight and bias so that ``layer(x) ≈ target``.
 
     Returns the relative RMS error after the fit. Convs are unfolded (im2col),
-    and each group is solved on its own slice of input channels.
+    and each group is solved on its own slice of input channels. Raises
+    :class:`Underdetermined` (and leaves the layer as it was) when there are
+    fewer than ``ROWS_PER_UNKNOWN`` rows per unknown: e.g. a 3×3×512 conv on a
+    1×1 feature map of 256 samples has 256 rows for 4609 unknowns.
     """
     with torch.no_grad():
         rows, _ = _design(layer, x.double())
+        unknowns = rows.shape[1] // int(getattr(layer, "groups", 1)) + 1
+        if rows.shape[0] < ROWS_PER_UNKNOWN * unknowns:
+            raise Underdetermined(f"{rows.shape[0]} rows for {unknowns} unknowns per output channel")
         if isinstance(layer, nn.Linear):
             out_rows = target.double().reshape(-1, target.shape[-1])
         else:  # (N, C_out, *spatial) -> rows in im2col order: sample-major, then spatial row-major

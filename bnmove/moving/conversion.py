@@ -32,12 +32,14 @@ from ..analysis.tracing import Region, Untraced, analysis_regions, trace_graph, 
 from ..errors import BnmoveError, VerificationError
 from ..fitting.calibrate import (
     Batch,
+    Underdetermined,
     calibration_batches,
     call_model,
     capture,
     channel_samples,
     refit_blocker,
     refit_layer,
+    split_held_out,
 )
 from ..fitting.synthetic import synthesize_inputs
 from . import rewrite
@@ -98,12 +100,14 @@ class Move:
 
 @dataclass(frozen=True)
 class CalibrationCheck:
-    """The converted model against the original on the calibration data (eval mode)."""
+    """The converted model against the original on part of the calibration data (eval mode)."""
 
     samples: int
     max_abs_error: float
     #: fraction of samples with the same argmax, when outputs look like class scores
     top1_agreement: float | None
+    #: max abs error relative to the original's largest |output| on these samples
+    max_rel_error: float = 0.0
 
 
 @dataclass
@@ -116,8 +120,12 @@ class Conversion:
     moves: list[Move]
     verification: Deviation | None
     untraced: list[Untraced] = field(default_factory=list)
-    #: end-to-end agreement with the original on the calibration data, when given
+    #: end-to-end agreement with the original on the calibration samples the fits used
     calibration: CalibrationCheck | None = None
+    #: the same on the calibration samples held out of every fit: the figure to trust
+    held_out: CalibrationCheck | None = None
+    #: what a user must hear about this conversion (the CLI prints them on stderr)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def moved(self) -> list[Move]:
@@ -141,6 +149,8 @@ class Conversion:
             "verification": self.verification.to_dict() if self.verification else None,
             "untraced": [u.__dict__ for u in self.untraced],
             "calibration": self.calibration.__dict__ if self.calibration else None,
+            "held_out": self.held_out.__dict__ if self.held_out else None,
+            "warnings": list(self.warnings),
         }
 
 
@@ -183,6 +193,7 @@ def convert(
     refit_next: bool = True,
     data_free: str = "gaussian",
     on_progress: Callable[[int, int], None] | None = None,
+    max_error: float | None = None,
 ) -> Conversion:
     """Move every movable BatchNorm ``placement`` (``"before"``/``"after"``) its activation.
 
@@ -216,6 +227,11 @@ def convert(
             fitted like calibration data; seconds to minutes, far closer to the
             original). Synthetic inputs take the shape of ``example_inputs``.
         on_progress: called with ``(done, total)`` while synthetic inputs are made.
+        max_error: when the conversion changes the function (fit, swap), raise
+            :class:`BnmoveError` if its relative output error exceeds this: on
+            the held-out calibration samples when there are any, else on the
+            verification inputs. Without it a large change adds a line to
+            ``Conversion.warnings`` that names the pairs that changed it most.
 
     Returns:
         A :class:`Conversion`; with ``method="exact"`` a deviation above float
@@ -233,7 +249,51 @@ def convert(
         batches = calibration_batches(calibration_data, samples=calibration_samples)
     synthetic = _Synthetic(calibration_samples, on_progress) if data_free == "synthetic" else None
     with paused_gc():
-        return _convert(model, placement, method, example_inputs, verify, batches, refit_next, synthetic)
+        result = _convert(model, placement, method, example_inputs, verify, batches, refit_next, synthetic)
+    _judge_fidelity(result, max_error)
+    return result
+
+
+#: above this relative output error (or below this top-1 agreement) a changed function is warned about
+WARN_REL_ERROR = 0.05
+WARN_TOP1 = 0.99
+
+
+def _judge_fidelity(result: Conversion, max_error: float | None) -> None:
+    """Refuse (``max_error``) or warn about a conversion whose outputs moved, on the most honest data."""
+    changed = result.changed_function
+    if not changed:
+        return
+    check = result.held_out
+    if check is not None:
+        where, rel, top1 = (
+            f"{check.samples} held-out calibration samples",
+            check.max_rel_error,
+            check.top1_agreement,
+        )
+    elif result.verification is not None:
+        shapes = ", ".join("x".join(map(str, s)) for s in result.verification.input_shapes)
+        where, rel, top1 = f"the example input {shapes}", result.verification.max_rel_error, None
+    else:
+        return
+    worst = sorted(changed, key=lambda m: -(m.effect if m.effect is not None else float("inf")))[:3]
+    names = ", ".join(
+        f"{m.pair.bn} ({m.method}" + (f", block error {m.effect:.2f})" if m.effect is not None else ")")
+        for m in worst
+    )
+    agree = f", top-1 agreement {top1:.1%}" if top1 is not None else ""
+    if max_error is not None and rel > max_error:
+        raise BnmoveError(
+            f"the conversion changes outputs by {rel:.3g} relative on {where}{agree}, above --max-error "
+            f"{max_error:g}; the pairs that changed them most: {names}"
+        )
+    if max_error is None and (rel > WARN_REL_ERROR or (top1 is not None and top1 < WARN_TOP1)):
+        message = (
+            f"the converted model computes something else: relative output error {rel:.3g} on {where}"
+            f"{agree}; the pairs that changed it most: {names}"
+        )
+        result.warnings.append(message)  # the CLI prints these; API users read them here
+        log.info(message)
 
 
 @dataclass(frozen=True)
@@ -278,6 +338,9 @@ def _convert(
         else:
             log.warning("synthetic fitting needs a model that traces whole; fitting from Gaussian statistics")
     calibrator = None
+    held: list[Batch] = []
+    if batches is not None and source != "synthetic":
+        batches, held = split_held_out(batches)
     if batches is not None:
         if runnable:
             assert whole is not None
@@ -340,13 +403,11 @@ def _convert(
             )
     # Agreement on synthetic inputs says little about real data (they sit near decision
     # boundaries), so only the user's own calibration data is checked end to end.
-    check = (
-        _calibration_check(model, converted, batches)
-        if batches is not None and source != "synthetic"
-        else None
-    )
+    real = batches is not None and source != "synthetic"
+    check = _calibration_check(model, converted, batches) if real and batches else None
+    held_check = _calibration_check(model, converted, held) if real and held else None
     log.info("moved %d of %d pairs", sum(m.moved for m in moves), len(moves))
-    return Conversion(converted, placement, method, moves, deviation, traced.untraced, check)
+    return Conversion(converted, placement, method, moves, deviation, traced.untraced, check, held_check)
 
 
 class _Calibrator:
@@ -411,7 +472,10 @@ class _Calibrator:
             target = capture(self.original, [add.name], self.batches)[add.name]
             target = target - capture(current, [other.name], self.batches)[other.name]
             what = "residual sum"
-        error = refit_layer(layer, x, target)
+        try:
+            error = refit_layer(layer, x, target)
+        except Underdetermined as why:
+            return [f"{user.target} not refitted: {why} (the fit would follow the samples, not the data)"]
         return [f"refitted {user.target} to the original's {what} (relative error {error:.3f})"]
 
 
@@ -462,8 +526,9 @@ def _calibration_check(model: nn.Module, converted: nn.Module, batches: list[Bat
             want.extend(output_tensors(call_model(model, batch)))
             got.extend(output_tensors(call_model(converted, batch)))
     err = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got, strict=True))
+    scale = max(float(a.double().abs().max()) for a in want)
     top1 = None
     if all(t.dim() == 2 and t.shape[1] > 1 for t in want):
         agree = sum(int((a.argmax(1) == b.argmax(1)).sum()) for a, b in zip(want, got, strict=True))
         top1 = agree / sum(len(t) for t in want)
-    return CalibrationCheck(sum(len(b[0]) for b in batches), err, top1)
+    return CalibrationCheck(sum(len(b[0]) for b in batches), err, top1, err / max(scale, 1e-12))
