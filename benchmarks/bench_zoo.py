@@ -382,10 +382,14 @@ def main() -> None:
         print(
             f"{library}: {passed}/{len(group)} pass ({100 * passed / len(group):.0f}%), "
             f"adjacencies found {found}/{ref} ({100 * found / max(ref, 1):.1f}%), "
-            f"class kept {kept}/{len(group)}, {unmoved} pair moves left to fit/kept affine (with reasons), "
+            f"class kept {kept}/{len(group)}, {unmoved} pair moves left in place by the exact method "
+            "(each with its reason), "
             f"{regenerated} models with a regenerated forward somewhere (the rest: module surgery only)"
         )
-    reasons = Counter(u.split(": ", 2)[-1].split(" (")[0] for o in outcomes for u in o.unmoved)
+    # group reasons that differ only by module names
+    reasons = Counter(
+        u.split(": ", 2)[-1].split(" (")[0].split(" feeds ")[0] for o in outcomes for u in o.unmoved
+    )
     if reasons:
         print("\nwhy the exact method leaves pairs in place (most common):")
         for reason, count in reasons.most_common(6):
