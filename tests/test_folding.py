@@ -39,3 +39,19 @@ def test_fold_forward_leaves_conv_bn_for_the_runtime() -> None:
     assert [(b.bn, b.fate, b.into) for b in result.bns] == [("1", "fused-backward", "0")]
     x = torch.randn(2, 3, 6, 6)
     assert_same_outputs(model, result.model, (x,))
+
+
+def test_kept_affine_folds_forward_like_a_batchnorm() -> None:
+    torch.manual_seed(0)
+    affine = bnmove.ChannelAffine(6)
+    with torch.no_grad():
+        affine.weight.uniform_(0.5, 1.5)
+        affine.bias.normal_()
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), affine, nn.Linear(6, 3), nn.Tanh(), bnmove.ChannelAffine(3))
+    result = fold_forward(model)
+    assert [(b.bn, b.fate, b.into) for b in result.bns] == [
+        ("2", "folded-forward", "3"),
+        ("5", "standalone", None),
+    ]
+    assert isinstance(result.model[2], nn.Identity)
+    assert_same_outputs(model, result.model, (torch.randn(5, 4),))

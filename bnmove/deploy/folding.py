@@ -1,5 +1,9 @@
 """Deployment folding: fold BNs that sit after their activation forward into the next layer.
 
+Kept affine layers (:class:`~bnmove.moving.affine.ChannelAffine`, left by exact
+moves where no layer absorbed a BN) are per-channel affine maps too, and fold
+forward by the same rule.
+
 A BN right after a Conv/Linear is fused into it by the exporter and by
 onnxruntime. Nothing fuses a BN that follows an activation: on CUDA it stays a
 separate memory-bound kernel. Where its only user is a Linear, an unpadded Conv
@@ -21,6 +25,7 @@ from ..analysis.layers import forward_fold_blocker, in_channels, out_channels
 from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_down, skip_identity_up
 from ..analysis.tracing import analysis_regions
 from ..moving import bn_math
+from ..moving.affine import ChannelAffine
 from ..moving.rewrite import fold_bn
 from ..moving.surgery import set_submodule
 
@@ -56,7 +61,8 @@ def _qual(prefix: str, name: str) -> str:
 def _fate(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str) -> BnFate:
     name = _qual(prefix, str(node.target))
     module = modules[str(node.target)]
-    if not is_plain_batchnorm(module) or module.running_mean is None:  # type: ignore[union-attr]
+    kept = isinstance(module, ChannelAffine)
+    if not kept and (not is_plain_batchnorm(module) or module.running_mean is None):  # type: ignore[union-attr]
         return BnFate(name, "standalone", reason="not a plain BatchNorm with running statistics")
     if calls[str(node.target)] > 1:
         return BnFate(name, "standalone", reason="called at several places")
@@ -98,10 +104,9 @@ def fold_forward(model: nn.Module) -> Folding:
             if node.op == "call_module":
                 calls[str(node.target)] = calls.get(str(node.target), 0) + 1
         for node in list(region.graph.nodes):
-            if node.op != "call_module" or not is_batchnorm_module(
-                modules.get(str(node.target), nn.Identity())
-            ):
-                continue
+            module = modules.get(str(node.target), nn.Identity()) if node.op == "call_module" else None
+            if module is None or not (is_batchnorm_module(module) or isinstance(module, ChannelAffine)):
+                continue  # BNs, and the affine maps exact moves kept, fold the same way
             fate = _fate(node, modules, calls, prefix)
             fates.append(fate)
             if fate.fate == "folded-forward":

@@ -221,9 +221,13 @@ def _affine_layer(root: nn.Module, name: str) -> nn.Conv1d | nn.Linear:
     return cast("nn.Conv1d | nn.Linear", module)
 
 
-def _bn_affine_of(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_affine_of(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` of the eval-mode map ``a*z + b`` of a BN (or of a kept ChannelAffine)."""
+    if isinstance(bn, ChannelAffine):
+        return bn.weight.detach().double(), bn.bias.detach().double()
+    assert isinstance(bn, _BatchNorm) or is_batchnorm_module(bn)
     assert bn.running_mean is not None and bn.running_var is not None
-    return bn_math.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
+    return bn_math.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))  # type: ignore[arg-type]
 
 
 def _gamma_beta(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,9 +249,13 @@ def _set_weight_bias(layer: nn.Conv1d | nn.Linear, weight: torch.Tensor, bias: t
 
 def fold_bn(
     root: nn.Module, bn_name: str, layer_name: str, fold: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-) -> _BatchNorm:
-    """Fold BN ``bn_name`` into layer ``layer_name`` with ``fold`` (``bn_math.fold_into_*``); returns the BN."""
-    bn = _batchnorm(root, bn_name)
+) -> Any:
+    """Fold BN ``bn_name`` into layer ``layer_name`` with ``fold`` (``bn_math.fold_into_*``); returns the BN.
+
+    ``bn_name`` may also name a kept ChannelAffine (deployment folds those forward too).
+    """
+    source = root.get_submodule(bn_name)
+    bn = source if isinstance(source, ChannelAffine) else _batchnorm(root, bn_name)
     layer = _affine_layer(root, layer_name)
     a, b = _bn_affine_of(bn)
     if isinstance(layer, ChannelAffine):  # diagonal: A then BN, or BN then A, is again one affine
