@@ -47,7 +47,9 @@ def test_kept_affine_folds_forward_like_a_batchnorm() -> None:
     with torch.no_grad():
         affine.weight.uniform_(0.5, 1.5)
         affine.bias.normal_()
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), affine, nn.Linear(6, 3), nn.Tanh(), bnmove.ChannelAffine(3))
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(), affine, nn.Linear(6, 3), nn.Tanh(), bnmove.ChannelAffine(3)
+    )
     result = fold_forward(model)
     assert [(b.bn, b.fate, b.into) for b in result.bns] == [
         ("2", "folded-forward", "3"),
