@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -213,3 +216,34 @@ def test_python_dash_m() -> None:
         [sys.executable, "-m", "bnmove", "--help"], capture_output=True, text=True, check=True
     )
     assert "convert" in proc.stdout and "inspect" in proc.stdout
+
+
+def test_outputs_keep_the_whole_stem_and_ordinary_permissions(tmp_path: Path) -> None:
+    model, _ = build("mlp")
+    path = tmp_path / "my.model.v2.after.pt"
+    torch.save(model, path)
+    os.chmod(path, 0o644)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((16, 10)).astype("float32"))
+    done = run("recalibrate", path, "--allow-pickle", "--calibration-data", tmp_path / "calib.npy")
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "my.model.v2.after.recalibrated.pt"
+    assert out.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # not the 0600 of a temporary file
+    converted = run("convert", path, "--allow-pickle", "--placement", "before", "--input-shape", "4,10")
+    assert converted.exit_code == 0 and (tmp_path / "my.model.v2.after.before.pt").exists()
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = build("mlp")
+    path = tmp_path / "mlp.pt"
+    torch.save(model, path)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bnmove.cli.model.convert", interrupted)
+    result = run("convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "4,10")
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]

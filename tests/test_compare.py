@@ -177,3 +177,9 @@ def test_probing_a_provider_that_fails_to_load_is_silent_and_false(
     assert works is torch.cuda.is_available()
     if not works:
         assert err == "" and out == ""
+
+
+def test_timing_for_a_batch_size_not_timed_is_a_clear_error(result: compare_module.Comparison) -> None:
+    assert result.timing("after", result.timings[0].batch_size).variant == "after"
+    with pytest.raises(BnmoveError, match=r"no timing for variant 'after' at batch size 999 \(timed: after@"):
+        result.timing("after", 999)

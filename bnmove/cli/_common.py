@@ -38,6 +38,10 @@ class BnmoveGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C: the shell's convention (128 + SIGINT), and nothing half-written (atomic writes).
+            click.echo("bnmove: interrupted", err=True)
+            ctx.exit(130)
         except BnmoveError as exc:
             if ctx.meta.get(_DEBUG_KEY) or os.environ.get("BNMOVE_DEBUG"):
                 raise
@@ -95,7 +99,8 @@ class ModelArgs:
 
     @property
     def stem(self) -> str:
-        return self.path.name.split(".")[0]
+        """The input's name without its last suffix: ``my.model.v2.after.pt`` -> ``my.model.v2.after``."""
+        return self.path.stem
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:

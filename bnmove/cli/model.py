@@ -137,7 +137,7 @@ def convert_command(
 
     The saved file is a whole module: load it with torch.load(OUT, weights_only=False).
     """
-    output = output or model.path.with_name(f"{model.path.stem}.{placement}.pt")
+    output = output or model.path.with_name(f"{model.stem}.{placement}.pt")
     check_output(output, force=force, inputs=(model.path,))
     if code_dir is not None:
         check_output(code_dir, force=force, inputs=(model.path,))

@@ -214,7 +214,12 @@ class Comparison:
     batch_sizes: list[int] = field(default_factory=list)
 
     def timing(self, variant: str, batch_size: int) -> Timing:
-        return next(t for t in self.timings if t.variant == variant and t.batch_size == batch_size)
+        """The timing of one variant at one batch size; a clear error for one that was not timed."""
+        for t in self.timings:
+            if t.variant == variant and t.batch_size == batch_size:
+                return t
+        timed = ", ".join(sorted({f"{t.variant}@{t.batch_size}" for t in self.timings})) or "none"
+        raise BnmoveError(f"no timing for variant {variant!r} at batch size {batch_size} (timed: {timed})")
 
     def to_dict(self) -> dict[str, Any]:
         return {
