@@ -92,8 +92,8 @@ def main() -> None:
         for batch in result.batch_sizes:
             before, after = result.timing("before", batch), result.timing("after", batch)
             print(
-                f"  batch {batch:>3}: before {before.p50_ms:8.3f} ms  after {after.p50_ms:8.3f} ms  "
-                f"ratio after/before {after.mean_ms / before.mean_ms:.2f}x"
+                f"  batch {batch:>3}: p50 before {before.p50_ms:8.3f} ms  after {after.p50_ms:8.3f} ms  "
+                f"ratio after/before {after.p50_ms / before.p50_ms:.2f}x (p50; means {after.mean_ms / before.mean_ms:.2f}x)"
             )
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
