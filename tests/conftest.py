@@ -33,11 +33,14 @@ def assert_same_outputs(
     torch.testing.assert_close(got, want, rtol=0, atol=rtol * max(scale, 1e-6))
 
 
-# Property tests: a CI-friendly default, and `HYPOTHESIS_PROFILE=long` for thousands of examples.
+# Property tests: a CI-friendly default; `HYPOTHESIS_PROFILE=medium` (300) or `long` (3000 examples).
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci", max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile(
+    "medium", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.register_profile(
     "long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True

@@ -162,3 +162,20 @@ def test_cli_experiment(tmp_path: Path) -> None:
         ],
     )
     assert bad.exit_code == 1 and "no such file" in bad.stderr and not (tmp_path / "x").exists()
+    shaped = CliRunner().invoke(
+        main,
+        [
+            "experiment",
+            str(model_file),
+            "--allow-pickle",
+            "--data",
+            "digits",
+            "--input-shape",
+            "1,1,8,8",
+            "-o",
+            str(tmp_path / "y"),
+        ],
+    )
+    assert (
+        shaped.exit_code == 1 and "leave out --input-shape" in shaped.stderr and not (tmp_path / "y").exists()
+    )

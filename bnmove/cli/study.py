@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.progress import Progress
 
+from ..errors import BnmoveError
 from ..report import (
     experiment_json,
     experiment_table,
@@ -110,7 +111,8 @@ def experiment_command(
     Every variant of a seed starts from the same weights and sees the same batches in the same
     order with the same optimiser; results are mean ± std over seeds.
     """
-    # The data decides the input shape; --input-shape is not used here.
+    if model.input_shapes:  # the data decides the input shape: say so rather than ignore the option
+        raise BnmoveError("experiment takes its input shape from --data; leave out --input-shape")
     variants = _csv_list(placements, "placement")
     out_dir = out_dir or Path(f"experiment-{model.stem}")
     plot = has_matplotlib()
