@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from zoo import TinyResNet, build
 
 from bnmove import LoadError, load_model
@@ -114,3 +117,95 @@ def test_parse_arch_args() -> None:
     }
     with pytest.raises(LoadError, match="NAME=VALUE"):
         parse_arch_args(["oops"])
+
+
+def _same_weights(loaded: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_safetensors_state_dict(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model, _ = build("resnet")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "resnet.safetensors"
+    save_file(state, str(path))
+    loaded = load_model(path, arch="zoo:TinyResNet")
+    assert loaded.source == "state-dict" and _same_weights(loaded.module, state)
+    with pytest.raises(LoadError, match="is a state dict"):
+        load_model(path)
+    (tmp_path / "bad.safetensors").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(LoadError, match=r"bad\.safetensors: cannot read it as safetensors"):
+        load_model(tmp_path / "bad.safetensors", arch="zoo:TinyResNet")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod."])
+def test_wrapper_prefixes_are_stripped_and_said(tmp_path: Path, prefix: str) -> None:
+    model, _ = build("resnet")
+    state = model.state_dict()
+    path = tmp_path / "wrapped.pt"
+    torch.save({prefix + k: v for k, v in state.items()}, path)
+    loaded = load_model(path, arch="zoo:TinyResNet")
+    assert _same_weights(loaded.module, state)
+    assert loaded.notes == [f"stripped the key prefix {prefix!r} (left by a training wrapper)"]
+
+
+def test_checkpoint_entries_and_state_dict_key(tmp_path: Path) -> None:
+    model, _ = build("resnet")
+    state = model.state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save({"epoch": 9, "state_dict": state, "state_dict_ema": ema, "optimizer": {"lr": 0.1}}, path)
+    plain = load_model(path, arch="zoo:TinyResNet")
+    assert _same_weights(plain.module, state)
+    assert "used the checkpoint's 'state_dict' entry (also there: state_dict_ema" in plain.notes[0]
+    picked = load_model(path, arch="zoo:TinyResNet", state_dict_key="state_dict_ema")
+    assert _same_weights(picked.module, ema) and picked.notes == []
+    with pytest.raises(
+        LoadError, match=r"has no entry 'ema' for --state-dict-key \(it has: epoch, optimizer"
+    ):
+        load_model(path, arch="zoo:TinyResNet", state_dict_key="ema")
+    with pytest.raises(LoadError, match="entry 'optimizer' is not a state dict"):
+        load_model(path, arch="zoo:TinyResNet", state_dict_key="optimizer")
+
+
+def test_library_arch_shorthands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--arch timm:NAME`` / ``torchvision:NAME`` call the library's own factory with random weights."""
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    def create_model(name: str, **kwargs: object) -> nn.Module:
+        calls.append((name, kwargs))
+        return TinyResNet(classes=int(kwargs.get("num_classes", 5)))  # type: ignore[call-overload]
+
+    fake_timm = types.ModuleType("timm")
+    fake_timm.create_model = create_model  # type: ignore[attr-defined]
+    fake_models = types.ModuleType("torchvision.models")
+    fake_models.get_model = lambda name, **kw: create_model(name, **kw)  # type: ignore[attr-defined]
+    fake_tv = types.ModuleType("torchvision")
+    fake_tv.models = fake_models  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "timm", fake_timm)
+    monkeypatch.setitem(sys.modules, "torchvision", fake_tv)
+    monkeypatch.setitem(sys.modules, "torchvision.models", fake_models)
+    model, _ = build("resnet")
+    path = tmp_path / "r.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, arch="timm:resnet_tiny", arch_kwargs={"num_classes": 5})
+    assert _same_weights(loaded.module, model.state_dict())
+    load_model(path, arch="torchvision:resnet_tiny")
+    assert calls == [
+        ("resnet_tiny", {"pretrained": False, "num_classes": 5}),
+        ("resnet_tiny", {"weights": None}),
+    ]
+
+
+def test_cli_prints_loading_notes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bnmove.cli import main
+
+    model, _ = build("resnet")
+    path = tmp_path / "ddp.pt"
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
+    result = CliRunner().invoke(main, ["inspect", str(path), "--arch", "zoo:TinyResNet"])
+    assert result.exit_code == 0, result.output
+    assert "note: " in result.stderr and "stripped the key prefix 'module.'" in result.stderr

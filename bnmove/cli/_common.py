@@ -77,15 +77,20 @@ class ModelArgs:
     allow_pickle: bool
     imports: tuple[str, ...]
     input_shapes: tuple[str, ...]
+    state_dict_key: str | None = None
 
     def load(self) -> LoadedModel:
-        return load_model(
+        loaded = load_model(
             self.path,
             arch=self.arch,
             arch_kwargs=parse_arch_args(self.arch_args),
             allow_pickle=self.allow_pickle,
             imports=self.imports,
+            state_dict_key=self.state_dict_key,
         )
+        for note in loaded.notes:
+            click.echo(f"bnmove: note: {self.path}: {note}", err=True)
+        return loaded
 
     def given_inputs(self, loaded: LoadedModel) -> tuple[torch.Tensor, ...] | None:
         """Example inputs from --input-shape, if given."""
@@ -115,9 +120,10 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         allow_pickle: bool,
         imports: tuple[str, ...],
         input_shapes: tuple[str, ...],
+        state_dict_key: str | None,
         **kwargs: Any,
     ) -> Any:
-        model = ModelArgs(model_path, arch, arch_args, allow_pickle, imports, input_shapes)
+        model = ModelArgs(model_path, arch, arch_args, allow_pickle, imports, input_shapes, state_dict_key)
         return fn(*args, model=model, **kwargs)
 
     decorators = [
@@ -125,7 +131,14 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--arch",
             metavar="MODULE:CALLABLE",
-            help="Architecture for a state-dict file, e.g. mymodels:resnet18 (a class or factory).",
+            help="Architecture for a state-dict file: package.module:callable (a class or factory), "
+            "or timm:NAME / torchvision:NAME for a library model built with random weights.",
+        ),
+        click.option(
+            "--state-dict-key",
+            metavar="KEY",
+            help="The checkpoint entry holding the weights, e.g. state_dict_ema "
+            "(default: the file itself, or its state_dict/model/... entry).",
         ),
         click.option(
             "--arch-arg",

@@ -2,8 +2,15 @@
 
 Unpickling a whole module runs code from the file, so it happens only with
 ``allow_pickle=True`` (``--allow-pickle``). State dicts load with
-``weights_only=True``, which runs nothing. Every failure is a
-:class:`~bnmove.errors.LoadError` with one line that says what to give instead.
+``weights_only=True`` or from ``.safetensors``, which run nothing. They may sit
+inside a checkpoint (under ``state_dict``, ``model``, ... or the key given as
+``state_dict_key``, e.g. ``state_dict_ema``), with the prefixes DDP
+(``module.``), ``torch.compile`` (``_orig_mod.``) or Lightning (``model.``)
+leave, stripped when that makes the keys match (``LoadedModel.notes`` says so).
+``--arch timm:NAME`` and ``--arch torchvision:NAME`` build a library's model
+with random weights (``pretrained=False`` / ``weights=None``) for the file's
+weights. Every failure is a :class:`~bnmove.errors.LoadError` with one line
+that says what to give instead.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +46,8 @@ class LoadedModel:
     path: Path
     source: Literal["pickled-module", "state-dict"]
     arch: str | None = None
+    #: what loading had to do that the user should know (a prefix stripped, a checkpoint key used)
+    notes: list[str] = field(default_factory=list)
 
 
 def import_modules(names: Sequence[str]) -> None:
@@ -62,6 +71,8 @@ def _sniff(path: Path) -> str:
         raise LoadError(f"{path}: is empty")
     with path.open("rb") as fh:
         head = fh.read(16)
+    if path.suffix.lower() == ".safetensors" or _is_safetensors(path, head):
+        return "safetensors"
     if zipfile.is_zipfile(path):
         try:
             names = zipfile.ZipFile(path).namelist()
@@ -79,6 +90,13 @@ def _sniff(path: Path) -> str:
     if head[:1] == b"\x80":
         return "torch"  # legacy (non-zip) torch.save or a plain pickle
     return "unknown"
+
+
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    """An 8-byte little-endian header length, then a JSON header."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def _is_onnx(path: Path) -> bool:
@@ -107,18 +125,36 @@ def _explain(path: Path, kind: str) -> LoadError:
     return LoadError(f"{path}: is not a PyTorch model file (or it is truncated or corrupted)")
 
 
-def _find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_state_dict(
+    obj: Any, path: Path, key: str | None, notes: list[str]
+) -> Mapping[str, torch.Tensor] | None:
+    """The state dict in ``obj``: itself, the one under ``key``, or under a usual checkpoint key."""
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            keys = ", ".join(sorted(str(k) for k in obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            raise LoadError(f"{path}: has no entry {key!r} for --state-dict-key (it has: {keys})")
+        if not _is_tensor_dict(obj[key]):
+            raise LoadError(f"{path}: entry {key!r} is not a state dict of tensors")
+        return obj[key]  # type: ignore[no-any-return]
+    if _is_tensor_dict(obj):
+        return obj  # type: ignore[no-any-return]
     if isinstance(obj, Mapping):
-        for key in _STATE_DICT_KEYS:
-            inner = obj.get(key)
-            if (
-                isinstance(inner, Mapping)
-                and inner
-                and all(isinstance(v, torch.Tensor) for v in inner.values())
-            ):
-                return inner
+        for candidate in _STATE_DICT_KEYS:
+            if _is_tensor_dict(obj.get(candidate)):
+                others = [k for k in obj if k != candidate and _is_tensor_dict(obj[k])]
+                notes.append(
+                    f"used the checkpoint's {candidate!r} entry"
+                    + (
+                        f" (also there: {', '.join(map(str, others))}; pick one with --state-dict-key)"
+                        if others
+                        else ""
+                    )
+                )
+                return obj[candidate]  # type: ignore[no-any-return]
     return None
 
 
@@ -145,19 +181,61 @@ def build_arch(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:
         raise LoadError(f"--arch {spec}: cannot import {module_name} ({type(exc).__name__}: {exc})") from exc
+    library = _LIBRARY_FACTORIES.get(module_name)
+    if library is not None and not hasattr(target, attr):
+        return _call_arch(spec, lambda **kw: library(target, attr, kw), kwargs)
     for part in attr.split("."):
         if not hasattr(target, part):
             raise LoadError(f"--arch {spec}: {module_name} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
         raise LoadError(f"--arch {spec}: {attr} is not callable")
+    return _call_arch(spec, target, kwargs)
+
+
+def _call_arch(spec: str, factory: Any, kwargs: Mapping[str, Any] | None) -> nn.Module:
     try:
-        model = target(**dict(kwargs or {}))
+        model = factory(**dict(kwargs or {}))
     except Exception as exc:
         raise LoadError(f"--arch {spec}: calling it raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise LoadError(f"--arch {spec}: returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+#: ``--arch LIBRARY:NAME``: the library's own factory, random weights (the file brings the real ones)
+_LIBRARY_FACTORIES: dict[str, Any] = {
+    "timm": lambda lib, name, kw: lib.create_model(name, pretrained=False, **kw),
+    "torchvision": lambda lib, name, kw: importlib.import_module("torchvision.models").get_model(
+        name, weights=None, **kw
+    ),
+}
+
+
+#: prefixes wrappers leave on every key: DDP/DataParallel, torch.compile, Lightning
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _strip_prefixes(
+    model: nn.Module, state: Mapping[str, torch.Tensor], notes: list[str]
+) -> Mapping[str, torch.Tensor]:
+    """``state`` with wrapper prefixes removed, when (and only when) that makes its keys the model's."""
+    expected = set(model.state_dict())
+    if set(state) == expected:
+        return state
+    current, stripped = dict(state), []
+    for _ in range(len(_PREFIXES)):  # nested wrappers: module._orig_mod.…
+        for prefix in _PREFIXES:
+            if current and all(k.startswith(prefix) for k in current):
+                current = {k[len(prefix) :]: v for k, v in current.items()}
+                stripped.append(prefix)
+                break
+        else:
+            break
+    if stripped and set(current) == expected:
+        notes.append(f"stripped the key prefix {''.join(stripped)!r} (left by a training wrapper)")
+        return current
+    return state
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], spec: str) -> None:
@@ -187,15 +265,18 @@ def load_model(
     arch_kwargs: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
     imports: Sequence[str] = (),
+    state_dict_key: str | None = None,
 ) -> LoadedModel:
     """Load a model file.
 
     Args:
-        path: a state dict (``.pt``/``.pth``) or a whole pickled module.
+        path: a state dict (``.pt``/``.pth``, a checkpoint holding one, or
+            ``.safetensors``) or a whole pickled module.
         arch: ``package.module:callable`` building the architecture for a state dict.
         arch_kwargs: keyword arguments for ``arch``.
         allow_pickle: allow unpickling a whole module (this runs code from the file).
         imports: modules to import first, so pickled classes resolve.
+        state_dict_key: the checkpoint entry holding the weights (e.g. ``state_dict_ema``).
 
     Raises:
         LoadError: with one line saying what is wrong and what to give instead.
@@ -203,6 +284,8 @@ def load_model(
     path = Path(path)
     import_modules(imports)
     kind = _sniff(path)
+    if kind == "safetensors":
+        return _from_state(path, _read_safetensors(path), arch, arch_kwargs, [])
     if kind != "torch":
         raise _explain(path, kind)
     try:
@@ -226,17 +309,37 @@ def load_model(
         raise _explain(path, "unknown") from exc
     if isinstance(obj, nn.Module):  # weights_only never yields one, but be explicit
         return LoadedModel(obj, path, "pickled-module")
-    state = _find_state_dict(obj)
+    notes: list[str] = []
+    state = _find_state_dict(obj, path, state_dict_key, notes)
     if state is None:
         raise LoadError(f"{path}: holds {type(obj).__name__}, neither a module nor a state dict of tensors")
+    return _from_state(path, state, arch, arch_kwargs, notes)
+
+
+def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise LoadError(f"{path}: cannot read it as safetensors ({type(exc).__name__}: {exc})") from exc
+
+
+def _from_state(
+    path: Path,
+    state: Mapping[str, torch.Tensor],
+    arch: str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    notes: list[str],
+) -> LoadedModel:
     if arch is None:
         raise LoadError(
             f"{path}: is a state dict (weights only); say which architecture it belongs to with "
-            "--arch package.module:callable"
+            "--arch package.module:callable (or timm:NAME, torchvision:NAME)"
         )
     model = build_arch(arch, arch_kwargs)
-    _load_state(model, state, arch)
-    return LoadedModel(model, path, "state-dict", arch)
+    _load_state(model, _strip_prefixes(model, state, notes), arch)
+    return LoadedModel(model, path, "state-dict", arch, notes)
 
 
 def _unpickle(path: Path) -> nn.Module:
