@@ -247,3 +247,31 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path: Path, monkeypatch: pytest
     result = run("convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "4,10")
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]
+
+
+@pytest.mark.parametrize("name", ["resnet", "preact"])
+def test_format_pt2_loads_with_torch_alone(tmp_path: Path, name: str) -> None:
+    """A torch.export program needs neither bnmove nor the model's code (kept affines, regenerated
+    forwards included)."""
+    model, inputs = build(name)
+    path = tmp_path / f"{name}.pt"
+    torch.save(model, path)
+    shape = ",".join(map(str, inputs[0].shape))
+    done = run(
+        "convert", path, "--allow-pickle", "--placement", "after", "--format", "pt2", "--input-shape", shape
+    )
+    assert done.exit_code == 0, done.output
+    out = tmp_path / f"{name}.after.pt2"
+    x = torch.randn(3, *inputs[0].shape[1:])  # another batch size: the batch stays dynamic
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model.eval()(x), tmp_path / "want.pt")
+    code = (
+        "import sys; sys.modules['bnmove'] = None; sys.modules['zoo'] = None\n"
+        "import torch\n"
+        f"m = torch.export.load({str(out)!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}); want = torch.load({str(tmp_path / 'want.pt')!r})\n"
+        "assert torch.allclose(m(x), want, atol=1e-5), (m(x) - want).abs().max()\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]

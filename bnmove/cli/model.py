@@ -11,6 +11,7 @@ import torch
 
 from .._atomic import atomic_path, check_output
 from ..analysis.detect import PLACEMENTS, detect
+from ..deploy.export import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
 from ..moving.conversion import DATA_FREE, METHODS, convert
@@ -111,6 +112,16 @@ def inspect(
     help="Also write the converted model as readable Python code plus weights into this folder.",
 )
 @click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["pt", "pt2"]),
+    default="pt",
+    show_default=True,
+    help="pt: the whole module, torch.save (your model's class; load with torch.load(..., weights_only=False)). "
+    "pt2: a torch.export program, loadable with torch alone and no code (torch.export.load(OUT).module()), "
+    "for eval-mode inference at the example input's shape (batch dynamic where the model allows).",
+)
+@click.option(
     "--max-error",
     type=click.FloatRange(min=0.0),
     metavar="X",
@@ -130,14 +141,16 @@ def convert_command(
     no_refit: bool,
     data_free: str,
     code_dir: Path | None,
+    out_format: str,
     max_error: float | None,
     force: bool,
 ) -> None:
     """Move every movable BatchNorm before or after its activation and save the model.
 
-    The saved file is a whole module: load it with torch.load(OUT, weights_only=False).
+    The saved file is a whole module: load it with torch.load(OUT, weights_only=False); with
+    --format pt2 a torch.export program: torch.export.load(OUT).module().
     """
-    output = output or model.path.with_name(f"{model.stem}.{placement}.pt")
+    output = output or model.path.with_name(f"{model.stem}.{placement}.{out_format}")
     check_output(output, force=force, inputs=(model.path,))
     if code_dir is not None:
         check_output(code_dir, force=force, inputs=(model.path,))
@@ -172,7 +185,13 @@ def convert_command(
     # Traced before anything is written, so an untraceable model fails cleanly.
     code_model = require_graph_module(result.model) if code_dir is not None else None
     with atomic_path(output) as tmp:
-        torch.save(result.model, tmp)
+        if out_format == "pt2":
+            if not save_program(result.model, inputs, tmp):
+                click.echo(
+                    "bnmove: note: the model fixes its batch size; the program is exported for it", err=True
+                )
+        else:
+            torch.save(result.model, tmp)
     if code_dir is not None and code_model is not None:
         write_code_folder(code_model, code_dir)
     if as_json:

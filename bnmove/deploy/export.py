@@ -100,12 +100,7 @@ def export_onnx(
     dynamic_batch: bool = True,
 ) -> None:
     """Export ``model`` (in eval mode) to ``path`` with the torch.export-based exporter."""
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-        # torch.export specialises size-1 dimensions, so a batch of 1 cannot stay dynamic.
-        example_inputs = [x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x for x in example_inputs]
+    example_inputs, dynamic_shapes = _batch_args(example_inputs, dynamic_batch)
     with eval_mode(model), _quiet():
         try:
             program = torch.onnx.export(
@@ -120,6 +115,39 @@ def export_onnx(
             raise BnmoveError(f"ONNX export failed: {_root_cause(exc)}") from exc
         assert program is not None
         program.save(str(path))
+
+
+def _batch_args(
+    example_inputs: Sequence[torch.Tensor], dynamic_batch: bool
+) -> tuple[list[torch.Tensor], tuple[dict[int, Any], ...] | None]:
+    """Inputs and ``dynamic_shapes`` for torch.export with a dynamic batch dimension (or none)."""
+    inputs = list(example_inputs)
+    if not dynamic_batch:
+        return inputs, None
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    # torch.export specialises size-1 dimensions, so a batch of 1 cannot stay dynamic.
+    inputs = [x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x for x in inputs]
+    return inputs, tuple({0: batch} for _ in inputs)
+
+
+def save_program(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Path) -> bool:
+    """Save ``model`` (eval mode) as a ``torch.export`` program: it loads with torch alone, no code.
+
+    ``torch.export.load(path).module()`` runs it. The batch dimension stays
+    dynamic where the model allows; returns whether it did.
+    """
+    with eval_mode(model), _quiet():
+        for dynamic in (True, False):
+            inputs, dynamic_shapes = _batch_args(example_inputs, dynamic)
+            try:
+                program = torch.export.export(model, tuple(inputs), dynamic_shapes=dynamic_shapes)
+            except Exception as exc:
+                if dynamic:
+                    continue  # e.g. a reshape that fixes the batch size: export it static
+                raise BnmoveError(f"torch.export failed: {_root_cause(exc)}") from exc
+            torch.export.save(program, str(path))
+            return dynamic
+    raise AssertionError("unreachable")
 
 
 def check_against_torch(
