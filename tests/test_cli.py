@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -275,3 +276,23 @@ def test_format_pt2_loads_with_torch_alone(tmp_path: Path, name: str) -> None:
     )
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-2000:]
+
+
+def test_sigterm_during_a_save_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _ = build("mlp")
+    path = tmp_path / "mlp.pt"
+    torch.save(model, path)
+    real_save = torch.save
+
+    def save_then_terminated(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        real_save(obj, f, *args, **kwargs)  # half-way: the temporary file exists now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr("bnmove.cli.model.torch.save", save_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = run("convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "4,10")
+    assert result.exit_code == 143 and "terminated" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]  # no .mlp.after.pt.*.tmp left
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored

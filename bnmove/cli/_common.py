@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,18 +32,44 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
     return value
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so every ``finally`` (atomic writes) runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """While a command runs, SIGTERM unwinds the stack instead of killing the process mid-write."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class BnmoveGroup(click.Group):
     """Turns user errors into one line on stderr and exit code 1 (tracebacks only with --debug)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _terminate_cleanly():
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
             # Ctrl-C: the shell's convention (128 + SIGINT), and nothing half-written (atomic writes).
             click.echo("bnmove: interrupted", err=True)
             ctx.exit(130)
+        except Terminated:
+            click.echo("bnmove: terminated", err=True)
+            ctx.exit(143)  # 128 + SIGTERM
         except BnmoveError as exc:
             if ctx.meta.get(_DEBUG_KEY) or os.environ.get("BNMOVE_DEBUG"):
                 raise
