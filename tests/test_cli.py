@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import assert_same_outputs
+from torch import nn
 from zoo import build
 
 from bnmove import find_pairs
@@ -296,3 +297,25 @@ def test_sigterm_during_a_save_leaves_no_temporary_file(
     assert result.exit_code == 143 and "terminated" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"]  # no .mlp.after.pt.*.tmp left
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+
+
+class HFLike(nn.Module):
+    """Stands in for a Hugging Face PreTrainedModel: it has save_pretrained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.act = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.fc(x)))
+
+    def save_pretrained(self, folder: str) -> None:  # pragma: no cover - never called
+        raise NotImplementedError
+
+
+def test_converting_an_hf_model_says_how_to_load_the_result(tmp_path: Path) -> None:
+    path = tmp_path / "hf.pt"
+    torch.save(HFLike().eval(), path)
+    result = run("convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "3,4")
+    assert result.exit_code == 0, result.output
+    assert "from_pretrained on the original architecture cannot load them" in " ".join(result.stderr.split())

@@ -209,3 +209,27 @@ def test_cli_prints_loading_notes(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["inspect", str(path), "--arch", "zoo:TinyResNet"])
     assert result.exit_code == 0, result.output
     assert "note: " in result.stderr and "stripped the key prefix 'module.'" in result.stderr
+
+
+def test_hf_folder_needs_transformers_or_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "hf-resnet"
+    folder.mkdir()
+    try:
+        import transformers
+    except ImportError:
+        (folder / "config.json").write_text("{}")
+        with pytest.raises(LoadError, match=r"Hugging Face model folder; reading it needs transformers"):
+            load_model(folder)
+        return
+    model = transformers.ResNetModel(transformers.ResNetConfig(depths=[1, 1, 1, 1])).eval()
+    model.save_pretrained(folder)
+    loaded = load_model(folder)
+    assert loaded.source == "hf-folder" and type(loaded.module) is transformers.ResNetModel
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x).last_hidden_state, model(x).last_hidden_state)
+
+
+def test_directory_without_a_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="is a directory; give a model file"):
+        load_model(tmp_path)

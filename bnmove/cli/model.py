@@ -182,6 +182,13 @@ def convert_command(
         )
     for warning in result.warnings:
         click.echo(f"bnmove: warning: {warning}", err=True)
+    if result.moved and callable(getattr(result.model, "save_pretrained", None)):
+        click.echo(
+            "bnmove: note: a Hugging Face model: the moved BNs' modules and keys changed, so "
+            "from_pretrained on the original architecture cannot load them (it would drop them as "
+            "unexpected keys); load the saved file with torch.load, or use --format pt2",
+            err=True,
+        )
     # Traced before anything is written, so an untraceable model fails cleanly.
     code_model = require_graph_module(result.model) if code_dir is not None else None
     with atomic_path(output) as tmp:

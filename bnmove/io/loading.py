@@ -7,6 +7,8 @@ inside a checkpoint (under ``state_dict``, ``model``, ... or the key given as
 ``state_dict_key``, e.g. ``state_dict_ema``), with the prefixes DDP
 (``module.``), ``torch.compile`` (``_orig_mod.``) or Lightning (``model.``)
 leave, stripped when that makes the keys match (``LoadedModel.notes`` says so).
+A Hugging Face ``save_pretrained`` folder loads as the class its config
+names (transformers as an optional extra, no remote code).
 ``--arch timm:NAME`` and ``--arch torchvision:NAME`` build a library's model
 with random weights (``pretrained=False`` / ``weights=None``) for the file's
 weights. Every failure is a :class:`~bnmove.errors.LoadError` with one line
@@ -44,7 +46,7 @@ class LoadedModel:
 
     module: nn.Module
     path: Path
-    source: Literal["pickled-module", "state-dict"]
+    source: Literal["pickled-module", "state-dict", "hf-folder"]
     arch: str | None = None
     #: what loading had to do that the user should know (a prefix stripped, a checkpoint key used)
     notes: list[str] = field(default_factory=list)
@@ -66,7 +68,9 @@ def _sniff(path: Path) -> str:
     if not path.exists():
         raise LoadError(f"{path}: no such file")
     if path.is_dir():
-        raise LoadError(f"{path}: is a directory; give a model file (.pt/.pth)")
+        if (path / "config.json").is_file():
+            return "hf-folder"
+        raise LoadError(f"{path}: is a directory; give a model file (.pt/.pth) or a save_pretrained folder")
     if path.stat().st_size == 0:
         raise LoadError(f"{path}: is empty")
     with path.open("rb") as fh:
@@ -284,6 +288,8 @@ def load_model(
     path = Path(path)
     import_modules(imports)
     kind = _sniff(path)
+    if kind == "hf-folder":
+        return LoadedModel(_load_hf_folder(path), path, "hf-folder")
     if kind == "safetensors":
         return _from_state(path, _read_safetensors(path), arch, arch_kwargs, [])
     if kind != "torch":
@@ -314,6 +320,30 @@ def load_model(
     if state is None:
         raise LoadError(f"{path}: holds {type(obj).__name__}, neither a module nor a state dict of tensors")
     return _from_state(path, state, arch, arch_kwargs, notes)
+
+
+def _load_hf_folder(path: Path) -> nn.Module:
+    """A Hugging Face ``save_pretrained`` folder, as the class its config names (no remote code)."""
+    try:
+        import transformers
+    except ImportError:
+        raise LoadError(
+            f"{path}: is a Hugging Face model folder; reading it needs transformers "
+            "(pip install 'bnmove[hf]')"
+        ) from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        names = list(getattr(config, "architectures", None) or [])
+        cls = getattr(transformers, names[0], None) if names else None
+        model = (cls or transformers.AutoModel).from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LoadError(
+            f"{path}: transformers cannot load this folder ({type(exc).__name__}: {first})"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"{path}: transformers returned {type(model).__name__}, not an nn.Module")
+    return model.eval()
 
 
 def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
