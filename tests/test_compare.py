@@ -134,7 +134,7 @@ def test_cli_export_then_compare(tmp_path: Path) -> None:
             "3",
             "--warmup",
             "1",
-            "--json",
+            "--json-file",
             str(reports["json"]),
             "--csv",
             str(reports["csv"]),
@@ -148,12 +148,13 @@ def test_cli_export_then_compare(tmp_path: Path) -> None:
     assert "original" in compared.stdout and "after" in compared.stdout and "samples/s" in compared.stdout
     assert all(p.stat().st_size > 0 for p in reports.values())
     again = runner.invoke(
-        main, ["compare", str(out), "--provider", "cpu", "--iterations", "1", "--json", str(reports["json"])]
+        main,
+        ["compare", str(out), "--provider", "cpu", "--iterations", "1", "--json-file", str(reports["json"])],
     )
     assert again.exit_code == 1 and "already exists; pass --force" in again.stderr
     stdout_json = runner.invoke(
         main,
-        ["compare", str(out), "--provider", "cpu", "--iterations", "2", "--batch-sizes", "1", "--json", "-"],
+        ["compare", str(out), "--provider", "cpu", "--iterations", "2", "--batch-sizes", "1", "--json"],
     )
     assert json.loads(stdout_json.stdout)["provider"] == "cpu"
     bad = runner.invoke(main, ["compare", str(out), "--provider", "cuda"])

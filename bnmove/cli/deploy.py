@@ -147,9 +147,8 @@ def export_command(
     type=click.FloatRange(min=0, min_open=True),
     help="Time each batch size for this long instead.",
 )
-@click.option(
-    "--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON ('-' for stdout)."
-)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout (no table).")
+@click.option("--json-file", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
 @click.option(
     "--csv", "csv_path", type=click.Path(path_type=Path), help="Write one CSV row per variant and batch size."
 )
@@ -169,6 +168,7 @@ def compare_command(
     warmup: int,
     iterations: int | None,
     seconds: float | None,
+    as_json: bool,
     json_path: Path | None,
     csv_path: Path | None,
     md_path: Path | None,
@@ -189,13 +189,12 @@ def compare_command(
         raise click.BadParameter(
             f"{batch_sizes!r} is not a comma-separated list of integers", param_hint="--batch-sizes"
         ) from None
-    reports = [p for p in (json_path, csv_path, md_path, plot_path) if p is not None and str(p) != "-"]
+    reports = [p for p in (json_path, csv_path, md_path, plot_path) if p is not None]
     for path in reports:
         check_output(path, force=force)
     if plot_path is not None:
         require_matplotlib()
-    to_stdout = json_path is not None and str(json_path) == "-"
-    show = sys.stderr.isatty() and not to_stdout
+    show = sys.stderr.isatty() and not as_json
     with _stderr().status("comparing…") if show else contextlib.nullcontext() as status:
 
         def step(text: str) -> None:
@@ -213,13 +212,13 @@ def compare_command(
         )
     writers = ((json_path, comparison_json), (csv_path, comparison_csv), (md_path, comparison_markdown))
     for target, render in writers:
-        if target is None or str(target) == "-":
+        if target is None:
             continue
         with atomic_path(target) as tmp:
             tmp.write_text(render(result))
     if plot_path is not None:
         comparison_plot(result, plot_path)
-    if to_stdout:
+    if as_json:
         click.echo(comparison_json(result), nl=False)
         return
     out = _stdout()
