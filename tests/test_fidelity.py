@@ -108,3 +108,19 @@ def test_nothing_to_move_says_so(tmp_path: Path) -> None:
     assert bnmove.report.conversion_summary(result).startswith(
         "nothing moved: none of the 1 BN–activation pairs"
     )
+
+
+def test_calibrated_fit_of_a_fused_norm_act_module() -> None:
+    """timm's resnetv2 (pre-activation, BatchNormAct2d): calibrated fitting crashed on fused pairs."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_affine import FusedAfterAdd, _trained_like
+
+    x = torch.randn(48, 3, 5, 5)
+    model = _trained_like(FusedAfterAdd(), x)
+    for kwargs in ({"calibration_data": x}, {"data_free": "synthetic", "calibration_samples": 16}):
+        result = bnmove.convert(model, "after", method="fit", example_inputs=(x[:4],), **kwargs)  # type: ignore[arg-type]
+        (move,) = result.moved
+        assert move.method in ("fit-calibrated", "fit-synthetic") and move.effect is not None
+        assert [type(m).__name__ for m in result.model.bn] == ["ReLU", "BatchNorm2d"]

@@ -428,13 +428,14 @@ class _Calibrator:
         return self.region.graph_module()
 
     def samples(self, site: Site) -> rewrite.FitSamples:
-        assert site.act_node is not None and site.pair.placement is not None
+        # A fused norm+act module (timm's BatchNormAct2d) is one node: BN -> f, no act node.
+        assert site.pair.placement is not None and (site.act_node is not None or site.fused is not None)
         before = site.pair.placement == "before"
-        source = site.bn_node.args[0] if before else site.act_node.args[0]
+        source = site.bn_node.args[0] if before or site.act_node is None else site.act_node.args[0]
         assert isinstance(source, fx.Node)
         # The pair's output in the original graph: the activation for BN -> f (the fused
         # module itself when fused), the BN for f -> BN.
-        out_name = site.act_node.name if before and site.fused is None else site.bn_node.name
+        out_name = site.act_node.name if before and site.act_node is not None else site.bn_node.name
         z = capture(self._current(), [source.name], self.batches)[source.name]
         y = capture(self.original, [out_name], self.batches)[out_name]
         z_rows, y_rows = channel_samples(z, y)
@@ -445,8 +446,10 @@ class _Calibrator:
         """Re-fit the Conv/Linear fed by the moved pair against the original model's output there."""
         if not self.refit:
             return []
-        assert site.act_node is not None
-        out = site.bn_node if site.pair.placement == "before" else skip_identity_down(site.act_node, modules)
+        if site.pair.placement == "before" or site.act_node is None:
+            out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
+        else:
+            out = skip_identity_down(site.act_node, modules)
         user = _next_affine(out, modules)
         if user is None:
             return []
