@@ -90,7 +90,9 @@ def test_data_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "many.npz", x=np.zeros((8, 6), np.float32), y=np.arange(8))
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    np.save(tmp_path / "images.npy", np.zeros((4, 6), np.float32))
     cases = {
+        "images.npy": r"single array \(\.npy\) without labels",
         "nolabels.npz": r"missing array\(s\) y",
         "mismatch.npz": "one label per sample",
         "floaty.npz": "integer class labels",

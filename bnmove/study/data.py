@@ -46,10 +46,16 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {k: archive[k] for k in archive.files}
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BnmoveError(f"{path}: not a readable .npz archive ({exc})") from exc
+    if isinstance(loaded, np.ndarray):  # a .npy: one array, no labels
+        raise BnmoveError(
+            f"{path}: is a single array (.npy) without labels; training needs an .npz with x and y "
+            "(np.savez(path, x=images, y=labels))"
+        )
+    with loaded as archive:
+        return {k: archive[k] for k in archive.files}
 
 
 def _arrays_from(path: Path) -> dict[str, np.ndarray]:
