@@ -70,3 +70,16 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_module(obj: object, path: Path) -> None:
+    """``torch.save`` through an atomic temporary file, with bytes that depend on ``obj`` alone.
+
+    torch names the archive inside the zip after the file it writes; written to the
+    temporary name, identical runs gave different bytes. A file object keeps the
+    default archive name.
+    """
+    import torch
+
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        torch.save(obj, fh)

@@ -319,3 +319,18 @@ def test_converting_an_hf_model_says_how_to_load_the_result(tmp_path: Path) -> N
     result = run("convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "3,4")
     assert result.exit_code == 0, result.output
     assert "from_pretrained on the original architecture cannot load them" in " ".join(result.stderr.split())
+
+
+def test_identical_runs_write_identical_bytes(tmp_path: Path) -> None:
+    model, _ = build("resnet")
+    path = tmp_path / "r.pt"
+    torch.save(model, path)
+    digests = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.pt"
+        done = run(
+            "convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "2,3,8,8", "-o", out
+        )
+        assert done.exit_code == 0, done.output
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import torch
 
-from .._atomic import atomic_path, check_output
+from .._atomic import atomic_path, check_output, save_module
 from ..analysis.detect import PLACEMENTS, detect
 from ..deploy.export import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
@@ -191,14 +191,14 @@ def convert_command(
         )
     # Traced before anything is written, so an untraceable model fails cleanly.
     code_model = require_graph_module(result.model) if code_dir is not None else None
-    with atomic_path(output) as tmp:
-        if out_format == "pt2":
+    if out_format == "pt2":
+        with atomic_path(output) as tmp:
             if not save_program(result.model, inputs, tmp):
                 click.echo(
                     "bnmove: note: the model fixes its batch size; the program is exported for it", err=True
                 )
-        else:
-            torch.save(result.model, tmp)
+    else:
+        save_module(result.model, output)
     if code_dir is not None and code_model is not None:
         write_code_folder(code_model, code_dir)
     if as_json:
@@ -257,8 +257,7 @@ def recalibrate_command(
     with _progress(show) as progress:
         task = progress.add_task("recalibrating", total=len(batches))
         recalibrated = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
-    with atomic_path(output) as tmp:
-        torch.save(recalibrated, tmp)
+    save_module(recalibrated, output)
     bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in recalibrated.modules())
     samples = sum(len(b[0]) for b in batches)
     if as_json:

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from .. import report
+from .._atomic import save_module
 from ..analysis.detect import detect
 from ..deploy.export import export_variants, read_manifest
 from ..deploy.runtime import compare
@@ -78,7 +79,7 @@ def run_demo(
     with status.status("training the sample model briefly…"):
         how = _pretrain(model, data)
     model_file = out_dir / "digits_net.pt"
-    torch.save(model, model_file)
+    save_module(model, model_file)
     written.append(model_file)
     console.print(f"DigitsNet for 1x8x8 digit images, {how}; saved as {model_file}", highlight=False)
 
@@ -97,7 +98,7 @@ def run_demo(
             model, placement, method="auto", example_inputs=example, calibration_data=calibration
         )
         path = out_dir / f"digits_net.{placement}.pt"
-        torch.save(result.model, path)
+        save_module(result.model, path)
         written.append(path)
         console.print(report.conversion_table(result))
         line = report.conversion_summary(result)
