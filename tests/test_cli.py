@@ -334,3 +334,25 @@ def test_identical_runs_write_identical_bytes(tmp_path: Path) -> None:
         assert done.exit_code == 0, done.output
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_synthetic_fit_names_the_inferred_shape(tmp_path: Path) -> None:
+    model, _ = build("mlp")
+    path = tmp_path / "mlp.pt"
+    torch.save(model, path)
+    args = [
+        "convert",
+        path,
+        "--allow-pickle",
+        "--placement",
+        "after",
+        "--method",
+        "fit",
+        "--data-free",
+        "synthetic",
+    ]
+    done = run(*args, "--calibration-samples", "8")
+    assert done.exit_code == 0, done.output
+    assert "synthetic inputs take the shape 10 inferred from the first layer" in " ".join(done.stderr.split())
+    given = run(*args, "--calibration-samples", "8", "--input-shape", "4,10", "--force")
+    assert given.exit_code == 0 and "inferred" not in given.stderr

@@ -16,7 +16,14 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from .. import __version__
 from ..errors import BnmoveError
@@ -247,12 +254,14 @@ def _check_outputs(out_dir: Path, names: Sequence[str], force: bool) -> None:
 
 
 def _progress(show: bool) -> Progress:
-    """The progress bar every long command shows on stderr: what, bar, done/total, time."""
+    """The progress bar every long command shows on stderr: what, bar, done/total, time, time left."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
         console=_stderr(),
         transient=True,
         disable=not show,

@@ -161,6 +161,13 @@ def convert_command(
         else None
     )
     inputs = model.inputs(loaded)
+    if method == "fit" and data_free == "synthetic" and calibration is None and not model.input_shapes:
+        shape = "x".join(map(str, inputs[0].shape[1:]))
+        click.echo(
+            f"bnmove: note: synthetic inputs take the shape {shape} inferred from the first layer; "
+            "their cost grows with it, so give --input-shape with your real size",
+            err=True,
+        )
     with _progress(sys.stderr.isatty() and not as_json) as progress:
         task = progress.add_task("converting", total=None)
 
