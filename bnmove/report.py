@@ -177,12 +177,30 @@ def _rows(comparison: Comparison) -> list[dict[str, Any]]:
                 "mean_abs": dev.mean_abs if dev else None,
                 "cosine": dev.cosine if dev else None,
                 "top1": dev.top1_agreement if dev else None,
+                "deviates": bool(dev and dev.deviates),
                 "nodes": sum(info.optimized_nodes.values()),
                 "batchnorms": info.batchnorms,
                 "file_size": info.file_size,
             }
         )
     return rows
+
+
+#: marks a variant whose outputs are not the reference's (a fit or a swap, or a bug)
+DEVIATES = "≠"
+
+
+def _variant_label(row: dict[str, Any]) -> str:
+    return f"{row['variant']} {DEVIATES}" if row["deviates"] else str(row["variant"])
+
+
+def deviation_note(comparison: Comparison) -> str | None:
+    """One line naming the variants whose outputs differ from the reference beyond float rounding."""
+    bad = [d for d in comparison.deviations if d.deviates]
+    if not bad:
+        return None
+    parts = ", ".join(f"{d.variant} (max |Δ| {d.max_abs:.3g}, {d.max_rel:.2g} relative)" for d in bad)
+    return f"{DEVIATES} outputs differ from '{comparison.reference}' beyond float rounding: {parts}"
 
 
 def comparison_header(comparison: Comparison) -> str:
@@ -213,7 +231,7 @@ def comparison_table(comparison: Comparison) -> Table:
         table.add_column(column, justify="left" if column == "variant" else "right")
     for r in _rows(comparison):
         table.add_row(
-            r["variant"],
+            _variant_label(r),
             str(r["batch"]),
             f"{r['p50_ms']:.3f}",
             f"{r['p90_ms']:.3f}",
@@ -251,10 +269,13 @@ def comparison_markdown(comparison: Comparison) -> str:
     for r in _rows(comparison):
         top1 = _top1(_deviation_of(comparison, r["variant"]))
         lines.append(
-            f"| {r['variant']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+            f"| {_variant_label(r)} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
             f"{r['p99_ms']:.3f} | {r['throughput']:,.0f} | {r['ratio']:.2f}× | {r['max_abs']:.2e} | "
             f"{r['cosine']:.6f} | {top1} | {r['nodes']} ({r['batchnorms']}) |"
         )
+    note = deviation_note(comparison)
+    if note:
+        lines += ["", note]
     lines += ["", "Nodes after onnxruntime's optimisations:", ""]
     lines += [
         f"- **{v.name}** ({v.file_size / 1e6:.2f} MB): {_ops_summary(v, 8)}" for v in comparison.variants
@@ -291,14 +312,16 @@ def comparison_plot(comparison: Comparison, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
+    deviating = {d.variant for d in comparison.deviations if d.deviates}
     for info in comparison.variants:
+        label = f"{info.name} ({DEVIATES} outputs)" if info.name in deviating else info.name
         timings = sorted(
             (t for t in comparison.timings if t.variant == info.name), key=lambda t: t.batch_size
         )
         sizes = [t.batch_size for t in timings]
-        ax_lat.plot(sizes, [t.p50_ms for t in timings], marker="o", label=info.name)
+        ax_lat.plot(sizes, [t.p50_ms for t in timings], marker="o", label=label)
         ax_lat.fill_between(sizes, [t.p50_ms for t in timings], [t.p90_ms for t in timings], alpha=0.15)
-        ax_thr.plot(sizes, [t.throughput for t in timings], marker="o", label=info.name)
+        ax_thr.plot(sizes, [t.throughput for t in timings], marker="o", label=label)
     sizes = sorted({t.batch_size for t in comparison.timings})
     for ax, label in ((ax_lat, "latency p50 (ms), band to p90"), (ax_thr, "throughput (samples/s)")):
         ax.set_xscale("log", base=2)

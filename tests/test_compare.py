@@ -187,3 +187,26 @@ def test_timing_for_a_batch_size_not_timed_is_a_clear_error(result: compare_modu
     assert result.timing("after", result.timings[0].batch_size).variant == "after"
     with pytest.raises(BnmoveError, match=r"no timing for variant 'after' at batch size 999 \(timed: after@"):
         result.timing("after", 999)
+
+
+def test_a_variant_that_computes_something_else_is_marked(tmp_path: Path) -> None:
+    model, inputs = build("resnet")
+    from zoo import randomize_bn
+
+    randomize_bn(model)
+    export_variants(model, inputs, tmp_path, ["original", "after"], stem="resnet", method="swap")
+    swapped = runtime.compare([tmp_path], provider="cpu", batch_sizes=(1,), warmup=0, iterations=2)
+    dev = {d.variant: d for d in swapped.deviations}
+    assert dev["after"].deviates and dev["after"].max_rel > 1e-2 and not dev["original"].deviates
+    assert "after ≠" in report.comparison_markdown(swapped)
+    note = report.deviation_note(swapped)
+    assert (
+        note is not None and note.startswith("≠ outputs differ from 'original'") and "after (max |Δ|" in note
+    )
+    plot = tmp_path / "c.png"
+    report.comparison_plot(swapped, plot)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_exact_variants_are_not_marked(result: compare_module.Comparison) -> None:
+    assert not any(d.deviates for d in result.deviations) and report.deviation_note(result) is None

@@ -21,6 +21,7 @@ from ..report import (
     comparison_ops_lines,
     comparison_plot,
     comparison_table,
+    deviation_note,
     export_table,
     require_matplotlib,
 )
@@ -223,6 +224,9 @@ def compare_command(
         return
     out = _stdout()
     out.print(comparison_table(result))
+    note = deviation_note(result)
+    if note:
+        out.print(f"[yellow]{note}[/]", highlight=False)
     for line in comparison_ops_lines(result):
         out.print(f"  {line}", highlight=False)
     if reports:

@@ -190,6 +190,16 @@ class OutputDeviation:
     cosine: float
     #: fraction of samples whose argmax agrees with the reference (class-score outputs only)
     top1_agreement: float | None
+    #: max abs deviation relative to the reference's largest |output|
+    max_rel: float = 0.0
+
+    #: beyond this relative deviation a variant computes something else than the reference (float32
+    #: rounding through an exported graph stays far below it)
+    TOLERANCE = 1e-3
+
+    @property
+    def deviates(self) -> bool:
+        return self.max_rel > self.TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -357,12 +367,15 @@ def _deviation(name: str, got: list[np.ndarray], want: list[np.ndarray]) -> Outp
     top1 = None
     if want[0].ndim == 2 and want[0].shape[1] > 1:
         top1 = float(np.mean(got[0].argmax(1) == want[0].argmax(1)))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(w).max()) if w.size else 0.0
     return OutputDeviation(
         name,
-        float(diff.max()) if diff.size else 0.0,
+        max_abs,
         float(diff.mean()) if diff.size else 0.0,
         min(cosine, 1.0),
         top1,
+        max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
     )
 
 
