@@ -57,3 +57,53 @@ def test_kept_affine_folds_forward_like_a_batchnorm() -> None:
     ]
     assert isinstance(result.model[2], nn.Identity)
     assert_same_outputs(model, result.model, (torch.randn(5, 4),))
+
+
+def _bn(n: int, negative: bool = False) -> nn.BatchNorm2d:
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(n).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        if negative:
+            bn.weight[0] = -0.7
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    return bn
+
+
+@pytest.mark.parametrize(
+    ("pool", "negative", "fate", "through"),
+    [
+        (nn.MaxPool2d(3, 2, 1), False, "folded-forward", ("2",)),
+        (nn.MaxPool2d(3, 2, 1), True, "standalone", ()),
+        (nn.AvgPool2d(2), False, "folded-forward", ("2",)),
+        (nn.AvgPool2d(3, 1, 1), False, "standalone", ()),
+        (nn.AvgPool2d(3, 1, 1, count_include_pad=False), True, "folded-forward", ("2",)),
+    ],
+    ids=["maxpool", "maxpool-negative-scale", "avgpool", "avgpool-counting-padding", "avgpool-no-pad-count"],
+)
+def test_fold_through_pooling(pool: nn.Module, negative: bool, fate: str, through: tuple[str, ...]) -> None:
+    model = nn.Sequential(nn.ReLU(), _bn(4, negative), pool, nn.Conv2d(4, 3, 1)).eval()
+    result = fold_forward(model)
+    (bn,) = result.bns
+    assert (bn.fate, bn.through) == (fate, through)
+    if fate == "standalone":
+        assert "maximum" in (bn.reason or "") or "zero padding" in (bn.reason or "")
+    assert_same_outputs(model, result.model, (torch.randn(2, 4, 7, 7),))
+
+
+def test_fold_through_adaptive_pooling_and_flatten_into_a_linear() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        _bn(4, negative=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).eval()
+    result = fold_forward(model)
+    (bn,) = result.bns
+    assert (bn.fate, bn.into, bn.through) == ("folded-forward", "5", ("3", "4"))
+    assert isinstance(result.model[2], nn.Identity)
+    assert_same_outputs(model, result.model, (torch.randn(2, 3, 6, 6),))

@@ -1,8 +1,10 @@
 """Deployment folding: fold BNs that sit after their activation forward into the next layer.
 
-Kept affine layers (:class:`~bnmove.moving.affine.ChannelAffine`, left by exact
-moves where no layer absorbed a BN) are per-channel affine maps too, and fold
-forward by the same rule.
+The fold passes through what commutes with a per-channel affine map: links,
+average pooling without counted padding, adaptive average pooling, flatten,
+and max pooling when every scale is positive (ResNet's stem ``relu -> BN ->
+maxpool -> conv``). Kept affine layers (:class:`~bnmove.moving.affine.ChannelAffine`,
+left by exact moves where no layer absorbed a BN) fold forward by the same rules.
 
 A BN right after a Conv/Linear is fused into it by the exporter and by
 onnxruntime. Nothing fuses a BN that follows an activation: on CUDA it stays a
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .._clone import clone_module
@@ -39,6 +42,8 @@ class BnFate:
     fate: str
     into: str | None = None
     reason: str | None = None
+    #: the pooling/reshape calls the fold passed through on its way to ``into``
+    through: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,10 +78,12 @@ def _fate(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], p
         layer = absorbing_layer(source, modules)
         if layer is not None and out_channels(layer) == module.num_features:  # type: ignore[union-attr]
             return BnFate(name, "fused-backward", into=_qual(prefix, str(source.target)))
-    users = list(skip_identity_down(node, modules).users)
-    target = users[0] if len(users) == 1 else None
+    target, through, blocked_by = _past_pooling(node, modules, _scale_positive(module))
+    if blocked_by:
+        return BnFate(name, "standalone", reason=blocked_by)
     layer = absorbing_layer(target, modules) if target is not None else None
     if target is None or layer is None:
+        users = list(skip_identity_down(node, modules).users)
         feeds = ", ".join(str(u.target) if u.op == "call_module" else u.name for u in users) or "nothing"
         return BnFate(name, "standalone", reason=f"no single Conv/Linear after it (feeds {feeds})")
     if calls[str(target.target)] > 1:
@@ -86,7 +93,84 @@ def _fate(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], p
     blocked = forward_fold_blocker(layer)
     if blocked:
         return BnFate(name, "standalone", reason=f"{target.target}: {blocked}")
-    return BnFate(name, "folded-forward", into=_qual(prefix, str(target.target)))
+    return BnFate(name, "folded-forward", into=_qual(prefix, str(target.target)), through=tuple(through))
+
+
+_MAX_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_FLATTENS = {torch.flatten, "flatten"}
+
+
+def _scale_positive(module: nn.Module) -> bool:
+    a, _ = _affine_map(module)
+    return bool((a > 0).all())
+
+
+def _affine_map(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(module, ChannelAffine):
+        return module.weight.detach().double(), module.bias.detach().double()
+    return bn_math.bn_affine(
+        module.running_mean,  # type: ignore[arg-type]
+        module.running_var,  # type: ignore[arg-type]
+        module.weight,  # type: ignore[arg-type]
+        module.bias,  # type: ignore[arg-type]
+        float(module.eps),  # type: ignore[arg-type]
+    )
+
+
+def _pass_through(node: fx.Node, modules: dict[str, nn.Module], positive: bool) -> str | bool | None:
+    """True when a per-channel affine map passes ``node`` unchanged (``pool(a*z+b) = a*pool(z)+b``),
+    a reason string when it does not, False when ``node`` is no pooling or reshape at all."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        if isinstance(module, _ADAPTIVE_AVG) or isinstance(module, nn.Flatten):
+            return True
+        if isinstance(module, _AVG_POOLS):
+            padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
+            if any(p != 0 for p in padding) and module.count_include_pad:  # type: ignore[union-attr]
+                return f"{node.target} averages zero padding, which the BN's shift does not pass"
+            return True
+        if isinstance(module, _MAX_POOLS):
+            if not positive:
+                return f"{node.target} takes a maximum, which a negative BN scale does not pass"
+            return True
+        return False
+    if node.target in _FLATTENS and len(node.args) >= 2 and node.args[1] == 1 and len(node.users) == 1:
+        return True
+    return False
+
+
+def _past_pooling(
+    node: fx.Node, modules: dict[str, nn.Module], positive: bool
+) -> tuple[fx.Node | None, list[str], str | None]:
+    """The single layer after ``node`` past links, pooling and flatten, what it passed, or why it stopped."""
+    through: list[str] = []
+    current = skip_identity_down(node, modules)
+    for _ in range(8):
+        users = list(current.users)
+        if len(users) != 1:
+            return None, through, None
+        (user,) = users
+        passes = _pass_through(user, modules, positive)
+        if passes is False:
+            return user, through, None
+        if isinstance(passes, str):
+            return None, through, passes
+        through.append(
+            str(user.target)
+            if user.op == "call_module"
+            else getattr(user.target, "__name__", str(user.target))
+        )
+        current = skip_identity_down(user, modules)
+    return None, through, None
 
 
 def fold_forward(model: nn.Module) -> Folding:
@@ -110,7 +194,8 @@ def fold_forward(model: nn.Module) -> Folding:
             fate = _fate(node, modules, calls, prefix)
             fates.append(fate)
             if fate.fate == "folded-forward":
-                (user,) = skip_identity_down(node, modules).users
+                user, _, _ = _past_pooling(node, modules, True)
+                assert user is not None
                 fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
                 # The BN's slot computes nothing now; every forward stays the user's.
                 set_submodule(region.root, str(node.target), nn.Identity())
