@@ -8,7 +8,9 @@ Two ways, tried in this order:
   becomes ``nn.Sequential(act, bn)`` (before -> after: ``<bn>.0`` is the
   activation, ``<bn>.1`` the BN) or ``nn.Sequential(bn, act)`` (after -> before:
   ``<bn>.0`` the BN, ``<bn>.1`` the activation), and the activation's slot
-  becomes ``nn.Identity``. Hooks stay on the same module objects.
+  becomes ``nn.Identity``. An exact move that keeps the BN's affine map puts
+  it in the same slot: ``Sequential(affine, act, bn)`` or
+  ``Sequential(bn, act, affine)``. Hooks stay on the same module objects.
 * **Graph surgery of one forward**: where the activation is a function or a
   method call, or a module called at several places, the module whose own
   ``forward`` calls both (its children kept whole) is traced, the nodes are
