@@ -8,29 +8,35 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
+
+from bnmove.moving.verify import output_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def outputs_of(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def outputs_of(model: nn.Module, inputs: Sequence[Any]) -> Any:
+    """``model(*inputs)`` in eval mode, no grad, on copies of the input tensors (any structure)."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            return model(*[x.clone() for x in inputs])
+            return model(*tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, list(inputs)))
     finally:
         for m, flag in flags:
             m.training = flag
 
 
 def assert_same_outputs(
-    reference: nn.Module, converted: nn.Module, inputs: Sequence[torch.Tensor], rtol: float = 1e-4
+    reference: nn.Module, converted: nn.Module, inputs: Sequence[Any], rtol: float = 1e-4
 ) -> None:
-    """Eval outputs equal within float tolerance, relative to the reference's magnitude."""
-    want = outputs_of(reference, inputs)
-    got = outputs_of(converted, inputs)
-    scale = float(want.abs().max())
-    torch.testing.assert_close(got, want, rtol=0, atol=rtol * max(scale, 1e-6))
+    """Every output tensor (any structure) equal within float tolerance, relative to the reference's magnitude."""
+    want = output_tensors(outputs_of(reference, inputs))
+    got = output_tensors(outputs_of(converted, inputs))
+    assert len(want) == len(got) and want, "different output structure"
+    scale = max(float(w.abs().max()) for w in want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=rtol * max(scale, 1e-6))
 
 
 # Property tests: a CI-friendly default; `HYPOTHESIS_PROFILE=medium` (300) or `long` (3000 examples).

@@ -18,19 +18,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_outputs
 from torch import nn
 
 import bnmove
 from bnmove import convert, find_pairs
 
 
-def _same(model: nn.Module, converted: nn.Module, *inputs: object, atol: float = 1e-5) -> None:
-    with torch.no_grad():
-        want, got = model.eval()(*inputs), converted.eval()(*inputs)
-    for a, b in zip(
-        bnmove.moving.verify.output_tensors(want), bnmove.moving.verify.output_tensors(got), strict=True
-    ):
-        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4)
+def _same(model: nn.Module, converted: nn.Module, *inputs: object) -> None:
+    assert_same_outputs(model, converted, inputs)
 
 
 def _randomize(model: nn.Module) -> nn.Module:

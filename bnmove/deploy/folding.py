@@ -29,7 +29,7 @@ from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_id
 from ..analysis.tracing import analysis_regions
 from ..moving import bn_math
 from ..moving.affine import ChannelAffine
-from ..moving.rewrite import fold_bn
+from ..moving.rewrite import affine_map, fold_bn
 from ..moving.surgery import set_submodule
 
 
@@ -110,20 +110,8 @@ _FLATTENS = {torch.flatten, "flatten"}
 
 
 def _scale_positive(module: nn.Module) -> bool:
-    a, _ = _affine_map(module)
+    a, _ = affine_map(module)
     return bool((a > 0).all())
-
-
-def _affine_map(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(module, ChannelAffine):
-        return module.weight.detach().double(), module.bias.detach().double()
-    return bn_math.bn_affine(
-        module.running_mean,  # type: ignore[arg-type]
-        module.running_var,  # type: ignore[arg-type]
-        module.weight,  # type: ignore[arg-type]
-        module.bias,  # type: ignore[arg-type]
-        float(module.eps),  # type: ignore[arg-type]
-    )
 
 
 def _pass_through(node: fx.Node, modules: dict[str, nn.Module], positive: bool) -> str | bool | None:

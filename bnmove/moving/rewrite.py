@@ -221,7 +221,7 @@ def _affine_layer(root: nn.Module, name: str) -> nn.Conv1d | nn.Linear:
     return cast("nn.Conv1d | nn.Linear", module)
 
 
-def _bn_affine_of(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_map(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, b)`` of the eval-mode map ``a*z + b`` of a BN (or of a kept ChannelAffine)."""
     if isinstance(bn, ChannelAffine):
         return bn.weight.detach().double(), bn.bias.detach().double()
@@ -257,7 +257,7 @@ def fold_bn(
     source = root.get_submodule(bn_name)
     bn = source if isinstance(source, ChannelAffine) else _batchnorm(root, bn_name)
     layer = _affine_layer(root, layer_name)
-    a, b = _bn_affine_of(bn)
+    a, b = affine_map(bn)
     if isinstance(layer, ChannelAffine):  # diagonal: A then BN, or BN then A, is again one affine
         w, c = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
         if fold is bn_math.fold_into_preceding:
@@ -284,7 +284,7 @@ _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to 
 
 def kept_affine(bn: _BatchNorm) -> ChannelAffine:
     """The BN's eval-mode map ``a*z + b`` as a layer of its own (same device and dtype)."""
-    a, b = _bn_affine_of(bn)
+    a, b = affine_map(bn)
     ref = bn.running_mean
     assert ref is not None
     affine = ChannelAffine(bn_channels(bn), device=ref.device, dtype=ref.dtype)
@@ -365,7 +365,7 @@ def _data_free_samples(
 ) -> FitSamples:
     """Gaussian inputs from the BN's own statistics; the target is what the original block computes."""
     assert bn.running_mean is not None and bn.running_var is not None
-    a, b = (t.cpu() for t in _bn_affine_of(bn))
+    a, b = (t.cpu() for t in affine_map(bn))
     mean = bn.running_mean.detach().double().cpu()
     var = bn.running_var.detach().double().cpu()
     if placement == "before":  # BN -> f: z is the BN's input, N(running_mean, running_var)
@@ -410,7 +410,7 @@ def fit_pair(root: nn.Module, site: Site, samples: FitSamples | None) -> tuple[l
             effect = bn_math.relative_rmse(a2[None, :] * f(z.clone()).double() + b2[None, :], target, w)
         set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, eps), mean, var)
     else:
-        a, b = (t.cpu() for t in _bn_affine_of(bn))
+        a, b = (t.cpu() for t in affine_map(bn))
         a2, b2 = bn_math.fit_before(f, z, w, target, (a, b))
         mean, var = bn_math.weighted_moments(z, w)
         with torch.no_grad():
@@ -500,6 +500,7 @@ __all__ = [
     "activation_function",
     "activation_module",
     "adjust",
+    "affine_map",
     "fit_pair",
     "fold_bn",
     "guard_inplace",
