@@ -181,3 +181,14 @@ def test_cli_experiment(tmp_path: Path) -> None:
     assert (
         shaped.exit_code == 1 and "leave out --input-shape" in shaped.stderr and not (tmp_path / "y").exists()
     )
+
+
+def test_uint8_images_are_scaled_and_said(tmp_path: Path) -> None:
+    x = np.full((10, 1, 8, 8), 255, np.uint8)
+    x[:5] = 0
+    np.savez(tmp_path / "bytes.npz", x=x, y=np.arange(10) % 2)
+    data = load_dataset(tmp_path / "bytes.npz")
+    assert data.train.x.dtype == torch.float32 and float(data.train.x.max()) == 1.0
+    assert float(data.train.x.min()) == 0.0 and float(data.val.x.max()) <= 1.0
+    assert data.notes == ["bytes.npz: x holds 8-bit values (uint8); scaled to [0, 1] by dividing by 255"]
+    assert load_dataset("digits").notes == []

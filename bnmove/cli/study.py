@@ -119,6 +119,8 @@ def experiment_command(
     _check_outputs(out_dir, ["results.json", "summary.md", "curves.png"], force)
     loaded = model.load()
     data = load_dataset(data_spec, val_split=val_split)
+    for note in data.notes:
+        click.echo(f"bnmove: note: {note}", err=True)
     show = sys.stderr.isatty() and not as_json
     progress, on_epoch = _epoch_progress(show, epochs * seeds * len(variants))
     with progress:

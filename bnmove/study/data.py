@@ -6,7 +6,7 @@ a real dataset that ships inside the package (``pip install scikit-learn``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,8 @@ class Dataset:
     train: Split
     val: Split
     name: str
+    #: what loading did to the data that the user should know (the CLI prints these)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +89,8 @@ def _check(x: np.ndarray, y: np.ndarray, where: str) -> Split:
         raise BnmoveError(f"{where}: labels must be >= 0, found {int(y.min())}")
     if not np.issubdtype(x.dtype, np.number):
         raise BnmoveError(f"{where}: x must be numeric, got {x.dtype}")
+    if x.dtype == np.uint8:  # 8-bit images: train on [0, 1], as image pipelines do
+        x = x.astype(np.float32) / 255.0
     return Split(
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
     )
@@ -112,6 +116,11 @@ def load_dataset(spec: str | Path, *, val_split: float = 0.2, seed: int = 0) -> 
             raise BnmoveError(
                 f"{path}: missing array(s) {', '.join(missing)}; expected x and y (and optionally x_val, y_val)"
             )
+    notes = (
+        [f"{name}: x holds 8-bit values (uint8); scaled to [0, 1] by dividing by 255"]
+        if arrays["x"].dtype == np.uint8
+        else []
+    )
     train = _check(arrays["x"], arrays["y"], name)
     if len(train.y) < 2:
         raise BnmoveError(f"{name}: needs at least 2 samples")
@@ -121,10 +130,10 @@ def load_dataset(spec: str | Path, *, val_split: float = 0.2, seed: int = 0) -> 
             raise BnmoveError(
                 f"{name}: x_val samples have shape {tuple(val.x.shape[1:])}, x has {tuple(train.x.shape[1:])}"
             )
-        return Dataset(train, val, name)
+        return Dataset(train, val, name, notes)
     order = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(len(order) * val_split))
     val_idx, train_idx = order[:n_val], order[n_val:]
     return Dataset(
-        Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx]), name
+        Split(train.x[train_idx], train.y[train_idx]), Split(train.x[val_idx], train.y[val_idx]), name, notes
     )
