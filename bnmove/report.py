@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,39 +211,42 @@ def comparison_header(comparison: Comparison) -> str:
     )
 
 
-def comparison_table(comparison: Comparison) -> Table:
+#: compare's columns, most important first; a narrow terminal drops them from the end of this list
+_COMPARE_DROP_ORDER = ("size", "cosine", "p99", "nodes (BN)", "p90", "max |Δ|")
+#: about how many characters each compare column needs, borders included
+_COMPARE_WIDTHS = {
+    "variant": 12, "batch": 8, "p50 ms": 9, "p90": 9, "p99": 9, "samples/s": 12, "ratio": 8,
+    "max |Δ|": 11, "cosine": 11, "top-1": 9, "nodes (BN)": 13, "size": 10,
+}  # fmt: skip
+
+
+def comparison_table(comparison: Comparison, width: int | None = None) -> Table:
+    """The compare table; at ``width`` columns (a terminal's) it drops the least important columns
+    (size, cosine, p99, node counts, p90, max |Δ|, in that order) so the rest stay readable."""
     table = Table(title=comparison_header(comparison), title_justify="left")
-    columns = (
-        "variant",
-        "batch",
-        "p50 ms",
-        "p90",
-        "p99",
-        "samples/s",
-        "ratio",
-        "max |Δ|",
-        "cosine",
-        "top-1",
-        "nodes (BN)",
-        "size",
-    )
+    cells: dict[str, Callable[[dict[str, Any]], str]] = {
+        "variant": _variant_label,
+        "batch": lambda r: str(r["batch"]),
+        "p50 ms": lambda r: f"{r['p50_ms']:.3f}",
+        "p90": lambda r: f"{r['p90_ms']:.3f}",
+        "p99": lambda r: f"{r['p99_ms']:.3f}",
+        "samples/s": lambda r: f"{r['throughput']:,.0f}",
+        "ratio": lambda r: f"{r['ratio']:.2f}×",
+        "max |Δ|": lambda r: f"{r['max_abs']:.2e}" if r["max_abs"] is not None else "—",
+        "cosine": lambda r: f"{r['cosine']:.6f}" if r["cosine"] is not None else "—",
+        "top-1": lambda r: _top1(_deviation_of(comparison, r["variant"])),
+        "nodes (BN)": lambda r: f"{r['nodes']} ({r['batchnorms']})",
+        "size": lambda r: f"{r['file_size'] / 1e6:.2f} MB",
+    }
+    columns = list(cells)
+    for dropped in _COMPARE_DROP_ORDER:
+        if width is None or sum(_COMPARE_WIDTHS[c] for c in columns) <= width:
+            break
+        columns.remove(dropped)
     for column in columns:
-        table.add_column(column, justify="left" if column == "variant" else "right")
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for r in _rows(comparison):
-        table.add_row(
-            _variant_label(r),
-            str(r["batch"]),
-            f"{r['p50_ms']:.3f}",
-            f"{r['p90_ms']:.3f}",
-            f"{r['p99_ms']:.3f}",
-            f"{r['throughput']:,.0f}",
-            f"{r['ratio']:.2f}×",
-            f"{r['max_abs']:.2e}" if r["max_abs"] is not None else "—",
-            f"{r['cosine']:.6f}" if r["cosine"] is not None else "—",
-            _top1(_deviation_of(comparison, r["variant"])),
-            f"{r['nodes']} ({r['batchnorms']})",
-            f"{r['file_size'] / 1e6:.2f} MB",
-        )
+        table.add_row(*(cells[c](r) for c in columns))
     return table
 
 

@@ -210,3 +210,21 @@ def test_a_variant_that_computes_something_else_is_marked(tmp_path: Path) -> Non
 
 def test_exact_variants_are_not_marked(result: compare_module.Comparison) -> None:
     assert not any(d.deviates for d in result.deviations) and report.deviation_note(result) is None
+
+
+def test_compare_table_reads_at_80_columns(result: compare_module.Comparison) -> None:
+    from rich.console import Console
+
+    def render(width: int) -> list[str]:
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(report.comparison_table(result, width=width))
+        return console.export_text().splitlines()
+
+    narrow, wide = render(80), render(160)
+    assert all(len(line) <= 80 for line in narrow)
+    header = next(line for line in narrow if "variant" in line)
+    assert "ratio" in header and "top-1" in header and "samples/s" in header  # the important ones stay
+    assert "cosine" not in header and "size" not in header  # the least important go
+    body = [line for line in narrow if line.startswith("│ ")]
+    assert len(body) == len(result.timings)  # one line per row: nothing wraps a word per line
+    assert "cosine" in next(line for line in wide if "variant" in line)

@@ -223,7 +223,7 @@ def compare_command(
         click.echo(comparison_json(result), nl=False)
         return
     out = _stdout()
-    out.print(comparison_table(result))
+    out.print(comparison_table(result, width=out.width))
     note = deviation_note(result)
     if note:
         out.print(f"[yellow]{note}[/]", highlight=False)

@@ -121,7 +121,7 @@ def run_demo(
     console.print(Rule("5. bnmove compare (onnxruntime)"))
     with status.status("timing the variants…"):
         comparison = compare(paths, provider="auto", batch_sizes=(1, 64), warmup=3, iterations=30)
-    console.print(report.comparison_table(comparison))
+    console.print(report.comparison_table(comparison, width=console.width))
     md = out_dir / "compare.md"
     md.write_text(report.comparison_markdown(comparison))
     written.append(md)
