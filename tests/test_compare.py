@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,15 @@ def test_compare_table_reads_at_80_columns(result: compare_module.Comparison) ->
     body = [line for line in narrow if line.startswith("│ ")]
     assert len(body) == len(result.timings)  # one line per row: nothing wraps a word per line
     assert "cosine" in next(line for line in wide if "variant" in line)
+
+
+def test_missing_onnxruntime_is_one_line_naming_both_builds(
+    variants: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an install without either extra sees
+    with pytest.raises(BnmoveError, match=r"bnmove\[gpu\].*bnmove\[cpu\]"):
+        runtime.import_onnxruntime()
+    res = CliRunner().invoke(main, ["compare", str(variants), "--json-file", str(tmp_path / "c.json")])
+    assert res.exit_code == 1, res.output
+    assert res.output.count("\n") == 1 and "onnxruntime is not installed" in res.output
+    assert not (tmp_path / "c.json").exists()

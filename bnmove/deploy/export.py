@@ -33,6 +33,7 @@ from ..errors import BnmoveError
 from ..moving.conversion import convert
 from ..moving.verify import eval_mode, output_tensors, run_model
 from .folding import fold_forward
+from .runtime import import_onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,7 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

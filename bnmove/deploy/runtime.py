@@ -42,9 +42,15 @@ _DTYPES = {
 }
 
 
-def _ort() -> Any:
-    import onnxruntime as ort
-
+def import_onnxruntime() -> Any:
+    """onnxruntime, or one line saying how to install the build that fits this machine."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BnmoveError(
+            "onnxruntime is not installed: pip install 'bnmove[gpu]' on a CUDA machine "
+            "(onnxruntime-gpu), 'bnmove[cpu]' elsewhere (onnxruntime); ./install.sh picks for you"
+        ) from None
     return ort
 
 
@@ -77,7 +83,7 @@ def _nvidia_driver_present() -> bool:
 
 def _preload_torch_cuda_libraries() -> None:
     """With a CUDA build of torch installed, let onnxruntime reuse its CUDA/cuDNN libraries."""
-    ort = _ort()
+    ort = import_onnxruntime()
     try:
         import torch
 
@@ -112,7 +118,7 @@ def provider_works(name: str) -> bool:
         return True
     if name in _WORKS:
         return _WORKS[name]
-    ort = _ort()
+    ort = import_onnxruntime()
     works = False
     if PROVIDERS[name] in ort.get_available_providers() and _nvidia_driver_present():
         _preload_torch_cuda_libraries()
@@ -143,7 +149,7 @@ def select_provider(requested: str = "auto") -> str:
         available = [n for n in PROVIDERS if provider_works(n)]
         raise BnmoveError(
             f"provider {requested!r} is not available here (onnxruntime "
-            f"{_ort().__version__}); available: {', '.join(available)}"
+            f"{import_onnxruntime().__version__}); available: {', '.join(available)}"
         )
     return requested
 
@@ -284,7 +290,7 @@ class _Runner:
     """One variant's session, with device-bound I/O on GPU providers."""
 
     def __init__(self, path: Path, provider: str, tmp: Path) -> None:
-        ort = _ort()
+        ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -339,7 +345,7 @@ class _Runner:
         if not self.on_device:
             self._arrays = arrays
             return
-        ort = _ort()
+        ort = import_onnxruntime()
         binding = self.session.io_binding()
         for spec, array in zip(self.inputs, arrays, strict=True):
             binding.bind_ortvalue_input(spec.name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
@@ -490,7 +496,7 @@ def compare(
     return Comparison(
         provider=chosen,
         device=_device_name(chosen),
-        onnxruntime=_ort().__version__,
+        onnxruntime=import_onnxruntime().__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         reference=ref,
         variants=variants,
