@@ -125,6 +125,13 @@ def test_convert_json_and_code_dir(resnet_files: dict[str, Path], tmp_path: Path
     saved = torch.load(resnet_files["state"].with_name("resnet_sd.after.pt"), weights_only=False)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(rebuilt.eval()(x), saved.eval()(x))
+    assert not any(t.is_meta for t in (*rebuilt.parameters(), *rebuilt.buffers()))
+    # Each weight once: in state_dict.pt; the children fx pickles beside it carry no tensor data.
+    blobs = [f for f in code.glob("*.pt") if f.name != "state_dict.pt"]
+    assert blobs
+    for blob in blobs:
+        child = torch.load(blob, weights_only=False)
+        assert all(t.is_meta for t in child.state_dict().values()), blob.name
 
 
 def test_untraceable_model_converts_and_keeps_its_forward(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
+import torch
 from torch import fx, nn
 
 from .._atomic import atomic_dir
@@ -28,20 +30,44 @@ def require_graph_module(model: nn.Module) -> fx.GraphModule:
         ) from None
 
 
-def write_code_folder(model: nn.Module, folder: Path, class_name: str = "ConvertedModel") -> Path:
-    """``folder/module.py`` defines ``class_name``; its weights sit beside it.
+def _weightless_copy(model: nn.Module) -> nn.Module:
+    """``model`` with every state-dict tensor on the meta device (no bytes), all else copied.
 
-    fx's ``to_folder`` writes absolute paths to the files it pickles; they are
-    rewritten relative to ``module.py`` so the folder can be moved (and so the
-    atomic write's temporary name does not leak into the code).
+    Non-persistent buffers are not in the state dict, so they keep their values.
+    """
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    memo: dict[int, object] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in persistent:
+            meta = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = (
+                nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+            )
+    return copy.deepcopy(model, memo)
+
+
+def write_code_folder(model: nn.Module, folder: Path, class_name: str = "ConvertedModel") -> Path:
+    """``folder/module.py`` defines ``class_name``; its weights sit beside it, each stored once.
+
+    fx's ``to_folder`` writes the state dict and, for every child it cannot write
+    as code, a pickle of that child with its weights: every weight twice. Here the
+    children are pickled weightless (meta tensors) and ``module.py`` loads the one
+    ``state_dict.pt`` with ``assign=True``, which puts the real tensors in place.
+    fx's absolute paths are rewritten relative to ``module.py`` so the folder can
+    be moved (and so the atomic write's temporary name does not leak into the code).
     """
     model = require_graph_module(model)
     with atomic_dir(folder) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "saved as pickled files instead of reprs": expected
-            model.to_folder(tmp, class_name)
+            _weightless_copy(model).to_folder(tmp, class_name)
+        torch.save(model.state_dict(), tmp / "state_dict.pt")
         module_py = tmp / "module.py"
         code = module_py.read_text()
+        load = f"self.load_state_dict(torch.load(r'{tmp}/state_dict.pt'))"
+        if load not in code:
+            raise BnmoveError("--code-dir: torch.fx wrote code this version of bnmove does not recognise")
+        code = code.replace(load, f"self.load_state_dict(torch.load(r'{tmp}/state_dict.pt'), assign=True)")
         code = code.replace(f"r'{tmp}/", "_HERE + r'/").replace(f"r'{tmp}", "_HERE + r'")
         module_py.write_text(_PREAMBLE + code)
     return folder
