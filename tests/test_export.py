@@ -15,6 +15,7 @@ from zoo import build
 
 import bnmove
 from bnmove.deploy.export import export_variants
+from bnmove.fitting.calibrate import split_held_out
 
 
 def _run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -71,6 +72,50 @@ def test_static_batch_and_refusals(tmp_path: Path) -> None:
         export_variants(model, inputs, tmp_path / "x", ["sideways"])
     assert paths["original"].read_bytes() == before
     assert not (tmp_path / "x").exists()
+
+
+def test_export_takes_calibration_data_and_a_max_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bnmove.cli import main
+
+    model, inputs = build("mlp")
+    torch.save(model, tmp_path / "mlp.pt")
+    np.save(tmp_path / "calib.npy", torch.randn(120, *inputs[0].shape[1:]).numpy())
+    common = [
+        "export",
+        str(tmp_path / "mlp.pt"),
+        "--allow-pickle",
+        "--placements",
+        "after",
+        "--method",
+        "fit",
+    ]
+    common += ["--calibration-data", str(tmp_path / "calib.npy")]
+    res = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["calibration"] == "data"
+    entry = manifest["variants"]["after"]
+    assert entry["moved_fit"] >= 1 and all(m["method"] == "fit-calibrated" for m in entry["moves"])
+    _, held = split_held_out([(torch.zeros(120, 1),)])
+    assert entry["conversion_held_out"]["samples"] == sum(len(b[0]) for b in held) > 0
+    # The fitted variant in the file is the one convert() makes from the same samples.
+    want = bnmove.convert(model, "after", method="fit", calibration_data=np.load(tmp_path / "calib.npy"))
+    x = inputs[0]
+    np.testing.assert_allclose(
+        _run(tmp_path / "out" / "mlp.after.onnx", x),
+        outputs_of(want.model, inputs).numpy(),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    refused = CliRunner().invoke(main, [*common, "--max-error", "1e-9", "-o", str(tmp_path / "strict")])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1
+    assert (
+        "error: after: the conversion changes outputs" in refused.output
+        and "above --max-error" in refused.output
+    )
+    assert not (tmp_path / "strict").exists()
 
 
 def test_failed_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,6 +62,25 @@ from ._common import (
 @click.option(
     "--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(13, 23), help="ONNX opset."
 )
+@click.option(
+    "--calibration-data",
+    "calibration_path",
+    type=click.Path(path_type=Path),
+    help="Real inputs for fitted moves (see bnmove convert --help); held-out figures go into the manifest.",
+)
+@click.option(
+    "--calibration-samples",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Use at most this many calibration samples.",
+)
+@click.option(
+    "--max-error",
+    type=click.FloatRange(min=0.0),
+    metavar="X",
+    help="Fail (exit 1, nothing written) when a moved variant's outputs change by more than X (relative).",
+)
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension (dynamic by default).")
 @click.option(
     "--fold-forward",
@@ -76,6 +95,9 @@ def export_command(
     out_dir: Path,
     placements: str,
     method: str,
+    calibration_path: Path | None,
+    calibration_samples: int,
+    max_error: float | None,
     opset: int,
     static_batch: bool,
     fold_forward: bool,
@@ -108,10 +130,16 @@ def export_command(
             fold_forward_bns=fold_forward,
             stem=model.stem,
             force=force,
+            calibration_data=calibration_path,
+            calibration_samples=calibration_samples,
+            max_error=max_error,
             on_variant=advance,
         )
         progress.update(task, completed=len(variants))
     manifest = read_manifest(out_dir) or {}
+    for name, entry in manifest.get("variants", {}).items():
+        for warning in entry.get("conversion_warnings", []):
+            click.echo(f"bnmove: warning: {name}: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return

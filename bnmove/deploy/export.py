@@ -30,6 +30,7 @@ from torch import nn
 
 from .._clone import clone_module
 from ..errors import BnmoveError
+from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import convert
 from ..moving.verify import eval_mode, output_tensors, run_model
 from .folding import fold_forward
@@ -176,7 +177,7 @@ def check_against_torch(
 
 
 def _variant_model(
-    model: nn.Module, variant: str, method: str, inputs: Sequence[torch.Tensor]
+    model: nn.Module, variant: str, inputs: Sequence[torch.Tensor], conversion: dict[str, Any]
 ) -> tuple[nn.Module, dict[str, Any]]:
     if variant == "original":
         return clone_module(model), {
@@ -186,7 +187,10 @@ def _variant_model(
             "moved_fit": 0,
             "moved_swap": 0,
         }
-    result = convert(model, variant, method=method, example_inputs=inputs)
+    try:
+        result = convert(model, variant, example_inputs=inputs, **conversion)
+    except BnmoveError as exc:
+        raise BnmoveError(f"{variant}: {exc}") from exc
     info = result.to_dict()
     return result.model, {
         "moves": [
@@ -199,6 +203,8 @@ def _variant_model(
         "moved_fit": info["moved_fit"],
         "moved_swap": info["moved_swap"],
         "conversion_verification": info["verification"],
+        "conversion_held_out": info["held_out"],
+        "conversion_warnings": list(result.warnings),
     }
 
 
@@ -215,6 +221,9 @@ def export_variants(
     stem: str = "model",
     force: bool = False,
     tolerance: float = 1e-4,
+    calibration_data: Any = None,
+    calibration_samples: int = 256,
+    max_error: float | None = None,
     on_variant: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Export each placement variant of ``model`` to ``out_dir/<stem>.<variant>.onnx``.
@@ -229,6 +238,8 @@ def export_variants(
         static_batch: fix the batch dimension (dynamic by default).
         fold_forward_bns: fold BNs that follow their activation into the next layer where exact.
         tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
+        calibration_data, calibration_samples, max_error: as for :func:`bnmove.convert`, for
+            the moved variants (calibrated fitting, held-out figures, the error bound).
         on_variant: called with each variant's name before it is exported (progress).
 
     Returns:
@@ -249,6 +260,8 @@ def export_variants(
     if clash and not force:
         raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
     inputs = tuple(example_inputs)
+    if calibration_data is not None:  # read once; every moved variant fits on the same samples
+        calibration_data = calibration_batches(calibration_data, samples=calibration_samples)
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
@@ -258,7 +271,12 @@ def export_variants(
             out,
             targets,
             placements,
-            method,
+            {
+                "method": method,
+                "calibration_data": calibration_data,
+                "calibration_samples": calibration_samples,
+                "max_error": max_error,
+            },
             opset,
             static_batch,
             fold_forward_bns,
@@ -277,7 +295,7 @@ def _export_into(
     out: Path,
     targets: dict[str, Path],
     placements: Sequence[str],
-    method: str,
+    conversion: dict[str, Any],
     opset: int,
     static_batch: bool,
     fold_forward_bns: bool,
@@ -290,7 +308,7 @@ def _export_into(
         for variant in placements:
             if on_variant is not None:
                 on_variant(variant)
-            variant_model, entry = _variant_model(model, variant, method, inputs)
+            variant_model, entry = _variant_model(model, variant, inputs, conversion)
             if fold_forward_bns:
                 folding = fold_forward(variant_model)
                 variant_model = folding.model
@@ -322,7 +340,8 @@ def _export_into(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
-            "method": method,
+            "method": conversion["method"],
+            "calibration": "data" if conversion["calibration_data"] is not None else "none",
             "fold_forward": fold_forward_bns,
             "example_input_shapes": [list(x.shape) for x in inputs],
             "variants": entries,
