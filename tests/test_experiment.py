@@ -64,6 +64,29 @@ def test_reported_numbers_match_a_direct_recomputation() -> None:
     assert summary.val_accuracy == pytest.approx(last.val_accuracy) and summary.val_accuracy_std == 0.0
 
 
+class ScoresOutput(dict):
+    """What an HF ``ModelOutput`` looks like from outside: a mapping whose fields are also attributes."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        return self[name]
+
+
+class TinyWithModelOutput(Tiny):
+    def forward(self, x: torch.Tensor) -> ScoresOutput:  # type: ignore[override]
+        return ScoresOutput(loss=torch.zeros(()), logits=super().forward(x), hidden=self.fc1(x))
+
+
+def test_models_returning_a_model_output_train_on_its_logits() -> None:
+    """Same seed, same weights: the logits of the ModelOutput train exactly as the plain tensor does."""
+    data = _blobs()
+    plain = experiment(Tiny(), data, epochs=2, seeds=[3], batch_size=16)
+    wrapped = experiment(TinyWithModelOutput(), data, epochs=2, seeds=[3], batch_size=16)
+    for a, b in zip(plain.records, wrapped.records, strict=True):
+        assert (a.variant, a.epoch) == (b.variant, b.epoch)
+        assert b.val_loss == pytest.approx(a.val_loss, rel=1e-6)
+        assert b.val_accuracy == a.val_accuracy
+
+
 def test_same_start_as_a_manual_swap_conversion() -> None:
     data = _blobs()
     result = experiment(Tiny(), data, placements=["original", "after"], epochs=1, seeds=[3])

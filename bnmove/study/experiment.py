@@ -15,7 +15,7 @@ import hashlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -133,13 +133,27 @@ def reinitialize(model: nn.Module, seed: int) -> None:
             reset()
 
 
+def class_scores(output: Any) -> Any:
+    """The class scores in a model's output: the tensor itself, ``logits`` of an HF ``ModelOutput``
+    (or any mapping/object with that field), or the first element of a tuple/list."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return output
+
+
 def check_data(model: nn.Module, data: Dataset) -> int:
     """Fail before any training when data and model do not fit; returns the number of classes."""
     probe = clone_module(model).eval()
     x = data.train.x[:2]
     try:
         with torch.no_grad():
-            out = probe(x.to(next(probe.parameters()).device))
+            out = class_scores(probe(x.to(next(probe.parameters()).device)))
     except Exception as exc:
         raise ModelRunError(
             f"the model does not accept samples of shape {tuple(x.shape[1:])} from {data.name}: "
@@ -171,7 +185,7 @@ def train_epoch(
         idx = order[start : start + batch_size].to(x.device)
         if len(idx) < 2:
             continue  # BatchNorm cannot train on a single sample
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss = F.cross_entropy(class_scores(model(x[idx])), y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -213,7 +227,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     loss, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
-            out = model(x[start : start + batch_size])
+            out = class_scores(model(x[start : start + batch_size]))
             target = y[start : start + batch_size]
             loss += float(F.cross_entropy(out, target, reduction="sum"))
             correct += int((out.argmax(1) == target).sum())
