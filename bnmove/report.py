@@ -17,7 +17,7 @@ from .analysis.detect import Pair
 from .analysis.tracing import Untraced
 from .deploy.runtime import Comparison, OutputDeviation, VariantInfo
 from .errors import BnmoveError
-from .moving.conversion import Conversion
+from .moving.conversion import Conversion, Move
 from .study.experiment import ExperimentResult
 
 
@@ -25,13 +25,53 @@ def _yes(flag: bool) -> str:
     return "[green]yes[/]" if flag else "[red]no[/]"
 
 
-def pairs_table(pairs: Sequence[Pair]) -> Table:
-    table = Table(title="BatchNorm–activation pairs", title_justify="left")
-    for column in ("BN", "activation", "kind", "placement", "movable", "exact", "reason"):
-        table.add_column(column, overflow="fold")
+#: below this many columns the pair and conversion tables switch to their compact form
+WIDE_TABLE = 120
+
+
+def _pair_label(bn: str, activation: str | None, kind: str | None) -> str:
+    """``blocks.0.bn1 → act1 (ReLU)``: the activation by its own name where it shares the BN's parent
+    (a bare Sequential index would not read as a name, so ``features.1 → features.2`` stays whole)."""
+    if activation is None:
+        return f"{bn} (no activation)"
+    parent, _, name = activation.rpartition(".")
+    if parent and parent == bn.rpartition(".")[0] and not name.isdigit():
+        activation = name
+    return f"{bn} → {activation} ({kind})"
+
+
+def pairs_table(pairs: Sequence[Pair], width: int | None = None) -> Table:
+    """One row per BN; below :data:`WIDE_TABLE` columns the compact form (see :func:`conversion_table`),
+    where ``move`` says how the pair would move: exact, exact+affine, fit (approximate) or no."""
+    compact = width is not None and width < WIDE_TABLE
+    table = Table(
+        title="BatchNorm–activation pairs",
+        title_justify="left",
+        expand=compact,
+        width=width if compact else None,
+    )
+    if compact:
+        table.add_column("BN → activation (kind)", overflow="fold", ratio=5, min_width=16)
+        table.add_column("placement", no_wrap=True)
+        table.add_column("move", no_wrap=True)
+        table.add_column("reason", overflow="fold", ratio=4, min_width=18)
+    else:
+        for column in ("BN", "activation", "kind", "placement", "movable", "exact", "reason"):
+            table.add_column(column, overflow="fold")
     for pair in pairs:
+        bn = pair.bn + (" (fused)" if pair.fused else "")
+        if compact:
+            if not pair.movable:
+                move = "no"
+            elif pair.keeps_affine:
+                move = "[green]exact+affine[/]"
+            else:
+                move = "[green]exact[/]" if pair.exact else "[cyan]fit[/]"
+            label = _pair_label(bn, pair.activation, pair.activation_kind)
+            table.add_row(label, pair.placement or "—", move, pair.reason or "")
+            continue
         table.add_row(
-            pair.bn + (" (fused)" if pair.fused else ""),
+            bn,
             pair.activation or "—",
             pair.activation_kind or "—",
             pair.placement or "not adjacent",
@@ -78,29 +118,61 @@ _METHOD_LABEL = {
 }
 
 
-def conversion_table(conversion: Conversion) -> Table:
-    table = Table(title=f"Moves to placement '{conversion.placement}'", title_justify="left")
-    for column in ("BN", "activation", "kind", "was", "result", "note"):
-        table.add_column(column, overflow="fold")
+_SHORT_LABEL = {
+    "exact": "exact",
+    "exact-kept-affine": "exact+affine",
+    "fit-data-free": "fit (Gaussian)",
+    "fit-calibrated": "fit (data)",
+    "fit-synthetic": "fit (synthetic)",
+    "swap": "swap",
+}
+
+
+def _move_result(move: Move, short: bool) -> str:
+    method = move.method or "exact"
+    if not move.moved:
+        return "stays"
+    if move.keeps_outputs:
+        colour = "green"
+    elif method.startswith("fit"):
+        colour = "cyan"
+    else:
+        colour = "yellow"
+    if short:
+        return f"[{colour}]{_SHORT_LABEL.get(method, method)}[/]"
+    label = "swap: function changed" if method == "swap" else _METHOD_LABEL.get(method, method)
+    return f"[{colour}]moved ({label})[/]"
+
+
+def conversion_table(conversion: Conversion, width: int | None = None) -> Table:
+    """One row per BN. At ``width`` columns below :data:`WIDE_TABLE` (a terminal's) the
+    compact form: BN and activation share a cell, ``was`` goes (a moved pair was on the other side;
+    a staying one says why in its note) and results are short labels, so the note keeps its room."""
+    title = f"Moves to placement '{conversion.placement}'"
+    compact = width is not None and width < WIDE_TABLE
+    table = Table(title=title, title_justify="left", expand=compact, width=width if compact else None)
+    if compact:
+        table.add_column("BN → activation (kind)", overflow="fold", ratio=5, min_width=16)
+        table.add_column("result", no_wrap=True)
+        table.add_column("note", overflow="fold", ratio=4, min_width=18)
+    else:
+        for column in ("BN", "activation", "kind", "was", "result", "note"):
+            table.add_column(column, overflow="fold")
     for move in conversion.moves:
         pair = move.pair
-        if move.moved and move.keeps_outputs:
-            result = f"[green]moved ({_METHOD_LABEL[move.method or 'exact']})[/]"
-        elif move.moved and move.method and move.method.startswith("fit"):
-            result = f"[cyan]moved ({_METHOD_LABEL[move.method]})[/]"
-        elif move.moved:
-            result = "[yellow]moved (swap: function changed)[/]"
-        else:
-            result = "stays"
         note = "; ".join(filter(None, [move.reason, *move.notes]))
-        table.add_row(
-            pair.bn,
-            pair.activation or "—",
-            pair.activation_kind or "—",
-            pair.placement or "not adjacent",
-            result,
-            note,
-        )
+        result = _move_result(move, short=compact)
+        if compact:
+            table.add_row(_pair_label(pair.bn, pair.activation, pair.activation_kind), result, note)
+        else:
+            table.add_row(
+                pair.bn,
+                pair.activation or "—",
+                pair.activation_kind or "—",
+                pair.placement or "not adjacent",
+                result,
+                note,
+            )
     return table
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from conftest import assert_same_outputs
 from torch import nn
 from zoo import build
 
+import bnmove
 from bnmove import find_pairs
 from bnmove.cli import main
 
@@ -363,3 +365,32 @@ def test_synthetic_fit_names_the_inferred_shape(tmp_path: Path) -> None:
     assert "synthetic inputs take the shape 10 inferred from the first layer" in " ".join(done.stderr.split())
     given = run(*args, "--calibration-samples", "8", "--input-shape", "4,10", "--force")
     assert given.exit_code == 0 and "inferred" not in given.stderr
+
+
+def test_conversion_table_reads_at_80_columns() -> None:
+    from rich.console import Console
+
+    from bnmove import report
+    from bnmove.sample_models import mobilenet, preact_resnet
+
+    def render(result: bnmove.Conversion, width: int) -> list[str]:
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(report.conversion_table(result, width=width))
+        return console.export_text().splitlines()
+
+    x = torch.randn(2, 3, 32, 32)
+    mobile = bnmove.convert(mobilenet(), "after", example_inputs=(x,))
+    narrow, wide = render(mobile, 80), render(mobile, 160)
+    assert all(len(line) <= 80 for line in narrow)
+    text = "\n".join(narrow)
+    # Names whole (a Sequential index is not shortened), the reasons readable, few lines per row.
+    assert "blocks.1.block.1 → blocks.1.block.2" in text and "not adjacent to an" in text
+    assert len(narrow) < 2.5 * len(mobile.moves) + 6
+    assert " was " in wide[2] and " kind " in wide[2]  # the wide form keeps every column
+    preact = bnmove.convert(preact_resnet(), "after", method="fit", example_inputs=(x,))
+    assert "blocks.0.bn1 → act1 (ReLU)" in "\n".join(render(preact, 80))
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(report.pairs_table(bnmove.find_pairs(preact_resnet()), width=80))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert any("blocks.1.bn1 → act1 (ReLU)" in line and "exact+affine" in line for line in lines)

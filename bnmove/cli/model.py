@@ -50,7 +50,7 @@ def inspect(
         return
     out = _stdout()
     if result.pairs:
-        out.print(pairs_table(result.pairs))
+        out.print(pairs_table(result.pairs, width=out.width))
     for line in untraced_lines(result.untraced):
         out.print(f"[yellow]{line}[/]", highlight=False)
     out.print(pairs_summary(result.pairs), highlight=False)
@@ -217,7 +217,7 @@ def convert_command(
         )
         return
     out = _stdout()
-    out.print(conversion_table(result))
+    out.print(conversion_table(result, width=out.width))
     for line in untraced_lines(result.untraced):
         out.print(f"[yellow]{line}[/]", highlight=False)
     out.print(conversion_summary(result), highlight=False)

@@ -85,7 +85,7 @@ def run_demo(
 
     console.print(Rule("2. bnmove inspect"))
     found = detect(model)
-    console.print(report.pairs_table(found.pairs))
+    console.print(report.pairs_table(found.pairs, width=console.width))
     console.print(report.pairs_summary(found.pairs), highlight=False)
 
     console.print(Rule("3. bnmove convert, both ways, verified"))
@@ -100,7 +100,7 @@ def run_demo(
         path = out_dir / f"digits_net.{placement}.pt"
         save_module(result.model, path)
         written.append(path)
-        console.print(report.conversion_table(result))
+        console.print(report.conversion_table(result, width=console.width))
         line = report.conversion_summary(result)
         if data is not None:
             line += (
