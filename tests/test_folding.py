@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
+import onnx
 import pytest
 import torch
 from conftest import assert_same_outputs
@@ -7,6 +11,7 @@ from torch import nn
 from zoo import build, randomize_bn
 
 import bnmove
+from bnmove.deploy.export import export_variants
 from bnmove.deploy.folding import fold_forward
 
 
@@ -14,7 +19,7 @@ from bnmove.deploy.folding import fold_forward
     ("name", "folded", "standalone"),
     [
         ("mlp", {"bn1.1": "fc2", "bn2": "fc3"}, 0),  # bn1 moved: its slot is Sequential(act, bn)
-        ("nested", {"stage.1.bn": "stage.1.proj"}, 2),
+        ("nested", {"stage.1.bn": "stage.1.proj", "stage.3": "head.fc"}, 1),  # via F.adaptive_avg_pool2d
         ("conv1d", {"bn2": "conv3"}, 1),
     ],
 )
@@ -107,3 +112,160 @@ def test_fold_through_adaptive_pooling_and_flatten_into_a_linear() -> None:
     assert (bn.fate, bn.into, bn.through) == ("folded-forward", "5", ("3", "4"))
     assert isinstance(result.model[2], nn.Identity)
     assert_same_outputs(model, result.model, (torch.randn(2, 3, 6, 6),))
+
+
+# --- border-exact folding into zero-padded convs (deploy/border.py) ---
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _padded_block(dims: int, kernel: int, stride: int, dilation: int, groups: int | str, channels: int = 8):
+    """act -> BN (non-trivial, one negative scale) -> zero-padded conv, the after-variant's shape."""
+    groups = channels if groups == "depthwise" else int(groups)
+    conv = _CONVS[dims](
+        channels, 8, kernel, stride, padding=dilation * (kernel // 2), dilation=dilation, groups=groups
+    )
+    return randomize_bn(nn.Sequential(nn.ReLU(), _BNS[dims](channels), conv), seed=kernel + stride).eval()
+
+
+def _input(dims: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 8, *[size + i for i in range(dims)], generator=g)  # uneven sizes on purpose
+
+
+@pytest.mark.parametrize(
+    ("dims", "kernel", "stride", "dilation", "groups"),
+    [
+        (2, 3, 1, 1, 1),
+        (2, 5, 1, 1, 1),
+        (2, 7, 2, 1, 1),
+        (2, 3, 2, 1, 4),
+        (2, 3, 1, 2, "depthwise"),
+        (2, 5, 2, 2, "depthwise"),
+        (1, 3, 1, 1, 1),
+        (1, 7, 2, 2, 4),
+        (3, 3, 1, 1, 1),
+        (3, 3, 2, 1, "depthwise"),
+    ],
+)
+def test_border_corrected_fold_is_exact_at_every_size(
+    dims: int, kernel: int, stride: int, dilation: int, groups: int | str
+) -> None:
+    model = _padded_block(dims, kernel, stride, dilation, groups)
+    plain = fold_forward(model)
+    assert [b.fate for b in plain.bns] == ["standalone"] and "--fold-padded" in (plain.bns[0].reason or "")
+    result = fold_forward(model, padded=True)
+    (bn,) = result.bns
+    assert (bn.fate, bn.into, bn.form) == ("folded-forward", "2", "border-corrected")
+    assert isinstance(result.model[1], nn.Identity)
+    for size in (9, 16):  # one export size, and others: the correction follows the input's shape
+        x = _input(dims, size, seed=size)
+        with torch.no_grad():
+            want, got = model(x).double(), result.model(x).double()
+        # float32 rounding of a sum of up to 8·k^dims products, relative to the outputs' magnitude
+        assert (want - got).abs().max() <= 1e-5 * want.abs().max(), (want - got).abs().max()
+    assert not torch.equal(model[2].weight, result.model[2].conv.weight)  # the scale went into the weights
+
+
+def test_border_correction_matches_a_float64_reference() -> None:
+    """Exact, not close: in float64 the folded conv reproduces BN -> padded conv to 1e-12."""
+    model = _padded_block(2, 5, 2, 2, 4).double()
+    result = fold_forward(model, padded=True)
+    x = _input(2, 13).double()
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_same_padding_and_non_zero_padding_modes() -> None:
+    same = randomize_bn(
+        nn.Sequential(nn.GELU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 5, padding="same", dilation=2))
+    ).eval()
+    result = fold_forward(same, padded=True)
+    assert result.bns[0].form == "border-corrected"
+    assert_same_outputs(same, result.model, (torch.randn(2, 4, 11, 7),))
+    # reflect/replicate/circular pad with copies of the input: the plain fold is exact, no correction
+    for mode in ("reflect", "replicate", "circular"):
+        conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode=mode)
+        model = randomize_bn(nn.Sequential(nn.GELU(), nn.BatchNorm2d(4), conv)).eval()
+        result = fold_forward(model)
+        assert [(b.fate, b.form) for b in result.bns] == [("folded-forward", "weights")], mode
+        assert isinstance(result.model[2], nn.Conv2d)
+        assert_same_outputs(model, result.model, (torch.randn(2, 4, 9, 9),))
+
+
+@pytest.mark.parametrize(
+    ("dims", "kernel", "stride", "dilation", "groups"),
+    [(2, 3, 1, 1, "depthwise"), (2, 7, 2, 1, 1), (1, 5, 2, 2, 4), (3, 3, 1, 1, 1)],
+)
+def test_border_corrected_fold_under_onnxruntime(
+    tmp_path: Path, dims: int, kernel: int, stride: int, dilation: int, groups: int | str
+) -> None:
+    """The exported fold agrees with the unfolded block, and onnxruntime runs it as Conv + Add:
+    no BatchNormalization left after its optimisations, the correction folded to one constant."""
+    import onnxruntime as ort
+
+    model = _padded_block(dims, kernel, stride, dilation, groups)
+    x = _input(dims, 12)
+    paths = export_variants(model, (x,), tmp_path / "plain", ["original"], stem="m")
+    folded = export_variants(model, (x,), tmp_path / "folded", ["original"], stem="m", fold_padded=True)
+    runs = {}
+    for name, path in (("plain", paths["original"]), ("folded", folded["original"])):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        runs[name] = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    want = runs["plain"]
+    assert abs(runs["folded"] - want).max() <= 1e-5 * abs(want).max()
+    with torch.no_grad():
+        assert abs(runs["folded"] - model(x).numpy()).max() <= 1e-5 * abs(want).max()
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "folded.opt.onnx")).graph.node)
+    assert ops["BatchNormalization"] == 0 and ops["Conv"] == 1 and ops["Add"] == 1, ops
+    assert set(ops) <= {"Conv", "Add", "Relu"}, ops  # the correction's own conv was folded at load time
+
+
+@pytest.mark.parametrize(
+    ("call", "negative", "fate"),
+    [
+        (lambda z: torch.nn.functional.adaptive_avg_pool2d(z, 1), True, "folded-forward"),
+        (lambda z: torch.nn.functional.avg_pool2d(z, 2), True, "folded-forward"),
+        (lambda z: torch.nn.functional.avg_pool2d(z, 3, 1, 1), False, "standalone"),
+        (
+            lambda z: torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False),
+            True,
+            "folded-forward",
+        ),
+        (lambda z: torch.nn.functional.max_pool2d(z, 3, 2, 1), False, "folded-forward"),
+        (lambda z: torch.nn.functional.max_pool2d(z, 3, 2, 1), True, "standalone"),
+        (lambda z: z.mean((2, 3), keepdim=True), True, "folded-forward"),
+        (lambda z: z.mean(1, keepdim=True), False, "standalone"),
+    ],
+    ids=[
+        "adaptive-avg",
+        "avg",
+        "avg-counting-padding",
+        "avg-no-pad-count",
+        "max",
+        "max-negative",
+        "mean-hw",
+        "mean-c",
+    ],
+)
+def test_fold_through_functional_pooling(call, negative: bool, fate: str) -> None:
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            channels = call(torch.zeros(1, 4, 4, 4)).shape[1]
+            self.act, self.bn, self.proj = nn.ReLU(), _bn(4, negative), nn.Conv2d(channels, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(call(self.bn(self.act(x))))
+
+    model = Head().eval()
+    result = fold_forward(model)
+    (bn,) = result.bns
+    assert bn.fate == fate, bn
+    if fate == "standalone":
+        assert bn.reason
+    assert_same_outputs(model, result.model, (torch.randn(2, 4, 8, 8),))

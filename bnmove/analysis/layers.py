@@ -105,6 +105,15 @@ def custom_affine_layer(module: nn.Module) -> bool:
     return _PROBED[module]
 
 
+def zero_padded_conv(layer: nn.Module) -> bool:
+    """A torch Conv1d/2d/3d that pads with zeros: a BN folds into it exactly with a border correction."""
+    if not isinstance(layer, _CONV) or not torch_forward(layer) or layer.padding_mode != "zeros":
+        return False
+    if layer.padding == "same":
+        return any(k != 1 for k in layer.kernel_size)
+    return isinstance(layer.padding, tuple) and any(p != 0 for p in layer.padding)
+
+
 def forward_fold_blocker(layer: nn.Module) -> str | None:
     """Why folding a BN forward into ``layer`` would not be exact, or None."""
     if isinstance(layer, ChannelAffine):
@@ -114,6 +123,8 @@ def forward_fold_blocker(layer: nn.Module) -> str | None:
             return None
         return f"its own forward ({type(layer).__name__}) pads or reshapes its input, which the BN's shift does not pass"
     if isinstance(layer, _CONV):
+        if layer.padding_mode != "zeros":
+            return None  # reflect/replicate/circular pad with copies of the input: pad(a·u+b) = a·pad(u)+b
         padding = layer.padding
         if padding == "same" and any(k != 1 for k in layer.kernel_size):
             return "it pads its input ('same'), and padding does not commute with the BN's shift"
@@ -136,4 +147,5 @@ __all__ = [
     "in_channels",
     "out_channels",
     "torch_forward",
+    "zero_padded_conv",
 ]

@@ -85,7 +85,15 @@ from ._common import (
 @click.option(
     "--fold-forward",
     is_flag=True,
-    help="Fold BNs that follow their activation into the next Linear/unpadded Conv where exact.",
+    help="Fold BNs that follow their activation into the next Linear/Conv where exact without extra work "
+    "(through pooling and flatten; convs that pad with zeros need --fold-padded).",
+)
+@click.option(
+    "--fold-padded",
+    is_flag=True,
+    help="--fold-forward, and also fold BNs into zero-padded convs: scaled weights plus a constant "
+    "border correction (an Add after the Conv). Exact at every size; whether it is faster than the "
+    "standalone BN depends on the runtime (see README, Deployment).",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing variant files in the folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -101,6 +109,7 @@ def export_command(
     opset: int,
     static_batch: bool,
     fold_forward: bool,
+    fold_padded: bool,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -128,6 +137,7 @@ def export_command(
             opset=opset,
             static_batch=static_batch,
             fold_forward_bns=fold_forward,
+            fold_padded=fold_padded,
             stem=model.stem,
             force=force,
             calibration_data=calibration_path,

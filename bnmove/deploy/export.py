@@ -218,6 +218,7 @@ def export_variants(
     opset: int = DEFAULT_OPSET,
     static_batch: bool = False,
     fold_forward_bns: bool = False,
+    fold_padded: bool = False,
     stem: str = "model",
     force: bool = False,
     tolerance: float = 1e-4,
@@ -237,6 +238,8 @@ def export_variants(
         opset: ONNX opset.
         static_batch: fix the batch dimension (dynamic by default).
         fold_forward_bns: fold BNs that follow their activation into the next layer where exact.
+        fold_padded: also fold BNs into zero-padded convs, with a border correction (implies
+            ``fold_forward_bns``; see :mod:`bnmove.deploy.border`).
         tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
         calibration_data, calibration_samples, max_error: as for :func:`bnmove.convert`, for
             the moved variants (calibrated fitting, held-out figures, the error bound).
@@ -279,7 +282,7 @@ def export_variants(
             },
             opset,
             static_batch,
-            fold_forward_bns,
+            "padded" if fold_padded else "forward" if fold_forward_bns else None,
             tolerance,
             on_variant,
         )
@@ -298,7 +301,7 @@ def _export_into(
     conversion: dict[str, Any],
     opset: int,
     static_batch: bool,
-    fold_forward_bns: bool,
+    folding_mode: str | None,
     tolerance: float,
     on_variant: Callable[[str], None] | None,
 ) -> dict[str, Path]:
@@ -309,8 +312,8 @@ def _export_into(
             if on_variant is not None:
                 on_variant(variant)
             variant_model, entry = _variant_model(model, variant, inputs, conversion)
-            if fold_forward_bns:
-                folding = fold_forward(variant_model)
+            if folding_mode is not None:
+                folding = fold_forward(variant_model, padded=folding_mode == "padded")
                 variant_model = folding.model
                 entry["bns"] = [b.to_dict() for b in folding.bns]
                 entry["standalone_bns"] = [b.to_dict() for b in folding.standalone]
@@ -342,7 +345,8 @@ def _export_into(
             "onnx": onnx.__version__,
             "method": conversion["method"],
             "calibration": "data" if conversion["calibration_data"] is not None else "none",
-            "fold_forward": fold_forward_bns,
+            "fold_forward": folding_mode is not None,
+            "fold_padded": folding_mode == "padded",
             "example_input_shapes": [list(x.shape) for x in inputs],
             "variants": entries,
         }

@@ -24,13 +24,14 @@ from torch import fx, nn
 
 from .._clone import clone_module
 from ..analysis.detect import absorbing_layer
-from ..analysis.layers import forward_fold_blocker, in_channels, out_channels
+from ..analysis.layers import forward_fold_blocker, in_channels, out_channels, zero_padded_conv
 from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_down, skip_identity_up
 from ..analysis.tracing import analysis_regions
 from ..moving import bn_math
 from ..moving.affine import ChannelAffine
 from ..moving.rewrite import affine_map, fold_bn
 from ..moving.surgery import set_submodule
+from .border import border_corrected
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class BnFate:
     reason: str | None = None
     #: the pooling/reshape calls the fold passed through on its way to ``into``
     through: tuple[str, ...] = ()
+    #: how a folded-forward BN went in: "weights" (scale and bias of ``into``) or "border-corrected"
+    #: (into a zero-padded conv, plus the constant map its padding makes: see ``border.py``)
+    form: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +67,9 @@ def _qual(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _fate(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str) -> BnFate:
+def _fate(
+    node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str, padded: bool
+) -> BnFate:
     name = _qual(prefix, str(node.target))
     module = modules[str(node.target)]
     kept = isinstance(module, ChannelAffine)
@@ -90,10 +96,15 @@ def _fate(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], p
         return BnFate(name, "standalone", reason=f"{target.target} is called at several places")
     if in_channels(layer) != module.num_features:  # type: ignore[union-attr]
         return BnFate(name, "standalone", reason=f"{target.target} input channels do not match")
+    into = _qual(prefix, str(target.target))
     blocked = forward_fold_blocker(layer)
+    if blocked and zero_padded_conv(layer):
+        if padded:
+            return BnFate(name, "folded-forward", into=into, through=tuple(through), form="border-corrected")
+        blocked += " (--fold-padded folds it with a border correction)"
     if blocked:
         return BnFate(name, "standalone", reason=f"{target.target}: {blocked}")
-    return BnFate(name, "folded-forward", into=_qual(prefix, str(target.target)), through=tuple(through))
+    return BnFate(name, "folded-forward", into=into, through=tuple(through), form="weights")
 
 
 _MAX_POOLS = (
@@ -122,6 +133,8 @@ def _pass_through(node: fx.Node, modules: dict[str, nn.Module], positive: bool) 
         if isinstance(module, _ADAPTIVE_AVG) or isinstance(module, nn.Flatten):
             return True
         if isinstance(module, _AVG_POOLS):
+            if getattr(module, "divisor_override", None) is not None:
+                return f"{node.target} divides by a fixed count, which the BN's shift does not pass"
             padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
             if any(p != 0 for p in padding) and module.count_include_pad:  # type: ignore[union-attr]
                 return f"{node.target} averages zero padding, which the BN's shift does not pass"
@@ -133,6 +146,35 @@ def _pass_through(node: fx.Node, modules: dict[str, nn.Module], positive: bool) 
         return False
     if node.target in _FLATTENS and len(node.args) >= 2 and node.args[1] == 1 and len(node.users) == 1:
         return True
+    if node.op in ("call_function", "call_method"):
+        return _functional_pass_through(node, positive)
+    return False
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _functional_pass_through(node: fx.Node, positive: bool) -> str | bool:
+    """The functional forms: ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ``F.max_pool2d``, spatial ``mean``."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name.startswith("adaptive_avg_pool"):
+        return True
+    if name.startswith(("max_pool", "adaptive_max_pool")):
+        return True if positive else f"{name} takes a maximum, which a negative BN scale does not pass"
+    if name.startswith("avg_pool"):
+        padding = _arg(node, 3, "padding", 0)
+        padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+        if _arg(node, 6, "divisor_override", None) is not None:
+            return f"{name} divides by a fixed count, which the BN's shift does not pass"
+        if padded and _arg(node, 5, "count_include_pad", True):
+            return f"{name} averages zero padding, which the BN's shift does not pass"
+        return True
+    if name == "mean":
+        dims = _arg(node, 1, "dim", None)
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        # over spatial dimensions only (named by positive index): each channel's mean, shifted alike
+        return all(isinstance(d, int) and d >= 2 for d in dims)
     return False
 
 
@@ -161,10 +203,13 @@ def _past_pooling(
     return None, through, None
 
 
-def fold_forward(model: nn.Module) -> Folding:
+def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
     """Fold every BN that cannot be fused backward into the layer after it, where exact.
 
-    Returns a copy of ``model`` and the fate of each BatchNorm.
+    With ``padded``, BNs before zero-padded convs fold too, as a
+    :class:`~bnmove.deploy.border.BorderCorrectedConv` (exact for every input
+    size; ``Conv`` + a constant ``Add`` once exported). Returns a copy of
+    ``model`` and the fate of each BatchNorm.
     """
     work = clone_module(model)
     traced = analysis_regions(work)
@@ -179,12 +224,19 @@ def fold_forward(model: nn.Module) -> Folding:
             module = modules.get(str(node.target), nn.Identity()) if node.op == "call_module" else None
             if module is None or not (is_batchnorm_module(module) or isinstance(module, ChannelAffine)):
                 continue  # BNs, and the affine maps exact moves kept, fold the same way
-            fate = _fate(node, modules, calls, prefix)
+            fate = _fate(node, modules, calls, prefix, padded)
             fates.append(fate)
             if fate.fate == "folded-forward":
                 user, _, _ = _past_pooling(node, modules, True)
                 assert user is not None
-                fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
+                if fate.form == "border-corrected":
+                    conv = region.root.get_submodule(str(user.target))
+                    a, b = affine_map(modules[str(node.target)])
+                    device = conv.weight.device
+                    corrected = border_corrected(conv, a.to(device), b.to(device))  # type: ignore[arg-type]
+                    set_submodule(region.root, str(user.target), corrected)
+                else:
+                    fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
                 # The BN's slot computes nothing now; every forward stays the user's.
                 set_submodule(region.root, str(node.target), nn.Identity())
     return Folding(work, fates)

@@ -30,7 +30,7 @@ def require_graph_module(model: nn.Module) -> fx.GraphModule:
         ) from None
 
 
-def _weightless_copy(model: nn.Module) -> nn.Module:
+def _weightless_copy(model: fx.GraphModule) -> fx.GraphModule:
     """``model`` with every state-dict tensor on the meta device (no bytes), all else copied.
 
     Non-persistent buffers are not in the state dict, so they keep their values.
