@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,24 @@ def test_export_failure_names_the_root_cause(tmp_path: Path) -> None:
     with pytest.raises(bnmove.BnmoveError, match=r"ONNX export failed: AttributeError: .*'missing'"):
         export_variants(Broken(), (torch.randn(2, 3),), tmp_path / "out", ["original"])
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_fold_padded_leaves_only_bns_no_rule_removes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bnmove.cli import main
+    from bnmove.sample_models import mobilenet
+
+    torch.manual_seed(0)
+    torch.save(mobilenet().eval(), tmp_path / "m.pt")
+    args = ["export", str(tmp_path / "m.pt"), "--allow-pickle", "--input-shape", "1,3,32,32"]
+    res = CliRunner().invoke(
+        main, [*args, "--placements", "after", "--fold-padded", "-o", str(tmp_path / "v")]
+    )
+    assert res.exit_code == 0, res.output
+    entry = json.loads((tmp_path / "v" / "manifest.json").read_text())["variants"]["after"]
+    forms = Counter(b["form"] for b in entry["bns"] if b["fate"] == "folded-forward")
+    assert forms == {"border-corrected": 4, "weights": 5}  # 4 before padded depthwise convs; 4 + the head
+    (left,) = entry["standalone_bns"]
+    assert left["bn"] == "stem.1" and "feeds blocks.0.block.0, add" in left["reason"]
+    assert entry["batchnorm_nodes"] == 1

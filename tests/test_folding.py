@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -220,6 +221,10 @@ def test_border_corrected_fold_under_onnxruntime(
     assert abs(runs["folded"] - want).max() <= 1e-5 * abs(want).max()
     with torch.no_grad():
         assert abs(runs["folded"] - model(x).numpy()).max() <= 1e-5 * abs(want).max()
+    manifest = json.loads((tmp_path / "folded" / "manifest.json").read_text())
+    assert manifest["fold_padded"] and "exported spatial size" in manifest["border_correction"]
+    (fate,) = manifest["variants"]["original"]["bns"]
+    assert (fate["fate"], fate["form"]) == ("folded-forward", "border-corrected")
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "folded.opt.onnx")).graph.node)
     assert ops["BatchNormalization"] == 0 and ops["Conv"] == 1 and ops["Add"] == 1, ops
     assert set(ops) <= {"Conv", "Add", "Relu"}, ops  # the correction's own conv was folded at load time

@@ -347,6 +347,14 @@ def _export_into(
             "calibration": "data" if conversion["calibration_data"] is not None else "none",
             "fold_forward": folding_mode is not None,
             "fold_padded": folding_mode == "padded",
+            **(
+                {
+                    "border_correction": "each border-corrected conv adds a constant made for the exported "
+                    "spatial size (fixed in the file); export again for another size"
+                }
+                if folding_mode == "padded"
+                else {}
+            ),
             "example_input_shapes": [list(x.shape) for x in inputs],
             "variants": entries,
         }
