@@ -10,13 +10,16 @@ next-layer refit), and prints top-1 agreement with the original model on the
 held-out digits: the mean over seeds and the worst seed.
 
     python benchmarks/bench_fit.py [--epochs 20] [--width 32] [--seeds 3] [--convs 1]
+    python benchmarks/bench_fit.py --cost-only        # just the calibration cost table
 
 ``--convs 2`` uses two convs per block instead (then half the BNs follow a conv
 and every method fits them too).
 
 Targets (issue 4): calibrated fit >= 99% for ReLU, GELU, SiLU and >= 98.5% for
 Hardswish and Tanh; data-free fit far better than swap for every family.
-Issue 11: exact (kept affine) 100% for every family.
+Issue 11: exact (kept affine) 100% for every family; calibration cost growing linearly
+with depth (the cost table: full forward passes' worth of conv calls during one
+calibrated ``fit`` conversion, and seconds, for 5, 10 and 20 blocks).
 """
 
 from __future__ import annotations
@@ -77,6 +80,31 @@ def measure(
     }
 
 
+def calibration_cost(calibration: torch.Tensor, samples: int, width: int) -> None:
+    """Forward passes over the data and seconds of one calibrated fit, against depth."""
+    print(
+        f"\ncalibration cost: calibrated fit of every BN of a pre-activation ResNet (width {width}), "
+        f"{samples} samples; passes = conv calls / convs in the model (full forward passes' worth of "
+        "conv work, a replayed prefix counting as the part it runs)"
+    )
+    print(f"{'blocks':>6} {'pairs':>6} {'passes':>7} {'per pair':>9} {'seconds':>8}")
+    for blocks in (5, 10, 20):
+        torch.manual_seed(0)
+        model = PreActResNet(10, width=width, blocks=blocks, in_channels=1).eval()
+        calls = [0]
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        for conv in convs:  # the hooks go with every copy convert makes, so its calls count too
+            conv.register_forward_hook(lambda *_, c=calls: c.__setitem__(0, c[0] + 1))
+        started = time.perf_counter()
+        result = bnmove.convert(
+            model, "after", method="fit", calibration_data=calibration, calibration_samples=samples
+        )
+        seconds = time.perf_counter() - started
+        pairs = len(result.moved)
+        passes = calls[0] / len(convs)
+        print(f"{blocks:>6} {pairs:>6} {passes:>7.1f} {passes / pairs:>9.2f} {seconds:>8.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,10 +114,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--convs", type=int, default=1, choices=(1, 2))
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--cost-only", action="store_true", help="only the calibration cost table")
     args = parser.parse_args()
     data = load_dataset("digits")
     held_out = data.val.x
     calibration = data.train.x[torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(1))]
+    if args.cost_only:
+        calibration_cost(calibration, args.samples, args.width)
+        return
     print(
         f"pre-activation ResNet (3 blocks of {args.convs} conv, width {args.width}, {args.epochs} epochs) on "
         f"digits: {len(data.train.y)} train, {len(data.val.y)} held out; top-1 agreement with the original after "
@@ -113,6 +145,7 @@ def main() -> None:
             f"{time.perf_counter() - started:8.1f}",
             flush=True,
         )
+    calibration_cost(calibration, args.samples, args.width)
 
 
 if __name__ == "__main__":
