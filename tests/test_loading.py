@@ -196,6 +196,21 @@ def test_library_arch_shorthands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ("resnet_tiny", {"pretrained": False, "num_classes": 5}),
         ("resnet_tiny", {"weights": None}),
     ]
+    # Fine-tuned to other classes: the library default (here 5) is rebuilt at the file's 3.
+    calls.clear()
+    three = TinyResNet(classes=3)
+    torch.save(three.state_dict(), tmp_path / "r3.pt")
+    default = create_model
+    fake_timm.create_model = lambda name, **kw: default(name, **{"num_classes": 5, **kw})  # type: ignore[attr-defined]
+    loaded = load_model(tmp_path / "r3.pt", arch="timm:resnet_tiny")
+    assert _same_weights(loaded.module, three.state_dict())
+    assert [kw.get("num_classes") for _, kw in calls] == [5, 3]
+    assert any("num_classes=3" in n for n in loaded.notes)
+    # A mismatch elsewhere than the classifier stays an error.
+    broken = {k: (v[:1] if k == "conv1.weight" else v) for k, v in three.state_dict().items()}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(LoadError, match=r"size mismatch for conv1\.weight"):
+        load_model(tmp_path / "broken.pt", arch="timm:resnet_tiny")
 
 
 def test_cli_prints_loading_notes(tmp_path: Path) -> None:

@@ -368,8 +368,31 @@ def _from_state(
             "--arch package.module:callable (or timm:NAME, torchvision:NAME)"
         )
     model = build_arch(arch, arch_kwargs)
-    _load_state(model, _strip_prefixes(model, state, notes), arch)
+    state = _strip_prefixes(model, state, notes)
+    classes = _other_class_count(model, state)
+    if (
+        classes is not None
+        and arch.split(":")[0] in _LIBRARY_FACTORIES
+        and "num_classes" not in (arch_kwargs or {})
+    ):
+        model = build_arch(arch, {**(arch_kwargs or {}), "num_classes": classes})
+        notes.append(f"built {arch} with num_classes={classes}, the size of the file's classifier")
+    _load_state(model, state, arch)
     return LoadedModel(model, path, "state-dict", arch, notes)
+
+
+def _other_class_count(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
+    """The file's class count when the only shape mismatches are in the model's last layer
+    (a library model fine-tuned to other classes), else None."""
+    expected = model.state_dict()
+    mismatched = {k for k, v in state.items() if k in expected and expected[k].shape != v.shape}
+    last = [name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    if not mismatched or not last:
+        return None
+    head = last[-1]
+    if not all(k.rpartition(".")[0] == head for k in mismatched) or f"{head}.weight" not in state:
+        return None
+    return int(state[f"{head}.weight"].shape[0])
 
 
 def _unpickle(path: Path) -> nn.Module:
