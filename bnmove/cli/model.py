@@ -172,7 +172,10 @@ def convert_command(
         task = progress.add_task("converting", total=None)
 
         def on_progress(done: int, total: int) -> None:
-            what = "making synthetic inputs" if done < total else "fitting"
+            if calibration is not None:  # pass 1 batch by batch, then the converted model's pass
+                what = "calibrating: original model" if done < total - 1 else "calibrating: fitting in order"
+            else:
+                what = "making synthetic inputs" if done < total else "fitting"
             progress.update(task, description=what, completed=done, total=total)
 
         result = convert(

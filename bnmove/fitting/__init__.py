@@ -1,1 +1,1 @@
-"""Fitting where no exact move exists: calibration data, activation capture, layer refits, synthetic inputs."""
+"""Fitting where no exact move exists: calibration data, two-pass calibrated fits, layer refits, synthetic inputs."""

@@ -2,7 +2,8 @@
 
 * :func:`calibration_batches` turns what users have (a tensor, a sequence of
   tensors or tuples, a DataLoader, or files) into input batches.
-* :func:`capture` records intermediate activations of a traced graph.
+* :mod:`bnmove.fitting.sequential` fits pairs and refits layers from calibration data in two
+  passes, by module hooks.
 * :func:`refit_layer` re-fits a Conv/Linear by ridge least squares so that, fed
   the converted model's activations, it reproduces the original model's output
   (im2col for convs, one solve per group).
@@ -13,14 +14,14 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
@@ -157,67 +158,7 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     return model(*args)
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a GraphModule and keeps copies of the named nodes' outputs; stops once it has them all."""
-
-    class _Done(Exception):
-        pass
-
-    def __init__(self, gm: fx.GraphModule, names: Sequence[str]) -> None:
-        super().__init__(gm)
-        self.wanted = set(names)
-        self.values: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = out.detach().clone()  # later in-place ops must not touch it
-            if len(self.values) == len(self.wanted):
-                raise self._Done
-        return out
-
-
-def capture(gm: fx.GraphModule, names: Sequence[str], batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
-    """Outputs of nodes ``names`` over all batches (eval mode, no grad), concatenated on dim 0."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    collected: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    flags = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                recorder = _Recorder(gm, names)
-                try:
-                    recorder.run(*[t.to(device) for t in batch[: len(_placeholders(gm))]])
-                except _Recorder._Done:
-                    pass
-                except Exception as exc:
-                    raise ModelRunError(
-                        f"the model failed on the calibration data: {type(exc).__name__}: {exc}"
-                    ) from exc
-                for name in names:
-                    collected[name].append(recorder.values[name])
-    finally:
-        for module, flag in flags:
-            module.training = flag
-    return {name: torch.cat(parts) for name, parts in collected.items()}
-
-
-def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def channel_samples(*tensors: torch.Tensor, max_rows: int = MAX_ROWS, seed: int = 0) -> list[torch.Tensor]:
-    """``(N, C, *spatial)`` tensors -> ``(K, C)`` rows (the same rows for each), subsampled to ``max_rows``."""
-    rows = [t.transpose(0, 1).reshape(t.shape[1], -1).T if t.dim() > 2 else t for t in tensors]
-    count = rows[0].shape[0]
-    if count > max_rows:
-        idx = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:max_rows]
-        rows = [r[idx.to(r.device)] for r in rows]
-    return [r.double().cpu() for r in rows]
-
-
-def _design(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def design_rows(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Rows of the layer's input as the layer sees them (im2col for convs) and the row count per sample."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1]), 1
@@ -262,6 +203,102 @@ class Underdetermined(Exception):
 ROWS_PER_UNKNOWN = 4
 
 
+class NormalEquations:
+    """A Conv/Linear refit's least-squares problem, accumulated batch by batch.
+
+    Per group: ``DᵀD`` and ``DᵀY`` of the design rows ``D`` (the layer's input as
+    it sees it: im2col for convs, plus a ones column for the bias) against the
+    target rows ``Y``, and enough of ``Y``'s moments to report the fit's error,
+    so any amount of data costs one Gram matrix per group.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.groups = int(getattr(layer, "groups", 1))
+        self.rows = 0
+        self.gram: torch.Tensor | None = None  # (groups, k+1, k+1)
+        self.cross: torch.Tensor | None = None  # (groups, k+1, outs per group)
+        self.y_sum = 0.0
+        self.y_square = 0.0
+        self.y_count = 0
+
+    def add(self, x: torch.Tensor, target: torch.Tensor, max_rows: int = MAX_ROWS, seed: int = 0) -> None:
+        """Take in ``layer(x) ≈ target`` for one batch, at most ``max_rows`` random rows of it."""
+        with torch.no_grad():
+            rows, _ = design_rows(self.layer, x.double())
+            if isinstance(self.layer, nn.Linear):
+                out_rows = target.double().reshape(-1, target.shape[-1])
+            else:  # (N, C_out, *spatial) -> rows in im2col order: sample-major, then spatial row-major
+                out_rows = target.double().flatten(2).transpose(1, 2).reshape(-1, target.shape[1])
+            if rows.shape[0] > max_rows:
+                idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
+                rows, out_rows = rows[idx.to(rows.device)], out_rows[idx.to(out_rows.device)]
+            self.add_rows(rows, out_rows)
+
+    def add_rows(self, rows: torch.Tensor, out_rows: torch.Tensor) -> None:
+        """Take in design rows (as :func:`design_rows` makes them) against target rows ``(K, C_out)``."""
+        with torch.no_grad():
+            rows, out_rows = rows.double().cpu(), out_rows.double().cpu()
+            groups = self.groups
+            cols = rows.shape[1] // groups
+            outs = out_rows.shape[1] // groups
+            design = torch.cat(
+                [
+                    rows.reshape(len(rows), groups, cols),
+                    torch.ones(len(rows), groups, 1, dtype=torch.float64),
+                ],
+                2,
+            ).transpose(0, 1)  # (groups, rows, cols + 1)
+            ys = out_rows.reshape(len(rows), groups, outs).transpose(0, 1)
+            gram, cross = design.transpose(1, 2) @ design, design.transpose(1, 2) @ ys
+            self.gram = gram if self.gram is None else self.gram + gram
+            self.cross = cross if self.cross is None else self.cross + cross
+            self.rows += len(rows)
+            self.y_sum += float(out_rows.sum())
+            self.y_square += float((out_rows * out_rows).sum())
+            self.y_count += out_rows.numel()
+
+    @property
+    def unknowns(self) -> int:
+        """Weights and bias of one output channel."""
+        return 0 if self.gram is None else int(self.gram.shape[1])
+
+    def solve(self, ridge: float = 1e-4) -> float:
+        """Ridge least squares; sets the layer's weight and bias and returns the relative RMS error.
+
+        Raises :class:`Underdetermined` (the layer left as it was) below ``ROWS_PER_UNKNOWN`` rows
+        per unknown.
+        """
+        if self.gram is None or self.cross is None:
+            raise Underdetermined("no rows")
+        if self.rows < ROWS_PER_UNKNOWN * self.unknowns:
+            raise Underdetermined(f"{self.rows} rows for {self.unknowns} unknowns per output channel")
+        with torch.no_grad():
+            eye = torch.eye(self.unknowns, dtype=torch.float64)
+            lam = ridge * self.gram.diagonal(dim1=1, dim2=2).mean(1)
+            regularised = self.gram + lam[:, None, None] * eye
+            solution = torch.linalg.solve(regularised, self.cross)  # (groups, k+1, outs)
+            # ||D W - Y||² = tr(Wᵀ G W) - 2 tr(Wᵀ B) + ||Y||², summed over groups
+            sse = float(
+                ((solution * (self.gram @ solution)).sum() - 2 * (solution * self.cross).sum())
+                + self.y_square
+            )
+            mean = self.y_sum / self.y_count
+            std = max(self.y_square / self.y_count - mean * mean, 0.0) ** 0.5
+            err = (max(sse, 0.0) / self.y_count) ** 0.5 / max(std, 1e-12)
+            weight = solution[:, :-1, :].permute(0, 2, 1).reshape(-1, self.unknowns - 1)
+            bias = solution[:, -1, :].reshape(-1)
+            layer = self.layer
+            w = layer.weight
+            assert isinstance(w, torch.Tensor)
+            w.copy_(weight.reshape(w.shape).to(w.dtype))
+            if layer.bias is None:
+                layer.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype))
+            else:
+                layer.bias.copy_(bias.to(layer.bias.dtype))  # type: ignore[operator]
+        return err
+
+
 def refit_layer(
     layer: nn.Conv1d | nn.Conv2d | nn.Linear,
     x: torch.Tensor,
@@ -278,48 +315,9 @@ def refit_layer(
     fewer than ``ROWS_PER_UNKNOWN`` rows per unknown: e.g. a 3×3×512 conv on a
     1×1 feature map of 256 samples has 256 rows for 4609 unknowns.
     """
-    with torch.no_grad():
-        rows, _ = _design(layer, x.double())
-        unknowns = rows.shape[1] // int(getattr(layer, "groups", 1)) + 1
-        if rows.shape[0] < ROWS_PER_UNKNOWN * unknowns:
-            raise Underdetermined(f"{rows.shape[0]} rows for {unknowns} unknowns per output channel")
-        if isinstance(layer, nn.Linear):
-            out_rows = target.double().reshape(-1, target.shape[-1])
-        else:  # (N, C_out, *spatial) -> rows in im2col order: sample-major, then spatial row-major
-            out_rows = target.double().flatten(2).transpose(1, 2).reshape(-1, target.shape[1])
-        if rows.shape[0] > max_rows:
-            idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
-            rows, out_rows = rows[idx], out_rows[idx]
-        groups = int(getattr(layer, "groups", 1))
-        out_ch = out_rows.shape[1]
-        cols_per_group = rows.shape[1] // groups
-        outs_per_group = out_ch // groups
-        weight = torch.zeros(out_ch, cols_per_group, dtype=torch.float64)
-        bias = torch.zeros(out_ch, dtype=torch.float64)
-        for g in range(groups):
-            xg = rows[:, g * cols_per_group : (g + 1) * cols_per_group]
-            yg = out_rows[:, g * outs_per_group : (g + 1) * outs_per_group]
-            design = torch.cat([xg, torch.ones(len(xg), 1, dtype=torch.float64)], 1)
-            gram = design.T @ design
-            lam = ridge * float(gram.diagonal().mean())
-            gram += lam * torch.eye(gram.shape[0], dtype=torch.float64)
-            solution = torch.linalg.solve(gram, design.T @ yg)
-            weight[g * outs_per_group : (g + 1) * outs_per_group] = solution[:-1].T
-            bias[g * outs_per_group : (g + 1) * outs_per_group] = solution[-1]
-        pred = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
-        full = torch.zeros(rows.shape[1] + 1, out_ch, dtype=torch.float64)
-        for g in range(groups):
-            sl = slice(g * outs_per_group, (g + 1) * outs_per_group)
-            full[g * cols_per_group : (g + 1) * cols_per_group, sl] = weight[sl].T
-        full[-1] = bias
-        err = float(((pred @ full - out_rows) ** 2).mean().sqrt() / out_rows.std().clamp_min(1e-12))
-        w = layer.weight
-        layer.weight.copy_(weight.reshape(w.shape).to(w.dtype))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype))
-        else:
-            layer.bias.copy_(bias.to(layer.bias.dtype))
-    return err
+    equations = NormalEquations(layer)
+    equations.add(x, target, max_rows)
+    return equations.solve(ridge)
 
 
 def recalibrate(

@@ -11,7 +11,6 @@ input model is never modified.
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -28,19 +27,16 @@ from ..analysis.patterns import (
     module_activation_spec,
     skip_identity_down,
 )
-from ..analysis.tracing import Region, Untraced, analysis_regions, trace_graph, untouched
+from ..analysis.tracing import Region, Untraced, analysis_regions
 from ..errors import BnmoveError, VerificationError
 from ..fitting.calibrate import (
     Batch,
-    Underdetermined,
     calibration_batches,
     call_model,
-    capture,
-    channel_samples,
     refit_blocker,
-    refit_layer,
     split_held_out,
 )
+from ..fitting.sequential import PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
 from . import rewrite
 from .placing import Mover
@@ -249,7 +245,9 @@ def convert(
         batches = calibration_batches(calibration_data, samples=calibration_samples)
     synthetic = _Synthetic(calibration_samples, on_progress) if data_free == "synthetic" else None
     with paused_gc():
-        result = _convert(model, placement, method, example_inputs, verify, batches, refit_next, synthetic)
+        result = _convert(
+            model, placement, method, example_inputs, verify, batches, refit_next, synthetic, on_progress
+        )
     _judge_fidelity(result, max_error)
     return result
 
@@ -317,6 +315,7 @@ def _convert(
     batches: list[Batch] | None = None,
     refit_next: bool = True,
     synthetic: _Synthetic | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Conversion:
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("method", method, METHODS)
@@ -342,36 +341,41 @@ def _convert(
     if batches is not None and source != "synthetic":
         batches, held = split_held_out(batches)
     if batches is not None:
-        if runnable:
-            assert whole is not None
-            calibrator = _Calibrator(model, whole, batches, refit_next, source)
-        else:
-            log.warning("calibrated fitting needs a model that traces whole; fitting data-free instead")
+        calibrator = _Calibrator(traced.regions, refit_next, source)
 
     mover = Mover(work, traced.regions)
-    moves: list[Move] = []
+    pending: list[tuple[Move, PairPlan | None]] = []
     taken: set[fx.Node] = set()
     for site in sites:
         chosen, reason = _plan(site, placement, method, taken)
         if chosen is None:
-            moves.append(Move(site.pair, False, None, reason))
+            pending.append((Move(site.pair, False, None, reason), None))
             continue
         structure = mover.structure(site)
         if isinstance(structure, str):
-            moves.append(Move(site.pair, False, None, structure))
+            pending.append((Move(site.pair, False, None, structure), None))
             continue
         root = traced.regions[site.region].root
-        samples = calibrator.samples(site) if calibrator is not None and chosen == "fit" else None
-        used, notes, effect, affine = rewrite.adjust(root, site, chosen, samples)
+        # A fit starts from Gaussian statistics; with data, the passes below fit it again.
+        plan = calibrator.plan(site) if calibrator and chosen == "fit" else None
+        used, notes, effect, affine = rewrite.adjust(root, site, chosen, None)
         more, moved_to = mover.apply(site, structure, affine)
         notes.extend(more)
-        if calibrator is not None and used in ("fit-calibrated", "fit-synthetic"):
-            notes.extend(calibrator.refit_next_layer(site, mover.modules(site.region)))
+        if plan is not None and used == "fit-data-free" and moved_to is not None:
+            plan.bn = moved_to
+            plan.refit = calibrator.next_layer(site, mover.modules(site.region))  # type: ignore[union-attr]
+        else:
+            plan = None
         taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
         why = site.pair.reason if used != "exact" and method in ("auto", "exact") else None
-        moves.append(Move(site.pair, True, used, why, tuple(notes), effect, moved_to))
+        pending.append((Move(site.pair, True, used, why, tuple(notes), effect, moved_to), plan))
     mover.install()
     converted = work
+    if calibrator is not None:
+        assert batches is not None
+        plans = [plan for _, plan in pending if plan is not None]
+        calibrator.run(model, converted, plans, batches, on_progress if source != "synthetic" else None)
+    moves = [calibrator.finish(move, plan) if calibrator and plan else move for move, plan in pending]
 
     deviation = None
     if verify and inputs is not None:
@@ -411,95 +415,122 @@ def _convert(
 
 
 class _Calibrator:
-    """Fitting samples from real data: the converted-so-far graph's inputs, the original's outputs."""
+    """Calibrated fitting in two passes by module hooks (:mod:`bnmove.fitting.sequential`)."""
 
-    def __init__(
-        self, model: nn.Module, region: Region, batches: list[Batch], refit_next: bool, source: str
-    ) -> None:
-        self.region = region
-        self.batches = batches
+    def __init__(self, regions: dict[str, Region], refit_next: bool, source: str) -> None:
+        self.regions = regions
         self.refit = refit_next
         self.source = source  # "calibrated" (the user's data) or "synthetic"
-        # The original model, traced: it shares the user's modules and only runs in eval mode.
-        with untouched(model):
-            self.original = Region(model, trace_graph(model)).graph_module()
+        self.calls = {prefix: module_calls(region.graph) for prefix, region in regions.items()}
 
-    def _current(self) -> fx.GraphModule:
-        return self.region.graph_module()
+    def plan(self, site: Site) -> PairPlan | None:
+        """What the passes need for one pair, read before its move (None: it stays data-free)."""
+        calls = self.calls[site.region]
+        tap = _pair_input(site, calls)
+        if tap is None or site.bn_node.op != "call_module":
+            return None
+        root = self.regions[site.region].root
+        bn = root.get_submodule(str(site.bn_node.target))
+        f = rewrite.pair_activation(root, site)
+        if f is None or getattr(bn, "running_mean", None) is None:
+            return None
+        a, b = (t.cpu() for t in rewrite.affine_map(bn))
+        name, output = tap
+        return PairPlan(
+            tap=_qualified(site.region, name),
+            tap_output=output,
+            bn="",
+            placement=str(site.pair.placement),
+            f=f,
+            a=a,
+            b=b,
+            eps=float(bn.eps),  # type: ignore[arg-type]
+        )
 
-    def samples(self, site: Site) -> rewrite.FitSamples:
-        # A fused norm+act module (timm's BatchNormAct2d) is one node: BN -> f, no act node.
-        assert site.pair.placement is not None and (site.act_node is not None or site.fused is not None)
-        before = site.pair.placement == "before"
-        source = site.bn_node.args[0] if before or site.act_node is None else site.act_node.args[0]
-        assert isinstance(source, fx.Node)
-        # The pair's output in the original graph: the activation for BN -> f (the fused
-        # module itself when fused), the BN for f -> BN.
-        out_name = site.act_node.name if before and site.act_node is not None else site.bn_node.name
-        z = capture(self._current(), [source.name], self.batches)[source.name]
-        y = capture(self.original, [out_name], self.batches)[out_name]
-        z_rows, y_rows = channel_samples(z, y)
-        weights = torch.full((len(z_rows),), 1.0 / len(z_rows), dtype=torch.float64)
-        return rewrite.FitSamples(z_rows, weights, y_rows, self.source)
-
-    def refit_next_layer(self, site: Site, modules: dict[str, nn.Module]) -> list[str]:
-        """Re-fit the Conv/Linear fed by the moved pair against the original model's output there."""
+    def next_layer(self, site: Site, modules: dict[str, nn.Module]) -> str | None:
+        """After the pair's move: the Conv/Linear fed by it, if it can be refitted."""
         if not self.refit:
-            return []
+            return None
         if site.pair.placement == "before" or site.act_node is None:
             out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
         else:
             out = skip_identity_down(site.act_node, modules)
         user = _next_affine(out, modules)
-        if user is None:
-            return []
-        layer = modules[str(user.target)]
-        assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear))
-        if (
-            refit_blocker(layer) is not None
-            or sum(1 for n in self.region.graph.nodes if n.target == user.target) > 1
-        ):
-            return []
-        source = user.args[0]
-        assert isinstance(source, fx.Node)
-        current = self._current()
-        x = capture(current, [source.name], self.batches)[source.name]
-        skip = _residual_partner(user)
-        if skip is None:
-            target = capture(self.original, [user.name], self.batches)[user.name]
-            what = "output"
-        else:
-            # layer -> add(layer, skip): fit so that the add matches the original, which also
-            # cancels the error the residual stream has accumulated upstream.
-            add, other = skip
-            target = capture(self.original, [add.name], self.batches)[add.name]
-            target = target - capture(current, [other.name], self.batches)[other.name]
-            what = "residual sum"
-        try:
-            error = refit_layer(layer, x, target)
-        except Underdetermined as why:
-            return [f"{user.target} not refitted: {why} (the fit would follow the samples, not the data)"]
-        return [f"refitted {user.target} to the original's {what} (relative error {error:.3f})"]
+        if user is None or refit_blocker(modules[str(user.target)]) is not None:
+            return None
+        if self.calls[site.region][str(user.target)] > 1:
+            return None
+        return _qualified(site.region, user.target)
+
+    def run(
+        self,
+        model: nn.Module,
+        converted: nn.Module,
+        plans: list[PairPlan],
+        batches: list[Batch],
+        on_progress: Callable[[int, int], None] | None,
+    ) -> None:
+        if not plans:
+            return
+        for plan in plans:
+            if not isinstance(converted.get_submodule(plan.bn), nn.modules.batchnorm._BatchNorm):
+                plan.refit = None  # a fused module's BN' sits inside it: no hook of its own
+        plans[:] = [
+            p for p in plans if isinstance(converted.get_submodule(p.bn), nn.modules.batchnorm._BatchNorm)
+        ]
+        passes = SequentialCalibration(plans, batches)
+        done = [0]
+        total = len(batches) + 1
+
+        def step() -> None:
+            done[0] += 1
+            if on_progress is not None:
+                on_progress(done[0], total)
+
+        original = clone_module(model)  # hooks and passes never touch the user's model
+        passes.original_pass(original, on_batch=step)
+        passes.converted_pass(converted)
+        step()
+
+    def finish(self, move: Move, plan: PairPlan) -> Move:
+        """``move`` with the calibrated fit's method, error and notes, where the passes fitted it."""
+        if plan.effect is None:
+            return move
+        kept = [n for n in move.notes if not n.startswith("data-free fit:")]
+        notes = [n.replace("calibrated fit", f"{self.source} fit", 1) for n in plan.notes]
+        return replace(move, method=f"fit-{self.source}", effect=plan.effect, notes=(*notes, *kept))
 
 
-_ADDS = {operator.add, operator.iadd, torch.add}
+def _qualified(region: str, name: object) -> str:
+    return f"{region}.{name}" if region else str(name)
 
 
-def _residual_partner(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``(add, other)`` when ``node``'s only user adds it to another tensor."""
-    users = list(node.users)
-    if len(users) != 1:
+def module_calls(graph: fx.Graph) -> dict[str, int]:
+    """How often each module is called in ``graph``."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return calls
+
+
+def _pair_input(site: Site, calls: dict[str, int]) -> tuple[str, bool] | None:
+    """``(module, is_output)``: the module hook that sees the pair's input in the original: the
+    BN's input for ``BN -> f`` (and fused modules), the activation's input for ``f -> BN`` (its
+    module's, or the output of the module feeding a functional one). None if no module called
+    once carries it."""
+    if site.pair.placement == "before" or site.act_node is None:
+        node, output = site.bn_node, False
+    else:
+        node, output = site.act_node, False
+        if node.op != "call_module" or calls.get(str(node.target), 0) > 1:
+            source = node.args[0] if node.args else None
+            if not isinstance(source, fx.Node):
+                return None
+            node, output = source, True
+    if node.op != "call_module" or calls.get(str(node.target), 0) > 1:
         return None
-    add = users[0]
-    is_add = (add.op == "call_function" and add.target in _ADDS) or (
-        add.op == "call_method" and add.target in ("add", "add_")
-    )
-    if not is_add or len(add.args) != 2 or add.kwargs:
-        return None
-    other = add.args[1] if add.args[0] is node else add.args[0]
-    if not isinstance(other, fx.Node) or other is node:
-        return None
-    return add, other
+    return str(node.target), output
 
 
 def _next_affine(node: fx.Node, modules: dict[str, nn.Module], hops: int = 6) -> fx.Node | None:

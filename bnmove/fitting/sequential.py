@@ -1,0 +1,235 @@
+"""Calibrated fitting in two passes over the data, on any model, by module hooks.
+
+Each fitted pair must reproduce what the original block computed, and it should
+see the activations of the model converted so far, so that every fit (and the
+refit of the layer after it) corrects the errors of those upstream. Replaying the
+converted model up to each pair does that at a cost that grows with the square of
+the depth. Here it costs two passes, and needs no graph of the whole model:
+
+1. The original model runs over the data (batch by batch). Forward hooks on the
+   real modules keep, per fitted pair, a fixed random subset of per-channel rows
+   of the pair's input (the block's target follows from it: the block is
+   per-channel), and, per layer to refit, the same subset of its output rows.
+2. The converted model runs once over all calibration samples together. When the
+   forward reaches a fitted BN', a pre-hook fits it on the rows of its real
+   input, at the sampled positions, against the original's targets there, and
+   sets its parameters before it runs; the layer after it is refitted the same
+   way when the forward reaches it. So every fit sees the upstream fits and
+   refits, in execution order, in one forward.
+
+Pass 2 holds one forward's activations for the calibration set (256 samples by
+default) and the sampled rows; nothing else is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelRunError
+from ..moving import bn_math
+from .calibrate import Batch, NormalEquations, Underdetermined, call_model, design_rows
+
+#: rows (positions × samples) per fitted pair or refitted layer
+ROWS = 16_384
+
+
+@dataclass
+class PairPlan:
+    """One fitted pair: where to read its input in the original, where BN' is in the converted model."""
+
+    tap: str  # module in the original whose input (or output, see ``tap_output``) is the pair's input
+    tap_output: bool
+    bn: str  # BN' in the converted model
+    placement: str  # the pair's original placement: "before" (BN -> f) or "after" (f -> BN)
+    f: Callable[[torch.Tensor], torch.Tensor]
+    a: torch.Tensor  # the original BN's eval map a*z + b (float64, CPU)
+    b: torch.Tensor
+    eps: float
+    refit: str | None = None  # the Conv/Linear after the pair, same name in both models
+    # filled in by the passes
+    z_rows: list[torch.Tensor] = field(default_factory=list)
+    effect: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _rows(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``(N, C, *spatial)`` -> ``(N·positions, C)``, sample-major; ``channels_last`` for a Linear's
+    ``(N, *, C)``."""
+    if channels_last or t.dim() <= 2:
+        return t.reshape(-1, t.shape[-1])
+    return t.transpose(0, 1).reshape(t.shape[1], -1).T
+
+
+class _Sampler:
+    """A fixed random subset of row indices over all samples, and its slice in each batch."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.index: torch.Tensor | None = None
+
+    def pick(self, rows: torch.Tensor, total_samples: int, offset: int, batch: int) -> torch.Tensor:
+        per_sample = rows.shape[0] // batch
+        if self.index is None:
+            total = per_sample * total_samples
+            generator = torch.Generator().manual_seed(self.seed)
+            self.index = torch.randperm(total, generator=generator)[: min(ROWS, total)].sort().values
+        lo, hi = offset * per_sample, (offset + batch) * per_sample
+        local = self.index[(self.index >= lo) & (self.index < hi)] - lo
+        return rows[local.to(rows.device)]
+
+
+class SequentialCalibration:
+    """Both passes for a set of :class:`PairPlan` (see the module docstring)."""
+
+    def __init__(self, plans: Sequence[PairPlan], batches: Sequence[Batch]) -> None:
+        self.plans = list(plans)
+        self.batches = list(batches)
+        self.total = sum(len(b[0]) for b in batches)
+        self.pair_samplers = [_Sampler(2 * i) for i in range(len(self.plans))]
+        self.refit_samplers = [_Sampler(2 * i + 1) for i in range(len(self.plans))]
+        self.targets: list[list[torch.Tensor]] = [[] for _ in self.plans]  # refit layers' output rows
+
+    def original_pass(self, original: nn.Module, on_batch: Callable[[], None] | None = None) -> None:
+        offset = [0, 0]  # first sample of the current batch, its size
+        handles = []
+        for i, plan in enumerate(self.plans):
+            module = original.get_submodule(plan.tap)
+
+            def keep_z(value: Any, i: int = i) -> None:
+                rows = _rows(value.detach())
+                picked = self.pair_samplers[i].pick(rows, self.total, offset[0], offset[1])
+                self.plans[i].z_rows.append(picked.double().cpu())
+
+            if plan.tap_output:
+                handles.append(module.register_forward_hook(lambda m, a, out, k=keep_z: k(out)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, a, k=keep_z: k(a[0])))
+            if plan.refit is not None:
+                layer = original.get_submodule(plan.refit)
+                linear = isinstance(layer, nn.Linear)
+
+                def keep_target(out: Any, i: int = i, linear: bool = linear) -> None:
+                    rows = _rows(out.detach(), channels_last=linear)
+                    picked = self.refit_samplers[i].pick(rows, self.total, offset[0], offset[1])
+                    self.targets[i].append(picked.double().cpu())
+
+                handles.append(layer.register_forward_hook(lambda m, a, out, k=keep_target: k(out)))
+        try:
+            for batch in self.batches:
+                offset[1] = len(batch[0])
+                _run(original, batch)
+                offset[0] += len(batch[0])
+                if on_batch is not None:
+                    on_batch()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def converted_pass(self, converted: nn.Module) -> None:
+        """Fit every BN' and refit every layer during one forward of all samples together."""
+        handles = []
+        for i, plan in enumerate(self.plans):
+            handles.append(
+                converted.get_submodule(plan.bn).register_forward_pre_hook(
+                    lambda m, a, i=i: self._fit_bn(i, m, a[0])
+                )
+            )
+            if plan.refit is not None and self.targets[i]:
+                handles.append(
+                    converted.get_submodule(plan.refit).register_forward_pre_hook(
+                        lambda m, a, i=i: self._refit(i, m, a[0])
+                    )
+                )
+        together = tuple(torch.cat([b[j] for b in self.batches]) for j in range(len(self.batches[0])))
+        try:
+            _run(converted, together)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _fit_bn(self, i: int, bn: nn.Module, u: torch.Tensor) -> None:
+        plan = self.plans[i]
+        index = self.pair_samplers[i].index
+        if not plan.z_rows or index is None:
+            return
+        z = torch.cat(plan.z_rows)
+        with torch.no_grad():
+            if plan.placement == "before":  # BN -> f became f -> BN': BN' sees u = f(z) of this model
+                target = plan.f(plan.a[None, :] * z + plan.b[None, :]).double()
+            else:  # f -> BN became BN' -> f: BN' sees this model's z
+                target = plan.a[None, :] * plan.f(z.clone()).double() + plan.b[None, :]
+        current = _rows(u.detach())[index.to(u.device)].double().cpu()
+        w = torch.full((len(current),), 1.0 / len(current), dtype=torch.float64)
+        with torch.no_grad():
+            if plan.placement == "before":
+                a2, b2, mean, var = bn_math.fit_after(lambda t: t, current, w, target)
+                effect = bn_math.relative_rmse(a2[None, :] * current + b2[None, :], target, w)
+            else:
+                a2, b2 = bn_math.fit_before(plan.f, current, w, target, (plan.a, plan.b))
+                mean, var = bn_math.weighted_moments(current, w)
+                effect = bn_math.relative_rmse(
+                    plan.f(a2[None, :] * current + b2[None, :]).double(), target, w
+                )
+            weight, bias = bn_math.bn_params_for_affine(a2, b2, mean, var, plan.eps)
+            for name, value in (
+                ("weight", weight),
+                ("bias", bias),
+                ("running_mean", mean),
+                ("running_var", var),
+            ):
+                tensor = getattr(bn, name)
+                tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+        plan.effect = effect
+        plan.notes.append(f"calibrated fit: block error {effect:.3f} (relative RMS)")
+
+    def _refit(self, i: int, layer: nn.Module, x: torch.Tensor) -> None:
+        plan = self.plans[i]
+        sampler = self.refit_samplers[i]
+        assert sampler.index is not None and plan.refit is not None
+        target = torch.cat(self.targets[i])
+        equations = NormalEquations(layer)
+        equations.add_rows(_design_rows(layer, x.detach(), sampler.index), target)
+        try:
+            error = equations.solve()
+        except Underdetermined as why:
+            plan.notes.append(
+                f"{plan.refit} not refitted: {why} (the fit would follow the samples, not the data)"
+            )
+            return
+        plan.notes.append(f"refitted {plan.refit} to the original's output (relative error {error:.3f})")
+
+
+def _design_rows(layer: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The layer's design rows (im2col for convs) at the output positions ``index`` (sample-major),
+    unfolded a few samples at a time."""
+    parts = []
+    chunk = 16
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk]
+        rows, _ = design_rows(layer, part.double())
+        lo = start * (len(rows) // len(part))  # rows per sample: output positions (tokens for a Linear)
+        local = index[(index >= lo) & (index < lo + len(rows))] - lo
+        parts.append(rows[local.to(rows.device)].cpu())
+    return torch.cat(parts)
+
+
+def _run(model: nn.Module, batch: Batch) -> None:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, tuple(t.to(device) for t in batch))
+    except Exception as exc:
+        raise ModelRunError(f"the model failed on the calibration data: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+__all__ = ["ROWS", "PairPlan", "SequentialCalibration"]
