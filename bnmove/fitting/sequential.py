@@ -51,6 +51,10 @@ class PairPlan:
     b: torch.Tensor
     eps: float
     refit: str | None = None  # the Conv/Linear after the pair, same name in both models
+    #: where the residual stream the refit layer's output is added to can be read: (module,
+    #: "input" or "output", argument index); the refit then targets the original sum minus this
+    #: model's stream, which also cancels the error the stream carries from upstream
+    stream: tuple[str, str, int] | None = None
     # filled in by the passes
     z_rows: list[torch.Tensor] = field(default_factory=list)
     effect: float | None = None
@@ -93,6 +97,8 @@ class SequentialCalibration:
         self.pair_samplers = [_Sampler(2 * i) for i in range(len(self.plans))]
         self.refit_samplers = [_Sampler(2 * i + 1) for i in range(len(self.plans))]
         self.targets: list[list[torch.Tensor]] = [[] for _ in self.plans]  # refit layers' output rows
+        self.streams: list[list[torch.Tensor]] = [[] for _ in self.plans]  # the original's stream rows
+        self.current_streams: dict[int, torch.Tensor] = {}  # this model's, in pass 2
 
     def original_pass(self, original: nn.Module, on_batch: Callable[[], None] | None = None) -> None:
         offset = [0, 0]  # first sample of the current batch, its size
@@ -119,6 +125,14 @@ class SequentialCalibration:
                     self.targets[i].append(picked.double().cpu())
 
                 handles.append(layer.register_forward_hook(lambda m, a, out, k=keep_target: k(out)))
+                if plan.stream is not None:
+
+                    def keep_stream(value: Any, i: int = i) -> None:
+                        rows = _rows(value.detach())
+                        picked = self.refit_samplers[i].pick(rows, self.total, offset[0], offset[1])
+                        self.streams[i].append(picked.double().cpu())
+
+                    handles.append(_stream_hook(original, plan.stream, keep_stream))
         try:
             for batch in self.batches:
                 offset[1] = len(batch[0])
@@ -139,6 +153,14 @@ class SequentialCalibration:
                     lambda m, a, i=i: self._fit_bn(i, m, a[0])
                 )
             )
+            if plan.refit is not None and self.targets[i] and plan.stream is not None and self.streams[i]:
+
+                def keep_current(value: Any, i: int = i) -> None:
+                    index = self.refit_samplers[i].index
+                    assert index is not None
+                    self.current_streams[i] = _rows(value.detach())[index.to(value.device)].double().cpu()
+
+                handles.append(_stream_hook(converted, plan.stream, keep_current))
             if plan.refit is not None and self.targets[i]:
                 handles.append(
                     converted.get_submodule(plan.refit).register_forward_pre_hook(
@@ -192,6 +214,12 @@ class SequentialCalibration:
         sampler = self.refit_samplers[i]
         assert sampler.index is not None and plan.refit is not None
         target = torch.cat(self.targets[i])
+        what = "output"
+        current = self.current_streams.pop(i, None)
+        if current is not None and current.shape == target.shape:
+            # layer + stream must give the original's sum: target = original layer + original stream - this stream
+            target = target + torch.cat(self.streams[i]) - current
+            what = "residual sum"
         equations = NormalEquations(layer)
         equations.add_rows(_design_rows(layer, x.detach(), sampler.index), target)
         try:
@@ -201,7 +229,7 @@ class SequentialCalibration:
                 f"{plan.refit} not refitted: {why} (the fit would follow the samples, not the data)"
             )
             return
-        plan.notes.append(f"refitted {plan.refit} to the original's output (relative error {error:.3f})")
+        plan.notes.append(f"refitted {plan.refit} to the original's {what} (relative error {error:.3f})")
 
 
 def _design_rows(layer: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -216,6 +244,16 @@ def _design_rows(layer: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torc
         local = index[(index >= lo) & (index < lo + len(rows))] - lo
         parts.append(rows[local.to(rows.device)].cpu())
     return torch.cat(parts)
+
+
+def _stream_hook(model: nn.Module, stream: tuple[str, str, int], keep: Callable[[Any], None]) -> Any:
+    name, side, position = stream
+    module = model.get_submodule(name)
+    if side == "input":
+        return module.register_forward_pre_hook(
+            lambda m, args: keep(args[position]) if len(args) > position else None
+        )
+    return module.register_forward_hook(lambda m, args, out: keep(out))
 
 
 def _run(model: nn.Module, batch: Batch) -> None:

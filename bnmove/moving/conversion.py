@@ -11,6 +11,7 @@ input model is never modified.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -363,7 +364,7 @@ def _convert(
         notes.extend(more)
         if plan is not None and used == "fit-data-free" and moved_to is not None:
             plan.bn = moved_to
-            plan.refit = calibrator.next_layer(site, mover.modules(site.region))  # type: ignore[union-attr]
+            calibrator.plan_refit(plan, site, mover.modules(site.region))  # type: ignore[union-attr]
         else:
             plan = None
         taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
@@ -447,20 +448,32 @@ class _Calibrator:
             eps=float(bn.eps),  # type: ignore[arg-type]
         )
 
-    def next_layer(self, site: Site, modules: dict[str, nn.Module]) -> str | None:
-        """After the pair's move: the Conv/Linear fed by it, if it can be refitted."""
+    def plan_refit(self, plan: PairPlan, site: Site, modules: dict[str, nn.Module]) -> None:
+        """After the pair's move: the Conv/Linear fed by it, if it can be refitted, and, when that
+        layer's output is added to a residual stream, where the stream is read (its error upstream
+        is then cancelled by the refit too)."""
         if not self.refit:
-            return None
+            return
         if site.pair.placement == "before" or site.act_node is None:
             out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
         else:
             out = skip_identity_down(site.act_node, modules)
         user = _next_affine(out, modules)
         if user is None or refit_blocker(modules[str(user.target)]) is not None:
-            return None
-        if self.calls[site.region][str(user.target)] > 1:
-            return None
-        return _qualified(site.region, user.target)
+            return
+        calls = self.calls[site.region]
+        if calls[str(user.target)] > 1:
+            return
+        plan.refit = _qualified(site.region, user.target)
+        partner = _residual_partner(user)
+        if partner is None:
+            return
+        other = partner[1]
+        if other.op == "placeholder":  # the stream enters this region: its root's argument
+            placeholders = [n for n in self.regions[site.region].graph.nodes if n.op == "placeholder"]
+            plan.stream = (site.region, "input", placeholders.index(other))
+        elif other.op == "call_module" and calls.get(str(other.target), 0) == 1:
+            plan.stream = (_qualified(site.region, other.target), "output", 0)
 
     def run(
         self,
@@ -531,6 +544,26 @@ def _pair_input(site: Site, calls: dict[str, int]) -> tuple[str, bool] | None:
     if node.op != "call_module" or calls.get(str(node.target), 0) > 1:
         return None
     return str(node.target), output
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _residual_partner(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(add, other)`` when ``node``'s only user adds it to another tensor."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    add = users[0]
+    is_add = (add.op == "call_function" and add.target in _ADDS) or (
+        add.op == "call_method" and add.target in ("add", "add_")
+    )
+    if not is_add or len(add.args) != 2 or add.kwargs:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if not isinstance(other, fx.Node) or other is node:
+        return None
+    return add, other
 
 
 def _next_affine(node: fx.Node, modules: dict[str, nn.Module], hops: int = 6) -> fx.Node | None:
