@@ -62,3 +62,41 @@ def test_calibrated_fit_on_a_model_whose_top_level_does_not_trace() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not model.training
+
+
+def test_refitted_pairs_keep_the_original_bn_scale_and_the_function() -> None:
+    """After BN' and the next layer are fitted, BN' is rescaled to the original BN's weight
+    magnitudes and the layer takes the inverse: Adam's first fine-tuning steps then change BN' by
+    as little as they would have changed the original. The function is the same either way."""
+    from bnmove.fitting import sequential
+
+    model = _model(blocks=2)
+    data = torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    fresh = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    result = bnmove.convert(model, "after", method="fit", calibration_data=data, example_inputs=(data[:2],))
+    refitted = [m for m in result.moved if any(n.startswith("refitted ") for n in m.notes)]
+    assert len(refitted) >= 2
+    # The same conversion without the rescaling computes the same function.
+    plain = sequential.SequentialCalibration._rebalance
+    try:
+        sequential.SequentialCalibration._rebalance = lambda self, plan, layer: None  # type: ignore[method-assign]
+        unscaled = bnmove.convert(
+            model, "after", method="fit", calibration_data=data, example_inputs=(data[:2],)
+        )
+    finally:
+        sequential.SequentialCalibration._rebalance = plain  # type: ignore[method-assign]
+    for move in refitted:
+        original = model.get_submodule(move.pair.bn).weight.detach().abs().double()
+        before = unscaled.model.get_submodule(move.moved_to).weight.detach().abs().double()
+        after = result.model.get_submodule(move.moved_to).weight.detach().abs().double()
+        assert not torch.allclose(before, original, rtol=0.1)  # the fit alone leaves other scales
+        # original magnitudes, but never rescaled by more than 1000x either way
+        want = before * (original / before.clamp_min(1e-12)).clamp(1e-3, 1e3)
+        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        a, b = result.model.eval()(fresh), unscaled.model.eval()(fresh)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    assert not torch.allclose(
+        result.model.get_submodule(refitted[0].moved_to).weight,
+        unscaled.model.get_submodule(refitted[0].moved_to).weight,
+    )
