@@ -50,8 +50,6 @@ class PairPlan:
     a: torch.Tensor  # the original BN's eval map a*z + b (float64, CPU)
     b: torch.Tensor
     eps: float
-    #: the original BN's |weight|: BN' is rescaled to it after a refit (see ``_rebalance``)
-    gamma: torch.Tensor | None = None
     refit: str | None = None  # the Conv/Linear after the pair, same name in both models
     #: where the residual stream the refit layer's output is added to can be read: (module,
     #: "input" or "output", argument index); the refit then targets the original sum minus this
@@ -101,7 +99,6 @@ class SequentialCalibration:
         self.targets: list[list[torch.Tensor]] = [[] for _ in self.plans]  # refit layers' output rows
         self.streams: list[list[torch.Tensor]] = [[] for _ in self.plans]  # the original's stream rows
         self.current_streams: dict[int, torch.Tensor] = {}  # this model's, in pass 2
-        self._bns: dict[str, nn.Module] = {}  # BN' modules met in pass 2
 
     def original_pass(self, original: nn.Module, on_batch: Callable[[], None] | None = None) -> None:
         offset = [0, 0]  # first sample of the current batch, its size
@@ -179,7 +176,6 @@ class SequentialCalibration:
 
     def _fit_bn(self, i: int, bn: nn.Module, u: torch.Tensor) -> None:
         plan = self.plans[i]
-        self._bns[plan.bn] = bn
         index = self.pair_samplers[i].index
         if not plan.z_rows or index is None:
             return
@@ -213,9 +209,7 @@ class SequentialCalibration:
         plan.effect = effect
         plan.notes.append(f"calibrated fit: block error {effect:.3f} (relative RMS)")
 
-    def _refit(self, i: int, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor] | None:
-        """Refit the layer; returns its input rescaled when BN' was rebalanced (so that this
-        forward, and the fits after it, go on with the activations the final model computes)."""
+    def _refit(self, i: int, layer: nn.Module, x: torch.Tensor) -> None:
         plan = self.plans[i]
         sampler = self.refit_samplers[i]
         assert sampler.index is not None and plan.refit is not None
@@ -234,38 +228,8 @@ class SequentialCalibration:
             plan.notes.append(
                 f"{plan.refit} not refitted: {why} (the fit would follow the samples, not the data)"
             )
-            return None
+            return
         plan.notes.append(f"refitted {plan.refit} to the original's {what} (relative error {error:.3f})")
-        if plan.placement == "before" and plan.gamma is not None:
-            scale = self._rebalance(plan, layer)
-            if scale is not None:
-                shape = (1, -1) if isinstance(layer, nn.Linear) else (1, -1, *([1] * (x.dim() - 2)))
-                return (x * scale.to(device=x.device, dtype=x.dtype).reshape(shape),)
-        return None
-
-    def _rebalance(self, plan: PairPlan, layer: nn.Module) -> torch.Tensor | None:
-        """Give BN' the original BN's weight magnitudes, and the refitted layer the inverse.
-
-        A fit can leave BN' with tiny weights (f -> BN' after a saturating f) and the refit the
-        next layer large ones to make up for it: the same function, in a parametrisation where
-        fine-tuning's first steps (Adam moves every weight by about the learning rate) are huge
-        relative changes of BN', and the model collapses. A positive per-channel scale passes
-        exactly from BN''s output to the next layer's inputs (through pooling, flatten and zero
-        padding), so the function is unchanged.
-        """
-        bn = self._bns.get(plan.bn)
-        weight = getattr(bn, "weight", None)
-        if bn is None or plan.gamma is None or not isinstance(weight, torch.Tensor):
-            return None
-        with torch.no_grad():
-            scale = (plan.gamma / weight.detach().abs().double().cpu().clamp_min(1e-12)).clamp(1e-3, 1e3)
-            per_input = _scale_inputs(layer, 1.0 / scale)
-            if per_input is None:
-                return None
-            for name in ("weight", "bias"):
-                tensor = getattr(bn, name)
-                tensor.mul_(scale.to(device=tensor.device, dtype=tensor.dtype))
-        return 1.0 / per_input  # the layer's input, as the rescaled BN' now makes it
 
 
 def _design_rows(layer: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -280,31 +244,6 @@ def _design_rows(layer: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torc
         local = index[(index >= lo) & (index < lo + len(rows))] - lo
         parts.append(rows[local.to(rows.device)].cpu())
     return torch.cat(parts)
-
-
-def _scale_inputs(layer: nn.Module, scale: torch.Tensor) -> torch.Tensor | None:
-    """Multiply the weights reading each input channel of a Conv/Linear by ``scale`` (one per
-    channel; a Linear after a flatten reads each channel's positions in a row). Returns the scale
-    per input feature (channel, or Linear input), None (nothing changed) if the shapes do not say
-    which weights read which channel."""
-    weight = layer.weight
-    assert isinstance(weight, torch.Tensor)
-    channels = len(scale)
-    if isinstance(layer, nn.Linear):
-        if weight.shape[1] % channels:
-            return None
-        per_feature = scale.repeat_interleave(weight.shape[1] // channels)
-        weight.mul_(per_feature.to(weight.device, weight.dtype)[None, :])
-        return per_feature
-    groups = int(getattr(layer, "groups", 1))
-    per_group = weight.shape[1]
-    if per_group * groups != channels:
-        return None
-    view = weight.view(groups, weight.shape[0] // groups, per_group, *weight.shape[2:])
-    view.mul_(
-        scale.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2))).to(weight.device, weight.dtype)
-    )
-    return scale
 
 
 def _stream_hook(model: nn.Module, stream: tuple[str, str, int], keep: Callable[[Any], None]) -> Any:

@@ -446,7 +446,6 @@ class _Calibrator:
             a=a,
             b=b,
             eps=float(bn.eps),  # type: ignore[arg-type]
-            gamma=_abs_weight(bn),
         )
 
     def plan_refit(self, plan: PairPlan, site: Site, modules: dict[str, nn.Module]) -> None:
@@ -466,8 +465,6 @@ class _Calibrator:
         if calls[str(user.target)] > 1:
             return
         plan.refit = _qualified(site.region, user.target)
-        if not _homogeneous_path(out, user, modules):
-            plan.gamma = None  # something between BN' and the layer would not pass a rescaling
         partner = _residual_partner(user)
         if partner is None:
             return
@@ -515,55 +512,6 @@ class _Calibrator:
         kept = [n for n in move.notes if not n.startswith("data-free fit:")]
         notes = [n.replace("calibrated fit", f"{self.source} fit", 1) for n in plan.notes]
         return replace(move, method=f"fit-{self.source}", effect=plan.effect, notes=(*notes, *kept))
-
-
-def _abs_weight(bn: nn.Module) -> torch.Tensor | None:
-    weight = getattr(bn, "weight", None)
-    return weight.detach().abs().double().cpu() if isinstance(weight, torch.Tensor) else None
-
-
-#: what a positive per-channel scale passes exactly (between BN' and the layer after it)
-_HOMOGENEOUS_MODULES = (
-    nn.Identity,
-    nn.Dropout,
-    nn.Flatten,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-)
-_HOMOGENEOUS_CALLS = (
-    "flatten",
-    "reshape",
-    "view",
-    "mean",
-    "adaptive_avg_pool",
-    "avg_pool",
-    "max_pool",
-    "dropout",
-)
-
-
-def _homogeneous_path(start: fx.Node, end: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Every node strictly between ``start`` and ``end`` (a single-user chain) passes a positive
-    per-channel scale exactly."""
-    node = start
-    while True:
-        (node,) = node.users
-        if node is end:
-            return True
-        if node.op == "call_module":
-            if not isinstance(modules.get(str(node.target)), _HOMOGENEOUS_MODULES):
-                return False
-        else:
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            if not name.startswith(_HOMOGENEOUS_CALLS):
-                return False
 
 
 def _qualified(region: str, name: object) -> str:
