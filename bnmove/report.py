@@ -491,6 +491,10 @@ def experiment_markdown(result: ExperimentResult) -> str:
         + ", ".join(f"{v} {t:.1f} s" for v, t in result.wall_seconds.items()),
         "",
     ]
+    if result.differences():
+        lines += ["## Paired differences (final validation accuracy, same seed, same batches)", ""]
+        lines += [f"- {d.verdict()}" for d in result.differences()]
+        lines.append("")
     return "\n".join(lines)
 
 

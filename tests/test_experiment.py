@@ -170,6 +170,9 @@ def test_cli_experiment(tmp_path: Path) -> None:
     payload = json.loads((out / "results.json").read_text())
     assert payload["seeds"] == [0, 1] and len(payload["summary"]) == 2
     assert (out / "summary.md").exists() and (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    verdict = payload["differences"][0]["verdict"]
+    assert "95% CI" in verdict and "too few seeds" in verdict  # two seeds
+    assert verdict in result.stdout and verdict in (out / "summary.md").read_text()
     again = CliRunner().invoke(
         main, ["experiment", str(model_file), "--allow-pickle", "--data", "digits", "-o", str(out)]
     )
@@ -215,3 +218,56 @@ def test_uint8_images_are_scaled_and_said(tmp_path: Path) -> None:
     assert float(data.train.x.min()) == 0.0 and float(data.val.x.max()) <= 1.0
     assert data.notes == ["bytes.npz: x holds 8-bit values (uint8); scaled to [0, 1] by dividing by 255"]
     assert load_dataset("digits").notes == []
+
+
+def test_paired_difference_interval_and_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    import math
+    import statistics
+    import sys
+
+    from bnmove.study.experiment import paired_difference, t_quantile
+
+    def run(diffs: list[float]):  # type: ignore[no-untyped-def]
+        acc = {"before": dict.fromkeys(range(len(diffs)), 0.9)}
+        acc["after"] = {i: 0.9 + d for i, d in enumerate(diffs)}
+        return paired_difference("before", "after", acc)
+
+    close = run([0.01, 0.03, 0.02])
+    half = t_quantile(2) * statistics.stdev([0.01, 0.03, 0.02]) / math.sqrt(3)
+    assert close.mean == pytest.approx(0.02) and close.low == pytest.approx(0.02 - half)
+    assert close.high == pytest.approx(0.02 + half) and close.low < 0 < close.high
+    assert close.verdict().startswith(
+        "no detectable difference between before and after (95% CI -0.5 to +4.5"
+    )
+    clear = run([0.02, 0.03, 0.025, 0.028, 0.022])
+    assert clear.verdict().startswith(
+        "after is better than before by 2.5 points (95% CI +2.0 to +3.0, 5 seeds)"
+    )
+    worse = run([-0.02, -0.03, -0.025, -0.028, -0.022])
+    assert worse.verdict().startswith("before is better than after by 2.5 points")
+    assert "too few seeds" in run([0.01, 0.02]).verdict()
+    single = run([0.04])
+    assert single.low is None and "no interval without more seeds" in single.verdict()
+    # The table matches scipy where scipy is here, and stands in for it where it is not.
+    try:
+        from scipy import stats
+    except ImportError:
+        stats = None
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    for df in (1, 2, 4, 9, 19):
+        table = t_quantile(df)
+        if stats is not None:
+            assert table == pytest.approx(float(stats.t.ppf(0.975, df)), abs=1e-3)
+    assert t_quantile(22) == pytest.approx(2.086)  # rounds down to 20: a slightly wider interval
+
+
+def test_experiment_reports_the_paired_difference_of_its_own_records() -> None:
+    result = experiment(Tiny(), _blobs(), epochs=2, seeds=3, batch_size=16)
+    (difference,) = result.differences()
+    final = {
+        v: {r.seed: r.val_accuracy for r in result.records if r.variant == v and r.epoch == 2}
+        for v in ("before", "after")
+    }
+    assert difference.differences == [final["after"][s] - final["before"][s] for s in result.seeds]
+    payload = result.to_dict()["differences"][0]
+    assert payload["verdict"] == difference.verdict() and payload["mean"] == pytest.approx(difference.mean)

@@ -142,6 +142,8 @@ def experiment_command(
         return
     out = _stdout()
     out.print(experiment_table(result))
+    for difference in result.differences():
+        out.print(difference.verdict(), highlight=False)
     out.print(
         "wrote "
         + ", ".join(str(p) for p in written)

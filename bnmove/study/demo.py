@@ -136,6 +136,8 @@ def run_demo(
         with status.status(f"training before and after variants, {epochs} epochs x 2 seeds…"):
             result_exp = experiment(digits_net(), data, epochs=epochs, seeds=2, batch_size=64, lr=3e-3)
         console.print(report.experiment_table(result_exp))
+        for difference in result_exp.differences():
+            console.print(difference.verdict(), highlight=False)
         written += report.write_experiment(result_exp, out_dir / "experiment")
 
     console.print(Rule("files"))

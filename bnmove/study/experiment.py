@@ -56,6 +56,68 @@ class EpochSummary:
     val_accuracy_std: float
 
 
+#: two-sided 95% quantiles of Student's t, by degrees of freedom (scipy.stats.t.ppf(0.975, df))
+_T975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+    10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+    18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980,
+}  # fmt: skip
+
+
+def t_quantile(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (scipy's where installed;
+    else the table, rounding ``df`` down, which errs toward wider intervals)."""
+    try:
+        from scipy import stats
+
+        return float(stats.t.ppf(0.975, df))
+    except ImportError:
+        return _T975[max(k for k in _T975 if k <= df)] if df < 1000 else 1.960
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Final validation accuracy of ``b`` minus ``a``, paired by seed (same init, same batches)."""
+
+    a: str
+    b: str
+    differences: list[float]
+    mean: float
+    #: 95% confidence interval of the mean (Student t over seeds); None with a single seed
+    low: float | None
+    high: float | None
+
+    @property
+    def seeds(self) -> int:
+        return len(self.differences)
+
+    def verdict(self) -> str:
+        """One line: which placement is better and by how much, or that no difference is detectable."""
+        points = 100 * self.mean
+        if self.low is None or self.high is None:
+            return (
+                f"{self.b} vs {self.a}: {points:+.1f} points on one seed; "
+                "no interval without more seeds (--seeds 3 or more)"
+            )
+        interval = f"95% CI {100 * self.low:+.1f} to {100 * self.high:+.1f}, {self.seeds} seeds"
+        few = "; too few seeds for a reliable interval" if self.seeds < 3 else ""
+        if self.low > 0 or self.high < 0:
+            better, worse = (self.b, self.a) if self.mean > 0 else (self.a, self.b)
+            return f"{better} is better than {worse} by {abs(points):.1f} points ({interval}){few}"
+        return f"no detectable difference between {self.a} and {self.b} ({interval}){few}"
+
+
+def paired_difference(a: str, b: str, accuracies: dict[str, dict[int, float]]) -> PairedDifference:
+    """``b - a`` per seed both ran, with its mean and 95% t interval."""
+    seeds = sorted(set(accuracies[a]) & set(accuracies[b]))
+    diffs = [accuracies[b][s] - accuracies[a][s] for s in seeds]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return PairedDifference(a, b, diffs, mean, None, None)
+    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return PairedDifference(a, b, diffs, mean, mean - half, mean + half)
+
+
 @dataclass
 class ExperimentResult:
     placements: list[str]
@@ -91,6 +153,18 @@ class ExperimentResult:
     def final(self, variant: str) -> EpochSummary:
         return next(s for s in self.summary() if s.variant == variant and s.epoch == self.epochs)
 
+    def differences(self) -> list[PairedDifference]:
+        """Each later placement against each earlier one, on final validation accuracy, paired by seed."""
+        final = {
+            v: {r.seed: r.val_accuracy for r in self.records if r.variant == v and r.epoch == self.epochs}
+            for v in self.placements
+        }
+        return [
+            paired_difference(a, b, final)
+            for i, a in enumerate(self.placements)
+            for b in self.placements[i + 1 :]
+        ]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "placements": self.placements,
@@ -103,6 +177,7 @@ class ExperimentResult:
             "start_digests": self.start_digests,
             "batch_digests": self.batch_digests,
             "summary": [asdict(s) for s in self.summary()],
+            "differences": [{**asdict(d), "verdict": d.verdict()} for d in self.differences()],
             "records": [asdict(r) for r in self.records],
         }
 
