@@ -454,8 +454,8 @@ def _pm(mean: float, std: float, pct: bool = False) -> str:
 def experiment_header(result: ExperimentResult) -> str:
     start = "converted pretrained weights" if result.from_pretrained else "one random initialisation per seed"
     return (
-        f"{result.dataset}: {result.epochs} epochs × {len(result.seeds)} seeds on {result.device}, "
-        f"each seed's variants start from {start}; mean ± std over seeds"
+        f"{result.dataset}: {result.epochs} epochs × {len(result.seeds)} seeds on {result.device} "
+        f"({result.recipe.describe()}), each seed's variants start from {start}; mean ± std over seeds"
     )
 
 

@@ -27,6 +27,7 @@ from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
 from ..moving.conversion import convert
 from .data import Dataset
+from .recipes import Recipe, augment_batch
 
 VARIANTS = ("original", "before", "after")
 
@@ -126,6 +127,7 @@ class ExperimentResult:
     dataset: str
     device: str
     from_pretrained: bool
+    recipe: Recipe
     records: list[EpochRecord]
     wall_seconds: dict[str, float]
     #: sha256 of each (variant, seed)'s starting parameters, in a placement-independent order
@@ -173,6 +175,7 @@ class ExperimentResult:
             "dataset": self.dataset,
             "device": self.device,
             "from_pretrained": self.from_pretrained,
+            "recipe": self.recipe.to_dict(),
             "wall_seconds": self.wall_seconds,
             "start_digests": self.start_digests,
             "batch_digests": self.batch_digests,
@@ -252,18 +255,32 @@ def train_epoch(
     y: torch.Tensor,
     order: torch.Tensor,
     batch_size: int,
+    *,
+    recipe: Recipe | None = None,
+    scheduler: Any = None,
+    generator: torch.Generator | None = None,
 ) -> float:
-    """One epoch of cross-entropy training over ``x[order]`` in mini-batches; returns the mean loss."""
+    """One epoch of training over ``x[order]`` in mini-batches; returns the mean loss.
+
+    With a ``recipe``: its loss (label smoothing), its augmentation (drawn from ``generator``),
+    and ``scheduler`` stepped after every batch.
+    """
     model.train()
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size].to(x.device)
         if len(idx) < 2:
             continue  # BatchNorm cannot train on a single sample
-        loss = F.cross_entropy(class_scores(model(x[idx])), y[idx])
+        inputs = x[idx]
+        if recipe is not None and recipe.augment and generator is not None:
+            inputs = augment_batch(inputs, generator)
+        scores = class_scores(model(inputs))
+        loss = recipe.loss(scores, y[idx]) if recipe is not None else F.cross_entropy(scores, y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += float(loss.detach()) * len(idx)
         count += len(idx)
     return total / max(count, 1)
@@ -322,6 +339,7 @@ def experiment(
     device: str | None = None,
     keep_models: bool = False,
     on_epoch: Callable[[str, int, int, EpochRecord], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and record the curves.
 
@@ -331,12 +349,14 @@ def experiment(
         placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
         epochs: training epochs per variant and seed.
         seeds: a number of seeds (0..K-1) or the seeds themselves.
-        batch_size, lr: mini-batch size and Adam learning rate.
+        batch_size, lr: mini-batch size, and Adam's learning rate when no ``recipe`` is given.
         from_pretrained: start from the model's weights (converted with ``auto``)
             instead of a fresh initialisation (converted with ``swap``).
         device: ``"cuda"`` when available unless given.
         keep_models: keep the trained models in ``result.models`` (for inspection).
         on_epoch: progress callback ``(variant, seed, epoch, record)``.
+        recipe: optimiser, schedule, weight decay, label smoothing, augmentation
+            (:class:`bnmove.study.recipes.Recipe`); default Adam at ``lr``, nothing else.
 
     Returns:
         An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests.
@@ -348,6 +368,8 @@ def experiment(
         )
     if epochs < 1 or batch_size < 1 or lr <= 0 or not math.isfinite(lr):
         raise BnmoveError("epochs and batch size must be at least 1 and the learning rate positive")
+    recipe = recipe or Recipe("adam", lr=lr)
+    steps_per_epoch = math.ceil(len(data.train.y) / batch_size)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise BnmoveError("give at least one seed")
@@ -374,7 +396,8 @@ def experiment(
                 net = convert(base, variant, method=method, example_inputs=example).model
             net = net.to(target)
             start_digests[_key(variant, seed)] = weights_digest(net)
-            optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+            optimizer = recipe.optimizer(net)
+            scheduler = recipe.scheduler(optimizer, epochs * steps_per_epoch)
             order = torch.Generator().manual_seed(seed)
             seen = hashlib.sha256()
             for epoch in range(1, epochs + 1):
@@ -382,7 +405,20 @@ def experiment(
                 torch.manual_seed(seed * 1_000_003 + epoch)  # same dropout stream for every variant
                 perm = torch.randperm(len(train_y), generator=order)
                 seen.update(perm.numpy().tobytes())
-                train_loss = train_epoch(net, optimizer, train_x, train_y, perm, batch_size)
+                crops = torch.Generator().manual_seed(
+                    seed * 1_000_003 + epoch
+                )  # same augmentation per variant
+                train_loss = train_epoch(
+                    net,
+                    optimizer,
+                    train_x,
+                    train_y,
+                    perm,
+                    batch_size,
+                    recipe=recipe,
+                    scheduler=scheduler,
+                    generator=crops,
+                )
                 val_loss, val_acc = _evaluate(net, val_x, val_y, max(batch_size, 256))
                 seconds = time.perf_counter() - started
                 wall[variant] += seconds
@@ -400,6 +436,7 @@ def experiment(
         dataset=data.name,
         device=str(target),
         from_pretrained=from_pretrained,
+        recipe=recipe,
         records=records,
         wall_seconds=wall,
         start_digests=start_digests,
