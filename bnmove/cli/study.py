@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 from rich.progress import Progress
+from torch import nn
 
 from ..errors import BnmoveError
 from ..report import (
@@ -16,6 +18,7 @@ from ..report import (
     has_matplotlib,
     write_experiment,
 )
+from ..study.activations import replace_activations
 from ..study.data import load_dataset
 from ..study.demo import run_demo
 from ..study.experiment import EpochRecord, experiment
@@ -58,6 +61,14 @@ def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, in
 )
 @click.option(
     "--placements", default="before,after", show_default=True, help="Variants to train, comma-separated."
+)
+@click.option(
+    "--activations",
+    metavar="KINDS",
+    help="Also vary the activation: comma-separated kinds (relu, gelu, silu, tanh, hardswish, mish, elu, "
+    "leaky_relu, relu6, sigmoid). Every stateless activation module of the model is replaced by each kind "
+    "in turn and crossed with the placements and seeds; results go to DIR/<kind>/. Activations called as "
+    "functions in forward code are left as they are (listed on stderr).",
 )
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -117,6 +128,7 @@ def experiment_command(
     as_json: bool,
     data_spec: str,
     placements: str,
+    activations: str | None,
     epochs: int,
     seeds: int,
     batch_size: int,
@@ -141,34 +153,62 @@ def experiment_command(
     variants = _csv_list(placements, "placement")
     out_dir = out_dir or Path(f"experiment-{model.stem}")
     plot = has_matplotlib()
-    _check_outputs(out_dir, ["results.json", "summary.md", "curves.png"], force)
+    kinds = _csv_list(activations, "activation") if activations else []
+    folders = {kind: out_dir / kind for kind in kinds} or {"": out_dir}
+    files = ["results.json", "summary.md", "curves.png"]
+    _check_outputs(out_dir, [f"{kind}/{name}" if kind else name for kind in folders for name in files], force)
     loaded = model.load()
     data = load_dataset(data_spec, val_split=val_split)
     for note in data.notes:
         click.echo(f"bnmove: note: {note}", err=True)
+    models: dict[str, nn.Module] = {"": loaded.module}
+    if kinds:
+        models = {}
+        example = (data.train.x[:2],)
+        for kind in kinds:
+            swapped = replace_activations(loaded.module, kind, example)
+            models[kind] = swapped.model
+            click.echo(
+                f"bnmove: note: {kind}: replaced {len(swapped.replaced)} activation modules"
+                + (f"; left as they are: {', '.join(swapped.left)}" if swapped.left else ""),
+                err=True,
+            )
     show = sys.stderr.isatty() and not as_json
-    progress, on_epoch = _epoch_progress(show, epochs * seeds * len(variants))
+    progress, on_epoch = _epoch_progress(show, epochs * seeds * len(variants) * len(models))
+    results = {}
     with progress:
-        result = experiment(
-            loaded.module,
-            data,
-            placements=variants,
-            epochs=epochs,
-            seeds=seeds,
-            batch_size=batch_size,
-            recipe=Recipe(recipe, lr, weight_decay, label_smoothing, augment),
-            from_pretrained=from_pretrained,
-            device=device,
-            on_epoch=on_epoch,
-        )
-    written = write_experiment(result, out_dir)
+        for kind, net in models.items():
+            results[kind] = experiment(
+                net,
+                data,
+                placements=variants,
+                epochs=epochs,
+                seeds=seeds,
+                batch_size=batch_size,
+                recipe=Recipe(recipe, lr, weight_decay, label_smoothing, augment),
+                from_pretrained=from_pretrained,
+                device=device,
+                on_epoch=on_epoch,
+            )
+    written = []
+    if kinds:
+        out_dir.mkdir(exist_ok=True)
+    for kind, result in results.items():
+        written += write_experiment(result, folders[kind])
     if as_json:
-        click.echo(experiment_json(result), nl=False)
+        if kinds:
+            payload = {kind: json.loads(experiment_json(result)) for kind, result in results.items()}
+            click.echo(json.dumps({"activations": payload}, indent=2))
+        else:
+            click.echo(experiment_json(results[""]), nl=False)
         return
     out = _stdout()
-    out.print(experiment_table(result))
-    for difference in result.differences():
-        out.print(difference.verdict(), highlight=False)
+    for kind, result in results.items():
+        if kind:
+            out.print(f"\n[bold]activation: {kind}[/]")
+        out.print(experiment_table(result))
+        for difference in result.differences():
+            out.print(difference.verdict(), highlight=False)
     out.print(
         "wrote "
         + ", ".join(str(p) for p in written)
