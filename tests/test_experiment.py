@@ -237,14 +237,12 @@ def test_paired_difference_interval_and_verdict(monkeypatch: pytest.MonkeyPatch)
     assert close.mean == pytest.approx(0.02) and close.low == pytest.approx(0.02 - half)
     assert close.high == pytest.approx(0.02 + half) and close.low < 0 < close.high
     assert close.verdict().startswith(
-        "no detectable difference between before and after (95% CI -0.5 to +4.5"
+        "no detectable difference between before and after (after − before: 95% CI -0.5 to +4.5"
     )
     clear = run([0.02, 0.03, 0.025, 0.028, 0.022])
-    assert clear.verdict().startswith(
-        "after is better than before by 2.5 points (95% CI +2.0 to +3.0, 5 seeds)"
-    )
+    assert clear.verdict() == "after is better than before by 2.5 points (95% CI 2.0 to 3.0, 5 seeds)"
     worse = run([-0.02, -0.03, -0.025, -0.028, -0.022])
-    assert worse.verdict().startswith("before is better than after by 2.5 points")
+    assert worse.verdict() == "before is better than after by 2.5 points (95% CI 2.0 to 3.0, 5 seeds)"
     assert "too few seeds" in run([0.01, 0.02]).verdict()
     single = run([0.04])
     assert single.low is None and "no interval without more seeds" in single.verdict()

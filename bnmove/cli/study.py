@@ -57,7 +57,9 @@ def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, in
     "data_spec",
     required=True,
     metavar="DATA",
-    help="'digits' (scikit-learn's 8x8 digits), an .npz with x/y (and optionally x_val/y_val), or a folder of them.",
+    help="'digits' (scikit-learn's 8x8 digits), an .npz with x/y (and optionally x_val/y_val) or a folder of "
+    "them, an image folder (train/<class>/*.png|jpg and val/<class>/..., or <class>/... split by --val-split; "
+    "needs Pillow), or a CIFAR-10/100 'python version' folder.",
 )
 @click.option(
     "--placements", default="before,after", show_default=True, help="Variants to train, comma-separated."
@@ -103,6 +105,12 @@ def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, in
     "draws for every placement of a seed. Off by default: flips suit photos, not digits or text.",
 )
 @click.option(
+    "--image-size",
+    type=click.IntRange(1),
+    metavar="PIXELS",
+    help="Resize images of an image folder to this square size [default: the first image's size].",
+)
+@click.option(
     "--val-split",
     default=0.2,
     show_default=True,
@@ -137,6 +145,7 @@ def experiment_command(
     weight_decay: float | None,
     label_smoothing: float,
     augment: bool,
+    image_size: int | None,
     val_split: float,
     from_pretrained: bool,
     device: str | None,
@@ -158,7 +167,7 @@ def experiment_command(
     files = ["results.json", "summary.md", "curves.png"]
     _check_outputs(out_dir, [f"{kind}/{name}" if kind else name for kind in folders for name in files], force)
     loaded = model.load()
-    data = load_dataset(data_spec, val_split=val_split)
+    data = load_dataset(data_spec, val_split=val_split, image_size=image_size)
     for note in data.notes:
         click.echo(f"bnmove: note: {note}", err=True)
     models: dict[str, nn.Module] = {"": loaded.module}

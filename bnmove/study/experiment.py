@@ -100,12 +100,24 @@ class PairedDifference:
                 f"{self.b} vs {self.a}: {points:+.1f} points on one seed; "
                 "no interval without more seeds (--seeds 3 or more)"
             )
-        interval = f"95% CI {100 * self.low:+.1f} to {100 * self.high:+.1f}, {self.seeds} seeds"
         few = "; too few seeds for a reliable interval" if self.seeds < 3 else ""
-        if self.low > 0 or self.high < 0:
-            better, worse = (self.b, self.a) if self.mean > 0 else (self.a, self.b)
-            return f"{better} is better than {worse} by {abs(points):.1f} points ({interval}){few}"
-        return f"no detectable difference between {self.a} and {self.b} ({interval}){few}"
+        if self.low > 0 or self.high < 0:  # the interval excludes zero: name the better placement
+            sign = 1 if self.mean > 0 else -1
+            better, worse = (self.b, self.a) if sign > 0 else (self.a, self.b)
+            low, high = sorted((_points(sign * self.low), _points(sign * self.high)))
+            return (
+                f"{better} is better than {worse} by {abs(points):.1f} points "
+                f"(95% CI {low:.1f} to {high:.1f}, {self.seeds} seeds){few}"
+            )
+        return (
+            f"no detectable difference between {self.a} and {self.b} ({self.b} − {self.a}: 95% CI "
+            f"{_points(self.low):+.1f} to {_points(self.high):+.1f}, {self.seeds} seeds){few}"
+        )
+
+
+def _points(fraction: float) -> float:
+    """Accuracy fraction -> points, rounded to 0.1 without a negative zero."""
+    return round(100 * fraction, 1) + 0.0
 
 
 def paired_difference(a: str, b: str, accuracies: dict[str, dict[int, float]]) -> PairedDifference:
