@@ -1,0 +1,101 @@
+"""What ``bnmove experiment`` costs over training by hand: study throughput against a plain loop.
+
+Trains the same model on the same data (digits, or random images of a chosen size) with
+``bnmove.study.experiment.experiment`` (both placements, seeds, evaluation after every epoch,
+digests, records) and with a plain PyTorch loop written here (Adam, the same batches, the same
+evaluation), interleaved, and prints training images per second of each and the tool's overhead.
+
+    python benchmarks/bench_experiment.py [--epochs 3] [--seeds 2] [--size 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bnmove
+from bnmove.sample_models import PreActResNet
+from bnmove.study.data import Dataset, Split, load_dataset
+from bnmove.study.experiment import experiment
+
+
+def plain_loop(model: torch.nn.Module, data: Dataset, epochs: int, batch_size: int, seed: int) -> None:
+    """What a user would write: Adam, shuffled mini-batches, evaluation after each epoch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(data.train.y), generator=order)
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start : start + batch_size]
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(data.val.y), 256):
+                F.cross_entropy(model(data.val.x[start : start + 256]), data.val.y[start : start + 256])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--size", type=int, default=0, help="random 3-channel images of this size (0: digits)"
+    )
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.size:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.samples, 3, args.size, args.size, generator=g)
+        y = torch.randint(0, 10, (args.samples,), generator=g)
+        cut = args.samples * 4 // 5
+        data = Dataset(Split(x[:cut], y[:cut]), Split(x[cut:], y[cut:]), f"random {args.size}px")
+        channels = 3
+    else:
+        data = load_dataset("digits")
+        channels = 1
+
+    def build() -> torch.nn.Module:
+        return PreActResNet(10, width=32, blocks=3, in_channels=channels)
+
+    images = len(data.train.y) * args.epochs * args.seeds * 2  # two placements
+    tool, plain = [], []
+    for _ in range(args.rounds):  # interleaved, so both see the same machine load
+        started = time.perf_counter()
+        experiment(build(), data, placements=("before", "after"), epochs=args.epochs, seeds=args.seeds)
+        tool.append(images / (time.perf_counter() - started))
+        started = time.perf_counter()
+        for seed in range(args.seeds):
+            for placement in ("before", "after"):
+                torch.manual_seed(seed)
+                model = bnmove.convert(
+                    build(), placement, method="swap", example_inputs=(data.train.x[:2],)
+                ).model
+                plain_loop(model, data, args.epochs, args.batch_size, seed)
+        plain.append(images / (time.perf_counter() - started))
+    t, p = statistics.median(tool), statistics.median(plain)
+    print(
+        f"{data.name}: {len(data.train.y)} training images, {args.epochs} epochs x {args.seeds} seeds x 2 placements, "
+        f"median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads"
+    )
+    print(f"  bnmove experiment: {t:8.0f} training images/s")
+    print(f"  plain PyTorch loop: {p:8.0f} training images/s (conversion included, as in the tool)")
+    print(f"  overhead of the tool: {(p / t - 1):+.1%}")
+
+
+if __name__ == "__main__":
+    main()
