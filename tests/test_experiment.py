@@ -269,3 +269,76 @@ def test_experiment_reports_the_paired_difference_of_its_own_records() -> None:
     assert difference.differences == [final["after"][s] - final["before"][s] for s in result.seeds]
     payload = result.to_dict()["differences"][0]
     assert payload["verdict"] == difference.verdict() and payload["mean"] == pytest.approx(difference.mean)
+
+
+def test_an_interrupted_study_resumes_without_repeating_finished_runs(tmp_path: Path) -> None:
+    data, jobs = _blobs(), tmp_path / "jobs"
+    trained: list[tuple[str, int, int]] = []
+
+    def stop_at_the_second_run(variant: str, seed: int, epoch: int, record: object) -> None:
+        trained.append((variant, seed, epoch))
+        if (variant, seed) == ("after", 0):
+            raise KeyboardInterrupt  # Ctrl-C during the second run
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment(
+            Tiny(), data, epochs=2, seeds=2, batch_size=16, jobs_dir=jobs, on_epoch=stop_at_the_second_run
+        )
+    assert sorted(p.name for p in jobs.iterdir()) == ["before-seed0.json"]
+    trained.clear()
+    resumed = experiment(
+        Tiny(),
+        data,
+        epochs=2,
+        seeds=2,
+        batch_size=16,
+        jobs_dir=jobs,
+        on_epoch=lambda *a: trained.append(a[:3]),
+    )
+    assert ("before", 0, 1) not in trained and len(trained) == 3 * 2  # three runs of two epochs
+    fresh = experiment(Tiny(), data, epochs=2, seeds=2, batch_size=16)
+    key = lambda r: (r.variant, r.seed, r.epoch)  # noqa: E731
+    for a, b in zip(sorted(resumed.records, key=key), sorted(fresh.records, key=key), strict=True):
+        assert (
+            key(a) == key(b) and a.val_accuracy == b.val_accuracy and a.val_loss == pytest.approx(b.val_loss)
+        )
+    assert resumed.start_digests == fresh.start_digests and resumed.batch_digests == fresh.batch_digests
+    # Other settings cannot borrow these runs.
+    with pytest.raises(bnmove.BnmoveError, match="made with other settings, model or data"):
+        experiment(Tiny(), data, epochs=3, seeds=2, batch_size=16, jobs_dir=jobs)
+
+
+def test_cli_resumes_and_force_starts_over(tmp_path: Path) -> None:
+    model_file = tmp_path / "digits.pt"
+    torch.save(bnmove.sample_models.digits_net(), model_file)
+    out = tmp_path / "study"
+    args = [
+        "experiment",
+        str(model_file),
+        "--allow-pickle",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--seeds",
+        "2",
+    ]
+    first = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert first.exit_code == 0, first.output
+    assert sorted(p.name for p in (out / "jobs").iterdir()) == [
+        "after-seed0.json",
+        "after-seed1.json",
+        "before-seed0.json",
+        "before-seed1.json",
+    ]
+    for name in ("results.json", "summary.md", "curves.png"):  # as if stopped before writing results
+        (out / name).unlink()
+    (out / "jobs" / "after-seed1.json").unlink()
+    resumed = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming: 3 of 4 runs are done" in resumed.stderr
+    payload = json.loads((out / "results.json").read_text())
+    assert len(payload["records"]) == 4
+    changed = CliRunner().invoke(main, [*args[:-1], "3", "--force", "-o", str(out)])
+    assert changed.exit_code == 0 and "resuming" not in changed.stderr
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -130,7 +131,11 @@ def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, in
     type=click.Path(path_type=Path),
     help="Folder for results.json, summary.md and curves.png. Default: experiment-<model stem>.",
 )
-@click.option("--force", is_flag=True, help="Overwrite existing result files.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Overwrite existing result files and start over (discards runs kept for resuming).",
+)
 def experiment_command(
     model: ModelArgs,
     as_json: bool,
@@ -182,9 +187,21 @@ def experiment_command(
                 + (f"; left as they are: {', '.join(swapped.left)}" if swapped.left else ""),
                 err=True,
             )
+    jobs = {kind: folders[kind] / "jobs" for kind in models}
+    if force:
+        for folder in jobs.values():
+            shutil.rmtree(folder, ignore_errors=True)  # --force starts over
+    done = sum(len(list(folder.glob("*-seed*.json"))) for folder in jobs.values() if folder.is_dir())
+    total = seeds * len(variants) * len(models)
+    if done:
+        click.echo(
+            f"bnmove: note: resuming: {min(done, total)} of {total} runs are done in {out_dir}", err=True
+        )
     show = sys.stderr.isatty() and not as_json
-    progress, on_epoch = _epoch_progress(show, epochs * seeds * len(variants) * len(models))
+    progress, on_epoch = _epoch_progress(show, epochs * max(total - done, 1))
     results = {}
+    if kinds:
+        out_dir.mkdir(exist_ok=True)
     with progress:
         for kind, net in models.items():
             results[kind] = experiment(
@@ -198,10 +215,9 @@ def experiment_command(
                 from_pretrained=from_pretrained,
                 device=device,
                 on_epoch=on_epoch,
+                jobs_dir=jobs[kind],
             )
     written = []
-    if kinds:
-        out_dir.mkdir(exist_ok=True)
     for kind, result in results.items():
         written += write_experiment(result, folders[kind])
     if as_json:

@@ -12,17 +12,20 @@ can check that the comparison was fair.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._atomic import atomic_path
 from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
 from ..moving.conversion import convert
@@ -338,6 +341,82 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return loss / len(y), correct / len(y)
 
 
+@dataclass
+class Job:
+    """One finished (placement, seed) run, as kept in a study's jobs folder."""
+
+    fingerprint: str
+    records: list[EpochRecord]
+    seconds: float
+    start_digest: str
+    batch_digest: str
+
+
+def study_fingerprint(
+    model: nn.Module,
+    data: Dataset,
+    placements: Sequence[str],
+    epochs: int,
+    batch_size: int,
+    recipe: Recipe,
+    from_pretrained: bool,
+) -> str:
+    """What a run's numbers depend on besides its seed: settings, the model (its weights when
+    training starts from them), the data."""
+    digest = hashlib.sha256()
+    settings = {
+        "placements": sorted(placements),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "recipe": recipe.to_dict(),
+        "from_pretrained": from_pretrained,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    if from_pretrained:
+        digest.update(weights_digest(model).encode())
+    else:  # each seed re-initialises: the architecture matters, not these weights
+        shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+        digest.update(json.dumps([type(model).__qualname__, shapes]).encode())
+    for tensor in (data.train.x, data.train.y, data.val.x, data.val.y):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _job_path(folder: Path, variant: str, seed: int) -> Path:
+    return folder / f"{variant}-seed{seed}.json"
+
+
+def load_job(folder: Path, variant: str, seed: int, fingerprint: str) -> Job | None:
+    """The finished run kept in ``folder``, None if there is none; an error if it was made differently."""
+    path = _job_path(folder, variant, seed)
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        job = Job(
+            raw["fingerprint"],
+            [EpochRecord(**r) for r in raw["records"]],
+            float(raw["seconds"]),
+            raw["start_digest"],
+            raw["batch_digest"],
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BnmoveError(f"{path}: not a run bnmove kept ({exc}); remove it or pass --force") from exc
+    if job.fingerprint != fingerprint:
+        raise BnmoveError(
+            f"{path}: this run was made with other settings, model or data; resume with the same ones, "
+            "or use another folder (--force starts over)"
+        )
+    return job
+
+
+def save_job(folder: Path, variant: str, seed: int, job: Job) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {**asdict(job), "records": [asdict(r) for r in job.records]}
+    with atomic_path(_job_path(folder, variant, seed)) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
+
+
 def experiment(
     model: nn.Module,
     data: Dataset,
@@ -352,6 +431,7 @@ def experiment(
     keep_models: bool = False,
     on_epoch: Callable[[str, int, int, EpochRecord], None] | None = None,
     recipe: Recipe | None = None,
+    jobs_dir: Path | None = None,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and record the curves.
 
@@ -369,6 +449,9 @@ def experiment(
         on_epoch: progress callback ``(variant, seed, epoch, record)``.
         recipe: optimiser, schedule, weight decay, label smoothing, augmentation
             (:class:`bnmove.study.recipes.Recipe`); default Adam at ``lr``, nothing else.
+        jobs_dir: keep each finished (placement, seed) run here, and take runs already there
+            instead of training them again (an interrupted study resumes); runs made with other
+            settings, model or data are refused.
 
     Returns:
         An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests.
@@ -391,6 +474,7 @@ def experiment(
     val_x, val_y = data.val.x.to(target), data.val.y.to(target)
     example = (data.train.x[:2],)
 
+    fingerprint = study_fingerprint(model, data, placements, epochs, batch_size, recipe, from_pretrained)
     records: list[EpochRecord] = []
     wall = dict.fromkeys(placements, 0.0)
     start_digests: dict[str, str] = {}
@@ -401,6 +485,15 @@ def experiment(
         if not from_pretrained:
             reinitialize(base, seed)
         for variant in placements:
+            done = load_job(jobs_dir, variant, seed, fingerprint) if jobs_dir is not None else None
+            if done is not None:
+                records.extend(done.records)
+                wall[variant] += done.seconds
+                start_digests[_key(variant, seed)] = done.start_digest
+                batch_digests[_key(variant, seed)] = done.batch_digest
+                continue
+            job_records: list[EpochRecord] = []
+            job_seconds = 0.0
             if variant == "original":
                 net = clone_module(base)
             else:
@@ -434,11 +527,22 @@ def experiment(
                 val_loss, val_acc = _evaluate(net, val_x, val_y, max(batch_size, 256))
                 seconds = time.perf_counter() - started
                 wall[variant] += seconds
+                job_seconds += seconds
                 record = EpochRecord(variant, seed, epoch, train_loss, val_loss, val_acc, seconds)
                 records.append(record)
+                job_records.append(record)
                 if on_epoch is not None:
                     on_epoch(variant, seed, epoch, record)
             batch_digests[_key(variant, seed)] = seen.hexdigest()
+            if jobs_dir is not None:
+                job = Job(
+                    fingerprint,
+                    job_records,
+                    job_seconds,
+                    start_digests[_key(variant, seed)],
+                    seen.hexdigest(),
+                )
+                save_job(jobs_dir, variant, seed, job)
             if keep_models:
                 models[_key(variant, seed)] = net
     return ExperimentResult(
