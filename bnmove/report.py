@@ -461,7 +461,7 @@ def experiment_header(result: ExperimentResult) -> str:
 
 def experiment_table(result: ExperimentResult) -> Table:
     table = Table(title=experiment_header(result), title_justify="left")
-    for column in ("placement", "val accuracy", "val loss", "train loss", "time"):
+    for column in ("placement", "val accuracy", "best epoch", "val loss", "train loss", "time"):
         table.add_column(column, justify="left" if column == "placement" else "right")
     best = max(result.placements, key=lambda v: result.final(v).val_accuracy)
     for variant in result.placements:
@@ -470,6 +470,7 @@ def experiment_table(result: ExperimentResult) -> Table:
         table.add_row(
             name,
             _pm(final.val_accuracy, final.val_accuracy_std, pct=True),
+            _pm(*result.best(variant), pct=True),
             _pm(final.val_loss, final.val_loss_std),
             _pm(final.train_loss, final.train_loss_std),
             f"{result.wall_seconds[variant]:.1f} s",
@@ -487,6 +488,9 @@ def experiment_markdown(result: ExperimentResult) -> str:
         )
     lines += [
         "",
+        "Best epoch's validation accuracy per run, mean ± std over seeds: "
+        + ", ".join(f"{v} {_pm(*result.best(v), pct=True)}" for v in result.placements),
+        "",
         "Wall time per placement (all seeds): "
         + ", ".join(f"{v} {t:.1f} s" for v, t in result.wall_seconds.items()),
         "",
@@ -503,14 +507,17 @@ def experiment_json(result: ExperimentResult) -> str:
 
 
 def experiment_plot(result: ExperimentResult, path: Path) -> None:
-    """Validation accuracy and training loss per epoch, mean with a ±std band, per placement."""
+    """Validation accuracy and training loss per epoch, mean with a ±std band, per placement, and
+    the paired difference between placements per epoch with its 95% interval."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    pairs = result.differences()
+    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(15 if pairs else 10, 4))
+    ax_acc, ax_loss = axes[0], axes[1]
     for variant in result.placements:
         rows = [s for s in result.summary() if s.variant == variant]
         epochs = [s.epoch for s in rows]
@@ -527,11 +534,24 @@ def experiment_plot(result: ExperimentResult, path: Path) -> None:
             )
     ax_acc.set_ylabel("validation accuracy")
     ax_loss.set_ylabel("training loss")
-    for ax in (ax_acc, ax_loss):
+    if pairs:  # the paired difference per epoch, with its 95% interval where there are 2+ seeds
+        ax_diff = axes[2]
+        epochs = list(range(1, result.epochs + 1))
+        for index, pair in enumerate(pairs):
+            per_epoch = [result.differences(e)[index] for e in epochs]
+            mean = [100 * d.mean for d in per_epoch]
+            ax_diff.plot(epochs, mean, marker="o", label=f"{pair.b} − {pair.a}")
+            if all(d.low is not None and d.high is not None for d in per_epoch):
+                low = [100 * d.low for d in per_epoch]  # type: ignore[operator]
+                high = [100 * d.high for d in per_epoch]  # type: ignore[operator]
+                ax_diff.fill_between(epochs, low, high, alpha=0.2)
+        ax_diff.axhline(0, color="grey", linewidth=0.8)
+        ax_diff.set_ylabel("paired difference, points (95% CI)")
+    for index, ax in enumerate(axes):
         ax.set_xticks(range(1, result.epochs + 1))
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-        ax.legend(title="BN placement")
+        ax.legend(title="paired by seed" if index == 2 else "BN placement")
     fig.suptitle(experiment_header(result), fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -342,3 +342,21 @@ def test_cli_resumes_and_force_starts_over(tmp_path: Path) -> None:
     changed = CliRunner().invoke(main, [*args[:-1], "3", "--force", "-o", str(out)])
     assert changed.exit_code == 0 and "resuming" not in changed.stderr
     assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1, 2]
+
+
+def test_best_epoch_and_differences_per_epoch() -> None:
+    result = experiment(Tiny(), _blobs(), epochs=3, seeds=2, batch_size=16)
+    for variant in ("before", "after"):
+        per_seed = [
+            max(r.val_accuracy for r in result.records if r.variant == variant and r.seed == s)
+            for s in (0, 1)
+        ]
+        mean, _ = result.best(variant)
+        assert mean == pytest.approx(sum(per_seed) / 2) and mean >= result.final(variant).val_accuracy
+    first = {
+        v: [r.val_accuracy for r in result.records if r.variant == v and r.epoch == 1]
+        for v in ("before", "after")
+    }
+    (epoch1,) = result.differences(1)
+    assert epoch1.differences == [b - a for a, b in zip(first["before"], first["after"], strict=True)]
+    assert set(result.to_dict()["best_val_accuracy"]) == {"before", "after"}

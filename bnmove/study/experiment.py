@@ -170,10 +170,20 @@ class ExperimentResult:
     def final(self, variant: str) -> EpochSummary:
         return next(s for s in self.summary() if s.variant == variant and s.epoch == self.epochs)
 
-    def differences(self) -> list[PairedDifference]:
-        """Each later placement against each earlier one, on final validation accuracy, paired by seed."""
+    def best(self, variant: str) -> tuple[float, float]:
+        """Mean and std over seeds of each run's best validation accuracy over its epochs."""
+        best: dict[int, float] = {}
+        for r in self.records:
+            if r.variant == variant:
+                best[r.seed] = max(best.get(r.seed, 0.0), r.val_accuracy)
+        return _mean_std(list(best.values()))
+
+    def differences(self, epoch: int | None = None) -> list[PairedDifference]:
+        """Each later placement against each earlier one, on validation accuracy at ``epoch``
+        (default the last), paired by seed."""
+        at = epoch or self.epochs
         final = {
-            v: {r.seed: r.val_accuracy for r in self.records if r.variant == v and r.epoch == self.epochs}
+            v: {r.seed: r.val_accuracy for r in self.records if r.variant == v and r.epoch == at}
             for v in self.placements
         }
         return [
@@ -195,6 +205,9 @@ class ExperimentResult:
             "start_digests": self.start_digests,
             "batch_digests": self.batch_digests,
             "summary": [asdict(s) for s in self.summary()],
+            "best_val_accuracy": {
+                v: dict(zip(("mean", "std"), self.best(v), strict=True)) for v in self.placements
+            },
             "differences": [{**asdict(d), "verdict": d.verdict()} for d in self.differences()],
             "records": [asdict(r) for r in self.records],
         }
