@@ -62,3 +62,20 @@ def test_calibrated_fit_on_a_model_whose_top_level_does_not_trace() -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not model.training
+
+
+def test_a_pair_no_hook_reaches_keeps_its_gaussian_fit_and_says_so() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn, self.head = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.bn(torch.relu(self.fc(x) * 2.0)))  # relu's input is a function's output
+
+    model = randomize_bn(Functional()).eval()
+    data = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    result = bnmove.convert(model, "before", method="fit", calibration_data=data, example_inputs=(data[:4],))
+    (move,) = result.moved
+    assert move.method == "fit-data-free"
+    assert any("not the calibration data: no module hook reaches" in n for n in move.notes)

@@ -366,6 +366,8 @@ def _convert(
             plan.bn = moved_to
             calibrator.plan_refit(plan, site, mover.modules(site.region))  # type: ignore[union-attr]
         else:
+            if calibrator is not None and used == "fit-data-free":
+                notes.append(_NOT_CALIBRATED)
             plan = None
         taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
         why = site.pair.reason if used != "exact" and method in ("auto", "exact") else None
@@ -483,15 +485,14 @@ class _Calibrator:
         batches: list[Batch],
         on_progress: Callable[[int, int], None] | None,
     ) -> None:
-        if not plans:
-            return
-        for plan in plans:
-            if not isinstance(converted.get_submodule(plan.bn), nn.modules.batchnorm._BatchNorm):
-                plan.refit = None  # a fused module's BN' sits inside it: no hook of its own
-        plans[:] = [
+        # A BN' that is not a torch BatchNorm of its own (inside a fused module) has no hook to fit
+        # it by: its pair keeps the Gaussian fit, and says so (``finish`` leaves it as it is).
+        hookable = [
             p for p in plans if isinstance(converted.get_submodule(p.bn), nn.modules.batchnorm._BatchNorm)
         ]
-        passes = SequentialCalibration(plans, batches)
+        if not hookable:
+            return
+        passes = SequentialCalibration(hookable, batches)
         done = [0]
         total = len(batches) + 1
 
@@ -508,10 +509,17 @@ class _Calibrator:
     def finish(self, move: Move, plan: PairPlan) -> Move:
         """``move`` with the calibrated fit's method, error and notes, where the passes fitted it."""
         if plan.effect is None:
-            return move
+            return replace(move, notes=(*move.notes, _NOT_CALIBRATED))
         kept = [n for n in move.notes if not n.startswith("data-free fit:")]
         notes = [n.replace("calibrated fit", f"{self.source} fit", 1) for n in plan.notes]
         return replace(move, method=f"fit-{self.source}", effect=plan.effect, notes=(*notes, *kept))
+
+
+#: why a pair fitted while calibration data was given still holds a Gaussian fit
+_NOT_CALIBRATED = (
+    "fitted from Gaussian statistics, not the calibration data: no module hook reaches this pair's "
+    "input or its new BN (a function, a module called at several places, or a fused module)"
+)
 
 
 def _qualified(region: str, name: object) -> str:
