@@ -360,3 +360,18 @@ def test_best_epoch_and_differences_per_epoch() -> None:
     (epoch1,) = result.differences(1)
     assert epoch1.differences == [b - a for a, b in zip(first["before"], first["after"], strict=True)]
     assert set(result.to_dict()["best_val_accuracy"]) == {"before", "after"}
+
+
+def test_torch_datasets_and_loaders_are_data_too() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    blobs = _blobs()
+    train, val = TensorDataset(blobs.train.x, blobs.train.y), TensorDataset(blobs.val.x, blobs.val.y)
+    direct = experiment(Tiny(), blobs, epochs=1, seeds=[2], batch_size=16)
+    for data in ((train, val), (DataLoader(train, batch_size=7), DataLoader(val, batch_size=5))):
+        result = experiment(Tiny(), data, epochs=1, seeds=[2], batch_size=16)
+        assert [r.val_accuracy for r in result.records] == [r.val_accuracy for r in direct.records]
+    held = experiment(Tiny(), train, epochs=1, seeds=[2], batch_size=16)  # one dataset: 20% held out
+    assert held.records and held.dataset == "torch data"
+    with pytest.raises(bnmove.BnmoveError, match=r"items must be \(x, y\) pairs"):
+        experiment(Tiny(), TensorDataset(blobs.train.x), epochs=1, seeds=1)

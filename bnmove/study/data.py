@@ -17,6 +17,7 @@ import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -321,3 +322,45 @@ def load_dataset(
 
 def _finish(dataset: Dataset, images: bool) -> Dataset:
     return _normalise(dataset) if images else dataset
+
+
+def from_torch(
+    train: Any, val: Any = None, *, val_split: float = 0.2, seed: int = 0, name: str = "torch data"
+) -> Dataset:
+    """A :class:`Dataset` from a ``torch.utils.data.Dataset`` or ``DataLoader`` of ``(x, y)`` items
+    (and optionally one for validation; else a seeded ``val_split`` is held out).
+
+    The items are gathered into memory (streaming is not built yet); ``x`` must be tensors of one
+    shape, ``y`` integer class labels.
+    """
+
+    def gather(source: Any, where: str) -> Split:
+        xs, ys = [], []
+        try:
+            for item in source:
+                if not isinstance(item, (tuple, list)) or len(item) < 2:
+                    raise BnmoveError(f"{where}: items must be (x, y) pairs, got {type(item).__name__}")
+                x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+                batched = isinstance(source, torch.utils.data.DataLoader)
+                xs.append(x if batched else x[None])
+                ys.append(y.reshape(-1))
+        except BnmoveError:
+            raise
+        except Exception as exc:
+            raise BnmoveError(f"{where}: reading it raised {type(exc).__name__}: {exc}") from exc
+        if not xs:
+            raise BnmoveError(f"{where}: holds no samples")
+        try:
+            x, y = torch.cat(xs), torch.cat(ys)
+        except RuntimeError as exc:
+            raise BnmoveError(f"{where}: samples of different shapes ({exc})") from exc
+        return _check(x.numpy(), y.numpy(), where)
+
+    train_split = gather(train, f"{name} (train)")
+    if val is not None:
+        return Dataset(train_split, gather(val, f"{name} (validation)"), name)
+    order = torch.randperm(len(train_split.y), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(len(order) * val_split))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    x, y = train_split.x, train_split.y
+    return Dataset(Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx]), name)

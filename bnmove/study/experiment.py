@@ -29,7 +29,7 @@ from .._atomic import atomic_path
 from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
 from ..moving.conversion import convert
-from .data import Dataset
+from .data import Dataset, from_torch
 from .recipes import Recipe, augment_batch
 
 VARIANTS = ("original", "before", "after")
@@ -432,7 +432,7 @@ def save_job(folder: Path, variant: str, seed: int, job: Job) -> None:
 
 def experiment(
     model: nn.Module,
-    data: Dataset,
+    data: Dataset | torch.utils.data.Dataset[Any] | torch.utils.data.DataLoader[Any] | tuple[Any, ...],
     *,
     placements: Sequence[str] = ("before", "after"),
     epochs: int = 5,
@@ -450,7 +450,8 @@ def experiment(
 
     Args:
         model: the architecture (and, with ``from_pretrained``, the weights); not modified.
-        data: a :class:`bnmove.study.data.Dataset` (``bnmove.study.data.load_dataset("digits")``, an ``.npz``...).
+        data: a :class:`bnmove.study.data.Dataset` (``bnmove.study.data.load_dataset("digits")``, an ``.npz``...),
+            or a ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a ``(train, val)`` pair of them.
         placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
         epochs: training epochs per variant and seed.
         seeds: a number of seeds (0..K-1) or the seeds themselves.
@@ -469,6 +470,9 @@ def experiment(
     Returns:
         An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests.
     """
+    if not isinstance(data, Dataset):  # torch Datasets/DataLoaders: (train,) or (train, val)
+        parts = data if isinstance(data, tuple) else (data,)
+        data = from_torch(*parts)
     unknown = [p for p in placements if p not in VARIANTS]
     if unknown or not placements:
         raise BnmoveError(
