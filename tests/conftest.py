@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
@@ -61,3 +62,14 @@ def renamed_key(result: Any, key: str) -> str:
         if move.moved_to and key.startswith(move.pair.bn + "."):
             return str(move.moved_to) + key[len(move.pair.bn) :]
     return key
+
+
+@pytest.fixture
+def digits_study(tmp_path: Path) -> list[str]:
+    """``bnmove experiment`` arguments for the bundled digits CNN (pickled in ``tmp_path``), one epoch
+    on scikit-learn's digits; tests add ``--seeds`` and the rest."""
+    from bnmove.sample_models import digits_net
+
+    model_file = tmp_path / "digits.pt"
+    torch.save(digits_net(), model_file)
+    return ["experiment", str(model_file), "--allow-pickle", "--data", "digits", "--epochs", "1"]

@@ -75,21 +75,9 @@ def test_bad_kinds_and_models_without_activation_modules() -> None:
         replace_activations(Functional(), "gelu", (torch.randn(3, 4),))
 
 
-def test_cli_activations_factor(tmp_path: Path) -> None:
-    model_file = tmp_path / "digits.pt"
-    torch.save(bnmove.sample_models.digits_net(), model_file)
+def test_cli_activations_factor(tmp_path: Path, digits_study: list[str]) -> None:
     out = tmp_path / "study"
-    args = [
-        "experiment",
-        str(model_file),
-        "--allow-pickle",
-        "--data",
-        "digits",
-        "--epochs",
-        "1",
-        "--seeds",
-        "2",
-    ]
+    args = [*digits_study, "--seeds", "2"]
     res = CliRunner().invoke(main, [*args, "--activations", "relu,tanh", "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)["activations"]

@@ -308,21 +308,9 @@ def test_an_interrupted_study_resumes_without_repeating_finished_runs(tmp_path: 
         experiment(Tiny(), data, epochs=3, seeds=2, batch_size=16, jobs_dir=jobs)
 
 
-def test_cli_resumes_and_force_starts_over(tmp_path: Path) -> None:
-    model_file = tmp_path / "digits.pt"
-    torch.save(bnmove.sample_models.digits_net(), model_file)
+def test_cli_resumes_and_force_starts_over(tmp_path: Path, digits_study: list[str]) -> None:
     out = tmp_path / "study"
-    args = [
-        "experiment",
-        str(model_file),
-        "--allow-pickle",
-        "--data",
-        "digits",
-        "--epochs",
-        "1",
-        "--seeds",
-        "2",
-    ]
+    args = [*digits_study, "--seeds", "2"]
     first = CliRunner().invoke(main, [*args, "-o", str(out)])
     assert first.exit_code == 0, first.output
     assert sorted(p.name for p in (out / "jobs").iterdir()) == [

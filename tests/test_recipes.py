@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,27 +126,14 @@ def test_bad_recipe_settings() -> None:
         Recipe(lr=-1)
 
 
-def test_cli_recipe_options(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_recipe_options(tmp_path: Path, digits_study: list[str]) -> None:
     import json
 
     from click.testing import CliRunner
 
-    import bnmove
     from bnmove.cli import main
 
-    model_file = tmp_path / "digits.pt"
-    torch.save(bnmove.sample_models.digits_net(), model_file)
-    args = [
-        "experiment",
-        str(model_file),
-        "--allow-pickle",
-        "--data",
-        "digits",
-        "--epochs",
-        "1",
-        "--seeds",
-        "1",
-    ]
+    args = [*digits_study, "--seeds", "1"]
     res = CliRunner().invoke(
         main,
         [

@@ -143,6 +143,24 @@ class ModelArgs:
         return self.path.stem
 
 
+def calibration_options(data_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--calibration-data`` (as ``calibration_path``) and ``--calibration-samples``, for commands that fit."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option(
+            "--calibration-samples",
+            default=256,
+            show_default=True,
+            type=click.IntRange(1),
+            help="Use at most this many calibration samples.",
+        )(fn)
+        return click.option(
+            "--calibration-data", "calibration_path", type=click.Path(path_type=Path), help=data_help
+        )(fn)
+
+    return decorate
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options every command that reads a model file shares; the command receives them as ``model``."""
 

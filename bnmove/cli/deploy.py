@@ -30,6 +30,7 @@ from ._common import (
     _csv_list,
     _stderr,
     _stdout,
+    calibration_options,
     debug_option,
     main,
     model_options,
@@ -62,18 +63,8 @@ from ._common import (
 @click.option(
     "--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(13, 23), help="ONNX opset."
 )
-@click.option(
-    "--calibration-data",
-    "calibration_path",
-    type=click.Path(path_type=Path),
-    help="Real inputs for fitted moves (see bnmove convert --help); held-out figures go into the manifest.",
-)
-@click.option(
-    "--calibration-samples",
-    default=256,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Use at most this many calibration samples.",
+@calibration_options(
+    "Real inputs for fitted moves (see bnmove convert --help); held-out figures go into the manifest."
 )
 @click.option(
     "--max-error",

@@ -26,6 +26,7 @@ from ._common import (
     ModelArgs,
     _progress,
     _stdout,
+    calibration_options,
     main,
     model_options,
 )
@@ -80,18 +81,8 @@ def inspect(
     type=click.Path(path_type=Path),
     help="Output file. Default: <stem>.<placement>.pt beside MODEL.",
 )
-@click.option(
-    "--calibration-data",
-    "calibration_path",
-    type=click.Path(path_type=Path),
-    help="Real inputs for fitting: .pt/.pth tensors (loaded weights-only), .npy, .npz, or a folder of them.",
-)
-@click.option(
-    "--calibration-samples",
-    default=256,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Use at most this many calibration samples.",
+@calibration_options(
+    "Real inputs for fitting: .pt/.pth tensors (loaded weights-only), .npy, .npz, or a folder of them."
 )
 @click.option(
     "--no-refit", is_flag=True, help="With calibration data, do not re-fit the layer after each fitted pair."
