@@ -455,7 +455,8 @@ def experiment_header(result: ExperimentResult) -> str:
     start = "converted pretrained weights" if result.from_pretrained else "one random initialisation per seed"
     return (
         f"{result.dataset}: {result.epochs} epochs × {len(result.seeds)} seeds on {result.device} "
-        f"({result.recipe.describe()}), each seed's variants start from {start}; mean ± std over seeds"
+        f"({result.recipe.describe()}; {result.precision}), each seed's variants start from {start}; "
+        "mean ± std over seeds"
     )
 
 
@@ -491,7 +492,7 @@ def experiment_markdown(result: ExperimentResult) -> str:
         "Best epoch's validation accuracy per run, mean ± std over seeds: "
         + ", ".join(f"{v} {_pm(*result.best(v), pct=True)}" for v in result.placements),
         "",
-        "Wall time per placement (all seeds): "
+        "Training time per placement (all seeds, summed over runs): "
         + ", ".join(f"{v} {t:.1f} s" for v, t in result.wall_seconds.items()),
         "",
     ]

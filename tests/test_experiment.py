@@ -214,8 +214,10 @@ def test_uint8_images_are_scaled_and_said(tmp_path: Path) -> None:
     x[:5] = 0
     np.savez(tmp_path / "bytes.npz", x=x, y=np.arange(10) % 2)
     data = load_dataset(tmp_path / "bytes.npz")
-    assert data.train.x.dtype == torch.float32 and float(data.train.x.max()) == 1.0
-    assert float(data.train.x.min()) == 0.0 and float(data.val.x.max()) <= 1.0
+    assert data.train.x.dtype == torch.uint8  # kept as bytes: a quarter of the memory of floats
+    train, _ = data.train.tensors()
+    assert train.dtype == torch.float32 and float(train.max()) == 1.0 and float(train.min()) == 0.0
+    assert float(data.val.head(2).max()) <= 1.0
     assert data.notes == ["bytes.npz: x holds 8-bit values (uint8); scaled to [0, 1] by dividing by 255"]
     assert load_dataset("digits").notes == []
 

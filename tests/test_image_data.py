@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from bnmove import BnmoveError
-from bnmove.study.data import load_dataset
+from bnmove.study.data import Streamed, load_dataset
 
 
 def _write_images(
@@ -32,8 +32,10 @@ def test_train_and_val_folders(tmp_path: Path) -> None:
     _write_images(tmp_path / "train", {"cat": 6, "dog": 5})
     _write_images(tmp_path / "val", {"cat": 3, "dog": 2}, seed=1)
     data = load_dataset(tmp_path)
-    assert data.train.x.shape == (11, 3, 6, 6) and data.val.x.shape == (5, 3, 6, 6)
-    assert data.train.y.tolist() == [0] * 6 + [1] * 5 and data.val.y.tolist() == [0] * 3 + [1] * 2
+    assert isinstance(data.train, Streamed) and isinstance(data.val, Streamed)  # decoded batch by batch
+    (train_x, train_y), (val_x, val_y) = data.train.tensors(), data.val.tensors()
+    assert train_x.shape == (11, 3, 6, 6) and val_x.shape == (5, 3, 6, 6)
+    assert train_y.tolist() == [0] * 6 + [1] * 5 and val_y.tolist() == [0] * 3 + [1] * 2
     # scaled to [0, 1] and normalised per channel with the training split's statistics
     raw = np.stack([np.asarray(Image.open(tmp_path / "train" / "cat" / "0.png"))]).transpose(0, 3, 1, 2) / 255
     train_raw = torch.cat(
@@ -44,15 +46,15 @@ def test_train_and_val_folders(tmp_path: Path) -> None:
         ]
     )
     mean, std = train_raw.mean((0, 2, 3), keepdim=True), train_raw.std((0, 2, 3), keepdim=True)
-    torch.testing.assert_close(data.train.x[:1], (torch.from_numpy(raw).float() - mean) / std)
-    torch.testing.assert_close(data.train.x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(train_x[:1], (torch.from_numpy(raw).float() - mean) / std)
+    torch.testing.assert_close(train_x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     assert any("normalised per channel" in n for n in data.notes)
 
 
 def test_one_folder_split_resized_grayscale(tmp_path: Path) -> None:
     _write_images(tmp_path, {"a": 10, "b": 10, "c": 10}, size=9, mode="L")
     data = load_dataset(tmp_path, val_split=0.2, image_size=4)
-    assert data.train.x.shape == (24, 1, 4, 4) and data.val.x.shape == (6, 1, 4, 4)
+    assert data.train.tensors()[0].shape == (24, 1, 4, 4) and data.val.tensors()[0].shape == (6, 1, 4, 4)
     assert data.num_classes == 3
 
 
@@ -89,13 +91,14 @@ def test_cifar_python_folders(tmp_path: Path) -> None:
     parts = [_cifar_batch(ten / f"data_batch_{i}", 4, "labels", i) for i in range(1, 3)]
     _, test_labels = _cifar_batch(ten / "test_batch", 3, "labels", 9)
     data = load_dataset(ten)
+    assert data.train.x.dtype == torch.uint8  # held as bytes, normalised batch by batch
     assert data.train.x.shape == (8, 3, 32, 32) and data.val.x.shape == (3, 3, 32, 32)
     assert data.train.y.tolist() == parts[0][1] + parts[1][1] and data.val.y.tolist() == test_labels
     # pixel layout: 1024 red, then green, then blue, row-major (the CIFAR format); then [0, 1] and
     # normalised per channel with the training split's statistics
     raw = torch.from_numpy(np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)).float() / 255
     mean, std = raw.mean((0, 2, 3), keepdim=True), raw.std((0, 2, 3), keepdim=True)
-    torch.testing.assert_close(data.train.x, (raw - mean) / std)
+    torch.testing.assert_close(data.train.tensors()[0], (raw - mean) / std)
     hundred = tmp_path / "cifar-100-python"
     hundred.mkdir()
     _cifar_batch(hundred / "train", 5, "fine", 1)

@@ -150,7 +150,7 @@ def test_cli_recipe_options(tmp_path: Path, digits_study: list[str]) -> None:
     )
     assert res.exit_code == 0, res.output
     header = " ".join(res.stdout.split())  # the table title wraps
-    assert "(sgd lr 0.1, weight decay 0.0001, warm-up + cosine, label smoothing 0.1)" in header
+    assert "(sgd lr 0.1, weight decay 0.0001, warm-up + cosine, label smoothing 0.1; float32)" in header
     recipe = json.loads((tmp_path / "r" / "results.json").read_text())["recipe"]
     assert recipe == {
         "name": "sgd",

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
-from rich.progress import Progress
+from rich.progress import TaskID
 from torch import nn
 
 from ..errors import BnmoveError
@@ -37,18 +36,38 @@ from ._common import (
 )
 
 
-def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, int, int, EpochRecord], None]]:
-    progress = _progress(show)
-    task = progress.add_task("training", total=total)
+class _StudyProgress:
+    """One bar for the whole study (epochs of every run) and one per running job."""
 
-    def on_epoch(variant: str, seed: int, epoch: int, record: EpochRecord) -> None:
-        progress.update(
-            task,
+    def __init__(self, show: bool, total_epochs: int, epochs: int) -> None:
+        self.progress = _progress(show)
+        self.study = self.progress.add_task("study", total=total_epochs)
+        self.epochs = epochs
+        self.prefix = ""
+        self.running: dict[tuple[str, int], TaskID] = {}
+
+    def __enter__(self) -> _StudyProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def on_start(self, variant: str, seed: int, device: str) -> None:
+        name = f"  {self.prefix}{variant} seed {seed} on {device}"
+        self.running[(variant, seed)] = self.progress.add_task(name, total=self.epochs)
+
+    def on_epoch(self, variant: str, seed: int, epoch: int, record: EpochRecord) -> None:
+        self.progress.update(
+            self.study,
             advance=1,
-            description=(f"{variant} seed {seed} epoch {epoch}: val acc {record.val_accuracy:.1%}"),
+            description=f"study: {self.prefix}{variant} seed {seed} epoch {epoch}: val acc {record.val_accuracy:.1%}",
         )
-
-    return progress, on_epoch
+        task = self.running.get((variant, seed))
+        if task is not None:
+            self.progress.update(task, advance=1)
+            if epoch == self.epochs:
+                self.progress.remove_task(self.running.pop((variant, seed)))
 
 
 @main.command(name="experiment")
@@ -125,6 +144,37 @@ def _epoch_progress(show: bool, total: int) -> tuple[Progress, Callable[[str, in
 )
 @click.option("--device", help="Training device (default: cuda when available, else cpu).")
 @click.option(
+    "--devices",
+    metavar="LIST",
+    help="Spread the runs over these devices, one run per device at a time (cuda:0,cuda:1,...).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1),
+    help="Runs at once, each in its own worker process [default: one per device of --devices, else 1]. "
+    "On a CPU the cores are shared out between them.",
+)
+@click.option(
+    "--backend",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "ray"]),
+    help="local: this machine. ray: each run a task on the Ray cluster that ray.init() finds (RAY_ADDRESS "
+    "names one; else one started on this machine); needs pip install 'bnmove[ray]' here and bnmove on "
+    "every node.",
+)
+@click.option(
+    "--amp/--no-amp",
+    default=None,
+    help="Mixed precision (bfloat16 autocast; float16 with loss scaling on GPUs without bfloat16) "
+    "[default: on for CUDA, off on the CPU].",
+)
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="The channels-last memory layout for image models [default: on for CUDA, off on the CPU].",
+)
+@click.option(
     "-o",
     "--output-dir",
     "out_dir",
@@ -154,6 +204,11 @@ def experiment_command(
     val_split: float,
     from_pretrained: bool,
     device: str | None,
+    devices: str | None,
+    jobs: int | None,
+    backend: str,
+    amp: bool | None,
+    channels_last: bool | None,
     out_dir: Path | None,
     force: bool,
 ) -> None:
@@ -178,7 +233,7 @@ def experiment_command(
     models: dict[str, nn.Module] = {"": loaded.module}
     if kinds:
         models = {}
-        example = (data.train.x[:2],)
+        example = (data.sample(2),)
         for kind in kinds:
             swapped = replace_activations(loaded.module, kind, example)
             models[kind] = swapped.model
@@ -187,23 +242,26 @@ def experiment_command(
                 + (f"; left as they are: {', '.join(swapped.left)}" if swapped.left else ""),
                 err=True,
             )
-    jobs = {kind: folders[kind] / "jobs" for kind in models}
+    job_dirs = {kind: folders[kind] / "jobs" for kind in models}
     if force:
-        for folder in jobs.values():
+        for folder in job_dirs.values():
             shutil.rmtree(folder, ignore_errors=True)  # --force starts over
-    done = sum(len(list(folder.glob("*-seed*.json"))) for folder in jobs.values() if folder.is_dir())
+    done = sum(len(list(folder.glob("*-seed*.json"))) for folder in job_dirs.values() if folder.is_dir())
     total = seeds * len(variants) * len(models)
     if done:
         click.echo(
             f"bnmove: note: resuming: {min(done, total)} of {total} runs are done in {out_dir}", err=True
         )
     show = sys.stderr.isatty() and not as_json
-    progress, on_epoch = _epoch_progress(show, epochs * max(total - done, 1))
+    if device and devices:
+        raise BnmoveError("give --device or --devices, not both")
+    device_list = _csv_list(devices, "device") if devices else None
     results = {}
     if kinds:
         out_dir.mkdir(exist_ok=True)
-    with progress:
+    with _StudyProgress(show, epochs * max(total - done, 1), epochs) as progress:
         for kind, net in models.items():
+            progress.prefix = f"{kind} " if kind else ""
             results[kind] = experiment(
                 net,
                 data,
@@ -214,8 +272,14 @@ def experiment_command(
                 recipe=Recipe(recipe, lr, weight_decay, label_smoothing, augment),
                 from_pretrained=from_pretrained,
                 device=device,
-                on_epoch=on_epoch,
-                jobs_dir=jobs[kind],
+                devices=device_list,
+                jobs=jobs,
+                backend=backend,
+                amp=amp,
+                channels_last=channels_last,
+                on_epoch=progress.on_epoch,
+                on_start=progress.on_start,
+                jobs_dir=job_dirs[kind],
             )
     written = []
     for kind, result in results.items():

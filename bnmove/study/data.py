@@ -7,14 +7,20 @@ a real dataset that ships inside the package (``pip install scikit-learn``).
 Image folders (``train/<class>/*.png|jpg`` and ``val/<class>/…``, or ``<class>/…`` split by
 ``val_split``) are decoded with Pillow (``pip install 'bnmove[images]'``). CIFAR pickles are read
 as plain arrays by an unpickler that accepts numpy arrays and nothing else, so no code in the file
-can run. Both are held in memory as 8-bit images, scaled to [0, 1] and normalised per channel with
-the training split's mean and standard deviation.
+can run. Image folders are streamed: each image is decoded when a batch needs it, in DataLoader
+worker processes; CIFAR arrays stay in memory as 8 bits. Both are scaled to [0, 1] and normalised
+per channel with the training split's mean and standard deviation, batch by batch on the training
+device, so no split is ever held as one float tensor. ``torch.utils.data`` Datasets and DataLoaders
+(the Python API) are streamed the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
+import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,25 +31,191 @@ import torch
 from ..errors import BnmoveError
 
 
+@dataclass(frozen=True)
+class Normalise:
+    """What a batch of stored inputs goes through on the training device: ``x / divisor`` (255 for
+    8-bit images), then ``(x - mean) / std`` per channel (dimension 1) where given."""
+
+    divisor: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.divisor != 1.0:
+            x = x / self.divisor
+        if self.mean is not None and self.std is not None:
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            mean = torch.tensor(self.mean, device=x.device).view(shape)
+            std = torch.tensor(self.std, device=x.device).view(shape)
+            x = (x - mean) / std
+        return x
+
+
+Batches = Callable[[torch.Tensor], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _chunks(order: torch.Tensor, batch_size: int, train: bool) -> list[torch.Tensor]:
+    """``order`` cut into mini-batches; in training a last batch of one sample is dropped
+    (BatchNorm cannot train on a single sample)."""
+    chunks = list(order.split(batch_size))
+    return chunks[:-1] if train and chunks and len(chunks[-1]) < 2 else chunks
+
+
 @dataclass
 class Split:
+    """Inputs and labels held in memory (``x`` as stored: float, or 8-bit with ``prepare``)."""
+
     x: torch.Tensor
     y: torch.Tensor
+    #: applied batch by batch on the training device (8-bit images: scaling and normalisation)
+    prepare: Normalise | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        return self.y
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` inputs, as the model sees them."""
+        x = self.x[:n]
+        return self.prepare(x) if self.prepare is not None else x
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every input (as the model sees it) and label, as two tensors."""
+        return self.head(len(self)), self.y
+
+    def batches(self, batch_size: int, device: torch.device, *, train: bool) -> Batches:
+        """A function from a sample order to ``(x, y)`` mini-batches on ``device``; the split is
+        moved there once."""
+        x, y = self.x.to(device), self.y.to(device)
+
+        def epoch(order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for idx in _chunks(order.to(device), batch_size, train):
+                inputs = x[idx]
+                yield (self.prepare(inputs) if self.prepare is not None else inputs), y[idx]
+
+        return epoch
+
+    def fingerprint(self, digest: Any) -> None:
+        for tensor in (self.x, self.y):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(repr(self.prepare).encode())
+
+
+_FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+class _Order(torch.utils.data.Sampler[list[int]]):
+    """The mini-batches of the current epoch's order (set before each epoch, read in the main
+    process), so one DataLoader with persistent workers serves every epoch."""
+
+    def __init__(self, batch_size: int, train: bool) -> None:
+        self.batch_size, self.train = batch_size, train
+        self.order = torch.zeros(0, dtype=torch.long)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (c.tolist() for c in _chunks(self.order, self.batch_size, self.train))
+
+    def __len__(self) -> int:
+        return len(_chunks(self.order, self.batch_size, self.train))
+
+
+class _Pairs:
+    """Collates ``(x, y, ...)`` items into an ``(x, y)`` batch with the source's own collate function."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None) -> None:
+        self.collate = collate or torch.utils.data.default_collate
+
+    def __call__(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.collate(items)
+        return torch.as_tensor(batch[0]), torch.as_tensor(batch[1]).reshape(-1)
+
+
+@dataclass
+class Streamed:
+    """A split read item by item through a ``DataLoader``: a map-style ``torch.utils.data.Dataset``
+    of ``(x, y)`` items, decoded by ``workers`` processes, pinned and moved batch by batch."""
+
+    items: torch.utils.data.Dataset[Any]
+    #: every label, where known without reading the items (image folders, ``targets``); else None
+    known_labels: torch.Tensor | None
+    prepare: Normalise | None = None
+    workers: int = 0
+    collate: Callable[[list[Any]], Any] | None = None
+    #: what the items are (paths, sizes and times of image files; type, length and first items of a
+    #: torch Dataset): a resumed study is refused when it changes
+    identity: str = ""
+
+    def __len__(self) -> int:
+        return len(self.items)  # type: ignore[arg-type]
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        return self.known_labels
+
+    def head(self, n: int) -> torch.Tensor:
+        x, _ = _Pairs(self.collate)([self.items[i] for i in range(min(n, len(self)))])
+        return self.prepare(x) if self.prepare is not None else x
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every input (as the model sees it) and label, as two tensors: reads every item, so for
+        small data only (tests, quick checks)."""
+        epoch = self.batches(256, torch.device("cpu"), train=False)
+        xs, ys = zip(*epoch(torch.arange(len(self))), strict=True)
+        return torch.cat(xs), torch.cat(ys)
+
+    def batches(self, batch_size: int, device: torch.device, *, train: bool) -> Batches:
+        order = _Order(batch_size, train)
+        loader = torch.utils.data.DataLoader(
+            self.items,
+            batch_sampler=order,
+            num_workers=self.workers,
+            collate_fn=_Pairs(self.collate),
+            pin_memory=device.type == "cuda",
+            persistent_workers=self.workers > 0,
+            # fork, as torch does by default on Linux, also inside a study's spawned worker processes
+            # (which would otherwise spawn these too: seconds per loader); workers never touch CUDA
+            multiprocessing_context=_FORK if self.workers > 0 else None,
+        )
+
+        def epoch(indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            order.order = indices.cpu()
+            for x, y in loader:
+                x = x.to(device, non_blocking=True)
+                yield (self.prepare(x) if self.prepare is not None else x), y.to(device, non_blocking=True)
+
+        return epoch
+
+    def fingerprint(self, digest: Any) -> None:
+        digest.update(self.identity.encode())
+        digest.update(repr(self.prepare).encode())
 
 
 @dataclass
 class Dataset:
-    """A train and a validation split of float inputs and integer class labels."""
+    """A train and a validation split of inputs and integer class labels, in memory
+    (:class:`Split`) or streamed (:class:`Streamed`)."""
 
-    train: Split
-    val: Split
+    train: Split | Streamed
+    val: Split | Streamed
     name: str
     #: what loading did to the data that the user should know (the CLI prints these)
     notes: list[str] = field(default_factory=list)
 
     @property
-    def num_classes(self) -> int:
-        return int(max(self.train.y.max(), self.val.y.max())) + 1
+    def num_classes(self) -> int | None:
+        """Highest label + 1, where the labels are known without reading every item."""
+        known = [s.labels for s in (self.train, self.val)]
+        if any(labels is None for labels in known):
+            return None
+        return int(max(int(labels.max()) for labels in known if labels is not None and len(labels))) + 1
+
+    def sample(self, n: int = 2) -> torch.Tensor:
+        """The first ``n`` training inputs as the model sees them (to probe or trace the model)."""
+        return self.train.head(n)
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +271,10 @@ def _check(x: np.ndarray, y: np.ndarray, where: str) -> Split:
         raise BnmoveError(f"{where}: labels must be >= 0, found {int(y.min())}")
     if not np.issubdtype(x.dtype, np.number):
         raise BnmoveError(f"{where}: x must be numeric, got {x.dtype}")
-    if x.dtype == np.uint8:  # 8-bit images: train on [0, 1], as image pipelines do
-        x = x.astype(np.float32) / 255.0
-    return Split(
-        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
-    )
+    labels = torch.from_numpy(y.astype(np.int64))
+    if x.dtype == np.uint8:  # 8-bit images: kept as bytes, trained on [0, 1] (scaled batch by batch)
+        return Split(torch.from_numpy(np.ascontiguousarray(x)), labels, Normalise(255.0))
+    return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), labels)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -120,29 +291,76 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _decode(files: Iterable[Path], mode: str, size: tuple[int, int] | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Image files decoded one by one with Pillow: ``(uint8 C x H x W tensor, label)`` items."""
 
-    images = []
-    for file in files:
+    def __init__(
+        self, files: Sequence[Path], labels: Sequence[int], mode: str, size: tuple[int, int]
+    ) -> None:
+        self.files, self.labels, self.mode, self.size = list(files), list(labels), mode, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        file = self.files[index]
         try:
             with Image.open(file) as opened:
-                image = opened.convert(mode)
-            if size is not None and image.size != size:
-                image = image.resize(size, Image.Resampling.BILINEAR)
+                image = opened.convert(self.mode)
+            if image.size != self.size:
+                image = image.resize(self.size, Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
         except (OSError, UnidentifiedImageError) as exc:
             raise BnmoveError(f"{file}: not a readable image ({exc})") from exc
-        if size is None:
-            size = (array.shape[1], array.shape[0])
-        elif array.shape[:2] != (size[1], size[0]):
-            raise BnmoveError(f"{file}: {array.shape[1]}x{array.shape[0]}, the others {size[0]}x{size[1]}")
-        images.append(array if array.ndim == 3 else array[:, :, None])
-    return np.stack(images).transpose(0, 3, 1, 2)  # N x C x H x W
+        array = array if array.ndim == 3 else array[:, :, None]
+        return torch.from_numpy(array.transpose(2, 0, 1).copy()), self.labels[index]
 
 
-def image_folder_arrays(root: Path, image_size: int | None = None) -> dict[str, np.ndarray]:
-    """``x``/``y`` (and ``x_val``/``y_val`` with train/val subfolders) as uint8 N x C x H x W."""
+def _workers() -> int:
+    """DataLoader workers for decoding images: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _image_split(files: list[tuple[Path, int]], mode: str, size: tuple[int, int], resize: bool) -> Streamed:
+    """The split's files checked by their headers (readable; one size unless resized) before any
+    training, then streamed."""
+    from PIL import Image, UnidentifiedImageError
+
+    identity = hashlib.sha256()
+    for file, label in files:
+        try:
+            with Image.open(file) as opened:
+                found = opened.size
+        except (OSError, UnidentifiedImageError) as exc:
+            raise BnmoveError(f"{file}: not a readable image ({exc})") from exc
+        if not resize and found != size:
+            raise BnmoveError(
+                f"{file}: {found[0]}x{found[1]}, the others {size[0]}x{size[1]} "
+                "(--image-size resizes every image to one size)"
+            )
+        stat = file.stat()
+        identity.update(f"{file}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\0{found}\n".encode())
+    return Streamed(
+        ImageFiles([f for f, _ in files], [label for _, label in files], mode, size),
+        torch.tensor([label for _, label in files], dtype=torch.int64),
+        Normalise(255.0),
+        workers=_workers(),
+        identity=identity.hexdigest(),
+    )
+
+
+def image_folder(
+    root: Path, image_size: int | None = None, *, val_split: float = 0.2, seed: int = 0
+) -> Dataset:
+    """An image folder (``train/<class>/…`` and ``val/<class>/…``, or ``<class>/…`` split by a
+    seeded ``val_split``) as streamed splits of 8-bit images, resized to ``image_size`` squares
+    (default: every image must have the first one's size)."""
     try:
         from PIL import Image
     except ImportError:
@@ -152,28 +370,38 @@ def image_folder_arrays(root: Path, image_size: int | None = None) -> dict[str, 
     subfolders = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     train_dir = next((subfolders[n] for n in _SPLIT_NAMES["train"] if n in subfolders), None)
     val_dir = next((subfolders[n] for n in _SPLIT_NAMES["val"] if n in subfolders), None)
-    splits = {"": _class_folders(train_dir)} if train_dir else {"": _class_folders(root)}
-    if train_dir and val_dir:
-        splits["_val"] = _class_folders(val_dir)
-        if set(splits["_val"]) != set(splits[""]):
-            only = sorted(set(splits[""]) ^ set(splits["_val"]))
-            raise BnmoveError(f"{root}: train and validation class folders differ ({', '.join(only[:5])})")
-    names = sorted(splits[""])
+    train_classes = _class_folders(train_dir) if train_dir else _class_folders(root)
+    names = sorted(train_classes)
     if len(names) < 2:
         raise BnmoveError(f"{root}: needs at least two class folders, found {len(names)}")
-    every = [f for files in splits[""].values() for f in files]
+    val_classes = _class_folders(val_dir) if train_dir and val_dir else None
+    if val_classes is not None and set(val_classes) != set(train_classes):
+        only = sorted(set(train_classes) ^ set(val_classes))
+        raise BnmoveError(f"{root}: train and validation class folders differ ({', '.join(only[:5])})")
+    first = train_classes[names[0]][0]
     try:
-        with Image.open(every[0]) as first:
-            color = first.mode not in ("L", "1", "I;16", "I")
-            size = (image_size, image_size) if image_size else first.size
+        with Image.open(first) as opened:
+            mode = "L" if opened.mode in ("L", "1", "I;16", "I") else "RGB"
+            size = (image_size, image_size) if image_size else opened.size
     except OSError as exc:
-        raise BnmoveError(f"{every[0]}: not a readable image ({exc})") from exc
-    arrays = {}
-    for suffix, classes in splits.items():
-        files = [(f, label) for label, name in enumerate(names) for f in classes[name]]
-        arrays[f"x{suffix}"] = _decode((f for f, _ in files), "RGB" if color else "L", size)
-        arrays[f"y{suffix}"] = np.array([label for _, label in files], dtype=np.int64)
-    return arrays
+        raise BnmoveError(f"{first}: not a readable image ({exc})") from exc
+
+    def labelled(classes: dict[str, list[Path]]) -> list[tuple[Path, int]]:
+        return [(f, label) for label, name in enumerate(names) for f in classes[name]]
+
+    train_files = labelled(train_classes)
+    if val_classes is not None:
+        val_files = labelled(val_classes)
+    else:
+        order = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = max(1, round(len(order) * val_split))
+        val_files = [train_files[i] for i in sorted(order[:n_val])]
+        train_files = [train_files[i] for i in sorted(order[n_val:])]
+    resize = bool(image_size)
+    dataset = Dataset(
+        _image_split(train_files, mode, size, resize), _image_split(val_files, mode, size, resize), root.name
+    )
+    return _normalise(dataset)
 
 
 #: what a CIFAR batch pickle may reference: numpy's array reconstruction, nothing else
@@ -244,47 +472,86 @@ def _is_image_folder(path: Path) -> bool:
     )
 
 
+#: training images read to estimate the normalisation statistics of a streamed split
+STATISTICS_SAMPLES = 10_000
+
+
+def _channel_statistics(split: Split | Streamed) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per-channel mean and (unbiased) standard deviation of the training inputs after scaling,
+    accumulated in float64 batch by batch; a streamed split reads at most ``STATISTICS_SAMPLES``
+    evenly spaced images. Returns them with the number of images read."""
+    n = len(split)
+    if isinstance(split, Split):
+        prepare = split.prepare or Normalise()
+        chunks: Iterable[torch.Tensor] = (prepare(x) for x in split.x.split(4096))
+        count = n
+    else:
+        step = max(1, -(-n // STATISTICS_SAMPLES))
+        picked = torch.arange(0, n, step)
+        count = len(picked)
+        epoch = split.batches(256, torch.device("cpu"), train=False)
+        chunks = (x for x, _ in epoch(picked))
+    total = total_sq = None
+    values = 0
+    for chunk in chunks:  # scaled by the split's prepare (not yet normalised)
+        x = chunk.double()
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        total = flat.sum(1) if total is None else total + flat.sum(1)
+        total_sq = (flat**2).sum(1) if total_sq is None else total_sq + (flat**2).sum(1)
+        values += flat.shape[1]
+    assert total is not None and total_sq is not None
+    mean = total / values
+    var = ((total_sq - values * mean**2) / max(values - 1, 1)).clamp_min(0)
+    return tuple(mean.tolist()), tuple(var.sqrt().clamp_min(1e-6).tolist()), count
+
+
 def _normalise(dataset: Dataset) -> Dataset:
-    """Per-channel mean and standard deviation of the training split, applied to both splits."""
-    x = dataset.train.x
-    dims = [0, *range(2, x.dim())]
-    mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True).clamp_min(1e-6)
-    dataset.train.x = (dataset.train.x - mean) / std
-    dataset.val.x = (dataset.val.x - mean) / std
-    values = ", ".join(
-        f"{m:.3f}/{s:.3f}" for m, s in zip(mean.flatten().tolist(), std.flatten().tolist(), strict=True)
-    )
+    """Per-channel mean and standard deviation of the training split (after scaling 8-bit values to
+    [0, 1]), applied to both splits batch by batch."""
+    mean, std, count = _channel_statistics(dataset.train)
+    prepare = Normalise(255.0, mean, std)
+    dataset.train.prepare = prepare
+    dataset.val.prepare = prepare
+    values = ", ".join(f"{m:.3f}/{s:.3f}" for m, s in zip(mean, std, strict=True))
+    of = "" if count == len(dataset.train) else f" (from {count} evenly spaced images)"
     dataset.notes.append(
-        f"{dataset.name}: normalised per channel with the training split's mean/std {values}"
+        f"{dataset.name}: normalised per channel with the training split's mean/std {values}{of}"
     )
     return dataset
+
+
+def _hold_out(split: Split, val_split: float, seed: int) -> tuple[Split, Split]:
+    """A seeded random ``val_split`` fraction of ``split`` held out for validation."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(len(order) * val_split))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return (
+        Split(split.x[train_idx], split.y[train_idx], split.prepare),
+        Split(split.x[val_idx], split.y[val_idx], split.prepare),
+    )
 
 
 def load_dataset(
     spec: str | Path, *, val_split: float = 0.2, seed: int = 0, image_size: int | None = None
 ) -> Dataset:
-    """``"digits"``, an ``.npz`` (``x``, ``y``, optionally ``x_val``, ``y_val``), or a folder of them.
+    """``"digits"``, an ``.npz`` (``x``, ``y``, optionally ``x_val``, ``y_val``), a folder of them,
+    an image folder or a CIFAR-10/100 python folder (see the module docstring).
 
-    Without validation arrays, a seeded ``val_split`` fraction is held out.
-    Image folders and CIFAR folders (see the module docstring) are scaled and normalised per
-    channel; ``image_size`` resizes images to a square of that side (default: the first image's size).
+    Without validation data, a seeded ``val_split`` fraction is held out. Image and CIFAR data are
+    scaled and normalised per channel; ``image_size`` resizes images to a square of that side
+    (default: the first image's size, which every image must have).
     """
     if not 0 < val_split < 1:
         raise BnmoveError(f"validation split must be between 0 and 1, got {val_split}")
-    images = False
     if str(spec) == "digits":
         x, y = load_digits_arrays()
         arrays = {"x": x, "y": y}
         name = "digits"
     else:
         path = Path(spec)
-        images = _is_cifar(path) or _is_image_folder(path)
-        if _is_cifar(path):
-            arrays = cifar_arrays(path)
-        elif images:
-            arrays = image_folder_arrays(path, image_size)
-        else:
-            arrays = _arrays_from(path)
+        if not _is_cifar(path) and _is_image_folder(path):
+            return image_folder(path, image_size, val_split=val_split, seed=seed)
+        arrays = cifar_arrays(path) if _is_cifar(path) else _arrays_from(path)
         name = path.name
         missing = [k for k in ("x", "y") if k not in arrays]
         if missing:
@@ -305,23 +572,83 @@ def load_dataset(
             raise BnmoveError(
                 f"{name}: x_val samples have shape {tuple(val.x.shape[1:])}, x has {tuple(train.x.shape[1:])}"
             )
-        return _finish(Dataset(train, val, name, notes), images)
-    order = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(len(order) * val_split))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    return _finish(
-        Dataset(
-            Split(train.x[train_idx], train.y[train_idx]),
-            Split(train.x[val_idx], train.y[val_idx]),
-            name,
-            notes,
-        ),
-        images,
+    else:
+        train, val = _hold_out(train, val_split, seed)
+    dataset = Dataset(train, val, name, notes)
+    return _normalise(dataset) if str(spec) != "digits" and _is_cifar(Path(spec)) else dataset
+
+
+def _labels_of(items: Any) -> torch.Tensor | None:
+    """Every label of a torch Dataset where it says them (``targets``, as torchvision's do)."""
+    targets = getattr(items, "targets", None)
+    try:
+        labels = torch.as_tensor(targets, dtype=torch.int64) if targets is not None else None
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return labels if labels is not None and labels.dim() == 1 and len(labels) == len(items) else None
+
+
+def _first_pair(items: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        item = items[0]
+    except Exception as exc:
+        raise BnmoveError(f"{where}: reading its first item raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise BnmoveError(f"{where}: items must be (x, y) pairs, got {type(item).__name__}")
+    try:
+        return torch.as_tensor(item[0]), torch.as_tensor(item[1])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise BnmoveError(f"{where}: items must be (tensor, label) pairs ({exc})") from exc
+
+
+def _streamed(source: Any, where: str) -> Streamed | Split:
+    """A map-style torch Dataset (or a DataLoader's, with its workers and collate function) as a
+    streamed split; an iterable-style one is read once into memory (its order cannot be set)."""
+    loader = source if isinstance(source, torch.utils.data.DataLoader) else None
+    items: Any = loader.dataset if loader is not None else source
+    if isinstance(items, torch.utils.data.IterableDataset) or not hasattr(items, "__getitem__"):
+        return _gather(source, where)
+    if len(items) == 0:
+        raise BnmoveError(f"{where}: holds no samples")
+    x, y = _first_pair(items, where)
+    if y.numel() != 1 or y.is_floating_point():
+        raise BnmoveError(
+            f"{where}: y must be one integer class label per item, got {tuple(y.shape)} {y.dtype}"
+        )
+    last, _ = _first_pair(torch.utils.data.Subset(items, [len(items) - 1]), where)
+    identity = hashlib.sha256(f"{type(items).__module__}.{type(items).__qualname__} {len(items)}".encode())
+    for tensor in (x, last):
+        identity.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return Streamed(
+        items,
+        _labels_of(items),
+        workers=loader.num_workers if loader is not None else 0,
+        collate=loader.collate_fn if loader is not None else None,
+        identity=identity.hexdigest(),
     )
 
 
-def _finish(dataset: Dataset, images: bool) -> Dataset:
-    return _normalise(dataset) if images else dataset
+def _gather(source: Any, where: str) -> Split:
+    xs, ys = [], []
+    try:
+        for item in source:
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise BnmoveError(f"{where}: items must be (x, y) pairs, got {type(item).__name__}")
+            x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+            batched = isinstance(source, torch.utils.data.DataLoader)
+            xs.append(x if batched else x[None])
+            ys.append(y.reshape(-1))
+    except BnmoveError:
+        raise
+    except Exception as exc:
+        raise BnmoveError(f"{where}: reading it raised {type(exc).__name__}: {exc}") from exc
+    if not xs:
+        raise BnmoveError(f"{where}: holds no samples")
+    try:
+        x, y = torch.cat(xs), torch.cat(ys)
+    except RuntimeError as exc:
+        raise BnmoveError(f"{where}: samples of different shapes ({exc})") from exc
+    return _check(x.numpy(), y.numpy(), where)
 
 
 def from_torch(
@@ -330,37 +657,27 @@ def from_torch(
     """A :class:`Dataset` from a ``torch.utils.data.Dataset`` or ``DataLoader`` of ``(x, y)`` items
     (and optionally one for validation; else a seeded ``val_split`` is held out).
 
-    The items are gathered into memory (streaming is not built yet); ``x`` must be tensors of one
-    shape, ``y`` integer class labels.
+    Map-style datasets are streamed: items are read batch by batch in the order bnmove sets per
+    seed, with a DataLoader's workers and collate function where one is given (its own order and
+    batch size are not used). Iterable-style datasets are read once into memory.
     """
-
-    def gather(source: Any, where: str) -> Split:
-        xs, ys = [], []
-        try:
-            for item in source:
-                if not isinstance(item, (tuple, list)) or len(item) < 2:
-                    raise BnmoveError(f"{where}: items must be (x, y) pairs, got {type(item).__name__}")
-                x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
-                batched = isinstance(source, torch.utils.data.DataLoader)
-                xs.append(x if batched else x[None])
-                ys.append(y.reshape(-1))
-        except BnmoveError:
-            raise
-        except Exception as exc:
-            raise BnmoveError(f"{where}: reading it raised {type(exc).__name__}: {exc}") from exc
-        if not xs:
-            raise BnmoveError(f"{where}: holds no samples")
-        try:
-            x, y = torch.cat(xs), torch.cat(ys)
-        except RuntimeError as exc:
-            raise BnmoveError(f"{where}: samples of different shapes ({exc})") from exc
-        return _check(x.numpy(), y.numpy(), where)
-
-    train_split = gather(train, f"{name} (train)")
+    train_split = _streamed(train, f"{name} (train)")
     if val is not None:
-        return Dataset(train_split, gather(val, f"{name} (validation)"), name)
-    order = torch.randperm(len(train_split.y), generator=torch.Generator().manual_seed(seed))
+        return Dataset(train_split, _streamed(val, f"{name} (validation)"), name)
+    if isinstance(train_split, Split):
+        return Dataset(*_hold_out(train_split, val_split, seed), name)
+    order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(len(order) * val_split))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    x, y = train_split.x, train_split.y
-    return Dataset(Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx]), name)
+    parts = []
+    for indices, part in ((order[n_val:], "train"), (order[:n_val], "validation")):
+        labels = train_split.known_labels
+        parts.append(
+            Streamed(
+                torch.utils.data.Subset(train_split.items, indices),
+                labels[indices] if labels is not None else None,
+                workers=train_split.workers,
+                collate=train_split.collate,
+                identity=f"{train_split.identity} {part} seed {seed} {val_split}",
+            )
+        )
+    return Dataset(parts[0], parts[1], name)

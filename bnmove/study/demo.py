@@ -46,8 +46,9 @@ def _pretrain(model: torch.nn.Module, data: Dataset | None) -> str:
         model.eval()
         return "BN statistics warmed on random data (install scikit-learn for the digits data)"
     train_classifier(model, data, epochs=4)
+    x, y = data.val.tensors()
     with torch.no_grad():
-        acc = float((model(data.val.x).argmax(1) == data.val.y).float().mean())
+        acc = float((model(x).argmax(1) == y).float().mean())
     return f"trained 4 epochs on digits: {acc:.1%} validation accuracy"
 
 
@@ -89,8 +90,8 @@ def run_demo(
     console.print(report.pairs_summary(found.pairs), highlight=False)
 
     console.print(Rule("3. bnmove convert, both ways, verified"))
-    example = (data.val.x[:8] if data is not None else torch.rand(8, 1, 8, 8),)
-    calibration = data.train.x[:256] if data is not None else None
+    example = (data.val.head(8) if data is not None else torch.rand(8, 1, 8, 8),)
+    calibration = data.train.head(256) if data is not None else None
     for placement in ("after", "before"):
         # auto: exact everywhere (folded, or the BN's affine kept as a layer where nothing absorbs
         # it); a BN without running statistics would be fitted, here on 256 training digits.
@@ -104,8 +105,8 @@ def run_demo(
         line = report.conversion_summary(result)
         if data is not None:
             line += (
-                f"; top-1 agreement with the original on {len(data.val.y)} digits: "
-                f"{_agreement(model, result.model, data.val.x):.1%}"
+                f"; top-1 agreement with the original on {len(data.val)} digits: "
+                f"{_agreement(model, result.model, data.val.head(len(data.val))):.1%}"
             )
         console.print(line, highlight=False)
 

@@ -11,12 +11,13 @@ can check that the comparison was fair.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from .._atomic import atomic_path
 from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
 from ..moving.conversion import convert
-from .data import Dataset, from_torch
+from .data import Dataset, Split, from_torch
 from .recipes import Recipe, augment_batch
+from .runner import BACKENDS, execute
 
 VARIANTS = ("original", "before", "after")
 
@@ -150,6 +152,8 @@ class ExperimentResult:
     #: sha256 of the batch order each (variant, seed) saw
     batch_digests: dict[str, str]
     models: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    #: how the runs computed (``float32``, ``mixed bfloat16, channels-last``...)
+    precision: str = "float32"
 
     def summary(self) -> list[EpochSummary]:
         out = []
@@ -200,6 +204,7 @@ class ExperimentResult:
             "dataset": self.dataset,
             "device": self.device,
             "from_pretrained": self.from_pretrained,
+            "precision": self.precision,
             "recipe": self.recipe.to_dict(),
             "wall_seconds": self.wall_seconds,
             "start_digests": self.start_digests,
@@ -256,7 +261,7 @@ def class_scores(output: Any) -> Any:
 def check_data(model: nn.Module, data: Dataset) -> int:
     """Fail before any training when data and model do not fit; returns the number of classes."""
     probe = clone_module(model).eval()
-    x = data.train.x[:2]
+    x = data.sample(2)
     try:
         with torch.no_grad():
             out = class_scores(probe(x.to(next(probe.parameters()).device)))
@@ -269,11 +274,84 @@ def check_data(model: nn.Module, data: Dataset) -> int:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise BnmoveError(f"the model must return class scores (batch x classes), it returns {shape}")
     classes = int(out.shape[1])
-    if data.num_classes > classes:
+    if data.num_classes is not None and data.num_classes > classes:
         raise BnmoveError(
             f"labels go up to {data.num_classes - 1} but the model scores only {classes} classes"
         )
     return classes
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: mixed precision (autocast to ``dtype``; float16 with loss scaling) and
+    the channels-last memory layout for 4-d inputs."""
+
+    autocast: torch.dtype | None = None
+    channels_last: bool = False
+
+    @staticmethod
+    def choose(
+        device: torch.device, sample: torch.Tensor, amp: bool | None, channels_last: bool | None
+    ) -> Precision:
+        """Defaults: both on CUDA (bfloat16 where the GPU has it, else float16), neither elsewhere.
+        Asked for on the CPU, mixed precision is bfloat16."""
+        cuda = device.type == "cuda"
+        dtype = None
+        if amp if amp is not None else cuda:
+            dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+        layout = (channels_last if channels_last is not None else cuda) and sample.dim() == 4
+        return Precision(dtype, layout)
+
+    def describe(self) -> str:
+        kind = f"mixed {str(self.autocast).removeprefix('torch.')}" if self.autocast else "float32"
+        return kind + (", channels-last" if self.channels_last else "")
+
+    def context(self, device: torch.device) -> Any:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+def _train_batches(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    recipe: Recipe | None = None,
+    scheduler: Any = None,
+    generator: torch.Generator | None = None,
+    precision: Precision = Precision(),
+    scaler: Any = None,
+) -> float:
+    """One epoch of training on ``(x, y)`` mini-batches; returns the mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    for inputs, target in batches:
+        if recipe is not None and recipe.augment and generator is not None:
+            inputs = augment_batch(inputs, generator)
+        with precision.context(inputs.device):
+            scores = class_scores(model(precision.inputs(inputs)))
+            loss = (
+                recipe.loss(scores.float(), target)
+                if recipe is not None
+                else F.cross_entropy(scores.float(), target)
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # float16: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += float(loss.detach()) * len(target)
+        count += len(target)
+    return total / max(count, 1)
 
 
 def train_epoch(
@@ -293,25 +371,10 @@ def train_epoch(
     With a ``recipe``: its loss (label smoothing), its augmentation (drawn from ``generator``),
     and ``scheduler`` stepped after every batch.
     """
-    model.train()
-    total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size].to(x.device)
-        if len(idx) < 2:
-            continue  # BatchNorm cannot train on a single sample
-        inputs = x[idx]
-        if recipe is not None and recipe.augment and generator is not None:
-            inputs = augment_batch(inputs, generator)
-        scores = class_scores(model(inputs))
-        loss = recipe.loss(scores, y[idx]) if recipe is not None else F.cross_entropy(scores, y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
-    return total / max(count, 1)
+    batches = Split(x, y).batches(batch_size, x.device, train=True)
+    return _train_batches(
+        model, optimizer, batches(order), recipe=recipe, scheduler=scheduler, generator=generator
+    )
 
 
 def train_classifier(
@@ -328,30 +391,28 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if cosine else None
     order = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    batches = data.train.batches(batch_size, device, train=True)
     for _ in range(epochs):
-        train_epoch(
-            model,
-            optimizer,
-            data.train.x,
-            data.train.y,
-            torch.randperm(len(data.train.y), generator=order),
-            batch_size,
-        )
+        _train_batches(model, optimizer, batches(torch.randperm(len(data.train), generator=order)))
         if schedule is not None:
             schedule.step()
     return model.eval()
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+def _evaluate(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], precision: Precision = Precision()
+) -> tuple[float, float]:
     model.eval()
-    loss, correct = 0.0, 0
+    loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            out = class_scores(model(x[start : start + batch_size]))
-            target = y[start : start + batch_size]
+        for x, target in batches:
+            with precision.context(x.device):
+                out = class_scores(model(precision.inputs(x))).float()
             loss += float(F.cross_entropy(out, target, reduction="sum"))
             correct += int((out.argmax(1) == target).sum())
-    return loss / len(y), correct / len(y)
+            count += len(target)
+    return loss / max(count, 1), correct / max(count, 1)
 
 
 @dataclass
@@ -373,9 +434,10 @@ def study_fingerprint(
     batch_size: int,
     recipe: Recipe,
     from_pretrained: bool,
+    precision: Precision = Precision(),
 ) -> str:
     """What a run's numbers depend on besides its seed: settings, the model (its weights when
-    training starts from them), the data."""
+    training starts from them), the data (its values; for streamed data, what identifies the items)."""
     digest = hashlib.sha256()
     settings = {
         "placements": sorted(placements),
@@ -383,6 +445,7 @@ def study_fingerprint(
         "batch_size": batch_size,
         "recipe": recipe.to_dict(),
         "from_pretrained": from_pretrained,
+        "precision": precision.describe(),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     if from_pretrained:
@@ -390,8 +453,8 @@ def study_fingerprint(
     else:  # each seed re-initialises: the architecture matters, not these weights
         shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
         digest.update(json.dumps([type(model).__qualname__, shapes]).encode())
-    for tensor in (data.train.x, data.train.y, data.val.x, data.val.y):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    data.train.fingerprint(digest)
+    data.val.fingerprint(digest)
     return digest.hexdigest()
 
 
@@ -430,6 +493,96 @@ def save_job(folder: Path, variant: str, seed: int, job: Job) -> None:
         tmp.write_text(json.dumps(payload, indent=1))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What every run of a study shares (sent once to each worker process)."""
+
+    model: nn.Module
+    data: Dataset
+    epochs: int
+    batch_size: int
+    recipe: Recipe
+    from_pretrained: bool
+    precision: Precision
+    keep_model: bool
+
+
+@dataclass(frozen=True)
+class _Run:
+    variant: str
+    seed: int
+
+
+@dataclass
+class _Finished:
+    run: _Run
+    job: Job
+    model: nn.Module | None
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """Progress event: a run began on ``device``."""
+
+    variant: str
+    seed: int
+    device: str
+
+
+def _train_run(plan: _Plan, run: _Run, device: str, report: Callable[[Any], None]) -> _Finished:
+    """One (placement, seed) run: the seed's start, converted; trained; evaluated after each epoch."""
+    target = torch.device(device)
+    report(RunStarted(run.variant, run.seed, device))
+    base = clone_module(plan.model).cpu()
+    if not plan.from_pretrained:
+        reinitialize(base, run.seed)
+    if run.variant == "original":
+        net = base
+    else:
+        method = "auto" if plan.from_pretrained else "swap"
+        net = convert(base, run.variant, method=method, example_inputs=(plan.data.sample(2),)).model
+    net = net.to(target)
+    start_digest = weights_digest(net)
+    if plan.precision.channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    recipe, precision = plan.recipe, plan.precision
+    optimizer = recipe.optimizer(net)
+    steps_per_epoch = math.ceil(len(plan.data.train) / plan.batch_size)
+    scheduler = recipe.scheduler(optimizer, plan.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(target.type) if precision.autocast == torch.float16 else None
+    train = plan.data.train.batches(plan.batch_size, target, train=True)
+    val = plan.data.val.batches(max(plan.batch_size, 256), target, train=False)
+    val_order = torch.arange(len(plan.data.val))
+    order = torch.Generator().manual_seed(run.seed)
+    seen = hashlib.sha256()
+    records = []
+    for epoch in range(1, plan.epochs + 1):
+        started = time.perf_counter()
+        torch.manual_seed(run.seed * 1_000_003 + epoch)  # same dropout stream for every variant
+        perm = torch.randperm(len(plan.data.train), generator=order)
+        seen.update(perm.numpy().tobytes())
+        crops = torch.Generator().manual_seed(run.seed * 1_000_003 + epoch)  # same augmentation per variant
+        train_loss = _train_batches(
+            net,
+            optimizer,
+            train(perm),
+            recipe=recipe,
+            scheduler=scheduler,
+            generator=crops,
+            precision=precision,
+            scaler=scaler,
+        )
+        val_loss, val_acc = _evaluate(net, val(val_order), precision)
+        seconds = time.perf_counter() - started
+        record = EpochRecord(run.variant, run.seed, epoch, train_loss, val_loss, val_acc, seconds)
+        records.append(record)
+        report(record)
+    job = Job("", records, sum(r.seconds for r in records), start_digest, seen.hexdigest())
+    if plan.keep_model:
+        net = net.to(memory_format=torch.contiguous_format).cpu()  # type: ignore[call-overload]
+    return _Finished(run, job, net if plan.keep_model else None)
+
+
 def experiment(
     model: nn.Module,
     data: Dataset | torch.utils.data.Dataset[Any] | torch.utils.data.DataLoader[Any] | tuple[Any, ...],
@@ -445,20 +598,27 @@ def experiment(
     on_epoch: Callable[[str, int, int, EpochRecord], None] | None = None,
     recipe: Recipe | None = None,
     jobs_dir: Path | None = None,
+    jobs: int | None = None,
+    devices: Sequence[str] | None = None,
+    backend: str = "local",
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    on_start: Callable[[str, int, str], None] | None = None,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and record the curves.
 
     Args:
         model: the architecture (and, with ``from_pretrained``, the weights); not modified.
-        data: a :class:`bnmove.study.data.Dataset` (``bnmove.study.data.load_dataset("digits")``, an ``.npz``...),
-            or a ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a ``(train, val)`` pair of them.
+        data: a :class:`bnmove.study.data.Dataset` (``bnmove.study.data.load_dataset("digits")``, an ``.npz``,
+            an image folder...), or a ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a
+            ``(train, val)`` pair of them (streamed in an order bnmove sets per seed).
         placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
         epochs: training epochs per variant and seed.
         seeds: a number of seeds (0..K-1) or the seeds themselves.
         batch_size, lr: mini-batch size, and Adam's learning rate when no ``recipe`` is given.
         from_pretrained: start from the model's weights (converted with ``auto``)
             instead of a fresh initialisation (converted with ``swap``).
-        device: ``"cuda"`` when available unless given.
+        device: ``"cuda"`` when available unless given (or ``devices``).
         keep_models: keep the trained models in ``result.models`` (for inspection).
         on_epoch: progress callback ``(variant, seed, epoch, record)``.
         recipe: optimiser, schedule, weight decay, label smoothing, augmentation
@@ -466,9 +626,17 @@ def experiment(
         jobs_dir: keep each finished (placement, seed) run here, and take runs already there
             instead of training them again (an interrupted study resumes); runs made with other
             settings, model or data are refused.
+        jobs: runs at once, in worker processes (default: one per device in ``devices``, else 1).
+        devices: spread the runs over these devices (``["cuda:0", "cuda:1"]``), one run per
+            device at a time unless ``jobs`` says more.
+        backend: ``"local"`` (this machine) or ``"ray"`` (tasks on the Ray cluster ``ray.init()``
+            connects to; ``RAY_ADDRESS`` names one).
+        amp, channels_last: mixed precision and the channels-last layout; default on for CUDA.
+        on_start: progress callback ``(variant, seed, device)`` when a run begins.
 
     Returns:
-        An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests.
+        An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests;
+        runs are listed by seed and placement whatever order they finished in.
     """
     if not isinstance(data, Dataset):  # torch Datasets/DataLoaders: (train,) or (train, val)
         parts = data if isinstance(data, tuple) else (data,)
@@ -480,99 +648,77 @@ def experiment(
         )
     if epochs < 1 or batch_size < 1 or lr <= 0 or not math.isfinite(lr):
         raise BnmoveError("epochs and batch size must be at least 1 and the learning rate positive")
+    if backend not in BACKENDS:
+        raise BnmoveError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     recipe = recipe or Recipe("adam", lr=lr)
-    steps_per_epoch = math.ceil(len(data.train.y) / batch_size)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise BnmoveError("give at least one seed")
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    targets = [
+        torch.device(d) for d in (devices or [device or ("cuda" if torch.cuda.is_available() else "cpu")])
+    ]
+    for target in targets:
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise BnmoveError(f"device {target}: no CUDA GPU is visible to torch")
+    precision = Precision.choose(targets[0], data.sample(2), amp, channels_last)
     check_data(model, data)
-    train_x, train_y = data.train.x.to(target), data.train.y.to(target)
-    val_x, val_y = data.val.x.to(target), data.val.y.to(target)
-    example = (data.train.x[:2],)
 
-    fingerprint = study_fingerprint(model, data, placements, epochs, batch_size, recipe, from_pretrained)
-    records: list[EpochRecord] = []
-    wall = dict.fromkeys(placements, 0.0)
-    start_digests: dict[str, str] = {}
-    batch_digests: dict[str, str] = {}
+    fingerprint = study_fingerprint(
+        model, data, placements, epochs, batch_size, recipe, from_pretrained, precision
+    )
+    finished: dict[_Run, Job] = {}
     models: dict[str, nn.Module] = {}
     for seed in seed_list:
-        base = clone_module(model).cpu()
-        if not from_pretrained:
-            reinitialize(base, seed)
         for variant in placements:
             done = load_job(jobs_dir, variant, seed, fingerprint) if jobs_dir is not None else None
             if done is not None:
-                records.extend(done.records)
-                wall[variant] += done.seconds
-                start_digests[_key(variant, seed)] = done.start_digest
-                batch_digests[_key(variant, seed)] = done.batch_digest
-                continue
-            job_records: list[EpochRecord] = []
-            job_seconds = 0.0
-            if variant == "original":
-                net = clone_module(base)
-            else:
-                method = "auto" if from_pretrained else "swap"
-                net = convert(base, variant, method=method, example_inputs=example).model
-            net = net.to(target)
-            start_digests[_key(variant, seed)] = weights_digest(net)
-            optimizer = recipe.optimizer(net)
-            scheduler = recipe.scheduler(optimizer, epochs * steps_per_epoch)
-            order = torch.Generator().manual_seed(seed)
-            seen = hashlib.sha256()
-            for epoch in range(1, epochs + 1):
-                started = time.perf_counter()
-                torch.manual_seed(seed * 1_000_003 + epoch)  # same dropout stream for every variant
-                perm = torch.randperm(len(train_y), generator=order)
-                seen.update(perm.numpy().tobytes())
-                crops = torch.Generator().manual_seed(
-                    seed * 1_000_003 + epoch
-                )  # same augmentation per variant
-                train_loss = train_epoch(
-                    net,
-                    optimizer,
-                    train_x,
-                    train_y,
-                    perm,
-                    batch_size,
-                    recipe=recipe,
-                    scheduler=scheduler,
-                    generator=crops,
-                )
-                val_loss, val_acc = _evaluate(net, val_x, val_y, max(batch_size, 256))
-                seconds = time.perf_counter() - started
-                wall[variant] += seconds
-                job_seconds += seconds
-                record = EpochRecord(variant, seed, epoch, train_loss, val_loss, val_acc, seconds)
-                records.append(record)
-                job_records.append(record)
-                if on_epoch is not None:
-                    on_epoch(variant, seed, epoch, record)
-            batch_digests[_key(variant, seed)] = seen.hexdigest()
-            if jobs_dir is not None:
-                job = Job(
-                    fingerprint,
-                    job_records,
-                    job_seconds,
-                    start_digests[_key(variant, seed)],
-                    seen.hexdigest(),
-                )
-                save_job(jobs_dir, variant, seed, job)
-            if keep_models:
-                models[_key(variant, seed)] = net
+                finished[_Run(variant, seed)] = done
+    plan = _Plan(
+        clone_module(model).cpu(), data, epochs, batch_size, recipe, from_pretrained, precision, keep_models
+    )
+    pending = [_Run(v, s) for s in seed_list for v in placements if _Run(v, s) not in finished]
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, RunStarted) and on_start is not None:
+            on_start(event.variant, event.seed, event.device)
+        elif isinstance(event, EpochRecord) and on_epoch is not None:
+            on_epoch(event.variant, event.seed, event.epoch, event)
+
+    for result in execute(
+        _train_run,
+        plan,
+        pending,
+        devices=[str(t) for t in targets],
+        jobs=jobs or len(targets),
+        backend=backend,
+        on_event=on_event,
+    ):
+        job = Job(
+            fingerprint,
+            result.job.records,
+            result.job.seconds,
+            result.job.start_digest,
+            result.job.batch_digest,
+        )
+        if jobs_dir is not None:
+            save_job(jobs_dir, result.run.variant, result.run.seed, job)
+        finished[result.run] = job
+        if result.model is not None:
+            models[_key(result.run.variant, result.run.seed)] = result.model
+    runs = [_Run(v, s) for s in seed_list for v in placements]
+    wall = {v: sum(finished[r].seconds for r in runs if r.variant == v) for v in placements}
     return ExperimentResult(
         placements=list(placements),
         seeds=seed_list,
         epochs=epochs,
         dataset=data.name,
-        device=str(target),
+        device=", ".join(str(t) for t in targets),
         from_pretrained=from_pretrained,
         recipe=recipe,
-        records=records,
+        records=[r for run in runs for r in finished[run].records],
         wall_seconds=wall,
-        start_digests=start_digests,
-        batch_digests=batch_digests,
+        start_digests={_key(r.variant, r.seed): finished[r].start_digest for r in runs},
+        batch_digests={_key(r.variant, r.seed): finished[r].batch_digest for r in runs},
         models=models,
+        precision=precision.describe(),
     )

@@ -1,0 +1,233 @@
+"""Where and how a study's runs happen: worker processes (--jobs), Ray, streamed data, precision."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset as TorchDataset
+
+import bnmove
+from bnmove.cli import main
+from bnmove.study.data import Dataset, Split, Streamed, load_dataset
+from bnmove.study.experiment import ExperimentResult, experiment
+
+
+class Net(nn.Module):
+    """conv -> BN -> ReLU twice, pooled: a small image classifier."""
+
+    def __init__(self, channels: int = 3, classes: int = 2) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _images(n: int = 96, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None] * 0.8
+    cut = n * 3 // 4
+    return Dataset(Split(x[:cut], y[:cut]), Split(x[cut:], y[cut:]), "blobs")
+
+
+def _same_runs(a: ExperimentResult, b: ExperimentResult, tolerance: float) -> None:
+    """Same starts, same batches, same records in the same order, numbers within ``tolerance``
+    (worker processes may use another number of threads, which changes float rounding)."""
+    assert a.start_digests == b.start_digests and a.batch_digests == b.batch_digests
+    assert [(r.variant, r.seed, r.epoch) for r in a.records] == [
+        (r.variant, r.seed, r.epoch) for r in b.records
+    ]
+    for x, y in zip(a.records, b.records, strict=True):
+        assert x.train_loss == pytest.approx(y.train_loss, rel=tolerance)
+        assert x.val_loss == pytest.approx(y.val_loss, rel=tolerance)
+
+
+def test_jobs_in_worker_processes_train_the_same_runs() -> None:
+    data = _images()
+    serial = experiment(Net(), data, epochs=2, seeds=2, batch_size=16, device="cpu")
+    started: list[tuple[str, int, str]] = []
+    epochs: list[tuple[str, int, int]] = []
+    parallel = experiment(
+        Net(),
+        data,
+        epochs=2,
+        seeds=2,
+        batch_size=16,
+        devices=["cpu"],
+        jobs=2,
+        on_start=lambda *a: started.append(a),
+        on_epoch=lambda *a: epochs.append(a[:3]),
+        keep_models=True,
+    )
+    _same_runs(serial, parallel, 1e-3)
+    assert sorted(started) == [(v, s, "cpu") for v in ("after", "before") for s in (0, 1)]
+    assert sorted(epochs) == sorted((v, s, e) for v in ("before", "after") for s in (0, 1) for e in (1, 2))
+    assert parallel.device == "cpu" and set(parallel.models) == {
+        f"{v}/seed{s}" for v in ("before", "after") for s in (0, 1)
+    }
+    # the kept models are the trained ones: their accuracy is the last record's
+    model = parallel.models["after/seed1"].eval()
+    with torch.no_grad():
+        accuracy = float((model(data.val.x).argmax(1) == data.val.y).float().mean())
+    assert accuracy == parallel.records[-1].val_accuracy
+
+
+def test_a_model_worker_processes_cannot_receive_is_one_clear_error() -> None:
+    class Unimportable(Net):  # defined in a function: no worker process can import it
+        pass
+
+    with pytest.raises(bnmove.BnmoveError, match=r"cannot be pickled .*run with --jobs 1"):
+        experiment(Unimportable(), _images(), epochs=1, seeds=2, batch_size=16, jobs=2, devices=["cpu"])
+
+
+def test_an_interrupted_parallel_study_resumes(tmp_path: Path) -> None:
+    data, jobs = _images(), tmp_path / "jobs"
+    stop = threading.Event()
+
+    def interrupt_once_a_run_is_kept(variant: str, seed: int, epoch: int, record: object) -> None:
+        if any(jobs.glob("*.json")):
+            stop.set()
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment(
+            Net(), data, epochs=3, seeds=3, batch_size=16, jobs=2, devices=["cpu"],
+            jobs_dir=jobs, on_epoch=interrupt_once_a_run_is_kept,
+        )  # fmt: skip
+    kept = {p.stem for p in jobs.glob("*.json")}
+    assert stop.is_set() and 1 <= len(kept) < 6
+    started: list[str] = []
+    resumed = experiment(
+        Net(), data, epochs=3, seeds=3, batch_size=16, jobs=2, devices=["cpu"], jobs_dir=jobs,
+        on_start=lambda v, s, d: started.append(f"{v}-seed{s}"),
+    )  # fmt: skip
+    assert not kept & set(started) and len(kept) + len(started) == 6  # nothing kept is trained again
+    assert len(resumed.records) == 6 * 3
+
+
+def test_ray_backend_runs_the_same_study() -> None:
+    ray = pytest.importorskip("ray")
+    # Ray 2.60 removed local mode (ray.init(local_mode=True) raises); a local Ray instance with two
+    # CPUs is the nearest to it and runs the same code a cluster would.
+    # The model's class lives in this test module: Ray's workers import it from this folder, as a
+    # user's cluster would from a runtime_env. Without it, the failure is one clear error.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(bnmove.BnmoveError, match="Ray workers cannot import 'test_study_runs'"):
+            experiment(Net(), _images(), epochs=1, seeds=1, batch_size=16, backend="ray")
+    finally:
+        ray.shutdown()
+    here = str(Path(__file__).parent)
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": here}},
+    )  # fmt: skip
+    try:
+        data = _images()
+        serial = experiment(Net(), data, epochs=2, seeds=2, batch_size=16, device="cpu")
+        started: list[tuple[str, int, str]] = []
+        on_ray = experiment(
+            Net(), data, epochs=2, seeds=2, batch_size=16, devices=["cpu"], jobs=2, backend="ray",
+            on_start=lambda *a: started.append(a),
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    _same_runs(serial, on_ray, 1e-3)
+    assert len(started) == 4
+
+
+class CountingImages(TorchDataset[tuple[torch.Tensor, int]]):
+    """A map-style dataset that makes each image when asked and counts how often it was asked."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.reads = n, seed, 0
+        self.targets = [i % 2 for i in range(n)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.reads += 1
+        g = torch.Generator().manual_seed(self.seed * 10_000 + i)
+        return torch.randn(3, 8, 8, generator=g) + self.targets[i] * 0.8, self.targets[i]
+
+
+def test_torch_datasets_are_streamed_batch_by_batch() -> None:
+    train, val = CountingImages(64, 0), CountingImages(20, 1)
+    result = experiment(Net(), (train, val), epochs=2, seeds=1, batch_size=16, device="cpu")
+    # every epoch reads each training item once (plus the first and last to identify the data,
+    # and a few to probe the model); nothing is gathered up front
+    runs = 2 * 2  # two placements, two epochs
+    assert runs * 64 <= train.reads <= runs * 64 + 16 and runs * 20 <= val.reads <= runs * 20 + 8
+    # the same numbers as the same samples held in memory
+    gather = lambda d: (torch.stack([d[i][0] for i in range(d.n)]), torch.tensor(d.targets))  # noqa: E731
+    (tx, ty), (vx, vy) = gather(CountingImages(64, 0)), gather(CountingImages(20, 1))
+    held = experiment(
+        Net(), Dataset(Split(tx, ty), Split(vx, vy), "held"), epochs=2, seeds=1, batch_size=16, device="cpu"
+    )
+    assert [r.val_accuracy for r in result.records] == [r.val_accuracy for r in held.records]
+    assert [r.train_loss for r in result.records] == pytest.approx(
+        [r.train_loss for r in held.records], rel=1e-6
+    )
+
+
+def test_mixed_precision_and_channels_last_on_the_cpu(tmp_path: Path) -> None:
+    data = _images()
+    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu")
+    mixed = experiment(
+        Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", amp=True, channels_last=True,
+        jobs_dir=tmp_path / "jobs",
+    )  # fmt: skip
+    assert plain.precision == "float32" and mixed.precision == "mixed bfloat16, channels-last"
+    assert mixed.start_digests == plain.start_digests
+    for a, b in zip(plain.records, mixed.records, strict=True):  # bfloat16 rounds; training still the same
+        assert np.isfinite(b.train_loss) and b.train_loss == pytest.approx(a.train_loss, rel=0.1)
+        assert a.val_loss != b.val_loss
+    with pytest.raises(bnmove.BnmoveError, match="made with other settings"):  # precision is a setting
+        experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", jobs_dir=tmp_path / "jobs")
+
+
+def _image_folder(root: Path, per_class: int = 12, size: int = 8) -> None:
+    g = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", per_class // 3)):
+        for label, name in enumerate(("circle", "square")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = g.integers(0, 90, (size, size, 3)) + 120 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def test_cli_study_on_an_image_folder_with_two_jobs(tmp_path: Path) -> None:
+    _image_folder(tmp_path / "shapes")
+    torch.save(Net(), tmp_path / "net.pt")
+    data = load_dataset(tmp_path / "shapes")
+    assert isinstance(data.train, Streamed) and len(data.train) == 24 and len(data.val) == 8
+    res = CliRunner().invoke(
+        main,
+        [
+            "experiment", str(tmp_path / "net.pt"), "--allow-pickle", "--data", str(tmp_path / "shapes"),
+            "--activations", "relu,tanh", "--placements", "before,after", "--seeds", "2", "--epochs", "1",
+            "--recipe", "sgd", "--augment", "--batch-size", "8", "--jobs", "2", "-o", str(tmp_path / "out"),
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for kind in ("relu", "tanh"):
+        payload = json.loads((tmp_path / "out" / kind / "results.json").read_text())
+        assert len(payload["records"]) == 4 and payload["precision"] == "float32"
+        assert (tmp_path / "out" / kind / "summary.md").exists()
+    assert res.stdout.count("seeds") >= 2 and "95% CI" in res.stdout
