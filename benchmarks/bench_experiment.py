@@ -3,16 +3,20 @@
 Trains the same model on the same data (digits, or random images of a chosen size) with
 ``bnmove.study.experiment.experiment`` (both placements, seeds, evaluation after every epoch,
 digests, records) and with a plain PyTorch loop written here (Adam, the same batches, the same
-evaluation), interleaved, and prints training images per second of each and the tool's overhead.
+evaluation), interleaved, and prints training images per second of each and the tool's overhead:
+one run at a time (all cores), and with ``--jobs 2`` (two worker processes, the cores shared)
+against the plain loop run the same way, two processes of one run each, process start included.
 
-    python benchmarks/bench_experiment.py [--epochs 3] [--seeds 2] [--size 32] [--rounds 3]
+    python benchmarks/bench_experiment.py [--epochs 3] [--seeds 2] [--size 32] [--rounds 3] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,7 @@ import bnmove
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import Dataset, Split, load_dataset
 from bnmove.study.experiment import experiment
+from bnmove.study.runner import available_cores
 
 
 def plain_loop(model: torch.nn.Module, data: Dataset, epochs: int, batch_size: int, seed: int) -> None:
@@ -44,6 +49,39 @@ def plain_loop(model: torch.nn.Module, data: Dataset, epochs: int, batch_size: i
                 F.cross_entropy(model(data.val.x[start : start + 256]), data.val.y[start : start + 256])
 
 
+def build(channels: int) -> torch.nn.Module:
+    return PreActResNet(10, width=32, blocks=3, in_channels=channels)
+
+
+def plain_run(data: Dataset, channels: int, placement: str, seed: int, epochs: int, batch_size: int) -> None:
+    """One (placement, seed) run by hand: seeded model, converted with swap, the plain loop."""
+    torch.manual_seed(seed)
+    model = bnmove.convert(
+        build(channels), placement, method="swap", example_inputs=(data.train.x[:2],)
+    ).model
+    plain_loop(model, data, epochs, batch_size, seed)
+
+
+def _one_thread_each(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def plain_in_processes(data: Dataset, channels: int, args: argparse.Namespace) -> None:
+    """The plain loop spread as the tool spreads --jobs: spawned processes, the cores shared out."""
+    threads = max(1, available_cores() // args.jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=context, initializer=_one_thread_each, initargs=(threads,)
+    ) as pool:
+        runs = [
+            pool.submit(plain_run, data, channels, placement, seed, args.epochs, args.batch_size)
+            for seed in range(args.seeds)
+            for placement in ("before", "after")
+        ]
+        for run in runs:
+            run.result()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,6 +94,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes for the parallel comparison")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.size:
@@ -68,33 +107,53 @@ def main() -> None:
     else:
         data = load_dataset("digits")
         channels = 1
-
-    def build() -> torch.nn.Module:
-        return PreActResNet(10, width=32, blocks=3, in_channels=channels)
+    assert isinstance(data.train, Split) and isinstance(data.val, Split)
 
     images = len(data.train.y) * args.epochs * args.seeds * 2  # two placements
-    tool, plain = [], []
+    tool, plain, tool_jobs, plain_jobs, per_job = [], [], [], [], []
     for _ in range(args.rounds):  # interleaved, so both see the same machine load
         started = time.perf_counter()
-        experiment(build(), data, placements=("before", "after"), epochs=args.epochs, seeds=args.seeds)
+        experiment(
+            build(channels), data, placements=("before", "after"), epochs=args.epochs, seeds=args.seeds
+        )
         tool.append(images / (time.perf_counter() - started))
         started = time.perf_counter()
         for seed in range(args.seeds):
             for placement in ("before", "after"):
-                torch.manual_seed(seed)
-                model = bnmove.convert(
-                    build(), placement, method="swap", example_inputs=(data.train.x[:2],)
-                ).model
-                plain_loop(model, data, args.epochs, args.batch_size, seed)
+                plain_run(data, channels, placement, seed, args.epochs, args.batch_size)
         plain.append(images / (time.perf_counter() - started))
+        started = time.perf_counter()
+        result = experiment(
+            build(channels),
+            data,
+            placements=("before", "after"),
+            epochs=args.epochs,
+            seeds=args.seeds,
+            jobs=args.jobs,
+            devices=["cpu"],
+        )
+        tool_jobs.append(images / (time.perf_counter() - started))
+        runs = len(result.start_digests)
+        per_job.append(images / runs / (sum(result.wall_seconds.values()) / runs))
+        started = time.perf_counter()
+        plain_in_processes(data, channels, args)
+        plain_jobs.append(images / (time.perf_counter() - started))
     t, p = statistics.median(tool), statistics.median(plain)
+    tj, pj = statistics.median(tool_jobs), statistics.median(plain_jobs)
     print(
         f"{data.name}: {len(data.train.y)} training images, {args.epochs} epochs x {args.seeds} seeds x 2 placements, "
-        f"median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads"
+        f"median of {args.rounds} interleaved rounds, {available_cores()} cores"
     )
-    print(f"  bnmove experiment: {t:8.0f} training images/s")
+    print("one run at a time, all cores:")
+    print(f"  bnmove experiment:  {t:8.0f} training images/s")
     print(f"  plain PyTorch loop: {p:8.0f} training images/s (conversion included, as in the tool)")
     print(f"  overhead of the tool: {(p / t - 1):+.1%}")
+    print(f"--jobs {args.jobs}, spawned worker processes sharing the cores (start-up included):")
+    print(
+        f"  bnmove experiment:  {tj:8.0f} training images/s in all, {statistics.median(per_job):.0f} per job"
+    )
+    print(f"  plain PyTorch loop: {pj:8.0f} training images/s in all ({args.jobs} processes, the same runs)")
+    print(f"  overhead of the tool: {(pj / tj - 1):+.1%}")
 
 
 if __name__ == "__main__":

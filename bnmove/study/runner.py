@@ -15,6 +15,7 @@ import io
 import multiprocessing
 import os
 import queue
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
@@ -77,12 +78,14 @@ def execute(
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(payload: bytes, events: Any, devices: Any, threads: int) -> None:
+def _start_worker(plan_file: str, events: Any, devices: Any, threads: int) -> None:
     """In each worker process, once: the plan, the device it holds, its share of the cores."""
     device = devices.get()
     if not device.startswith("cuda"):
         torch.set_num_threads(threads)
-    _worker.update(plan=torch.load(io.BytesIO(payload), weights_only=False), device=device, events=events)
+    # memory-mapped: the workers share the pages of the data instead of holding a copy each
+    plan = torch.load(plan_file, weights_only=False, mmap=True)
+    _worker.update(plan=plan, device=device, events=events)
 
 
 def _run_in_worker(run: RunFunction, spec: Any) -> Any:
@@ -112,11 +115,16 @@ def _in_processes(
         devices.put(device)
     cpu_workers = sum(1 for d in workers if not d.startswith("cuda"))
     threads = max(1, available_cores() // max(cpu_workers, 1))
+    # The plan goes through a file, not the start-up pipe: a parent writing a large plan into a
+    # child's pipe waits until that child has imported torch, which starts the workers one by one.
+    handle, plan_file = tempfile.mkstemp(prefix="bnmove-plan-", suffix=".pt")
+    with os.fdopen(handle, "wb") as fh:
+        fh.write(_serialised(plan))
     pool = ProcessPoolExecutor(
         len(workers),
         mp_context=context,
         initializer=_start_worker,
-        initargs=(_serialised(plan), events, devices, threads),
+        initargs=(plan_file, events, devices, threads),
     )
     pending: set[Future[Any]] = {pool.submit(_run_in_worker, run, spec) for spec in specs}
     finished = False
@@ -135,6 +143,8 @@ def _in_processes(
         pool.shutdown(wait=finished, cancel_futures=True)
         events.close()
         devices.close()
+        with contextlib.suppress(OSError):
+            os.unlink(plan_file)
 
 
 def _drain(events: Any, report: Report) -> None:
