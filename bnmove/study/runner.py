@@ -15,6 +15,7 @@ import io
 import multiprocessing
 import os
 import queue
+import signal
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -80,12 +81,24 @@ _worker: dict[str, Any] = {}
 
 def _start_worker(plan_file: str, events: Any, devices: Any, threads: int) -> None:
     """In each worker process, once: the plan, the device it holds, its share of the cores."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    signal.signal(
+        signal.SIGTERM, _exit
+    )  # ... by terminating them, which must stop their DataLoader workers too
     device = devices.get()
     if not device.startswith("cuda"):
         torch.set_num_threads(threads)
     # memory-mapped: the workers share the pages of the data instead of holding a copy each
     plan = torch.load(plan_file, weights_only=False, mmap=True)
     _worker.update(plan=plan, device=device, events=events)
+
+
+def _exit(signum: int, frame: Any) -> None:
+    """Stop now: this worker's own children (DataLoader workers) first, then the worker, without
+    the seconds a normal interpreter exit spends waiting for them."""
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(128 + signum)
 
 
 def _run_in_worker(run: RunFunction, spec: Any) -> Any:
