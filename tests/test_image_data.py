@@ -121,3 +121,27 @@ def test_cifar_pickles_never_run_code(tmp_path: Path) -> None:
     )
     with pytest.raises(BnmoveError, match=r"data_batch_1: not a CIFAR batch \(refusing posix\.system"):
         load_dataset(folder)
+
+
+def test_image_size_scales_and_crops_the_centre_without_distortion(tmp_path: Path) -> None:
+    # a 12x6 image (wide): left third red, middle third green, right third blue
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            pixels = np.zeros((6, 12, 3), np.uint8)
+            pixels[:, :4, 0], pixels[:, 4:8, 1], pixels[:, 8:, 2] = 200, 200, 200
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    data = load_dataset(tmp_path, val_split=0.3, image_size=6)
+    x = data.train.items[0][0]  # type: ignore[union-attr]
+    assert x.shape == (3, 6, 6)
+    # the centre 6x6 of the wide image: green in the middle columns, hardly any red or blue there
+    assert int(x[1, :, 2:4].min()) == 200 and int(x[0, :, 2:4].max()) == 0 and int(x[2, :, 2:4].max()) == 0
+
+
+def test_images_of_another_size_are_refused_before_training(tmp_path: Path) -> None:
+    _write_images(tmp_path / "train", {"a": 3, "b": 3}, size=6)
+    _write_images(tmp_path / "val", {"a": 1, "b": 1}, size=6)
+    Image.fromarray(np.zeros((7, 5, 3), np.uint8)).save(tmp_path / "val" / "b" / "odd.png")
+    with pytest.raises(BnmoveError, match=r"odd\.png: 5x7, the others 6x6 \(--image-size resizes"):
+        load_dataset(tmp_path)
+    assert load_dataset(tmp_path, image_size=6).val.tensors()[0].shape == (3, 3, 6, 6)

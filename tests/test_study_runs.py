@@ -231,3 +231,14 @@ def test_cli_study_on_an_image_folder_with_two_jobs(tmp_path: Path) -> None:
         assert len(payload["records"]) == 4 and payload["precision"] == "float32"
         assert (tmp_path / "out" / kind / "summary.md").exists()
     assert res.stdout.count("seeds") >= 2 and "95% CI" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_devices_without_cuda_are_one_clear_error(tmp_path: Path, digits_study: list[str]) -> None:
+    res = CliRunner().invoke(main, [*digits_study, "--devices", "cuda:0,cuda:1", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "device cuda:0: no CUDA GPU is visible to torch" in res.stderr
+    assert not (tmp_path / "o").exists()
+    both = CliRunner().invoke(
+        main, [*digits_study, "--device", "cpu", "--devices", "cpu", "-o", str(tmp_path / "o")]
+    )
+    assert both.exit_code == 1 and "give --device or --devices, not both" in both.stderr

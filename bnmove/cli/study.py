@@ -128,7 +128,8 @@ class _StudyProgress:
     "--image-size",
     type=click.IntRange(1),
     metavar="PIXELS",
-    help="Resize images of an image folder to this square size [default: the first image's size].",
+    help="Scale images of an image folder to cover this square size and crop its centre (no distortion) "
+    "[default: the first image's size, which every image must have].",
 )
 @click.option(
     "--val-split",

@@ -303,14 +303,14 @@ class ImageFiles(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
 
         file = self.files[index]
         try:
             with Image.open(file) as opened:
                 image = opened.convert(self.mode)
-            if image.size != self.size:
-                image = image.resize(self.size, Image.Resampling.BILINEAR)
+            if image.size != self.size:  # scaled to cover the size, then centre-cropped: no distortion
+                image = ImageOps.fit(image, self.size, Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
         except (OSError, UnidentifiedImageError) as exc:
             raise BnmoveError(f"{file}: not a readable image ({exc})") from exc
@@ -359,8 +359,8 @@ def image_folder(
     root: Path, image_size: int | None = None, *, val_split: float = 0.2, seed: int = 0
 ) -> Dataset:
     """An image folder (``train/<class>/…`` and ``val/<class>/…``, or ``<class>/…`` split by a
-    seeded ``val_split``) as streamed splits of 8-bit images, resized to ``image_size`` squares
-    (default: every image must have the first one's size)."""
+    seeded ``val_split``) as streamed splits of 8-bit images, scaled and centre-cropped to
+    ``image_size`` squares (default: every image must have the first one's size)."""
     try:
         from PIL import Image
     except ImportError:
@@ -538,7 +538,7 @@ def load_dataset(
     an image folder or a CIFAR-10/100 python folder (see the module docstring).
 
     Without validation data, a seeded ``val_split`` fraction is held out. Image and CIFAR data are
-    scaled and normalised per channel; ``image_size`` resizes images to a square of that side
+    scaled and normalised per channel; ``image_size`` scales and centre-crops images to a square of that side
     (default: the first image's size, which every image must have).
     """
     if not 0 < val_split < 1:
