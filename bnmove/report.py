@@ -130,6 +130,9 @@ _SHORT_LABEL = {
 
 def _move_result(move: Move, short: bool) -> str:
     method = move.method or "exact"
+    if move.absorbed is not None:  # stays, and its BN took in a kept affine by fitting
+        labels = _SHORT_LABEL if short else _METHOD_LABEL
+        return f"[cyan]{'absorbed' if short else 'stays, affine absorbed'} ({labels.get(method, method)})[/]"
     if not move.moved:
         return "stays"
     if move.keeps_outputs:
@@ -140,8 +143,8 @@ def _move_result(move: Move, short: bool) -> str:
         colour = "yellow"
     if short:
         return f"[{colour}]{_SHORT_LABEL.get(method, method)}[/]"
-    label = "swap: function changed" if method == "swap" else _METHOD_LABEL.get(method, method)
-    return f"[{colour}]moved ({label})[/]"
+    text = "swap: function changed" if method == "swap" else _METHOD_LABEL.get(method, method)
+    return f"[{colour}]moved ({text})[/]"
 
 
 def conversion_table(conversion: Conversion, width: int | None = None) -> Table:
@@ -181,7 +184,14 @@ def conversion_summary(conversion: Conversion) -> str:
     counts = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in moved)
     adjacent = sum(m.pair.placement is not None for m in conversion.moves)
     detail = ", ".join(f"{n} {label}" for label, n in counts.items()) or "none"
-    if moved:
+    absorbed = conversion.absorbed
+    if absorbed:
+        how = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in absorbed)
+        fitted = ", ".join(f"{n} {label}" for label, n in how.items())
+        text = f"absorbed {len(absorbed)} kept affine layer{'s' if len(absorbed) > 1 else ''} into their BNs ({fitted})"
+        if moved:
+            text += f"; moved {len(moved)} of {adjacent} BN–activation pairs ({detail})"
+    elif moved:
         text = f"moved {len(moved)} of {adjacent} BN–activation pairs ({detail})"
     elif not adjacent:
         text = "nothing moved: the model has no BatchNorm next to an activation"
@@ -199,8 +209,8 @@ def conversion_summary(conversion: Conversion) -> str:
         )
         if any(m.method == "swap" for m in moved):
             text += " (swaps change the function: retrain or fine-tune)"
-        elif any((m.method or "").startswith("fit") for m in moved):
-            text += " (fitted moves approximate the function)"
+        elif any((m.method or "").startswith("fit") for m in [*moved, *absorbed]):
+            text += " (fits approximate the function)"
     # Held-out first: the fits never saw those samples, so that is the figure to trust.
     for check, what in (
         (conversion.held_out, "held-out calibration samples (not used by the fits)"),

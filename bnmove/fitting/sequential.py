@@ -55,6 +55,10 @@ class PairPlan:
     #: "input" or "output", argument index); the refit then targets the original sum minus this
     #: model's stream, which also cancels the error the stream carries from upstream
     stream: tuple[str, str, int] | None = None
+    #: absorbing a kept affine ``A → f → BN′``: BN′'s map, applied to the block's output in the target
+    post: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: absorbing ``BN′ → f → A``: BN′'s map, where the fit of BN″ starts
+    init: tuple[torch.Tensor, torch.Tensor] | None = None
     # filled in by the passes
     z_rows: list[torch.Tensor] = field(default_factory=list)
     effect: float | None = None
@@ -183,6 +187,8 @@ class SequentialCalibration:
         with torch.no_grad():
             if plan.placement == "before":  # BN -> f became f -> BN': BN' sees u = f(z) of this model
                 target = plan.f(plan.a[None, :] * z + plan.b[None, :]).double()
+                if plan.post is not None:
+                    target = plan.post[0][None, :] * target + plan.post[1][None, :]
             else:  # f -> BN became BN' -> f: BN' sees this model's z
                 target = plan.a[None, :] * plan.f(z.clone()).double() + plan.b[None, :]
         current = _rows(u.detach())[index.to(u.device)].double().cpu()
@@ -192,7 +198,8 @@ class SequentialCalibration:
                 a2, b2, mean, var = bn_math.fit_after(lambda t: t, current, w, target)
                 effect = bn_math.relative_rmse(a2[None, :] * current + b2[None, :], target, w)
             else:
-                a2, b2 = bn_math.fit_before(plan.f, current, w, target, (plan.a, plan.b))
+                with torch.enable_grad():  # Levenberg–Marquardt differentiates f; the pass runs without grad
+                    a2, b2 = bn_math.fit_before(plan.f, current, w, target, plan.init or (plan.a, plan.b))
                 mean, var = bn_math.weighted_moments(current, w)
                 effect = bn_math.relative_rmse(
                     plan.f(a2[None, :] * current + b2[None, :]).double(), target, w

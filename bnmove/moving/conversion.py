@@ -40,6 +40,8 @@ from ..fitting.calibrate import (
 from ..fitting.sequential import PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
 from . import rewrite
+from .absorb import KeptAffine, absorb, kept_affine_of
+from .affine import ChannelAffine
 from .placing import Mover
 from .verify import (
     Deviation,
@@ -77,10 +79,13 @@ class Move:
     #: where the BN is in the converted model (``<bn>.1`` or ``<bn>.0`` when its slot
     #: became ``Sequential(act, bn)`` / ``Sequential(bn, act)``); None if not moved
     moved_to: str | None = None
+    #: the kept affine (of an earlier exact move) this pair's BN absorbed by fitting; the pair
+    #: itself stays where it is (``fit`` on a converted model)
+    absorbed: str | None = None
 
     @property
     def keeps_outputs(self) -> bool:
-        return not self.moved or (self.method or "").startswith("exact")
+        return (not self.moved and self.absorbed is None) or (self.method or "").startswith("exact")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +97,7 @@ class Move:
             "notes": list(self.notes),
             "effect": self.effect,
             "moved_to": self.moved_to,
+            "absorbed": self.absorbed,
         }
 
 
@@ -129,9 +135,14 @@ class Conversion:
         return [m for m in self.moves if m.moved]
 
     @property
+    def absorbed(self) -> list[Move]:
+        """Pairs whose BN absorbed a kept affine by fitting (they stay where they are)."""
+        return [m for m in self.moves if m.absorbed is not None]
+
+    @property
     def changed_function(self) -> list[Move]:
-        """Moves that change the model's eval-mode function (swaps)."""
-        return [m for m in self.moves if m.moved and not m.keeps_outputs]
+        """Moves that change the model's eval-mode function (swaps, fits, absorbed affines)."""
+        return [m for m in self.moves if (m.moved or m.absorbed) and not m.keeps_outputs]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +153,7 @@ class Conversion:
             "moved_kept_affine": sum(1 for m in self.moved if m.method == "exact-kept-affine"),
             "moved_swap": sum(1 for m in self.moved if m.method == "swap"),
             "moved_fit": sum(1 for m in self.moved if (m.method or "").startswith("fit")),
+            "absorbed_affines": len(self.absorbed),
             "moves": [m.to_dict() for m in self.moves],
             "verification": self.verification.to_dict() if self.verification else None,
             "untraced": [u.__dict__ for u in self.untraced],
@@ -349,6 +361,28 @@ def _convert(
     taken: set[fx.Node] = set()
     for site in sites:
         chosen, reason = _plan(site, placement, method, taken)
+        kept = None
+        if chosen is None and method == "fit" and site.pair.placement == placement:
+            kept = kept_affine_of(site, mover.modules(site.region))
+        if chosen is None and kept is not None:  # a kept affine next to it: fit it away
+            plan = calibrator.plan_absorb(site, kept) if calibrator else None
+            try:
+                said, error = absorb(traced.regions[site.region].root, site, kept)
+            except rewrite.CannotFit as refused:
+                pending.append(
+                    (Move(site.pair, False, None, f"{reason}; kept affine stays: {refused}"), None)
+                )
+                continue
+            mover.forget(site.region)
+            if plan is not None:  # the block now ends at BN″ (A → f → BN′) or where A was (BN′ → f → A)
+                end = site.bn_node if kept.side == "before" else kept.node
+                calibrator.plan_refit(plan, site, mover.modules(site.region), out=end)  # type: ignore[union-attr]
+            elif calibrator is not None:
+                said.append(_NOT_CALIBRATED)
+            taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
+            move = Move(site.pair, False, "fit-data-free", reason, tuple(said), error, absorbed=kept.name)
+            pending.append((move, plan))
+            continue
         if chosen is None:
             pending.append((Move(site.pair, False, None, reason), None))
             continue
@@ -450,13 +484,46 @@ class _Calibrator:
             eps=float(bn.eps),  # type: ignore[arg-type]
         )
 
-    def plan_refit(self, plan: PairPlan, site: Site, modules: dict[str, nn.Module]) -> None:
-        """After the pair's move: the Conv/Linear fed by it, if it can be refitted, and, when that
-        layer's output is added to a residual stream, where the stream is read (its error upstream
-        is then cancelled by the refit too)."""
+    def plan_absorb(self, site: Site, kept: KeptAffine) -> PairPlan | None:
+        """What the passes need to fit a kept affine into the pair's BN (read before it is absorbed):
+        ``A → f → BN′`` is a ``BN → f`` pair whose target BN′ maps; ``BN′ → f → A`` an ``f → BN``
+        pair read at BN′'s output, whose fit starts from BN′'s map."""
+        calls = self.calls[site.region]
+        root = self.regions[site.region].root
+        bn_name = str(site.bn_node.target)
+        tap = kept.name if kept.side == "before" else bn_name
+        f = rewrite.pair_activation(root, site)
+        if f is None or calls.get(tap, 0) != 1 or calls.get(bn_name, 0) != 1:
+            return None
+        affine = root.get_submodule(kept.name)
+        assert isinstance(affine, ChannelAffine)
+        bn = root.get_submodule(bn_name)
+        a, b = (t.detach().double().cpu() for t in (affine.weight, affine.bias))
+        own = tuple(t.cpu() for t in rewrite.affine_map(bn))
+        return PairPlan(
+            tap=_qualified(site.region, tap),
+            tap_output=kept.side == "after",
+            bn=_qualified(site.region, bn_name),
+            placement="before" if kept.side == "before" else "after",
+            f=f,
+            a=a,
+            b=b,
+            eps=float(bn.eps),  # type: ignore[arg-type]
+            post=own if kept.side == "before" else None,  # type: ignore[arg-type]
+            init=own if kept.side == "after" else None,  # type: ignore[arg-type]
+        )
+
+    def plan_refit(
+        self, plan: PairPlan, site: Site, modules: dict[str, nn.Module], out: fx.Node | None = None
+    ) -> None:
+        """After the pair's move: the Conv/Linear fed by it (by ``out``, where given), if it can be
+        refitted, and, when that layer's output is added to a residual stream, where the stream is
+        read (its error upstream is then cancelled by the refit too)."""
         if not self.refit:
             return
-        if site.pair.placement == "before" or site.act_node is None:
+        if out is not None:
+            pass
+        elif site.pair.placement == "before" or site.act_node is None:
             out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
         else:
             out = skip_identity_down(site.act_node, modules)

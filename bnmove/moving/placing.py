@@ -59,6 +59,11 @@ class Mover:
         self._dirty: set[str] = set()
         self._reorders = surgery.Reorders()
 
+    def forget(self, region: str) -> None:
+        """Read the region's modules again: one was replaced (a kept affine absorbed)."""
+        self._modules.pop(region, None)
+        self._calls.pop(region, None)
+
     def modules(self, region: str) -> dict[str, nn.Module]:
         if region not in self._modules:
             self._modules[region] = dict(self.regions[region].root.named_modules())
