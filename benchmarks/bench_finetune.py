@@ -11,7 +11,10 @@ a fresh Adam, the same learning rate, the same batches in the same order. It
 prints validation accuracy before fine-tuning (epoch 0) and after each epoch,
 as the mean over seeds of each variant's accuracy minus the original's
 (negative: the conversion or the placement costs accuracy), worst seed in
-brackets.
+brackets: first with the BN running statistics fine-tuning left (exponential
+averages, momentum 0.1), then with every model's statistics recomputed exactly on
+the training set (``bnmove.recalibrate``), which separates what the weights learnt
+from the lag of the running averages.
 
     python benchmarks/bench_finetune.py [--seeds 3] [--epochs 3] [--lrs 3e-4,3e-3]
 """
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnmove
+from bnmove.fitting.calibrate import recalibrate
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import load_dataset
 from bnmove.study.experiment import train_classifier, train_epoch
@@ -69,16 +73,24 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model.eval()(x).argmax(1) == y).float().mean())
 
 
-def finetune(model: nn.Module, data: bnmove.Dataset, lr: float, epochs: int, seed: int) -> list[float]:
-    """Accuracy before and after each epoch of fine-tuning (a fresh Adam, seeded batch order)."""
+def finetune(
+    model: nn.Module, data: bnmove.Dataset, lr: float, epochs: int, seed: int
+) -> tuple[list[float], list[float]]:
+    """Accuracy before and after each epoch of fine-tuning (a fresh Adam, seeded batch order), with
+    the running statistics as training left them and with statistics recomputed on the training set."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(1000 + seed)
-    curve = [accuracy(model, data.val.x, data.val.y)]
+
+    def recalibrated() -> float:
+        return accuracy(recalibrate(model, data.train.x), data.val.x, data.val.y)
+
+    curve, exact_stats = [accuracy(model, data.val.x, data.val.y)], [recalibrated()]
     for _ in range(epochs):
         perm = torch.randperm(len(data.train.y), generator=order)
         train_epoch(model, optimizer, data.train.x, data.train.y, perm, 64)
         curve.append(accuracy(model, data.val.x, data.val.y))
-    return curve
+        exact_stats.append(recalibrated())
+    return curve, exact_stats
 
 
 def main() -> None:
@@ -108,6 +120,7 @@ def main() -> None:
             started = time.perf_counter()
             for lr in lrs:
                 rows: dict[str, list[list[float]]] = {m: [] for m in ("original", *methods)}
+                recal: dict[str, list[list[float]]] = {m: [] for m in ("original", *methods)}
                 for seed in range(args.seeds):
                     torch.manual_seed(seed)
                     trained = train_classifier(
@@ -124,18 +137,20 @@ def main() -> None:
                         ).model
                     for name, model in variants.items():
                         torch.manual_seed(seed)
-                        rows[name].append(finetune(model, data, lr, args.epochs, seed))
-                base = rows["original"]
-                mean_base = [sum(r[e] for r in base) / len(base) for e in range(args.epochs + 1)]
-                print(
-                    f"\n{style}, {act_name}, lr {lr:g}: original " + " ".join(f"{v:6.1%}" for v in mean_base)
-                )
-                for method in methods:
-                    cells = []
-                    for e in range(args.epochs + 1):
-                        diffs = [r[e] - b[e] for r, b in zip(rows[method], base, strict=True)]
-                        cells.append(f"{sum(diffs) / len(diffs):+6.1%} ({min(diffs):+.1%})")
-                    print(f"  {method:<12} " + "  ".join(cells))
+                        curve, exact_stats = finetune(model, data, lr, args.epochs, seed)
+                        rows[name].append(curve)
+                        recal[name].append(exact_stats)
+                print(f"\n{style}, {act_name}, lr {lr:g}")
+                for label, table in (("running statistics", rows), ("statistics recomputed", recal)):
+                    base = table["original"]
+                    mean_base = [sum(r[e] for r in base) / len(base) for e in range(args.epochs + 1)]
+                    print(f"  {label}: original " + " ".join(f"{v:6.1%}" for v in mean_base))
+                    for method in methods:
+                        cells = []
+                        for e in range(args.epochs + 1):
+                            diffs = [r[e] - b[e] for r, b in zip(table[method], base, strict=True)]
+                            cells.append(f"{sum(diffs) / len(diffs):+6.1%} ({min(diffs):+.1%})")
+                        print(f"    {method:<12} " + "  ".join(cells))
             print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 

@@ -7,6 +7,7 @@
 >>> result.model, result.verification.max_abs_error
 >>> bnmove.export_variants(model, (x,), "variants/")
 >>> bnmove.compare(["variants/"], provider="auto")
+>>> tuned = bnmove.recalibrate(fine_tuned, train_x)  # exact BN statistics after fine-tuning
 """
 
 from . import sample_models
@@ -16,6 +17,7 @@ from .deploy.export import export_variants
 from .deploy.folding import Folding, fold_forward
 from .deploy.runtime import Comparison, compare, select_provider
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
+from .fitting.calibrate import recalibrate
 from .fitting.synthetic import synthesize_inputs
 from .io.loading import LoadedModel, load_model
 from .moving.affine import ChannelAffine
@@ -55,6 +57,7 @@ __all__ = [
     "infer_example_inputs",
     "load_dataset",
     "load_model",
+    "recalibrate",
     "sample_models",
     "select_provider",
     "synthesize_inputs",

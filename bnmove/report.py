@@ -465,7 +465,9 @@ def experiment_header(result: ExperimentResult) -> str:
     start = "converted pretrained weights" if result.from_pretrained else "one random initialisation per seed"
     return (
         f"{result.dataset}: {result.epochs} epochs × {len(result.seeds)} seeds on {result.device} "
-        f"({result.recipe.describe()}; {result.precision}), each seed's variants start from {start}; "
+        f"({result.recipe.describe()}; {result.precision}"
+        + (f"; BN statistics recomputed on {result.precise_bn} samples" if result.precise_bn else "")
+        + f"), each seed's variants start from {start}; "
         "mean ± std over seeds"
     )
 

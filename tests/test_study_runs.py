@@ -242,3 +242,23 @@ def test_devices_without_cuda_are_one_clear_error(tmp_path: Path, digits_study: 
         main, [*digits_study, "--device", "cpu", "--devices", "cpu", "-o", str(tmp_path / "o")]
     )
     assert both.exit_code == 1 and "give --device or --devices, not both" in both.stderr
+
+
+def test_precise_bn_evaluates_with_exact_statistics() -> None:
+    data = _images()
+    result = experiment(
+        Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", precise_bn=40, keep_models=True
+    )
+    assert result.precise_bn == 40 and result.to_dict()["precise_bn"] == 40
+    model = result.models["after/seed0"]
+    again = bnmove.recalibrate(model, data.train.x[:40])  # the statistics it was evaluated with
+    for name, bn in model.named_modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            torch.testing.assert_close(bn.running_mean, again.get_submodule(name).running_mean)
+            torch.testing.assert_close(bn.running_var, again.get_submodule(name).running_var)
+    with torch.no_grad():
+        accuracy = float((model.eval()(data.val.x).argmax(1) == data.val.y).float().mean())
+    assert accuracy == pytest.approx(result.records[-1].val_accuracy)
+    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu")
+    assert [r.train_loss for r in plain.records] == [r.train_loss for r in result.records]  # training alike
+    assert [r.val_loss for r in plain.records] != [r.val_loss for r in result.records]  # evaluation not

@@ -143,6 +143,16 @@ class _StudyProgress:
     is_flag=True,
     help="Fine-tune from the model's weights (converted exactly where possible) instead of a fresh initialisation.",
 )
+@click.option(
+    "--precise-bn",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    metavar="SAMPLES",
+    help="Before each evaluation, recompute every BatchNorm's statistics exactly on this many training "
+    "samples (precise BN) instead of using the running averages, which lag behind fast-moving weights: "
+    "most of all right after a conversion (--from-pretrained). 0: off.",
+)
 @click.option("--device", help="Training device (default: cuda when available, else cpu).")
 @click.option(
     "--devices",
@@ -204,6 +214,7 @@ def experiment_command(
     image_size: int | None,
     val_split: float,
     from_pretrained: bool,
+    precise_bn: int,
     device: str | None,
     devices: str | None,
     jobs: int | None,
@@ -281,6 +292,7 @@ def experiment_command(
                 on_epoch=progress.on_epoch,
                 on_start=progress.on_start,
                 jobs_dir=job_dirs[kind],
+                precise_bn=precise_bn,
             )
     written = []
     for kind, result in results.items():

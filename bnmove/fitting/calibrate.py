@@ -329,14 +329,34 @@ def recalibrate(
     training) while every other layer stays in eval mode (dropout off). Each
     BN's running mean and (unbiased) variance become the exact mean and variance
     of everything it saw, weighting every sample equally whatever the batch sizes.
+    Use it after fine-tuning: the running averages training leaves lag behind
+    weights that moved fast, most of all just after a conversion.
     """
     work = clone_module(model)
     batches = calibration_batches(data, samples=samples or 10**12)
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+
+    def run(batch: Batch) -> None:
+        try:
+            call_model(work, tuple(t.to(device) for t in batch))
+        except Exception as exc:
+            raise ModelRunError(f"the model failed on the data: {type(exc).__name__}: {exc}") from exc
+        if on_batch is not None:
+            on_batch()
+
+    precise_statistics(work, batches, run)
+    return work
+
+
+def precise_statistics(model: nn.Module, batches: Iterable[Any], run: Callable[[Any], None]) -> None:
+    """Set every BatchNorm's running mean and variance of ``model`` (in place) to the exact
+    averages of its inputs while ``run`` feeds it each of ``batches``, BatchNorms in train mode and
+    every other layer in eval mode ("precise BN")."""
     bns = [
-        m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
     if not bns:
-        return work
+        return
     sums: dict[nn.Module, list[Any]] = {}  # [sum, sum of squares, count] per channel
 
     def record(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -350,21 +370,17 @@ def recalibrate(
         acc[1] = acc[1] + (x * x).sum(dims)
         acc[2] = acc[2] + count  # type: ignore[assignment]
 
-    flags = [(m, m.training) for m in work.modules()]
+    flags = [(m, m.training) for m in model.modules()]
     handles = [bn.register_forward_pre_hook(record) for bn in bns]
-    work.eval()
+    model.eval()
     for bn in bns:
         bn.train()
-    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    seen = 0
     try:
         with torch.no_grad():
             for batch in batches:
-                try:
-                    call_model(work, tuple(t.to(device) for t in batch))
-                except Exception as exc:
-                    raise ModelRunError(f"the model failed on the data: {type(exc).__name__}: {exc}") from exc
-                if on_batch is not None:
-                    on_batch()
+                run(batch)
+                seen += 1
     finally:
         for handle in handles:
             handle.remove()
@@ -381,5 +397,4 @@ def recalibrate(
             bn.running_mean.copy_(mean.to(bn.running_mean.dtype))  # type: ignore[union-attr]
             bn.running_var.copy_(var.clamp_min(0).to(bn.running_var.dtype))  # type: ignore[union-attr]
             if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.fill_(len(batches))
-    return work
+                bn.num_batches_tracked.fill_(seen)

@@ -29,6 +29,7 @@ from torch import nn
 from .._atomic import atomic_path
 from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
+from ..fitting.calibrate import precise_statistics
 from ..moving.conversion import convert
 from .data import Dataset, Split, from_torch
 from .recipes import Recipe, augment_batch
@@ -154,6 +155,8 @@ class ExperimentResult:
     models: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     #: how the runs computed (``float32``, ``mixed bfloat16, channels-last``...)
     precision: str = "float32"
+    #: training samples BN statistics were recomputed on before each evaluation (0: running averages)
+    precise_bn: int = 0
 
     def summary(self) -> list[EpochSummary]:
         out = []
@@ -205,6 +208,7 @@ class ExperimentResult:
             "device": self.device,
             "from_pretrained": self.from_pretrained,
             "precision": self.precision,
+            "precise_bn": self.precise_bn,
             "recipe": self.recipe.to_dict(),
             "wall_seconds": self.wall_seconds,
             "start_digests": self.start_digests,
@@ -435,6 +439,7 @@ def study_fingerprint(
     recipe: Recipe,
     from_pretrained: bool,
     precision: Precision = Precision(),
+    precise_bn: int = 0,
 ) -> str:
     """What a run's numbers depend on besides its seed: settings, the model (its weights when
     training starts from them), the data (its values; for streamed data, what identifies the items)."""
@@ -446,6 +451,7 @@ def study_fingerprint(
         "recipe": recipe.to_dict(),
         "from_pretrained": from_pretrained,
         "precision": precision.describe(),
+        **({"precise_bn": precise_bn} if precise_bn else {}),  # absent when off: older studies resume
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     if from_pretrained:
@@ -505,6 +511,8 @@ class _Plan:
     from_pretrained: bool
     precision: Precision
     keep_model: bool
+    #: training samples to recompute BN statistics on before each evaluation (0: running averages)
+    precise_bn: int = 0
 
 
 @dataclass(frozen=True)
@@ -552,6 +560,7 @@ def _train_run(plan: _Plan, run: _Run, device: str, report: Callable[[Any], None
     scaler = torch.amp.GradScaler(target.type) if precision.autocast == torch.float16 else None
     train = plan.data.train.batches(plan.batch_size, target, train=True)
     val = plan.data.val.batches(max(plan.batch_size, 256), target, train=False)
+    train_in_order = plan.data.train.batches(max(plan.batch_size, 256), target, train=False)
     val_order = torch.arange(len(plan.data.val))
     order = torch.Generator().manual_seed(run.seed)
     seen = hashlib.sha256()
@@ -572,6 +581,12 @@ def _train_run(plan: _Plan, run: _Run, device: str, report: Callable[[Any], None
             precision=precision,
             scaler=scaler,
         )
+        if plan.precise_bn:  # exact statistics of the first samples, not the lagging running averages
+            subset = torch.arange(min(plan.precise_bn, len(plan.data.train)))
+            with precision.context(target):
+                precise_statistics(
+                    net, (x for x, _ in train_in_order(subset)), lambda x: net(precision.inputs(x))
+                )
         val_loss, val_acc = _evaluate(net, val(val_order), precision)
         seconds = time.perf_counter() - started
         record = EpochRecord(run.variant, run.seed, epoch, train_loss, val_loss, val_acc, seconds)
@@ -604,6 +619,7 @@ def experiment(
     amp: bool | None = None,
     channels_last: bool | None = None,
     on_start: Callable[[str, int, str], None] | None = None,
+    precise_bn: int = 0,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and record the curves.
 
@@ -633,6 +649,9 @@ def experiment(
             connects to; ``RAY_ADDRESS`` names one).
         amp, channels_last: mixed precision and the channels-last layout; default on for CUDA.
         on_start: progress callback ``(variant, seed, device)`` when a run begins.
+        precise_bn: before each evaluation, recompute every BN's statistics exactly on this many
+            training samples ("precise BN") instead of using the running averages, which lag
+            behind fast-moving weights, most of all right after a conversion; 0: off.
 
     Returns:
         An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests;
@@ -664,7 +683,7 @@ def experiment(
     check_data(model, data)
 
     fingerprint = study_fingerprint(
-        model, data, placements, epochs, batch_size, recipe, from_pretrained, precision
+        model, data, placements, epochs, batch_size, recipe, from_pretrained, precision, precise_bn
     )
     finished: dict[_Run, Job] = {}
     models: dict[str, nn.Module] = {}
@@ -673,8 +692,18 @@ def experiment(
             done = load_job(jobs_dir, variant, seed, fingerprint) if jobs_dir is not None else None
             if done is not None:
                 finished[_Run(variant, seed)] = done
+    if precise_bn < 0:
+        raise BnmoveError("precise_bn is a number of training samples, 0 or more")
     plan = _Plan(
-        clone_module(model).cpu(), data, epochs, batch_size, recipe, from_pretrained, precision, keep_models
+        clone_module(model).cpu(),
+        data,
+        epochs,
+        batch_size,
+        recipe,
+        from_pretrained,
+        precision,
+        keep_models,
+        precise_bn,
     )
     pending = [_Run(v, s) for s in seed_list for v in placements if _Run(v, s) not in finished]
 
@@ -721,4 +750,5 @@ def experiment(
         batch_digests={_key(r.variant, r.seed): finished[r].batch_digest for r in runs},
         models=models,
         precision=precision.describe(),
+        precise_bn=precise_bn,
     )
