@@ -222,13 +222,16 @@ def test_cli_study_on_an_image_folder_with_two_jobs(tmp_path: Path) -> None:
         [
             "experiment", str(tmp_path / "net.pt"), "--allow-pickle", "--data", str(tmp_path / "shapes"),
             "--activations", "relu,tanh", "--placements", "before,after", "--seeds", "2", "--epochs", "1",
-            "--recipe", "sgd", "--augment", "--batch-size", "8", "--jobs", "2", "-o", str(tmp_path / "out"),
+            "--recipe", "sgd", "--augment", "--batch-size", "8", "--jobs", "2", "--precise-bn", "16",
+            "-o", str(tmp_path / "out"),
         ],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     for kind in ("relu", "tanh"):
         payload = json.loads((tmp_path / "out" / kind / "results.json").read_text())
-        assert len(payload["records"]) == 4 and payload["precision"] == "float32"
+        assert (
+            len(payload["records"]) == 4 and payload["precision"] == "float32" and payload["precise_bn"] == 16
+        )
         assert (tmp_path / "out" / kind / "summary.md").exists()
     assert res.stdout.count("seeds") >= 2 and "95% CI" in res.stdout
 
@@ -262,3 +265,20 @@ def test_precise_bn_evaluates_with_exact_statistics() -> None:
     plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu")
     assert [r.train_loss for r in plain.records] == [r.train_loss for r in result.records]  # training alike
     assert [r.val_loss for r in plain.records] != [r.val_loss for r in result.records]  # evaluation not
+
+
+def test_progress_has_a_bar_per_running_job() -> None:
+    from bnmove.cli.study import _StudyProgress
+    from bnmove.study.experiment import EpochRecord
+
+    progress = _StudyProgress(False, total_epochs=4, epochs=2)
+    progress.on_start("before", 0, "cpu")
+    progress.on_start("after", 0, "cpu")
+    assert len(progress.progress.tasks) == 3  # the study and two running jobs
+    record = EpochRecord("before", 0, 1, 0.5, 0.5, 0.9, 0.1)
+    progress.on_epoch("before", 0, 1, record)
+    progress.on_epoch("before", 0, 2, record)  # its last epoch: its bar goes
+    study = progress.progress.tasks[0]
+    assert study.completed == 2 and [t.description.strip() for t in progress.progress.tasks[1:]] == [
+        "after seed 0 on cpu"
+    ]
