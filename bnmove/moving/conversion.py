@@ -521,12 +521,11 @@ class _Calibrator:
         read (its error upstream is then cancelled by the refit too)."""
         if not self.refit:
             return
-        if out is not None:
-            pass
-        elif site.pair.placement == "before" or site.act_node is None:
-            out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
-        else:
-            out = skip_identity_down(site.act_node, modules)
+        if out is None:
+            if site.pair.placement == "before" or site.act_node is None:
+                out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
+            else:
+                out = skip_identity_down(site.act_node, modules)
         user = _next_affine(out, modules)
         if user is None or refit_blocker(modules[str(user.target)]) is not None:
             return

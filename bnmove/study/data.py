@@ -55,6 +55,17 @@ class Normalise:
 Batches = Callable[[torch.Tensor], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
+def _prepared(prepare: Normalise | None, x: torch.Tensor) -> torch.Tensor:
+    return prepare(x) if prepare is not None else x
+
+
+def _held_out(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, validation)`` indices: a seeded random ``val_split`` fraction (at least one) held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(n * val_split))
+    return order[n_val:], order[:n_val]
+
+
 def _chunks(order: torch.Tensor, batch_size: int, train: bool) -> list[torch.Tensor]:
     """``order`` cut into mini-batches; in training a last batch of one sample is dropped
     (BatchNorm cannot train on a single sample)."""
@@ -80,8 +91,7 @@ class Split:
 
     def head(self, n: int) -> torch.Tensor:
         """The first ``n`` inputs, as the model sees them."""
-        x = self.x[:n]
-        return self.prepare(x) if self.prepare is not None else x
+        return _prepared(self.prepare, self.x[:n])
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every input (as the model sees it) and label, as two tensors."""
@@ -94,10 +104,12 @@ class Split:
 
         def epoch(order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for idx in _chunks(order.to(device), batch_size, train):
-                inputs = x[idx]
-                yield (self.prepare(inputs) if self.prepare is not None else inputs), y[idx]
+                yield _prepared(self.prepare, x[idx]), y[idx]
 
         return epoch
+
+    def subset(self, indices: list[int]) -> Split:
+        return Split(self.x[indices], self.y[indices], self.prepare)
 
     def fingerprint(self, digest: Any) -> None:
         for tensor in (self.x, self.y):
@@ -158,7 +170,7 @@ class Streamed:
 
     def head(self, n: int) -> torch.Tensor:
         x, _ = _Pairs(self.collate)([self.items[i] for i in range(min(n, len(self)))])
-        return self.prepare(x) if self.prepare is not None else x
+        return _prepared(self.prepare, x)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every input (as the model sees it) and label, as two tensors: reads every item, so for
@@ -184,10 +196,24 @@ class Streamed:
         def epoch(indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             order.order = indices.cpu()
             for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                yield (self.prepare(x) if self.prepare is not None else x), y.to(device, non_blocking=True)
+                yield (
+                    _prepared(self.prepare, x.to(device, non_blocking=True)),
+                    y.to(device, non_blocking=True),
+                )
 
         return epoch
+
+    def subset(self, indices: list[int]) -> Streamed:
+        identity = hashlib.sha256(f"{self.identity} {indices}".encode()).hexdigest()
+        labels = self.known_labels[indices] if self.known_labels is not None else None
+        return Streamed(
+            torch.utils.data.Subset(self.items, indices),
+            labels,
+            self.prepare,
+            self.workers,
+            self.collate,
+            identity,
+        )
 
     def fingerprint(self, digest: Any) -> None:
         digest.update(self.identity.encode())
@@ -393,10 +419,9 @@ def image_folder(
     if val_classes is not None:
         val_files = labelled(val_classes)
     else:
-        order = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, round(len(order) * val_split))
-        val_files = [train_files[i] for i in sorted(order[:n_val])]
-        train_files = [train_files[i] for i in sorted(order[n_val:])]
+        train_idx, val_idx = _held_out(len(train_files), val_split, seed)
+        val_files = [train_files[i] for i in sorted(val_idx)]
+        train_files = [train_files[i] for i in sorted(train_idx)]
     resize = bool(image_size)
     dataset = Dataset(
         _image_split(train_files, mode, size, resize), _image_split(val_files, mode, size, resize), root.name
@@ -520,15 +545,10 @@ def _normalise(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def _hold_out(split: Split, val_split: float, seed: int) -> tuple[Split, Split]:
-    """A seeded random ``val_split`` fraction of ``split`` held out for validation."""
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(len(order) * val_split))
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    return (
-        Split(split.x[train_idx], split.y[train_idx], split.prepare),
-        Split(split.x[val_idx], split.y[val_idx], split.prepare),
-    )
+def _hold_out(split: Split | Streamed, val_split: float, seed: int) -> tuple[Any, Any]:
+    """``(train, validation)``: a seeded random ``val_split`` fraction of ``split`` held out."""
+    train_idx, val_idx = _held_out(len(split), val_split, seed)
+    return split.subset(train_idx), split.subset(val_idx)
 
 
 def load_dataset(
@@ -664,20 +684,4 @@ def from_torch(
     train_split = _streamed(train, f"{name} (train)")
     if val is not None:
         return Dataset(train_split, _streamed(val, f"{name} (validation)"), name)
-    if isinstance(train_split, Split):
-        return Dataset(*_hold_out(train_split, val_split, seed), name)
-    order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(len(order) * val_split))
-    parts = []
-    for indices, part in ((order[n_val:], "train"), (order[:n_val], "validation")):
-        labels = train_split.known_labels
-        parts.append(
-            Streamed(
-                torch.utils.data.Subset(train_split.items, indices),
-                labels[indices] if labels is not None else None,
-                workers=train_split.workers,
-                collate=train_split.collate,
-                identity=f"{train_split.identity} {part} seed {seed} {val_split}",
-            )
-        )
-    return Dataset(parts[0], parts[1], name)
+    return Dataset(*_hold_out(train_split, val_split, seed), name)

@@ -33,7 +33,7 @@ from ..fitting.calibrate import precise_statistics
 from ..moving.conversion import convert
 from .data import Dataset, Split, from_torch
 from .recipes import Recipe, augment_batch
-from .runner import BACKENDS, execute
+from .runner import execute
 
 VARIANTS = ("original", "before", "after")
 
@@ -512,7 +512,9 @@ class _Plan:
     precision: Precision
     keep_model: bool
     #: training samples to recompute BN statistics on before each evaluation (0: running averages)
-    precise_bn: int = 0
+    precise_bn: int
+    #: what the runs' numbers depend on (:func:`study_fingerprint`), kept with each finished run
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -592,7 +594,7 @@ def _train_run(plan: _Plan, run: _Run, device: str, report: Callable[[Any], None
         record = EpochRecord(run.variant, run.seed, epoch, train_loss, val_loss, val_acc, seconds)
         records.append(record)
         report(record)
-    job = Job("", records, sum(r.seconds for r in records), start_digest, seen.hexdigest())
+    job = Job(plan.fingerprint, records, sum(r.seconds for r in records), start_digest, seen.hexdigest())
     if plan.keep_model:
         net = net.to(memory_format=torch.contiguous_format).cpu()  # type: ignore[call-overload]
     return _Finished(run, job, net if plan.keep_model else None)
@@ -667,8 +669,8 @@ def experiment(
         )
     if epochs < 1 or batch_size < 1 or lr <= 0 or not math.isfinite(lr):
         raise BnmoveError("epochs and batch size must be at least 1 and the learning rate positive")
-    if backend not in BACKENDS:
-        raise BnmoveError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if precise_bn < 0:
+        raise BnmoveError("precise_bn is a number of training samples, 0 or more")
     recipe = recipe or Recipe("adam", lr=lr)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
@@ -692,8 +694,6 @@ def experiment(
             done = load_job(jobs_dir, variant, seed, fingerprint) if jobs_dir is not None else None
             if done is not None:
                 finished[_Run(variant, seed)] = done
-    if precise_bn < 0:
-        raise BnmoveError("precise_bn is a number of training samples, 0 or more")
     plan = _Plan(
         clone_module(model).cpu(),
         data,
@@ -704,6 +704,7 @@ def experiment(
         precision,
         keep_models,
         precise_bn,
+        fingerprint,
     )
     pending = [_Run(v, s) for s in seed_list for v in placements if _Run(v, s) not in finished]
 
@@ -722,16 +723,9 @@ def experiment(
         backend=backend,
         on_event=on_event,
     ):
-        job = Job(
-            fingerprint,
-            result.job.records,
-            result.job.seconds,
-            result.job.start_digest,
-            result.job.batch_digest,
-        )
         if jobs_dir is not None:
-            save_job(jobs_dir, result.run.variant, result.run.seed, job)
-        finished[result.run] = job
+            save_job(jobs_dir, result.run.variant, result.run.seed, result.job)
+        finished[result.run] = result.job
         if result.model is not None:
             models[_key(result.run.variant, result.run.seed)] = result.model
     runs = [_Run(v, s) for s in seed_list for v in placements]
