@@ -574,7 +574,7 @@ def experiment_plot(result: ExperimentResult, path: Path) -> None:
 
 def write_experiment(result: ExperimentResult, folder: Path) -> list[Path]:
     """``results.json``, ``summary.md`` and (with matplotlib) ``curves.png`` in ``folder``, each written atomically."""
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, render in (("results.json", experiment_json), ("summary.md", experiment_markdown)):
         with atomic_path(folder / name) as tmp:

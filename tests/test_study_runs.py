@@ -241,6 +241,9 @@ def test_devices_without_cuda_are_one_clear_error(tmp_path: Path, digits_study: 
     res = CliRunner().invoke(main, [*digits_study, "--devices", "cuda:0,cuda:1", "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and "device cuda:0: no CUDA GPU is visible to torch" in res.stderr
     assert not (tmp_path / "o").exists()
+    per_kind = [*digits_study, "--activations", "relu,tanh", "--devices", "cuda:0", "-o", str(tmp_path / "k")]
+    crossed = CliRunner().invoke(main, per_kind)
+    assert crossed.exit_code == 1 and "no CUDA GPU" in crossed.stderr and not (tmp_path / "k").exists()
     both = CliRunner().invoke(
         main, [*digits_study, "--device", "cpu", "--devices", "cpu", "-o", str(tmp_path / "o")]
     )

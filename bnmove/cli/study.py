@@ -269,8 +269,6 @@ def experiment_command(
         raise BnmoveError("give --device or --devices, not both")
     device_list = _csv_list(devices, "device") if devices else None
     results = {}
-    if kinds:
-        out_dir.mkdir(exist_ok=True)
     with _StudyProgress(show, epochs * max(total - done, 1), epochs) as progress:
         for kind, net in models.items():
             progress.prefix = f"{kind} " if kind else ""
