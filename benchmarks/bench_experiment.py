@@ -8,15 +8,25 @@ one run at a time (all cores), and with ``--jobs 2`` (two worker processes, the 
 against the plain loop run the same way, two processes of one run each, process start included.
 
     python benchmarks/bench_experiment.py [--epochs 3] [--seeds 2] [--size 32] [--rounds 3] [--jobs 2]
+
+With ``--run-overhead EPOCHS``: what ``bnmove experiment --run`` adds per run around the user's
+own script (``examples/01_your_own_training/train.py``, EPOCHS epochs on digits: 60 take about a
+minute on 2 cores), against running that script directly on the same variant files, interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +92,42 @@ def plain_in_processes(data: Dataset, channels: int, args: argparse.Namespace) -
             run.result()
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "01_your_own_training"
+
+
+def run_overhead(epochs: int, rounds: int) -> None:
+    """``bnmove experiment --run`` (both placements, one seed) against the same script run directly
+    on the variant files the study wrote; per round, then the median."""
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLE)}
+    script = [sys.executable, str(EXAMPLE / "train.py")]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        subprocess.run([sys.executable, str(EXAMPLE / "net.py")], cwd=work, check=True)
+        command = f"{sys.executable} {EXAMPLE / 'train.py'} --model {{model}} --seed {{seed}} --out {{out}} --epochs {epochs}"
+        study = [sys.executable, "-m", "bnmove", "experiment", "net.pt", "--allow-pickle", "--import", "net",
+                 "--run", command, "--metric", "val_acc", "--seeds", "1", "--force", "-o", "study"]  # fmt: skip
+        tool, direct = [], []
+        for _ in range(rounds):  # interleaved, so both see the same machine load
+            started = time.perf_counter()
+            subprocess.run(study, cwd=work, env=env, check=True, capture_output=True)
+            tool.append(time.perf_counter() - started)
+            variants = [work / "study" / "jobs" / f"{v}-seed0" / "model.pt" for v in ("before", "after")]
+            for variant in variants:  # keep the files bnmove wrote: the direct runs use the same ones
+                shutil.copy(variant, work / f"{variant.parent.name}.pt")
+            started = time.perf_counter()
+            for variant in variants:
+                out = work / "direct" / variant.parent.name
+                model = work / f"{variant.parent.name}.pt"
+                subprocess.run([*script, "--model", str(model), "--seed", "0", "--out", str(out),
+                                "--epochs", str(epochs)], cwd=work, env=env, check=True)  # fmt: skip
+            direct.append(time.perf_counter() - started)
+    t, d = statistics.median(tool), statistics.median(direct)
+    print(f"--run around examples/01_your_own_training/train.py, {epochs} epochs on digits, 2 runs a round")
+    print(f"  script run directly:   {d / 2:6.1f} s per run (median of {rounds} rounds)")
+    print(f"  bnmove experiment --run: {t / 2:6.1f} s per run, start-up, conversion and report included")
+    print(f"  overhead of the tool: {(t - d) / 2:+.1f} s per run, {t / d - 1:+.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,7 +141,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes for the parallel comparison")
+    parser.add_argument(
+        "--run-overhead", type=int, metavar="EPOCHS", help="measure --run's overhead instead (see above)"
+    )
     args = parser.parse_args()
+    if args.run_overhead:
+        run_overhead(args.run_overhead, args.rounds)
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.size:
         g = torch.Generator().manual_seed(0)

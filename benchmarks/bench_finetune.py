@@ -33,7 +33,7 @@ import bnmove
 from bnmove.fitting.calibrate import recalibrate
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import load_dataset
-from bnmove.study.experiment import train_classifier, train_epoch
+from bnmove.study.loop import train_classifier, train_epoch
 
 ACTS = {"ReLU": nn.ReLU, "GELU": nn.GELU, "Tanh": nn.Tanh}
 #: conversion -> convert() arguments ("fit" is calibrated, on 256 training samples)

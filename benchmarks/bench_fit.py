@@ -32,7 +32,7 @@ import torch
 import bnmove
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import load_dataset
-from bnmove.study.experiment import train_classifier
+from bnmove.study.loop import train_classifier
 
 ACTS = {
     "ReLU": torch.nn.ReLU,

@@ -84,5 +84,10 @@ def test_cli_activations_factor(tmp_path: Path, digits_study: list[str]) -> None
     assert set(payload) == {"relu", "tanh"} and all(len(p["differences"]) == 1 for p in payload.values())
     assert (out / "tanh" / "results.json").exists() and (out / "relu" / "summary.md").exists()
     assert "tanh: replaced 4 activation modules" in res.stderr  # stem.2, down.2, act, relu
-    again = CliRunner().invoke(main, [*args, "--activations", "relu", "-o", str(out)])
-    assert again.exit_code == 1 and "relu/results.json: already exists" in again.stderr
+    # A re-run of a finished kind trains nothing and reports the same numbers from its records.
+    before = json.loads((out / "relu" / "results.json").read_text())
+    again = CliRunner().invoke(main, [*args, "--activations", "relu", "-o", str(out), "--json"])
+    assert again.exit_code == 0, again.output
+    assert "all 4 runs are done" in again.stderr
+    rerun = json.loads(again.stdout)["activations"]["relu"]
+    assert rerun["records"] == before["records"] and rerun["differences"] == before["differences"]

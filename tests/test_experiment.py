@@ -128,7 +128,9 @@ def test_data_errors(tmp_path: Path) -> None:
             load_dataset(tmp_path / name)
     with pytest.raises(bnmove.ModelRunError, match=r"does not accept samples of shape \(5,\)"):
         experiment(Tiny(), load_dataset(tmp_path / "wide.npz"), epochs=1, seeds=1)
-    with pytest.raises(bnmove.BnmoveError, match="labels go up to 7 but the model scores only 3 classes"):
+    with pytest.raises(
+        bnmove.BnmoveError, match=r"the model scores 3 classes but many.npz has 8 \(labels 0 to 7\)"
+    ):
         experiment(Tiny(), load_dataset(tmp_path / "many.npz"), epochs=1, seeds=1)
 
 
@@ -176,7 +178,9 @@ def test_cli_experiment(tmp_path: Path) -> None:
     again = CliRunner().invoke(
         main, ["experiment", str(model_file), "--allow-pickle", "--data", "digits", "-o", str(out)]
     )
-    assert again.exit_code == 1 and "already exists" in again.stderr
+    # the folder keeps these runs: other settings are refused with what changed
+    assert again.exit_code == 1 and "made with other settings" in again.stderr
+    assert "epochs 1 → 5" in again.stderr and again.stderr.count("error") == 1
     bad = CliRunner().invoke(
         main,
         [
@@ -227,7 +231,7 @@ def test_paired_difference_interval_and_verdict(monkeypatch: pytest.MonkeyPatch)
     import statistics
     import sys
 
-    from bnmove.study.experiment import paired_difference, t_quantile
+    from bnmove.study.stats import paired_difference, t_quantile
 
     def run(diffs: list[float]):  # type: ignore[no-untyped-def]
         acc = {"before": dict.fromkeys(range(len(diffs)), 0.9)}

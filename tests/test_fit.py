@@ -18,7 +18,7 @@ from bnmove.fitting.calibrate import calibration_batches, recalibrate
 from bnmove.moving import bn_math
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import load_dataset
-from bnmove.study.experiment import train_classifier
+from bnmove.study.loop import train_classifier
 
 ACTS = {"ReLU": nn.ReLU, "GELU": nn.GELU, "SiLU": nn.SiLU, "Hardswish": nn.Hardswish, "Tanh": nn.Tanh}
 

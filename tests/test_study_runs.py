@@ -274,14 +274,20 @@ def test_progress_has_a_bar_per_running_job() -> None:
     from bnmove.cli.study import _StudyProgress
     from bnmove.study.experiment import EpochRecord
 
-    progress = _StudyProgress(False, total_epochs=4, epochs=2)
+    progress = _StudyProgress(False, total=4, epochs=2)
     progress.on_start("before", 0, "cpu")
     progress.on_start("after", 0, "cpu")
     assert len(progress.progress.tasks) == 3  # the study and two running jobs
     record = EpochRecord("before", 0, 1, 0.5, 0.5, 0.9, 0.1)
     progress.on_epoch("before", 0, 1, record)
-    progress.on_epoch("before", 0, 2, record)  # its last epoch: its bar goes
+    progress.on_epoch("before", 0, 2, record)
+    progress.on_finish("before", 0, {"val_accuracy": 0.9})  # it finished: its bar goes
     study = progress.progress.tasks[0]
     assert study.completed == 2 and [t.description.strip() for t in progress.progress.tasks[1:]] == [
         "after seed 0 on cpu"
     ]
+    # your own training: the study counts runs, a finished run advances it by one
+    runs = _StudyProgress(False, total=2, epochs=0)
+    runs.on_start("after", 1, "cpu")
+    runs.on_finish("after", 1, {"val_acc": 0.5})
+    assert runs.progress.tasks[0].completed == 1 and len(runs.progress.tasks) == 1

@@ -8,12 +8,16 @@ import sys
 from pathlib import Path
 
 import click
+import torch
+from click.core import ParameterSource
 from rich.progress import TaskID
 from torch import nn
 
 from ..errors import BnmoveError
 from ..report import (
+    experiment_header,
     experiment_json,
+    experiment_lines,
     experiment_table,
     has_matplotlib,
     write_experiment,
@@ -21,7 +25,8 @@ from ..report import (
 from ..study.activations import replace_activations
 from ..study.data import load_dataset
 from ..study.demo import run_demo
-from ..study.experiment import EpochRecord, experiment
+from ..study.experiment import EpochRecord, experiment, match_classes
+from ..study.jobs import finished_runs
 from ..study.recipes import RECIPES, Recipe
 from ._common import (
     ModelArgs,
@@ -37,11 +42,13 @@ from ._common import (
 
 
 class _StudyProgress:
-    """One bar for the whole study (epochs of every run) and one per running job."""
+    """One bar for the whole study (epochs of bnmove's loop, or runs of your training) and one per
+    running job."""
 
-    def __init__(self, show: bool, total_epochs: int, epochs: int) -> None:
+    def __init__(self, show: bool, total: int, epochs: int) -> None:
         self.progress = _progress(show)
-        self.study = self.progress.add_task("study", total=total_epochs)
+        self.study = self.progress.add_task("study", total=total)
+        #: steps per run: epochs of bnmove's loop; 0 for your training (the study counts runs)
         self.epochs = epochs
         self.prefix = ""
         self.running: dict[tuple[str, int], TaskID] = {}
@@ -55,7 +62,7 @@ class _StudyProgress:
 
     def on_start(self, variant: str, seed: int, device: str) -> None:
         name = f"  {self.prefix}{variant} seed {seed} on {device}"
-        self.running[(variant, seed)] = self.progress.add_task(name, total=self.epochs)
+        self.running[(variant, seed)] = self.progress.add_task(name, total=self.epochs or None)
 
     def on_epoch(self, variant: str, seed: int, epoch: int, record: EpochRecord) -> None:
         self.progress.update(
@@ -66,8 +73,15 @@ class _StudyProgress:
         task = self.running.get((variant, seed))
         if task is not None:
             self.progress.update(task, advance=1)
-            if epoch == self.epochs:
-                self.progress.remove_task(self.running.pop((variant, seed)))
+
+    def on_finish(self, variant: str, seed: int, metrics: dict[str, float]) -> None:
+        if not self.epochs:
+            self.progress.update(
+                self.study, advance=1, description=f"study: {self.prefix}{variant} seed {seed} done"
+            )
+        task = self.running.pop((variant, seed), None)
+        if task is not None:
+            self.progress.remove_task(task)
 
 
 @main.command(name="experiment")
@@ -75,11 +89,30 @@ class _StudyProgress:
 @click.option(
     "--data",
     "data_spec",
-    required=True,
     metavar="DATA",
-    help="'digits' (scikit-learn's 8x8 digits), an .npz with x/y (and optionally x_val/y_val) or a folder of "
+    help="Data for bnmove's training loop (not with --run): 'digits' (scikit-learn's 8x8 digits), an .npz with x/y (and optionally x_val/y_val) or a folder of "
     "them, an image folder (train/<class>/*.png|jpg and val/<class>/..., or <class>/... split by --val-split; "
     "needs Pillow), or a CIFAR-10/100 'python version' folder.",
+)
+@click.option(
+    "--run",
+    "command",
+    metavar="COMMAND",
+    help="Train with your own script instead of bnmove's loop: a shell command run once per variant "
+    "and seed, with {model} (the variant's file: torch.load(path, weights_only=False)), {seed}, {out} "
+    "(the run's folder), {device} and {variant} filled in. It reports metrics as JSON in "
+    "{out}/metrics.json or as the last JSON line it prints; see --metric.",
+)
+@click.option(
+    "--metric",
+    metavar="NAME",
+    help="With --run: the reported metric to compare the placements on [default: val_accuracy].",
+)
+@click.option(
+    "--higher-is-better/--lower-is-better",
+    default=True,
+    show_default=True,
+    help="With --run: which direction of --metric is better (--lower-is-better for a loss).",
 )
 @click.option(
     "--placements", default="before,after", show_default=True, help="Variants to train, comma-separated."
@@ -92,11 +125,19 @@ class _StudyProgress:
     "in turn and crossed with the placements and seeds; results go to DIR/<kind>/. Activations called as "
     "functions in forward code are left as they are (listed on stderr).",
 )
-@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--epochs", default=5, show_default=True, type=click.IntRange(1), help="Epochs of bnmove's loop per run."
+)
 @click.option(
     "--seeds", default=3, show_default=True, type=click.IntRange(1), help="Seeds (runs) per variant."
 )
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(2),
+    help="Mini-batch size of bnmove's loop.",
+)
 @click.option(
     "--recipe",
     default="adam",
@@ -195,12 +236,19 @@ class _StudyProgress:
 @click.option(
     "--force",
     is_flag=True,
-    help="Overwrite existing result files and start over (discards runs kept for resuming).",
+    help="Start over: discard the runs kept for resuming and overwrite the result files. Without it, a "
+    "study resumes, and a finished one re-reports from its records (new seeds or placements train only "
+    "what is new).",
 )
+@click.pass_context
 def experiment_command(
+    ctx: click.Context,
     model: ModelArgs,
     as_json: bool,
-    data_spec: str,
+    data_spec: str | None,
+    command: str | None,
+    metric: str | None,
+    higher_is_better: bool,
     placements: str,
     activations: str | None,
     epochs: int,
@@ -224,30 +272,64 @@ def experiment_command(
     out_dir: Path | None,
     force: bool,
 ) -> None:
-    """Train each BN placement of MODEL the same way and compare them: "before or after?" on your data.
+    """Train each BN placement of MODEL the same way and compare them.
 
-    Every variant of a seed starts from the same weights and sees the same batches in the same
-    order with the same optimiser; results are mean ± std over seeds.
+    Every variant of a seed starts from the same weights; with bnmove's loop (--data) it sees the
+    same batches in the same order with the same optimiser. With --run, your own script trains
+    each variant. Placements are compared by their paired difference per seed, with a 95%
+    interval. Finished runs are kept in DIR/jobs: an interrupted study resumes, a finished one
+    re-reports at once, and more seeds, placements or activations train only what is new.
+
+    \b
+    Examples:
+      bnmove experiment net.pt --allow-pickle --data digits --epochs 3
+      bnmove experiment net.pt --allow-pickle --import train \\
+          --run "python train.py --model {model} --seed {seed} --out {out}"
     """
-    if model.input_shapes:  # the data decides the input shape: say so rather than ignore the option
-        raise BnmoveError("experiment takes its input shape from --data; leave out --input-shape")
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    if command is not None:
+        loop_only = sorted(given & _LOOP_OPTIONS)
+        if data_spec is not None or loop_only:
+            name = "--data" if data_spec is not None else "--" + loop_only[0].replace("_", "-")
+            raise BnmoveError(f"{name} is for bnmove's training loop; with --run your script trains")
+    else:
+        if data_spec is None:
+            raise BnmoveError("give --data for bnmove's training loop, or --run for your own training")
+        if model.input_shapes:  # the data decides the input shape: say so rather than ignore the option
+            raise BnmoveError("experiment takes its input shape from --data; leave out --input-shape")
+        if metric not in (None, "val_accuracy") or not higher_is_better:
+            raise BnmoveError(
+                "--metric and --lower-is-better are for --run; bnmove's loop compares val_accuracy"
+            )
+    if device and devices:
+        raise BnmoveError("give --device or --devices, not both")
     variants = _csv_list(placements, "placement")
     out_dir = out_dir or Path(f"experiment-{model.stem}")
     plot = has_matplotlib()
     kinds = _csv_list(activations, "activation") if activations else []
     folders = {kind: out_dir / kind for kind in kinds} or {"": out_dir}
     files = ["results.json", "summary.md", "curves.png"]
-    _check_outputs(out_dir, [f"{kind}/{name}" if kind else name for kind in folders for name in files], force)
+    # a study folder (it keeps its runs) re-reports from them; other files are not overwritten
+    fresh = [kind for kind, folder in folders.items() if force or not (folder / "jobs").is_dir()]
+    _check_outputs(out_dir, [f"{kind}/{name}" if kind else name for kind in fresh for name in files], force)
     loaded = model.load()
-    data = load_dataset(data_spec, val_split=val_split, image_size=image_size)
-    for note in data.notes:
-        click.echo(f"bnmove: note: {note}", err=True)
-    models: dict[str, nn.Module] = {"": loaded.module}
+    data = None
+    example: tuple[torch.Tensor, ...]
+    if data_spec is not None:
+        data = load_dataset(data_spec, val_split=val_split, image_size=image_size)
+        for note in data.notes:
+            click.echo(f"bnmove: note: {note}", err=True)
+        base, reset = match_classes(loaded.module, data)
+        if reset:
+            click.echo(f"bnmove: note: {reset}", err=True)
+        example = (data.sample(2),)
+    else:
+        base, example = loaded.module, model.inputs(loaded)
+    models: dict[str, nn.Module] = {"": base}
     if kinds:
         models = {}
-        example = (data.sample(2),)
         for kind in kinds:
-            swapped = replace_activations(loaded.module, kind, example)
+            swapped = replace_activations(base, kind, example)
             models[kind] = swapped.model
             click.echo(
                 f"bnmove: note: {kind}: replaced {len(swapped.replaced)} activation modules"
@@ -258,18 +340,19 @@ def experiment_command(
     if force:
         for folder in job_dirs.values():
             shutil.rmtree(folder, ignore_errors=True)  # --force starts over
-    done = sum(len(list(folder.glob("*-seed*.json"))) for folder in job_dirs.values() if folder.is_dir())
+    done = sum(finished_runs(folder, variants, list(range(seeds))) for folder in job_dirs.values())
     total = seeds * len(variants) * len(models)
-    if done:
+    if done == total:
         click.echo(
-            f"bnmove: note: resuming: {min(done, total)} of {total} runs are done in {out_dir}", err=True
+            f"bnmove: note: all {total} runs are done in {out_dir}: reporting from their records", err=True
         )
+    elif done:
+        click.echo(f"bnmove: note: resuming: {done} of {total} runs are done in {out_dir}", err=True)
     show = sys.stderr.isatty() and not as_json
-    if device and devices:
-        raise BnmoveError("give --device or --devices, not both")
     device_list = _csv_list(devices, "device") if devices else None
+    steps = 0 if command is not None else epochs
     results = {}
-    with _StudyProgress(show, epochs * max(total - done, 1), epochs) as progress:
+    with _StudyProgress(show, (steps or 1) * max(total - done, 1), steps) as progress:
         for kind, net in models.items():
             progress.prefix = f"{kind} " if kind else ""
             results[kind] = experiment(
@@ -279,7 +362,7 @@ def experiment_command(
                 epochs=epochs,
                 seeds=seeds,
                 batch_size=batch_size,
-                recipe=Recipe(recipe, lr, weight_decay, label_smoothing, augment),
+                recipe=None if command else Recipe(recipe, lr, weight_decay, label_smoothing, augment),
                 from_pretrained=from_pretrained,
                 device=device,
                 devices=device_list,
@@ -289,8 +372,13 @@ def experiment_command(
                 channels_last=channels_last,
                 on_epoch=progress.on_epoch,
                 on_start=progress.on_start,
+                on_finish=progress.on_finish,
                 jobs_dir=job_dirs[kind],
                 precise_bn=precise_bn,
+                train=command,
+                metric=metric,
+                higher_is_better=higher_is_better,
+                example_inputs=example,
             )
     written = []
     for kind, result in results.items():
@@ -306,15 +394,23 @@ def experiment_command(
     for kind, result in results.items():
         if kind:
             out.print(f"\n[bold]activation: {kind}[/]")
-        out.print(experiment_table(result))
-        for difference in result.differences():
-            out.print(difference.verdict(), highlight=False)
+        out.print(experiment_header(result), highlight=False)
+        out.print(experiment_table(result, width=out.width))
+        for line in experiment_lines(result):
+            out.print(line, highlight=False)
     out.print(
         "wrote "
         + ", ".join(str(p) for p in written)
         + ("" if plot else " (no plot: pip install matplotlib)"),
         highlight=False,
     )
+
+
+#: options that only bnmove's own training loop reads (refused with --run)
+_LOOP_OPTIONS = {
+    "epochs", "batch_size", "recipe", "lr", "weight_decay", "label_smoothing", "augment", "image_size",
+    "val_split", "precise_bn", "amp", "channels_last",
+}  # fmt: skip
 
 
 @main.command(name="demo")

@@ -22,6 +22,7 @@ import importlib
 import logging
 import pickle
 import sys
+import types
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -310,7 +311,8 @@ def load_model(
                 f"{path}: holds a pickled Python object (e.g. a whole nn.Module); loading it runs code "
                 f"from the file. If you trust it, pass {PICKLE_FLAG}; or give a state dict with --arch"
             ) from exc
-        return LoadedModel(_unpickle(path), path, "pickled-module")
+        resolved: list[str] = []
+        return LoadedModel(_unpickle(path, imports, resolved), path, "pickled-module", notes=resolved)
     except Exception as exc:
         raise _explain(path, "unknown") from exc
     if isinstance(obj, nn.Module):  # weights_only never yields one, but be explicit
@@ -395,11 +397,39 @@ def _other_class_count(model: nn.Module, state: Mapping[str, torch.Tensor]) -> i
     return int(state[f"{head}.weight"].shape[0])
 
 
-def _unpickle(path: Path) -> nn.Module:
+def _script_classes(imports: Sequence[str], notes: list[str]) -> types.ModuleType:
+    """A pickle module for ``torch.load`` whose unpickler finds what a script's ``__main__`` defined
+    (``torch.save(model)`` in ``train.py`` refers to ``__main__.Net``) in the modules given with
+    ``--import``, noting each class it resolved that way."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "__main__" and not hasattr(sys.modules.get("__main__"), name):
+                for source in imports:
+                    found = getattr(sys.modules.get(source), name, None)
+                    if found is not None:
+                        note = (
+                            f"__main__.{name} in the pickle resolved to {source}.{name} (--import {source})"
+                        )
+                        if note not in notes:
+                            notes.append(note)
+                        return found
+            return super().find_class(module, name)
+
+    shim = types.ModuleType("bnmove_pickle")
+    shim.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+    shim.Unpickler = Unpickler  # type: ignore[attr-defined]
+    return shim
+
+
+def _unpickle(path: Path, imports: Sequence[str] = (), notes: list[str] | None = None) -> nn.Module:
+    notes = notes if notes is not None else []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = torch.load(
+                path, map_location="cpu", weights_only=False, pickle_module=_script_classes(imports, notes)
+            )
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise LoadError(
             f"{path}: the pickle refers to code that is not importable here ({exc}); "

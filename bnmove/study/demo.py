@@ -25,7 +25,8 @@ from ..moving.conversion import convert
 from ..moving.verify import eval_mode
 from ..sample_models import digits_net
 from .data import Dataset, load_dataset
-from .experiment import experiment, train_classifier
+from .experiment import experiment
+from .loop import train_classifier
 
 
 def _digits() -> Dataset | None:
@@ -136,9 +137,10 @@ def run_demo(
     else:
         with status.status(f"training before and after variants, {epochs} epochs x 2 seeds…"):
             result_exp = experiment(digits_net(), data, epochs=epochs, seeds=2, batch_size=64, lr=3e-3)
-        console.print(report.experiment_table(result_exp))
-        for difference in result_exp.differences():
-            console.print(difference.verdict(), highlight=False)
+        console.print(report.experiment_header(result_exp), highlight=False)
+        console.print(report.experiment_table(result_exp, width=console.width))
+        for line in report.experiment_lines(result_exp):
+            console.print(line, highlight=False)
         written += report.write_experiment(result_exp, out_dir / "experiment")
 
     console.print(Rule("files"))

@@ -1,52 +1,42 @@
-"""Answer "before or after?" on the user's own model and data: train every placement the same way.
+"""Answer "before or after?" on the user's own model: train every placement the same way.
 
-For each seed, every variant starts from the same point: by default one random
-initialisation, converted with ``swap`` (which keeps every parameter, so the
-variants differ only in where BN sits); with ``from_pretrained`` the trained
-weights, converted with ``auto`` (exact where possible) for fine-tuning. Each
-variant then sees the same batches in the same order with the same optimiser.
-Digests of the starting weights and of the batch order are recorded, so anyone
-can check that the comparison was fair.
+For each seed, every variant starts from the same point (:func:`bnmove.study.runs.start_model`).
+The training is bnmove's own loop (:mod:`bnmove.study.loop`: same batches, optimiser and
+augmentation for every variant) or the user's (:mod:`bnmove.study.own_training`: a callable or a
+command). Either way the runs are kept as they finish (:mod:`bnmove.study.jobs`), so a study
+resumes and a re-run trains only what is new, and placements are compared by their paired
+difference per seed (:mod:`bnmove.study.stats`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import math
-import statistics
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._atomic import atomic_path
 from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
-from ..fitting.calibrate import precise_statistics
-from ..moving.conversion import convert
-from .data import Dataset, Split, from_torch
-from .recipes import Recipe, augment_batch
+from ..moving.verify import infer_example_inputs
+from .data import Dataset, from_torch
+from .jobs import EpochRecord, Job, fingerprint, load_job, save_job
+from .loop import LoopPlan, Precision, train_run
+from .own_training import Command, Trainer, UserPlan, user_run
+from .recipes import Recipe
 from .runner import execute
+from .runs import VARIANTS, Run, RunFinished, RunStarted, class_scores, weights_digest
+from .stats import ACCURACY, Metric, PairedDifference, at_chance, chance_level, mean_std, paired_difference
 
-VARIANTS = ("original", "before", "after")
+__all__ = ["EpochRecord", "EpochSummary", "ExperimentResult", "experiment", "weights_digest"]
 
-
-@dataclass(frozen=True)
-class EpochRecord:
-    variant: str
-    seed: int
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_accuracy: float
-    seconds: float
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,102 +53,42 @@ class EpochSummary:
     val_accuracy_std: float
 
 
-#: two-sided 95% quantiles of Student's t, by degrees of freedom (scipy.stats.t.ppf(0.975, df))
-_T975 = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-    10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
-    18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980,
-}  # fmt: skip
-
-
-def t_quantile(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (scipy's where installed;
-    else the table, rounding ``df`` down, which errs toward wider intervals)."""
-    try:
-        from scipy import stats
-
-        return float(stats.t.ppf(0.975, df))
-    except ImportError:
-        return _T975[max(k for k in _T975 if k <= df)] if df < 1000 else 1.960
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Final validation accuracy of ``b`` minus ``a``, paired by seed (same init, same batches)."""
-
-    a: str
-    b: str
-    differences: list[float]
-    mean: float
-    #: 95% confidence interval of the mean (Student t over seeds); None with a single seed
-    low: float | None
-    high: float | None
-
-    @property
-    def seeds(self) -> int:
-        return len(self.differences)
-
-    def verdict(self) -> str:
-        """One line: which placement is better and by how much, or that no difference is detectable."""
-        points = 100 * self.mean
-        if self.low is None or self.high is None:
-            return (
-                f"{self.b} vs {self.a}: {points:+.1f} points on one seed; "
-                "no interval without more seeds (--seeds 3 or more)"
-            )
-        few = "; too few seeds for a reliable interval" if self.seeds < 3 else ""
-        if self.low > 0 or self.high < 0:  # the interval excludes zero: name the better placement
-            sign = 1 if self.mean > 0 else -1
-            better, worse = (self.b, self.a) if sign > 0 else (self.a, self.b)
-            low, high = sorted((_points(sign * self.low), _points(sign * self.high)))
-            return (
-                f"{better} is better than {worse} by {abs(points):.1f} points "
-                f"(95% CI {low:.1f} to {high:.1f}, {self.seeds} seeds){few}"
-            )
-        return (
-            f"no detectable difference between {self.a} and {self.b} ({self.b} − {self.a}: 95% CI "
-            f"{_points(self.low):+.1f} to {_points(self.high):+.1f}, {self.seeds} seeds){few}"
-        )
-
-
-def _points(fraction: float) -> float:
-    """Accuracy fraction -> points, rounded to 0.1 without a negative zero."""
-    return round(100 * fraction, 1) + 0.0
-
-
-def paired_difference(a: str, b: str, accuracies: dict[str, dict[int, float]]) -> PairedDifference:
-    """``b - a`` per seed both ran, with its mean and 95% t interval."""
-    seeds = sorted(set(accuracies[a]) & set(accuracies[b]))
-    diffs = [accuracies[b][s] - accuracies[a][s] for s in seeds]
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return PairedDifference(a, b, diffs, mean, None, None)
-    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return PairedDifference(a, b, diffs, mean, mean - half, mean + half)
-
-
 @dataclass
 class ExperimentResult:
     placements: list[str]
     seeds: list[int]
+    #: epochs of bnmove's loop; 0 when the user's training ran
     epochs: int
     dataset: str
     device: str
     from_pretrained: bool
-    recipe: Recipe
+    #: bnmove's loop's recipe; None when the user's training ran
+    recipe: Recipe | None
     records: list[EpochRecord]
     wall_seconds: dict[str, float]
     #: sha256 of each (variant, seed)'s starting parameters, in a placement-independent order
     start_digests: dict[str, str]
-    #: sha256 of the batch order each (variant, seed) saw
+    #: sha256 of the batch order each (variant, seed) saw (bnmove's loop only)
     batch_digests: dict[str, str]
     models: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     #: how the runs computed (``float32``, ``mixed bfloat16, channels-last``...)
     precision: str = "float32"
     #: training samples BN statistics were recomputed on before each evaluation (0: running averages)
     precise_bn: int = 0
+    #: each run's final metrics, by ``variant/seedN``
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: what the placements are compared on
+    metric: Metric = ACCURACY
+    #: who trained: ``bnmove`` (its loop), the command line, or the callable's name
+    training: str = "bnmove"
+    #: the validation accuracy of always answering the most common class (bnmove's loop)
+    chance: float | None = None
+    val_samples: int = 0
+    #: what the study did that the user should know (a classifier reset, ...)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> list[EpochSummary]:
+        """Per placement and epoch, mean ± std over seeds (bnmove's loop; empty otherwise)."""
         out = []
         for variant in self.placements:
             for epoch in range(1, self.epochs + 1):
@@ -167,9 +97,9 @@ class ExperimentResult:
                     EpochSummary(
                         variant,
                         epoch,
-                        *_mean_std([r.train_loss for r in rows]),
-                        *_mean_std([r.val_loss for r in rows]),
-                        *_mean_std([r.val_accuracy for r in rows]),
+                        *mean_std([r.train_loss for r in rows]),
+                        *mean_std([r.val_loss for r in rows]),
+                        *mean_std([r.val_accuracy for r in rows]),
                     )
                 )
         return out
@@ -183,83 +113,78 @@ class ExperimentResult:
         for r in self.records:
             if r.variant == variant:
                 best[r.seed] = max(best.get(r.seed, 0.0), r.val_accuracy)
-        return _mean_std(list(best.values()))
+        return mean_std(list(best.values()))
+
+    def values(self, epoch: int | None = None) -> dict[str, dict[int, float]]:
+        """The compared metric per placement and seed: validation accuracy at ``epoch`` (default
+        the last) for bnmove's loop, each run's reported metric for the user's training."""
+        if self.records:
+            at = epoch or self.epochs
+            return {
+                v: {r.seed: r.val_accuracy for r in self.records if r.variant == v and r.epoch == at}
+                for v in self.placements
+            }
+        return {
+            v: {s: self.metrics[Run(v, s).key][self.metric.name] for s in self.seeds} for v in self.placements
+        }
+
+    def metric_summary(self, variant: str, name: str | None = None) -> tuple[float, float]:
+        """Mean and std over seeds of a run metric (default: the compared one)."""
+        name = name or self.metric.name
+        return mean_std([self.metrics[Run(variant, s).key][name] for s in self.seeds])
 
     def differences(self, epoch: int | None = None) -> list[PairedDifference]:
-        """Each later placement against each earlier one, on validation accuracy at ``epoch``
-        (default the last), paired by seed."""
-        at = epoch or self.epochs
-        final = {
-            v: {r.seed: r.val_accuracy for r in self.records if r.variant == v and r.epoch == at}
-            for v in self.placements
-        }
+        """Each later placement against each earlier one, paired by seed."""
+        values = self.values(epoch)
         return [
-            paired_difference(a, b, final)
+            paired_difference(a, b, values, self.metric)
             for i, a in enumerate(self.placements)
             for b in self.placements[i + 1 :]
         ]
 
+    def at_chance(self) -> str | None:
+        """A warning when every run ended at chance level (the models learned nothing), else None."""
+        if self.chance is None or not self.records:
+            return None
+        finals = [x for per_seed in self.values().values() for x in per_seed.values()]
+        if not at_chance(finals, self.chance, self.val_samples):
+            return None
+        return (
+            f"every run ended at chance level ({self.chance:.1%}, always answering the most common "
+            "class): the models did not learn, so the verdict says nothing; check the labels, the "
+            "learning rate and the number of epochs"
+        )
+
     def to_dict(self) -> dict[str, Any]:
+        own = bool(self.records)
         return {
             "placements": self.placements,
             "seeds": self.seeds,
+            "training": self.training,
+            "metric": self.metric.name,
+            "higher_is_better": self.metric.higher_is_better,
             "epochs": self.epochs,
             "dataset": self.dataset,
             "device": self.device,
             "from_pretrained": self.from_pretrained,
             "precision": self.precision,
             "precise_bn": self.precise_bn,
-            "recipe": self.recipe.to_dict(),
+            "recipe": self.recipe.to_dict() if self.recipe else None,
             "wall_seconds": self.wall_seconds,
             "start_digests": self.start_digests,
             "batch_digests": self.batch_digests,
             "summary": [asdict(s) for s in self.summary()],
             "best_val_accuracy": {
                 v: dict(zip(("mean", "std"), self.best(v), strict=True)) for v in self.placements
-            },
+            }
+            if own
+            else {},
             "differences": [{**asdict(d), "verdict": d.verdict()} for d in self.differences()],
+            "chance_level": self.chance,
+            "notes": [*self.notes, *filter(None, [self.at_chance()])],
+            "metrics": self.metrics,
             "records": [asdict(r) for r in self.records],
         }
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
-def _key(variant: str, seed: int) -> str:
-    return f"{variant}/seed{seed}"
-
-
-def weights_digest(model: nn.Module) -> str:
-    """Digest of the parameter and buffer *values*, sorted, so it ignores names and graph order."""
-    blobs = sorted(t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values())
-    digest = hashlib.sha256()
-    for blob in blobs:
-        digest.update(blob)
-    return digest.hexdigest()
-
-
-def reinitialize(model: nn.Module, seed: int) -> None:
-    """Fresh random weights (and BN statistics) from ``seed``, layer by layer, in module order."""
-    torch.manual_seed(seed)
-    for module in model.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-
-
-def class_scores(output: Any) -> Any:
-    """The class scores in a model's output: the tensor itself, ``logits`` of an HF ``ModelOutput``
-    (or any mapping/object with that field), or the first element of a tuple/list."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    if isinstance(getattr(output, "logits", None), torch.Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output:
-        return output[0]
-    return output
 
 
 def check_data(model: nn.Module, data: Dataset) -> int:
@@ -277,332 +202,63 @@ def check_data(model: nn.Module, data: Dataset) -> int:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise BnmoveError(f"the model must return class scores (batch x classes), it returns {shape}")
-    classes = int(out.shape[1])
-    if data.num_classes is not None and data.num_classes > classes:
-        raise BnmoveError(
-            f"labels go up to {data.num_classes - 1} but the model scores only {classes} classes"
-        )
-    return classes
+    return int(out.shape[1])
 
 
-@dataclass(frozen=True)
-class Precision:
-    """How a run computes: mixed precision (autocast to ``dtype``; float16 with loss scaling) and
-    the channels-last memory layout for 4-d inputs."""
-
-    autocast: torch.dtype | None = None
-    channels_last: bool = False
-
-    @staticmethod
-    def choose(
-        device: torch.device, sample: torch.Tensor, amp: bool | None, channels_last: bool | None
-    ) -> Precision:
-        """Defaults: both on CUDA (bfloat16 where the GPU has it, else float16), neither elsewhere.
-        Asked for on the CPU, mixed precision is bfloat16."""
-        cuda = device.type == "cuda"
-        dtype = None
-        if amp if amp is not None else cuda:
-            dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
-        layout = (channels_last if channels_last is not None else cuda) and sample.dim() == 4
-        return Precision(dtype, layout)
-
-    def describe(self) -> str:
-        kind = f"mixed {str(self.autocast).removeprefix('torch.')}" if self.autocast else "float32"
-        return kind + (", channels-last" if self.channels_last else "")
-
-    def context(self, device: torch.device) -> Any:
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast)
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
-
-
-def _train_batches(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    recipe: Recipe | None = None,
-    scheduler: Any = None,
-    generator: torch.Generator | None = None,
-    precision: Precision = Precision(),
-    scaler: Any = None,
-) -> float:
-    """One epoch of training on ``(x, y)`` mini-batches; returns the mean loss."""
-    model.train()
-    total, count = 0.0, 0
-    for inputs, target in batches:
-        if recipe is not None and recipe.augment and generator is not None:
-            inputs = augment_batch(inputs, generator)
-        with precision.context(inputs.device):
-            scores = class_scores(model(precision.inputs(inputs)))
-            loss = (
-                recipe.loss(scores.float(), target)
-                if recipe is not None
-                else F.cross_entropy(scores.float(), target)
+def match_classes(model: nn.Module, data: Dataset) -> tuple[nn.Module, str | None]:
+    """The model with as many outputs as the data has classes: as given, or with its classifier
+    reset where the model offers a way (timm's ``reset_classifier``, seeded); else an error with
+    the numbers. Returns the model and a note when it was reset."""
+    scored = check_data(model, data)
+    wanted = data.num_classes
+    if wanted is None or scored == wanted:
+        return model, None
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset):
+        fitted = clone_module(model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same new head on every (re-)run: runs stay resumable
+            fitted.reset_classifier(wanted)  # type: ignore[operator]
+        if check_data(fitted, data) == wanted:
+            return fitted, (
+                f"the model scores {scored} classes and {data.name} has {wanted}: its classifier "
+                f"was reset to {wanted} classes (reset_classifier)"
             )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # float16: scale the loss so small gradients do not underflow
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total += float(loss.detach()) * len(target)
-        count += len(target)
-    return total / max(count, 1)
-
-
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    order: torch.Tensor,
-    batch_size: int,
-    *,
-    recipe: Recipe | None = None,
-    scheduler: Any = None,
-    generator: torch.Generator | None = None,
-) -> float:
-    """One epoch of training over ``x[order]`` in mini-batches; returns the mean loss.
-
-    With a ``recipe``: its loss (label smoothing), its augmentation (drawn from ``generator``),
-    and ``scheduler`` stepped after every batch.
-    """
-    batches = Split(x, y).batches(batch_size, x.device, train=True)
-    return _train_batches(
-        model, optimizer, batches(order), recipe=recipe, scheduler=scheduler, generator=generator
+    raise BnmoveError(
+        f"the model scores {scored} classes but {data.name} has {wanted} (labels 0 to {wanted - 1}); "
+        f"give a model with {wanted} outputs (a library model: --arch-arg num_classes={wanted})"
     )
 
 
-def train_classifier(
-    model: nn.Module,
-    data: Dataset,
-    *,
-    epochs: int,
-    lr: float = 3e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    cosine: bool = False,
-) -> nn.Module:
-    """Train ``model`` in place with Adam (optionally a cosine schedule), seeded; returns it in eval mode."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if cosine else None
-    order = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    batches = data.train.batches(batch_size, device, train=True)
-    for _ in range(epochs):
-        _train_batches(model, optimizer, batches(torch.randperm(len(data.train), generator=order)))
-        if schedule is not None:
-            schedule.step()
-    return model.eval()
+def _model_digest(model: nn.Module, from_pretrained: bool) -> str:
+    if from_pretrained:  # training starts from these weights
+        return weights_digest(model)
+    # each seed re-initialises: the architecture matters, not these weights
+    shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    return hashlib.sha256(json.dumps([type(model).__qualname__, shapes]).encode()).hexdigest()
 
 
-def _evaluate(
-    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], precision: Precision = Precision()
-) -> tuple[float, float]:
-    model.eval()
-    loss, correct, count = 0.0, 0, 0
-    with torch.no_grad():
-        for x, target in batches:
-            with precision.context(x.device):
-                out = class_scores(model(precision.inputs(x))).float()
-            loss += float(F.cross_entropy(out, target, reduction="sum"))
-            correct += int((out.argmax(1) == target).sum())
-            count += len(target)
-    return loss / max(count, 1), correct / max(count, 1)
-
-
-@dataclass
-class Job:
-    """One finished (placement, seed) run, as kept in a study's jobs folder."""
-
-    fingerprint: str
-    records: list[EpochRecord]
-    seconds: float
-    start_digest: str
-    batch_digest: str
-
-
-def study_fingerprint(
-    model: nn.Module,
-    data: Dataset,
-    placements: Sequence[str],
-    epochs: int,
-    batch_size: int,
-    recipe: Recipe,
-    from_pretrained: bool,
-    precision: Precision = Precision(),
-    precise_bn: int = 0,
-) -> str:
-    """What a run's numbers depend on besides its seed: settings, the model (its weights when
-    training starts from them), the data (its values; for streamed data, what identifies the items)."""
+def _data_digest(data: Dataset) -> str:
+    """What identifies the data: its values, or for streamed data what identifies the items."""
     digest = hashlib.sha256()
-    settings = {
-        "placements": sorted(placements),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "recipe": recipe.to_dict(),
-        "from_pretrained": from_pretrained,
-        "precision": precision.describe(),
-        **({"precise_bn": precise_bn} if precise_bn else {}),  # absent when off: older studies resume
-    }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    if from_pretrained:
-        digest.update(weights_digest(model).encode())
-    else:  # each seed re-initialises: the architecture matters, not these weights
-        shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-        digest.update(json.dumps([type(model).__qualname__, shapes]).encode())
     data.train.fingerprint(digest)
     data.val.fingerprint(digest)
     return digest.hexdigest()
 
 
-def _job_path(folder: Path, variant: str, seed: int) -> Path:
-    return folder / f"{variant}-seed{seed}.json"
-
-
-def load_job(folder: Path, variant: str, seed: int, fingerprint: str) -> Job | None:
-    """The finished run kept in ``folder``, None if there is none; an error if it was made differently."""
-    path = _job_path(folder, variant, seed)
-    if not path.exists():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-        job = Job(
-            raw["fingerprint"],
-            [EpochRecord(**r) for r in raw["records"]],
-            float(raw["seconds"]),
-            raw["start_digest"],
-            raw["batch_digest"],
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BnmoveError(f"{path}: not a run bnmove kept ({exc}); remove it or pass --force") from exc
-    if job.fingerprint != fingerprint:
-        raise BnmoveError(
-            f"{path}: this run was made with other settings, model or data; resume with the same ones, "
-            "or use another folder (--force starts over)"
-        )
-    return job
-
-
-def save_job(folder: Path, variant: str, seed: int, job: Job) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {**asdict(job), "records": [asdict(r) for r in job.records]}
-    with atomic_path(_job_path(folder, variant, seed)) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1))
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What every run of a study shares (sent once to each worker process)."""
-
-    model: nn.Module
-    data: Dataset
-    epochs: int
-    batch_size: int
-    recipe: Recipe
-    from_pretrained: bool
-    precision: Precision
-    keep_model: bool
-    #: training samples to recompute BN statistics on before each evaluation (0: running averages)
-    precise_bn: int
-    #: what the runs' numbers depend on (:func:`study_fingerprint`), kept with each finished run
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class _Run:
-    variant: str
-    seed: int
-
-
-@dataclass
-class _Finished:
-    run: _Run
-    job: Job
-    model: nn.Module | None
-
-
-@dataclass(frozen=True)
-class RunStarted:
-    """Progress event: a run began on ``device``."""
-
-    variant: str
-    seed: int
-    device: str
-
-
-def _train_run(plan: _Plan, run: _Run, device: str, report: Callable[[Any], None]) -> _Finished:
-    """One (placement, seed) run: the seed's start, converted; trained; evaluated after each epoch."""
-    target = torch.device(device)
-    report(RunStarted(run.variant, run.seed, device))
-    base = clone_module(plan.model).cpu()
-    if not plan.from_pretrained:
-        reinitialize(base, run.seed)
-    if run.variant == "original":
-        net = base
-    else:
-        method = "auto" if plan.from_pretrained else "swap"
-        net = convert(base, run.variant, method=method, example_inputs=(plan.data.sample(2),)).model
-    net = net.to(target)
-    start_digest = weights_digest(net)
-    if plan.precision.channels_last:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    recipe, precision = plan.recipe, plan.precision
-    optimizer = recipe.optimizer(net)
-    steps_per_epoch = math.ceil(len(plan.data.train) / plan.batch_size)
-    scheduler = recipe.scheduler(optimizer, plan.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler(target.type) if precision.autocast == torch.float16 else None
-    train = plan.data.train.batches(plan.batch_size, target, train=True)
-    val = plan.data.val.batches(max(plan.batch_size, 256), target, train=False)
-    train_in_order = plan.data.train.batches(max(plan.batch_size, 256), target, train=False)
-    val_order = torch.arange(len(plan.data.val))
-    order = torch.Generator().manual_seed(run.seed)
-    seen = hashlib.sha256()
-    records = []
-    for epoch in range(1, plan.epochs + 1):
-        started = time.perf_counter()
-        torch.manual_seed(run.seed * 1_000_003 + epoch)  # same dropout stream for every variant
-        perm = torch.randperm(len(plan.data.train), generator=order)
-        seen.update(perm.numpy().tobytes())
-        crops = torch.Generator().manual_seed(run.seed * 1_000_003 + epoch)  # same augmentation per variant
-        train_loss = _train_batches(
-            net,
-            optimizer,
-            train(perm),
-            recipe=recipe,
-            scheduler=scheduler,
-            generator=crops,
-            precision=precision,
-            scaler=scaler,
-        )
-        if plan.precise_bn:  # exact statistics of the first samples, not the lagging running averages
-            subset = torch.arange(min(plan.precise_bn, len(plan.data.train)))
-            with precision.context(target):
-                precise_statistics(
-                    net, (x for x, _ in train_in_order(subset)), lambda x: net(precision.inputs(x))
-                )
-        val_loss, val_acc = _evaluate(net, val(val_order), precision)
-        seconds = time.perf_counter() - started
-        record = EpochRecord(run.variant, run.seed, epoch, train_loss, val_loss, val_acc, seconds)
-        records.append(record)
-        report(record)
-    job = Job(plan.fingerprint, records, sum(r.seconds for r in records), start_digest, seen.hexdigest())
-    if plan.keep_model:
-        net = net.to(memory_format=torch.contiguous_format).cpu()  # type: ignore[call-overload]
-    return _Finished(run, job, net if plan.keep_model else None)
+def _training_name(train: Trainer | Command) -> str:
+    if isinstance(train, Command):
+        return train.template
+    return f"{getattr(train, '__module__', '?')}.{getattr(train, '__qualname__', type(train).__name__)}"
 
 
 def experiment(
     model: nn.Module,
-    data: Dataset | torch.utils.data.Dataset[Any] | torch.utils.data.DataLoader[Any] | tuple[Any, ...],
+    data: Dataset
+    | torch.utils.data.Dataset[Any]
+    | torch.utils.data.DataLoader[Any]
+    | tuple[Any, ...]
+    | None = None,
     *,
     placements: Sequence[str] = ("before", "after"),
     epochs: int = 5,
@@ -622,28 +278,35 @@ def experiment(
     channels_last: bool | None = None,
     on_start: Callable[[str, int, str], None] | None = None,
     precise_bn: int = 0,
+    train: Trainer | str | None = None,
+    metric: str | None = None,
+    higher_is_better: bool = True,
+    example_inputs: tuple[torch.Tensor, ...] | None = None,
+    on_finish: Callable[[str, int, dict[str, float]], None] | None = None,
 ) -> ExperimentResult:
-    """Train each placement variant of ``model`` under identical conditions and record the curves.
+    """Train each placement variant of ``model`` under identical conditions and compare them.
 
     Args:
         model: the architecture (and, with ``from_pretrained``, the weights); not modified.
         data: a :class:`bnmove.study.data.Dataset` (``bnmove.study.data.load_dataset("digits")``, an ``.npz``,
             an image folder...), or a ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a
-            ``(train, val)`` pair of them (streamed in an order bnmove sets per seed).
+            ``(train, val)`` pair of them (streamed in an order bnmove sets per seed). Optional
+            with ``train``: then it only gives example inputs and checks the class count.
         placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
-        epochs: training epochs per variant and seed.
+        epochs: training epochs per variant and seed (bnmove's loop).
         seeds: a number of seeds (0..K-1) or the seeds themselves.
         batch_size, lr: mini-batch size, and Adam's learning rate when no ``recipe`` is given.
         from_pretrained: start from the model's weights (converted with ``auto``)
             instead of a fresh initialisation (converted with ``swap``).
         device: ``"cuda"`` when available unless given (or ``devices``).
         keep_models: keep the trained models in ``result.models`` (for inspection).
-        on_epoch: progress callback ``(variant, seed, epoch, record)``.
+        on_epoch: progress callback ``(variant, seed, epoch, record)`` (bnmove's loop).
         recipe: optimiser, schedule, weight decay, label smoothing, augmentation
             (:class:`bnmove.study.recipes.Recipe`); default Adam at ``lr``, nothing else.
         jobs_dir: keep each finished (placement, seed) run here, and take runs already there
-            instead of training them again (an interrupted study resumes); runs made with other
-            settings, model or data are refused.
+            instead of training them again (an interrupted study resumes, a finished one re-reports,
+            new seeds or placements train only what is new); runs made with other settings, model
+            or data are refused with what changed. A command's run folders go here too.
         jobs: runs at once, in worker processes (default: one per device in ``devices``, else 1).
         devices: spread the runs over these devices (``["cuda:0", "cuda:1"]``), one run per
             device at a time unless ``jobs`` says more.
@@ -654,12 +317,24 @@ def experiment(
         precise_bn: before each evaluation, recompute every BN's statistics exactly on this many
             training samples ("precise BN") instead of using the running averages, which lag
             behind fast-moving weights, most of all right after a conversion; 0: off.
+        train: the user's training instead of bnmove's loop: a callable
+            ``train(model, seed, device) -> {"val_accuracy": 0.93, ...}`` that trains and evaluates
+            the variant it is given (on ``device``), or a command line with placeholders
+            (``"python train.py --model {model} --seed {seed} --out {out}"``, see
+            :mod:`bnmove.study.own_training`; needs ``jobs_dir``). With worker processes
+            (``jobs``), a callable must be importable (defined at a module's top level).
+        metric: the reported metric the placements are compared on (default ``val_accuracy``).
+        higher_is_better: whether a larger ``metric`` is better (False for a loss).
+        example_inputs: inputs to trace the model with when ``data`` is not given (default:
+            inferred from its first layer).
+        on_finish: progress callback ``(variant, seed, metrics)`` when a run ends.
 
     Returns:
-        An :class:`ExperimentResult` with per-epoch records, summaries over seeds and digests;
-        runs are listed by seed and placement whatever order they finished in.
+        An :class:`ExperimentResult` with per-run metrics (and per-epoch records for bnmove's loop),
+        paired differences and digests; runs are listed by seed and placement whatever order they
+        finished in.
     """
-    if not isinstance(data, Dataset):  # torch Datasets/DataLoaders: (train,) or (train, val)
+    if data is not None and not isinstance(data, Dataset):  # torch Datasets/DataLoaders
         parts = data if isinstance(data, tuple) else (data,)
         data = from_torch(*parts)
     unknown = [p for p in placements if p not in VARIANTS]
@@ -671,7 +346,6 @@ def experiment(
         raise BnmoveError("epochs and batch size must be at least 1 and the learning rate positive")
     if precise_bn < 0:
         raise BnmoveError("precise_bn is a number of training samples, 0 or more")
-    recipe = recipe or Recipe("adam", lr=lr)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise BnmoveError("give at least one seed")
@@ -681,43 +355,75 @@ def experiment(
     for target in targets:
         if target.type == "cuda" and not torch.cuda.is_available():
             raise BnmoveError(f"device {target}: no CUDA GPU is visible to torch")
-    precision = Precision.choose(targets[0], data.sample(2), amp, channels_last)
-    check_data(model, data)
+    notes: list[str] = []
+    if data is not None:
+        model, reset = match_classes(model, data)
+        if reset:
+            log.info(reset)
+            notes.append(reset)
+    plan: LoopPlan | UserPlan
+    settings: dict[str, Any] = {
+        "model": _model_digest(model, from_pretrained),
+        "from_pretrained": from_pretrained,
+    }
+    if data is not None:
+        settings["data"] = _data_digest(data)
+    if train is None:
+        if data is None:
+            raise BnmoveError("bnmove's training loop needs data; or pass train= for your own training")
+        recipe = recipe or Recipe("adam", lr=lr)
+        precision = Precision.choose(targets[0], data.sample(2), amp, channels_last)
+        settings |= {
+            "training": "bnmove",
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "recipe": recipe.to_dict(),
+            "precision": precision.describe(),
+            **({"precise_bn": precise_bn} if precise_bn else {}),
+        }
+        plan = LoopPlan(
+            clone_module(model).cpu(), data, epochs, batch_size, recipe, from_pretrained, precision,
+            keep_models, precise_bn, settings, fingerprint(settings),
+        )  # fmt: skip
+        run_one: Callable[..., Any] = train_run
+        compared = Metric("val_accuracy", True, True) if metric in (None, "val_accuracy") else None
+        if compared is None:
+            raise BnmoveError("bnmove's loop compares val_accuracy; metric= is for your own training")
+    else:
+        trainer = Command(train) if isinstance(train, str) else train
+        if isinstance(trainer, Command) and jobs_dir is None:
+            raise BnmoveError("a training command needs jobs_dir: the folder for each run's model and output")
+        example = (data.sample(2),) if data is not None else example_inputs or infer_example_inputs(model)
+        settings["training"] = _training_name(trainer)
+        name = metric or "val_accuracy"
+        compared = Metric(name, higher_is_better, percent=False)
+        plan = UserPlan(
+            clone_module(model).cpu(), example, from_pretrained, trainer, jobs_dir, name,
+            keep_models, settings, fingerprint(settings),
+        )  # fmt: skip
+        run_one = user_run
+        recipe, precision = None, Precision()
 
-    fingerprint = study_fingerprint(
-        model, data, placements, epochs, batch_size, recipe, from_pretrained, precision, precise_bn
-    )
-    finished: dict[_Run, Job] = {}
+    finished: dict[Run, Job] = {}
     models: dict[str, nn.Module] = {}
-    for seed in seed_list:
-        for variant in placements:
-            done = load_job(jobs_dir, variant, seed, fingerprint) if jobs_dir is not None else None
-            if done is not None:
-                finished[_Run(variant, seed)] = done
-    plan = _Plan(
-        clone_module(model).cpu(),
-        data,
-        epochs,
-        batch_size,
-        recipe,
-        from_pretrained,
-        precision,
-        keep_models,
-        precise_bn,
-        fingerprint,
-    )
-    pending = [_Run(v, s) for s in seed_list for v in placements if _Run(v, s) not in finished]
+    runs = [Run(v, s) for s in seed_list for v in placements]
+    for run in runs:
+        done = load_job(jobs_dir, run.variant, run.seed, settings) if jobs_dir is not None else None
+        if done is not None:
+            finished[run] = done
 
     def on_event(event: Any) -> None:
         if isinstance(event, RunStarted) and on_start is not None:
             on_start(event.variant, event.seed, event.device)
         elif isinstance(event, EpochRecord) and on_epoch is not None:
             on_epoch(event.variant, event.seed, event.epoch, event)
+        elif isinstance(event, RunFinished) and on_finish is not None:
+            on_finish(event.variant, event.seed, event.metrics)
 
     for result in execute(
-        _train_run,
+        run_one,
         plan,
-        pending,
+        [run for run in runs if run not in finished],
         devices=[str(t) for t in targets],
         jobs=jobs or len(targets),
         backend=backend,
@@ -727,22 +433,36 @@ def experiment(
             save_job(jobs_dir, result.run.variant, result.run.seed, result.job)
         finished[result.run] = result.job
         if result.model is not None:
-            models[_key(result.run.variant, result.run.seed)] = result.model
-    runs = [_Run(v, s) for s in seed_list for v in placements]
-    wall = {v: sum(finished[r].seconds for r in runs if r.variant == v) for v in placements}
+            models[result.run.key] = result.model
+    for run in runs:
+        if compared.name not in finished[run].metrics:
+            raise BnmoveError(
+                f"run {run.key} kept no {compared.name!r} (it reported: {', '.join(finished[run].metrics)}); "
+                "choose one with --metric"
+            )
+    chance = None
+    if data is not None and data.num_classes is not None:
+        labels = data.val.labels
+        chance = chance_level(labels.tolist() if labels is not None else None, data.num_classes)
     return ExperimentResult(
         placements=list(placements),
         seeds=seed_list,
-        epochs=epochs,
-        dataset=data.name,
+        epochs=epochs if train is None else 0,
+        dataset=data.name if data is not None else "your data",
         device=", ".join(str(t) for t in targets),
         from_pretrained=from_pretrained,
         recipe=recipe,
         records=[r for run in runs for r in finished[run].records],
-        wall_seconds=wall,
-        start_digests={_key(r.variant, r.seed): finished[r].start_digest for r in runs},
-        batch_digests={_key(r.variant, r.seed): finished[r].batch_digest for r in runs},
+        wall_seconds={v: sum(finished[r].seconds for r in runs if r.variant == v) for v in placements},
+        start_digests={run.key: finished[run].start_digest for run in runs},
+        batch_digests={run.key: finished[run].batch_digest for run in runs if finished[run].batch_digest},
         models=models,
         precision=precision.describe(),
         precise_bn=precise_bn,
+        metrics={run.key: finished[run].metrics for run in runs},
+        metric=compared,
+        training=settings["training"],
+        chance=chance,
+        val_samples=len(data.val) if data is not None else 0,
+        notes=notes,
     )

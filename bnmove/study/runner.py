@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -77,6 +78,38 @@ def execute(
 # ---------------------------------------------------------------------------- worker processes
 
 _worker: dict[str, Any] = {}
+#: process groups of commands that runs started here (``--run``), stopped with this process
+_children: set[subprocess.Popen[bytes]] = set()
+
+
+def thread_share() -> int | None:
+    """In a CPU worker process, its share of this machine's cores; None elsewhere."""
+    return _worker.get("threads")
+
+
+@contextlib.contextmanager
+def child(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """While a run waits for ``process`` (started in its own session): if the wait ends by an
+    exception (Ctrl-C, a failure elsewhere) or this worker is terminated, stop its whole group."""
+    _children.add(process)
+    try:
+        yield
+    finally:
+        _children.discard(process)
+        if process.poll() is None:
+            _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    """SIGTERM to the process group, then SIGKILL after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _start_worker(plan_file: str, events: Any, devices: Any, threads: int) -> None:
@@ -91,13 +124,18 @@ def _start_worker(plan_file: str, events: Any, devices: Any, threads: int) -> No
     # memory-mapped: the workers share the pages of the data instead of holding a copy each
     plan = torch.load(plan_file, weights_only=False, mmap=True)
     _worker.update(plan=plan, device=device, events=events)
+    if not device.startswith("cuda"):
+        _worker["threads"] = threads
 
 
 def _exit(signum: int, frame: Any) -> None:
     """Stop now: this worker's own children (DataLoader workers) first, then the worker, without
-    the seconds a normal interpreter exit spends waiting for them."""
-    for child in multiprocessing.active_children():
-        child.kill()
+    the seconds a normal interpreter exit spends waiting for them, and the commands it started."""
+    for process in list(_children):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    for worker in multiprocessing.active_children():
+        worker.kill()
     os._exit(128 + signum)
 
 
