@@ -181,6 +181,27 @@ def test_a_failing_run_is_one_line_finished_runs_stay_and_the_study_resumes(tmp_
     assert sorted(_calls(tmp_path)) == ["after 1", "before 1"]  # only what was missing
 
 
+def test_an_interrupted_command_study_resumes_without_repeating_runs(tmp_path: Path) -> None:
+    base = _fake_study(tmp_path)
+    model = torch.load(base[1], weights_only=False)
+    command, jobs = base[base.index("--run") + 1], tmp_path / "jobs"
+
+    def stop_at_the_third(variant: str, seed: int, device: str) -> None:
+        if (variant, seed) == ("before", 1):
+            raise KeyboardInterrupt  # Ctrl-C as the third run starts
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment(
+            model, None, seeds=2, train=command, metric="score", jobs_dir=jobs, on_start=stop_at_the_third
+        )
+    assert sorted(p.name for p in jobs.glob("*.json")) == ["after-seed0.json", "before-seed0.json"]
+    resumed = experiment(model, None, seeds=2, train=command, metric="score", jobs_dir=jobs)
+    assert _calls(tmp_path) == ["before 0", "after 0", "before 1", "after 1"]  # each run once
+    assert {k: m["seed"] for k, m in resumed.metrics.items()} == {
+        "before/seed0": 0, "after/seed0": 0, "before/seed1": 1, "after/seed1": 1
+    }  # fmt: skip
+
+
 def test_options_of_bnmoves_loop_and_bad_commands_are_one_clear_line(tmp_path: Path) -> None:
     base = _fake_study(tmp_path)
     cases = {
