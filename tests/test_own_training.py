@@ -226,6 +226,11 @@ def test_options_of_bnmoves_loop_and_bad_commands_are_one_clear_line(tmp_path: P
         and "reported no 'val_acc' (it reported: score, seed, after, on_cpu)" in missing.stderr
     )
     assert not (tmp_path / "x").exists() and not (tmp_path / "m" / "results.json").exists()
+    # the finished run is kept: the right --metric reports from it without running it again
+    calls = len(_calls(tmp_path))
+    fixed = CliRunner().invoke(main, [*base, "--metric", "score", "--seeds", "1", "-o", str(tmp_path / "m")])
+    assert fixed.exit_code == 0, fixed.output
+    assert "resuming: 1 of 2 runs are done" in fixed.stderr and len(_calls(tmp_path)) == calls + 1
 
 
 def test_a_callable_pairs_and_judges_through_the_same_code_as_the_loop() -> None:

@@ -246,6 +246,16 @@ def _data_digest(data: Dataset) -> str:
     return digest.hexdigest()
 
 
+def _reporting(run: Run, job: Job, metric: str) -> Job:
+    """``job``, if it reported the compared metric; else an error naming what it did report."""
+    if metric not in job.metrics:
+        raise BnmoveError(
+            f"run {run.key} reported no {metric!r} (it reported: {', '.join(job.metrics) or 'nothing'}); "
+            "choose one with --metric"
+        )
+    return job
+
+
 def _training_name(train: Trainer | Command) -> str:
     if isinstance(train, Command):
         return train.template
@@ -386,20 +396,19 @@ def experiment(
             keep_models, precise_bn, settings, fingerprint(settings),
         )  # fmt: skip
         run_one: Callable[..., Any] = train_run
-        compared = Metric("val_accuracy", True, True) if metric in (None, "val_accuracy") else None
-        if compared is None:
+        if metric not in (None, ACCURACY.name):
             raise BnmoveError("bnmove's loop compares val_accuracy; metric= is for your own training")
+        compared = ACCURACY
     else:
         trainer = Command(train) if isinstance(train, str) else train
         if isinstance(trainer, Command) and jobs_dir is None:
             raise BnmoveError("a training command needs jobs_dir: the folder for each run's model and output")
         example = (data.sample(2),) if data is not None else example_inputs or infer_example_inputs(model)
         settings["training"] = _training_name(trainer)
-        name = metric or "val_accuracy"
-        compared = Metric(name, higher_is_better, percent=False)
+        compared = Metric(metric or ACCURACY.name, higher_is_better, percent=False)
         plan = UserPlan(
-            clone_module(model).cpu(), example, from_pretrained, trainer, jobs_dir, name,
-            keep_models, settings, fingerprint(settings),
+            clone_module(model).cpu(), example, from_pretrained, trainer, jobs_dir, keep_models,
+            settings, fingerprint(settings),
         )  # fmt: skip
         run_one = user_run
         recipe, precision = None, Precision()
@@ -410,7 +419,7 @@ def experiment(
     for run in runs:
         done = load_job(jobs_dir, run.variant, run.seed, settings) if jobs_dir is not None else None
         if done is not None:
-            finished[run] = done
+            finished[run] = _reporting(run, done, compared.name)
 
     def on_event(event: Any) -> None:
         if isinstance(event, RunStarted) and on_start is not None:
@@ -429,17 +438,11 @@ def experiment(
         backend=backend,
         on_event=on_event,
     ):
-        if jobs_dir is not None:
+        if jobs_dir is not None:  # kept before the metric is checked: fixing --metric reuses it
             save_job(jobs_dir, result.run.variant, result.run.seed, result.job)
-        finished[result.run] = result.job
+        finished[result.run] = _reporting(result.run, result.job, compared.name)
         if result.model is not None:
             models[result.run.key] = result.model
-    for run in runs:
-        if compared.name not in finished[run].metrics:
-            raise BnmoveError(
-                f"run {run.key} kept no {compared.name!r} (it reported: {', '.join(finished[run].metrics)}); "
-                "choose one with --metric"
-            )
     chance = None
     if data is not None and data.num_classes is not None:
         labels = data.val.labels

@@ -79,8 +79,6 @@ class UserPlan:
     train: Trainer | Command
     #: where each command run gets its folder (``{out}``); None for a callable
     runs_dir: Path | None
-    #: the metric the study compares; a run that does not report it has failed
-    metric: str
     keep_model: bool
     settings: dict[str, Any]
     fingerprint: str
@@ -100,11 +98,6 @@ def user_run(plan: UserPlan, run: Run, device: str, report: Callable[[Any], None
         returned = plan.train(net, run.seed, device)
         metrics = numeric_metrics(returned, f"run {run.key}: train returned")
     seconds = time.perf_counter() - started
-    if plan.metric not in metrics:
-        raise BnmoveError(
-            f"run {run.key} reported no {plan.metric!r} (it reported: {', '.join(metrics) or 'nothing'}); "
-            "choose one with --metric"
-        )
     report(RunFinished(run.variant, run.seed, metrics))
     job = Job(plan.fingerprint, [], seconds, digest, "", metrics, plan.settings)
     return Finished(run, job, net.cpu() if plan.keep_model else None)
@@ -145,8 +138,15 @@ def _run_command(command: Command, net: nn.Module, run: Run, device: str, runs_d
     threads = runner.thread_share()
     if threads is not None and not device.startswith("cuda"):
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    values = {"model": str(model_file), "seed": str(run.seed), "out": str(out), "device": name}
-    line = command.line({**values, "variant": run.variant})
+    line = command.line(
+        {
+            "model": str(model_file),
+            "seed": str(run.seed),
+            "out": str(out),
+            "device": name,
+            "variant": run.variant,
+        }
+    )
     (out / "command.txt").write_text(line + "\n")
     with (out / "stdout.log").open("wb") as stdout, (out / "stderr.log").open("wb") as stderr:
         process = subprocess.Popen(

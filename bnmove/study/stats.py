@@ -2,8 +2,8 @@
 
 Runs with the same seed share their initialisation (and, in bnmove's loop, their batch order),
 so placements are compared by the difference per seed, ``d_i = m_b,i − m_a,i``: mean ``d̄``,
-standard error ``s_d/√n``, 95% interval ``d̄ ± t_{0.975, n−1} · s_d/√n``
-(``docs`` and ``shared/DESIGN.md`` §4c). One code path serves bnmove's own training loop, a
+standard error ``s_d/√n``, 95% interval ``d̄ ± t_{0.975, n−1} · s_d/√n``; with one seed
+no interval can be given. One code path serves bnmove's own training loop, a
 Python ``train=`` callable and a ``--run`` command: only where the metric comes from differs.
 """
 
