@@ -21,10 +21,9 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -35,6 +34,9 @@ from ..moving.conversion import convert
 from ..moving.verify import eval_mode, output_tensors, run_model
 from .folding import fold_forward
 from .runtime import import_onnxruntime
+
+if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,8 @@ def check_against_torch(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Path
 ) -> tuple[float, float]:
     """``onnx.checker`` the file and return (max abs error, max |torch output|) vs PyTorch on CPU."""
+    import onnx
+
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -305,6 +309,8 @@ def _export_into(
     tolerance: float,
     on_variant: Callable[[str], None] | None,
 ) -> dict[str, Path]:
+    import onnx
+
     entries: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=".bnmove-export-", dir=out) as tmp:
         staged: dict[str, Path] = {}

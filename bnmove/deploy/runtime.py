@@ -21,12 +21,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from ..errors import BnmoveError
+
+if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
+    import onnx
 
 PROVIDERS: dict[str, str] = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -290,6 +292,8 @@ class _Runner:
     """One variant's session, with device-bound I/O on GPU providers."""
 
     def __init__(self, path: Path, provider: str, tmp: Path) -> None:
+        import onnx
+
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.log_severity_level = 3
