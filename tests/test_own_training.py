@@ -153,7 +153,9 @@ def test_placeholders_and_the_last_json_line(tmp_path: Path) -> None:
             and metrics["on_cpu"] == 1
         )
         model = torch.load(out / "jobs" / f"{variant}-seed{seed}" / "model.pt", weights_only=False)
-        assert metrics["score"] == pytest.approx(float(sum(p.double().sum() for p in model.parameters())))
+        assert metrics["score"] == pytest.approx(
+            float(sum(p.detach().double().sum() for p in model.parameters()))
+        )
         assert "epoch 1 done" in (out / "jobs" / f"{variant}-seed{seed}" / "stdout.log").read_text()
     assert sorted(_calls(tmp_path)) == ["after 0", "after 1", "before 0", "before 1"]
     assert "score (higher is better) from your training" in result.stdout
