@@ -108,3 +108,35 @@ def test_moved_inplace_functions_become_out_of_place(form: str) -> None:
     y = x + 1.0
     want = model.bn(fn(y.clone())) * 2 + y
     torch.testing.assert_close(outputs_of(result.model, (x,)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_a_fused_norm_act_model_converts_in_any_float_dtype(dtype: torch.dtype) -> None:
+    """The fused norm+act split is verified in float64 whatever the model's dtype (it used to probe
+    in the default dtype: "mixed dtype (CPU)" for a float64 or half model)."""
+    from zoo import BatchNormAct2d
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = BatchNormAct2d(8, nn.SiLU)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.bn(self.conv(x)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():  # trained-like statistics, so the move is not trivial
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    x = torch.randn(2, 3, 8, 8).to(dtype)
+    result = bnmove.convert(model, "after", method="exact", example_inputs=(x,))
+    assert [(m.pair.bn, m.method) for m in result.moves] == [("bn", "exact")]
+    assert isinstance(model.bn, BatchNormAct2d)  # the given model is unchanged
+    want, got = model(x).double(), result.model(x).double()
+    resolution = {torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert (want - got).abs().max() <= resolution * want.abs().max()

@@ -175,9 +175,16 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
         act_kwargs=dict(act.kwargs),
         call=call,
     )
-    # Trust, but verify: the split must compute what the module computes.
+    # Trust, but verify: the split must compute what the module computes. Checked in float64,
+    # whatever the module's dtype (a float16 or float64 model converts too), on its device.
+    probe = probe.to(torch.float64)
     plain = make_plain_batchnorm(probe, fused.base)
-    x = torch.randn(_probe_shape(fused.base, int(probe.num_features)))  # type: ignore[arg-type]
+    ref = next(iter(probe.buffers()), None)
+    x = torch.randn(
+        _probe_shape(fused.base, int(probe.num_features)),  # type: ignore[arg-type]
+        dtype=torch.float64,
+        device=ref.device if ref is not None else None,
+    )
     with torch.no_grad():
         want = probe(x.clone())
         got = apply_fused_activation(probe, fused, plain(x.clone()))
