@@ -140,3 +140,33 @@ def test_a_fused_norm_act_model_converts_in_any_float_dtype(dtype: torch.dtype) 
     want, got = model(x).double(), result.model(x).double()
     resolution = {torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     assert (want - got).abs().max() <= resolution * want.abs().max()
+
+
+def test_outputs_holding_an_empty_tensor_are_verified() -> None:
+    """A detector's output can hold an empty tensor (no box passed): every fidelity check skips it
+    instead of failing in max() (the calibrated fit's check used to crash)."""
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+            self.norm, self.act2, self.head = nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.act(self.bn(self.conv(x)))
+            scores = self.head(self.act2(self.norm(h + x.mean(1, keepdim=True)))).flatten(1)
+            keep = scores > 1e9  # nothing passes
+            return {"boxes": scores[keep].reshape(0, 4), "labels": keep.nonzero()[:, 1], "scores": scores}
+
+    torch.manual_seed(0)
+    model, x = Detector().eval(), torch.randn(4, 3, 8, 8)
+    exact = bnmove.convert(model, "after", method="exact", example_inputs=(x,))
+    assert exact.verification is not None and exact.verification.max_rel_error < 1e-5
+    fitted = bnmove.convert(
+        model, "after", method="fit", example_inputs=(x,), calibration_data=torch.randn(16, 3, 8, 8)
+    )
+    assert fitted.calibration is not None and fitted.held_out is not None
+    out = fitted.model(x)
+    assert out["boxes"].shape == (0, 4) and out["labels"].numel() == 0
+    error = (out["scores"] - model(x)["scores"]).abs().max()
+    assert fitted.calibration.max_rel_error < 0.05 and error < 0.05 * model(x)["scores"].abs().max()

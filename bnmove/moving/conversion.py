@@ -49,6 +49,7 @@ from .verify import (
     double_inputs,
     eval_mode,
     infer_example_inputs,
+    output_error,
     output_tensors,
     tolerance_for,
 )
@@ -666,8 +667,7 @@ def _calibration_check(model: nn.Module, converted: nn.Module, batches: list[Bat
         for batch in batches:
             want.extend(output_tensors(call_model(model, batch)))
             got.extend(output_tensors(call_model(converted, batch)))
-    err = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got, strict=True))
-    scale = max(float(a.double().abs().max()) for a in want)
+    err, scale = output_error(want, got)
     top1 = None
     if all(t.dim() == 2 and t.shape[1] > 1 for t in want):
         agree = sum(int((a.argmax(1) == b.argmax(1)).sum()) for a, b in zip(want, got, strict=True))

@@ -165,6 +165,22 @@ class Deviation:
         return {**asdict(self), "within_tolerance": self.within_tolerance}
 
 
+def output_error(want: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """The largest absolute difference between paired output tensors, and the largest |want|
+    (the scale of a relative error). Empty tensors count as agreeing; a non-float tensor
+    counts 1 where it differs at all."""
+    max_abs = scale = 0.0
+    for a, b in zip(want, got, strict=True):
+        if not a.numel():
+            continue
+        if not a.is_floating_point():
+            max_abs = max(max_abs, float((a != b).any()))
+            continue
+        max_abs = max(max_abs, float((a.double() - b.double()).abs().max()))
+        scale = max(scale, float(a.double().abs().max()))
+    return max_abs, scale
+
+
 def compare_models(reference: nn.Module, converted: nn.Module, inputs: Sequence[Any]) -> Deviation:
     """Max abs error and error relative to the reference's largest |output|, in eval mode.
 
@@ -177,15 +193,7 @@ def compare_models(reference: nn.Module, converted: nn.Module, inputs: Sequence[
         got = output_tensors(run_model(converted, inputs))
     if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got, strict=True)):
         raise BnmoveError("converted model returns outputs of a different structure (bnmove bug)")
-    max_abs = 0.0
-    scale = 0.0
-    for a, b in zip(want, got, strict=True):
-        if not a.is_floating_point():
-            max_abs = max(max_abs, float((a != b).any()))
-            continue
-        diff = (a.double() - b.double()).abs()
-        max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
-        scale = max(scale, float(a.double().abs().max()) if a.numel() else 0.0)
+    max_abs, scale = output_error(want, got)
     dtype = next((p.dtype for p in reference.parameters() if p.is_floating_point()), torch.float32)
     deviation = Deviation(
         max_abs_error=max_abs,
