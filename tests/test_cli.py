@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_same_outputs
 from torch import nn
 from zoo import build
 
 import bnmove
 from bnmove import find_pairs
 from bnmove.cli import main
+from conftest import assert_same_outputs
 
 
 def _digest(path: Path) -> str:
@@ -394,3 +394,30 @@ def test_conversion_table_reads_at_80_columns() -> None:
     lines = console.export_text().splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert any("blocks.1.bn1 → act1 (ReLU)" in line and "exact+affine" in line for line in lines)
+
+
+def test_calibration_data_gives_the_example_input_when_no_shape_is_given(tmp_path: Path) -> None:
+    """Without --input-shape, convert and export verify on the last calibration samples (held out
+    of the fits) instead of a 224x224 guess the 8x8 model was never meant for."""
+    from bnmove.sample_models import digits_net
+
+    torch.manual_seed(0)
+    model = digits_net().eval()
+    path = tmp_path / "digits.pt"
+    torch.save(model, path)
+    calibration = np.random.default_rng(0).random((64, 1, 8, 8)).astype("float32")
+    np.save(tmp_path / "calib.npy", calibration)
+    data = ["--allow-pickle", "--method", "fit", "--calibration-data", str(tmp_path / "calib.npy")]
+    done = run("convert", path, "--placement", "before", "--json", *data)
+    assert done.exit_code == 0, done.output
+    verification = json.loads(done.stdout)["verification"]
+    assert verification["input_shapes"] == [[8, 1, 8, 8]]
+    converted = torch.load(tmp_path / "digits.before.pt", weights_only=False).eval()
+    x = torch.from_numpy(calibration[-8:])
+    with torch.no_grad():
+        error = (converted(x) - model(x)).abs().max().item()
+    assert verification["max_abs_error"] == pytest.approx(error, rel=1e-3)
+    exported = run("export", path, "-o", tmp_path / "variants", "--placements", "before", "--quiet", *data)
+    assert exported.exit_code == 0, exported.output
+    manifest = json.loads((tmp_path / "variants" / "manifest.json").read_text())
+    assert manifest["example_input_shapes"] == [[8, 1, 8, 8]]

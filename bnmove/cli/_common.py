@@ -133,9 +133,17 @@ class ModelArgs:
             return None
         return inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in self.input_shapes])
 
-    def inputs(self, loaded: LoadedModel) -> tuple[torch.Tensor, ...]:
-        """Example inputs from --input-shape, else inferred from the first layer."""
-        return self.given_inputs(loaded) or infer_example_inputs(loaded.module)
+    def inputs(
+        self, loaded: LoadedModel, calibration: Sequence[tuple[torch.Tensor, ...]] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Example inputs from --input-shape, else the last calibration samples (up to 8, among
+        those a fit holds out), else inferred from the first layer."""
+        given = self.given_inputs(loaded)
+        if given:
+            return given
+        if calibration:
+            return tuple(t[-8:] for t in calibration[-1])
+        return infer_example_inputs(loaded.module)
 
     @property
     def stem(self) -> str:
@@ -229,26 +237,32 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _stdout() -> Console:
-    # Piped output is read by grep and people's logs: give tables room instead of folding names.
-    return Console(width=None if sys.stdout.isatty() else 160)
+    # Piped output is read by grep and people's logs: give tables room instead of folding names,
+    # unless COLUMNS says how wide (rich reads it).
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(width=None if wide else 160)
 
 
 def _stderr() -> Console:
     return Console(stderr=True)
 
 
-@click.group(cls=BnmoveGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=BnmoveGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  bnmove inspect model.pt --allow-pickle
+  bnmove convert model.pt --allow-pickle --placement after""",
+)
 @click.version_option(__version__, prog_name="bnmove")
 @debug_option
 def main() -> None:
-    """Move BatchNorm before or after its activation in a trained PyTorch model.
+    """Move BatchNorm before or after its activation in a PyTorch model.
 
-    \b
-    bnmove inspect model.pt --allow-pickle          list BN–activation pairs
-    bnmove convert model.pt --placement after       move every BN after its activation
-
-    MODEL is a state dict (.pt/.pth, give --arch) or a pickled module
-    (needs --allow-pickle: unpickling runs code from the file).
+    MODEL is a state dict (.pt/.pth/.safetensors, give --arch), a Hugging Face
+    save_pretrained folder, or a pickled module (needs --allow-pickle: unpickling
+    runs code from the file). Run bnmove demo for a tour on a sample model.
     """
     logging.basicConfig(level=logging.WARNING, format="bnmove: %(message)s")
 

@@ -13,6 +13,7 @@ from rich.progress import Progress
 from .._atomic import atomic_path, check_output
 from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest
 from ..deploy.runtime import PROVIDERS, compare
+from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import METHODS
 from ..report import (
     comparison_csv,
@@ -37,7 +38,12 @@ from ._common import (
 )
 
 
-@main.command(name="export")
+@main.command(
+    name="export",
+    epilog="""\b
+Example:
+  bnmove export model.pt --allow-pickle -o variants --fold-forward""",
+)
 @model_options
 @click.option(
     "-o",
@@ -84,7 +90,7 @@ from ._common import (
     is_flag=True,
     help="--fold-forward, and also fold BNs into zero-padded convs: scaled weights plus a constant "
     "border correction (an Add after the Conv). Exact at every size; whether it is faster than the "
-    "standalone BN depends on the runtime (see README, Deployment).",
+    "standalone BN depends on the runtime (see docs/guide/deployment.md).",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing variant files in the folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -104,14 +110,19 @@ def export_command(
     force: bool,
     quiet: bool,
 ) -> None:
-    """Export the original, before and after variants to ONNX, each checked against PyTorch.
+    """Export original, before and after variants to checked ONNX.
 
     Every file passes onnx.checker and onnxruntime's outputs match PyTorch's for the same
     variant; manifest.json records moves, shapes, sizes, hashes and the measured error.
     """
     variants = _csv_list(placements, "variant")
     loaded = model.load()
-    inputs = model.inputs(loaded)
+    calibration = (
+        calibration_batches(calibration_path, samples=calibration_samples)
+        if calibration_path is not None
+        else None
+    )
+    inputs = model.inputs(loaded, calibration)
     show = sys.stderr.isatty() and not (as_json or quiet)
     with Progress(transient=True, console=_stderr(), disable=not show) as progress:
         task = progress.add_task("exporting", total=len(variants))
@@ -131,7 +142,7 @@ def export_command(
             fold_padded=fold_padded,
             stem=model.stem,
             force=force,
-            calibration_data=calibration_path,
+            calibration_data=calibration,
             calibration_samples=calibration_samples,
             max_error=max_error,
             on_variant=advance,
@@ -152,7 +163,12 @@ def export_command(
     )
 
 
-@main.command(name="compare")
+@main.command(
+    name="compare",
+    epilog="""\b
+Example:
+  bnmove compare variants --batch-sizes 1,8 --markdown report.md""",
+)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="DIR_OR_FILES...")
 @click.option(
     "--provider",
@@ -205,7 +221,7 @@ def compare_command(
     plot_path: Path | None,
     force: bool,
 ) -> None:
-    """Time exported variants side by side under onnxruntime and compare their outputs.
+    """Time ONNX variants side by side under onnxruntime.
 
     Variants run interleaved, round by round; on GPU with inputs and outputs bound on the device.
     Reports latency percentiles, throughput, the ratio to the original, output deviation and the

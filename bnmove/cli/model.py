@@ -32,13 +32,22 @@ from ._common import (
 )
 
 
-@main.command()
+@main.command(
+    epilog="""\b
+Example:
+  bnmove inspect model.pt --allow-pickle --input-shape 1,3,224,224"""
+)
 @model_options
 def inspect(
     model: ModelArgs,
     as_json: bool,
 ) -> None:
-    """List every BatchNorm–activation pair: placement, whether it can move, and whether exactly."""
+    """List BatchNorm–activation pairs and whether each can move.
+
+    One row per BatchNorm: its activation, its placement (before or after), how it would move
+    (exact fold, exact with a kept affine, or fit) and, for one that cannot, why. convert and
+    export carry out exactly this.
+    """
     loaded = model.load()
     result = detect(loaded.module, model.given_inputs(loaded))
     if as_json:
@@ -57,7 +66,14 @@ def inspect(
     out.print(pairs_summary(result.pairs), highlight=False)
 
 
-@main.command(name="convert")
+@main.command(
+    name="convert",
+    epilog="""\b
+Examples:
+  bnmove convert model.pt --allow-pickle --placement after
+  bnmove convert weights.pt --arch torchvision:resnet18 --placement after \\
+      --method fit --calibration-data samples.npy""",
+)
 @model_options
 @click.option(
     "--placement",
@@ -136,7 +152,7 @@ def convert_command(
     max_error: float | None,
     force: bool,
 ) -> None:
-    """Move every movable BatchNorm before or after its activation and save the model.
+    """Move every BN before or after its activation and save the model.
 
     The saved file is a whole module: load it with torch.load(OUT, weights_only=False); with
     --format pt2 a torch.export program: torch.export.load(OUT).module().
@@ -151,7 +167,7 @@ def convert_command(
         if calibration_path is not None
         else None
     )
-    inputs = model.inputs(loaded)
+    inputs = model.inputs(loaded, calibration)
     if method == "fit" and data_free == "synthetic" and calibration is None and not model.input_shapes:
         shape = "x".join(map(str, inputs[0].shape[1:]))
         click.echo(
@@ -218,7 +234,12 @@ def convert_command(
     out.print(f"wrote {output}" + (f" and {code_dir}/" if code_dir else ""), highlight=False)
 
 
-@main.command(name="recalibrate")
+@main.command(
+    name="recalibrate",
+    epilog="""\b
+Example:
+  bnmove recalibrate tuned.pt --allow-pickle --calibration-data train.npy""",
+)
 @model_options
 @click.option(
     "--calibration-data",
@@ -245,7 +266,7 @@ def recalibrate_command(
     output: Path | None,
     force: bool,
 ) -> None:
-    """Re-estimate every BatchNorm's running statistics as exact averages over the data.
+    """Recompute BatchNorm running statistics exactly over data.
 
     BatchNorms see the data in train mode (as in training) while every other layer stays in
     eval mode (dropout off); nothing else changes. Useful after a swap or a fit.

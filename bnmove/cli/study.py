@@ -84,7 +84,14 @@ class _StudyProgress:
             self.progress.remove_task(task)
 
 
-@main.command(name="experiment")
+@main.command(
+    name="experiment",
+    epilog="""\b
+Examples:
+  bnmove experiment net.pt --allow-pickle --data digits --epochs 3
+  bnmove experiment net.pt --allow-pickle --import train \\
+      --run "python train.py --model {model} --seed {seed} --out {out}\"""",
+)
 @model_options
 @click.option(
     "--data",
@@ -272,19 +279,13 @@ def experiment_command(
     out_dir: Path | None,
     force: bool,
 ) -> None:
-    """Train each BN placement of MODEL the same way and compare them.
+    """Train each BN placement the same way and compare them.
 
     Every variant of a seed starts from the same weights; with bnmove's loop (--data) it sees the
     same batches in the same order with the same optimiser. With --run, your own script trains
     each variant. Placements are compared by their paired difference per seed, with a 95%
     interval. Finished runs are kept in DIR/jobs: an interrupted study resumes, a finished one
     re-reports at once, and more seeds, placements or activations train only what is new.
-
-    \b
-    Examples:
-      bnmove experiment net.pt --allow-pickle --data digits --epochs 3
-      bnmove experiment net.pt --allow-pickle --import train \\
-          --run "python train.py --model {model} --seed {seed} --out {out}"
     """
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     if command is not None:
@@ -413,7 +414,12 @@ _LOOP_OPTIONS = {
 }  # fmt: skip
 
 
-@main.command(name="demo")
+@main.command(
+    name="demo",
+    epilog="""\b
+Example:
+  bnmove demo -o bnmove-demo --epochs 3""",
+)
 @click.option(
     "-o",
     "--output-dir",
@@ -429,7 +435,7 @@ _LOOP_OPTIONS = {
 @click.option("--force", is_flag=True, help="Reuse an existing demo folder, overwriting its files.")
 @debug_option
 def demo_command(out_dir: Path, epochs: int, force: bool) -> None:
-    """Show bnmove end to end on a bundled sample model, no arguments needed.
+    """Show bnmove end to end on a bundled sample model.
 
     Inspects it, converts it both ways with verification, exports the variants to ONNX,
     compares them on the best available onnxruntime provider, and runs a short
