@@ -88,6 +88,7 @@ _BY_METHOD: dict[str, ActivationSpec] = {m: spec for spec in _ACTIVATIONS for m 
 _BY_KIND: dict[str, ActivationSpec] = {spec.kind.lower(): spec for spec in _ACTIVATIONS}
 
 ACTIVATION_KINDS: tuple[str, ...] = tuple(spec.kind for spec in _ACTIVATIONS)
+"""The activation kinds bnmove recognises by class or by what they compute (``Pair.activation_kind``)."""
 
 
 def activation_spec(kind: str | ActivationSpec) -> ActivationSpec:

@@ -245,8 +245,10 @@ def export_variants(
         fold_padded: also fold BNs into zero-padded convs, with a border correction (implies
             ``fold_forward_bns``; see :mod:`bnmove.deploy.border`).
         tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
-        calibration_data, calibration_samples, max_error: as for :func:`bnmove.convert`, for
-            the moved variants (calibrated fitting, held-out figures, the error bound).
+        calibration_data: real inputs for fitted moves, as for :func:`bnmove.convert`; held-out
+            figures go into the manifest.
+        calibration_samples: use at most this many calibration samples.
+        max_error: the bound on a fitted variant's relative error, as for :func:`bnmove.convert`.
         on_variant: called with each variant's name before it is exported (progress).
 
     Returns:

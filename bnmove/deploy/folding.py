@@ -55,6 +55,9 @@ class BnFate:
 
 @dataclass
 class Folding:
+    """The result of :func:`bnmove.fold_forward`: the model with BNs folded forward where exact,
+    and every BN's fate (folded, fused backward, or standalone with the reason)."""
+
     model: nn.Module
     bns: list[BnFate]
 

@@ -225,6 +225,10 @@ class VariantInfo:
 
 @dataclass
 class Comparison:
+    """What :func:`bnmove.compare` measured: per variant its node counts after onnxruntime's
+    optimisations, per variant and batch size its latency, and its output deviation from the
+    reference variant, on one provider and device."""
+
     provider: str
     device: str
     onnxruntime: str

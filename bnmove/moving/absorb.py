@@ -4,7 +4,7 @@ An exact move keeps a BN's affine map ``A(z) = a·z + b`` as a :class:`ChannelAf
 neighbour can absorb it: ``X → A → f → BN′`` (BN moved after) or ``BN′ → f → A → N`` (moved
 before). A user who wants no extra layer converts that model again with ``fit``; each such ``A``
 is then absorbed into the BN on the other side of the activation with the least-squares math of
-``fit`` (DESIGN.md §3), and replaced by ``nn.Identity``:
+``fit`` (docs/design/math.md, "Fitting"), and replaced by ``nn.Identity``:
 
 * ``A → f → BN′`` becomes ``f → BN″``: ``c·f(z) + d ≈ f(a·z + b)`` per channel (linear least
   squares), composed with BN′'s own map; BN″ holds the statistics of its new input ``f(z)``.

@@ -383,7 +383,7 @@ def _data_free_samples(
 
 
 def fit_pair(root: nn.Module, site: Site, samples: FitSamples | None) -> tuple[list[str], float]:
-    """Fit BN' so the moved block reproduces the old one (DESIGN.md §3).
+    """Fit BN' so the moved block reproduces the old one (docs/design/math.md, "Fitting").
 
     ``BN -> f`` becomes ``f -> BN'`` with ``BN'(u) = a' u + b'`` fitted by least
     squares; ``f -> BN`` becomes ``BN' -> f`` with ``f(a' z + b')`` fitted by

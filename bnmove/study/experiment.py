@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import nn
 from .._clone import clone_module
 from ..errors import BnmoveError, ModelRunError
 from ..moving.verify import infer_example_inputs
-from .data import Dataset, from_torch
+from .data import Dataset, from_torch, load_dataset
 from .jobs import EpochRecord, Job, fingerprint, load_job, save_job
 from .loop import LoopPlan, Precision, train_run
 from .own_training import Command, Trainer, UserPlan, user_run
@@ -55,6 +56,10 @@ class EpochSummary:
 
 @dataclass
 class ExperimentResult:
+    """A finished placement study: every run's metrics (and, with bnmove's loop, every epoch),
+    the digests that prove each seed's variants started equal, and the paired differences
+    (:meth:`differences`) the verdicts come from."""
+
     placements: list[str]
     seeds: list[int]
     #: epochs of bnmove's loop; 0 when the user's training ran
@@ -298,14 +303,16 @@ def experiment(
 
     Args:
         model: the architecture (and, with ``from_pretrained``, the weights); not modified.
-        data: a :class:`bnmove.study.data.Dataset` (``bnmove.study.data.load_dataset("digits")``, an ``.npz``,
-            an image folder...), or a ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a
+        data: what ``--data`` takes (``"digits"``, an ``.npz``, an image folder, a CIFAR folder:
+            read by :func:`bnmove.load_dataset`), a loaded :class:`bnmove.Dataset`, or a
+            ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a
             ``(train, val)`` pair of them (streamed in an order bnmove sets per seed). Optional
             with ``train``: then it only gives example inputs and checks the class count.
         placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
         epochs: training epochs per variant and seed (bnmove's loop).
         seeds: a number of seeds (0..K-1) or the seeds themselves.
-        batch_size, lr: mini-batch size, and Adam's learning rate when no ``recipe`` is given.
+        batch_size: mini-batch size (bnmove's loop).
+        lr: Adam's learning rate when no ``recipe`` is given.
         from_pretrained: start from the model's weights (converted with ``auto``)
             instead of a fresh initialisation (converted with ``swap``).
         device: ``"cuda"`` when available unless given (or ``devices``).
@@ -322,7 +329,8 @@ def experiment(
             device at a time unless ``jobs`` says more.
         backend: ``"local"`` (this machine) or ``"ray"`` (tasks on the Ray cluster ``ray.init()``
             connects to; ``RAY_ADDRESS`` names one).
-        amp, channels_last: mixed precision and the channels-last layout; default on for CUDA.
+        amp: mixed precision; default on for CUDA.
+        channels_last: the channels-last memory layout; default on for CUDA.
         on_start: progress callback ``(variant, seed, device)`` when a run begins.
         precise_bn: before each evaluation, recompute every BN's statistics exactly on this many
             training samples ("precise BN") instead of using the running averages, which lag
@@ -344,7 +352,9 @@ def experiment(
         paired differences and digests; runs are listed by seed and placement whatever order they
         finished in.
     """
-    if data is not None and not isinstance(data, Dataset):  # torch Datasets/DataLoaders
+    if isinstance(data, (str, os.PathLike)):
+        data = load_dataset(data)
+    elif data is not None and not isinstance(data, Dataset):  # torch Datasets/DataLoaders
         parts = data if isinstance(data, tuple) else (data,)
         data = from_torch(*parts)
     unknown = [p for p in placements if p not in VARIANTS]
