@@ -1,4 +1,4 @@
-"""A tour of bnmove's Python API on a sample model: ``python -m samples.walkthrough``.
+"""A tour of bnmove's Python API on a sample model: ``python api_tour.py``.
 
 Finds the pairs, converts both ways (exactly where the math allows), checks the
 outputs, exports the variants to ONNX and compares them under onnxruntime.
