@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_same_outputs
 from torch import nn
 from zoo import build
 
 import bnmove
 from bnmove import find_pairs
 from bnmove.cli import main
-from conftest import assert_same_outputs
 
 
 def _digest(path: Path) -> str:
