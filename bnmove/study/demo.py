@@ -77,6 +77,7 @@ def run_demo(
     status = progress_console or console
 
     console.print(Rule("1. a sample model"))
+    torch.manual_seed(0)  # the same sample model, and the same figures, on every run
     model = digits_net()
     with status.status("training the sample model briefly…"):
         how = _pretrain(model, data)
