@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -169,3 +170,30 @@ def test_cli_fold_padded_leaves_only_bns_no_rule_removes(tmp_path: Path) -> None
     (left,) = entry["standalone_bns"]
     assert left["bn"] == "stem.1" and "feeds blocks.0.block.0, add" in left["reason"]
     assert entry["batchnorm_nodes"] == 1
+
+
+@pytest.mark.parametrize("missing", ["onnxruntime", "onnxscript"])
+def test_a_missing_export_tool_is_said_before_any_work(
+    missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without onnxruntime, export used to convert and export for minutes before saying so."""
+    from click.testing import CliRunner
+
+    import bnmove.deploy.export as export_module
+    from bnmove.cli import main
+
+    model, inputs = build("resnet")
+    path = tmp_path / "resnet.pt"
+    torch.save(model, path)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("converted before checking the tools")
+
+    monkeypatch.setattr(export_module, "convert", no_work)
+    monkeypatch.setitem(sys.modules, missing, None)  # as if it were not installed
+    with pytest.raises(bnmove.BnmoveError, match=f"{missing} is not installed"):
+        export_variants(model, inputs, tmp_path / "api")
+    done = CliRunner().invoke(main, ["export", str(path), "--allow-pickle", "-o", str(tmp_path / "cli")])
+    assert done.exit_code == 1 and f"{missing} is not installed" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()

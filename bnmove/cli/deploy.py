@@ -11,7 +11,7 @@ import click
 from rich.progress import Progress
 
 from .._atomic import atomic_path, check_output
-from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest
+from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest, require_export_tools
 from ..deploy.runtime import PROVIDERS, compare
 from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import METHODS
@@ -116,6 +116,7 @@ def export_command(
     variant; manifest.json records moves, shapes, sizes, hashes and the measured error.
     """
     variants = _csv_list(placements, "variant")
+    require_export_tools()  # before loading and converting, which can take minutes
     loaded = model.load()
     calibration = (
         calibration_batches(calibration_path, samples=calibration_samples)

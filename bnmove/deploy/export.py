@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -212,6 +213,15 @@ def _variant_model(
     }
 
 
+def require_export_tools() -> None:
+    """Fail before any work when something an export needs is missing: onnx, onnxscript (torch's
+    ONNX exporter) and onnxruntime (every file is checked with it)."""
+    for module in ("onnx", "onnxscript"):
+        if importlib.util.find_spec(module) is None:
+            raise BnmoveError(f"{module} is not installed, and export needs it: pip install {module}")
+    import_onnxruntime()
+
+
 def export_variants(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -259,6 +269,7 @@ def export_variants(
         raise BnmoveError(
             f"unknown variant {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
         )
+    require_export_tools()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BnmoveError(f"{out}: exists and is not a folder")
