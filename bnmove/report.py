@@ -16,6 +16,7 @@ from rich.table import Table
 from ._atomic import atomic_path
 from .analysis.detect import Pair
 from .analysis.tracing import Untraced
+from .deploy.accuracy import Accuracy
 from .deploy.runtime import Comparison, OutputDeviation, VariantInfo
 from .errors import BnmoveError
 from .moving.conversion import Conversion, Move
@@ -242,6 +243,7 @@ def _ops_summary(info: VariantInfo, top: int = 4) -> str:
 def _rows(comparison: Comparison) -> list[dict[str, Any]]:
     """One flat row per variant and batch size: the shared source of table, CSV and Markdown."""
     infos = {v.name: v for v in comparison.variants}
+    accuracies = {a.variant: a for a in comparison.accuracies}
     rows = []
     for t in comparison.timings:
         dev = _deviation_of(comparison, t.variant)
@@ -264,9 +266,36 @@ def _rows(comparison: Comparison) -> list[dict[str, Any]]:
                 "nodes": sum(info.optimized_nodes.values()),
                 "batchnorms": info.batchnorms,
                 "file_size": info.file_size,
+                **({"accuracy": accuracies[t.variant].accuracy} if t.variant in accuracies else {}),
             }
         )
     return rows
+
+
+def _points(fraction: float) -> str:
+    return f"{round(100 * fraction, 1) + 0.0:+.1f}"
+
+
+def accuracy_cells(acc: Accuracy) -> tuple[str, str, str]:
+    """``97.2%``, ``95.6–98.3%`` and ``+0.3 (−0.2 to +0.8)`` (points, against the reference)."""
+    interval = f"{100 * acc.low:.1f}–{100 * acc.high:.1f}%"
+    if acc.difference is None or acc.difference_low is None or acc.difference_high is None:
+        return f"{acc.accuracy:.1%}", interval, "reference"
+    diff = f"{_points(acc.difference)} ({_points(acc.difference_low)} to {_points(acc.difference_high)})"
+    return f"{acc.accuracy:.1%}", interval, diff
+
+
+def accuracy_table(comparison: Comparison) -> Table:
+    """Top-1 accuracy per variant on the labelled data, with intervals and paired differences."""
+    n = comparison.accuracies[0].samples
+    table = Table(title=f"top-1 accuracy on {n:,} labelled samples", title_justify="left")
+    table.add_column("variant")
+    table.add_column("top-1", justify="right")
+    table.add_column("95% CI", justify="right")
+    table.add_column(f"− {comparison.reference}, points (95% CI)", justify="right")
+    for acc in comparison.accuracies:
+        table.add_row(acc.variant, *accuracy_cells(acc))
+    return table
 
 
 #: marks a variant whose outputs are not the reference's (a fit or a swap, or a bug)
@@ -362,6 +391,17 @@ def comparison_markdown(comparison: Comparison) -> str:
     note = deviation_note(comparison)
     if note:
         lines += ["", note]
+    if comparison.accuracies:
+        n = comparison.accuracies[0].samples
+        lines += [
+            "",
+            f"Top-1 accuracy on {n:,} labelled samples (95% Wilson interval; difference from "
+            f"'{comparison.reference}' paired on the same samples, 95% t interval):",
+            "",
+            f"| variant | top-1 | 95% CI | − {comparison.reference}, points (95% CI) |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {a.variant} | " + " | ".join(accuracy_cells(a)) + " |" for a in comparison.accuracies]
     lines += ["", "Nodes after onnxruntime's optimisations:", ""]
     lines += [
         f"- **{v.name}** ({v.file_size / 1e6:.2f} MB): {_ops_summary(v, 8)}" for v in comparison.variants
@@ -397,7 +437,9 @@ def comparison_plot(comparison: Comparison, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 3 if comparison.accuracies else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    ax_lat, ax_thr = axes[0], axes[1]
     deviating = {d.variant for d in comparison.deviations if d.deviates}
     for info in comparison.variants:
         label = f"{info.name} ({DEVIATES} outputs)" if info.name in deviating else info.name
@@ -416,6 +458,15 @@ def comparison_plot(comparison: Comparison, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()
+    if comparison.accuracies:
+        ax_acc = axes[2]
+        accs = comparison.accuracies
+        values = [100 * a.accuracy for a in accs]
+        errors = [[100 * (a.accuracy - a.low) for a in accs], [100 * (a.high - a.accuracy) for a in accs]]
+        ax_acc.bar([a.variant for a in accs], values, yerr=errors, capsize=4, color="tab:gray")
+        ax_acc.set_ylim(max(0.0, min(100 * a.low for a in accs) - 5), 100)
+        ax_acc.set_ylabel(f"top-1 accuracy (%), 95% CI, {accs[0].samples:,} samples")
+        ax_acc.grid(True, axis="y", alpha=0.3)
     fig.suptitle(
         f"{comparison.provider.upper()} · {comparison.device} · onnxruntime {comparison.onnxruntime}",
         fontsize=9,

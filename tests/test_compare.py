@@ -8,14 +8,19 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
+from scipy import stats
 from zoo import build
 
 from bnmove import BnmoveError, report
 from bnmove.cli import main
 from bnmove.deploy import runtime
 from bnmove.deploy import runtime as compare_module
+from bnmove.deploy.accuracy import wilson_interval
 from bnmove.deploy.export import export_variants
 
 
@@ -241,3 +246,98 @@ def test_missing_onnxruntime_is_one_line_naming_both_builds(
     assert res.exit_code == 1, res.output
     assert res.output.count("\n") == 1 and "onnxruntime is not installed" in res.output
     assert not (tmp_path / "c.json").exists()
+
+
+# --- accuracy on the user's labelled data (compare --data) ---
+
+
+@pytest.fixture(scope="module")
+def swapped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A digits CNN trained briefly, its original and its after-variant made by swap (which
+    changes some predictions), and 60 held-out digits with their labels."""
+    from bnmove.sample_models import digits_net
+    from bnmove.study.data import load_dataset
+    from bnmove.study.loop import train_classifier
+
+    torch.manual_seed(0)
+    digits = load_dataset("digits")
+    model = train_classifier(digits_net(), digits, epochs=2)
+    x, y = (t[:60].numpy() for t in digits.val.tensors())
+    folder = tmp_path_factory.mktemp("swapped")
+    export_variants(
+        model, (torch.from_numpy(x[:1]),), folder, ("original", "after"), method="swap", stem="net"
+    )
+    return folder, x, y
+
+
+def test_accuracy_and_its_paired_difference_equal_a_hand_computation(swapped: tuple) -> None:
+    folder, x, y = swapped
+    result = runtime.compare([folder], provider="cpu", batch_sizes=(1,), iterations=1, data=(x, y))
+    acc = {a.variant: a for a in result.accuracies}
+    sessions = {
+        name: ort.InferenceSession(str(folder / f"net.{name}.onnx")) for name in ("original", "after")
+    }
+    hits = {name: s.run(None, {"x": x})[0].argmax(1) == y for name, s in sessions.items()}
+    assert acc["original"].correct == int(hits["original"].sum()) and acc["original"].samples == 60
+    assert acc["after"].correct == int(hits["after"].sum()) and acc["after"].samples == 60
+    d = hits["after"].astype(float) - hits["original"].astype(float)
+    assert d.any(), "the swap should change some predictions, or the test compares nothing"
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert acc["after"].difference == pytest.approx(d.mean())
+    assert acc["after"].difference_low == pytest.approx(d.mean() - half)
+    assert acc["after"].difference_high == pytest.approx(d.mean() + half)
+    assert acc["original"].difference is None
+    assert (acc["original"].low, acc["original"].high) == pytest.approx(
+        wilson_interval(int(hits["original"].sum()), 60)
+    )
+    assert result.to_dict()["accuracies"][1]["accuracy"] == pytest.approx(acc["after"].accuracy)
+
+
+def test_wilson_interval_matches_the_textbook_values() -> None:
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 50) == pytest.approx((0.0, 0.0714), abs=1e-4)
+
+
+def test_cli_compare_data_reports_accuracy_in_table_json_and_markdown(swapped: tuple, tmp_path: Path) -> None:
+    folder, x, y = swapped
+    session = ort.InferenceSession(str(folder / "net.original.onnx"))
+    correct = int((session.run(None, {"x": x})[0].argmax(1) == y).sum())
+    np.savez(tmp_path / "labelled.npz", x=x, y=y, x_val=x, y_val=y)
+    args = [
+        "compare",
+        str(folder),
+        "--batch-sizes",
+        "1",
+        "--iterations",
+        "1",
+        "--data",
+        str(tmp_path / "labelled.npz"),
+    ]
+    done = CliRunner().invoke(
+        main, [*args, "--markdown", str(tmp_path / "r.md"), "--json-file", str(tmp_path / "r.json")]
+    )
+    assert done.exit_code == 0, done.output
+    assert "top-1 accuracy on 60 labelled samples" in done.stdout and f"{correct / 60:.1%}" in done.stdout
+    assert f"| original | {correct / 60:.1%} |" in (tmp_path / "r.md").read_text()
+    accuracies = json.loads((tmp_path / "r.json").read_text())["accuracies"]
+    assert accuracies[0]["variant"] == "original" and accuracies[0]["correct"] == correct
+    fewer = CliRunner().invoke(main, [*args, "--data-samples", "10", "--json"])
+    assert json.loads(fewer.stdout)["accuracies"][0]["samples"] == 10
+
+
+@pytest.mark.parametrize(
+    "labels, shape, message",
+    [
+        (12, (1, 8, 8), "label 12 but original scores 10 classes"),
+        (0, (3, 8, 8), "original cannot run on inputs of shape 3x8x8"),
+    ],
+)
+def test_bad_labelled_data_is_one_line_before_any_timing(
+    swapped: tuple, tmp_path: Path, labels: int, shape: tuple[int, ...], message: str
+) -> None:
+    folder = swapped[0]
+    np.savez(tmp_path / "bad.npz", x=np.zeros((20, *shape), np.float32), y=np.full(20, labels))
+    done = CliRunner().invoke(main, ["compare", str(folder), "--data", str(tmp_path / "bad.npz")])
+    assert done.exit_code == 1 and message in done.stderr, done.output
+    assert len(done.stderr.strip().splitlines()) == 1 and "p50" not in done.stdout

@@ -16,6 +16,7 @@ from ..deploy.runtime import PROVIDERS, compare
 from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import METHODS
 from ..report import (
+    accuracy_table,
     comparison_csv,
     comparison_json,
     comparison_markdown,
@@ -26,6 +27,7 @@ from ..report import (
     export_table,
     require_matplotlib,
 )
+from ..study.data import load_dataset
 from ._common import (
     ModelArgs,
     _csv_list,
@@ -206,6 +208,21 @@ Example:
     type=click.Path(path_type=Path),
     help="Write a PNG of latency and throughput vs batch size.",
 )
+@click.option(
+    "--data",
+    "data_spec",
+    metavar="DATA",
+    help="Labelled data to measure each variant's top-1 accuracy on, with a 95% interval and its "
+    "paired difference from the original: what experiment --data takes ('digits', an .npz with "
+    "x/y, an image folder, a CIFAR folder); its validation split (x_val/y_val or val/ when given, "
+    "else the 20% experiment holds out).",
+)
+@click.option(
+    "--data-samples",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Use at most the first N samples of --data [default: all].",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing report files.")
 @debug_option
 def compare_command(
@@ -220,13 +237,16 @@ def compare_command(
     csv_path: Path | None,
     md_path: Path | None,
     plot_path: Path | None,
+    data_spec: str | None,
+    data_samples: int | None,
     force: bool,
 ) -> None:
     """Time ONNX variants side by side under onnxruntime.
 
     Variants run interleaved, round by round; on GPU with inputs and outputs bound on the device.
     Reports latency percentiles, throughput, the ratio to the original, output deviation and the
-    nodes left after onnxruntime's optimisations (which BatchNorms survived fusion).
+    nodes left after onnxruntime's optimisations (which BatchNorms survived fusion); with
+    --data, each variant's accuracy on your labelled data.
     """
     if iterations is not None and seconds is not None:
         raise click.UsageError("give --iterations or --seconds, not both")
@@ -241,6 +261,9 @@ def compare_command(
         check_output(path, force=force)
     if plot_path is not None:
         require_matplotlib()
+    data = load_dataset(data_spec) if data_spec is not None else None  # bad data fails before timing
+    for note in data.notes if data is not None else []:
+        click.echo(f"bnmove: note: {note}", err=True)
     show = sys.stderr.isatty() and not as_json
     with _stderr().status("comparing…") if show else contextlib.nullcontext() as status:
 
@@ -256,6 +279,8 @@ def compare_command(
             iterations=None if seconds is not None else (iterations or 50),
             seconds=seconds,
             on_step=step,
+            data=data,
+            data_samples=data_samples,
         )
     writers = ((json_path, comparison_json), (csv_path, comparison_csv), (md_path, comparison_markdown))
     for target, render in writers:
@@ -270,9 +295,11 @@ def compare_command(
         return
     out = _stdout()
     out.print(comparison_table(result, width=out.width))
-    note = deviation_note(result)
-    if note:
-        out.print(f"[yellow]{note}[/]", highlight=False)
+    if result.accuracies:
+        out.print(accuracy_table(result))
+    deviating = deviation_note(result)
+    if deviating:
+        out.print(f"[yellow]{deviating}[/]", highlight=False)
     for line in comparison_ops_lines(result):
         out.print(f"  {line}", highlight=False)
     if reports:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BnmoveError
+from .accuracy import Accuracy, labelled_batches
+from .accuracy import evaluate as evaluate_accuracy
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
     import onnx
@@ -238,6 +240,8 @@ class Comparison:
     timings: list[Timing]
     deviations: list[OutputDeviation]
     batch_sizes: list[int] = field(default_factory=list)
+    #: top-1 accuracy per variant on the labelled data, when given
+    accuracies: list[Accuracy] = field(default_factory=list)
 
     def timing(self, variant: str, batch_size: int) -> Timing:
         """The timing of one variant at one batch size; a clear error for one that was not timed."""
@@ -258,6 +262,7 @@ class Comparison:
             "variants": [{**asdict(v), "batchnorms_after_optimization": v.batchnorms} for v in self.variants],
             "timings": [asdict(t) for t in self.timings],
             "deviations": [asdict(d) for d in self.deviations],
+            "accuracies": [a.to_dict() for a in self.accuracies],
         }
 
 
@@ -403,6 +408,8 @@ def compare(
     seconds: float | None = None,
     reference: str | None = None,
     on_step: Any = None,
+    data: Any = None,
+    data_samples: int | None = None,
 ) -> Comparison:
     """Time and compare ONNX variants under onnxruntime.
 
@@ -418,6 +425,12 @@ def compare(
         seconds: instead of ``iterations``, time rounds for this long per batch size.
         reference: the variant ratios and deviations refer to (default ``original``, else the first).
         on_step: called with a short description before each step (progress).
+        data: labelled data to measure every variant's top-1 accuracy on: what ``--data``
+            takes (``"digits"``, an ``.npz`` with ``x`` and ``y``, an image folder, a CIFAR
+            folder; its validation split), a :class:`bnmove.Dataset`, or an ``(x, y)`` pair.
+            Each variant's accuracy comes with a 95% interval and its paired difference from
+            the reference on the same samples.
+        data_samples: use at most this many labelled samples (default: all).
 
     Returns:
         A :class:`Comparison` (``to_dict()`` for JSON; ``bnmove.report`` renders it).
@@ -436,6 +449,9 @@ def compare(
     if ref not in named:
         raise BnmoveError(f"reference variant {ref!r} is not among {', '.join(named)}")
     step = on_step or (lambda _text: None)
+    if data_samples is not None and data_samples < 1:
+        raise BnmoveError("data samples must be at least 1")
+    batches = labelled_batches(data, data_samples) if data is not None else None
     with tempfile.TemporaryDirectory(prefix="bnmove-compare-") as tmp:
         runners: dict[str, _Runner] = {}
         for name, path in named.items():
@@ -452,6 +468,11 @@ def compare(
             if len(fixed) > 1 or None in statics:
                 raise BnmoveError("variants mix static and dynamic or different static batch sizes")
             sizes = [fixed.pop()]
+
+        accuracies = []
+        if batches is not None:  # before the timing, so bad data fails early
+            step("accuracy on the labelled data")
+            accuracies = evaluate_accuracy(runners, batches, ref)
 
         step("comparing outputs")
         deviation_batch = max(sizes)
@@ -511,4 +532,5 @@ def compare(
         timings=timings,
         deviations=deviations,
         batch_sizes=sizes,
+        accuracies=accuracies,
     )

@@ -123,8 +123,12 @@ def run_demo(
 
     console.print(Rule("5. bnmove compare (onnxruntime)"))
     with status.status("timing the variants…"):
-        comparison = compare(paths, provider="auto", batch_sizes=(1, 64), warmup=3, iterations=30)
+        comparison = compare(
+            paths, provider="auto", batch_sizes=(1, 64), warmup=3, iterations=30, data=data
+        )  # with the digits, each variant's accuracy on the held-out ones (compare --data)
     console.print(report.comparison_table(comparison, width=console.width))
+    if comparison.accuracies:
+        console.print(report.accuracy_table(comparison))
     md = out_dir / "compare.md"
     md.write_text(report.comparison_markdown(comparison))
     written.append(md)
