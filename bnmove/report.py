@@ -480,6 +480,24 @@ def comparison_plot(comparison: Comparison, path: Path) -> None:
 # -- export (bnmove export) ------------------------------------------------------------------
 
 
+def int8_lines(manifest: dict[str, Any]) -> list[str]:
+    """One line per INT8 variant: its agreement with the float variant and what stays in float."""
+    lines = []
+    for name, entry in manifest.get("variants", {}).items():
+        int8 = entry.get("int8")
+        if not int8:
+            continue
+        agreement = int8["top1_agreement_with_float"]
+        ops = Counter(n["op"] for n in int8["float_nodes"])
+        left = ", ".join(f"{op}×{count}" for op, count in ops.most_common()) or "none"
+        lines.append(
+            f"{name}.int8: {int8['file']}; against {name} on {int8['held_out_samples']} held-out "
+            f"calibration samples: top-1 agreement {'—' if agreement is None else f'{agreement:.1%}'}, "
+            f"max relative error {int8['max_rel_error_vs_float']:.2%}; float nodes: {left}"
+        )
+    return lines
+
+
 def export_table(manifest: dict[str, Any]) -> Table:
     table = Table(title="Exported variants", title_justify="left")
     for column in (

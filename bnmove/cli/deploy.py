@@ -12,7 +12,9 @@ from rich.progress import Progress
 
 from .._atomic import atomic_path, check_output
 from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest, require_export_tools
+from ..deploy.quantize import QUANTIZATIONS, require_quantization_tools
 from ..deploy.runtime import PROVIDERS, compare
+from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import METHODS
 from ..report import (
@@ -25,6 +27,7 @@ from ..report import (
     comparison_table,
     deviation_note,
     export_table,
+    int8_lines,
     require_matplotlib,
 )
 from ..study.data import load_dataset
@@ -94,6 +97,13 @@ Example:
     "border correction (an Add after the Conv). Exact at every size; whether it is faster than the "
     "standalone BN depends on the runtime (see docs/guide/deployment.md).",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(QUANTIZATIONS),
+    help="Also write <stem>.<variant>.int8.onnx beside each float variant: onnxruntime's static "
+    "quantization (QDQ, per-channel weights), calibrated on --calibration-data (required) with its "
+    "last samples held out to measure the agreement with the float variant.",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing variant files in the folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export_command(
@@ -109,6 +119,7 @@ def export_command(
     static_batch: bool,
     fold_forward: bool,
     fold_padded: bool,
+    quantize: str | None,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -119,6 +130,12 @@ def export_command(
     """
     variants = _csv_list(placements, "variant")
     require_export_tools()  # before loading and converting, which can take minutes
+    if quantize is not None:
+        require_quantization_tools()
+        if calibration_path is None:
+            raise BnmoveError(
+                "--quantize needs --calibration-data: the samples it calibrates the int8 ranges on"
+            )
     loaded = model.load()
     calibration = (
         calibration_batches(calibration_path, samples=calibration_samples)
@@ -149,6 +166,7 @@ def export_command(
             calibration_samples=calibration_samples,
             max_error=max_error,
             on_variant=advance,
+            quantize=quantize,
         )
         progress.update(task, completed=len(variants))
     manifest = read_manifest(out_dir) or {}
@@ -160,6 +178,8 @@ def export_command(
         return
     out = _stdout()
     out.print(export_table(manifest), highlight=False)
+    for line in int8_lines(manifest):
+        out.print(line, highlight=False)
     out.print(
         f"wrote {len(paths)} variants and {out_dir / 'manifest.json'}; next: bnmove compare {out_dir}",
         highlight=False,

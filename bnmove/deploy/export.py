@@ -34,6 +34,7 @@ from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import convert
 from ..moving.verify import eval_mode, output_tensors, run_model
 from .folding import fold_forward
+from .quantize import QUANTIZATIONS, Calibration, quantize_variant, require_quantization_tools
 from .runtime import import_onnxruntime
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
@@ -240,6 +241,7 @@ def export_variants(
     calibration_samples: int = 256,
     max_error: float | None = None,
     on_variant: Callable[[str], None] | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Path]:
     """Export each placement variant of ``model`` to ``out_dir/<stem>.<variant>.onnx``.
 
@@ -260,9 +262,14 @@ def export_variants(
         calibration_samples: use at most this many calibration samples.
         max_error: the bound on a fitted variant's relative error, as for :func:`bnmove.convert`.
         on_variant: called with each variant's name before it is exported (progress).
+        quantize: ``"int8"`` also writes ``<stem>.<variant>.int8.onnx`` beside each float
+            variant: onnxruntime's static quantization (QDQ, per-channel int8 weights), calibrated
+            on ``calibration_data`` (required) with its last samples held out to measure the
+            agreement with the float variant (see :mod:`bnmove.deploy.quantize`).
 
     Returns:
-        ``{variant: path}``; ``out_dir/manifest.json`` describes every file.
+        ``{variant: path}`` (with ``quantize``, also ``{"<variant>.int8": path}``);
+        ``out_dir/manifest.json`` describes every file.
     """
     unknown = [p for p in placements if p not in VARIANTS]
     if unknown or not placements:
@@ -270,18 +277,28 @@ def export_variants(
             f"unknown variant {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
         )
     require_export_tools()
+    if quantize is not None:
+        if quantize not in QUANTIZATIONS:
+            raise BnmoveError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}")
+        require_quantization_tools()
+        if calibration_data is None:
+            raise BnmoveError(
+                "--quantize needs --calibration-data: the samples it calibrates the int8 ranges on"
+            )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BnmoveError(f"{out}: exists and is not a folder")
     if not out.parent.exists():
         raise BnmoveError(f"{out}: folder {out.parent} does not exist")
     targets = {v: out / f"{stem}.{v}.onnx" for v in placements}
-    clash = [p for p in (*targets.values(), out / MANIFEST) if p.exists()]
+    int8_targets = {v: out / f"{stem}.{v}.int8.onnx" for v in placements} if quantize else {}
+    clash = [p for p in (*targets.values(), *int8_targets.values(), out / MANIFEST) if p.exists()]
     if clash and not force:
         raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
     inputs = tuple(example_inputs)
     if calibration_data is not None:  # read once; every moved variant fits on the same samples
         calibration_data = calibration_batches(calibration_data, samples=calibration_samples)
+    quantization = Calibration.split(calibration_data) if quantize else None
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
@@ -302,6 +319,7 @@ def export_variants(
             "padded" if fold_padded else "forward" if fold_forward_bns else None,
             tolerance,
             on_variant,
+            quantization,
         )
     except BaseException:
         if created and not any(out.iterdir()):
@@ -321,6 +339,7 @@ def _export_into(
     folding_mode: str | None,
     tolerance: float,
     on_variant: Callable[[str], None] | None,
+    quantization: Calibration | None = None,
 ) -> dict[str, Path]:
     import onnx
 
@@ -356,6 +375,10 @@ def _export_into(
                 onnxruntime_vs_torch_max_abs_error=err,
                 batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
             )
+            if quantization is not None:
+                int8_path = path.with_name(targets[variant].name[: -len(".onnx")] + ".int8.onnx")
+                entry["int8"] = quantize_variant(path, int8_path, quantization, Path(tmp))
+                staged[f"{variant}.int8"] = int8_path
             entries[variant] = entry
             staged[variant] = path
         manifest = {
@@ -364,6 +387,17 @@ def _export_into(
             "onnx": onnx.__version__,
             "method": conversion["method"],
             "calibration": "data" if conversion["calibration_data"] is not None else "none",
+            **(
+                {
+                    "quantization": {
+                        "type": "int8",
+                        "calibration_samples": quantization.samples()[0],
+                        "held_out_samples": quantization.samples()[1],
+                    }
+                }
+                if quantization is not None
+                else {}
+            ),
             "fold_forward": folding_mode is not None,
             "fold_padded": folding_mode == "padded",
             **(
@@ -379,10 +413,10 @@ def _export_into(
         }
         manifest_tmp = Path(tmp) / MANIFEST
         manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        for variant, path in staged.items():
-            os.replace(path, targets[variant])
+        for path in staged.values():
+            os.replace(path, out / path.name)
         os.replace(manifest_tmp, out / MANIFEST)
-    return targets
+    return {name: out / path.name for name, path in staged.items()}
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

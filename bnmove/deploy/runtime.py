@@ -283,12 +283,18 @@ def collect_paths(items: Sequence[str | Path]) -> dict[str, Path]:
     named: dict[str, Path] = {}
     for path in files:
         stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
-        name = stem.rsplit(".", 1)[-1] if "." in stem else stem
+        parts = stem.split(".")
+        # <stem>.<variant>.onnx -> variant; <stem>.<variant>.int8.onnx -> variant.int8
+        name = ".".join(parts[-2:]) if len(parts) > 2 and parts[-1] == "int8" else parts[-1]
         if name in named:
             name = stem
         named[name] = path
     order = {"original": 0, "before": 1, "after": 2}
-    return dict(sorted(named.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
+    return dict(
+        sorted(
+            named.items(), key=lambda kv: (kv[0].endswith(".int8"), order.get(kv[0].split(".")[0], 3), kv[0])
+        )
+    )
 
 
 def _label(node: onnx.NodeProto) -> str:

@@ -1,0 +1,152 @@
+"""INT8 variants: onnxruntime's static quantization of each exported float variant.
+
+Each float variant (after bnmove's folds) goes through onnxruntime's recommended pre-processing
+(``quant_pre_process``: symbolic shape inference and graph optimisation) and ``quantize_static``
+in the QDQ format with per-channel int8 weights and int8 activations, MinMax-calibrated on the
+same samples for every variant. The last calibration samples (:func:`split_held_out`) stay out
+of the calibration: agreement of the INT8 variant with its float variant is measured on them.
+
+onnxruntime has no int8 BatchNormalization: a BN that no exact rule folded stays a float op
+between a dequantize and a quantize, which is what makes an after-placement model cost more
+once quantized. The report lists every node left in float, with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import BnmoveError
+from ..fitting.calibrate import Batch, split_held_out
+
+#: what --quantize accepts
+QUANTIZATIONS = ("int8",)
+_QDQ = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def require_quantization_tools() -> None:
+    """Fail before any work when onnxruntime's quantization tools are missing."""
+    if (
+        importlib.util.find_spec("onnxruntime") is None
+        or importlib.util.find_spec("onnxruntime.quantization") is None
+    ):
+        raise BnmoveError(
+            "--quantize needs onnxruntime's quantization tools: pip install 'bnmove[cpu]' (or [gpu])"
+        )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The samples every variant is quantized with, and those held out to check the result."""
+
+    calibrate: list[Batch]
+    held_out: list[Batch]
+
+    @classmethod
+    def split(cls, batches: Sequence[Batch]) -> Calibration:
+        calibrate, held_out = split_held_out(list(batches))
+        if not held_out:
+            raise BnmoveError(
+                "--quantize needs at least 2 calibration samples (some are held out to check it)"
+            )
+        return cls(calibrate, held_out)
+
+    def samples(self) -> tuple[int, int]:
+        return sum(len(b[0]) for b in self.calibrate), sum(len(b[0]) for b in self.held_out)
+
+
+def _feeds(batches: Sequence[Batch], names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """One feed per sample (a batch of one), so a static-batch export takes them too."""
+    feeds = []
+    for batch in batches:
+        arrays = [
+            t.detach().cpu().float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in batch
+        ]
+        for i in range(len(arrays[0])):
+            feeds.append({name: a[i : i + 1] for name, a in zip(names, arrays, strict=True)})
+    return feeds
+
+
+def float_nodes(model: Any) -> list[dict[str, str]]:
+    """Every compute node of a QDQ model that runs in float, with the reason."""
+    produced_by = {out: node.op_type for node in model.graph.node for out in node.output}
+    left = []
+    for node in model.graph.node:
+        if node.op_type in _QDQ:
+            continue
+        quantized_input = any(produced_by.get(name) == "DequantizeLinear" for name in node.input)
+        if node.op_type == "BatchNormalization":
+            reason = (
+                "onnxruntime has no int8 BatchNormalization: it runs in float between dequantize and "
+                "quantize; no exact rule folded this BN (see the variant's bns for why)"
+            )
+        elif not quantized_input:
+            reason = f"onnxruntime's static quantization does not quantize {node.op_type} here"
+        else:
+            continue
+        left.append({"node": node.name, "op": node.op_type, "reason": reason})
+    return left
+
+
+def quantize_variant(
+    float_path: Path, out_path: Path, calibration: Calibration, work: Path
+) -> dict[str, Any]:
+    """Write ``out_path``, the INT8 form of ``float_path``; returns its manifest entry."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    names = [i.name for i in onnx.load(str(float_path), load_external_data=False).graph.input]
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.feeds = iter(_feeds(calibration.calibrate, names))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    prepared = work / f"{float_path.stem}.pre.onnx"
+    try:
+        quant_pre_process(str(float_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+    except Exception as exc:
+        raise BnmoveError(
+            f"{float_path.name}: onnxruntime's quantization failed ({type(exc).__name__}: {exc})"
+        ) from exc
+    float_session = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"])
+    int8_session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    agree, total, worst, scale = 0, 0, 0.0, 0.0
+    for feed in _feeds(calibration.held_out, names):
+        want = float_session.run(None, feed)[0].astype(np.float64)
+        got = int8_session.run(None, feed)[0].astype(np.float64)
+        worst = max(worst, float(np.abs(got - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+        if want.ndim == 2 and want.shape[1] > 1:
+            agree += int(want.argmax(1)[0] == got.argmax(1)[0])
+            total += 1
+    calibrated, held_out = calibration.samples()
+    return {
+        "file": out_path.name,
+        "format": "QDQ, int8 activations, per-channel int8 weights (onnxruntime quantize_static, MinMax)",
+        "calibration_samples": calibrated,
+        "held_out_samples": held_out,
+        "top1_agreement_with_float": agree / total if total else None,
+        "max_rel_error_vs_float": worst / scale if scale > 0 else 0.0,
+        "float_nodes": float_nodes(onnx.load(str(out_path))),
+        "file_size": out_path.stat().st_size,
+    }
