@@ -274,3 +274,38 @@ def test_fold_through_functional_pooling(call, negative: bool, fate: str) -> Non
     if fate == "standalone":
         assert bn.reason
     assert_same_outputs(model, result.model, (torch.randn(2, 4, 8, 8),))
+
+
+def test_a_bn_after_a_border_corrected_conv_is_folded_by_bnmove(tmp_path: Path) -> None:
+    """conv -> ReLU -> BN -> padded conv -> BN' -> ReLU: with --fold-padded the first BN folds
+    into the padded conv as Conv + Add; a runtime can no longer fuse BN' into that conv (the Add
+    stands between them), so bnmove folds it: no BatchNormalization is left, outputs unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    randomize_bn(model)
+    model.eval()
+    x = torch.randn(4, 1, 8, 8)
+    folding = fold_forward(model, padded=True)
+    fates = {f.bn: (f.fate, f.into, f.form) for f in folding.bns}
+    assert fates == {"2": ("folded-forward", "3", "border-corrected"), "4": ("fused-backward", "3", None)}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folding.model.modules())
+    for size in (8, 11):  # the correction is exact at every input size
+        y = torch.randn(4, 1, size, size)
+        assert_same_outputs(model, folding.model, (y,))
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        got = fold_forward(model, padded=True).model.double()(x.double())
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+    paths = export_variants(model.float(), (x,), tmp_path, ("original",), fold_padded=True)
+    ops = Counter(n.op_type for n in onnx.load(str(paths["original"])).graph.node)
+    assert ops["BatchNormalization"] == 0 and ops["Add"] == 1

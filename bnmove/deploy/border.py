@@ -71,4 +71,30 @@ def border_corrected(
     return BorderCorrectedConv(new, shifted.to(conv.weight.dtype))
 
 
-__all__ = ["BorderCorrectedConv", "border_corrected"]
+def absorb_following(corrected: BorderCorrectedConv, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Fold ``BN(z) = a·z + b`` that follows ``corrected`` into it, in place.
+
+    ``a·(conv_W(x) + c) + b = conv_{a·W}(x) + a·c + b``: the output channels' weights and bias take
+    the fold every conv takes, and the correction map ``c``, linear in ``shift_weight``, scales with
+    ``a`` per output channel. A runtime fuses a BN only into a Conv that feeds it directly; after a
+    border-corrected conv an ``Add`` stands between them, so bnmove folds it instead.
+    """
+    conv = corrected.conv
+    groups = int(conv.groups)
+    device = conv.weight.device
+    weight, bias = bn_math.fold_into_preceding(
+        conv.weight, conv.bias, a.to(device), b.to(device), groups=groups
+    )
+    shift, _ = bn_math.fold_into_preceding(
+        corrected.shift_weight, None, a.to(device), torch.zeros_like(a).to(device), groups=groups
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(bias.to(conv.bias.dtype))
+        corrected.shift_weight.copy_(shift.to(corrected.shift_weight.dtype))
+
+
+__all__ = ["BorderCorrectedConv", "absorb_following", "border_corrected"]

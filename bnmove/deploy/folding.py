@@ -31,7 +31,7 @@ from ..moving import bn_math
 from ..moving.affine import ChannelAffine
 from ..moving.rewrite import affine_map, fold_bn
 from ..moving.surgery import set_submodule
-from .border import border_corrected
+from .border import BorderCorrectedConv, absorb_following, border_corrected
 
 
 @dataclass(frozen=True)
@@ -242,4 +242,11 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
                     fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
                 # The BN's slot computes nothing now; every forward stays the user's.
                 set_submodule(region.root, str(node.target), nn.Identity())
+            elif fate.fate == "fused-backward":
+                source = skip_identity_up(node.args[0], modules)  # type: ignore[arg-type]
+                layer = region.root.get_submodule(str(source.target))
+                if isinstance(layer, BorderCorrectedConv):  # an earlier forward fold put an Add after it
+                    a, b = affine_map(modules[str(node.target)])
+                    absorb_following(layer, a, b)
+                    set_submodule(region.root, str(node.target), nn.Identity())
     return Folding(work, fates)

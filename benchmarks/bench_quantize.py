@@ -1,0 +1,145 @@
+"""INT8 deployment of both placements: does the after-placement quantize as cleanly, and as
+cheaply, as the before-placement once bnmove folds its BNs?
+
+Two digits CNNs are trained (bnmove's loop, Adam): one with BN before each ReLU, converted
+exactly to after, and one with BN after each ReLU, converted exactly to before. Each is exported
+with ``--fold-padded`` and ``--quantize int8`` (onnxruntime's static quantization, calibrated on
+training digits, the same samples for every variant), then every float and INT8 variant is
+evaluated on the held-out digits and timed on onnxruntime's CPU provider, interleaved in one run.
+It prints, per model and variant: float and INT8 top-1, INT8 minus float, the BatchNormalization
+nodes left in the INT8 graph, and the INT8 (and float) latency of the after-variant against the
+before-variant, p50.
+
+    python benchmarks/bench_quantize.py [--epochs 10] [--iterations 300] [--batch-sizes 1,64]
+
+Targets (issue 21): INT8 minus float within 1 point for every variant; INT8 after/before <= 1.03x;
+0 BNs left in float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnmove import compare, export_variants
+from bnmove.study.data import load_dataset
+from bnmove.study.loop import train_classifier
+
+
+class DigitsCNN(nn.Module):
+    """Three padded 3x3 convs (16, 32, 64 channels; the second strided), BN on one side of each
+    ReLU, global pooling and a Linear head: the shape of most small image classifiers."""
+
+    def __init__(self, bn_after: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for cout, stride in ((16, 1), (32, 2), (64, 1)):
+            conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bn_after)
+            pair = [nn.ReLU(), nn.BatchNorm2d(cout)] if bn_after else [nn.BatchNorm2d(cout), nn.ReLU()]
+            layers += [conv, *pair]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(cin, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+def _float_bns(path: Path) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=300, help="timed rounds per batch size")
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--calibration-samples", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    torch.set_num_threads(2)
+    digits = load_dataset("digits")
+    print(f"digits: {len(digits.train)} training, {len(digits.val)} held-out; torch {torch.__version__}")
+    figures: dict[str, dict] = {}
+    failures = []
+    for trained_as in ("before", "after"):
+        torch.manual_seed(0)
+        model = train_classifier(
+            DigitsCNN(bn_after=trained_as == "after"), digits, epochs=args.epochs, cosine=True
+        )
+        calibration = digits.train.head(args.calibration_samples)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = export_variants(
+                model,
+                (calibration[:1],),
+                tmp,
+                ("before", "after"),
+                method="exact",
+                fold_padded=True,
+                quantize="int8",
+                calibration_data=calibration,
+                stem="net",
+            )
+            manifest = json.loads((Path(tmp) / "manifest.json").read_text())
+            result = compare(
+                paths,
+                provider="cpu",
+                batch_sizes=sizes,
+                iterations=args.iterations,
+                data=digits,
+                reference="before",
+            )
+            accuracy = {a.variant: a.accuracy for a in result.accuracies}
+            bns = {name: _float_bns(path) for name, path in paths.items()}
+        print(
+            f"\nmodel trained with BN {trained_as} the activation, converted exactly to the other placement"
+        )
+        print(
+            f"{'variant':8} {'float top-1':>11} {'int8 top-1':>10} {'int8-float':>10} {'BNs in int8':>11}  moved"
+        )
+        for variant in ("before", "after"):
+            gap = 100 * (accuracy[f"{variant}.int8"] - accuracy[variant])
+            moved = manifest["variants"][variant]["moved"]
+            print(
+                f"{variant:8} {accuracy[variant]:>11.1%} {accuracy[variant + '.int8']:>10.1%} "
+                f"{gap:>+10.1f} {bns[variant + '.int8']:>11}  {moved}"
+            )
+            if abs(gap) > 1.0:
+                failures.append(f"{trained_as}-trained {variant}: int8 - float {gap:+.1f} points")
+            if bns[f"{variant}.int8"]:
+                failures.append(f"{trained_as}-trained {variant}: {bns[variant + '.int8']} BNs left in float")
+        ratios = {}
+        for batch in sizes:
+            for kind in ("", ".int8"):
+                after = result.timing(f"after{kind}", batch).p50_ms
+                before = result.timing(f"before{kind}", batch).p50_ms
+                ratios[f"{kind.strip('.') or 'float'}@{batch}"] = after / before
+                print(
+                    f"  {'INT8 ' if kind else 'float'} batch {batch:>3}: after {after:.3f} ms, "
+                    f"before {before:.3f} ms, after/before {after / before:.2f}x"
+                )
+                if kind and after / before > 1.03:
+                    failures.append(
+                        f"{trained_as}-trained INT8 batch {batch}: after/before {after / before:.2f}x"
+                    )
+        figures[trained_as] = {"accuracy": accuracy, "bns_in_int8": bns, "after_over_before_p50": ratios}
+    print()
+    print("targets met" if not failures else "targets missed: " + "; ".join(failures))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
