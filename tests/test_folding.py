@@ -309,3 +309,51 @@ def test_a_bn_after_a_border_corrected_conv_is_folded_by_bnmove(tmp_path: Path) 
     paths = export_variants(model.float(), (x,), tmp_path, ("original",), fold_padded=True)
     ops = Counter(n.op_type for n in onnx.load(str(paths["original"])).graph.node)
     assert ops["BatchNormalization"] == 0 and ops["Add"] == 1
+
+
+class _TwoBranches(nn.Module):
+    """conv -> ReLU -> BN -> max pool, read by a block's conv and by its shortcut conv (ResNet's stem)."""
+
+    def __init__(self, padded_branch: bool = False) -> None:
+        super().__init__()
+        self.stem, self.relu, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1) if padded_branch else nn.Conv2d(8, 16, 1)
+        self.shortcut = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.bn(self.relu(self.stem(x))))
+        return torch.relu(self.conv(x)) + self.shortcut(x)
+
+
+@pytest.mark.parametrize("padded_branch", [False, True])
+def test_a_bn_feeding_several_layers_folds_into_each(padded_branch: bool) -> None:
+    model = randomize_bn(_TwoBranches(padded_branch)).eval()
+    with torch.no_grad():
+        model.bn.weight.abs_()  # a positive scale passes the max pool
+    x = torch.randn(3, 1, 8, 8)
+    plain = fold_forward(model)
+    if padded_branch:  # one branch pads with zeros: only --fold-padded folds into it
+        assert plain.bns[0].fate == "standalone"
+    folding = fold_forward(model, padded=True)
+    (fate,) = folding.bns
+    assert (fate.fate, fate.into, fate.through) == ("folded-forward", "conv, shortcut", ("pool",))
+    assert fate.form == ("weights and border-corrected" if padded_branch else "weights")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folding.model.modules())
+    for size in (8, 12):
+        assert_same_outputs(model, folding.model, (torch.randn(3, 1, size, size),))
+    assert_same_outputs(model, plain.model, (x,))
+
+
+def test_a_bn_feeding_a_layer_and_a_sum_stays_with_the_reason() -> None:
+    class LayerAndSum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.relu, self.bn, self.conv = nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.relu(x))
+            return self.conv(y) + y
+
+    (fate,) = fold_forward(randomize_bn(LayerAndSum()).eval()).bns
+    assert fate.fate == "standalone" and "feeds conv, add" in (fate.reason or "")

@@ -90,6 +90,10 @@ def _fate(
     target, through, blocked_by = _past_pooling(node, modules, _scale_positive(module))
     if blocked_by:
         return BnFate(name, "standalone", reason=blocked_by)
+    if target is None:  # several branches: a fold into each of them, where every one absorbs it
+        several = _several_consumers(node, modules, calls, prefix, padded, name)
+        if several is not None:
+            return several
     layer = absorbing_layer(target, modules) if target is not None else None
     if target is None or layer is None:
         users = list(skip_identity_down(node, modules).users)
@@ -108,6 +112,31 @@ def _fate(
     if blocked:
         return BnFate(name, "standalone", reason=f"{target.target}: {blocked}")
     return BnFate(name, "folded-forward", into=into, through=tuple(through), form="weights")
+
+
+def _several_consumers(
+    node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str, padded: bool, name: str
+) -> BnFate | None:
+    """``N_i(a·u + b) = N_i'(u)`` for every layer ``N_i`` the BN feeds: the fold into each, when
+    every one of them absorbs it exactly (None when one does not: the BN stays standalone)."""
+    module = modules[str(node.target)]
+    targets, through, blocked_by = _consumers(node, modules, _scale_positive(module))
+    if blocked_by or len(targets) < 2:
+        return None
+    forms = set()
+    for target in targets:
+        layer = absorbing_layer(target, modules)
+        if layer is None or calls.get(str(target.target), 0) != 1:
+            return None
+        if in_channels(layer) != module.num_features:  # type: ignore[union-attr]
+            return None
+        blocked = forward_fold_blocker(layer)
+        if blocked and not (padded and zero_padded_conv(layer)):
+            return None
+        forms.add("border-corrected" if blocked else "weights")
+    into = ", ".join(_qual(prefix, str(t.target)) for t in targets)
+    form = forms.pop() if len(forms) == 1 else "weights and border-corrected"
+    return BnFate(name, "folded-forward", into=into, through=tuple(through), form=form)
 
 
 _MAX_POOLS = (
@@ -181,6 +210,36 @@ def _functional_pass_through(node: fx.Node, positive: bool) -> str | bool:
     return False
 
 
+def _consumers(
+    node: fx.Node, modules: dict[str, nn.Module], positive: bool
+) -> tuple[list[fx.Node], list[str], str | None]:
+    """Every node the output of ``node`` reaches past links, pooling and flatten (one per
+    branch), what the way passed, or why it stopped."""
+    through: list[str] = []
+    found: list[fx.Node] = []
+    frontier = [skip_identity_down(node, modules)]
+    for _ in range(8):
+        following = []
+        for current in frontier:
+            for user in current.users:
+                passes = _pass_through(user, modules, positive)
+                if isinstance(passes, str):
+                    return [], through, passes
+                if passes is False:
+                    found.append(user)
+                    continue
+                through.append(
+                    str(user.target)
+                    if user.op == "call_module"
+                    else getattr(user.target, "__name__", str(user.target))
+                )
+                following.append(skip_identity_down(user, modules))
+        if not following:
+            return found, through, None
+        frontier = following
+    return [], through, "too deep a chain of pooling"
+
+
 def _past_pooling(
     node: fx.Node, modules: dict[str, nn.Module], positive: bool
 ) -> tuple[fx.Node | None, list[str], str | None]:
@@ -230,16 +289,17 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
             fate = _fate(node, modules, calls, prefix, padded)
             fates.append(fate)
             if fate.fate == "folded-forward":
-                user, _, _ = _past_pooling(node, modules, True)
-                assert user is not None
-                if fate.form == "border-corrected":
-                    conv = region.root.get_submodule(str(user.target))
-                    a, b = affine_map(modules[str(node.target)])
-                    device = conv.weight.device
-                    corrected = border_corrected(conv, a.to(device), b.to(device))  # type: ignore[arg-type]
-                    set_submodule(region.root, str(user.target), corrected)
-                else:
-                    fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
+                users, _, _ = _consumers(node, modules, True)
+                assert users, fate
+                for user in users:
+                    layer = modules[str(user.target)]
+                    if forward_fold_blocker(layer) and zero_padded_conv(layer):
+                        a, b = affine_map(modules[str(node.target)])
+                        device = layer.weight.device  # type: ignore[union-attr]
+                        corrected = border_corrected(layer, a.to(device), b.to(device))  # type: ignore[arg-type]
+                        set_submodule(region.root, str(user.target), corrected)
+                    else:
+                        fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
                 # The BN's slot computes nothing now; every forward stays the user's.
                 set_submodule(region.root, str(node.target), nn.Identity())
             elif fate.fate == "fused-backward":
