@@ -21,6 +21,7 @@ from .deploy.runtime import Comparison, OutputDeviation, VariantInfo
 from .errors import BnmoveError
 from .moving.conversion import Conversion, Move
 from .study.experiment import ExperimentResult
+from .study.stats import ACCURACY
 
 
 def _yes(flag: bool) -> str:
@@ -272,16 +273,15 @@ def _rows(comparison: Comparison) -> list[dict[str, Any]]:
     return rows
 
 
-def _points(fraction: float) -> str:
-    return f"{round(100 * fraction, 1) + 0.0:+.1f}"
-
-
 def accuracy_cells(acc: Accuracy) -> tuple[str, str, str]:
     """``97.2%``, ``95.6–98.3%`` and ``+0.3 (−0.2 to +0.8)`` (points, against the reference)."""
     interval = f"{100 * acc.low:.1f}–{100 * acc.high:.1f}%"
     if acc.difference is None or acc.difference_low is None or acc.difference_high is None:
         return f"{acc.accuracy:.1%}", interval, "reference"
-    diff = f"{_points(acc.difference)} ({_points(acc.difference_low)} to {_points(acc.difference_high)})"
+    points = [
+        ACCURACY.amount(d, signed=True) for d in (acc.difference, acc.difference_low, acc.difference_high)
+    ]
+    diff = f"{points[0]} ({points[1]} to {points[2]})"
     return f"{acc.accuracy:.1%}", interval, diff
 
 

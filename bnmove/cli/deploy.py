@@ -12,9 +12,8 @@ from rich.progress import Progress
 
 from .._atomic import atomic_path, check_output
 from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest, require_export_tools
-from ..deploy.quantize import QUANTIZATIONS, require_quantization_tools
+from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import PROVIDERS, compare
-from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import METHODS
 from ..report import (
@@ -130,12 +129,7 @@ def export_command(
     """
     variants = _csv_list(placements, "variant")
     require_export_tools()  # before loading and converting, which can take minutes
-    if quantize is not None:
-        require_quantization_tools()
-        if calibration_path is None:
-            raise BnmoveError(
-                "--quantize needs --calibration-data: the samples it calibrates the int8 ranges on"
-            )
+    check_quantization(quantize, calibration_path is not None)
     loaded = model.load()
     calibration = (
         calibration_batches(calibration_path, samples=calibration_samples)

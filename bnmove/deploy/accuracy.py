@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,17 +52,7 @@ class Accuracy:
         return self.correct / self.samples
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "variant": self.variant,
-            "samples": self.samples,
-            "correct": self.correct,
-            "accuracy": self.accuracy,
-            "low": self.low,
-            "high": self.high,
-            "difference": self.difference,
-            "difference_low": self.difference_low,
-            "difference_high": self.difference_high,
-        }
+        return {**asdict(self), "accuracy": self.accuracy}
 
 
 def wilson_interval(correct: int, samples: int) -> tuple[float, float]:

@@ -34,7 +34,7 @@ from ..fitting.calibrate import calibration_batches
 from ..moving.conversion import convert
 from ..moving.verify import eval_mode, output_tensors, run_model
 from .folding import fold_forward
-from .quantize import QUANTIZATIONS, Calibration, quantize_variant, require_quantization_tools
+from .quantize import Calibration, check_quantization, quantize_variant
 from .runtime import import_onnxruntime
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
@@ -277,14 +277,7 @@ def export_variants(
             f"unknown variant {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
         )
     require_export_tools()
-    if quantize is not None:
-        if quantize not in QUANTIZATIONS:
-            raise BnmoveError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}")
-        require_quantization_tools()
-        if calibration_data is None:
-            raise BnmoveError(
-                "--quantize needs --calibration-data: the samples it calibrates the int8 ranges on"
-            )
+    check_quantization(quantize, calibration_data is not None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BnmoveError(f"{out}: exists and is not a folder")

@@ -87,11 +87,12 @@ def _fate(
         layer = absorbing_layer(source, modules)
         if layer is not None and out_channels(layer) == module.num_features:  # type: ignore[union-attr]
             return BnFate(name, "fused-backward", into=_qual(prefix, str(source.target)))
-    target, through, blocked_by = _past_pooling(node, modules, _scale_positive(module))
+    targets, through, blocked_by = _consumers(node, modules, _scale_positive(module))
     if blocked_by:
         return BnFate(name, "standalone", reason=blocked_by)
-    if target is None:  # several branches: a fold into each of them, where every one absorbs it
-        several = _several_consumers(node, modules, calls, prefix, padded, name)
+    target = targets[0] if len(targets) == 1 else None
+    if len(targets) > 1:  # several branches: a fold into each of them, where every one absorbs it
+        several = _several_consumers(targets, through, module, modules, calls, prefix, padded, name)
         if several is not None:
             return several
     layer = absorbing_layer(target, modules) if target is not None else None
@@ -115,14 +116,17 @@ def _fate(
 
 
 def _several_consumers(
-    node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str, padded: bool, name: str
+    targets: list[fx.Node],
+    through: list[str],
+    module: nn.Module,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    prefix: str,
+    padded: bool,
+    name: str,
 ) -> BnFate | None:
     """``N_i(a·u + b) = N_i'(u)`` for every layer ``N_i`` the BN feeds: the fold into each, when
     every one of them absorbs it exactly (None when one does not: the BN stays standalone)."""
-    module = modules[str(node.target)]
-    targets, through, blocked_by = _consumers(node, modules, _scale_positive(module))
-    if blocked_by or len(targets) < 2:
-        return None
     forms = set()
     for target in targets:
         layer = absorbing_layer(target, modules)
@@ -214,17 +218,19 @@ def _consumers(
     node: fx.Node, modules: dict[str, nn.Module], positive: bool
 ) -> tuple[list[fx.Node], list[str], str | None]:
     """Every node the output of ``node`` reaches past links, pooling and flatten (one per
-    branch), what the way passed, or why it stopped."""
+    branch), what the way passed, or why a single way stopped (a blocked branch, or a way longer
+    than 8 steps, gives no nodes and no reason: the BN then has no single layer to fold into)."""
     through: list[str] = []
     found: list[fx.Node] = []
     frontier = [skip_identity_down(node, modules)]
     for _ in range(8):
         following = []
+        branched = len(frontier) > 1 or any(len(current.users) > 1 for current in frontier)
         for current in frontier:
             for user in current.users:
                 passes = _pass_through(user, modules, positive)
                 if isinstance(passes, str):
-                    return [], through, passes
+                    return [], through, None if branched else passes
                 if passes is False:
                     found.append(user)
                     continue
@@ -237,32 +243,7 @@ def _consumers(
         if not following:
             return found, through, None
         frontier = following
-    return [], through, "too deep a chain of pooling"
-
-
-def _past_pooling(
-    node: fx.Node, modules: dict[str, nn.Module], positive: bool
-) -> tuple[fx.Node | None, list[str], str | None]:
-    """The single layer after ``node`` past links, pooling and flatten, what it passed, or why it stopped."""
-    through: list[str] = []
-    current = skip_identity_down(node, modules)
-    for _ in range(8):
-        users = list(current.users)
-        if len(users) != 1:
-            return None, through, None
-        (user,) = users
-        passes = _pass_through(user, modules, positive)
-        if passes is False:
-            return user, through, None
-        if isinstance(passes, str):
-            return None, through, passes
-        through.append(
-            str(user.target)
-            if user.op == "call_module"
-            else getattr(user.target, "__name__", str(user.target))
-        )
-        current = skip_identity_down(user, modules)
-    return None, through, None
+    return [], through, None
 
 
 def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:

@@ -30,8 +30,13 @@ QUANTIZATIONS = ("int8",)
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def require_quantization_tools() -> None:
-    """Fail before any work when onnxruntime's quantization tools are missing."""
+def check_quantization(quantize: str | None, calibration_given: bool) -> None:
+    """Fail before any work when ``quantize`` cannot be done: an unknown kind, onnxruntime's
+    quantization tools missing, or no calibration data to calibrate the int8 ranges on."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise BnmoveError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}")
     if (
         importlib.util.find_spec("onnxruntime") is None
         or importlib.util.find_spec("onnxruntime.quantization") is None
@@ -39,6 +44,8 @@ def require_quantization_tools() -> None:
         raise BnmoveError(
             "--quantize needs onnxruntime's quantization tools: pip install 'bnmove[cpu]' (or [gpu])"
         )
+    if not calibration_given:
+        raise BnmoveError("--quantize needs --calibration-data: the samples it calibrates the int8 ranges on")
 
 
 @dataclass(frozen=True)
