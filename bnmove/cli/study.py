@@ -13,6 +13,7 @@ from click.core import ParameterSource
 from rich.progress import TaskID
 from torch import nn
 
+from ..demo import run_demo
 from ..errors import BnmoveError
 from ..report import (
     experiment_header,
@@ -24,7 +25,6 @@ from ..report import (
 )
 from ..study.activations import replace_activations
 from ..study.data import load_dataset
-from ..study.demo import run_demo
 from ..study.experiment import EpochRecord, experiment, match_classes
 from ..study.jobs import finished_runs
 from ..study.recipes import RECIPES, Recipe

@@ -15,18 +15,18 @@ import torch
 from rich.console import Console
 from rich.rule import Rule
 
-from .. import report
-from .._atomic import save_module
-from ..analysis.detect import detect
-from ..deploy.export import export_variants, read_manifest
-from ..deploy.runtime import compare
-from ..errors import BnmoveError
-from ..moving.conversion import convert
-from ..moving.verify import eval_mode
-from ..sample_models import digits_net
-from .data import Dataset, load_dataset
-from .experiment import experiment
-from .loop import train_classifier
+from . import report
+from ._atomic import save_module
+from .analysis.detect import detect
+from .deploy.export import export_variants, read_manifest
+from .deploy.runtime import compare
+from .errors import BnmoveError
+from .moving.conversion import convert
+from .moving.verify import eval_mode
+from .sample_models import digits_net
+from .study.data import Dataset, load_dataset
+from .study.experiment import experiment
+from .study.loop import train_classifier
 
 
 def _digits() -> Dataset | None:
