@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 import bnmove
-from bnmove.moving.verify import infer_example_inputs
+from bnmove.analysis.inputs import infer_example_inputs
 
 
 def make_cnn(blocks: int, width: int = 32, act: type[nn.Module] = nn.ReLU) -> nn.Module:

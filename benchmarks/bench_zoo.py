@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 import bnmove
 from bnmove.analysis.patterns import is_frozen_batchnorm, module_activation_spec
-from bnmove.moving.surgery import GraphForward
+from bnmove.core.forwards import GraphForward
 
 torch.set_num_threads(1)
 

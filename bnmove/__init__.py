@@ -10,9 +10,14 @@
 >>> tuned = bnmove.recalibrate(fine_tuned, train_x)  # exact BN statistics after fine-tuning
 """
 
+import importlib.metadata
+
 from . import sample_models
-from .analysis.detect import Detection, Pair, detect, find_pairs
+from .analysis.detect import Pair
+from .analysis.inputs import infer_example_inputs
 from .analysis.patterns import ACTIVATION_KINDS
+from .core.affine import ChannelAffine
+from .core.fidelity import Deviation, compare_models
 from .deploy.export import export_variants
 from .deploy.folding import Folding, fold_forward
 from .deploy.runtime import Comparison, compare, select_provider
@@ -20,13 +25,12 @@ from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
 from .fitting.calibrate import recalibrate
 from .fitting.synthetic import synthesize_inputs
 from .io.loading import LoadedModel, load_model
-from .moving.affine import ChannelAffine
-from .moving.conversion import Conversion, Move, convert
-from .moving.verify import Deviation, compare_models, infer_example_inputs
+from .pipeline.analyse import Detection, detect, find_pairs
+from .pipeline.conversion import Conversion, Move, convert
 from .study.data import Dataset, load_dataset
 from .study.experiment import ExperimentResult, experiment
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("bnmove")  # pyproject.toml holds the one version
 
 __all__ = [
     "ACTIVATION_KINDS",

@@ -16,13 +16,13 @@ from rich.console import Console
 from rich.rule import Rule
 
 from . import report
-from ._atomic import save_module
-from .analysis.detect import detect
+from .core.atomic import save_module
+from .core.running import eval_mode
 from .deploy.export import export_variants, read_manifest
 from .deploy.runtime import compare
 from .errors import BnmoveError
-from .moving.conversion import convert
-from .moving.verify import eval_mode
+from .pipeline.analyse import detect
+from .pipeline.conversion import convert
 from .sample_models import digits_net
 from .study.data import Dataset, load_dataset
 from .study.experiment import experiment

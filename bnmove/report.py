@@ -13,13 +13,13 @@ from typing import Any
 
 from rich.table import Table
 
-from ._atomic import atomic_path
 from .analysis.detect import Pair
 from .analysis.tracing import Untraced
+from .core.atomic import atomic_path
 from .deploy.accuracy import Accuracy
 from .deploy.runtime import Comparison, OutputDeviation, VariantInfo
 from .errors import BnmoveError
-from .moving.conversion import Conversion, Move
+from .pipeline.conversion import Conversion, Move
 from .study.experiment import ExperimentResult
 from .study.stats import ACCURACY
 

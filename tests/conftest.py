@@ -9,23 +9,17 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
-from bnmove.moving.verify import output_tensors
+from bnmove.core.fidelity import difference
+from bnmove.core.running import eval_mode, output_tensors, run_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 
 def outputs_of(model: nn.Module, inputs: Sequence[Any]) -> Any:
     """``model(*inputs)`` in eval mode, no grad, on copies of the input tensors (any structure)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, list(inputs)))
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with eval_mode(model):
+        return run_model(model, inputs)
 
 
 def assert_same_outputs(
@@ -34,10 +28,9 @@ def assert_same_outputs(
     """Every output tensor (any structure) equal within float tolerance, relative to the reference's magnitude."""
     want = output_tensors(outputs_of(reference, inputs))
     got = output_tensors(outputs_of(converted, inputs))
-    assert len(want) == len(got) and want, "different output structure"
-    scale = max(float(w.abs().max()) for w in want)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=rtol * max(scale, 1e-6))
+    assert want, "the reference returns no tensor"
+    measured = difference(want, got)  # raises on a different structure
+    assert measured.max_abs <= rtol * max(measured.scale, 1e-6), measured
 
 
 # Property tests: a CI-friendly default; `HYPOTHESIS_PROFILE=medium` (300) or `long` (3000 examples).

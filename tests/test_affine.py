@@ -18,7 +18,7 @@ from torch import nn
 
 import bnmove
 from bnmove import convert, find_pairs
-from bnmove.moving.affine import ChannelAffine
+from bnmove.core.affine import ChannelAffine
 
 FORMS = ["module", "function", "method", "inplace"]
 

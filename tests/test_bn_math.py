@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnmove.moving import bn_math
+from bnmove.core import bn_math
 
 
 @pytest.fixture(autouse=True)

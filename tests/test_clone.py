@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from zoo import ZOO, build
 
-from bnmove._clone import clone_module
+from bnmove.core.clone import clone_module
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -35,6 +35,11 @@ def test_zoo_conversion(name: str, placement: str, method: str) -> None:
     candidates = [p for p in pairs if p.placement == other and p.movable]
     expected_moved = [p for p in candidates if p.exact] if method == "exact" else candidates
     assert sorted(m.pair.bn for m in result.moved) == sorted(p.bn for p in expected_moved)
+    # What inspect promised is what convert did: an unmovable pair stays, for the reason inspect gave.
+    assert [m.pair for m in result.moves] == pairs
+    for m in result.moves:
+        if m.pair.placement == other and not m.pair.movable:
+            assert not m.moved and m.reason == m.pair.reason
     for m in result.moved:
         if method == "swap" or "functional" in (m.pair.reason or ""):  # functional BN: nothing to fit
             assert m.method == "swap"
@@ -212,7 +217,7 @@ def test_exact_new_bn_statistics_match_train_mode() -> None:
 
 
 def test_verification_failure_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bnmove.moving import bn_math
+    from bnmove.core import bn_math
 
     original = bn_math.fold_into_preceding
 

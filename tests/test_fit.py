@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bnmove
 from bnmove.cli import main
+from bnmove.core import bn_math
 from bnmove.fitting.calibrate import calibration_batches, recalibrate
-from bnmove.moving import bn_math
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import load_dataset
 from bnmove.study.loop import train_classifier

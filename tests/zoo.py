@@ -296,6 +296,98 @@ class Nested(nn.Module):
         return self.head(self.stage(x))
 
 
+class DenseTail(nn.Module):
+    """torchvision's DenseNet: ``features`` ends in a BN, ``F.relu`` is called by the top-level forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.features(x), inplace=True)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class ConvNorm(nn.Module):
+    """A child ending in its BN; the activation is its parent's to call."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class PatchMerging(nn.Module):
+    """timm's efficientvit_m0: ConvNorm children and one activation module the parent calls twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(3, 6)
+        self.conv2 = ConvNorm(6, 6)
+        self.act = nn.ReLU()
+        self.head = Head(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv2(self.act(self.conv1(x)))))
+
+
+class ConvAct(nn.Module):
+    """A child ending in a functional activation; its parent normalises what it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.conv(x))
+
+
+class NormAfterChild(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = ConvAct()
+        self.bn = nn.BatchNorm2d(6)
+        self.proj = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.proj(self.bn(self.block(x))).mean((2, 3)))
+
+
+class DropBlock(nn.Module):
+    """efficientnet_pytorch's MBConvBlock: one activation module called twice in a forward that
+    branches on a float argument (``if drop_rate:``), which torch.fx cannot trace on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.swish = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, drop_rate: float | None = None) -> torch.Tensor:
+        x = self.swish(self.bn1(self.conv1(x)))
+        x = self.swish(self.bn2(self.conv2(x)))
+        if drop_rate:
+            x = F.dropout(x, drop_rate, self.training)
+        return x
+
+
+class DropNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = DropBlock()
+        self.head = Head(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x, drop_rate=0.2))
+
+
 @dataclass(frozen=True)
 class Case:
     factory: Callable[[], nn.Module]
@@ -320,6 +412,10 @@ ZOO: dict[str, Case] = {
     "nested": Case(Nested, (2, 3, 8, 8), before=2, after=1, exact=3),
     "functional-bn": Case(FunctionalBN, (2, 3, 8, 8), before=1, after=0, exact=0),
     "no-bn": Case(NoBN, (2, 3, 8, 8), before=0, after=0),
+    "across-function": Case(DenseTail, (2, 3, 8, 8), before=1, after=0, exact=1),
+    "across-shared-module": Case(PatchMerging, (2, 3, 8, 8), before=2, after=0, exact=2),
+    "across-child-activation": Case(NormAfterChild, (2, 3, 8, 8), before=0, after=1, exact=1),
+    "branching-forward": Case(DropNet, (2, 3, 8, 8), before=2, after=0, immovable=2),
 }
 
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import fx, nn
 
-from .._gc import paused_gc
 from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, out_channels
 from .patterns import (
     ActivationCall,
@@ -40,7 +38,7 @@ from .patterns import (
     skip_identity_down,
     skip_identity_up,
 )
-from .tracing import Region, Untraced, analysis_regions
+from .tracing import Region
 
 Placement = Literal["before", "after"]
 PLACEMENTS: tuple[Placement, ...] = ("before", "after")
@@ -485,43 +483,3 @@ def analyze_regions(regions: dict[str, Region]) -> list[Site]:
 
 def has_uninitialized_lazy(model: nn.Module) -> bool:
     return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
-
-
-@dataclass
-class Detection:
-    """Pairs of a model plus what could not be traced."""
-
-    pairs: list[Pair]
-    untraced: list[Untraced]
-
-
-def detect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> Detection:
-    """Detection with the trace report; :func:`find_pairs` returns just the pairs."""
-    # Tracing does not need parameter values, so uninitialised lazy modules are
-    # fine here (their pairs say so). The model itself is never changed: a model
-    # that does not trace is recorded running on a copy.
-    with paused_gc():
-        traced = analysis_regions(model, example_inputs)
-        sites = analyze_regions(traced.regions)
-    return Detection([s.pair for s in sites], traced.untraced)
-
-
-def find_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> list[Pair]:
-    """Every BatchNorm in ``model`` with the activation next to it, if any.
-
-    Args:
-        model: any ``nn.Module``; it is not modified.
-        example_inputs: used only when the model does not trace with torch.fx:
-            then one forward pass on them (on a copy) is recorded instead;
-            inferred from the first layer when not given.
-
-    Returns:
-        One :class:`Pair` per BN–activation adjacency, in graph order, plus one
-        per BatchNorm with no adjacent activation (``placement=None``).
-
-    Example:
-        >>> pairs = find_pairs(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
-        >>> pairs[0].placement, pairs[0].exact
-        ('before', True)
-    """
-    return detect(model, example_inputs).pairs

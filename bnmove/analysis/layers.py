@@ -16,7 +16,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from ..moving.affine import ChannelAffine
+from ..core.affine import ChannelAffine
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -61,7 +61,7 @@ def _probe_input(layer: nn.Module, side: int = 9) -> torch.Tensor:
 
 def _probe_fold(layer: nn.Module, backward: bool) -> bool:
     """Does a float64 copy with the folded parameters compute what the fold promises?"""
-    from ..moving import bn_math  # the fold's own formulas, checked here against the layer's forward
+    from ..core import bn_math  # the fold's own formulas, checked here against the layer's forward
 
     probe = cast("nn.Conv2d", copy.deepcopy(layer).double().eval())
     x = _probe_input(probe)

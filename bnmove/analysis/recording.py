@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..moving.affine import ChannelAffine
+from ..core.affine import ChannelAffine
 from .composite import collapse_composites
 from .layers import custom_affine_layer, torch_forward
 from .patterns import is_batchnorm_module, module_activation_spec, recognise

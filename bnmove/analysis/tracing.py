@@ -18,21 +18,17 @@ which keeps train/eval behaviour live instead of baking it into the graph.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from torch import fx, nn
 
-from .._clone import clone_module
-from ..moving.affine import ChannelAffine
-from ..moving.surgery import class_forward, first_line
+from ..core.affine import ChannelAffine
+from ..core.forwards import class_forward
+from ..core.modules import first_line
 from .composite import collapse_composites
 from .layers import custom_affine_layer, torch_forward
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
-from .recording import record_graph
 
 log = logging.getLogger(__name__)
 
@@ -116,33 +112,6 @@ def _is_opaque_leaf(module: nn.Module) -> bool:
     )
 
 
-@contextlib.contextmanager
-def untouched(model: nn.Module) -> Iterator[None]:
-    """Whatever happens inside, every module's attributes, parameters, buffers and children are put back.
-
-    torch.fx calls ``forward`` with Proxies; a module that caches a tensor in a
-    plain attribute (an attention-bias cache) would keep a Proxy afterwards.
-    """
-    saved = [
-        (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-        for m in model.modules()
-    ]
-    try:
-        yield
-    finally:
-        for module, state, params, buffers, children in saved:
-            module.__dict__.clear()
-            module.__dict__.update(state)
-            stores: list[tuple[dict[str, Any], dict[str, Any]]] = [
-                (module._parameters, params),
-                (module._buffers, buffers),
-                (module._modules, children),
-            ]
-            for store, old in stores:
-                store.clear()
-                store.update(old)
-
-
 def trace_regions(model: nn.Module) -> TraceResult:
     """Trace ``model`` whole, or else the largest subtrees that trace.
 
@@ -168,34 +137,3 @@ def trace_regions(model: nn.Module) -> TraceResult:
 
     visit("", model)
     return TraceResult(regions, untraced)
-
-
-def analysis_regions(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> TraceResult:
-    """The model's analysis graph: traced whole, else recorded from one forward, else traced in parts.
-
-    ``example_inputs`` feed the recording; when None they are inferred from the
-    first layer where possible. The model is not changed (the recording runs
-    on a copy).
-    """
-    with untouched(model):
-        try:
-            return TraceResult({"": Region(model, trace_graph(model))}, [])
-        except Exception as exc:
-            reason = first_line(exc)
-            log.info("could not trace the whole model: %s", reason)
-    inputs = example_inputs
-    if inputs is None:
-        from ..moving.verify import infer_example_inputs
-
-        try:
-            inputs = infer_example_inputs(model)
-        except Exception:
-            inputs = None
-    if inputs is not None:
-        try:
-            graph = record_graph(clone_module(model), inputs)
-            return TraceResult({"": Region(model, graph, recorded=True)}, [])
-        except Exception as exc:
-            log.info("could not record a forward pass: %s", first_line(exc))
-    with untouched(model):
-        return trace_regions(model)

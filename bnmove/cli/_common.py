@@ -25,12 +25,24 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .. import __version__
+from ..analysis.inputs import infer_example_inputs
+from ..core.running import inputs_from_shapes
 from ..errors import BnmoveError
 from ..io.loading import LoadedModel, load_model, parse_arch_args
-from ..moving.verify import infer_example_inputs, inputs_from_shapes, parse_input_shape
 
 _DEBUG_KEY = "bnmove.debug"
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
+    parts = text.replace("x", ",").replace(" ", "").strip(",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise BnmoveError(f"bad input shape {text!r}: expected integers like 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise BnmoveError(f"bad input shape {text!r}: every dimension must be a positive integer")
+    return shape
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -255,7 +267,7 @@ Examples:
   bnmove inspect model.pt --allow-pickle
   bnmove convert model.pt --allow-pickle --placement after""",
 )
-@click.version_option(__version__, prog_name="bnmove")
+@click.version_option(package_name="bnmove", prog_name="bnmove")
 @debug_option
 def main() -> None:
     """Move BatchNorm before or after its activation in a PyTorch model.

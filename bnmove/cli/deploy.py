@@ -10,12 +10,12 @@ from pathlib import Path
 import click
 from rich.progress import Progress
 
-from .._atomic import atomic_path, check_output
+from ..core.atomic import atomic_path, check_output
 from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest, require_export_tools
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import PROVIDERS, compare
 from ..fitting.calibrate import calibration_batches
-from ..moving.conversion import METHODS
+from ..pipeline.conversion import METHODS
 from ..report import (
     accuracy_table,
     comparison_csv,

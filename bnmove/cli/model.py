@@ -9,12 +9,13 @@ from pathlib import Path
 import click
 import torch
 
-from .._atomic import atomic_path, check_output, save_module
-from ..analysis.detect import PLACEMENTS, detect
+from ..analysis.detect import PLACEMENTS
+from ..core.atomic import atomic_path, check_output, save_module
 from ..deploy.export import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
-from ..moving.conversion import DATA_FREE, METHODS, convert
+from ..pipeline.analyse import detect
+from ..pipeline.conversion import DATA_FREE, METHODS, convert
 from ..report import (
     conversion_summary,
     conversion_table,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..moving import bn_math
+from ..core import bn_math
 
 
 class BorderCorrectedConv(nn.Module):

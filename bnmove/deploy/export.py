@@ -24,15 +24,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .._clone import clone_module
+from ..core.clone import clone_module
+from ..core.fidelity import difference
+from ..core.running import eval_mode, output_tensors, run_model
 from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
-from ..moving.conversion import convert
-from ..moving.verify import eval_mode, output_tensors, run_model
+from ..pipeline.conversion import convert
 from .folding import fold_forward
 from .quantize import Calibration, check_quantization, quantize_variant
 from .runtime import import_onnxruntime
@@ -172,14 +172,11 @@ def check_against_torch(
         i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example_inputs, strict=True)
     }
     got = session.run(None, feeds)
-    if len(got) != len(want):
-        raise BnmoveError(f"{path.name}: onnxruntime gives {len(got)} outputs, PyTorch {len(want)}")
-    err = max(
-        (float(np.abs(g.astype(np.float64) - w).max()) if w.size else 0.0)
-        for g, w in zip(got, want, strict=True)
-    )
-    scale = max((float(np.abs(w).max()) if w.size else 0.0) for w in want)
-    return err, scale
+    try:
+        measured = difference(want, got)
+    except BnmoveError as exc:
+        raise BnmoveError(f"{path.name}: onnxruntime's outputs do not match PyTorch's ({exc})") from exc
+    return measured.max_abs, measured.scale
 
 
 def _variant_model(

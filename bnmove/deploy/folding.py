@@ -3,7 +3,7 @@
 The fold passes through what commutes with a per-channel affine map: links,
 average pooling without counted padding, adaptive average pooling, flatten,
 and max pooling when every scale is positive (ResNet's stem ``relu -> BN ->
-maxpool -> conv``). Kept affine layers (:class:`~bnmove.moving.affine.ChannelAffine`,
+maxpool -> conv``). Kept affine layers (:class:`~bnmove.core.affine.ChannelAffine`,
 left by exact moves where no layer absorbed a BN) fold forward by the same rules.
 
 A BN right after a Conv/Linear is fused into it by the exporter and by
@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .._clone import clone_module
 from ..analysis.detect import absorbing_layer
 from ..analysis.layers import forward_fold_blocker, in_channels, out_channels, zero_padded_conv
 from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_down, skip_identity_up
-from ..analysis.tracing import analysis_regions
-from ..moving import bn_math
-from ..moving.affine import ChannelAffine
+from ..analysis.regions import analysis_regions
+from ..core import bn_math
+from ..core.affine import ChannelAffine
+from ..core.clone import clone_module
+from ..core.modules import set_submodule
 from ..moving.rewrite import affine_map, fold_bn
-from ..moving.surgery import set_submodule
 from .border import BorderCorrectedConv, absorb_following, border_corrected
 
 

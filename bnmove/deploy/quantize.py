@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.fidelity import Agreement
 from ..errors import BnmoveError
 from ..fitting.calibrate import Batch, split_held_out
 
@@ -137,23 +138,18 @@ def quantize_variant(
         ) from exc
     float_session = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"])
     int8_session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-    agree, total, worst, scale = 0, 0, 0.0, 0.0
+    meter = Agreement()
     for feed in _feeds(calibration.held_out, names):
-        want = float_session.run(None, feed)[0].astype(np.float64)
-        got = int8_session.run(None, feed)[0].astype(np.float64)
-        worst = max(worst, float(np.abs(got - want).max()))
-        scale = max(scale, float(np.abs(want).max()))
-        if want.ndim == 2 and want.shape[1] > 1:
-            agree += int(want.argmax(1)[0] == got.argmax(1)[0])
-            total += 1
+        meter.add(float_session.run(None, feed), int8_session.run(None, feed))
+    measured = meter.result()
     calibrated, held_out = calibration.samples()
     return {
         "file": out_path.name,
         "format": "QDQ, int8 activations, per-channel int8 weights (onnxruntime quantize_static, MinMax)",
         "calibration_samples": calibrated,
         "held_out_samples": held_out,
-        "top1_agreement_with_float": agree / total if total else None,
-        "max_rel_error_vs_float": worst / scale if scale > 0 else 0.0,
+        "top1_agreement_with_float": measured.top1,
+        "max_rel_error_vs_float": measured.rel,
         "float_nodes": float_nodes(onnx.load(str(out_path))),
         "file_size": out_path.stat().st_size,
     }

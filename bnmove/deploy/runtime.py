@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.fidelity import ONNX_TOLERANCE, difference
 from ..errors import BnmoveError
 from .accuracy import Accuracy, labelled_batches
 from .accuracy import evaluate as evaluate_accuracy
@@ -203,13 +204,10 @@ class OutputDeviation:
     #: max abs deviation relative to the reference's largest |output|
     max_rel: float = 0.0
 
-    #: beyond this relative deviation a variant computes something else than the reference (float32
-    #: rounding through an exported graph stays far below it)
-    TOLERANCE = 1e-3
-
     @property
     def deviates(self) -> bool:
-        return self.max_rel > self.TOLERANCE
+        """Computes something else than the reference, beyond what float rounding explains."""
+        return self.max_rel > ONNX_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -384,23 +382,9 @@ class _Runner:
 
 
 def _deviation(name: str, got: list[np.ndarray], want: list[np.ndarray]) -> OutputDeviation:
-    g = np.concatenate([x.astype(np.float64).ravel() for x in got])
-    w = np.concatenate([x.astype(np.float64).ravel() for x in want])
-    diff = np.abs(g - w)
-    norm = float(np.linalg.norm(g) * np.linalg.norm(w))
-    cosine = float(np.dot(g, w) / norm) if norm > 0 else (1.0 if np.array_equal(g, w) else 0.0)
-    top1 = None
-    if want[0].ndim == 2 and want[0].shape[1] > 1:
-        top1 = float(np.mean(got[0].argmax(1) == want[0].argmax(1)))
-    max_abs = float(diff.max()) if diff.size else 0.0
-    scale = float(np.abs(w).max()) if w.size else 0.0
+    measured = difference(want, got)
     return OutputDeviation(
-        name,
-        max_abs,
-        float(diff.mean()) if diff.size else 0.0,
-        min(cosine, 1.0),
-        top1,
-        max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+        name, measured.max_abs, measured.mean_abs, measured.cosine, measured.top1, measured.rel
     )
 
 

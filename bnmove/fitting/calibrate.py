@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._clone import clone_module
+from ..core.clone import clone_module
 from ..errors import BnmoveError, ModelRunError
 
 Batch = tuple[torch.Tensor, ...]

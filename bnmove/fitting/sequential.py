@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import bn_math
 from ..errors import ModelRunError
-from ..moving import bn_math
 from .calibrate import Batch, NormalEquations, Underdetermined, call_model, design_rows
 
 #: rows (positions × samples) per fitted pair or refitted layer

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..analysis.inputs import infer_example_inputs
 from ..analysis.patterns import is_batchnorm_module
+from ..core.running import eval_mode
 from ..errors import BnmoveError, ModelRunError
-from ..moving.verify import eval_mode, infer_example_inputs
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .._atomic import atomic_dir
 from ..analysis.tracing import trace_module
+from ..core.atomic import atomic_dir
+from ..core.modules import first_line
 from ..errors import BnmoveError
-from ..moving.surgery import first_line
 
 _PREAMBLE = "import os\n_HERE = os.path.dirname(os.path.abspath(__file__))\n"
 

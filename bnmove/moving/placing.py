@@ -18,7 +18,10 @@ from torch import fx, nn
 
 from ..analysis.detect import Site
 from ..analysis.patterns import input_is_shared
-from ..analysis.tracing import Region, untouched
+from ..analysis.tracing import Region
+from ..core.forwards import install_forward
+from ..core.modules import first_line, set_submodule
+from ..core.running import untouched
 from . import rewrite, surgery
 
 
@@ -38,6 +41,22 @@ class _GraphSurgery:
     scope: str
     #: the pair's (BN, activation) nodes in each graph of that forward
     nodes: list[tuple[fx.Node, fx.Node]]
+
+
+@dataclass(frozen=True)
+class _CrossSurgery:
+    """BN and activation are called from two forwards (a child's and an ancestor's): the activation
+    joins the BN's slot (``Sequential(act, bn)`` / ``Sequential(bn, act)``) and the forward that
+    called it, ``scope``, is regenerated without that call."""
+
+    act_module: nn.Module
+    scope: str
+    #: the activation's node in each graph of that forward
+    nodes: list[fx.Node]
+
+
+#: how one pair moves: slots replaced, one forward regenerated, or both
+Structure = _ModuleSurgery | _GraphSurgery | _CrossSurgery
 
 
 class Mover:
@@ -93,7 +112,7 @@ class Mover:
             self._keys[region] = keys
         return self._keys[region]
 
-    def structure(self, site: Site) -> _ModuleSurgery | _GraphSurgery | str:
+    def structure(self, site: Site) -> Structure | str:
         """How this pair moves, or why it cannot."""
         modules = self.modules(site.region)
         root = self.regions[site.region].root
@@ -112,10 +131,7 @@ class Mover:
         keys = self._node_keys(site.region)
         (bn_scope, bn_key), (act_scope, act_key) = keys[bn], keys[act]
         if bn_scope != act_scope:
-            return (
-                f"the BN is called in the forward of {bn_scope or 'the model'} and the activation "
-                f"in that of {act_scope or 'the model'}; no one forward holds the move"
-            )
+            return self._across(site, act_scope, act_key)
         local = self._scope_graph(bn_scope)
         if isinstance(local, str):
             return local
@@ -126,6 +142,34 @@ class Mover:
                 return f"the pair could not be found again in the forward of {bn_scope or 'the model'}"
             nodes.append((local_bn, local_act))
         return _GraphSurgery(bn_scope, nodes)
+
+    def _across(self, site: Site, act_scope: str, act_key: tuple[Any, ...]) -> _CrossSurgery | str:
+        """The move of a BN called in one forward next to an activation called in another."""
+        bn, act = site.bn_node, site.act_node
+        assert act is not None
+        if bn.op != "call_module":
+            return "the functional batch_norm and its activation are called in two forwards"
+        act_module: nn.Module | None
+        if act.op == "call_module":
+            act_module = self.modules(site.region)[str(act.target)]
+        elif any(isinstance(a, fx.Node) for a in (*act.args[1:], *act.kwargs.values())):
+            return "the activation takes tensor arguments and is called in another forward than the BN"
+        else:
+            act_module = rewrite.activation_module(
+                str(site.pair.activation_kind), act.target, tuple(act.args[1:]), dict(act.kwargs)
+            )
+            if act_module is None:
+                return (
+                    f"the activation ({site.pair.activation}) is called in another forward than the BN and "
+                    "no torch module computes it, so it cannot join the BN's slot"
+                )
+        local = self._scope_graph(act_scope)
+        if isinstance(local, str):
+            return local
+        nodes = [calls_by_key.get(act_key) for calls_by_key in local[1]]
+        if any(node is None for node in nodes):
+            return f"the activation could not be found again in the forward of {act_scope or 'the model'}"
+        return _CrossSurgery(act_module, act_scope, [n for n in nodes if n is not None])
 
     def _scope_graph(
         self, scope: str
@@ -144,13 +188,11 @@ class Mover:
             except Exception as exc:
                 self._scopes[scope] = (
                     f"the move needs a rewrite of the forward of {what}, which torch.fx cannot trace "
-                    f"({surgery.first_line(exc)})"
+                    f"({first_line(exc)})"
                 )
         return self._scopes[scope]
 
-    def apply(
-        self, site: Site, how: _ModuleSurgery | _GraphSurgery, affine: nn.Module | None = None
-    ) -> tuple[list[str], str]:
+    def apply(self, site: Site, how: Structure, affine: nn.Module | None = None) -> tuple[list[str], str]:
         """Make the structural move (placing ``affine``, the kept affine layer, when given);
         returns notes and the BN's qualified name afterwards."""
         assert site.pair.placement is not None
@@ -173,7 +215,7 @@ class Mover:
                 split = rewrite.split_fused(root.get_submodule(bn_name), site.fused)
                 assert split is not None
                 plain, act_module = split
-                surgery.set_submodule(root, bn_name, plain)
+                set_submodule(root, bn_name, plain)
             new_name = surgery.module_move(
                 root, bn_name, act_name, act_module, placement, self._reorders, affine
             )
@@ -185,6 +227,8 @@ class Mover:
                     modules[name] = root.get_submodule(name)
             return notes, _qual(site.region, new_name)
         assert site.act_node is not None
+        if isinstance(how, _CrossSurgery):
+            return self._apply_across(site, how, affine)
         rewrite.move_nodes(placement, site.bn_node, site.act_node)
         scope_module = self.work.get_submodule(how.scope) if how.scope else self.work
         affine_name = None
@@ -202,6 +246,38 @@ class Mover:
         self._dirty.add(how.scope)
         return notes, site.pair.bn
 
+    def _apply_across(
+        self, site: Site, how: _CrossSurgery, affine: nn.Module | None
+    ) -> tuple[list[str], str]:
+        """The activation joins the BN's slot; its call leaves the other forward and the analysis graph."""
+        assert site.pair.placement is not None and site.act_node is not None
+        modules = self.modules(site.region)
+        root = self.regions[site.region].root
+        notes: list[str] = []
+        if (
+            site.pair.placement == "before"
+            and input_is_shared(site.bn_node, modules)
+            and getattr(how.act_module, "inplace", False)
+        ):
+            how.act_module.inplace = False  # type: ignore[assignment]
+            notes.append("activation made out-of-place: its new input has other readers")
+        bn_name = str(site.bn_node.target)
+        new_name = surgery.module_move(
+            root, bn_name, None, how.act_module, site.pair.placement, self._reorders, affine
+        )
+        modules[bn_name] = root.get_submodule(bn_name)
+        for node in (site.act_node, *how.nodes):  # the slot calls the activation now
+            source = node.args[0]
+            assert isinstance(source, fx.Node)
+            node.replace_all_uses_with(source)
+            node.graph.erase_node(node)
+        self._dirty.add(how.scope)
+        notes.append(
+            f"activation moved into the BN's slot from the forward of {how.scope or 'the model'}, "
+            "which bnmove regenerated without it"
+        )
+        return notes, _qual(site.region, new_name)
+
     def install(self) -> None:
         """Reorder Sequentials and install the rewritten forwards of every scope that graph moves changed."""
         self._reorders.apply()
@@ -209,7 +285,7 @@ class Mover:
             entry = self._scopes[scope]
             assert not isinstance(entry, str)
             module = self.work.get_submodule(scope) if scope else self.work
-            surgery.install_forward(module, entry[0])
+            install_forward(module, entry[0])
 
 
 def _qual(prefix: str, name: str) -> str:

@@ -35,8 +35,8 @@ from ..analysis.patterns import (
     match_activation,
     out_of_place_function,
 )
-from . import bn_math
-from .affine import ChannelAffine
+from ..core import bn_math
+from ..core.affine import ChannelAffine
 
 log = logging.getLogger(__name__)
 

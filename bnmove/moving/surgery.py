@@ -15,151 +15,31 @@ Two ways, tried in this order:
   method call, or a module called at several places, the module whose own
   ``forward`` calls both (its children kept whole) is traced, the nodes are
   reordered, and the generated code is installed as that instance's
-  ``forward`` (:class:`GraphForward`). The instance keeps its class, attributes,
+  ``forward`` (:class:`bnmove.core.forwards.GraphForward`). The instance keeps its class, attributes,
   properties and hooks; every other module keeps its code.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import inspect
 import itertools
-import traceback
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import fx, nn
-from torch.fx.graph_module import _format_import_block, _forward_from_src
-from torch.package import sys_importer
 
 from ..analysis.composite import collapse_composites
 from ..analysis.patterns import is_link_module
-
-
-class GraphForward:
-    """A ``forward`` generated from fx graphs, bound to one module instance.
-
-    Stored as the instance attribute ``forward``, so ``nn.Module.__call__``
-    (hooks included) runs it while the class stays the user's. It pickles and
-    deep-copies with its module (the code is kept as source text).
-
-    A forward that tests optional arguments (``if shortcut is None``) has one
-    graph per combination of them left at ``None``; each call runs the one that
-    matches its arguments (see :func:`trace_own_forward`).
-    """
-
-    def __init__(self, module: nn.Module, variants: Sequence[tuple[frozenset[str], fx.Graph]]) -> None:
-        self.variants = list(variants)
-        self._module = module
-        self._sources = [self._source_of(graph) for _, graph in self.variants]
-        self._compile()
-
-    @staticmethod
-    def _source_of(graph: fx.Graph) -> str:
-        code = graph.python_code(root_module="self")
-        return _format_import_block(code.globals, sys_importer) + "\n" + code.src
-
-    def _compile(self) -> None:
-        self._fns = [_forward_from_src(source, {}) for source in self._sources]
-        self._fn = self._fns[0]  # the general one: every optional argument as given
-        self.__signature__ = _drop_self(inspect.signature(self._fn))
-        self._by_nones = {nones: fn for (nones, _), fn in zip(self.variants, self._fns, strict=True)}
-        self._optional = sorted(set().union(*(nones for nones, _ in self.variants)))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        fn = self._fn
-        if self._optional:
-            bound = self.__signature__.bind(*args, **kwargs)
-            nones = frozenset(n for n in self._optional if bound.arguments.get(n) is None)
-            fn = self._by_nones.get(nones, fn)
-        return fn(self._module, *args, **kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"variants": self.variants, "_module": self._module, "_sources": self._sources}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._compile()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
-        new = GraphForward.__new__(GraphForward)
-        memo[id(self)] = new
-        state = {
-            "variants": copy.deepcopy(self.variants, memo),
-            "_module": copy.deepcopy(self._module, memo),
-            "_sources": self._sources,
-        }
-        new.__setstate__(state)
-        return new
-
-
-def _drop_self(sig: inspect.Signature) -> inspect.Signature:
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
-
-
-def generated_forward(module: nn.Module) -> GraphForward | None:
-    forward = module.__dict__.get("forward")
-    return forward if isinstance(forward, GraphForward) else None
-
-
-def install_forward(module: nn.Module, variants: Sequence[tuple[frozenset[str], fx.Graph]]) -> None:
-    """Make the graphs the forward of this one instance (its class and everything else stay)."""
-    for _, graph in variants:
-        graph.lint()
-    module.__dict__["forward"] = GraphForward(module, variants)
-
-
-@contextlib.contextmanager
-def class_forward(module: nn.Module) -> Iterator[None]:
-    """While open, ``type(module).forward`` is the instance's generated forward.
-
-    torch.fx traces a root module through its class's ``forward``; a module
-    that bnmove rewrote earlier carries its forward on the instance, and
-    tracing must see that one (a second conversion, a round trip).
-    """
-    generated = generated_forward(module)
-    if generated is None:
-        yield
-        return
-    original = type(module)
-    fn = generated._fn
-    temporary = type(original.__name__, (original,), {"forward": fn, "__module__": original.__module__})
-    module.__class__ = temporary
-    try:
-        yield
-    finally:
-        module.__class__ = original
-
-
-def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
-    """Replace the submodule at a dotted path (``""`` is not allowed)."""
-    parent_name, _, attr = qualified_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
-
+from ..core.forwards import class_forward, generated_forward
+from ..core.modules import parent_of, replace_everywhere
 
 # -- module surgery ---------------------------------------------------------------------------
 
 
-def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` in every slot that holds ``old`` (a module registered under several names)."""
-    for parent in list(root.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, key, new)
-
-
-def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (root.get_submodule(parent_name) if parent_name else root), attr
-
-
 def sequential_neighbours(root: nn.Module, first: str, second: str) -> nn.Sequential | None:
     """The stock ``nn.Sequential`` holding ``first`` then ``second`` (only links between), or None."""
-    parent_a, a = _parent(root, first)
-    parent_b, b = _parent(root, second)
+    parent_a, a = parent_of(root, first)
+    parent_b, b = parent_of(root, second)
     if parent_a is not parent_b or not isinstance(parent_a, nn.Sequential):
         return None
     if type(parent_a).forward is not nn.Sequential.forward:
@@ -388,43 +268,12 @@ def _calls(graph: fx.Graph) -> list[tuple[Any, ...]]:
     ]
 
 
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, and where the user's code raised it when that is known."""
-    text = str(exc).strip().splitlines()
-    line = f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
-    where = blocking_code(exc)
-    return f"{line}, at {where}" if where else line
-
-
-def blocking_code(exc: BaseException) -> str | None:
-    """``file.py:LINE `code``` of the innermost frame outside torch and bnmove: the code that blocks."""
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if not any(
-            part in f.filename.replace("\\", "/") for part in ("/torch/", "/bnmove/", "<eval_with_key>")
-        )
-    ]
-    if not frames:
-        return None
-    frame = frames[-1]
-    code = (frame.line or "").strip()
-    name = "/".join(frame.filename.replace("\\", "/").split("/")[-2:])
-    return f"{name}:{frame.lineno}" + (f" `{code}`" if code else "")
-
-
 __all__ = [
-    "GraphForward",
     "Reorders",
     "add_beside",
-    "class_forward",
-    "first_line",
-    "generated_forward",
-    "install_forward",
     "keyed_calls",
     "module_move",
     "owner",
     "sequential_neighbours",
-    "set_submodule",
     "trace_own_forward",
 ]

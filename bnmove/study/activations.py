@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._clone import clone_module
 from ..analysis.patterns import match_activation, module_activation_spec
-from ..analysis.tracing import analysis_regions
+from ..analysis.regions import analysis_regions
+from ..core.clone import clone_module
+from ..core.modules import set_submodule
 from ..errors import BnmoveError
-from ..moving.surgery import set_submodule
 
 #: kind -> a fresh module computing it
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._clone import clone_module
+from ..analysis.inputs import infer_example_inputs
+from ..core.clone import clone_module
 from ..errors import BnmoveError, ModelRunError
-from ..moving.verify import infer_example_inputs
 from .data import Dataset, from_torch, load_dataset
 from .jobs import EpochRecord, Job, fingerprint, load_job, save_job
 from .loop import LoopPlan, Precision, train_run

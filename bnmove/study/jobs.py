@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_path
+from ..core.atomic import atomic_path
 from ..errors import BnmoveError
 
 #: how the fingerprinted settings are named when one of them changed

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._clone import clone_module
-from ..moving.conversion import convert
+from ..core.clone import clone_module
+from ..pipeline.conversion import convert
 from .jobs import Job
 
 VARIANTS = ("original", "before", "after")

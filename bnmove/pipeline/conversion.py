@@ -19,16 +19,20 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from .._clone import clone_module
-from .._gc import paused_gc
-from ..analysis.detect import PLACEMENTS, Pair, Site, analyze_regions, has_uninitialized_lazy
+from ..analysis.detect import PLACEMENTS, Pair, Site, has_uninitialized_lazy
+from ..analysis.inputs import infer_example_inputs
 from ..analysis.patterns import (
     is_batchnorm_module,
     match_activation,
     module_activation_spec,
     skip_identity_down,
 )
-from ..analysis.tracing import Region, Untraced, analysis_regions
+from ..analysis.tracing import Region, Untraced
+from ..core.affine import ChannelAffine
+from ..core.clone import clone_module
+from ..core.fidelity import Agreement, Deviation, compare_models, tolerance_for
+from ..core.gc_pause import paused_gc
+from ..core.running import double_inputs, eval_mode, output_tensors
 from ..errors import BnmoveError, VerificationError
 from ..fitting.calibrate import (
     Batch,
@@ -39,20 +43,9 @@ from ..fitting.calibrate import (
 )
 from ..fitting.sequential import PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
-from . import rewrite
-from .absorb import KeptAffine, absorb, kept_affine_of
-from .affine import ChannelAffine
-from .placing import Mover
-from .verify import (
-    Deviation,
-    compare_models,
-    double_inputs,
-    eval_mode,
-    infer_example_inputs,
-    output_error,
-    output_tensors,
-    tolerance_for,
-)
+from ..moving import rewrite
+from ..moving.absorb import KeptAffine, absorb, kept_affine_of
+from .analyse import analyse
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +205,7 @@ def convert(
         placement: ``"before"`` (BN -> f) or ``"after"`` (f -> BN).
         method: ``"exact"`` keeps eval outputs: the BN is folded into the
             neighbouring Conv/Linear, or where none absorbs it its eval-mode
-            affine map is kept as a :class:`~bnmove.moving.affine.ChannelAffine`
+            affine map is kept as a :class:`~bnmove.core.affine.ChannelAffine`
             layer; an identity BN with real statistics goes to the other side.
             Only a BN without running statistics has no exact move.
             ``"fit"`` moves every pair and fits the new BN so the block
@@ -336,13 +329,13 @@ def _convert(
     if has_uninitialized_lazy(model):
         raise BnmoveError("the model has lazy layers that are not initialised; run one forward pass first")
     work = clone_module(model)
-    traced = analysis_regions(work, example_inputs)
+    analysis = analyse(work, example_inputs)
+    traced, sites, mover = analysis.traced, analysis.sites, analysis.mover
     inputs: tuple[Any, ...] | None = tuple(example_inputs) if example_inputs is not None else None
     whole = traced.regions.get("")
     runnable = whole is not None and not whole.recorded
     if inputs is None and verify:
         inputs = infer_example_inputs(model, whole.graph if runnable and whole else None)
-    sites = analyze_regions(traced.regions)
 
     source = "calibrated"
     if synthetic is not None and any(_plan(site, placement, method, set())[0] == "fit" for site in sites):
@@ -357,7 +350,6 @@ def _convert(
     if batches is not None:
         calibrator = _Calibrator(traced.regions, refit_next, source)
 
-    mover = Mover(work, traced.regions)
     pending: list[tuple[Move, PairPlan | None]] = []
     taken: set[fx.Node] = set()
     for site in sites:
@@ -387,10 +379,8 @@ def _convert(
         if chosen is None:
             pending.append((Move(site.pair, False, None, reason), None))
             continue
-        structure = mover.structure(site)
-        if isinstance(structure, str):
-            pending.append((Move(site.pair, False, None, structure), None))
-            continue
+        structure = analysis.structure(site)
+        assert structure is not None  # a movable pair has one (analyse)
         root = traced.regions[site.region].root
         # A fit starts from Gaussian statistics; with data, the passes below fit it again.
         plan = calibrator.plan(site) if calibrator and chosen == "fit" else None
@@ -662,14 +652,9 @@ def _next_affine(node: fx.Node, modules: dict[str, nn.Module], hops: int = 6) ->
 
 
 def _calibration_check(model: nn.Module, converted: nn.Module, batches: list[Batch]) -> CalibrationCheck:
-    want, got = [], []
+    meter = Agreement()
     with eval_mode(model), eval_mode(converted), torch.no_grad():
         for batch in batches:
-            want.extend(output_tensors(call_model(model, batch)))
-            got.extend(output_tensors(call_model(converted, batch)))
-    err, scale = output_error(want, got)
-    top1 = None
-    if all(t.dim() == 2 and t.shape[1] > 1 for t in want):
-        agree = sum(int((a.argmax(1) == b.argmax(1)).sum()) for a, b in zip(want, got, strict=True))
-        top1 = agree / sum(len(t) for t in want)
-    return CalibrationCheck(sum(len(b[0]) for b in batches), err, top1, err / max(scale, 1e-12))
+            meter.add(output_tensors(call_model(model, batch)), output_tensors(call_model(converted, batch)))
+    measured = meter.result()
+    return CalibrationCheck(sum(len(b[0]) for b in batches), measured.max_abs, measured.top1, measured.rel)

@@ -1,0 +1,108 @@
+"""Forwards generated from fx graphs and installed on one module instance (its class stays the user's)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import fx, nn
+from torch.fx.graph_module import _format_import_block, _forward_from_src
+from torch.package import sys_importer
+
+
+class GraphForward:
+    """A ``forward`` generated from fx graphs, bound to one module instance.
+
+    Stored as the instance attribute ``forward``, so ``nn.Module.__call__``
+    (hooks included) runs it while the class stays the user's. It pickles and
+    deep-copies with its module (the code is kept as source text).
+
+    A forward that tests optional arguments (``if shortcut is None``) has one
+    graph per combination of them left at ``None``; each call runs the one that
+    matches its arguments (see :func:`trace_own_forward`).
+    """
+
+    def __init__(self, module: nn.Module, variants: Sequence[tuple[frozenset[str], fx.Graph]]) -> None:
+        self.variants = list(variants)
+        self._module = module
+        self._sources = [self._source_of(graph) for _, graph in self.variants]
+        self._compile()
+
+    @staticmethod
+    def _source_of(graph: fx.Graph) -> str:
+        code = graph.python_code(root_module="self")
+        return _format_import_block(code.globals, sys_importer) + "\n" + code.src
+
+    def _compile(self) -> None:
+        self._fns = [_forward_from_src(source, {}) for source in self._sources]
+        self._fn = self._fns[0]  # the general one: every optional argument as given
+        self.__signature__ = _drop_self(inspect.signature(self._fn))
+        self._by_nones = {nones: fn for (nones, _), fn in zip(self.variants, self._fns, strict=True)}
+        self._optional = sorted(set().union(*(nones for nones, _ in self.variants)))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self._fn
+        if self._optional:
+            bound = self.__signature__.bind(*args, **kwargs)
+            nones = frozenset(n for n in self._optional if bound.arguments.get(n) is None)
+            fn = self._by_nones.get(nones, fn)
+        return fn(self._module, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"variants": self.variants, "_module": self._module, "_sources": self._sources}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GraphForward:
+        new = GraphForward.__new__(GraphForward)
+        memo[id(self)] = new
+        state = {
+            "variants": copy.deepcopy(self.variants, memo),
+            "_module": copy.deepcopy(self._module, memo),
+            "_sources": self._sources,
+        }
+        new.__setstate__(state)
+        return new
+
+
+def _drop_self(sig: inspect.Signature) -> inspect.Signature:
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
+def generated_forward(module: nn.Module) -> GraphForward | None:
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, GraphForward) else None
+
+
+def install_forward(module: nn.Module, variants: Sequence[tuple[frozenset[str], fx.Graph]]) -> None:
+    """Make the graphs the forward of this one instance (its class and everything else stay)."""
+    for _, graph in variants:
+        graph.lint()
+    module.__dict__["forward"] = GraphForward(module, variants)
+
+
+@contextlib.contextmanager
+def class_forward(module: nn.Module) -> Iterator[None]:
+    """While open, ``type(module).forward`` is the instance's generated forward.
+
+    torch.fx traces a root module through its class's ``forward``; a module
+    that bnmove rewrote earlier carries its forward on the instance, and
+    tracing must see that one (a second conversion, a round trip).
+    """
+    generated = generated_forward(module)
+    if generated is None:
+        yield
+        return
+    original = type(module)
+    fn = generated._fn
+    temporary = type(original.__name__, (original,), {"forward": fn, "__module__": original.__module__})
+    module.__class__ = temporary
+    try:
+        yield
+    finally:
+        module.__class__ = original

@@ -1,0 +1,1 @@
+"""Converting a model, stage by stage: analyse, plan, apply, calibrate, verify."""
