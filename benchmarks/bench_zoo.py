@@ -9,12 +9,15 @@ model) it checks the contract of issue 10 and prints one line per failure:
   module hooks and activation function calls, linked by tensor identity);
 * both placements convert with ``method="exact"`` without raising, and the
   converted model keeps the outputs (verification within tolerance);
-* the converted model is the user's model: ``type(out) is type(model)``.
+* the converted model is the user's model: ``type(out) is type(model)``;
+* inspect and convert agree (issue 19): every pair ``find_pairs`` reports
+  movable and exact is moved by ``convert(..., method="exact")``, and every
+  pair it leaves stays with the reason ``find_pairs`` gave.
 
 Needs the libraries, which are not bnmove dependencies: run it from the
 scratch environment ``../shared/tools/thirdparty-venv.sh`` builds.
 
-    python benchmarks/bench_zoo.py [--library timm --library torchvision --library hf]
+    python benchmarks/bench_zoo.py [--library timm --library torchvision --library hf --library hf-default]
                                    [--limit 40] [--timeout 60] [--size 64]
 """
 
@@ -144,6 +147,8 @@ class Outcome:
     unmoved: list[str] = field(default_factory=list)
     #: modules whose forward was regenerated (graph moves), over both placements
     regenerated: int = 0
+    #: pairs reported movable and exact that convert left, over both placements (must be 0)
+    promised_left: int = 0
     seconds: float = 0.0
 
 
@@ -189,6 +194,12 @@ def check(
             stuck = [
                 m for m in result.moves if not m.moved and m.pair.placement and m.pair.placement != placement
             ]
+            broken = [m for m in stuck if m.pair.exact or (not m.pair.movable and m.reason != m.pair.reason)]
+            outcome.promised_left += len(broken)
+            outcome.failures.extend(
+                f"{placement}: inspect said {m.pair.bn} moves, convert left it ({m.reason})"
+                for m in broken[:3]
+            )
             outcome.unmoved.extend(f"{placement}: {m.pair.bn}: {m.reason}" for m in stuck)
             if any(not m.reason for m in stuck):
                 outcome.failures.append(f"{placement}: a pair stayed without a reason")
@@ -213,14 +224,27 @@ def _has_bn(model: nn.Module) -> bool:
     return any(_is_bn(m) or is_frozen_batchnorm(m) for m in model.modules())
 
 
+def _parameters_on_meta(build: Callable[[], nn.Module]) -> float:
+    """A model's parameter count, built on the meta device (no memory, no init): inf if it does not build."""
+    try:
+        with torch.device("meta"):
+            return float(sum(p.numel() for p in build().parameters()))
+    except Exception:
+        return float("inf")
+
+
 def timm_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
+    """One model per timm architecture family (``timm.list_modules()``): its smallest variant."""
     import timm
 
     for module in sorted(timm.list_modules()):
         names = timm.list_models(module=module)
         if not names:
             continue
-        name = names[0]
+        name = min(
+            names,
+            key=lambda n: _parameters_on_meta(lambda: timm.create_model(n, pretrained=False, num_classes=10)),
+        )
 
         def build(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:
             model = timm.create_model(name, pretrained=False, num_classes=10).eval()
@@ -289,6 +313,69 @@ def torchvision_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.M
     yield "resnet50(norm_layer=FrozenBatchNorm2d)", frozen
 
 
+def _hf_inputs(model: Any, config: Any, size: int) -> tuple[Any, ...] | None:
+    """An input for an HF model by its main input name; None where bnmove's bench has no recipe."""
+    name = getattr(model, "main_input_name", "input_ids")
+    if name == "pixel_values":
+        side = getattr(config, "image_size", size)
+        side = side[0] if isinstance(side, (list, tuple)) else side
+        return (torch.randn(1, getattr(config, "num_channels", 3), side, side),)
+    if name == "input_values":
+        return (torch.randn(1, 16000),)
+    if name == "input_features":
+        bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", 80)
+        return (torch.randn(1, 200, bins),)
+    if name == "input_ids":
+        return (torch.randint(0, min(getattr(config, "vocab_size", 100), 100), (1, 16)),)
+    return None
+
+
+#: default configs above this many parameters (speech-LLMs, SeamlessM4T) are too large for this bench
+HF_MAX_MILLIONS = 150
+
+
+def hf_default_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
+    """Every HF transformers base model class (``MODEL_MAPPING``) that has a BatchNorm when built from
+    its default config (checked on the meta device first)."""
+    import transformers as T
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    for model_type in sorted(MODEL_MAPPING_NAMES):
+        class_name = MODEL_MAPPING_NAMES[model_type]
+        if not isinstance(class_name, str):
+            class_name = class_name[0]
+        try:
+            config_cls = T.CONFIG_MAPPING[model_type]
+            model_cls = getattr(T, class_name)
+        except Exception:
+            continue
+        try:
+            with torch.device("meta"):
+                meta = model_cls(config_cls())
+        except Exception:
+            continue
+        if not _has_bn(meta):
+            continue
+        size_m = sum(p.numel() for p in meta.parameters()) / 1e6
+        if size_m > HF_MAX_MILLIONS:
+            print(
+                f"  skip hf-default/{model_type}: {size_m:.0f}M parameters at its default config", flush=True
+            )
+            continue
+
+        def build(
+            config_cls: Any = config_cls, model_cls: Any = model_cls
+        ) -> tuple[nn.Module, tuple[Any, ...]]:
+            config = config_cls()
+            model = model_cls(config).eval()
+            inputs = _hf_inputs(model, config, size)
+            if inputs is None:
+                raise ValueError(f"no input recipe for {model.main_input_name}")
+            return model, inputs
+
+        yield f"{model_type}:{class_name}", build
+
+
 def hf_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tuple[Any, ...]]]]]:
     import transformers as T
 
@@ -327,7 +414,12 @@ def hf_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, tu
     yield "wav2vec2_conformer", conformer
 
 
-LIBRARIES = {"timm": timm_models, "torchvision": torchvision_models, "hf": hf_models}
+LIBRARIES = {
+    "timm": timm_models,
+    "torchvision": torchvision_models,
+    "hf": hf_models,
+    "hf-default": hf_default_models,
+}
 args_debug = False
 
 
@@ -349,13 +441,22 @@ def main() -> None:
             if args.only and args.only not in name:
                 continue
             try:
-                model, _ = build()
+                model, inputs = build()
             except Exception as exc:
                 print(f"  skip {library}/{name}: cannot build ({type(exc).__name__})", flush=True)
                 continue
             if not _has_bn(model):
                 continue
-            del model
+            try:
+                with torch.no_grad():
+                    model.eval()(*inputs)
+            except Exception as exc:
+                print(
+                    f"  skip {library}/{name}: does not run on the bench's input ({type(exc).__name__})",
+                    flush=True,
+                )
+                continue
+            del model, inputs
             outcome = check(library, name, build, args.timeout)
             outcomes.append(outcome)
             mark = "ok  " if outcome.ok else "FAIL"
@@ -379,12 +480,14 @@ def main() -> None:
         kept = sum(o.kept_class for o in group)
         unmoved = sum(len(o.unmoved) for o in group)
         regenerated = sum(o.regenerated > 0 for o in group)
+        promised = sum(o.promised_left for o in group)
         print(
             f"{library}: {passed}/{len(group)} pass ({100 * passed / len(group):.0f}%), "
             f"adjacencies found {found}/{ref} ({100 * found / max(ref, 1):.1f}%), "
             f"class kept {kept}/{len(group)}, {unmoved} pair moves left in place by the exact method "
             "(each with its reason), "
-            f"{regenerated} models with a regenerated forward somewhere (the rest: module surgery only)"
+            f"{regenerated} models with a regenerated forward somewhere (the rest: module surgery only), "
+            f"{promised} pairs reported movable that convert left"
         )
     # group reasons that differ only by module names
     reasons = Counter(

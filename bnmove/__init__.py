@@ -26,7 +26,8 @@ from .fitting.calibrate import recalibrate
 from .fitting.synthetic import synthesize_inputs
 from .io.loading import LoadedModel, load_model
 from .pipeline.analyse import Detection, detect, find_pairs
-from .pipeline.conversion import Conversion, Move, convert
+from .pipeline.conversion import convert
+from .pipeline.results import Conversion, Move
 from .study.data import Dataset, load_dataset
 from .study.experiment import ExperimentResult, experiment
 

@@ -19,7 +19,7 @@ from .core.atomic import atomic_path
 from .deploy.accuracy import Accuracy
 from .deploy.runtime import Comparison, OutputDeviation, VariantInfo
 from .errors import BnmoveError
-from .pipeline.conversion import Conversion, Move
+from .pipeline.results import Conversion, Move
 from .study.experiment import ExperimentResult
 from .study.stats import ACCURACY
 

@@ -143,7 +143,7 @@ def test_synthetic_is_not_made_when_nothing_is_fitted(monkeypatch: pytest.Monkey
         raise AssertionError("synthetic inputs made although every move is exact")
 
     monkeypatch.setattr("bnmove.fitting.synthetic.synthesize_inputs", fail)
-    monkeypatch.setattr("bnmove.pipeline.conversion.synthesize_inputs", fail)
+    monkeypatch.setattr("bnmove.pipeline.calibration.synthesize_inputs", fail)
     model = _model_with_statistics()  # conv -> BN -> ReLU: exact
     result = bnmove.convert(model, "after", data_free="synthetic", example_inputs=(torch.zeros(2, 3, 8, 8),))
     assert [m.method for m in result.moved] == ["exact"]

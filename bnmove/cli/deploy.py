@@ -15,7 +15,7 @@ from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest, requi
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import PROVIDERS, compare
 from ..fitting.calibrate import calibration_batches
-from ..pipeline.conversion import METHODS
+from ..pipeline.plan import METHODS
 from ..report import (
     accuracy_table,
     comparison_csv,

@@ -15,7 +15,8 @@ from ..deploy.export import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
 from ..pipeline.analyse import detect
-from ..pipeline.conversion import DATA_FREE, METHODS, convert
+from ..pipeline.conversion import DATA_FREE, convert
+from ..pipeline.plan import METHODS
 from ..report import (
     conversion_summary,
     conversion_table,
@@ -138,6 +139,7 @@ Examples:
     "the example input. Without it a large change is a warning naming the pairs that caused it.",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--quiet", is_flag=True, help="No progress display (none is shown when stderr is not a terminal).")
 def convert_command(
     model: ModelArgs,
     as_json: bool,
@@ -152,6 +154,7 @@ def convert_command(
     out_format: str,
     max_error: float | None,
     force: bool,
+    quiet: bool,
 ) -> None:
     """Move every BN before or after its activation and save the model.
 
@@ -176,14 +179,10 @@ def convert_command(
             "their cost grows with it, so give --input-shape with your real size",
             err=True,
         )
-    with _progress(sys.stderr.isatty() and not as_json) as progress:
+    with _progress(sys.stderr.isatty() and not (as_json or quiet)) as progress:
         task = progress.add_task("converting", total=None)
 
-        def on_progress(done: int, total: int) -> None:
-            if calibration is not None:  # pass 1 batch by batch, then the converted model's pass
-                what = "calibrating: original model" if done < total - 1 else "calibrating: fitting in order"
-            else:
-                what = "making synthetic inputs" if done < total else "fitting"
+        def on_progress(what: str, done: int, total: int | None) -> None:
             progress.update(task, description=what, completed=done, total=total)
 
         result = convert(

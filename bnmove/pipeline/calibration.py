@@ -1,0 +1,272 @@
+"""Stage 4, *calibrate*: the fits of a conversion made again on data, and how far the result moved.
+
+:class:`Calibrator` plans, for each fitted pair, what the two calibration
+passes of :mod:`bnmove.fitting.sequential` need (the module hook that sees the
+pair's input, its new BN, the layer to refit after it) and runs the passes on
+the converted model; :func:`calibration_check` measures the converted model
+against the original on calibration samples.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import fx, nn
+
+from ..analysis.detect import Site
+from ..analysis.patterns import (
+    is_batchnorm_module,
+    match_activation,
+    module_activation_spec,
+    skip_identity_down,
+)
+from ..analysis.tracing import Region
+from ..core.affine import ChannelAffine
+from ..core.clone import clone_module
+from ..core.fidelity import Agreement
+from ..core.running import eval_mode, output_tensors
+from ..fitting.calibrate import Batch, call_model, refit_blocker
+from ..fitting.sequential import PairPlan, SequentialCalibration
+from ..fitting.synthetic import synthesize_inputs
+from ..moving import rewrite
+from ..moving.absorb import KeptAffine
+from .results import CalibrationCheck, Move, Progress
+
+
+@dataclass(frozen=True)
+class SyntheticRequest:
+    """A request for synthetic calibration inputs, made only if some pair is fitted."""
+
+    samples: int
+
+    def batches(
+        self, model: nn.Module, inputs: Sequence[torch.Tensor] | None, progress: Progress
+    ) -> list[Batch]:
+        x = synthesize_inputs(
+            model,
+            inputs,
+            samples=self.samples,
+            on_step=lambda done, total: progress("making synthetic inputs", done, total),
+        )
+        return [(x,)]
+
+
+class Calibrator:
+    """Calibrated fitting in two passes by module hooks (:mod:`bnmove.fitting.sequential`)."""
+
+    def __init__(self, regions: dict[str, Region], refit_next: bool, source: str) -> None:
+        self.regions = regions
+        self.refit = refit_next
+        self.source = source  # "calibrated" (the user's data) or "synthetic"
+        self.calls = {prefix: module_calls(region.graph) for prefix, region in regions.items()}
+
+    def plan(self, site: Site) -> PairPlan | None:
+        """What the passes need for one pair, read before its move (None: it stays data-free)."""
+        calls = self.calls[site.region]
+        tap = _pair_input(site, calls)
+        if tap is None or site.bn_node.op != "call_module":
+            return None
+        root = self.regions[site.region].root
+        bn = root.get_submodule(str(site.bn_node.target))
+        f = rewrite.pair_activation(root, site)
+        if f is None or getattr(bn, "running_mean", None) is None:
+            return None
+        a, b = (t.cpu() for t in rewrite.affine_map(bn))
+        name, output = tap
+        return PairPlan(
+            tap=_qualified(site.region, name),
+            tap_output=output,
+            bn="",
+            placement=str(site.pair.placement),
+            f=f,
+            a=a,
+            b=b,
+            eps=float(bn.eps),  # type: ignore[arg-type]
+        )
+
+    def plan_absorb(self, site: Site, kept: KeptAffine) -> PairPlan | None:
+        """What the passes need to fit a kept affine into the pair's BN (read before it is absorbed):
+        ``A → f → BN′`` is a ``BN → f`` pair whose target BN′ maps; ``BN′ → f → A`` an ``f → BN``
+        pair read at BN′'s output, whose fit starts from BN′'s map."""
+        calls = self.calls[site.region]
+        root = self.regions[site.region].root
+        bn_name = str(site.bn_node.target)
+        tap = kept.name if kept.side == "before" else bn_name
+        f = rewrite.pair_activation(root, site)
+        if f is None or calls.get(tap, 0) != 1 or calls.get(bn_name, 0) != 1:
+            return None
+        affine = root.get_submodule(kept.name)
+        assert isinstance(affine, ChannelAffine)
+        bn = root.get_submodule(bn_name)
+        a, b = (t.detach().double().cpu() for t in (affine.weight, affine.bias))
+        own = tuple(t.cpu() for t in rewrite.affine_map(bn))
+        return PairPlan(
+            tap=_qualified(site.region, tap),
+            tap_output=kept.side == "after",
+            bn=_qualified(site.region, bn_name),
+            placement="before" if kept.side == "before" else "after",
+            f=f,
+            a=a,
+            b=b,
+            eps=float(bn.eps),  # type: ignore[arg-type]
+            post=own if kept.side == "before" else None,  # type: ignore[arg-type]
+            init=own if kept.side == "after" else None,  # type: ignore[arg-type]
+        )
+
+    def plan_refit(
+        self, plan: PairPlan, site: Site, modules: dict[str, nn.Module], out: fx.Node | None = None
+    ) -> None:
+        """After the pair's move: the Conv/Linear fed by it (by ``out``, where given), if it can be
+        refitted, and, when that layer's output is added to a residual stream, where the stream is
+        read (its error upstream is then cancelled by the refit too)."""
+        if not self.refit:
+            return
+        if out is None:
+            if site.pair.placement == "before" or site.act_node is None:
+                out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
+            else:
+                out = skip_identity_down(site.act_node, modules)
+        user = _next_affine(out, modules)
+        if user is None or refit_blocker(modules[str(user.target)]) is not None:
+            return
+        calls = self.calls[site.region]
+        if calls[str(user.target)] > 1:
+            return
+        plan.refit = _qualified(site.region, user.target)
+        partner = _residual_partner(user)
+        if partner is None:
+            return
+        other = partner[1]
+        if other.op == "placeholder":  # the stream enters this region: its root's argument
+            placeholders = [n for n in self.regions[site.region].graph.nodes if n.op == "placeholder"]
+            plan.stream = (site.region, "input", placeholders.index(other))
+        elif other.op == "call_module" and calls.get(str(other.target), 0) == 1:
+            plan.stream = (_qualified(site.region, other.target), "output", 0)
+
+    def run(
+        self,
+        model: nn.Module,
+        converted: nn.Module,
+        plans: list[PairPlan],
+        batches: list[Batch],
+        progress: Progress,
+    ) -> None:
+        # A BN' that is not a torch BatchNorm of its own (inside a fused module) has no hook to fit
+        # it by: its pair keeps the Gaussian fit, and says so (``finish`` leaves it as it is).
+        hookable = [
+            p for p in plans if isinstance(converted.get_submodule(p.bn), nn.modules.batchnorm._BatchNorm)
+        ]
+        if not hookable:
+            return
+        passes = SequentialCalibration(hookable, batches)
+        done = [0]
+        total = len(batches) + 1
+
+        def step() -> None:
+            done[0] += 1
+            progress("calibrating: original model", done[0], total)
+
+        original = clone_module(model)  # hooks and passes never touch the user's model
+        passes.original_pass(original, on_batch=step)
+        progress("calibrating: fitting in order", total - 1, total)
+        passes.converted_pass(converted)
+        progress("calibrating: fitting in order", total, total)
+
+    def finish(self, move: Move, plan: PairPlan) -> Move:
+        """``move`` with the calibrated fit's method, error and notes, where the passes fitted it."""
+        if plan.effect is None:
+            return replace(move, notes=(*move.notes, NOT_CALIBRATED))
+        kept = [n for n in move.notes if not n.startswith("data-free fit:")]
+        notes = [n.replace("calibrated fit", f"{self.source} fit", 1) for n in plan.notes]
+        return replace(move, method=f"fit-{self.source}", effect=plan.effect, notes=(*notes, *kept))
+
+
+#: why a pair fitted while calibration data was given still holds a Gaussian fit
+NOT_CALIBRATED = (
+    "fitted from Gaussian statistics, not the calibration data: no module hook reaches this pair's "
+    "input or its new BN (a function, a module called at several places, or a fused module)"
+)
+
+
+def _qualified(region: str, name: object) -> str:
+    return f"{region}.{name}" if region else str(name)
+
+
+def module_calls(graph: fx.Graph) -> dict[str, int]:
+    """How often each module is called in ``graph``."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return calls
+
+
+def _pair_input(site: Site, calls: dict[str, int]) -> tuple[str, bool] | None:
+    """``(module, is_output)``: the module hook that sees the pair's input in the original: the
+    BN's input for ``BN -> f`` (and fused modules), the activation's input for ``f -> BN`` (its
+    module's, or the output of the module feeding a functional one). None if no module called
+    once carries it."""
+    if site.pair.placement == "before" or site.act_node is None:
+        node, output = site.bn_node, False
+    else:
+        node, output = site.act_node, False
+        if node.op != "call_module" or calls.get(str(node.target), 0) > 1:
+            source = node.args[0] if node.args else None
+            if not isinstance(source, fx.Node):
+                return None
+            node, output = source, True
+    if node.op != "call_module" or calls.get(str(node.target), 0) > 1:
+        return None
+    return str(node.target), output
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _residual_partner(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(add, other)`` when ``node``'s only user adds it to another tensor."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    add = users[0]
+    is_add = (add.op == "call_function" and add.target in _ADDS) or (
+        add.op == "call_method" and add.target in ("add", "add_")
+    )
+    if not is_add or len(add.args) != 2 or add.kwargs:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if not isinstance(other, fx.Node) or other is node:
+        return None
+    return add, other
+
+
+def _next_affine(node: fx.Node, modules: dict[str, nn.Module], hops: int = 6) -> fx.Node | None:
+    """The first Conv/Linear fed (through single-user pooling, flatten, identity...) by ``node``."""
+    for _ in range(hops):
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        (node,) = users
+        if node.op == "call_module":
+            module = modules.get(str(node.target))
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                return node
+            if module is None or is_batchnorm_module(module) or module_activation_spec(module) is not None:
+                return None
+        elif node.op not in ("call_function", "call_method") or match_activation(node, modules) is not None:
+            return None
+        if any(isinstance(a, fx.Node) for a in node.args[1:]):
+            return None  # combines with another tensor (add, cat...): not a pass-through
+    return None
+
+
+def calibration_check(model: nn.Module, converted: nn.Module, batches: list[Batch]) -> CalibrationCheck:
+    meter = Agreement()
+    with eval_mode(model), eval_mode(converted), torch.no_grad():
+        for batch in batches:
+            meter.add(output_tensors(call_model(model, batch)), output_tensors(call_model(converted, batch)))
+    measured = meter.result()
+    return CalibrationCheck(sum(len(b[0]) for b in batches), measured.max_abs, measured.top1, measured.rel)
