@@ -139,7 +139,9 @@ Examples:
     "the example input. Without it a large change is a warning naming the pairs that caused it.",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-@click.option("--quiet", is_flag=True, help="No progress display (none is shown when stderr is not a terminal).")
+@click.option(
+    "--quiet", is_flag=True, help="No progress display (none is shown when stderr is not a terminal)."
+)
 def convert_command(
     model: ModelArgs,
     as_json: bool,

@@ -77,6 +77,8 @@ class Mover:
         ] = {}
         self._dirty: set[str] = set()
         self._reorders = surgery.Reorders()
+        #: child positions of each Sequential, read once while deciding structures (nothing has moved)
+        self._positions: dict[int, tuple[list[str], dict[str, int]]] = {}
 
     def forget(self, region: str) -> None:
         """Read the region's modules again: one was replaced (a kept affine absorbed)."""
@@ -126,7 +128,10 @@ class Mover:
         calls = self._module_calls(site.region)
         if bn.op == "call_module" and act.op == "call_module" and calls[id(modules[str(act.target)])] == 1:
             first, second = (bn, act) if site.pair.placement == "before" else (act, bn)
-            reorder = surgery.sequential_neighbours(root, str(first.target), str(second.target)) is not None
+            reorder = (
+                surgery.sequential_neighbours(root, str(first.target), str(second.target), self._positions)
+                is not None
+            )
             return _ModuleSurgery(modules[str(act.target)], reorder)
         keys = self._node_keys(site.region)
         (bn_scope, bn_key), (act_scope, act_key) = keys[bn], keys[act]

@@ -36,16 +36,29 @@ from ..core.modules import parent_of, replace_everywhere
 # -- module surgery ---------------------------------------------------------------------------
 
 
-def sequential_neighbours(root: nn.Module, first: str, second: str) -> nn.Sequential | None:
-    """The stock ``nn.Sequential`` holding ``first`` then ``second`` (only links between), or None."""
+def sequential_neighbours(
+    root: nn.Module,
+    first: str,
+    second: str,
+    positions: dict[int, tuple[list[str], dict[str, int]]] | None = None,
+) -> nn.Sequential | None:
+    """The stock ``nn.Sequential`` holding ``first`` then ``second`` (only links between), or None.
+
+    ``positions`` keeps each Sequential's child keys and their positions across calls, while no
+    Sequential changes (a long Sequential would otherwise be read again for every pair).
+    """
     parent_a, a = parent_of(root, first)
     parent_b, b = parent_of(root, second)
     if parent_a is not parent_b or not isinstance(parent_a, nn.Sequential):
         return None
     if type(parent_a).forward is not nn.Sequential.forward:
         return None
-    keys = list(parent_a._modules)
-    i, j = keys.index(a), keys.index(b)
+    cache = positions if positions is not None else {}
+    if id(parent_a) not in cache:
+        keys = list(parent_a._modules)
+        cache[id(parent_a)] = (keys, {k: n for n, k in enumerate(keys)})
+    keys, where = cache[id(parent_a)]
+    i, j = where[a], where[b]
     if j <= i or not all(is_link_module(parent_a._modules[k]) for k in keys[i + 1 : j]):
         return None
     return parent_a
