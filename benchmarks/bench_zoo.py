@@ -238,7 +238,8 @@ def timm_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, 
     import timm
 
     for module in sorted(timm.list_modules()):
-        names = timm.list_models(module=module)
+        # timm's ``test_*`` models are tiny configurations for its own tests, not variants users build
+        names = [n for n in timm.list_models(module=module) if not n.startswith("test_")]
         if not names:
             continue
         name = min(

@@ -168,7 +168,7 @@ def test_cli_fold_padded_leaves_only_bns_no_rule_removes(tmp_path: Path) -> None
     forms = Counter(b["form"] for b in entry["bns"] if b["fate"] == "folded-forward")
     assert forms == {"border-corrected": 4, "weights": 5}  # 4 before padded depthwise convs; 4 + the head
     (left,) = entry["standalone_bns"]
-    assert left["bn"] == "stem.1" and "feeds blocks.0.block.0, add" in left["reason"]
+    assert left["bn"] == "stem.1" and "feeds blocks.0.block.0 (Conv2d), add" in left["reason"]
     assert entry["batchnorm_nodes"] == 1
 
 

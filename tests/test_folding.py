@@ -356,4 +356,4 @@ def test_a_bn_feeding_a_layer_and_a_sum_stays_with_the_reason() -> None:
             return self.conv(y) + y
 
     (fate,) = fold_forward(randomize_bn(LayerAndSum()).eval()).bns
-    assert fate.fate == "standalone" and "feeds conv, add" in (fate.reason or "")
+    assert fate.fate == "standalone" and "feeds conv (Conv2d), add" in (fate.reason or "")

@@ -25,7 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, out_channels
+from ..core.affine import scale_positive
+from .folds import NoFold, forward_fold
+from .layers import AFFINE_LAYERS, out_channels
 from .patterns import (
     ActivationCall,
     bn_channels,
@@ -105,7 +107,9 @@ class Site:
     region: str
     bn_node: fx.Node
     act_node: fx.Node | None
-    neighbour_node: fx.Node | None
+    #: the layers an exact move folds the BN into: the one before it (before -> after), or every
+    #: one it feeds (after -> before, :func:`~bnmove.analysis.folds.forward_fold`); empty: kept affine
+    neighbours: tuple[fx.Node, ...] = ()
     fused: FusedNorm | None = None
 
 
@@ -360,7 +364,7 @@ class _RegionAnalysis:
         movable: bool,
         exact: bool,
         reason: str | None,
-        neighbour: fx.Node | None = None,
+        neighbours: tuple[fx.Node, ...] = (),
         fused: FusedNorm | None = None,
     ) -> Site:
         act_name: str | None
@@ -380,11 +384,13 @@ class _RegionAnalysis:
             movable=movable,
             exact=exact and movable,
             reason=reason,
-            neighbour=self._label(neighbour) if neighbour is not None and exact and movable else None,
+            neighbour=", ".join(self._label(n) for n in neighbours)
+            if neighbours and exact and movable
+            else None,
             fused=fused is not None,
-            keeps_affine=exact and movable and neighbour is None,
+            keeps_affine=exact and movable and not neighbours,
         )
-        return Site(pair, self.prefix, bn, act, neighbour, fused)
+        return Site(pair, self.prefix, bn, act, neighbours if exact and movable else (), fused)
 
     def _before_site(
         self,
@@ -420,9 +426,8 @@ class _RegionAnalysis:
                 reason = f"{self._label(source)} is called at several places"
             elif module is not None and out_channels(layer) != bn_channels(module):
                 reason = f"{self._label(source)} output channels do not match the BN"
-        folds = reason is None
-        neighbour = source if folds and isinstance(source, fx.Node) else None
-        return self._site(bn, act, call, "before", True, stats is None, reason, neighbour, fused)
+        neighbours = (source,) if reason is None and isinstance(source, fx.Node) else ()
+        return self._site(bn, act, call, "before", True, stats is None, reason, neighbours, fused)
 
     def _shared_link(self, act: fx.Node, bn: fx.Node) -> fx.Node | None:
         """Another reader of the activation's output (directly or through a link before the BN)."""
@@ -454,23 +459,22 @@ class _RegionAnalysis:
             return self._site(bn, act, call, "after", False, False, blocker)
         stats = self._stats_reason(module)
         reason = stats
-        users = list(skip_identity_down(bn, self.modules).users)
-        target = users[0] if len(users) == 1 else None
-        layer = absorbing_layer(target, self.modules) if target is not None else None
+        neighbours: tuple[fx.Node, ...] = ()
         if reason is None:
-            if target is None or layer is None:
-                what = ", ".join(_describe(u, self.modules) for u in users) or "nothing"
-                reason = f"no single Conv/Linear right after the BN to fold into (feeds {what})"
-            elif self.calls[str(target.target)] > 1:
-                reason = f"{self._label(target)} is called at several places"
-            elif module is not None and in_channels(layer) != bn_channels(module):
-                reason = f"{self._label(target)} input channels do not match the BN"
+            assert module is not None
+            fold = forward_fold(
+                bn,
+                self.modules,
+                self.calls,
+                bn_channels(module),
+                positive=scale_positive(module),
+                label=self._label,
+            )
+            if isinstance(fold, NoFold):
+                reason = fold.reason
             else:
-                blocked = forward_fold_blocker(layer)
-                if blocked:
-                    reason = f"cannot fold into {self._label(target)}: {blocked}"
-        folds = reason is None
-        return self._site(bn, act, call, "after", True, stats is None, reason, target if folds else None)
+                neighbours = fold.into
+        return self._site(bn, act, call, "after", True, stats is None, reason, neighbours)
 
 
 def analyze_regions(regions: dict[str, Region]) -> list[Site]:

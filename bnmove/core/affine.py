@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import bn_math
+
 
 class ChannelAffine(nn.Module):
     """``y = weight[c] * x + bias[c]`` over channel dimension 1, for inputs of any rank >= 2."""
@@ -40,3 +42,18 @@ class ChannelAffine(nn.Module):
 
 
 __all__ = ["ChannelAffine"]
+
+
+def affine_map(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` in float64 of the eval-mode map ``a*z + b`` of a BatchNorm (or of a kept ChannelAffine)."""
+    if isinstance(bn, ChannelAffine):
+        return bn.weight.detach().double(), bn.bias.detach().double()
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    assert mean is not None and var is not None, "an eval-mode map needs running statistics"
+    return bn_math.bn_affine(mean, var, bn.weight, bn.bias, float(bn.eps))  # type: ignore[arg-type]
+
+
+def scale_positive(bn: nn.Module) -> bool:
+    """Every channel's eval-mode scale ``a`` is positive (a maximum then passes the map)."""
+    a, _ = affine_map(bn)
+    return bool((a > 0).all())

@@ -27,8 +27,8 @@ from torch import fx, nn
 from ..analysis.detect import Site
 from ..analysis.patterns import skip_identity_down, skip_identity_up
 from ..core import bn_math
-from ..core.affine import ChannelAffine
-from .rewrite import CannotFit, affine_map, pair_activation, set_bn
+from ..core.affine import ChannelAffine, affine_map
+from .rewrite import CannotFit, pair_activation, set_bn
 
 
 @dataclass(frozen=True)

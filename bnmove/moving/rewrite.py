@@ -36,7 +36,7 @@ from ..analysis.patterns import (
     out_of_place_function,
 )
 from ..core import bn_math
-from ..core.affine import ChannelAffine
+from ..core.affine import ChannelAffine, affine_map
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +221,6 @@ def _affine_layer(root: nn.Module, name: str) -> nn.Conv1d | nn.Linear:
     return cast("nn.Conv1d | nn.Linear", module)
 
 
-def affine_map(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` of the eval-mode map ``a*z + b`` of a BN (or of a kept ChannelAffine)."""
-    if isinstance(bn, ChannelAffine):
-        return bn.weight.detach().double(), bn.bias.detach().double()
-    assert isinstance(bn, _BatchNorm) or is_batchnorm_module(bn)
-    assert bn.running_mean is not None and bn.running_var is not None
-    return bn_math.bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))  # type: ignore[arg-type]
-
-
 def _gamma_beta(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     n = bn_channels(bn)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
@@ -256,15 +247,26 @@ def fold_bn(
     """
     source = root.get_submodule(bn_name)
     bn = source if isinstance(source, ChannelAffine) else _batchnorm(root, bn_name)
+    fold_map(root, *affine_map(bn), layer_name, fold)
+    return bn
+
+
+def fold_map(
+    root: nn.Module,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    layer_name: str,
+    fold: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Fold the per-channel map ``a*z + b`` into layer ``layer_name`` with ``fold`` (``bn_math.fold_into_*``)."""
     layer = _affine_layer(root, layer_name)
-    a, b = affine_map(bn)
     if isinstance(layer, ChannelAffine):  # diagonal: A then BN, or BN then A, is again one affine
         w, c = layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu()
         if fold is bn_math.fold_into_preceding:
             _set_weight_bias(layer, a * w, a * c + b)  # type: ignore[arg-type]
         else:
             _set_weight_bias(layer, w * a, w * b + c)  # type: ignore[arg-type]
-        return bn
+        return
     transposed = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     device = layer.weight.device
     weight, bias = fold(
@@ -276,7 +278,6 @@ def fold_bn(
         groups=int(getattr(layer, "groups", 1)),
     )
     _set_weight_bias(layer, weight, bias)
-    return bn
 
 
 _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
@@ -299,10 +300,13 @@ def _fold_or_keep(
     root: nn.Module, site: Site, fold: Callable[..., Any]
 ) -> tuple[_BatchNorm, ChannelAffine | None]:
     """Fold the BN into the pair's neighbour, or (no neighbour) take its affine map out as a layer."""
-    if site.neighbour_node is not None:
-        return fold_bn(root, str(site.bn_node.target), str(site.neighbour_node.target), fold), None
     bn = _batchnorm(root, str(site.bn_node.target))
-    return bn, kept_affine(bn)
+    if not site.neighbours:
+        return bn, kept_affine(bn)
+    a, b = affine_map(bn)  # read once: every neighbour takes the same map
+    for neighbour in site.neighbours:
+        fold_map(root, a, b, str(neighbour.target), fold)
+    return bn, None
 
 
 def exact_before_to_after(root: nn.Module, site: Site) -> tuple[list[str], ChannelAffine | None]:
@@ -500,7 +504,6 @@ __all__ = [
     "activation_function",
     "activation_module",
     "adjust",
-    "affine_map",
     "fit_pair",
     "fold_bn",
     "guard_inplace",

@@ -24,7 +24,7 @@ from ..analysis.patterns import (
     skip_identity_down,
 )
 from ..analysis.tracing import Region
-from ..core.affine import ChannelAffine
+from ..core.affine import ChannelAffine, affine_map
 from ..core.clone import clone_module
 from ..core.fidelity import Agreement
 from ..core.running import eval_mode, output_tensors
@@ -74,7 +74,7 @@ class Calibrator:
         f = rewrite.pair_activation(root, site)
         if f is None or getattr(bn, "running_mean", None) is None:
             return None
-        a, b = (t.cpu() for t in rewrite.affine_map(bn))
+        a, b = (t.cpu() for t in affine_map(bn))
         name, output = tap
         return PairPlan(
             tap=_qualified(site.region, name),
@@ -102,7 +102,7 @@ class Calibrator:
         assert isinstance(affine, ChannelAffine)
         bn = root.get_submodule(bn_name)
         a, b = (t.detach().double().cpu() for t in (affine.weight, affine.bias))
-        own = tuple(t.cpu() for t in rewrite.affine_map(bn))
+        own = tuple(t.cpu() for t in affine_map(bn))
         return PairPlan(
             tap=_qualified(site.region, tap),
             tap_output=kept.side == "after",
