@@ -74,7 +74,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def finetune(
-    model: nn.Module, data: bnmove.Dataset, lr: float, epochs: int, seed: int
+    model: nn.Module, data: bnmove.study.Dataset, lr: float, epochs: int, seed: int
 ) -> tuple[list[float], list[float]]:
     """Accuracy before and after each epoch of fine-tuning (a fresh Adam, seeded batch order), with
     the running statistics as training left them and with statistics recomputed on the training set."""

@@ -44,7 +44,7 @@ ACTS = {
 
 
 def train(
-    act: type[torch.nn.Module], data: bnmove.Dataset, epochs: int, width: int, convs: int, seed: int
+    act: type[torch.nn.Module], data: bnmove.study.Dataset, epochs: int, width: int, convs: int, seed: int
 ) -> torch.nn.Module:
     """Train to convergence (Adam with a cosine schedule), as a model one would convert is."""
     torch.manual_seed(seed)
@@ -89,7 +89,7 @@ class UntraceableTop(PreActResNet):
         return torch.zeros(len(x), 10)
 
 
-def untraceable(data: bnmove.Dataset, calibration: torch.Tensor, samples: int, width: int) -> None:
+def untraceable(data: bnmove.study.Dataset, calibration: torch.Tensor, samples: int, width: int) -> None:
     """Calibrated against Gaussian fitting where the model does not trace whole (seed 0, 12 epochs)."""
     print(f"\ncalibrated fit on a model whose top-level forward does not trace (width {width}, seed 0):")
     for name in ("ReLU", "GELU", "Tanh"):

@@ -244,7 +244,9 @@ def timm_models(size: int) -> Iterator[tuple[str, Callable[[], tuple[nn.Module, 
             continue
         name = min(
             names,
-            key=lambda n: _parameters_on_meta(lambda: timm.create_model(n, pretrained=False, num_classes=10)),
+            key=lambda n: _parameters_on_meta(
+                lambda n=n: timm.create_model(n, pretrained=False, num_classes=10)
+            ),
         )
 
         def build(name: str = name) -> tuple[nn.Module, tuple[Any, ...]]:

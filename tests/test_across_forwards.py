@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_same_outputs
 from torch import nn
-from zoo import ConvAct, ConvNorm, DenseTail, DropBlock, build
+from zoo import ConvAct, ConvNorm, DenseTail, build, randomize_bn
 
 from bnmove import convert, find_pairs
 from bnmove.core.forwards import GraphForward
@@ -79,14 +79,62 @@ def test_hooks_on_the_moved_bn_still_fire() -> None:
     assert seen == [(2, 6, 8, 8)]
 
 
-def test_an_untraceable_forward_is_unmovable_in_inspect_and_convert_alike() -> None:
-    """``if drop_rate:`` on a float argument: the forward to regenerate does not trace on its own."""
+def test_a_forward_branching_on_a_float_argument_is_specialised_to_its_calls() -> None:
+    """``if drop_rate:``: the forward is traced with the value its parent passes (0.2), guarded at every
+    call, in eval and in training mode (its dropout stays)."""
     model, inputs = build("branching-forward")
+    assert all(p.movable and p.exact for p in find_pairs(model, inputs) if p.placement)
+    result = convert(model, "after", method="exact", example_inputs=inputs)
+    assert len(result.moved) == 2 and _generated(result.model) == ["block"]
+    assert_same_outputs(model, result.model, inputs)
+    forward = vars(result.model.block)["forward"]
+    assert forward.specialised == {"drop_rate": 0.2}
+    assert sorted(sorted(key) for key, _ in forward.variants) == [[], ["self.training"]]
+    with pytest.raises(AssertionError, match=r"drop_rate has been specialized to have value 0\.2"):
+        result.model.block(torch.randn(2, 3, 8, 8), drop_rate=0.5)
+    # Training mode runs the training graph: dropout zeroes about a fifth of the block's output.
+    block_out: list[torch.Tensor] = []
+    hook = result.model.block.register_forward_hook(lambda m, i, o: block_out.append(o))
+    copy.deepcopy(result.model).train()(torch.randn(8, 3, 8, 8))
+    hook.remove()
+    assert 0.1 < float((block_out[0] == 0).float().mean()) < 0.3
+    # The specialised forward converts back, specialised alike, and the outputs come home.
+    back = convert(copy.deepcopy(result.model).eval(), "before", method="exact", example_inputs=inputs)
+    assert len(back.moved) == 2 and vars(back.model.block)["forward"].specialised == {"drop_rate": 0.2}
+    again = pickle.loads(pickle.dumps(back.model))
+    assert_same_outputs(model, again, inputs)
+
+
+class SameWidthDrop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.swish = nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6), nn.SiLU()
+
+    def forward(self, x: torch.Tensor, drop_rate: float | None = None) -> torch.Tensor:
+        y = self.swish(self.bn(self.conv(self.swish(x))))
+        return torch.nn.functional.dropout(y, drop_rate, self.training) if drop_rate else y
+
+
+class TensorRate(nn.Module):
+    """The drop rate comes from a tensor: there is no value to specialise the block's forward to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 6, 1), SameWidthDrop()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.stem(x), drop_rate=(x.abs().mean() > 100))
+
+
+def test_a_forward_branching_on_a_tensor_stays_unmovable_in_inspect_and_convert_alike() -> None:
+    torch.manual_seed(0)
+    model, inputs = randomize_bn(TensorRate()).eval(), (torch.randn(2, 3, 8, 8),)
     pairs = [p for p in find_pairs(model, inputs) if p.placement]
-    assert [p.movable for p in pairs] == [False, False]
+    assert pairs and not any(p.movable for p in pairs)
     reason = pairs[0].reason or ""
-    assert "block (DropBlock), which torch.fx cannot trace" in reason and "if drop_rate" in reason
+    assert "block (SameWidthDrop), which torch.fx cannot trace" in reason and "if drop_rate" in reason
     for method in ("exact", "auto", "swap"):
         result = convert(model, "after", method=method, example_inputs=inputs)
-        assert [(m.moved, m.reason) for m in result.moves] == [(False, p.reason) for p in pairs]
-    assert isinstance(model.block, DropBlock)
+        assert [(m.moved, m.reason) for m in result.moves if m.pair.placement] == [
+            (False, p.reason) for p in pairs
+        ]

@@ -67,11 +67,11 @@ def test_bn_params_for_affine() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits() -> bnmove.Dataset:
+def digits() -> bnmove.study.Dataset:
     return load_dataset("digits")
 
 
-def _train(act: type[nn.Module], data: bnmove.Dataset) -> nn.Module:
+def _train(act: type[nn.Module], data: bnmove.study.Dataset) -> nn.Module:
     """Blocks ``x + conv(f(BN(x)))``: every BN is fed by the residual stream, none moves exactly."""
     torch.manual_seed(0)
     model = PreActResNet(10, width=32, blocks=2, in_channels=1, act=act, convs=1)
@@ -84,7 +84,7 @@ def _agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("act", list(ACTS))
-def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bnmove.Dataset) -> None:
+def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bnmove.study.Dataset) -> None:
     model = _train(ACTS[act], digits)
     x, example = digits.val.x, (digits.val.x[:4],)
     pairs = {p.bn: p for p in bnmove.find_pairs(model)}
@@ -218,7 +218,7 @@ def test_calibration_errors(tmp_path: Path) -> None:
         )
 
 
-def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.Dataset) -> None:
+def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.study.Dataset) -> None:
     model = _train(nn.GELU, digits)
     path = tmp_path / "preact.pt"
     torch.save(model, path)
@@ -278,7 +278,8 @@ def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.Dataset) -> None
     )
     assert "stays, affine absorbed" in text and exact.read_bytes() == before
     assert not any(
-        isinstance(m, bnmove.ChannelAffine) for m in torch.load(dropped, weights_only=False).modules()
+        isinstance(m, bnmove.core.affine.ChannelAffine)
+        for m in torch.load(dropped, weights_only=False).modules()
     )
     converted = torch.load(out, weights_only=False)
     assert _agreement(model, converted, digits.val.x) >= 0.9
@@ -318,12 +319,12 @@ def test_cli_fit_and_recalibrate(tmp_path: Path, digits: bnmove.Dataset) -> None
 
 
 @pytest.mark.parametrize("act", ["ReLU", "GELU", "Tanh"])
-def test_fit_removes_the_affines_an_exact_conversion_kept(act: str, digits: bnmove.Dataset) -> None:
+def test_fit_removes_the_affines_an_exact_conversion_kept(act: str, digits: bnmove.study.Dataset) -> None:
     """``A → f → BN′`` (kept by exact, BN after) becomes ``f → BN″`` under fit, on the exact model."""
     model = _train(ACTS[act], digits)
     x, example = digits.val.x, (digits.val.x[:4],)
     exact = bnmove.convert(model, "after", method="exact", example_inputs=example).model
-    kept = [n for n, m in exact.named_modules() if isinstance(m, bnmove.ChannelAffine)]
+    kept = [n for n, m in exact.named_modules() if isinstance(m, bnmove.core.affine.ChannelAffine)]
     assert len(kept) == 3 and _agreement(model, exact, x) == 1.0
     snapshot = {k: v.clone() for k, v in exact.state_dict().items()}
     free = bnmove.convert(exact, "after", method="fit", example_inputs=example)
@@ -332,7 +333,7 @@ def test_fit_removes_the_affines_an_exact_conversion_kept(act: str, digits: bnmo
     )
     assert all(torch.equal(v, snapshot[k]) for k, v in exact.state_dict().items())  # untouched
     for result, method in ((free, "fit-data-free"), (calibrated, "fit-calibrated")):
-        assert not any(isinstance(m, bnmove.ChannelAffine) for m in result.model.modules())
+        assert not any(isinstance(m, bnmove.core.affine.ChannelAffine) for m in result.model.modules())
         absorbed = result.absorbed
         assert sorted(m.absorbed for m in absorbed) == sorted(kept) and {m.method for m in absorbed} == {
             method
@@ -369,7 +370,7 @@ class _PostActPadded(nn.Module):
 
 
 @pytest.mark.parametrize("act", ["ReLU", "Tanh"])
-def test_fit_removes_an_affine_kept_after_the_activation(act: str, digits: bnmove.Dataset) -> None:
+def test_fit_removes_an_affine_kept_after_the_activation(act: str, digits: bnmove.study.Dataset) -> None:
     torch.manual_seed(0)
     model = train_classifier(_PostActPadded(ACTS[act]), digits, epochs=6, cosine=True)
     x, example = digits.val.x, (digits.val.x[:4],)
@@ -383,7 +384,7 @@ def test_fit_removes_an_affine_kept_after_the_activation(act: str, digits: bnmov
     result = bnmove.convert(
         exact.model, "before", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
     )
-    assert not any(isinstance(m, bnmove.ChannelAffine) for m in result.model.modules())
+    assert not any(isinstance(m, bnmove.core.affine.ChannelAffine) for m in result.model.modules())
     (move,) = result.absorbed  # the pair stays before; its BN took the affine in
     assert not result.moved and move.absorbed == "bn.2" and move.method == "fit-calibrated"
     assert not move.keeps_outputs and result.changed_function == [move]

@@ -49,12 +49,12 @@ def test_fold_forward_leaves_conv_bn_for_the_runtime() -> None:
 
 def test_kept_affine_folds_forward_like_a_batchnorm() -> None:
     torch.manual_seed(0)
-    affine = bnmove.ChannelAffine(6)
+    affine = bnmove.core.affine.ChannelAffine(6)
     with torch.no_grad():
         affine.weight.uniform_(0.5, 1.5)
         affine.bias.normal_()
     model = nn.Sequential(
-        nn.Linear(4, 6), nn.ReLU(), affine, nn.Linear(6, 3), nn.Tanh(), bnmove.ChannelAffine(3)
+        nn.Linear(4, 6), nn.ReLU(), affine, nn.Linear(6, 3), nn.Tanh(), bnmove.core.affine.ChannelAffine(3)
     )
     result = fold_forward(model)
     assert [(b.bn, b.fate, b.into) for b in result.bns] == [

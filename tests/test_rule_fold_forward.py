@@ -12,7 +12,8 @@ from conftest import assert_same_outputs
 from torch import nn
 from zoo import randomize_bn
 
-from bnmove import convert, find_pairs, fold_forward
+from bnmove import convert, find_pairs
+from bnmove.deploy import fold_forward
 
 
 class PoolThenLinear(nn.Module):

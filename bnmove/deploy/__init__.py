@@ -1,1 +1,7 @@
-"""Deployment: ONNX export of the variants, forward folding, onnxruntime comparison."""
+"""Deployment: ONNX export of the variants, forward folding, INT8, onnxruntime comparison."""
+
+from .export import export_variants
+from .folding import Folding, fold_forward
+from .runtime import Comparison, compare, select_provider
+
+__all__ = ["Comparison", "Folding", "compare", "export_variants", "fold_forward", "select_provider"]

@@ -67,7 +67,7 @@ def wilson_interval(correct: int, samples: int) -> tuple[float, float]:
 def labelled_batches(
     data: Any, samples: int | None, batch_size: int = 64
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(x, y)`` batches as numpy arrays: the validation split of a :class:`bnmove.Dataset`
+    """``(x, y)`` batches as numpy arrays: the validation split of a :class:`bnmove.study.Dataset`
     (what ``--data`` reads), its first ``samples`` samples when given; or an ``(x, y)`` pair."""
     from ..study.data import Dataset, load_dataset
 

@@ -55,7 +55,7 @@ class BnFate:
 
 @dataclass
 class Folding:
-    """The result of :func:`bnmove.fold_forward`: the model with BNs folded forward where exact,
+    """The result of :func:`bnmove.deploy.fold_forward`: the model with BNs folded forward where exact,
     and every BN's fate (folded, fused backward, or standalone with the reason)."""
 
     model: nn.Module

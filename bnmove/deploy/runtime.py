@@ -417,7 +417,7 @@ def compare(
         on_step: called with a short description before each step (progress).
         data: labelled data to measure every variant's top-1 accuracy on: what ``--data``
             takes (``"digits"``, an ``.npz`` with ``x`` and ``y``, an image folder, a CIFAR
-            folder; its validation split), a :class:`bnmove.Dataset`, or an ``(x, y)`` pair.
+            folder; its validation split), a :class:`bnmove.study.Dataset`, or an ``(x, y)`` pair.
             Each variant's accuracy comes with a 95% interval and its paired difference from
             the reference on the same samples.
         data_samples: use at most this many labelled samples (default: all).

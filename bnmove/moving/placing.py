@@ -10,16 +10,19 @@ operations themselves.
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.fx.proxy import TraceError
 
 from ..analysis.detect import Site
 from ..analysis.patterns import input_is_shared
 from ..analysis.tracing import Region
-from ..core.forwards import install_forward
+from ..core.forwards import GraphForward, generated_forward, install_forward
 from ..core.modules import first_line, set_submodule
 from ..core.running import untouched
 from . import rewrite, surgery
@@ -76,6 +79,8 @@ class Mover:
             str, tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]] | str
         ] = {}
         self._dirty: set[str] = set()
+        #: the argument values a scope's forward was specialised to (it branches on them)
+        self._specialised: dict[str, dict[str, Any]] = {}
         self._reorders = surgery.Reorders()
         #: child positions of each Sequential, read once while deciding structures (nothing has moved)
         self._positions: dict[int, tuple[list[str], dict[str, int]]] = {}
@@ -182,9 +187,20 @@ class Mover:
         if scope not in self._scopes:
             module = self.work.get_submodule(scope) if scope else self.work
             what = f"{scope or 'the model'} ({type(module).__name__})"
+            self._scopes[scope] = f"the forward of {what} is being traced"  # a scope never asks for itself
             try:
                 with untouched(module):
-                    variants = surgery.trace_own_forward(module)
+                    try:
+                        variants = surgery.trace_own_forward(module)
+                        earlier = generated_forward(module)  # a forward bnmove specialised before stays so
+                        if earlier is not None and earlier.specialised:
+                            self._specialised[scope] = earlier.specialised
+                    except TraceError:  # Python control flow on an argument: specialise to the calls
+                        values = self._call_values(scope)
+                        if not values:
+                            raise
+                        variants = surgery.trace_own_forward(module, specialise=values)
+                        self._specialised[scope] = values
                 local = dict(module.named_modules())
                 self._scopes[scope] = (
                     variants,
@@ -196,6 +212,37 @@ class Mover:
                     f"({first_line(exc)})"
                 )
         return self._scopes[scope]
+
+    def _call_values(self, scope: str) -> dict[str, Any] | None:
+        """The non-tensor arguments every call of ``scope`` passes (the same at each call), read in the
+        forward of the nearest ancestor that calls it; None when there is no such single set."""
+        module = self.work.get_submodule(scope)
+        forward = generated_forward(module) or type(module).forward
+        try:
+            signature = inspect.signature(forward)
+        except (TypeError, ValueError):
+            return None
+        parameters = list(signature.parameters.values())
+        if not isinstance(forward, GraphForward):
+            signature = signature.replace(parameters=parameters[1:])  # without self
+        parts = scope.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            ancestor, child = ".".join(parts[:cut]), ".".join(parts[cut:])
+            traced = self._scope_graph(ancestor)
+            if isinstance(traced, str):
+                continue
+            calls = [n for _, g in traced[0] for n in g.nodes if n.op == "call_module" and n.target == child]
+            if not calls:
+                continue
+            found: list[dict[str, Any]] = []
+            for node in calls:
+                try:
+                    bound = signature.bind(*node.args, **node.kwargs)
+                except TypeError:
+                    return None
+                found.append({k: v for k, v in bound.arguments.items() if not _holds_node(v)})
+            return found[0] if all(f == found[0] for f in found) else None
+        return None
 
     def apply(self, site: Site, how: Structure, affine: nn.Module | None = None) -> tuple[list[str], str]:
         """Make the structural move (placing ``affine``, the kept affine layer, when given);
@@ -290,7 +337,12 @@ class Mover:
             entry = self._scopes[scope]
             assert not isinstance(entry, str)
             module = self.work.get_submodule(scope) if scope else self.work
-            install_forward(module, entry[0])
+            install_forward(module, entry[0], self._specialised.get(scope))
+
+
+def _holds_node(value: Any) -> bool:
+    """Whether an argument carries a traced value (a tensor at run time), at any depth."""
+    return any(isinstance(v, fx.Node) for v in pytree.tree_leaves(value))
 
 
 def _qual(prefix: str, name: str) -> str:

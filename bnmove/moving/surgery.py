@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import re
 from collections import Counter, OrderedDict
 from typing import Any
 
@@ -30,7 +31,12 @@ from torch import fx, nn
 
 from ..analysis.composite import collapse_composites
 from ..analysis.patterns import is_link_module
-from ..core.forwards import class_forward, generated_forward
+from ..core.forwards import (  # GraphForward: see __all__
+    TRAINING,
+    GraphForward,
+    class_forward,
+    generated_forward,
+)
 from ..core.modules import parent_of, replace_everywhere
 
 # -- module surgery ---------------------------------------------------------------------------
@@ -187,48 +193,80 @@ class _OwnForwardTracer(fx.Tracer):
 
 def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> fx.Graph:
     with class_forward(module):
-        graph = _OwnForwardTracer().trace(module, concrete_args=concrete)
+        graph = _OwnForwardTracer().trace(module, concrete_args=concrete or None)
     for node in graph.nodes:
         if isinstance(node.type, str):
             node.type = None
+        if node.op == "placeholder" and concrete:
+            # fx names a concrete argument's parameter ``rate_1``; callers pass ``rate=``
+            base = re.sub(r"_\d+$", "", str(node.target))
+            if base != node.target and base in concrete:
+                node.target = base
     collapse_composites(graph)  # as in the analysis graph, so the calls match
     return graph
 
 
-def trace_own_forward(module: nn.Module) -> list[tuple[frozenset[str], fx.Graph]]:
-    """The graphs of ``module``'s own forward: one, or one per combination of optional arguments.
+def trace_own_forward(
+    module: nn.Module, specialise: dict[str, Any] | None = None
+) -> list[tuple[frozenset[str], fx.Graph]]:
+    """The graphs of ``module``'s own forward: one, or one per mode and combination of optional arguments.
 
     fx passes a Proxy for ``shortcut=None``, so ``if shortcut is None`` takes
     the branch for a given argument. When the forward reads its optional
     (``None``-default) arguments differently once they are left at ``None``,
     each combination is traced with them concrete; the combinations must make
     the same calls (only what they read may differ), so a move is the same
-    move in each. Raises ``ValueError`` with the reason for code that cannot be
-    kept this way: graphs that depend on ``self.training``, optional arguments
-    that change which calls are made, more than three optional arguments.
+    move in each. A forward that branches on ``self.training`` (drop paths,
+    stochastic depth) is traced in each mode, its training graphs keyed with
+    :data:`~bnmove.core.forwards.TRAINING`. ``specialise`` fixes arguments to
+    the values the forward is called with (``if drop_rate:`` on a float):
+    the graphs assert them at every call (fx's guard), so another value fails
+    loudly instead of running a forward traced for something else. Raises
+    ``ValueError`` with the reason for code that cannot be kept this way:
+    optional arguments that change which calls are made, more than three
+    optional arguments.
     """
+    generated = generated_forward(module)
+    concrete = dict(specialise if specialise is not None else generated.specialised if generated else {})
+    optional = [
+        name
+        for name, default in _optional_arguments(module).items()
+        if default is None and name not in concrete
+    ]
+    if len(optional) > 3:
+        raise ValueError(f"forward of {type(module).__name__} has more than three optional arguments")
     flags = [(m, m.training) for m in module.modules()]
+    variants: list[tuple[frozenset[str], fx.Graph]] = []
     try:
-        graphs = []
-        for mode in (False, True):
+        module.training = False
+        general = _trace(module, concrete)
+        module.training = True
+        trained = _trace(module, concrete)
+        modes = (
+            [False] if general.python_code("self").src == trained.python_code("self").src else [False, True]
+        )
+        for mode in modes:
             module.training = mode
-            graphs.append(_trace(module))
+            variants.extend(
+                _optional_variants(module, trained if mode else general, concrete, optional, mode)
+            )
     finally:
         for m, flag in flags:
             m.training = flag
-    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
-        raise ValueError(f"forward of {type(module).__name__} branches on self.training")
-    general = graphs[0]
-    optional = [name for name, default in _optional_arguments(module).items() if default is None]
-    variants = [(frozenset[str](), general)]
-    if not optional:
-        return variants
-    if len(optional) > 3:
-        raise ValueError(f"forward of {type(module).__name__} has more than three optional arguments")
+    return variants
+
+
+def _optional_variants(
+    module: nn.Module, general: fx.Graph, concrete: dict[str, Any], optional: list[str], training: bool
+) -> list[tuple[frozenset[str], fx.Graph]]:
+    """The general graph of one mode, and one per combination of optional arguments left at None
+    where the forward reads them otherwise."""
+    mode = frozenset({TRAINING}) if training else frozenset[str]()
+    variants = [(mode, general)]
     calls = _calls(general)
     for r in range(1, len(optional) + 1):
         for nones in itertools.combinations(optional, r):
-            graph = _trace(module, dict.fromkeys(nones))
+            graph = _trace(module, {**concrete, **dict.fromkeys(nones)})
             mine = _calls(graph)
             if [c[:2] for c in mine] != [c[:2] for c in calls]:
                 names = ", ".join(f"`{name}`" for name in nones)
@@ -236,7 +274,7 @@ def trace_own_forward(module: nn.Module) -> list[tuple[frozenset[str], fx.Graph]
                     f"forward of {type(module).__name__} makes other calls when {names} is not given"
                 )
             if mine != calls:
-                variants.append((frozenset(nones), graph))
+                variants.append((frozenset(nones) | mode, graph))
     return variants
 
 
@@ -282,6 +320,7 @@ def _calls(graph: fx.Graph) -> list[tuple[Any, ...]]:
 
 
 __all__ = [
+    "GraphForward",  # models converted by bnmove 0.1 and saved whole pickle their forward under this name
     "Reorders",
     "add_beside",
     "keyed_calls",

@@ -304,7 +304,7 @@ def experiment(
     Args:
         model: the architecture (and, with ``from_pretrained``, the weights); not modified.
         data: what ``--data`` takes (``"digits"``, an ``.npz``, an image folder, a CIFAR folder:
-            read by :func:`bnmove.load_dataset`), a loaded :class:`bnmove.Dataset`, or a
+            read by :func:`bnmove.study.load_dataset`), a loaded :class:`bnmove.study.Dataset`, or a
             ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a
             ``(train, val)`` pair of them (streamed in an order bnmove sets per seed). Optional
             with ``train``: then it only gives example inputs and checks the class count.
