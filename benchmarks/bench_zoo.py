@@ -438,6 +438,7 @@ def main() -> None:
     args = parser.parse_args()
     args_debug = args.debug
     outcomes: list[Outcome] = []
+    started = time.perf_counter()
     for library in args.library or list(LIBRARIES):
         count = 0
         for name, build in LIBRARIES[library](args.size):
@@ -492,6 +493,8 @@ def main() -> None:
             f"{regenerated} models with a regenerated forward somewhere (the rest: module surgery only), "
             f"{promised} pairs reported movable that convert left"
         )
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\n{len(outcomes)} models checked in {minutes:.1f} min (torch {torch.__version__}, one thread)")
     # group reasons that differ only by module names
     reasons = Counter(
         u.split(": ", 2)[-1].split(" (")[0].split(" feeds ")[0] for o in outcomes for u in o.unmoved

@@ -1,0 +1,207 @@
+"""Pairs (bnmove inspect) and conversions (bnmove convert)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from ..analysis.detect import Pair
+from ..analysis.tracing import Untraced
+from ..pipeline.results import Conversion, Move
+from ._shared import WIDE_TABLE, _yes
+
+
+def _pair_label(bn: str, activation: str | None, kind: str | None) -> str:
+    """``blocks.0.bn1 → act1 (ReLU)``: the activation by its own name where it shares the BN's parent
+    (a bare Sequential index would not read as a name, so ``features.1 → features.2`` stays whole)."""
+    if activation is None:
+        return f"{bn} (no activation)"
+    parent, _, name = activation.rpartition(".")
+    if parent and parent == bn.rpartition(".")[0] and not name.isdigit():
+        activation = name
+    return f"{bn} → {activation} ({kind})"
+
+
+def pairs_table(pairs: Sequence[Pair], width: int | None = None) -> Table:
+    """One row per BN; below :data:`WIDE_TABLE` columns the compact form (see :func:`conversion_table`),
+    where ``move`` says how the pair would move: exact, exact+affine, fit (approximate) or no."""
+    compact = width is not None and width < WIDE_TABLE
+    table = Table(
+        title="BatchNorm–activation pairs",
+        title_justify="left",
+        expand=compact,
+        width=width if compact else None,
+    )
+    if compact:
+        table.add_column("BN → activation (kind)", overflow="fold", ratio=5, min_width=16)
+        table.add_column("placement", no_wrap=True)
+        table.add_column("move", no_wrap=True)
+        table.add_column("reason", overflow="fold", ratio=4, min_width=18)
+    else:
+        for column in ("BN", "activation", "kind", "placement", "movable", "exact", "reason"):
+            table.add_column(column, overflow="fold")
+    for pair in pairs:
+        bn = pair.bn + (" (fused)" if pair.fused else "")
+        if compact:
+            if not pair.movable:
+                move = "no"
+            elif pair.keeps_affine:
+                move = "[green]exact+affine[/]"
+            else:
+                move = "[green]exact[/]" if pair.exact else "[cyan]fit[/]"
+            label = _pair_label(bn, pair.activation, pair.activation_kind)
+            table.add_row(label, pair.placement or "—", move, pair.reason or "")
+            continue
+        table.add_row(
+            bn,
+            pair.activation or "—",
+            pair.activation_kind or "—",
+            pair.placement or "not adjacent",
+            _yes(pair.movable),
+            ("[green]yes[/] (kept affine)" if pair.keeps_affine else _yes(pair.exact)),
+            pair.reason or "",
+        )
+    return table
+
+
+def pairs_summary(pairs: Sequence[Pair]) -> str:
+    if not pairs:
+        return "no BatchNorm found: nothing to move"
+    placed = Counter(p.placement for p in pairs if p.placement)
+    adjacent = sum(placed.values())
+    lone = len(pairs) - adjacent
+    movable = sum(p.movable for p in pairs)
+    exact = sum(p.exact for p in pairs)
+    kept = sum(p.keeps_affine for p in pairs)
+    parts = [
+        f"{adjacent} pairs ({placed['before']} BN before activation, {placed['after']} after)",
+        f"{movable} movable",
+        f"{exact} exactly" + (f" ({kept} keeping the BN's affine as a layer)" if kept else ""),
+    ]
+    if lone:
+        parts.append(f"{lone} BatchNorm not adjacent to an activation")
+    return ", ".join(parts)
+
+
+def untraced_lines(untraced: Sequence[Untraced]) -> list[str]:
+    return [
+        f"not traced: {u.name} ({u.type_name}): {u.reason}; pairs inside its own forward are not seen"
+        for u in untraced
+    ]
+
+
+_METHOD_LABEL = {
+    "exact": "folded exactly",
+    "exact-kept-affine": "exact with kept affine",
+    "fit-data-free": "fitted to Gaussian statistics",
+    "fit-calibrated": "fitted on data",
+    "fit-synthetic": "fitted on synthetic inputs",
+    "swap": "swapped",
+}
+
+
+_SHORT_LABEL = {
+    "exact": "exact",
+    "exact-kept-affine": "exact+affine",
+    "fit-data-free": "fit (Gaussian)",
+    "fit-calibrated": "fit (data)",
+    "fit-synthetic": "fit (synthetic)",
+    "swap": "swap",
+}
+
+
+def _move_result(move: Move, short: bool) -> str:
+    method = move.method or "exact"
+    if move.absorbed is not None:  # stays, and its BN took in a kept affine by fitting
+        labels = _SHORT_LABEL if short else _METHOD_LABEL
+        return f"[cyan]{'absorbed' if short else 'stays, affine absorbed'} ({labels.get(method, method)})[/]"
+    if not move.moved:
+        return "stays"
+    if move.keeps_outputs:
+        colour = "green"
+    elif method.startswith("fit"):
+        colour = "cyan"
+    else:
+        colour = "yellow"
+    if short:
+        return f"[{colour}]{_SHORT_LABEL.get(method, method)}[/]"
+    text = "swap: function changed" if method == "swap" else _METHOD_LABEL.get(method, method)
+    return f"[{colour}]moved ({text})[/]"
+
+
+def conversion_table(conversion: Conversion, width: int | None = None) -> Table:
+    """One row per BN. At ``width`` columns below :data:`WIDE_TABLE` (a terminal's) the
+    compact form: BN and activation share a cell, ``was`` goes (a moved pair was on the other side;
+    a staying one says why in its note) and results are short labels, so the note keeps its room."""
+    title = f"Moves to placement '{conversion.placement}'"
+    compact = width is not None and width < WIDE_TABLE
+    table = Table(title=title, title_justify="left", expand=compact, width=width if compact else None)
+    if compact:
+        table.add_column("BN → activation (kind)", overflow="fold", ratio=5, min_width=16)
+        table.add_column("result", no_wrap=True)
+        table.add_column("note", overflow="fold", ratio=4, min_width=18)
+    else:
+        for column in ("BN", "activation", "kind", "was", "result", "note"):
+            table.add_column(column, overflow="fold")
+    for move in conversion.moves:
+        pair = move.pair
+        note = "; ".join(filter(None, [move.reason, *move.notes]))
+        result = _move_result(move, short=compact)
+        if compact:
+            table.add_row(_pair_label(pair.bn, pair.activation, pair.activation_kind), result, note)
+        else:
+            table.add_row(
+                pair.bn,
+                pair.activation or "—",
+                pair.activation_kind or "—",
+                pair.placement or "not adjacent",
+                result,
+                note,
+            )
+    return table
+
+
+def conversion_summary(conversion: Conversion) -> str:
+    moved = conversion.moved
+    counts = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in moved)
+    adjacent = sum(m.pair.placement is not None for m in conversion.moves)
+    detail = ", ".join(f"{n} {label}" for label, n in counts.items()) or "none"
+    absorbed = conversion.absorbed
+    if absorbed:
+        how = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in absorbed)
+        fitted = ", ".join(f"{n} {label}" for label, n in how.items())
+        text = f"absorbed {len(absorbed)} kept affine layer{'s' if len(absorbed) > 1 else ''} into their BNs ({fitted})"
+        if moved:
+            text += f"; moved {len(moved)} of {adjacent} BN–activation pairs ({detail})"
+    elif moved:
+        text = f"moved {len(moved)} of {adjacent} BN–activation pairs ({detail})"
+    elif not adjacent:
+        text = "nothing moved: the model has no BatchNorm next to an activation"
+    else:
+        text = (
+            f"nothing moved: none of the {adjacent} BN–activation pairs needed or allowed a move to "
+            f"'{conversion.placement}' (the table says why)"
+        )
+    dev = conversion.verification
+    if dev is not None:
+        shapes = ", ".join("x".join(map(str, s)) for s in dev.input_shapes)
+        text += (
+            f"; eval outputs on {shapes}: max abs error {dev.max_abs_error:.3g}, "
+            f"relative {dev.max_rel_error:.3g}"
+        )
+        if any(m.method == "swap" for m in moved):
+            text += " (swaps change the function: retrain or fine-tune)"
+        elif any((m.method or "").startswith("fit") for m in [*moved, *absorbed]):
+            text += " (fits approximate the function)"
+    # Held-out first: the fits never saw those samples, so that is the figure to trust.
+    for check, what in (
+        (conversion.held_out, "held-out calibration samples (not used by the fits)"),
+        (conversion.calibration, "calibration samples the fits used"),
+    ):
+        if check is not None:
+            text += f"; on {check.samples} {what}: max abs error {check.max_abs_error:.3g}"
+            if check.top1_agreement is not None:
+                text += f", top-1 agreement {check.top1_agreement:.1%}"
+    return text
