@@ -18,7 +18,6 @@ layer absorbs the BN's affine map, it is kept as a :class:`ChannelAffine`
 from __future__ import annotations
 
 import copy
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +25,8 @@ import torch
 from torch import fx, nn
 
 from ..core.affine import scale_positive
+from ..core.forwards import OwnForwardTracer
+from ..core.modules import module_calls, qualified
 from .folds import NoFold, forward_fold
 from .layers import AFFINE_LAYERS, out_channels
 from .patterns import (
@@ -144,7 +145,7 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
     """
     probe = copy.deepcopy(module).eval()
     try:
-        graph = _RootTracer().trace(probe)
+        graph = OwnForwardTracer().trace(probe)
     except Exception as exc:
         return f"forward of {type(module).__name__} could not be traced ({type(exc).__name__})"
     modules = dict(probe.named_modules())
@@ -195,13 +196,6 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
     return fused
 
 
-class _RootTracer(fx.Tracer):
-    """Traces a module's own forward with every child kept as a leaf."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-
 def make_plain_batchnorm(module: nn.Module, base: type[nn.Module]) -> nn.Module:
     """A plain torch BN holding ``module``'s state (children kept, so keys stay)."""
     bn = module
@@ -234,14 +228,10 @@ def apply_fused_activation(module: nn.Module, fused: FusedNorm, x: torch.Tensor)
     return fused.act_target(x, *fused.act_args, **fused.act_kwargs)  # type: ignore[no-any-return]
 
 
-def _qual(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _node_label(prefix: str, node: fx.Node) -> str:
     if node.op == "call_module":
-        return _qual(prefix, str(node.target))
-    return _qual(prefix, node.name)
+        return qualified(prefix, str(node.target))
+    return qualified(prefix, node.name)
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -267,7 +257,7 @@ class _RegionAnalysis:
         self.graph = region.graph
         self.prefix = prefix
         self.modules = dict(region.root.named_modules())
-        self.calls = Counter(str(n.target) for n in self.graph.nodes if n.op == "call_module")
+        self.calls = module_calls(self.graph)
         self._fused: dict[str, FusedNorm | str] = {}
 
     def bn_module(self, node: fx.Node) -> nn.Module | None:
@@ -370,7 +360,7 @@ class _RegionAnalysis:
         act_name: str | None
         if fused is not None:
             act_name = (
-                _qual(self._label(bn), fused.act_child)
+                qualified(self._label(bn), fused.act_child)
                 if fused.act_child
                 else f"{self._label(bn)}:{getattr(fused.act_target, '__name__', fused.act_target)}"
             )

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..core.affine import ChannelAffine
+from ..core.running import eval_mode
 from .composite import collapse_composites
 from .layers import custom_affine_layer, torch_forward
 from .patterns import is_batchnorm_module, module_activation_spec, recognise
@@ -155,16 +156,12 @@ def record_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.Graph:
         nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
         nn.modules.module.register_module_forward_hook(recorder.post_hook),
     ]
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad(), recorder:
+        with eval_mode(model), torch.no_grad(), recorder:
             output = model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, flag in flags:
-            m.training = flag
     leaves = [recorder.node_for(t) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
     recorder.graph.output(tuple(leaves))
     collapse_composites(recorder.graph)

@@ -12,6 +12,14 @@ from torch import fx, nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
+
+class OwnForwardTracer(fx.Tracer):
+    """Traces one module's own forward: every child module stays a call (a leaf)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
 #: in a variant's key: the graph of training mode (the forward branches on ``self.training``)
 TRAINING = "self.training"
 

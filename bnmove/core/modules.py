@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import traceback
 
-from torch import nn
+from torch import fx, nn
+
+
+def qualified(prefix: str, name: object) -> str:
+    """``prefix.name``, or ``name`` where the prefix is the whole model (``""``)."""
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def module_calls(graph: fx.Graph) -> dict[str, int]:
+    """How often each module (by qualified name) is called in ``graph``."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return calls
 
 
 def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:

@@ -15,15 +15,21 @@ from ..errors import ModelRunError
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode and restore each module's own flag after."""
+def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Whatever the block does to train/eval flags, each module's own flag is put back after."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
         yield model
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode and restore each module's own flag after."""
+    with kept_modes(model):
+        yield model.eval()
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from ..analysis.regions import analysis_regions
 from ..core import bn_math
 from ..core.affine import ChannelAffine, affine_map, scale_positive
 from ..core.clone import clone_module
-from ..core.modules import set_submodule
+from ..core.modules import module_calls, qualified, set_submodule
 from ..moving.rewrite import fold_bn
 from .border import BorderCorrectedConv, absorb_following, border_corrected
 
@@ -66,14 +66,10 @@ class Folding:
         return [b for b in self.bns if b.fate == "standalone"]
 
 
-def _qual(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _fate(
     node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str, padded: bool
 ) -> tuple[BnFate, ForwardFold | None]:
-    name = _qual(prefix, str(node.target))
+    name = qualified(prefix, str(node.target))
     module = modules[str(node.target)]
     kept = isinstance(module, ChannelAffine)
     if not kept and (not is_plain_batchnorm(module) or module.running_mean is None):  # type: ignore[union-attr]
@@ -86,7 +82,7 @@ def _fate(
     if isinstance(source, fx.Node) and len(source.users) == 1:
         layer = absorbing_layer(source, modules)
         if layer is not None and out_channels(layer) == module.num_features:  # type: ignore[union-attr]
-            return BnFate(name, "fused-backward", into=_qual(prefix, str(source.target))), None
+            return BnFate(name, "fused-backward", into=qualified(prefix, str(source.target))), None
     fold = forward_fold(
         node,
         modules,
@@ -100,7 +96,7 @@ def _fate(
         return BnFate(name, "standalone", reason=fold.reason + hint), None
     forms = set(fold.forms)
     form = forms.pop() if len(forms) == 1 else "weights and border-corrected"
-    into = ", ".join(_qual(prefix, str(t.target)) for t in fold.into)
+    into = ", ".join(qualified(prefix, str(t.target)) for t in fold.into)
     return BnFate(name, "folded-forward", into=into, through=fold.through, form=form), fold
 
 
@@ -117,10 +113,7 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
     fates: list[BnFate] = []
     for prefix, region in traced.regions.items():
         modules = dict(region.root.named_modules())
-        calls: dict[str, int] = {}
-        for node in region.graph.nodes:
-            if node.op == "call_module":
-                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        calls = module_calls(region.graph)
         for node in list(region.graph.nodes):
             module = modules.get(str(node.target), nn.Identity()) if node.op == "call_module" else None
             if module is None or not (is_batchnorm_module(module) or isinstance(module, ChannelAffine)):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.clone import clone_module
+from ..core.running import eval_mode
 from ..errors import BnmoveError, ModelRunError
 
 Batch = tuple[torch.Tensor, ...]
@@ -370,22 +371,18 @@ def precise_statistics(model: nn.Module, batches: Iterable[Any], run: Callable[[
         acc[1] = acc[1] + (x * x).sum(dims)
         acc[2] = acc[2] + count  # type: ignore[assignment]
 
-    flags = [(m, m.training) for m in model.modules()]
     handles = [bn.register_forward_pre_hook(record) for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.train()
     seen = 0
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
+            for bn in bns:
+                bn.train()
             for batch in batches:
                 run(batch)
                 seen += 1
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags:
-            module.training = flag
     with torch.no_grad():
         for bn in bns:
             if bn not in sums:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core import bn_math
+from ..core.running import eval_mode
 from ..errors import ModelRunError
 from .calibrate import Batch, NormalEquations, Underdetermined, call_model, design_rows
 
@@ -265,16 +266,11 @@ def _stream_hook(model: nn.Module, stream: tuple[str, str, int], keep: Callable[
 
 def _run(model: nn.Module, batch: Batch) -> None:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             call_model(model, tuple(t.to(device) for t in batch))
     except Exception as exc:
         raise ModelRunError(f"the model failed on the calibration data: {type(exc).__name__}: {exc}") from exc
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 __all__ = ["ROWS", "PairPlan", "SequentialCalibration"]

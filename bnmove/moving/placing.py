@@ -23,7 +23,7 @@ from ..analysis.detect import Site
 from ..analysis.patterns import input_is_shared
 from ..analysis.tracing import Region
 from ..core.forwards import GraphForward, generated_forward, install_forward
-from ..core.modules import first_line, set_submodule
+from ..core.modules import first_line, qualified, set_submodule
 from ..core.running import untouched
 from . import rewrite, surgery
 
@@ -277,7 +277,7 @@ class Mover:
             for name in (bn_name, act_name):
                 if name is not None:
                     modules[name] = root.get_submodule(name)
-            return notes, _qual(site.region, new_name)
+            return notes, qualified(site.region, new_name)
         assert site.act_node is not None
         if isinstance(how, _CrossSurgery):
             return self._apply_across(site, how, affine)
@@ -328,7 +328,7 @@ class Mover:
             f"activation moved into the BN's slot from the forward of {how.scope or 'the model'}, "
             "which bnmove regenerated without it"
         )
-        return notes, _qual(site.region, new_name)
+        return notes, qualified(site.region, new_name)
 
     def install(self) -> None:
         """Reorder Sequentials and install the rewritten forwards of every scope that graph moves changed."""
@@ -345,11 +345,7 @@ def _holds_node(value: Any) -> bool:
     return any(isinstance(v, fx.Node) for v in pytree.tree_leaves(value))
 
 
-def _qual(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 def _relative(name: str, region: str, scope: str) -> str:
     """A region-relative module name, relative to ``scope`` (a global name) instead."""
-    full = _qual(region, name)
+    full = qualified(region, name)
     return full[len(scope) + 1 :] if scope else full

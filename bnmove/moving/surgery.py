@@ -34,10 +34,12 @@ from ..analysis.patterns import is_link_module
 from ..core.forwards import (  # GraphForward: see __all__
     TRAINING,
     GraphForward,
+    OwnForwardTracer,
     class_forward,
     generated_forward,
 )
 from ..core.modules import parent_of, replace_everywhere
+from ..core.running import kept_modes
 
 # -- module surgery ---------------------------------------------------------------------------
 
@@ -184,16 +186,9 @@ def keyed_calls(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> dict[tup
     return out
 
 
-class _OwnForwardTracer(fx.Tracer):
-    """Traces one module's own forward; every child module stays a call."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-
 def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> fx.Graph:
     with class_forward(module):
-        graph = _OwnForwardTracer().trace(module, concrete_args=concrete or None)
+        graph = OwnForwardTracer().trace(module, concrete_args=concrete or None)
     for node in graph.nodes:
         if isinstance(node.type, str):
             node.type = None
@@ -235,9 +230,8 @@ def trace_own_forward(
     ]
     if len(optional) > 3:
         raise ValueError(f"forward of {type(module).__name__} has more than three optional arguments")
-    flags = [(m, m.training) for m in module.modules()]
     variants: list[tuple[frozenset[str], fx.Graph]] = []
-    try:
+    with kept_modes(module):
         module.training = False
         general = _trace(module, concrete)
         module.training = True
@@ -250,9 +244,6 @@ def trace_own_forward(
             variants.extend(
                 _optional_variants(module, trained if mode else general, concrete, optional, mode)
             )
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return variants
 
 

@@ -27,6 +27,7 @@ from ..analysis.tracing import Region
 from ..core.affine import ChannelAffine, affine_map
 from ..core.clone import clone_module
 from ..core.fidelity import Agreement
+from ..core.modules import module_calls, qualified
 from ..core.running import eval_mode, output_tensors
 from ..fitting.calibrate import Batch, call_model, refit_blocker
 from ..fitting.sequential import PairPlan, SequentialCalibration
@@ -77,7 +78,7 @@ class Calibrator:
         a, b = (t.cpu() for t in affine_map(bn))
         name, output = tap
         return PairPlan(
-            tap=_qualified(site.region, name),
+            tap=qualified(site.region, name),
             tap_output=output,
             bn="",
             placement=str(site.pair.placement),
@@ -104,9 +105,9 @@ class Calibrator:
         a, b = (t.detach().double().cpu() for t in (affine.weight, affine.bias))
         own = tuple(t.cpu() for t in affine_map(bn))
         return PairPlan(
-            tap=_qualified(site.region, tap),
+            tap=qualified(site.region, tap),
             tap_output=kept.side == "after",
-            bn=_qualified(site.region, bn_name),
+            bn=qualified(site.region, bn_name),
             placement="before" if kept.side == "before" else "after",
             f=f,
             a=a,
@@ -135,7 +136,7 @@ class Calibrator:
         calls = self.calls[site.region]
         if calls[str(user.target)] > 1:
             return
-        plan.refit = _qualified(site.region, user.target)
+        plan.refit = qualified(site.region, user.target)
         partner = _residual_partner(user)
         if partner is None:
             return
@@ -144,7 +145,7 @@ class Calibrator:
             placeholders = [n for n in self.regions[site.region].graph.nodes if n.op == "placeholder"]
             plan.stream = (site.region, "input", placeholders.index(other))
         elif other.op == "call_module" and calls.get(str(other.target), 0) == 1:
-            plan.stream = (_qualified(site.region, other.target), "output", 0)
+            plan.stream = (qualified(site.region, other.target), "output", 0)
 
     def run(
         self,
@@ -189,19 +190,6 @@ NOT_CALIBRATED = (
     "fitted from Gaussian statistics, not the calibration data: no module hook reaches this pair's "
     "input or its new BN (a function, a module called at several places, or a fused module)"
 )
-
-
-def _qualified(region: str, name: object) -> str:
-    return f"{region}.{name}" if region else str(name)
-
-
-def module_calls(graph: fx.Graph) -> dict[str, int]:
-    """How often each module is called in ``graph``."""
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    return calls
 
 
 def _pair_input(site: Site, calls: dict[str, int]) -> tuple[str, bool] | None:
