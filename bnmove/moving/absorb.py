@@ -28,7 +28,8 @@ from ..analysis.detect import Site
 from ..analysis.patterns import skip_identity_down, skip_identity_up
 from ..core import bn_math
 from ..core.affine import ChannelAffine, affine_map
-from .rewrite import CannotFit, pair_activation, set_bn
+from .parameters import CannotFit
+from .rewrite import pair_activation, set_bn
 
 
 @dataclass(frozen=True)

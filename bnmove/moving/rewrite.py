@@ -17,20 +17,19 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
-from ..analysis.detect import FusedNorm, Site, make_plain_batchnorm
+from ..analysis.detect import Site
+from ..analysis.fused import FusedNorm, make_plain_batchnorm
 from ..analysis.layers import AFFINE_LAYERS
 from ..analysis.patterns import (
     activation_spec,
     bn_channels,
     input_is_shared,
     is_batchnorm_module,
-    is_frozen_batchnorm,
     make_out_of_place,
     match_activation,
     out_of_place_function,
@@ -207,7 +206,7 @@ def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None
     set_bn(bn, *bn_math.identity_bn_params(mean, var, float(bn.eps)), mean, var)
 
 
-def _batchnorm(root: nn.Module, name: str) -> _BatchNorm:
+def batchnorm_at(root: nn.Module, name: str) -> _BatchNorm:
     """The BN at ``name``; a frozen BN has the same state under the same names, so it is typed as one."""
     module = root.get_submodule(name)
     assert is_batchnorm_module(module)
@@ -221,7 +220,7 @@ def _affine_layer(root: nn.Module, name: str) -> nn.Conv1d | nn.Linear:
     return cast("nn.Conv1d | nn.Linear", module)
 
 
-def _gamma_beta(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def gamma_beta(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     n = bn_channels(bn)
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
     beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
@@ -246,7 +245,7 @@ def fold_bn(
     ``bn_name`` may also name a kept ChannelAffine (deployment folds those forward too).
     """
     source = root.get_submodule(bn_name)
-    bn = source if isinstance(source, ChannelAffine) else _batchnorm(root, bn_name)
+    bn = source if isinstance(source, ChannelAffine) else batchnorm_at(root, bn_name)
     fold_map(root, *affine_map(bn), layer_name, fold)
     return bn
 
@@ -280,9 +279,6 @@ def fold_map(
     _set_weight_bias(layer, weight, bias)
 
 
-_NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
-
-
 def kept_affine(bn: _BatchNorm) -> ChannelAffine:
     """The BN's eval-mode map ``a*z + b`` as a layer of its own (same device and dtype)."""
     a, b = affine_map(bn)
@@ -294,133 +290,6 @@ def kept_affine(bn: _BatchNorm) -> ChannelAffine:
         affine.bias.copy_(b)
     affine.train(bn.training)
     return affine
-
-
-def _fold_or_keep(
-    root: nn.Module, site: Site, fold: Callable[..., Any]
-) -> tuple[_BatchNorm, ChannelAffine | None]:
-    """Fold the BN into the pair's neighbour, or (no neighbour) take its affine map out as a layer."""
-    bn = _batchnorm(root, str(site.bn_node.target))
-    if not site.neighbours:
-        return bn, kept_affine(bn)
-    a, b = affine_map(bn)  # read once: every neighbour takes the same map
-    for neighbour in site.neighbours:
-        fold_map(root, a, b, str(neighbour.target), fold)
-    return bn, None
-
-
-def exact_before_to_after(root: nn.Module, site: Site) -> tuple[list[str], ChannelAffine | None]:
-    """Parameters of ``L -> BN -> f`` becoming ``L' -> f -> BN'`` (or ``X -> A -> f -> BN'``), eval outputs kept."""
-    notes: list[str] = []
-    bn, affine = _fold_or_keep(root, site, bn_math.fold_into_preceding)
-    # The old BN's train-mode output is N(beta, gamma^2) per channel: f of that is what BN' will see.
-    gamma, beta = _gamma_beta(bn)
-    f = pair_activation(root, site)
-    if f is None:
-        mean, var = torch.zeros_like(beta), torch.ones_like(beta)
-        notes.append(_NO_FUNCTION_NOTE)
-    else:
-        mean, var = bn_math.gaussian_moments(f, beta, gamma)
-    make_identity(bn, mean, var)
-    return notes, affine
-
-
-def exact_after_to_before(root: nn.Module, site: Site) -> tuple[list[str], ChannelAffine | None]:
-    """Parameters of ``f -> BN -> N`` becoming ``BN' -> f -> N'`` (or ``BN' -> f -> A -> N``), eval outputs kept."""
-    notes: list[str] = []
-    bn, affine = _fold_or_keep(root, site, bn_math.fold_into_following)
-    assert bn.running_mean is not None and bn.running_var is not None
-    # BN' sits where f's input is: find the Gaussian whose image under f has the old BN's statistics.
-    f = pair_activation(root, site)
-    target_mean = bn.running_mean.detach().double().cpu()
-    target_var = bn.running_var.detach().double().cpu()
-    if f is None:
-        mean, var = torch.zeros_like(target_mean), torch.ones_like(target_var)
-        notes.append(_NO_FUNCTION_NOTE)
-    else:
-        mu, sigma, ok = bn_math.match_gaussian(f, target_mean, target_var)
-        mean = torch.where(ok, mu, torch.zeros_like(mu))
-        var = torch.where(ok, sigma**2, torch.ones_like(sigma))
-        if not bool(ok.all()):
-            notes.append(
-                f"{int((~ok).sum())} of {ok.numel()} channels: no Gaussian input explains the old "
-                "statistics; new BN statistics set to mean 0, var 1 there"
-            )
-    make_identity(bn, mean, var)
-    return notes, affine
-
-
-@dataclass
-class FitSamples:
-    """Per-channel samples of the pair's input ``z`` and the block output to reproduce."""
-
-    z: torch.Tensor  # (K, C) float64
-    w: torch.Tensor  # (K,) weights summing to 1
-    target: torch.Tensor  # (K, C) float64
-    source: str  # "data-free", "calibrated" (real data) or "synthetic" (made from BN statistics)
-
-
-class CannotFit(Exception):
-    """This pair cannot be fitted (the caller swaps it instead, and says why)."""
-
-
-def _data_free_samples(
-    bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor], placement: str
-) -> FitSamples:
-    """Gaussian inputs from the BN's own statistics; the target is what the original block computes."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    a, b = (t.cpu() for t in affine_map(bn))
-    mean = bn.running_mean.detach().double().cpu()
-    var = bn.running_var.detach().double().cpu()
-    if placement == "before":  # BN -> f: z is the BN's input, N(running_mean, running_var)
-        z, w = bn_math.gaussian_samples(mean, var.sqrt())
-        with torch.no_grad():
-            target = f(a[None, :] * z + b[None, :]).double()
-    else:  # f -> BN: z is f's input; find the Gaussian whose image under f has the BN's statistics
-        mu, sigma, ok = bn_math.match_gaussian(f, mean, var)
-        mu = torch.where(ok, mu, torch.zeros_like(mu))
-        sigma = torch.where(ok, sigma, torch.ones_like(sigma))
-        z, w = bn_math.gaussian_samples(mu, sigma)
-        with torch.no_grad():
-            target = a[None, :] * f(z.clone()).double() + b[None, :]
-    return FitSamples(z, w, target, "data-free")
-
-
-def fit_pair(root: nn.Module, site: Site, samples: FitSamples | None) -> tuple[list[str], float]:
-    """Fit BN' so the moved block reproduces the old one (docs/design/math.md, "Fitting").
-
-    ``BN -> f`` becomes ``f -> BN'`` with ``BN'(u) = a' u + b'`` fitted by least
-    squares; ``f -> BN`` becomes ``BN' -> f`` with ``f(a' z + b')`` fitted by
-    Levenberg–Marquardt. BN' gets the real moments of its new input as running
-    statistics. Returns notes and the block's relative RMS error on the samples.
-    """
-    assert site.pair.placement is not None
-    if site.bn_node.op != "call_module":
-        raise CannotFit("functional batch_norm has no module to hold the fitted parameters")
-    bn = _batchnorm(root, str(site.bn_node.target))
-    if bn.running_mean is None or bn.running_var is None:
-        raise CannotFit("track_running_stats=False: no statistics to fit against")
-    f = pair_activation(root, site)
-    if f is None:
-        raise CannotFit("the activation takes runtime tensors, so it cannot be evaluated for fitting")
-    placement = site.pair.placement
-    if samples is None:
-        samples = _data_free_samples(bn, f, placement)
-    z, w, target = samples.z, samples.w, samples.target
-    eps = float(bn.eps)
-    if placement == "before":
-        a2, b2, mean, var = bn_math.fit_after(f, z, w, target)
-        with torch.no_grad():
-            effect = bn_math.relative_rmse(a2[None, :] * f(z.clone()).double() + b2[None, :], target, w)
-        set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, eps), mean, var)
-    else:
-        a, b = (t.cpu() for t in affine_map(bn))
-        a2, b2 = bn_math.fit_before(f, z, w, target, (a, b))
-        mean, var = bn_math.weighted_moments(z, w)
-        with torch.no_grad():
-            effect = bn_math.relative_rmse(f(a2[None, :] * z + b2[None, :]).double(), target, w)
-        set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, eps), mean, var)
-    return [f"{samples.source} fit: block error {effect:.3f} (relative RMS)"], effect
 
 
 def move_nodes(site_placement: str, bn: fx.Node, act: fx.Node) -> None:
@@ -460,51 +329,9 @@ def guard_inplace(act: fx.Node, modules: dict[str, nn.Module]) -> list[str]:
     return []
 
 
-def adjust(
-    root: nn.Module, site: Site, method: str, samples: FitSamples | None = None
-) -> tuple[str, list[str], float | None, ChannelAffine | None]:
-    """The parameter side of one move (``"exact"``, ``"fit"`` or ``"swap"``) of ``site``.
-
-    Returns the method really used (``"exact"`` folded, ``"exact-kept-affine"``,
-    ``"fit-…"``, or ``"swap"`` for a pair that cannot be fitted, with the
-    reason in the notes), notes for the report, the fitted block's error, and
-    the kept affine layer the caller must place. The caller then moves the
-    modules or nodes (:mod:`bnmove.moving.placing`).
-    """
-    effect: float | None = None
-    used = method
-    notes: list[str] = []
-    affine: ChannelAffine | None = None
-    if method == "fit":
-        try:
-            notes, effect = fit_pair(root, site, samples)
-            used = f"fit-{samples.source}" if samples is not None else "fit-data-free"
-        except CannotFit as why:
-            notes, used = [f"swapped instead of fitted: {why}"], "swap"
-    elif method == "exact":
-        if site.pair.placement == "before":
-            notes, affine = exact_before_to_after(root, site)
-        else:
-            notes, affine = exact_after_to_before(root, site)
-        if affine is not None:
-            used = "exact-kept-affine"
-    if site.bn_node.op == "call_module" and is_frozen_batchnorm(root.get_submodule(str(site.bn_node.target))):
-        notes.append(
-            "frozen BN: it never normalises, so the move folds its affine away and leaves it as the "
-            "identity on the other side (it stays frozen)"
-            if used.startswith("exact")
-            else "frozen BN: it keeps a fixed affine map on the other side and never normalises"
-        )
-    return used, notes, effect, affine
-
-
 __all__ = [
-    "CannotFit",
-    "FitSamples",
     "activation_function",
     "activation_module",
-    "adjust",
-    "fit_pair",
     "fold_bn",
     "guard_inplace",
     "insert_affine",

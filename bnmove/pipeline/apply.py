@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..fitting.sequential import PairPlan
-from ..moving import rewrite
+from ..moving import parameters
 from ..moving.absorb import absorb
 from .analyse import Analysis
 from .calibration import NOT_CALIBRATED, Calibrator
@@ -47,7 +47,7 @@ def _move(
     root = analysis.traced.regions[site.region].root
     # A fit starts from Gaussian statistics; with data, the calibration passes fit it again.
     plan = calibrator.plan(site) if calibrator and decision.rule == "fit" else None
-    used, notes, effect, affine = rewrite.adjust(root, site, decision.rule, None)
+    used, notes, effect, affine = parameters.adjust(root, site, decision.rule, None)
     more, moved_to = mover.apply(site, structure, affine)
     notes.extend(more)
     if plan is not None and calibrator is not None and used == "fit-data-free" and moved_to is not None:
@@ -70,7 +70,7 @@ def _absorb(
     plan = calibrator.plan_absorb(site, kept) if calibrator else None
     try:
         said, error = absorb(analysis.traced.regions[site.region].root, site, kept)
-    except rewrite.CannotFit as refused:
+    except parameters.CannotFit as refused:
         return Move(site.pair, False, None, f"{decision.reason}; kept affine stays: {refused}"), None
     mover.forget(site.region)
     if plan is not None and calibrator is not None:
