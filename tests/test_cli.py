@@ -263,7 +263,7 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("name", ["resnet", "preact"])
 def test_format_pt2_loads_with_torch_alone(tmp_path: Path, name: str) -> None:
     """A torch.export program needs neither bnmove nor the model's code (kept affines, regenerated
-    forwards included)."""
+    forwards included), and serves other batch and image sizes."""
     model, inputs = build(name)
     path = tmp_path / f"{name}.pt"
     torch.save(model, path)
@@ -272,8 +272,10 @@ def test_format_pt2_loads_with_torch_alone(tmp_path: Path, name: str) -> None:
         "convert", path, "--allow-pickle", "--placement", "after", "--format", "pt2", "--input-shape", shape
     )
     assert done.exit_code == 0, done.output
+    assert "the program takes any batch, height, width" in done.stderr
     out = tmp_path / f"{name}.after.pt2"
-    x = torch.randn(3, *inputs[0].shape[1:])  # another batch size: the batch stays dynamic
+    channels, height, width = inputs[0].shape[1:]
+    x = torch.randn(3, channels, height + 8, width + 4)  # another batch and image size: both stay dynamic
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         torch.save(model.eval()(x), tmp_path / "want.pt")

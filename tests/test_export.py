@@ -13,10 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import outputs_of
+from torch import nn
 from zoo import build
 
 import bnmove
-from bnmove.deploy.export import export_variants
+from bnmove.deploy.export import export_variants, save_program
 from bnmove.fitting.calibrate import split_held_out
 
 
@@ -197,3 +198,29 @@ def test_a_missing_export_tool_is_said_before_any_work(
     assert done.exit_code == 1 and f"{missing} is not installed" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize(
+    ("pool", "dynamic"),
+    [(True, ["batch", "height", "width"]), (False, ["batch"])],
+)
+def test_a_pt2_program_keeps_the_image_size_dynamic_where_the_model_allows(
+    tmp_path: Path, pool: bool, dynamic: list[str]
+) -> None:
+    """Pooled to a fixed size, any image size runs; flattened into a Linear, only the one it was made for."""
+    head = (
+        [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)]
+        if pool
+        else [nn.Flatten(), nn.Linear(144, 3)]
+    )
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), *head).eval()
+    assert save_program(model, (torch.randn(1, 1, 8, 8),), tmp_path / "m.pt2") == dynamic
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.allclose(program(x), model(x), atol=1e-5)
+    bigger = torch.randn(2, 1, 12, 10)
+    if pool:
+        assert torch.allclose(program(bigger), model(bigger), atol=1e-5)
+    else:
+        with pytest.raises(Exception):  # noqa: B017 - torch.export's guard, whatever its type
+            program(bigger)

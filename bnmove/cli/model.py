@@ -128,7 +128,7 @@ Examples:
     show_default=True,
     help="pt: the whole module, torch.save (your model's class; load with torch.load(..., weights_only=False)). "
     "pt2: a torch.export program, loadable with torch alone and no code (torch.export.load(OUT).module()), "
-    "for eval-mode inference at the example input's shape (batch dynamic where the model allows).",
+    "for eval-mode inference, its batch and spatial size dynamic where the model allows.",
 )
 @click.option(
     "--max-error",
@@ -212,10 +212,14 @@ def convert_command(
     code_model = require_graph_module(result.model) if code_dir is not None else None
     if out_format == "pt2":
         with atomic_path(output) as tmp:
-            if not save_program(result.model, inputs, tmp):
-                click.echo(
-                    "bnmove: note: the model fixes its batch size; the program is exported for it", err=True
-                )
+            dynamic = save_program(result.model, inputs, tmp)
+        shape = "x".join(map(str, inputs[0].shape))
+        if "batch" not in dynamic:
+            click.echo(
+                "bnmove: note: the model fixes its batch size; the program is exported for it", err=True
+            )
+        fixed = "any " + ", ".join(dynamic) if dynamic else f"only {shape}"
+        click.echo(f"bnmove: note: the program takes {fixed} (the example input is {shape})", err=True)
     else:
         save_module(result.model, output)
     if code_dir is not None and code_model is not None:
