@@ -73,14 +73,16 @@ def test_every_report_format(result: compare_module.Comparison, tmp_path: Path) 
 
 
 def test_unavailable_providers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compare_module, "_WORKS", {})
-    monkeypatch.setattr(compare_module, "_nvidia_driver_present", lambda: False)
-    assert compare_module.select_provider("auto") == "cpu"
+    from bnmove.deploy import providers
+
+    monkeypatch.setattr(providers, "_WORKS", {})
+    monkeypatch.setattr(providers, "_nvidia_driver_present", lambda: False)
+    assert providers.select_provider("auto") == "cpu"
     for name in ("cuda", "tensorrt"):
         with pytest.raises(BnmoveError, match=f"provider '{name}' is not available here"):
-            compare_module.select_provider(name)
+            providers.select_provider(name)
     with pytest.raises(BnmoveError, match="unknown provider"):
-        compare_module.select_provider("tpu")
+        providers.select_provider("tpu")
 
 
 def test_auto_prefers_working_gpu_providers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,8 @@ from torch import nn
 from zoo import build
 
 import bnmove
-from bnmove.deploy.export import export_variants, save_program
+from bnmove.deploy.export import export_variants
+from bnmove.deploy.program import save_program
 from bnmove.fitting.calibrate import split_held_out
 
 

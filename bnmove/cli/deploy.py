@@ -12,8 +12,9 @@ from rich.progress import Progress
 
 from ..core.atomic import atomic_path, check_output
 from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest, require_export_tools
+from ..deploy.providers import PROVIDERS
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
-from ..deploy.runtime import PROVIDERS, compare
+from ..deploy.runtime import compare
 from ..fitting.calibrate import calibration_batches
 from ..pipeline.plan import METHODS
 from ..report import (

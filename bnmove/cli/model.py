@@ -11,7 +11,7 @@ import torch
 
 from ..analysis.detect import PLACEMENTS
 from ..core.atomic import atomic_path, check_output, save_module
-from ..deploy.export import save_program
+from ..deploy.program import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
 from ..pipeline.analyse import detect

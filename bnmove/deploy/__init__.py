@@ -2,6 +2,7 @@
 
 from .export import export_variants
 from .folding import Folding, fold_forward
-from .runtime import Comparison, compare, select_provider
+from .providers import select_provider
+from .runtime import Comparison, compare
 
 __all__ = ["Comparison", "Folding", "compare", "export_variants", "fold_forward", "select_provider"]

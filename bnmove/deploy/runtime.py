@@ -10,14 +10,10 @@ onnxruntime's optimisations, which shows which BatchNorms survived fusion.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import os
-import platform
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,15 +25,17 @@ from ..core.fidelity import ONNX_TOLERANCE, difference
 from ..errors import BnmoveError
 from .accuracy import Accuracy, labelled_batches
 from .accuracy import evaluate as evaluate_accuracy
+from .providers import (
+    PROVIDERS,
+    _device_name,
+    _silenced_stderr,
+    import_onnxruntime,
+    select_provider,
+)
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
     import onnx
 
-PROVIDERS: dict[str, str] = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
 _DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -45,135 +43,6 @@ _DTYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
-
-
-def import_onnxruntime() -> Any:
-    """onnxruntime, or one line saying how to install the build that fits this machine."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BnmoveError(
-            "onnxruntime is not installed: pip install 'bnmove[gpu]' on a CUDA machine "
-            "(onnxruntime-gpu), 'bnmove[cpu]' elsewhere (onnxruntime); ./install.sh picks for you"
-        ) from None
-    return ort
-
-
-@contextlib.contextmanager
-def _silenced_stderr() -> Iterator[None]:
-    """onnxruntime's C++ side prints library-load errors straight to fd 2; hide them while probing."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # no real fd 2 (e.g. some test runners): nothing to hide
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _nvidia_driver_present() -> bool:
-    name = ctypes.util.find_library("cuda") or "libcuda.so.1"
-    try:
-        ctypes.CDLL(name)
-    except OSError:
-        return False
-    return True
-
-
-def _preload_torch_cuda_libraries() -> None:
-    """With a CUDA build of torch installed, let onnxruntime reuse its CUDA/cuDNN libraries."""
-    ort = import_onnxruntime()
-    try:
-        import torch
-
-        if torch.version.cuda and hasattr(ort, "preload_dlls"):
-            with _silenced_stderr():
-                ort.preload_dlls()
-    except Exception:  # best effort: onnxruntime may still find system libraries
-        pass
-
-
-def _probe_model() -> bytes:
-    from onnx import TensorProto, helper
-
-    node = helper.make_node("Add", ["x", "x"], ["y"])
-    graph = helper.make_graph(
-        [node],
-        "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
-_WORKS: dict[str, bool] = {}
-
-
-def provider_works(name: str) -> bool:
-    """Whether onnxruntime can really run on ``name`` ("tensorrt", "cuda", "cpu") here."""
-    if name == "cpu":
-        return True
-    if name in _WORKS:
-        return _WORKS[name]
-    ort = import_onnxruntime()
-    works = False
-    if PROVIDERS[name] in ort.get_available_providers() and _nvidia_driver_present():
-        _preload_torch_cuda_libraries()
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        try:
-            with _silenced_stderr():
-                session = ort.InferenceSession(
-                    _probe_model(), options, providers=[PROVIDERS[name], "CPUExecutionProvider"]
-                )
-                session.run(None, {"x": np.ones(1, np.float32)})
-            works = session.get_providers()[0] == PROVIDERS[name]
-        except Exception:
-            works = False
-    _WORKS[name] = works
-    return works
-
-
-def select_provider(requested: str = "auto") -> str:
-    """``auto`` -> the best that works here (TensorRT, CUDA, CPU); an unavailable explicit choice is an error."""
-    if requested == "auto":
-        for name in ("tensorrt", "cuda", "cpu"):
-            if provider_works(name):
-                return name
-    if requested not in PROVIDERS:
-        raise BnmoveError(f"unknown provider {requested!r}; choose auto, {', '.join(PROVIDERS)}")
-    if not provider_works(requested):
-        available = [n for n in PROVIDERS if provider_works(n)]
-        raise BnmoveError(
-            f"provider {requested!r} is not available here (onnxruntime "
-            f"{import_onnxruntime().__version__}); available: {', '.join(available)}"
-        )
-    return requested
-
-
-def _device_name(provider: str) -> str:
-    if provider != "cpu":
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return str(torch.cuda.get_device_name(0))
-        except Exception:
-            pass
-        return "NVIDIA GPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)
