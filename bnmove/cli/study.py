@@ -24,8 +24,9 @@ from ..report import (
     write_experiment,
 )
 from ..study.activations import replace_activations
+from ..study.checks import match_classes
 from ..study.data import load_dataset
-from ..study.experiment import EpochRecord, experiment, match_classes
+from ..study.experiment import EpochRecord, experiment
 from ..study.jobs import finished_runs
 from ..study.recipes import RECIPES, Recipe
 from ._common import (

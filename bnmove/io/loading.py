@@ -22,7 +22,6 @@ import importlib
 import logging
 import pickle
 import sys
-import types
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -34,10 +33,10 @@ import torch
 from torch import nn
 
 from ..errors import LoadError
+from .pickles import PICKLE_FLAG, _explain, _unpickle
 
 log = logging.getLogger(__name__)
 
-PICKLE_FLAG = "--allow-pickle"
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
 
@@ -111,23 +110,6 @@ def _is_onnx(path: Path) -> bool:
         return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
     except Exception:
         return False
-
-
-def _explain(path: Path, kind: str) -> LoadError:
-    if kind == "torchscript":
-        return LoadError(
-            f"{path}: is a TorchScript archive, which torch.fx cannot trace; give the state dict "
-            "(torch.save(model.state_dict(), ...)) with --arch, or the pickled module with " + PICKLE_FLAG
-        )
-    if kind == "onnx":
-        return LoadError(
-            f"{path}: is an ONNX model; bnmove converts PyTorch models (.pt/.pth), export from those"
-        )
-    if kind == "json":
-        return LoadError(f"{path}: is a JSON file, not a PyTorch model (.pt/.pth)")
-    if kind == "zip":
-        return LoadError(f"{path}: is a zip archive but not a PyTorch file")
-    return LoadError(f"{path}: is not a PyTorch model file (or it is truncated or corrupted)")
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -395,50 +377,3 @@ def _other_class_count(model: nn.Module, state: Mapping[str, torch.Tensor]) -> i
     if not all(k.rpartition(".")[0] == head for k in mismatched) or f"{head}.weight" not in state:
         return None
     return int(state[f"{head}.weight"].shape[0])
-
-
-def _script_classes(imports: Sequence[str], notes: list[str]) -> types.ModuleType:
-    """A pickle module for ``torch.load`` whose unpickler finds what a script's ``__main__`` defined
-    (``torch.save(model)`` in ``train.py`` refers to ``__main__.Net``) in the modules given with
-    ``--import``, noting each class it resolved that way."""
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if module == "__main__" and not hasattr(sys.modules.get("__main__"), name):
-                for source in imports:
-                    found = getattr(sys.modules.get(source), name, None)
-                    if found is not None:
-                        note = (
-                            f"__main__.{name} in the pickle resolved to {source}.{name} (--import {source})"
-                        )
-                        if note not in notes:
-                            notes.append(note)
-                        return found
-            return super().find_class(module, name)
-
-    shim = types.ModuleType("bnmove_pickle")
-    shim.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
-    shim.Unpickler = Unpickler  # type: ignore[attr-defined]
-    return shim
-
-
-def _unpickle(path: Path, imports: Sequence[str] = (), notes: list[str] | None = None) -> nn.Module:
-    notes = notes if notes is not None else []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(
-                path, map_location="cpu", weights_only=False, pickle_module=_script_classes(imports, notes)
-            )
-    except (AttributeError, ModuleNotFoundError, ImportError) as exc:
-        raise LoadError(
-            f"{path}: the pickle refers to code that is not importable here ({exc}); "
-            "use --import MODULE for the module that defines the model"
-        ) from exc
-    except Exception as exc:
-        raise LoadError(f"{path}: cannot be unpickled ({type(exc).__name__}: {exc})") from exc
-    if isinstance(obj, torch.jit.ScriptModule):
-        raise _explain(path, "torchscript")
-    if not isinstance(obj, nn.Module):
-        raise LoadError(f"{path}: holds {type(obj).__name__}, not an nn.Module")
-    return obj
