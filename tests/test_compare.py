@@ -86,11 +86,13 @@ def test_unavailable_providers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_auto_prefers_working_gpu_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnmove.deploy import providers
+
     works = {"tensorrt": False, "cuda": True, "cpu": True}
-    monkeypatch.setattr(compare_module, "provider_works", lambda name: works[name])
-    assert compare_module.select_provider("auto") == "cuda"
+    monkeypatch.setattr(providers, "provider_works", lambda name: works[name])
+    assert providers.select_provider("auto") == "cuda"
     works["tensorrt"] = True
-    assert compare_module.select_provider("auto") == "tensorrt"
+    assert providers.select_provider("auto") == "tensorrt"
 
 
 def test_bad_arguments(variants: Path, tmp_path: Path) -> None:

@@ -24,22 +24,10 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..core.affine import ChannelAffine
 from ..core.running import eval_mode
 from .composite import collapse_composites
-from .layers import custom_affine_layer, torch_forward
-from .patterns import is_batchnorm_module, module_activation_spec, recognise
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def is_leaf(module: nn.Module) -> bool:
-    """What ``BnTracer`` keeps whole: BatchNorms, activations, torch's own non-container layers."""
-    if is_batchnorm_module(module) or module_activation_spec(module) is not None:
-        return True
-    if custom_affine_layer(module) or isinstance(module, ChannelAffine):
-        return True  # a library Conv/Linear with its own forward: one call, so a BN can fold into it
-    return torch_forward(module) and not isinstance(module, _CONTAINERS)
+from .patterns import recognise
+from .tracing import is_leaf
 
 
 class _Recorder(TorchFunctionMode):
@@ -168,4 +156,4 @@ def record_graph(model: nn.Module, inputs: Sequence[Any]) -> fx.Graph:
     return recorder.graph
 
 
-__all__ = ["is_leaf", "record_graph"]
+__all__ = ["record_graph"]

@@ -33,17 +33,25 @@ from .patterns import is_batchnorm_module, module_activation_spec, recognise
 log = logging.getLogger(__name__)
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """The one leaf rule of the analysis graph, traced or recorded: BatchNorms, activations, torch's
+    own non-container layers and library subclasses of them, and the layers a BN folds into exactly
+    (a library Conv/Linear with its own forward, a kept ChannelAffine) each stay one call."""
+    if is_batchnorm_module(module) or module_activation_spec(module) is not None:
+        return True
+    if custom_affine_layer(module) or isinstance(module, ChannelAffine):
+        return True
+    return torch_forward(module) and not isinstance(module, _CONTAINERS)
+
+
 class BnTracer(fx.Tracer):
-    """fx tracer that keeps BatchNorms and activations as leaf modules."""
+    """fx tracer that keeps :func:`is_leaf` modules as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_batchnorm_module(m) or module_activation_spec(m) is not None:
-            return True
-        if torch_forward(m) and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-            return True  # library subclasses of torch layers stay one call, like the layers
-        if custom_affine_layer(m) or isinstance(m, ChannelAffine):
-            return True  # a layer a BN folds into exactly: one call
-        return super().is_leaf_module(m, module_qualified_name)
+        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_graph(module: nn.Module) -> fx.Graph:
