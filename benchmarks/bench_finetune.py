@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ ACTS = {"ReLU": nn.ReLU, "GELU": nn.GELU, "Tanh": nn.Tanh}
 METHODS = {
     "exact": {"method": "exact"},
     "fit": {"method": "fit"},
-    "fit-no-refit": {"method": "fit", "refit_next": False},
+    "fit-no-refit": {"method": "fit", "refit_next": False},  # with the calibration samples, below
     "swap": {"method": "swap"},
 }
 
@@ -128,9 +129,10 @@ def main() -> None:
                     )
                     variants = {"original": copy.deepcopy(trained)}
                     for method in methods:
-                        kwargs = dict(METHODS[method])
+                        kwargs: dict[str, Any] = dict(METHODS[method])
+                        refit = kwargs.pop("refit_next", True)
                         if kwargs["method"] == "fit":
-                            kwargs["calibration_data"] = calibration
+                            kwargs["calibration"] = bnmove.Calibration(calibration, refit_next=refit)
                         example = (data.val.x[:4],)
                         variants[method] = bnmove.convert(
                             trained, "after", example_inputs=example, **kwargs

@@ -69,8 +69,11 @@ def measure(
         "exact (kept affine)": {"method": "exact"},
         "swap": {"method": "swap"},
         "fit, gaussian": {"method": "fit"},
-        "fit, synthetic": {"method": "fit", "data_free": "synthetic", "calibration_samples": samples},
-        "fit, calibrated": {"method": "fit", "calibration_data": calibration, "calibration_samples": samples},
+        "fit, synthetic": {
+            "method": "fit",
+            "calibration": bnmove.Calibration(data_free="synthetic", samples=samples),
+        },
+        "fit, calibrated": {"method": "fit", "calibration": bnmove.Calibration(calibration, samples)},
     }
     return {
         name: agreement(
@@ -103,8 +106,7 @@ def untraceable(data: bnmove.study.Dataset, calibration: torch.Tensor, samples: 
             "after",
             method="fit",
             example_inputs=example,
-            calibration_data=calibration,
-            calibration_samples=samples,
+            calibration=bnmove.Calibration(calibration, samples),
         )
         methods = sorted({m.method for m in real.moved})
         print(
@@ -130,7 +132,7 @@ def calibration_cost(calibration: torch.Tensor, samples: int, width: int) -> Non
             conv.register_forward_hook(lambda *_, c=calls: c.__setitem__(0, c[0] + 1))
         started = time.perf_counter()
         result = bnmove.convert(
-            model, "after", method="fit", calibration_data=calibration, calibration_samples=samples
+            model, "after", method="fit", calibration=bnmove.Calibration(calibration, samples)
         )
         seconds = time.perf_counter() - started
         pairs = len(result.moved)

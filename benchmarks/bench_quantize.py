@@ -30,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bnmove
 from bnmove import compare, export_variants
 from bnmove.study.data import load_dataset
 from bnmove.study.loop import train_classifier
@@ -89,7 +90,7 @@ def main() -> None:
                 method="exact",
                 fold_padded=True,
                 quantize="int8",
-                calibration_data=calibration,
+                calibration=bnmove.Calibration(calibration),
                 stem="net",
             )
             manifest = json.loads((Path(tmp) / "manifest.json").read_text())

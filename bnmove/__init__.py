@@ -3,7 +3,7 @@
 >>> import bnmove
 >>> pairs = bnmove.find_pairs(model)
 >>> result = bnmove.convert(model, "after", method="exact")
->>> fitted = bnmove.convert(model, "after", method="fit", data_free="synthetic")
+>>> fitted = bnmove.convert(model, "after", method="fit", calibration=bnmove.Calibration(data_free="synthetic"))
 >>> result.model, result.verification.max_abs_error
 >>> bnmove.export_variants(model, (x,), "variants/")
 >>> bnmove.compare(["variants/"], provider="auto")
@@ -24,6 +24,7 @@ from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
 from .fitting.calibrate import recalibrate
 from .io.loading import LoadedModel, load_model
 from .pipeline.analyse import Detection, detect, find_pairs
+from .pipeline.calibration import Calibration
 from .pipeline.conversion import convert
 from .pipeline.results import Conversion, Move
 from .study.experiment import ExperimentResult, experiment
@@ -32,6 +33,7 @@ __version__ = importlib.metadata.version("bnmove")  # pyproject.toml holds the o
 
 __all__ = [
     "BnmoveError",
+    "Calibration",
     "Comparison",
     "Conversion",
     "Detection",

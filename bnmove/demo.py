@@ -22,6 +22,7 @@ from .deploy.export import export_variants, read_manifest
 from .deploy.runtime import compare
 from .errors import BnmoveError
 from .pipeline.analyse import detect
+from .pipeline.calibration import Calibration
 from .pipeline.conversion import convert
 from .sample_models import digits_net
 from .study.data import Dataset, load_dataset
@@ -98,7 +99,7 @@ def run_demo(
         # auto: exact everywhere (folded, or the BN's affine kept as a layer where nothing absorbs
         # it); a BN without running statistics would be fitted, here on 256 training digits.
         result = convert(
-            model, placement, method="auto", example_inputs=example, calibration_data=calibration
+            model, placement, method="auto", example_inputs=example, calibration=Calibration(calibration)
         )
         path = out_dir / f"digits_net.{placement}.pt"
         save_module(result.model, path)

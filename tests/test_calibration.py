@@ -33,7 +33,9 @@ def _passes(blocks: int) -> float:
     for conv in convs:  # deep copies keep the hooks, so every copy's calls count
         conv.register_forward_hook(lambda *_, c=calls: c.__setitem__(0, c[0] + 1))
     data = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    result = bnmove.convert(model, "after", method="fit", calibration_data=data, example_inputs=(data[:2],))
+    result = bnmove.convert(
+        model, "after", method="fit", calibration=bnmove.Calibration(data), example_inputs=(data[:2],)
+    )
     assert result.moved and {m.method for m in result.moved} == {"fit-calibrated"}
     return calls[0] / len(convs)
 
@@ -50,7 +52,9 @@ def test_calibrated_fit_on_a_model_whose_top_level_does_not_trace() -> None:
     g = torch.Generator().manual_seed(2)
     data, fresh = torch.randn(200, 1, 8, 8, generator=g), torch.randn(100, 1, 8, 8, generator=g)
     example = (data[:2],)
-    calibrated = bnmove.convert(model, "after", method="fit", calibration_data=data, example_inputs=example)
+    calibrated = bnmove.convert(
+        model, "after", method="fit", calibration=bnmove.Calibration(data), example_inputs=example
+    )
     free = bnmove.convert(model, "after", method="fit", example_inputs=example)
     assert {m.method for m in calibrated.moved} == {"fit-calibrated"}
     assert any(n.startswith("refitted ") for m in calibrated.moved for n in m.notes)
@@ -75,7 +79,9 @@ def test_a_pair_no_hook_reaches_keeps_its_gaussian_fit_and_says_so() -> None:
 
     model = randomize_bn(Functional()).eval()
     data = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
-    result = bnmove.convert(model, "before", method="fit", calibration_data=data, example_inputs=(data[:4],))
+    result = bnmove.convert(
+        model, "before", method="fit", calibration=bnmove.Calibration(data), example_inputs=(data[:4],)
+    )
     (move,) = result.moved
     assert move.method == "fit-data-free"
     assert any("not the calibration data: no module hook reaches" in n for n in move.notes)

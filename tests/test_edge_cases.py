@@ -163,7 +163,11 @@ def test_outputs_holding_an_empty_tensor_are_verified() -> None:
     exact = bnmove.convert(model, "after", method="exact", example_inputs=(x,))
     assert exact.verification is not None and exact.verification.max_rel_error < 1e-5
     fitted = bnmove.convert(
-        model, "after", method="fit", example_inputs=(x,), calibration_data=torch.randn(16, 3, 8, 8)
+        model,
+        "after",
+        method="fit",
+        example_inputs=(x,),
+        calibration=bnmove.Calibration(torch.randn(16, 3, 8, 8)),
     )
     assert fitted.calibration is not None and fitted.held_out is not None
     out = fitted.model(x)

@@ -105,7 +105,9 @@ def test_export_takes_calibration_data_and_a_max_error(tmp_path: Path) -> None:
     _, held = split_held_out([(torch.zeros(120, 1),)])
     assert entry["conversion_held_out"]["samples"] == sum(len(b[0]) for b in held) > 0
     # The fitted variant in the file is the one convert() makes from the same samples.
-    want = bnmove.convert(model, "after", method="fit", calibration_data=np.load(tmp_path / "calib.npy"))
+    want = bnmove.convert(
+        model, "after", method="fit", calibration=bnmove.Calibration(np.load(tmp_path / "calib.npy"))
+    )
     x = inputs[0]
     np.testing.assert_allclose(
         _run(tmp_path / "out" / "mlp.after.onnx", x),

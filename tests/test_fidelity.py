@@ -59,7 +59,9 @@ def test_underdetermined_refit_is_refused_not_overfitted() -> None:
 def test_calibrated_fit_reports_held_out_first_and_skips_an_underdetermined_refit() -> None:
     model = _model()
     data = torch.randn(120, 8)
-    result = bnmove.convert(model, "after", method="fit", calibration_data=data, example_inputs=(data[:4],))
+    result = bnmove.convert(
+        model, "after", method="fit", calibration=bnmove.Calibration(data), example_inputs=(data[:4],)
+    )
     (move,) = result.moved
     assert move.method == "fit-calibrated"
     assert any("head not refitted: 88 rows for 301 unknowns" in n for n in move.notes)
@@ -119,8 +121,8 @@ def test_calibrated_fit_of_a_fused_norm_act_module() -> None:
 
     x = torch.randn(48, 3, 5, 5)
     model = _trained_like(FusedAfterAdd(), x)
-    for kwargs in ({"calibration_data": x}, {"data_free": "synthetic", "calibration_samples": 16}):
-        result = bnmove.convert(model, "after", method="fit", example_inputs=(x[:4],), **kwargs)  # type: ignore[arg-type]
+    for calibration in (bnmove.Calibration(x), bnmove.Calibration(data_free="synthetic", samples=16)):
+        result = bnmove.convert(model, "after", method="fit", example_inputs=(x[:4],), calibration=calibration)
         (move,) = result.moved
         assert move.method in ("fit-calibrated", "fit-synthetic") and move.effect is not None
         assert [type(m).__name__ for m in result.model.bn] == ["ReLU", "BatchNorm2d"]

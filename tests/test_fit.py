@@ -102,14 +102,22 @@ def test_fitting_keeps_a_trained_model_far_better_than_swap(act: str, digits: bn
     assert {m.method for m in fitted.moved} == {"fit-data-free"}
     assert all(m.effect is not None and m.effect < 1.0 for m in fitted.moved)
     calibrated = bnmove.convert(
-        model, "after", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
+        model,
+        "after",
+        method="fit",
+        example_inputs=example,
+        calibration=bnmove.Calibration(digits.train.x[:256]),
     )
     assert {m.method for m in calibrated.moved} == {"fit-calibrated"}
     # 20% of the 256 samples stay out of every fit, and are reported apart
     assert calibrated.calibration is not None and calibrated.calibration.samples == 205
     assert calibrated.held_out is not None and calibrated.held_out.samples == 51
     synthetic = bnmove.convert(
-        model, "after", method="fit", example_inputs=example, data_free="synthetic", calibration_samples=128
+        model,
+        "after",
+        method="fit",
+        example_inputs=example,
+        calibration=bnmove.Calibration(data_free="synthetic", samples=128),
     )
     assert {m.method for m in synthetic.moved} == {"fit-synthetic"} and synthetic.calibration is None
     free_agree, cal_agree = _agreement(model, fitted.model, x), _agreement(model, calibrated.model, x)
@@ -214,7 +222,7 @@ def test_calibration_errors(tmp_path: Path) -> None:
             "after",
             method="fit",
             example_inputs=(torch.randn(2, 2, 6, 6),),
-            calibration_data=torch.randn(8, 5, 6, 6),
+            calibration=bnmove.Calibration(torch.randn(8, 5, 6, 6)),
         )
 
 
@@ -329,7 +337,11 @@ def test_fit_removes_the_affines_an_exact_conversion_kept(act: str, digits: bnmo
     snapshot = {k: v.clone() for k, v in exact.state_dict().items()}
     free = bnmove.convert(exact, "after", method="fit", example_inputs=example)
     calibrated = bnmove.convert(
-        exact, "after", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
+        exact,
+        "after",
+        method="fit",
+        example_inputs=example,
+        calibration=bnmove.Calibration(digits.train.x[:256]),
     )
     assert all(torch.equal(v, snapshot[k]) for k, v in exact.state_dict().items())  # untouched
     for result, method in ((free, "fit-data-free"), (calibrated, "fit-calibrated")):
@@ -345,7 +357,11 @@ def test_fit_removes_the_affines_an_exact_conversion_kept(act: str, digits: bnmo
     # original directly, which is the same math
     swap = _agreement(model, bnmove.convert(model, "after", method="swap", example_inputs=example).model, x)
     direct = bnmove.convert(
-        model, "after", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
+        model,
+        "after",
+        method="fit",
+        example_inputs=example,
+        calibration=bnmove.Calibration(digits.train.x[:256]),
     )
     free_agree, cal_agree = _agreement(model, free.model, x), _agreement(model, calibrated.model, x)
     assert free_agree >= swap + 0.25 and cal_agree >= 0.99
@@ -376,13 +392,21 @@ def test_fit_removes_an_affine_kept_after_the_activation(act: str, digits: bnmov
     x, example = digits.val.x, (digits.val.x[:4],)
     # a calibrated fit straight from the original (it crashed: the pass ran without autograd)
     direct = bnmove.convert(
-        model, "before", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
+        model,
+        "before",
+        method="fit",
+        example_inputs=example,
+        calibration=bnmove.Calibration(digits.train.x[:256]),
     )
     assert [m.method for m in direct.moved] == ["fit-calibrated"]
     exact = bnmove.convert(model, "before", method="exact", example_inputs=example)
     assert [m.method for m in exact.moved] == ["exact-kept-affine"]
     result = bnmove.convert(
-        exact.model, "before", method="fit", example_inputs=example, calibration_data=digits.train.x[:256]
+        exact.model,
+        "before",
+        method="fit",
+        example_inputs=example,
+        calibration=bnmove.Calibration(digits.train.x[:256]),
     )
     assert not any(isinstance(m, bnmove.core.affine.ChannelAffine) for m in result.model.modules())
     (move,) = result.absorbed  # the pair stays before; its BN took the affine in

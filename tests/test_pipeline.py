@@ -62,7 +62,7 @@ def test_progress_names_each_stage() -> None:
         model,
         "after",
         method="fit",
-        calibration_data=data,
+        calibration=bnmove.Calibration(data),
         example_inputs=inputs,
         on_progress=lambda *a: seen.append(a),
     )

@@ -63,7 +63,7 @@ def test_int8_variants_of_each_placement_agree_with_their_float_variants(
         tmp_path,
         fold_padded=True,
         quantize="int8",
-        calibration_data=calibration,
+        calibration=bnmove.Calibration(calibration),
         stem="net",
     )
     assert sorted(paths) == ["after", "after.int8", "before", "before.int8", "original", "original.int8"]
@@ -97,7 +97,7 @@ def test_a_bn_no_rule_folds_stays_float_and_says_why(trained: tuple, tmp_path: P
         tmp_path,
         ("after",),
         quantize="int8",
-        calibration_data=calibration,
+        calibration=bnmove.Calibration(calibration),
         stem="net",
     )  # no folds: the after-variant's BNs stay standalone
     float_nodes = json.loads((tmp_path / "manifest.json").read_text())["variants"]["after"]["int8"][

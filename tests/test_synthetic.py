@@ -133,9 +133,11 @@ def test_synthetic_inputs_refuse_what_they_cannot_do(model, inputs, error, messa
 def test_convert_refuses_calibration_data_and_synthetic_together() -> None:
     model = _model_with_statistics()
     with pytest.raises(bnmove.BnmoveError, match="not both"):
-        bnmove.convert(model, "after", calibration_data=torch.zeros(4, 3, 8, 8), data_free="synthetic")
+        bnmove.convert(
+            model, "after", calibration=bnmove.Calibration(torch.zeros(4, 3, 8, 8), data_free="synthetic")
+        )
     with pytest.raises(bnmove.BnmoveError, match="unknown data-free fitting"):
-        bnmove.convert(model, "after", data_free="uniform")
+        bnmove.convert(model, "after", calibration=bnmove.Calibration(data_free="uniform"))
 
 
 def test_synthetic_is_not_made_when_nothing_is_fitted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,5 +147,10 @@ def test_synthetic_is_not_made_when_nothing_is_fitted(monkeypatch: pytest.Monkey
     monkeypatch.setattr("bnmove.fitting.synthetic.synthesize_inputs", fail)
     monkeypatch.setattr("bnmove.pipeline.calibration.synthesize_inputs", fail)
     model = _model_with_statistics()  # conv -> BN -> ReLU: exact
-    result = bnmove.convert(model, "after", data_free="synthetic", example_inputs=(torch.zeros(2, 3, 8, 8),))
+    result = bnmove.convert(
+        model,
+        "after",
+        calibration=bnmove.Calibration(data_free="synthetic"),
+        example_inputs=(torch.zeros(2, 3, 8, 8),),
+    )
     assert [m.method for m in result.moved] == ["exact"]

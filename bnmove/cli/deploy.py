@@ -16,6 +16,7 @@ from ..deploy.providers import PROVIDERS
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import compare
 from ..fitting.calibrate import calibration_batches
+from ..pipeline.calibration import Calibration
 from ..pipeline.plan import METHODS
 from ..report import (
     accuracy_table,
@@ -157,8 +158,7 @@ def export_command(
             fold_padded=fold_padded,
             stem=model.stem,
             force=force,
-            calibration_data=calibration,
-            calibration_samples=calibration_samples,
+            calibration=Calibration(calibration, calibration_samples),
             max_error=max_error,
             on_variant=advance,
             quantize=quantize,

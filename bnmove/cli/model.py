@@ -15,7 +15,8 @@ from ..deploy.program import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
 from ..pipeline.analyse import detect
-from ..pipeline.conversion import DATA_FREE, convert
+from ..pipeline.calibration import DATA_FREE, Calibration
+from ..pipeline.conversion import convert
 from ..pipeline.plan import METHODS
 from ..report import (
     conversion_summary,
@@ -192,10 +193,7 @@ def convert_command(
             placement,
             method=method,
             example_inputs=inputs,
-            calibration_data=calibration,
-            calibration_samples=calibration_samples,
-            refit_next=not no_refit,
-            data_free=data_free,
+            calibration=Calibration(calibration, calibration_samples, not no_refit, data_free),
             on_progress=on_progress,
             max_error=max_error,
         )

@@ -20,6 +20,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,10 +33,11 @@ from ..core.fidelity import difference
 from ..core.running import eval_mode, output_tensors, run_model
 from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
+from ..pipeline.calibration import Calibration
 from ..pipeline.conversion import convert
 from .folding import fold_forward
 from .providers import import_onnxruntime
-from .quantize import Calibration, check_quantization, quantize_variant
+from .quantize import QuantizationSamples, check_quantization, quantize_variant
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
     import onnx
@@ -214,8 +216,7 @@ def export_variants(
     stem: str = "model",
     force: bool = False,
     tolerance: float = 1e-4,
-    calibration_data: Any = None,
-    calibration_samples: int = 256,
+    calibration: Calibration | None = None,
     max_error: float | None = None,
     on_variant: Callable[[str], None] | None = None,
     quantize: str | None = None,
@@ -234,14 +235,14 @@ def export_variants(
         fold_padded: also fold BNs into zero-padded convs, with a border correction (implies
             ``fold_forward_bns``; see :mod:`bnmove.deploy.border`).
         tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
-        calibration_data: real inputs for fitted moves, as for :func:`bnmove.convert`; held-out
-            figures go into the manifest.
-        calibration_samples: use at most this many calibration samples.
+        calibration: where fitted moves get their samples, as for :func:`bnmove.convert`; with
+            data, every moved variant fits on the same samples and the held-out figures go into
+            the manifest.
         max_error: the bound on a fitted variant's relative error, as for :func:`bnmove.convert`.
         on_variant: called with each variant's name before it is exported (progress).
         quantize: ``"int8"`` also writes ``<stem>.<variant>.int8.onnx`` beside each float
             variant: onnxruntime's static quantization (QDQ, per-channel int8 weights), calibrated
-            on ``calibration_data`` (required) with its last samples held out to measure the
+            on ``calibration.data`` (required) with its last samples held out to measure the
             agreement with the float variant (see :mod:`bnmove.deploy.quantize`).
 
     Returns:
@@ -254,7 +255,8 @@ def export_variants(
             f"unknown variant {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
         )
     require_export_tools()
-    check_quantization(quantize, calibration_data is not None)
+    calibration = calibration or Calibration()
+    check_quantization(quantize, calibration.data is not None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BnmoveError(f"{out}: exists and is not a folder")
@@ -266,9 +268,11 @@ def export_variants(
     if clash and not force:
         raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
     inputs = tuple(example_inputs)
-    if calibration_data is not None:  # read once; every moved variant fits on the same samples
-        calibration_data = calibration_batches(calibration_data, samples=calibration_samples)
-    quantization = Calibration.split(calibration_data) if quantize else None
+    if calibration.data is not None:  # read once; every moved variant fits on the same samples
+        calibration = replace(
+            calibration, data=calibration_batches(calibration.data, samples=calibration.samples)
+        )
+    quantization = QuantizationSamples.split(calibration.data) if quantize else None
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
@@ -280,8 +284,7 @@ def export_variants(
             placements,
             {
                 "method": method,
-                "calibration_data": calibration_data,
-                "calibration_samples": calibration_samples,
+                "calibration": calibration,
                 "max_error": max_error,
             },
             opset,
@@ -309,7 +312,7 @@ def _export_into(
     folding_mode: str | None,
     tolerance: float,
     on_variant: Callable[[str], None] | None,
-    quantization: Calibration | None = None,
+    quantization: QuantizationSamples | None = None,
 ) -> dict[str, Path]:
     import onnx
 
@@ -356,7 +359,7 @@ def _export_into(
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "method": conversion["method"],
-            "calibration": "data" if conversion["calibration_data"] is not None else "none",
+            "calibration": "data" if conversion["calibration"].data is not None else "none",
             **(
                 {
                     "quantization": {

@@ -50,14 +50,14 @@ def check_quantization(quantize: str | None, calibration_given: bool) -> None:
 
 
 @dataclass(frozen=True)
-class Calibration:
+class QuantizationSamples:
     """The samples every variant is quantized with, and those held out to check the result."""
 
     calibrate: list[Batch]
     held_out: list[Batch]
 
     @classmethod
-    def split(cls, batches: Sequence[Batch]) -> Calibration:
+    def split(cls, batches: Sequence[Batch]) -> QuantizationSamples:
         calibrate, held_out = split_held_out(list(batches))
         if not held_out:
             raise BnmoveError(
@@ -103,7 +103,7 @@ def float_nodes(model: Any) -> list[dict[str, str]]:
 
 
 def quantize_variant(
-    float_path: Path, out_path: Path, calibration: Calibration, work: Path
+    float_path: Path, out_path: Path, calibration: QuantizationSamples, work: Path
 ) -> dict[str, Any]:
     """Write ``out_path``, the INT8 form of ``float_path``; returns its manifest entry."""
     import onnx

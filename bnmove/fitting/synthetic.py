@@ -73,11 +73,11 @@ def synthesize_inputs(
         on_step: called with ``(done, total)`` after every step (progress bars).
 
     Returns:
-        A ``(samples, *input_shape)`` tensor, usable as ``calibration_data``.
+        A ``(samples, *input_shape)`` tensor, usable as calibration data (``Calibration(x)``).
 
     Example:
         >>> x = synthesize_inputs(model, (torch.zeros(1, 3, 32, 32),))
-        >>> convert(model, "after", method="fit", calibration_data=x)
+        >>> convert(model, "after", method="fit", calibration=Calibration(x))
     """
     if samples < 1 or steps < 1 or batch_size < 1:
         raise BnmoveError("synthetic inputs need samples, steps and batch size of at least 1")

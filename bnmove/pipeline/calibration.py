@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -29,12 +30,48 @@ from ..core.clone import clone_module
 from ..core.fidelity import Agreement
 from ..core.modules import module_calls, qualified
 from ..core.running import eval_mode, output_tensors
+from ..errors import BnmoveError
 from ..fitting.calibrate import Batch, call_model, refit_blocker
 from ..fitting.sequential import PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
 from ..moving import rewrite
 from ..moving.absorb import KeptAffine
+from .plan import check_choice
 from .results import CalibrationCheck, Move, Progress
+
+#: how pairs are fitted without calibration data
+DATA_FREE: tuple[str, ...] = ("gaussian", "synthetic")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where a conversion's fits get their samples (``convert(..., calibration=Calibration(x))``).
+
+    Args:
+        data: real inputs (a tensor, a sequence of tensors or tuples, arrays, a DataLoader, a
+            file or folder the CLI reads): pair by pair in graph order, each fit is fed by the
+            already converted upstream model. Without it, fits are data-free.
+        samples: use at most this many samples (and make as many, with ``data_free="synthetic"``).
+        refit_next: with data, also refit the Conv/Linear after each fitted pair (ridge least
+            squares against the original's output there).
+        data_free: without data, ``"gaussian"`` (per channel, from each BN's own running
+            statistics; instant) or ``"synthetic"`` (inputs optimised until every BN's batch
+            statistics match its running statistics, see
+            :func:`bnmove.fitting.synthetic.synthesize_inputs`, then fitted like data; seconds to
+            minutes, far closer to the original; they take the shape of the example inputs).
+    """
+
+    data: Any = None
+    samples: int = 256
+    refit_next: bool = True
+    data_free: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        check_choice("data-free fitting", self.data_free, DATA_FREE)
+        if self.data is not None and self.data_free == "synthetic":
+            raise BnmoveError("give calibration data or ask for synthetic data-free fitting, not both")
+        if self.samples < 1:
+            raise BnmoveError(f"calibration samples must be at least 1, got {self.samples}")
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,11 @@ from ..fitting.calibrate import (
 from ..fitting.sequential import PairPlan
 from .analyse import Analysis, analyse
 from .apply import apply
-from .calibration import Calibrator, SyntheticRequest, calibration_check
+from .calibration import Calibration, Calibrator, SyntheticRequest, calibration_check
 from .plan import METHODS, Decision, check_choice, plan
 from .results import Conversion, Move, Progress, silent
 
 log = logging.getLogger(__name__)
-
-#: how pairs are fitted without calibration data
-DATA_FREE: tuple[str, ...] = ("gaussian", "synthetic")
 
 
 def convert(
@@ -51,11 +48,8 @@ def convert(
     *,
     method: str = "auto",
     example_inputs: Sequence[torch.Tensor] | None = None,
+    calibration: Calibration | None = None,
     verify: bool = True,
-    calibration_data: Any = None,
-    calibration_samples: int = 256,
-    refit_next: bool = True,
-    data_free: str = "gaussian",
     on_progress: Progress | None = None,
     max_error: float | None = None,
 ) -> Conversion:
@@ -75,21 +69,10 @@ def convert(
             and fit elsewhere (swap only where fitting is impossible).
         example_inputs: inputs for the verification run; inferred from the
             first layer when not given.
+        calibration: where fits get their samples (:class:`Calibration`: your
+            data, or data-free from Gaussian or synthetic inputs); Gaussian
+            data-free fits when not given.
         verify: compare original and converted outputs in eval mode.
-        calibration_data: real inputs (a tensor, a sequence of tensors or
-            tuples, a DataLoader) for fitting: pair by pair in graph order, each
-            fed by the already converted upstream model. Without it, fits are
-            data-free (Gaussian inputs from the BN's own statistics).
-        calibration_samples: at most this many calibration samples are used
-            (and made, with ``data_free="synthetic"``).
-        refit_next: with calibration data, also re-fit the Conv/Linear after each
-            fitted pair (ridge least squares against the original's output there).
-        data_free: how to fit without calibration data: ``"gaussian"``
-            (per channel, from each BN's own running statistics; instant) or
-            ``"synthetic"`` (inputs optimised until every BN's batch statistics
-            match its running statistics, see :func:`synthesize_inputs`, then
-            fitted like calibration data; seconds to minutes, far closer to the
-            original). Synthetic inputs take the shape of ``example_inputs``.
         on_progress: called with ``(what, done, total)`` as the conversion goes
             through its stages: analysing, making synthetic inputs, moving pairs,
             calibrating, verifying (``total`` is None where there is nothing to count).
@@ -106,14 +89,13 @@ def convert(
     Example:
         >>> result = convert(model, "after", method="exact")
         >>> result.verification.max_abs_error   # ~1e-6
+        >>> fitted = convert(model, "after", method="fit", calibration=Calibration(x))
     """
-    check_choice("data-free fitting", data_free, DATA_FREE)
+    calibration = calibration or Calibration()
     batches = None
-    if calibration_data is not None:
-        if data_free == "synthetic":
-            raise BnmoveError("give calibration data or ask for synthetic data-free fitting, not both")
-        batches = calibration_batches(calibration_data, samples=calibration_samples)
-    synthetic = SyntheticRequest(calibration_samples) if data_free == "synthetic" else None
+    if calibration.data is not None:
+        batches = calibration_batches(calibration.data, samples=calibration.samples)
+    synthetic = SyntheticRequest(calibration.samples) if calibration.data_free == "synthetic" else None
     with paused_gc():
         result = _convert(
             model,
@@ -122,7 +104,7 @@ def convert(
             example_inputs,
             verify,
             batches,
-            refit_next,
+            calibration.refit_next,
             synthetic,
             on_progress or silent,
         )
