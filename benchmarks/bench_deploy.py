@@ -30,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnmove import Conversion, compare, convert, export_variants, report
+from bnmove.deploy import ExportOptions
 from bnmove.sample_models import SAMPLES, bottleneck_resnet, mobilenet, resnet50
 from samples.make_models import build_sample
 
@@ -114,8 +115,8 @@ def main() -> None:
             for variant, source, fold in (
                 ("before", model, {}),
                 ("after", after.model, {}),
-                ("after.fold-forward", after.model, {"fold_forward_bns": True}),
-                ("after.fold-padded", after.model, {"fold_padded": True}),
+                ("after.fold-forward", after.model, {"options": ExportOptions(fold="forward")}),
+                ("after.fold-padded", after.model, {"options": ExportOptions(fold="padded")}),
             ):
                 out = export_variants(source, (x,), Path(tmp) / variant, ["original"], stem=name, **fold)
                 paths[variant] = out["original"]

@@ -88,8 +88,7 @@ def main() -> None:
                 tmp,
                 ("before", "after"),
                 method="exact",
-                fold_padded=True,
-                quantize="int8",
+                options=bnmove.deploy.ExportOptions(fold="padded", quantize="int8"),
                 calibration=bnmove.Calibration(calibration),
                 stem="net",
             )

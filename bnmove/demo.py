@@ -18,7 +18,7 @@ from rich.rule import Rule
 from . import report
 from .core.atomic import save_module
 from .core.running import eval_mode
-from .deploy.export import export_variants, read_manifest
+from .deploy.export import ExportOptions, export_variants, read_manifest
 from .deploy.runtime import compare
 from .errors import BnmoveError
 from .pipeline.analyse import detect
@@ -117,7 +117,7 @@ def run_demo(
     variants_dir = out_dir / "variants"
     with status.status("exporting original, before and after variants…"):
         paths = export_variants(
-            model, example, variants_dir, stem="digits_net", fold_forward_bns=True, force=True
+            model, example, variants_dir, stem="digits_net", options=ExportOptions(fold="forward"), force=True
         )
     written += [*paths.values(), variants_dir / "manifest.json"]
     console.print(report.export_table(read_manifest(variants_dir) or {}))

@@ -21,14 +21,14 @@ from bnmove.cli import main
 from bnmove.deploy import runtime
 from bnmove.deploy import runtime as compare_module
 from bnmove.deploy.accuracy import wilson_interval
-from bnmove.deploy.export import export_variants
+from bnmove.deploy.export import ExportOptions, export_variants
 
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, inputs = build("resnet")
     out = tmp_path_factory.mktemp("variants")
-    export_variants(model, inputs, out, stem="resnet", fold_forward_bns=True)
+    export_variants(model, inputs, out, stem="resnet", options=ExportOptions(fold="forward"))
     return out
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from zoo import build
 
 import bnmove
-from bnmove.deploy.export import export_variants
+from bnmove.deploy.export import ExportOptions, export_variants
 from bnmove.deploy.program import save_program
 from bnmove.fitting.calibrate import split_held_out
 
@@ -52,7 +52,9 @@ def test_export_all_variants(name: str, tmp_path: Path) -> None:
 def test_fold_forward_removes_foldable_batchnorms(tmp_path: Path) -> None:
     model, inputs = build("mlp")
     plain = export_variants(model, inputs, tmp_path / "plain", ["after"])
-    folded = export_variants(model, inputs, tmp_path / "folded", ["after"], fold_forward_bns=True)
+    folded = export_variants(
+        model, inputs, tmp_path / "folded", ["after"], options=ExportOptions(fold="forward")
+    )
     count = lambda p: sum(n.op_type == "BatchNormalization" for n in onnx.load(str(p)).graph.node)  # noqa: E731
     assert count(plain["after"]) == 2 and count(folded["after"]) == 0
     manifest = json.loads((tmp_path / "folded" / "manifest.json").read_text())
@@ -66,7 +68,7 @@ def test_fold_forward_removes_foldable_batchnorms(tmp_path: Path) -> None:
 def test_static_batch_and_refusals(tmp_path: Path) -> None:
     model, inputs = build("mlp")
     out = tmp_path / "static"
-    paths = export_variants(model, inputs, out, ["original"], static_batch=True)
+    paths = export_variants(model, inputs, out, ["original"], options=ExportOptions(static_batch=True))
     shape = json.loads((out / "manifest.json").read_text())["variants"]["original"]["inputs"][0]["shape"]
     assert shape == list(inputs[0].shape)
     before = paths["original"].read_bytes()

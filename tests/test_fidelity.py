@@ -122,7 +122,9 @@ def test_calibrated_fit_of_a_fused_norm_act_module() -> None:
     x = torch.randn(48, 3, 5, 5)
     model = _trained_like(FusedAfterAdd(), x)
     for calibration in (bnmove.Calibration(x), bnmove.Calibration(data_free="synthetic", samples=16)):
-        result = bnmove.convert(model, "after", method="fit", example_inputs=(x[:4],), calibration=calibration)
+        result = bnmove.convert(
+            model, "after", method="fit", example_inputs=(x[:4],), calibration=calibration
+        )
         (move,) = result.moved
         assert move.method in ("fit-calibrated", "fit-synthetic") and move.effect is not None
         assert [type(m).__name__ for m in result.model.bn] == ["ReLU", "BatchNorm2d"]

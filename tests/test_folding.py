@@ -12,7 +12,7 @@ from torch import nn
 from zoo import build, randomize_bn
 
 import bnmove
-from bnmove.deploy.export import export_variants
+from bnmove.deploy.export import ExportOptions, export_variants
 from bnmove.deploy.folding import fold_forward
 
 
@@ -209,7 +209,9 @@ def test_border_corrected_fold_under_onnxruntime(
     model = _padded_block(dims, kernel, stride, dilation, groups)
     x = _input(dims, 12)
     paths = export_variants(model, (x,), tmp_path / "plain", ["original"], stem="m")
-    folded = export_variants(model, (x,), tmp_path / "folded", ["original"], stem="m", fold_padded=True)
+    folded = export_variants(
+        model, (x,), tmp_path / "folded", ["original"], stem="m", options=ExportOptions(fold="padded")
+    )
     runs = {}
     for name, path in (("plain", paths["original"]), ("folded", folded["original"])):
         options = ort.SessionOptions()
@@ -306,7 +308,9 @@ def test_a_bn_after_a_border_corrected_conv_is_folded_by_bnmove(tmp_path: Path) 
         ref = model.double()(x.double())
         got = fold_forward(model, padded=True).model.double()(x.double())
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
-    paths = export_variants(model.float(), (x,), tmp_path, ("original",), fold_padded=True)
+    paths = export_variants(
+        model.float(), (x,), tmp_path, ("original",), options=ExportOptions(fold="padded")
+    )
     ops = Counter(n.op_type for n in onnx.load(str(paths["original"])).graph.node)
     assert ops["BatchNormalization"] == 0 and ops["Add"] == 1
 

@@ -61,8 +61,7 @@ def test_int8_variants_of_each_placement_agree_with_their_float_variants(
         model,
         (calibration[:1],),
         tmp_path,
-        fold_padded=True,
-        quantize="int8",
+        options=bnmove.deploy.ExportOptions(fold="padded", quantize="int8"),
         calibration=bnmove.Calibration(calibration),
         stem="net",
     )
@@ -96,7 +95,7 @@ def test_a_bn_no_rule_folds_stays_float_and_says_why(trained: tuple, tmp_path: P
         (calibration[:1],),
         tmp_path,
         ("after",),
-        quantize="int8",
+        options=bnmove.deploy.ExportOptions(quantize="int8"),
         calibration=bnmove.Calibration(calibration),
         stem="net",
     )  # no folds: the after-variant's BNs stay standalone
@@ -117,5 +116,10 @@ def test_quantize_without_calibration_data_is_one_line_before_any_work(tmp_path:
     assert done.exit_code == 1 and "--quantize needs --calibration-data" in done.stderr
     assert not (tmp_path / "v").exists()
     with pytest.raises(bnmove.BnmoveError, match="--quantize needs --calibration-data"):
-        bnmove.export_variants(DigitsCNN(), (torch.rand(1, 1, 8, 8),), tmp_path / "w", quantize="int8")
+        bnmove.export_variants(
+            DigitsCNN(),
+            (torch.rand(1, 1, 8, 8),),
+            tmp_path / "w",
+            options=bnmove.deploy.ExportOptions(quantize="int8"),
+        )
     assert not (tmp_path / "w").exists()

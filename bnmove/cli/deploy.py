@@ -11,7 +11,7 @@ import click
 from rich.progress import Progress
 
 from ..core.atomic import atomic_path, check_output
-from ..deploy.export import DEFAULT_OPSET, export_variants, read_manifest, require_export_tools
+from ..deploy.export import DEFAULT_OPSET, ExportOptions, export_variants, read_manifest, require_export_tools
 from ..deploy.providers import PROVIDERS
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import compare
@@ -152,16 +152,17 @@ def export_command(
             out_dir,
             variants,
             method=method,
-            opset=opset,
-            static_batch=static_batch,
-            fold_forward_bns=fold_forward,
-            fold_padded=fold_padded,
+            calibration=Calibration(calibration, calibration_samples),
+            options=ExportOptions(
+                fold="padded" if fold_padded else "forward" if fold_forward else "none",
+                quantize=quantize,
+                opset=opset,
+                static_batch=static_batch,
+            ),
             stem=model.stem,
             force=force,
-            calibration=Calibration(calibration, calibration_samples),
             max_error=max_error,
             on_variant=advance,
-            quantize=quantize,
         )
         progress.update(task, completed=len(variants))
     manifest = read_manifest(out_dir) or {}

@@ -1,8 +1,16 @@
 """Deployment: ONNX export of the variants, forward folding, INT8, onnxruntime comparison."""
 
-from .export import export_variants
+from .export import ExportOptions, export_variants
 from .folding import Folding, fold_forward
 from .providers import select_provider
 from .runtime import Comparison, compare
 
-__all__ = ["Comparison", "Folding", "compare", "export_variants", "fold_forward", "select_provider"]
+__all__ = [
+    "Comparison",
+    "ExportOptions",
+    "Folding",
+    "compare",
+    "export_variants",
+    "fold_forward",
+    "select_provider",
+]

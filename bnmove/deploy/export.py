@@ -20,7 +20,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,6 +202,38 @@ def require_export_tools() -> None:
     import_onnxruntime()
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """How each variant is exported (``export_variants(..., options=ExportOptions(fold="padded"))``).
+
+    Args:
+        fold: ``"none"``; ``"forward"``: fold BNs that follow their activation into the next
+            layers where exact (:func:`bnmove.deploy.fold_forward`); ``"padded"``: also into
+            zero-padded convs, with a border correction (see :mod:`bnmove.deploy.border`).
+        quantize: ``"int8"`` also writes ``<stem>.<variant>.int8.onnx`` beside each float
+            variant: onnxruntime's static quantization (QDQ, per-channel int8 weights), calibrated
+            on the calibration data (required) with its last samples held out to measure the
+            agreement with the float variant (see :mod:`bnmove.deploy.quantize`).
+        opset: ONNX opset.
+        static_batch: fix the batch dimension (dynamic by default).
+        tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
+    """
+
+    fold: str = "none"
+    quantize: str | None = None
+    opset: int = DEFAULT_OPSET
+    static_batch: bool = False
+    tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.fold not in FOLDS:
+            raise BnmoveError(f"unknown fold {self.fold!r}; choose one of: {', '.join(FOLDS)}")
+
+
+#: the forms of folding an export may apply
+FOLDS = ("none", "forward", "padded")
+
+
 def export_variants(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -209,17 +241,12 @@ def export_variants(
     placements: Sequence[str] = VARIANTS,
     *,
     method: str = "auto",
-    opset: int = DEFAULT_OPSET,
-    static_batch: bool = False,
-    fold_forward_bns: bool = False,
-    fold_padded: bool = False,
+    calibration: Calibration | None = None,
+    options: ExportOptions | None = None,
     stem: str = "model",
     force: bool = False,
-    tolerance: float = 1e-4,
-    calibration: Calibration | None = None,
     max_error: float | None = None,
     on_variant: Callable[[str], None] | None = None,
-    quantize: str | None = None,
 ) -> dict[str, Path]:
     """Export each placement variant of ``model`` to ``out_dir/<stem>.<variant>.onnx``.
 
@@ -229,21 +256,12 @@ def export_variants(
         out_dir: created if missing; existing variant files need ``force``.
         placements: any of ``"original"``, ``"before"``, ``"after"``.
         method: conversion method for the moved variants (see :func:`bnmove.convert`).
-        opset: ONNX opset.
-        static_batch: fix the batch dimension (dynamic by default).
-        fold_forward_bns: fold BNs that follow their activation into the next layer where exact.
-        fold_padded: also fold BNs into zero-padded convs, with a border correction (implies
-            ``fold_forward_bns``; see :mod:`bnmove.deploy.border`).
-        tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
         calibration: where fitted moves get their samples, as for :func:`bnmove.convert`; with
             data, every moved variant fits on the same samples and the held-out figures go into
-            the manifest.
+            the manifest (INT8 variants are calibrated on it too).
+        options: folds, quantization, opset, batch and tolerance (:class:`ExportOptions`).
         max_error: the bound on a fitted variant's relative error, as for :func:`bnmove.convert`.
         on_variant: called with each variant's name before it is exported (progress).
-        quantize: ``"int8"`` also writes ``<stem>.<variant>.int8.onnx`` beside each float
-            variant: onnxruntime's static quantization (QDQ, per-channel int8 weights), calibrated
-            on ``calibration.data`` (required) with its last samples held out to measure the
-            agreement with the float variant (see :mod:`bnmove.deploy.quantize`).
 
     Returns:
         ``{variant: path}`` (with ``quantize``, also ``{"<variant>.int8": path}``);
@@ -256,6 +274,8 @@ def export_variants(
         )
     require_export_tools()
     calibration = calibration or Calibration()
+    options = options or ExportOptions()
+    quantize = options.quantize
     check_quantization(quantize, calibration.data is not None)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -287,10 +307,10 @@ def export_variants(
                 "calibration": calibration,
                 "max_error": max_error,
             },
-            opset,
-            static_batch,
-            "padded" if fold_padded else "forward" if fold_forward_bns else None,
-            tolerance,
+            options.opset,
+            options.static_batch,
+            None if options.fold == "none" else options.fold,
+            options.tolerance,
             on_variant,
             quantization,
         )

@@ -48,7 +48,9 @@ def main() -> None:
 
     # 4. Deployment: ONNX variants, then onnxruntime side by side.
     with tempfile.TemporaryDirectory() as folder:
-        paths = bnmove.export_variants(model, (x,), folder, fold_forward_bns=True)
+        paths = bnmove.export_variants(
+            model, (x,), folder, options=bnmove.deploy.ExportOptions(fold="forward")
+        )
         result = bnmove.compare(paths, provider="auto", batch_sizes=(1, 16), iterations=10)
         for timing in result.timings:
             print(
