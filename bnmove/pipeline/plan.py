@@ -38,7 +38,7 @@ class Decision:
     site: Site
     #: the rule that moves it; None: it stays, for ``reason``
     rule: Rule | None
-    #: why it stays; for a pair fitted or absorbed under ``auto``/``fit``, why no exact move
+    #: why it stays (for ``absorb``: why the pair itself does not move; it is at its placement already)
     reason: str | None
     #: ``absorb``: the kept affine the pair's BN takes in
     kept: KeptAffine | None = None
