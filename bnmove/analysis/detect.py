@@ -30,6 +30,7 @@ from .layers import AFFINE_LAYERS, out_channels
 from .patterns import (
     ActivationCall,
     bn_channels,
+    describe_node,
     input_is_shared,
     is_batchnorm_module,
     is_functional_batchnorm,
@@ -103,17 +104,6 @@ def _node_label(prefix: str, node: fx.Node) -> str:
     if node.op == "call_module":
         return qualified(prefix, str(node.target))
     return qualified(prefix, node.name)
-
-
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        module = modules.get(str(node.target))
-        return f"{node.target} ({type(module).__name__})"
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return f"{node.op} {node.target}"
 
 
 def absorbing_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
@@ -208,7 +198,7 @@ class _RegionAnalysis:
             if call is not None:
                 sites.append(self._after_site(bn, module, source, call))
         if not sites:
-            feeds = ", ".join(_describe(u, self.modules) for u in bn.users) or "nothing"
+            feeds = ", ".join(describe_node(u, self.modules) for u in bn.users) or "nothing"
             sites.append(
                 self._site(
                     bn, None, None, None, False, False, f"not adjacent to an activation (feeds {feeds})"
@@ -266,7 +256,7 @@ class _RegionAnalysis:
         if blocker is None and act is not None:
             if len(end.users) > 1:
                 others = [u for u in end.users if u is not act]
-                blocker = f"the BN output also feeds {_describe(others[0], self.modules)}"
+                blocker = f"the BN output also feeds {describe_node(others[0], self.modules)}"
             else:
                 blocker = self._act_blocker(act)
         if blocker:
@@ -279,7 +269,7 @@ class _RegionAnalysis:
         layer = absorbing_layer(source, self.modules) if isinstance(source, fx.Node) else None
         if reason is None:
             if layer is None or not isinstance(source, fx.Node):
-                what = _describe(source, self.modules) if isinstance(source, fx.Node) else "no node"
+                what = describe_node(source, self.modules) if isinstance(source, fx.Node) else "no node"
                 reason = f"no Conv/Linear directly before the BN to fold into (input is {what})"
             elif len(source.users) > 1:
                 reason = f"{self._label(source)} also feeds other nodes, so the BN cannot be folded into it"
@@ -309,7 +299,7 @@ class _RegionAnalysis:
         if blocker is None:
             shared = self._shared_link(act, bn)
             if shared is not None:
-                blocker = f"the activation output also feeds {_describe(shared, self.modules)}"
+                blocker = f"the activation output also feeds {describe_node(shared, self.modules)}"
             elif call.inplace and input_is_shared(act, self.modules):
                 blocker = "the in-place activation overwrites a tensor that other nodes read"
             elif self.fused_info(bn) is not None:

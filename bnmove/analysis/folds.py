@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, zero_padded_conv
-from .patterns import skip_identity_down
+from .patterns import describe_node, skip_identity_down
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def forward_fold(
         return NoFold(blocked_by)
     if not targets:
         users = list(skip_identity_down(node, modules).users)
-        feeds = ", ".join(_describe(u, modules) for u in users) or "nothing"
+        feeds = ", ".join(describe_node(u, modules) for u in users) or "nothing"
         return NoFold(f"no single Conv/Linear right after the BN to fold into (feeds {feeds})")
     forms: list[Literal["weights", "border-corrected"]] = []
     for target in targets:
@@ -78,7 +78,7 @@ def forward_fold(
                 if len(targets) == 1
                 else "it feeds several layers, and not each is a Conv/Linear to fold into"
             )
-            feeds = ", ".join(_describe(t, modules) for t in targets)
+            feeds = ", ".join(describe_node(t, modules) for t in targets)
             return NoFold(f"{what} (feeds {feeds})")
         if calls.get(str(target.target), 0) > 1:
             return NoFold(f"{label(target)} is called at several places")
@@ -92,14 +92,6 @@ def forward_fold(
             return NoFold(f"cannot fold into {label(target)}: {blocked}", border=zero_padded_conv(layer))
         forms.append("weights")
     return ForwardFold(tuple(targets), tuple(through), tuple(forms))
-
-
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{node.target} ({type(modules.get(str(node.target))).__name__})"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return getattr(node.target, "__name__", node.name)
 
 
 _MAX_POOLS = (

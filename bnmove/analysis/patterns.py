@@ -367,6 +367,19 @@ def match_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Activation
     return None
 
 
+def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """A node as reasons name it: ``conv1 (Conv2d)``, ``add``, ``.mean()``, ``the model's output``."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules.get(str(node.target))).__name__})"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "output":
+        return "the model's output"
+    return f"{node.op} {node.target}"
+
+
 def is_link_module(module: nn.Module | None) -> bool:
     """A module that changes nothing in eval mode: ``nn.Identity`` (timm's drop-block and
     anti-aliasing slots) or dropout."""

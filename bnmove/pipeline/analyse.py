@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..analysis.detect import Pair, Site, analyze_regions
 from ..analysis.regions import analysis_regions
@@ -35,6 +35,12 @@ class Analysis:
     mover: Mover
     #: the structural move of each movable site, by ``id(site)``
     structures: dict[int, Structure]
+
+    @property
+    def traced_whole(self) -> fx.Graph | None:
+        """The whole model's fx graph when it traced whole (not recorded, not in parts)."""
+        whole = self.traced.regions.get("")
+        return whole.graph if whole is not None and not whole.recorded else None
 
     def structure(self, site: Site) -> Structure | None:
         return self.structures.get(id(site))

@@ -197,8 +197,7 @@ def _verification_inputs(
         return tuple(example_inputs)
     if not verify:
         return None
-    whole = analysis.traced.regions.get("")
-    return infer_example_inputs(model, whole.graph if whole is not None and not whole.recorded else None)
+    return infer_example_inputs(model, analysis.traced_whole)
 
 
 @dataclass
@@ -223,8 +222,7 @@ def _calibration_data(
 ) -> _CalibrationData:
     source = "calibrated"
     if synthetic is not None and any(d.rule == "fit" for d in decisions):
-        whole = analysis.traced.regions.get("")
-        if whole is not None and not whole.recorded:
+        if analysis.traced_whole is not None:
             batches, source = synthetic.batches(model, inputs, progress), "synthetic"
         else:
             log.warning("synthetic fitting needs a model that traces whole; fitting from Gaussian statistics")
