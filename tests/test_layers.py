@@ -20,6 +20,7 @@ ROOT = Path(bnmove.__file__).parent
 LAYERS: list[set[str]] = [
     {"errors", "core"},
     {"analysis"},
+    {"rules"},
     {"moving", "fitting", "io"},
     {"pipeline"},
     {"study", "deploy"},

@@ -25,7 +25,8 @@ def test_the_plan_is_what_inspect_shows_and_convert_does(name: str) -> None:
             for move, decision in zip(result.moves, decisions, strict=True):
                 if decision.rule is None:
                     assert move.reason == decision.reason
-                elif decision.rule == "exact":
+                elif decision.rule.exact:
+                    assert move.rule == decision.rule.name
                     assert move.keeps_outputs
 
 

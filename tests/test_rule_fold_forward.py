@@ -90,7 +90,7 @@ def test_the_rule_folds_through_pooling_and_into_every_branch(cls: type[nn.Modul
     assert (pair.placement, pair.exact, pair.keeps_affine, pair.neighbour) == ("after", True, False, into)
     result = convert(model, "before", method="exact", example_inputs=inputs)
     (move,) = result.moved
-    assert move.method == "exact"  # folded: no ChannelAffine left behind
+    assert (move.method, move.rule) == ("exact", "fold-forward")  # folded: no ChannelAffine left behind
     assert not any(type(m).__name__ == "ChannelAffine" for m in result.model.modules())
     assert_same_outputs(model, result.model, inputs)
     wide, wide_inputs = copy.deepcopy(model).double(), tuple(x.double() for x in inputs)

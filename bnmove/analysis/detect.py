@@ -1,18 +1,13 @@
-"""Find BatchNorm–activation pairs and decide, with a reason, what may move.
+"""Find BatchNorm–activation pairs and say, with a reason, which may move at all.
 
-Each rule is pattern + check-with-reason: a BN node next to an activation node
-is the pattern; the checks below say whether the pair may move at all
-(``movable``) and whether it may move without changing eval outputs
-(``exact``), and every failed check leaves a human-readable reason.
-
-* ``placement="before"``: ``BN -> f``. The BN folds into a single-user Conv,
-  ConvTranspose or Linear that feeds it (see ``bn_math``).
-* ``placement="after"``: ``f -> BN``. The BN folds forward when its only user
-  is a Linear, an unpadded Conv or a pointwise ConvTranspose.
-
-Every movable pair whose BN has running statistics moves exactly: where no
-layer absorbs the BN's affine map, it is kept as a :class:`ChannelAffine`
-(``Pair.keeps_affine``; ``reason`` says why no fold).
+The pattern is a BN node next to an activation node (``placement="before"``
+for ``BN -> f``, ``"after"`` for ``f -> BN``, through Identity links), or a BN
+inside a fused norm+act module. The checks here are structural: a BN or an
+activation with parameters called at several places, an output another node
+also reads, an in-place activation over a shared tensor. A pair that passes is
+``movable``; which exact rule moves it (a fold, or the kept affine) is the
+rules' decision (:func:`bnmove.rules.settle_exact`), made in the analysis
+stage, which fills ``exact``, ``neighbour`` and ``keeps_affine``.
 """
 
 from __future__ import annotations
@@ -22,14 +17,11 @@ from typing import Any, Literal
 
 from torch import fx, nn
 
-from ..core.affine import scale_positive
 from ..core.modules import module_calls, qualified
-from .folds import NoFold, forward_fold
 from .fused import PLAIN, FusedNorm, analyze_fused_norm
-from .layers import AFFINE_LAYERS, out_channels
+from .layers import AFFINE_LAYERS
 from .patterns import (
     ActivationCall,
-    bn_channels,
     describe_node,
     input_is_shared,
     is_batchnorm_module,
@@ -38,7 +30,6 @@ from .patterns import (
     is_plain_batchnorm,
     match_activation,
     skip_identity_down,
-    skip_identity_up,
 )
 from .tracing import Region
 
@@ -98,9 +89,11 @@ class Site:
     #: one it feeds (after -> before, :func:`~bnmove.analysis.folds.forward_fold`); empty: kept affine
     neighbours: tuple[fx.Node, ...] = ()
     fused: FusedNorm | None = None
+    #: the name of the exact rule that moves the pair (``bnmove.rules``), once settled
+    exact_rule: str | None = None
 
 
-def _node_label(prefix: str, node: fx.Node) -> str:
+def node_label(prefix: str, node: fx.Node) -> str:
     if node.op == "call_module":
         return qualified(prefix, str(node.target))
     return qualified(prefix, node.name)
@@ -162,17 +155,8 @@ class _RegionAnalysis:
                 )
         return None
 
-    def _stats_reason(self, module: nn.Module | None) -> str | None:
-        if module is None:
-            return "functional batch_norm: an exact move needs a BatchNorm module"
-        if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):  # type: ignore[union-attr]
-            return "lazy BatchNorm not initialised yet (run one forward pass first)"
-        if not getattr(module, "track_running_stats", True) or module.running_mean is None:  # type: ignore[union-attr]
-            return "track_running_stats=False: the BN has no running statistics to fold"
-        return None
-
     def _label(self, node: fx.Node) -> str:
-        return _node_label(self.prefix, node)
+        return node_label(self.prefix, node)
 
     # -- pattern: one BN node -> its pairs ---------------------------------
     def _sites_for_bn(self, bn: fx.Node, module: nn.Module | None) -> list[Site]:
@@ -181,7 +165,7 @@ class _RegionAnalysis:
         if isinstance(fused, FusedNorm):
             sites.append(self._before_site(bn, module, None, fused.call, fused))
         elif isinstance(fused, str):
-            sites.append(self._site(bn, None, None, None, False, False, fused))
+            sites.append(self._site(bn, None, None, None, False, fused))
             return sites
         else:
             end = skip_identity_down(bn, self.modules)
@@ -200,9 +184,7 @@ class _RegionAnalysis:
         if not sites:
             feeds = ", ".join(describe_node(u, self.modules) for u in bn.users) or "nothing"
             sites.append(
-                self._site(
-                    bn, None, None, None, False, False, f"not adjacent to an activation (feeds {feeds})"
-                )
+                self._site(bn, None, None, None, False, f"not adjacent to an activation (feeds {feeds})")
             )
         return sites
 
@@ -213,9 +195,7 @@ class _RegionAnalysis:
         call: ActivationCall | None,
         placement: Placement | None,
         movable: bool,
-        exact: bool,
         reason: str | None,
-        neighbours: tuple[fx.Node, ...] = (),
         fused: FusedNorm | None = None,
     ) -> Site:
         act_name: str | None
@@ -233,15 +213,11 @@ class _RegionAnalysis:
             activation_kind=call.spec.kind if call else None,
             placement=placement,
             movable=movable,
-            exact=exact and movable,
+            exact=False,
             reason=reason,
-            neighbour=", ".join(self._label(n) for n in neighbours)
-            if neighbours and exact and movable
-            else None,
             fused=fused is not None,
-            keeps_affine=exact and movable and not neighbours,
         )
-        return Site(pair, self.prefix, bn, act, neighbours if exact and movable else (), fused)
+        return Site(pair, self.prefix, bn, act, fused=fused)
 
     def _before_site(
         self,
@@ -260,25 +236,8 @@ class _RegionAnalysis:
             else:
                 blocker = self._act_blocker(act)
         if blocker:
-            return self._site(bn, act, call, "before", False, False, blocker, fused=fused)
-        stats = self._stats_reason(module)
-        reason = stats
-        source = bn.args[0] if bn.args else None
-        if isinstance(source, fx.Node):  # links that change nothing in eval mode (Identity slots)
-            source = skip_identity_up(source, self.modules)
-        layer = absorbing_layer(source, self.modules) if isinstance(source, fx.Node) else None
-        if reason is None:
-            if layer is None or not isinstance(source, fx.Node):
-                what = describe_node(source, self.modules) if isinstance(source, fx.Node) else "no node"
-                reason = f"no Conv/Linear directly before the BN to fold into (input is {what})"
-            elif len(source.users) > 1:
-                reason = f"{self._label(source)} also feeds other nodes, so the BN cannot be folded into it"
-            elif self.calls[str(source.target)] > 1:
-                reason = f"{self._label(source)} is called at several places"
-            elif module is not None and out_channels(layer) != bn_channels(module):
-                reason = f"{self._label(source)} output channels do not match the BN"
-        neighbours = (source,) if reason is None and isinstance(source, fx.Node) else ()
-        return self._site(bn, act, call, "before", True, stats is None, reason, neighbours, fused)
+            return self._site(bn, act, call, "before", False, blocker, fused=fused)
+        return self._site(bn, act, call, "before", True, None, fused)
 
     def _shared_link(self, act: fx.Node, bn: fx.Node) -> fx.Node | None:
         """Another reader of the activation's output (directly or through a link before the BN)."""
@@ -307,25 +266,8 @@ class _RegionAnalysis:
             else:
                 blocker = self._act_blocker(act)
         if blocker:
-            return self._site(bn, act, call, "after", False, False, blocker)
-        stats = self._stats_reason(module)
-        reason = stats
-        neighbours: tuple[fx.Node, ...] = ()
-        if reason is None:
-            assert module is not None
-            fold = forward_fold(
-                bn,
-                self.modules,
-                self.calls,
-                bn_channels(module),
-                positive=scale_positive(module),
-                label=self._label,
-            )
-            if isinstance(fold, NoFold):
-                reason = fold.reason
-            else:
-                neighbours = fold.into
-        return self._site(bn, act, call, "after", True, stats is None, reason, neighbours)
+            return self._site(bn, act, call, "after", False, blocker)
+        return self._site(bn, act, call, "after", True, None)
 
 
 def analyze_regions(regions: dict[str, Region]) -> list[Site]:

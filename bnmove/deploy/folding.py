@@ -21,16 +21,15 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..analysis.detect import absorbing_layer
 from ..analysis.folds import ForwardFold, NoFold, forward_fold
-from ..analysis.layers import out_channels
 from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_up
 from ..analysis.regions import analysis_regions
-from ..core import bn_math
 from ..core.affine import ChannelAffine, affine_map, scale_positive
 from ..core.clone import clone_module
-from ..core.modules import module_calls, qualified, set_submodule
-from ..moving.rewrite import fold_bn
+from ..core.modules import qualified, set_submodule
+from ..rules import Context
+from ..rules.fold_backward import backward_fold
+from ..rules.table import fold_module
 from .border import BorderCorrectedConv, absorb_following, border_corrected
 
 
@@ -66,31 +65,20 @@ class Folding:
         return [b for b in self.bns if b.fate == "standalone"]
 
 
-def _fate(
-    node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], prefix: str, padded: bool
-) -> tuple[BnFate, ForwardFold | None]:
+def _fate(node: fx.Node, context: Context, prefix: str, padded: bool) -> tuple[BnFate, ForwardFold | None]:
     name = qualified(prefix, str(node.target))
+    modules, calls = context.modules, context.calls
     module = modules[str(node.target)]
     kept = isinstance(module, ChannelAffine)
     if not kept and (not is_plain_batchnorm(module) or module.running_mean is None):  # type: ignore[union-attr]
         return BnFate(name, "standalone", reason="not a plain BatchNorm with running statistics"), None
     if calls[str(node.target)] > 1:
         return BnFate(name, "standalone", reason="called at several places"), None
-    source = node.args[0]
-    if isinstance(source, fx.Node):
-        source = skip_identity_up(source, modules)
-    if isinstance(source, fx.Node) and len(source.users) == 1:
-        layer = absorbing_layer(source, modules)
-        if layer is not None and out_channels(layer) == module.num_features:  # type: ignore[union-attr]
-            return BnFate(name, "fused-backward", into=qualified(prefix, str(source.target))), None
-    fold = forward_fold(
-        node,
-        modules,
-        calls,
-        int(module.num_features),  # type: ignore[arg-type]
-        positive=scale_positive(module),
-        padded=padded,
-    )
+    channels = int(module.num_features)  # type: ignore[arg-type]
+    backward = backward_fold(node, context, channels)  # the rule convert's exact before -> after move asks
+    if backward.ok:
+        return BnFate(name, "fused-backward", into=context.label(backward.into[0])), None
+    fold = forward_fold(node, modules, calls, channels, positive=scale_positive(module), padded=padded)
     if isinstance(fold, NoFold):
         hint = " (--fold-padded folds it with a border correction)" if fold.border and not padded else ""
         return BnFate(name, "standalone", reason=fold.reason + hint), None
@@ -112,13 +100,13 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
     traced = analysis_regions(work)
     fates: list[BnFate] = []
     for prefix, region in traced.regions.items():
-        modules = dict(region.root.named_modules())
-        calls = module_calls(region.graph)
+        context = Context.of(region, prefix)
+        modules = context.modules
         for node in list(region.graph.nodes):
             module = modules.get(str(node.target), nn.Identity()) if node.op == "call_module" else None
             if module is None or not (is_batchnorm_module(module) or isinstance(module, ChannelAffine)):
                 continue  # BNs, and the affine maps exact moves kept, fold the same way
-            fate, fold = _fate(node, modules, calls, prefix, padded)
+            fate, fold = _fate(node, context, prefix, padded)
             fates.append(fate)
             if fold is not None:
                 for user, how in zip(fold.into, fold.forms, strict=True):
@@ -129,7 +117,7 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
                         corrected = border_corrected(layer, a.to(device), b.to(device))  # type: ignore[arg-type]
                         set_submodule(region.root, str(user.target), corrected)
                     else:
-                        fold_bn(region.root, str(node.target), str(user.target), bn_math.fold_into_following)
+                        fold_module(region.root, str(node.target), str(user.target), "forward")
                 # The BN's slot computes nothing now; every forward stays the user's.
                 set_submodule(region.root, str(node.target), nn.Identity())
             elif fate.fate == "fused-backward":

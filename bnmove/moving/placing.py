@@ -25,6 +25,8 @@ from ..analysis.tracing import Region
 from ..core.forwards import GraphForward, generated_forward, install_forward
 from ..core.modules import first_line, qualified, set_submodule
 from ..core.running import untouched
+from ..rules import SPLIT_FUSED
+from ..rules.split_fused import activation_module
 from . import rewrite, surgery
 
 
@@ -124,10 +126,10 @@ class Mover:
         modules = self.modules(site.region)
         root = self.regions[site.region].root
         if site.fused is not None:
-            split = rewrite.split_fused(root.get_submodule(str(site.bn_node.target)), site.fused)
-            if split is None:
-                return "the fused module's activation is a function no torch module computes"
-            return _ModuleSurgery(split[1], reorder=False)
+            checked = SPLIT_FUSED.check(site, modules)
+            if checked.reason is not None:
+                return checked.reason
+            return _ModuleSurgery(SPLIT_FUSED.apply(root, site)[1], reorder=False)
         assert site.act_node is not None
         bn, act = site.bn_node, site.act_node
         calls = self._module_calls(site.region)
@@ -165,7 +167,7 @@ class Mover:
         elif any(isinstance(a, fx.Node) for a in (*act.args[1:], *act.kwargs.values())):
             return "the activation takes tensor arguments and is called in another forward than the BN"
         else:
-            act_module = rewrite.activation_module(
+            act_module = activation_module(
                 str(site.pair.activation_kind), act.target, tuple(act.args[1:]), dict(act.kwargs)
             )
             if act_module is None:
@@ -264,9 +266,7 @@ class Mover:
                 notes.append("activation made out-of-place: its new input has other readers")
             act_module = how.act_module
             if site.fused is not None:  # split after the parameters moved: the plain BN copies them
-                split = rewrite.split_fused(root.get_submodule(bn_name), site.fused)
-                assert split is not None
-                plain, act_module = split
+                plain, act_module = SPLIT_FUSED.apply(root, site)
                 set_submodule(root, bn_name, plain)
             new_name = surgery.module_move(
                 root, bn_name, act_name, act_module, placement, self._reorders, affine

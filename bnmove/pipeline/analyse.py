@@ -1,8 +1,8 @@
 """Stage 1, *analyse*: the analysis graph, every BN's pairs, and whether each pair can move at all.
 
 The analysis is made once and carried by the later stages: the graph the
-pairs were found on, the sites, and for every movable pair the structural
-move that will hold it (:class:`~bnmove.moving.placing.Mover`). A pair whose
+pairs were found on, the sites, the exact rule of every movable pair
+(:func:`bnmove.rules.settle_exact`), and the structural move that will hold it (:class:`~bnmove.moving.placing.Mover`). A pair whose
 move no structure holds (the BN and activation are called from two different
 forwards, a forward that torch.fx cannot trace) is reported unmovable here,
 with the reason, so :func:`find_pairs` (``bnmove inspect``) says exactly what
@@ -23,6 +23,7 @@ from ..analysis.regions import analysis_regions
 from ..analysis.tracing import TraceResult, Untraced
 from ..core.gc_pause import paused_gc
 from ..moving.placing import Mover, Structure
+from ..rules import Context, settle_exact
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Analysis:
     mover: Mover
     #: the structural move of each movable site, by ``id(site)``
     structures: dict[int, Structure]
+    #: what rule checks read, per region
+    contexts: dict[str, Context]
 
     @property
     def traced_whole(self) -> fx.Graph | None:
@@ -54,16 +57,19 @@ def analyse(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
     traced = analysis_regions(model, example_inputs)
     sites = analyze_regions(traced.regions)
     mover = Mover(model, traced.regions)
+    contexts = {prefix: Context.of(region, prefix) for prefix, region in traced.regions.items()}
     structures: dict[int, Structure] = {}
     for site in sites:
         if site.pair.placement is None or not site.pair.movable:
             continue
+        settle_exact(site, contexts[site.region])
         how = mover.structure(site)
         if isinstance(how, str):
             site.pair = _unmovable(site.pair, how)
+            site.exact_rule, site.neighbours = None, ()
         else:
             structures[id(site)] = how
-    return Analysis(model, traced, sites, mover, structures)
+    return Analysis(model, traced, sites, mover, structures, contexts)
 
 
 def _unmovable(pair: Pair, reason: str) -> Pair:

@@ -34,8 +34,7 @@ from ..errors import BnmoveError
 from ..fitting.calibrate import Batch, call_model, refit_blocker
 from ..fitting.sequential import PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
-from ..moving import rewrite
-from ..moving.absorb import KeptAffine
+from ..rules import KeptAffine, pair_activation
 from .plan import check_choice
 from .results import CalibrationCheck, Move, Progress
 
@@ -109,7 +108,7 @@ class Calibrator:
             return None
         root = self.regions[site.region].root
         bn = root.get_submodule(str(site.bn_node.target))
-        f = rewrite.pair_activation(root, site)
+        f = pair_activation(root, site)
         if f is None or getattr(bn, "running_mean", None) is None:
             return None
         a, b = (t.cpu() for t in affine_map(bn))
@@ -133,7 +132,7 @@ class Calibrator:
         root = self.regions[site.region].root
         bn_name = str(site.bn_node.target)
         tap = kept.name if kept.side == "before" else bn_name
-        f = rewrite.pair_activation(root, site)
+        f = pair_activation(root, site)
         if f is None or calls.get(tap, 0) != 1 or calls.get(bn_name, 0) != 1:
             return None
         affine = root.get_submodule(kept.name)

@@ -33,6 +33,7 @@ from ..fitting.calibrate import (
     split_held_out,
 )
 from ..fitting.sequential import PairPlan
+from ..rules import FIT
 from .analyse import Analysis, analyse
 from .apply import apply
 from .calibration import Calibration, Calibrator, SyntheticRequest, calibration_check
@@ -221,7 +222,7 @@ def _calibration_data(
     progress: Progress,
 ) -> _CalibrationData:
     source = "calibrated"
-    if synthetic is not None and any(d.rule == "fit" for d in decisions):
+    if synthetic is not None and any(d.rule in FIT.values() for d in decisions):
         if analysis.traced_whole is not None:
             batches, source = synthetic.batches(model, inputs, progress), "synthetic"
         else:

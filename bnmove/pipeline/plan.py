@@ -1,28 +1,31 @@
 """Stage 2, *plan*: for every site, what ``convert`` will do to it, decided before anything changes.
 
-A :class:`Decision` names the rule that moves the pair (``exact``, ``fit``,
-``swap``; ``absorb`` fits a kept affine of an earlier exact move into the
-pair's BN) or says why the pair stays. The reasons are the analysis's own
-(:func:`~bnmove.pipeline.analyse.analyse`), so a pair ``inspect`` calls
-unmovable stays for the reason ``inspect`` gave.
+A :class:`Decision` names the rule that moves the pair (:mod:`bnmove.rules`)
+with what its check found, or says why the pair stays. ``exact`` applies the
+exact rule the analysis settled; ``fit`` the fit for the pair's placement, or
+a swap where no fit is possible (saying why); ``auto`` the exact rule where
+there is one, else the fit; ``swap`` swaps. With ``fit``, a pair already at the
+placement asked for takes in a kept affine beside it (``absorb``). The reasons
+are the analysis's own, so a pair ``inspect`` calls unmovable stays for the
+reason ``inspect`` gave.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import fx
 
 from ..analysis.detect import PLACEMENTS, Site
 from ..errors import BnmoveError
-from ..moving.absorb import KeptAffine, kept_affine_of
+from ..rules import ABSORB, FIT, RULES, SWAP, Check, Context, Rule
+from ..rules.absorb import kept_affine_of
 from .analyse import Analysis
 
 Method = Literal["auto", "exact", "fit", "swap"]
 METHODS: tuple[Method, ...] = ("auto", "exact", "fit", "swap")
-Rule = Literal["exact", "fit", "swap", "absorb"]
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -40,8 +43,10 @@ class Decision:
     rule: Rule | None
     #: why it stays (for ``absorb``: why the pair itself does not move; it is at its placement already)
     reason: str | None
-    #: ``absorb``: the kept affine the pair's BN takes in
-    kept: KeptAffine | None = None
+    #: what the rule's check found (the layers a fold goes into, the kept affine an absorb takes in)
+    check: Check = field(default_factory=Check)
+    #: a note for the report (a fit that became a swap says why)
+    note: str | None = None
 
 
 def plan(analysis: Analysis, placement: str, method: str) -> list[Decision]:
@@ -51,31 +56,42 @@ def plan(analysis: Analysis, placement: str, method: str) -> list[Decision]:
     decisions = []
     taken: set[fx.Node] = set()
     for site in analysis.sites:
-        rule, reason = _rule(site, placement, method, taken)
-        kept = None
-        if rule is None and method == "fit" and site.pair.placement == placement:
-            kept = kept_affine_of(site, analysis.mover.modules(site.region))
-            rule = "absorb" if kept is not None else None
-        if rule is not None:
+        decision = _decide(site, placement, method, analysis.contexts[site.region], taken)
+        if decision.rule is not None:
             taken.update(n for n in (site.bn_node, site.act_node) if n is not None)
-        decisions.append(Decision(site, rule, reason, kept))
+        decisions.append(decision)
     return decisions
 
 
-def _rule(site: Site, placement: str, method: str, taken: set[fx.Node]) -> tuple[Rule | None, str | None]:
+def _decide(site: Site, placement: str, method: str, context: Context, taken: set[fx.Node]) -> Decision:
     pair = site.pair
     if pair.placement is None:
-        return None, pair.reason
+        return Decision(site, None, pair.reason)
     if pair.placement == placement:
-        return None, f"already {placement} the activation"
+        return _at_placement(site, placement, method, context)
     if not pair.movable:
-        return None, pair.reason
+        return Decision(site, None, pair.reason)
     if site.bn_node in taken or site.act_node in taken:
-        return None, "its BatchNorm or activation already moved with another pair"
-    if method in ("swap", "fit"):
-        return method, None  # type: ignore[return-value]
-    if pair.exact:
-        return "exact", None
+        return Decision(site, None, "its BatchNorm or activation already moved with another pair")
+    if method == "swap":
+        return Decision(site, SWAP, None)
+    if method != "fit" and site.exact_rule is not None:
+        return Decision(site, RULES[site.exact_rule], None, Check(into=site.neighbours))
     if method == "exact":
-        return None, f"no exact move: {pair.reason}"
-    return "fit", None
+        return Decision(site, None, f"no exact move: {pair.reason}")
+    fit = FIT[pair.placement]
+    checked = fit.check(site, context)
+    if checked.ok:
+        return Decision(site, fit, None, checked)
+    return Decision(site, SWAP, None, note=f"swapped instead of fitted: {checked.reason}")
+
+
+def _at_placement(site: Site, placement: str, method: str, context: Context) -> Decision:
+    """A pair at the placement asked for stays; with ``fit`` it absorbs a kept affine beside it."""
+    reason = f"already {placement} the activation"
+    if method != "fit" or kept_affine_of(site, context.modules) is None:
+        return Decision(site, None, reason)
+    checked = ABSORB.check(site, context)
+    if checked.ok:
+        return Decision(site, ABSORB, reason, checked)
+    return Decision(site, None, f"{reason}; kept affine stays: {checked.reason}")

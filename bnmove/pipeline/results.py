@@ -41,6 +41,9 @@ class Move:
     #: the kept affine (of an earlier exact move) this pair's BN absorbed by fitting; the pair
     #: itself stays where it is (``fit`` on a converted model)
     absorbed: str | None = None
+    #: the rule that did it (:mod:`bnmove.rules`): "fold-backward", "fold-forward", "keep-affine",
+    #: "fit-after", "fit-before", "swap" or "absorb"; None if nothing was done
+    rule: str | None = None
 
     @property
     def keeps_outputs(self) -> bool:
@@ -57,6 +60,7 @@ class Move:
             "effect": self.effect,
             "moved_to": self.moved_to,
             "absorbed": self.absorbed,
+            "rule": self.rule,
         }
 
 

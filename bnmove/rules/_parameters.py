@@ -1,0 +1,125 @@
+"""The parameter side every rule shares: a pair's activation as a function, reading and writing BNs.
+
+Everything here works in place on the working copy and keeps each module object
+(class, hooks, state-dict keys); only values change.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import fx, nn
+
+from ..analysis.detect import Site
+from ..analysis.patterns import bn_channels, is_batchnorm_module, out_of_place_function
+from ..core import bn_math
+
+
+def _constant(root: nn.Module, value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        if value.op != "get_attr":
+            raise _NotConstant
+        tensor: Any = root
+        for part in str(value.target).split("."):
+            tensor = getattr(tensor, part)
+        return tensor.detach().double().cpu() if isinstance(tensor, torch.Tensor) else tensor
+    return value
+
+
+class _NotConstant(Exception):
+    pass
+
+
+def pair_activation(root: nn.Module, site: Site) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The pair's activation as a float64 function of its input (None if it needs runtime tensors)."""
+    fused = site.fused
+    if fused is not None:
+        if fused.act_child is not None:
+            return module_function(root.get_submodule(f"{site.bn_node.target}.{fused.act_child}"))
+        act_args, act_kwargs = fused.act_args, {k: v for k, v in fused.act_kwargs.items() if k != "inplace"}
+        if isinstance(fused.act_target, str):
+            method = fused.act_target.rstrip("_")
+            return lambda z: getattr(z, method)(*act_args, **act_kwargs)  # type: ignore[no-any-return]
+        target = out_of_place_function(fused.act_target)
+        return lambda z: target(z, *act_args, **act_kwargs)  # type: ignore[no-any-return]
+    assert site.act_node is not None
+    return activation_function(root, site.act_node)
+
+
+def module_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An activation module as a function that never writes over its input."""
+    if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+        # Stateless: call it as is, on a copy of the input in case it works in place.
+        return lambda z: module(z.clone())  # type: ignore[no-any-return]
+    # float64 on the CPU: quadrature needs the precision, not the accelerator.
+    module = copy.deepcopy(module).double().cpu()
+    if hasattr(module, "inplace"):
+        module.inplace = False  # type: ignore[assignment]
+    return cast("Callable[[torch.Tensor], torch.Tensor]", module)
+
+
+def activation_function(root: nn.Module, node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The activation at ``node`` as a float64 function of its input (None if it needs runtime tensors)."""
+    if node.op == "call_module":
+        return module_function(root.get_submodule(str(node.target)))
+    try:
+        args = tuple(_constant(root, a) for a in node.args[1:])
+        kwargs = {k: _constant(root, v) for k, v in node.kwargs.items() if k != "inplace"}
+    except _NotConstant:
+        return None
+    if node.op == "call_method":
+        method = str(node.target).rstrip("_")
+        return lambda z: getattr(z, method)(*args, **kwargs)  # type: ignore[no-any-return]
+    target = out_of_place_function(node.target)
+    assert callable(target)
+    return lambda z: target(z, *args, **kwargs)  # type: ignore[no-any-return]
+
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def set_bn(
+    bn: _BatchNorm, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+) -> None:
+    """Give ``bn`` (already folded or fitted away) new parameters and fresh running statistics.
+
+    Done in place on the working copy: eps, momentum, class, hooks, train flag
+    and state-dict keys stay; ``num_batches_tracked`` restarts at 0. An
+    ``affine=False`` BN gains weight and bias.
+    """
+    assert bn.running_mean is not None and bn.running_var is not None
+    ref = bn.running_mean
+    if not getattr(bn, "affine", True):
+        bn.weight = nn.Parameter(torch.empty_like(ref))
+        bn.bias = nn.Parameter(torch.empty_like(ref))
+        bn.affine = True
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        tracked = getattr(bn, "num_batches_tracked", None)
+        if tracked is not None:
+            tracked.zero_()
+
+
+def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """BN': the identity in eval mode, holding the real statistics ``(mean, var)`` of its input."""
+    set_bn(bn, *bn_math.identity_bn_params(mean, var, float(bn.eps)), mean, var)
+
+
+def batchnorm_at(root: nn.Module, name: str) -> _BatchNorm:
+    """The BN at ``name``; a frozen BN has the same state under the same names, so it is typed as one."""
+    module = root.get_submodule(name)
+    assert is_batchnorm_module(module)
+    return cast("_BatchNorm", module)
+
+
+def gamma_beta(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    n = bn_channels(bn)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
+    return gamma.cpu(), beta.cpu()

@@ -1,0 +1,115 @@
+"""What a rule is: the pairs it matches, a check that applies or refuses with a reason, what it does.
+
+Like onnxscript's rewrite rules: ``match`` is the pattern (a pair at the
+placement the rule moves from), ``check`` returns a :class:`Check` (the rule
+applies, with what it found, or a reason that ``inspect`` shows), and ``apply``
+changes parameters in place on the working copy. The structure that holds a
+move (module slots, regenerated forwards) is :mod:`bnmove.moving.placing`'s,
+for every rule alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from torch import fx, nn
+
+from ..analysis.detect import Placement, Site, node_label
+from ..analysis.tracing import Region
+from ..core.affine import ChannelAffine
+from ..core.modules import module_calls
+
+
+@dataclass(frozen=True)
+class KeptAffine:
+    """A kept affine next to a pair's activation, on the side away from its BN (see :mod:`.absorb`)."""
+
+    node: fx.Node
+    name: str  # module name in the region's root
+    #: "before": ``A → f → BN′`` (the pair is f → BN′); "after": ``BN′ → f → A`` (the pair is BN′ → f)
+    side: Literal["before", "after"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A rule's answer for one site: it applies (``reason`` is None), with what it found, or why not."""
+
+    reason: str | None = None
+    #: the layers a fold goes into
+    into: tuple[fx.Node, ...] = ()
+    #: the kept affine an absorb takes in
+    kept: KeptAffine | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def refuse(reason: str) -> Check:
+    return Check(reason=reason)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a check reads of the region a site lives in; it changes nothing."""
+
+    root: nn.Module
+    modules: dict[str, nn.Module]
+    #: calls per module target in the region's graph
+    calls: dict[str, int]
+    #: how reasons name a node (its qualified name in the whole model)
+    label: Callable[[fx.Node], str]
+
+    @classmethod
+    def of(cls, region: Region, prefix: str) -> Context:
+        return cls(
+            region.root,
+            dict(region.root.named_modules()),
+            module_calls(region.graph),
+            lambda node: node_label(prefix, node),
+        )
+
+
+@dataclass
+class Applied:
+    """What applying a rule did, for the report and for the structure that holds the move."""
+
+    notes: list[str] = field(default_factory=list)
+    #: the BN's map kept as a layer, which the structure places beside the activation
+    kept: ChannelAffine | None = None
+    #: a fit's relative RMS error on its samples
+    error: float | None = None
+
+
+class Rule(ABC):
+    """One kind of move. Subclasses state their math in the docstring."""
+
+    #: the rule's name in plans and reports
+    name: ClassVar[str]
+    #: the placement a pair has when the rule moves it (None: either)
+    moves: ClassVar[Placement | None] = None
+    #: what :attr:`bnmove.Move.method` reports for a pair this rule moved
+    method: ClassVar[str]
+    #: the eval-mode function is kept
+    exact: ClassVar[bool] = False
+    #: the new parameters are fitted (and refitted on calibration data)
+    fits: ClassVar[bool] = False
+
+    def match(self, site: Site) -> bool:
+        """The pattern: a pair that can move, at the placement the rule moves from."""
+        placement = site.pair.placement
+        return placement is not None and site.pair.movable and self.moves in (None, placement)
+
+    @abstractmethod
+    def check(self, site: Site, context: Context) -> Check:
+        """Whether the rule applies to a matched site, reading only."""
+
+    @abstractmethod
+    def apply(self, root: nn.Module, site: Site, check: Check) -> Applied:
+        """Change the parameters of ``site`` in ``root`` (the region's root), given its passed check."""
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}>"

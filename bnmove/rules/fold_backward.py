@@ -1,0 +1,65 @@
+"""Fold backward: ``L → BN → f`` becomes ``L′ → f → BN′``, eval outputs kept.
+
+``L`` is the Conv, ConvTranspose or Linear that feeds the BN. With the BN's
+eval-mode map ``a·z + b`` (``a = γ/√(var+ε)``, ``b = β − a·mean``)::
+
+    L′(x) = a·L(x) + b      W′ = a·W (per output channel),  c′ = a·c + b
+
+so ``f(L′(x)) = f(BN(L(x)))``, and BN′ after ``f`` is the identity in eval mode
+(:mod:`._exact`). The same check says whether deployment's exporter and
+onnxruntime fuse a BN into the layer before it.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from ..analysis.detect import Site, absorbing_layer
+from ..analysis.layers import out_channels
+from ..analysis.patterns import bn_channels, describe_node, skip_identity_up
+from ..core.affine import affine_map
+from ._exact import bn_module, identity_after, statistics_refusal
+from ._parameters import batchnorm_at
+from .base import Applied, Check, Context, Rule, refuse
+from .table import fold_map
+
+
+def backward_fold(node: fx.Node, context: Context, channels: int) -> Check:
+    """May the map at ``node`` (a BN or kept affine with ``channels`` channels) fold into the layer
+    that feeds it? Links that change nothing in eval mode (Identity slots) are passed."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return refuse("no Conv/Linear directly before the BN to fold into (input is no node)")
+    source = skip_identity_up(source, context.modules)
+    layer = absorbing_layer(source, context.modules)
+    if layer is None:
+        what = describe_node(source, context.modules)
+        return refuse(f"no Conv/Linear directly before the BN to fold into (input is {what})")
+    if len(source.users) > 1:
+        return refuse(f"{context.label(source)} also feeds other nodes, so the BN cannot be folded into it")
+    if context.calls.get(str(source.target), 0) > 1:
+        return refuse(f"{context.label(source)} is called at several places")
+    if out_channels(layer) != channels:
+        return refuse(f"{context.label(source)} output channels do not match the BN")
+    return Check(into=(source,))
+
+
+class FoldBackward(Rule):
+    name = "fold-backward"
+    moves = "before"
+    method = "exact"
+    exact = True
+
+    def check(self, site: Site, context: Context) -> Check:
+        module = bn_module(site, context.modules)
+        stats = statistics_refusal(module)
+        if stats is not None:
+            return refuse(stats)
+        assert module is not None
+        return backward_fold(site.bn_node, context, bn_channels(module))
+
+    def apply(self, root: nn.Module, site: Site, check: Check) -> Applied:
+        bn = batchnorm_at(root, str(site.bn_node.target))
+        (layer,) = check.into
+        fold_map(root, *affine_map(bn), str(layer.target), "backward")
+        return Applied(identity_after(root, site, bn))

@@ -1,0 +1,52 @@
+"""Keep the affine: a BN no layer absorbs moves exactly, its eval-mode map kept as a layer.
+
+``X → BN → f`` becomes ``X → A → f → BN′`` and ``f → BN → Y`` becomes
+``BN′ → f → A → Y``, with ``A(z) = a·z + b`` the BN's eval-mode map as a
+:class:`~bnmove.core.affine.ChannelAffine` (the same device, dtype and train
+flag) and BN′ the identity in eval mode (:mod:`._exact`). Deployment folds
+``A`` forward where a layer takes it; ``method="fit"`` on the converted model
+absorbs it (:mod:`.absorb`). The rule applies wherever the BN has running
+statistics: it is what an exact move does when no fold does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..analysis.detect import Site
+from ..analysis.patterns import bn_channels
+from ..core.affine import ChannelAffine, affine_map
+from ._exact import bn_module, identity_after, identity_before, statistics_refusal
+from ._parameters import _BatchNorm, batchnorm_at
+from .base import Applied, Check, Context, Rule, refuse
+
+
+def kept_affine(bn: _BatchNorm) -> ChannelAffine:
+    """The BN's eval-mode map ``a·z + b`` as a layer of its own (same device, dtype and train flag)."""
+    a, b = affine_map(bn)
+    ref = bn.running_mean
+    assert ref is not None
+    affine = ChannelAffine(bn_channels(bn), device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        affine.weight.copy_(a)
+        affine.bias.copy_(b)
+    affine.train(bn.training)
+    return affine
+
+
+class KeepAffine(Rule):
+    name = "keep-affine"
+    method = "exact-kept-affine"
+    exact = True
+
+    def check(self, site: Site, context: Context) -> Check:
+        stats = statistics_refusal(bn_module(site, context.modules))
+        return Check() if stats is None else refuse(stats)
+
+    def apply(self, root: nn.Module, site: Site, check: Check) -> Applied:
+        bn = batchnorm_at(root, str(site.bn_node.target))
+        kept = kept_affine(bn)
+        if site.pair.placement == "before":
+            return Applied(identity_after(root, site, bn), kept=kept)
+        return Applied(identity_before(root, site, bn), kept=kept)

@@ -1,0 +1,82 @@
+"""Split a fused norm+activation module (timm's ``BatchNormAct2d``) into a plain BN and its activation.
+
+The fused module computes ``f(BN(z))`` in one forward. To move the BN, the
+module's slot takes ``Sequential(BN, f)`` in the new order: a plain BN of the
+fused module's base class holding its state (the same state-dict keys), and
+the activation, which is the module's own child or a torch module computing
+the function its forward calls (checked numerically on a probe). Every other
+rule then applies to the plain BN as to any pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.detect import Site
+from ..analysis.fused import FusedNorm, make_plain_batchnorm
+from ..analysis.patterns import activation_spec, out_of_place_function
+from .base import Check, refuse
+
+
+def split_fused(module: nn.Module, fused: FusedNorm) -> tuple[nn.Module, nn.Module] | None:
+    """A fused norm+act module as ``(plain BN, activation module)``, or None when no module computes its act.
+
+    The plain BN holds the fused module's state (its own keys) without its
+    children; the activation is the fused module's own child, or a torch module
+    made from the function the fused forward calls (checked numerically).
+    """
+    plain = make_plain_batchnorm(module, fused.base)
+    for name in list(plain._modules):
+        del plain._modules[name]
+    if fused.act_child is not None:
+        return plain, module.get_submodule(fused.act_child)
+    act = activation_module(fused.call.spec.kind, fused.act_target, fused.act_args, fused.act_kwargs)
+    return None if act is None else (plain, act)
+
+
+def activation_module(
+    kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> nn.Module | None:
+    """The torch module that computes ``target(x, *args, **kwargs)``, or None (checked on a probe)."""
+    spec = activation_spec(kind)
+    if not spec.modules:
+        return None
+    options = {k: v for k, v in kwargs.items() if k != "inplace"}
+    try:
+        module = spec.modules[0](*args, **options)
+    except TypeError:
+        return None
+    probe = torch.linspace(-6, 6, 97)
+    with torch.no_grad():
+        if isinstance(target, str):
+            want = getattr(probe.clone(), target.rstrip("_"))(*args, **options)
+        else:
+            want = out_of_place_function(target)(probe.clone(), *args, **options)
+        return module if torch.allclose(module(probe.clone()), want, atol=1e-6) else None
+
+
+class SplitFused:
+    """The structural rule for fused sites; the placing of the split modules is :mod:`bnmove.moving.placing`'s."""
+
+    name = "split-fused"
+
+    def match(self, site: Site) -> bool:
+        return site.fused is not None
+
+    def check(self, site: Site, modules: Mapping[str, nn.Module]) -> Check:
+        """Whether a torch module computes the fused activation (reads only the region's modules)."""
+        assert site.fused is not None
+        if split_fused(modules[str(site.bn_node.target)], site.fused) is None:
+            return refuse("the fused module's activation is a function no torch module computes")
+        return Check()
+
+    def apply(self, root: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
+        """``(plain BN, activation module)`` for the fused module of ``site`` as it is now in ``root``."""
+        assert site.fused is not None
+        split = split_fused(root.get_submodule(str(site.bn_node.target)), site.fused)
+        assert split is not None, "apply after a passed check"
+        return split

@@ -1,0 +1,47 @@
+"""The split-fused rule: a fused norm+act module (timm's ``BatchNormAct2d``) becomes a plain BN and
+its activation, in the slot's new order, so the other rules move it like any pair."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_same_outputs
+from rules_helpers import rules_used
+from torch import nn
+from zoo import BatchNormAct2d, build
+
+import bnmove.rules.split_fused as split_fused
+from bnmove import convert, find_pairs
+from bnmove.pipeline.analyse import analyse
+from bnmove.rules import SPLIT_FUSED
+
+
+@pytest.mark.parametrize("method", ["exact", "fit", "swap"])
+def test_the_fused_module_splits_and_its_bn_moves(method: str) -> None:
+    model, inputs = build("fused")
+    result = convert(model, "after", method=method, example_inputs=inputs)
+    (move,) = result.moved
+    assert move.pair.fused and move.moved_to == "bn1.1"
+    slot = result.model.get_submodule("bn1")
+    assert isinstance(slot, nn.Sequential) and [type(m) for m in slot] == [nn.ReLU, nn.BatchNorm2d]
+    assert set(slot[1].state_dict()) == set(model.bn1.state_dict())  # the fused module's own keys
+    assert isinstance(model.bn1, BatchNormAct2d)  # the given model is unchanged
+    if method == "exact":
+        assert rules_used(result) == {"fold-backward": 1}
+        assert_same_outputs(model, result.model, inputs)
+
+
+def test_a_fused_activation_no_torch_module_computes_stays_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, inputs = build("fused")
+    analysis = analyse(model, inputs)
+    (site,) = [s for s in analysis.sites if s.pair.placement]
+    assert SPLIT_FUSED.match(site) and SPLIT_FUSED.check(site, analysis.contexts[""].modules).ok
+    # an activation function with no module of its own (a custom one's functional form): the check refuses
+    monkeypatch.setattr(split_fused, "split_fused", lambda module, fused: None)
+    said = "the fused module's activation is a function no torch module computes"
+    assert SPLIT_FUSED.check(site, analysis.contexts[""].modules).reason == said
+    (pair,) = [p for p in find_pairs(model, inputs) if p.placement]
+    assert not pair.movable and pair.reason == said
+    (stays,) = convert(model, "after", method="auto", example_inputs=inputs).moves[:1]
+    assert not stays.moved and stays.reason == said
