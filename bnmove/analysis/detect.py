@@ -20,16 +20,13 @@ from torch import fx, nn
 from ..core.modules import module_calls, qualified
 from .fused import PLAIN, FusedNorm, analyze_fused_norm
 from .layers import AFFINE_LAYERS
+from .nodes import describe_node, input_is_shared, is_identity_node, skip_identity_down
 from .patterns import (
     ActivationCall,
-    describe_node,
-    input_is_shared,
     is_batchnorm_module,
     is_functional_batchnorm,
-    is_identity_node,
     is_plain_batchnorm,
     match_activation,
-    skip_identity_down,
 )
 from .tracing import Region
 

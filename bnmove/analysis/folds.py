@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, zero_padded_conv
-from .patterns import describe_node, skip_identity_down
+from .nodes import describe_node, skip_identity_down
 
 
 @dataclass(frozen=True)

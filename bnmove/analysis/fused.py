@@ -11,12 +11,8 @@ import torch
 from torch import fx, nn
 
 from ..core.forwards import OwnForwardTracer
-from .patterns import (
-    ActivationCall,
-    is_functional_batchnorm,
-    is_identity_node,
-    match_activation,
-)
+from .nodes import is_identity_node
+from .patterns import ActivationCall, is_functional_batchnorm, match_activation
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 One module per command group; importing them registers their commands on ``main``.
 """
 
-from . import deploy, model, study
+from . import demo, deploy, model, study
 from ._common import main
 
-__all__ = ["deploy", "main", "model", "study"]
+__all__ = ["demo", "deploy", "main", "model", "study"]
 
 if __name__ == "__main__":  # pragma: no cover
     main()

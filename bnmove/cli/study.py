@@ -1,4 +1,4 @@
-"""Training commands: ``experiment`` (before or after, on your data) and ``demo``."""
+"""The training command: ``experiment`` (before or after, on your data)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from click.core import ParameterSource
 from rich.progress import TaskID
 from torch import nn
 
-from ..demo import run_demo
 from ..errors import BnmoveError
 from ..report import (
     experiment_header,
@@ -34,9 +33,7 @@ from ._common import (
     _check_outputs,
     _csv_list,
     _progress,
-    _stderr,
     _stdout,
-    debug_option,
     main,
     model_options,
 )
@@ -413,33 +410,3 @@ _LOOP_OPTIONS = {
     "epochs", "batch_size", "recipe", "lr", "weight_decay", "label_smoothing", "augment", "image_size",
     "val_split", "precise_bn", "amp", "channels_last",
 }  # fmt: skip
-
-
-@main.command(
-    name="demo",
-    epilog="""\b
-Example:
-  bnmove demo -o bnmove-demo --epochs 3""",
-)
-@click.option(
-    "-o",
-    "--output-dir",
-    "out_dir",
-    default=Path("bnmove-demo"),
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Folder for everything the demo writes.",
-)
-@click.option(
-    "--epochs", default=3, show_default=True, type=click.IntRange(1), help="Epochs of the short experiment."
-)
-@click.option("--force", is_flag=True, help="Reuse an existing demo folder, overwriting its files.")
-@debug_option
-def demo_command(out_dir: Path, epochs: int, force: bool) -> None:
-    """Show bnmove end to end on a bundled sample model.
-
-    Inspects it, converts it both ways with verification, exports the variants to ONNX,
-    compares them on the best available onnxruntime provider, and runs a short
-    before-vs-after training experiment on scikit-learn's digits when it is installed.
-    """
-    run_demo(out_dir, epochs=epochs, force=force, console=_stdout(), progress_console=_stderr())

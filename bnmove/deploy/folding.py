@@ -22,7 +22,8 @@ from typing import Any
 from torch import fx, nn
 
 from ..analysis.folds import ForwardFold, NoFold, forward_fold
-from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm, skip_identity_up
+from ..analysis.nodes import skip_identity_up
+from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm
 from ..analysis.regions import analysis_regions
 from ..core.affine import ChannelAffine, affine_map, scale_positive
 from ..core.clone import clone_module

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.fx.proxy import TraceError
 
 from ..analysis.detect import Site
-from ..analysis.patterns import input_is_shared
+from ..analysis.nodes import input_is_shared
 from ..analysis.tracing import Region
 from ..core.forwards import GraphForward, generated_forward, install_forward
 from ..core.modules import first_line, qualified, set_submodule

@@ -12,11 +12,8 @@ import logging
 
 from torch import fx, nn
 
-from ..analysis.patterns import (
-    input_is_shared,
-    make_out_of_place,
-    match_activation,
-)
+from ..analysis.nodes import input_is_shared
+from ..analysis.patterns import make_out_of_place, match_activation
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..analysis.composite import collapse_composites
-from ..analysis.patterns import is_link_module
+from ..analysis.nodes import is_link_module
 from ..core.forwards import (  # GraphForward: see __all__
     TRAINING,
     GraphForward,

@@ -18,12 +18,8 @@ import torch
 from torch import fx, nn
 
 from ..analysis.detect import Site
-from ..analysis.patterns import (
-    is_batchnorm_module,
-    match_activation,
-    module_activation_spec,
-    skip_identity_down,
-)
+from ..analysis.nodes import skip_identity_down
+from ..analysis.patterns import is_batchnorm_module, match_activation, module_activation_spec
 from ..analysis.tracing import Region
 from ..core.affine import ChannelAffine, affine_map
 from ..core.clone import clone_module

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from ..analysis.detect import Site
-from ..analysis.patterns import skip_identity_down, skip_identity_up
+from ..analysis.nodes import skip_identity_down, skip_identity_up
 from ..core import bn_math
 from ..core.affine import ChannelAffine, affine_map
 from ..core.modules import set_submodule

@@ -16,7 +16,8 @@ from torch import fx, nn
 
 from ..analysis.detect import Site, absorbing_layer
 from ..analysis.layers import out_channels
-from ..analysis.patterns import bn_channels, describe_node, skip_identity_up
+from ..analysis.nodes import describe_node, skip_identity_up
+from ..analysis.patterns import bn_channels
 from ..core.affine import affine_map
 from ._exact import bn_module, identity_after, statistics_refusal
 from ._parameters import batchnorm_at
