@@ -15,6 +15,7 @@ from ..deploy.export import DEFAULT_OPSET, ExportOptions, export_variants, read_
 from ..deploy.providers import PROVIDERS
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import compare
+from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
 from ..pipeline.calibration import Calibration
 from ..pipeline.plan import METHODS
@@ -99,6 +100,13 @@ Example:
     "standalone BN depends on the runtime (see docs/guide/deployment.md).",
 )
 @click.option(
+    "--fold-auto",
+    is_flag=True,
+    help="Export each variant unfolded, with --fold-forward and with --fold-padded, time the forms "
+    "that differ on onnxruntime's CPU provider, and keep the fastest (all are exact); the manifest "
+    "records each form's time.",
+)
+@click.option(
     "--quantize",
     type=click.Choice(QUANTIZATIONS),
     help="Also write <stem>.<variant>.int8.onnx beside each float variant: onnxruntime's static "
@@ -120,6 +128,7 @@ def export_command(
     static_batch: bool,
     fold_forward: bool,
     fold_padded: bool,
+    fold_auto: bool,
     quantize: str | None,
     force: bool,
     quiet: bool,
@@ -130,6 +139,7 @@ def export_command(
     variant; manifest.json records moves, shapes, sizes, hashes and the measured error.
     """
     variants = _csv_list(placements, "variant")
+    fold = _fold_form(fold_forward, fold_padded, fold_auto)
     require_export_tools()  # before loading and converting, which can take minutes
     check_quantization(quantize, calibration_path is not None)
     loaded = model.load()
@@ -154,7 +164,7 @@ def export_command(
             method=method,
             calibration=Calibration(calibration, calibration_samples),
             options=ExportOptions(
-                fold="padded" if fold_padded else "forward" if fold_forward else "none",
+                fold=fold,
                 quantize=quantize,
                 opset=opset,
                 static_batch=static_batch,
@@ -320,3 +330,9 @@ def compare_command(
         out.print(f"  {line}", highlight=False)
     if reports:
         out.print("wrote " + ", ".join(str(p) for p in reports), highlight=False)
+
+
+def _fold_form(forward: bool, padded: bool, auto: bool) -> str:
+    if auto and (forward or padded):
+        raise BnmoveError("--fold-auto chooses between the folds itself: give it alone")
+    return "auto" if auto else "padded" if padded else "forward" if forward else "none"

@@ -9,17 +9,12 @@ folder only once every variant succeeded.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
-import io
 import json
 import logging
 import os
-import re
 import tempfile
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,136 +24,23 @@ import torch
 from torch import nn
 
 from ..core.clone import clone_module
-from ..core.fidelity import difference
-from ..core.running import eval_mode, output_tensors, run_model
 from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
 from ..pipeline.calibration import Calibration
 from ..pipeline.conversion import convert
+from .cheapest import cheapest_form
 from .folding import fold_forward
+from .onnx_file import DEFAULT_OPSET, check_against_torch, export_onnx, sha256_of, value_shape
 from .providers import import_onnxruntime
 from .quantize import QuantizationSamples, check_quantization, quantize_variant
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
-    import onnx
+    pass
 
 log = logging.getLogger(__name__)
 
 VARIANTS: tuple[str, ...] = ("original", "before", "after")
 MANIFEST = "manifest.json"
-DEFAULT_OPSET = 18
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter prints progress and warnings; a library should not."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost error of a chain, in one line: the exporter wraps the real cause in a banner."""
-    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
-
-
-def _ort_session(path: Path) -> Any:
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _shape(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    dims = value_info.type.tensor_type.shape.dim
-    return [d.dim_param if d.dim_param else int(d.dim_value) for d in dims]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def export_onnx(
-    model: nn.Module,
-    example_inputs: Sequence[torch.Tensor],
-    path: Path,
-    *,
-    opset: int = DEFAULT_OPSET,
-    dynamic_batch: bool = True,
-) -> None:
-    """Export ``model`` (in eval mode) to ``path`` with the torch.export-based exporter."""
-    example_inputs, dynamic_shapes = _batch_args(example_inputs, dynamic_batch)
-    with eval_mode(model), _quiet():
-        try:
-            program = torch.onnx.export(
-                model,
-                tuple(example_inputs),
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
-                verbose=False,
-            )
-        except Exception as exc:
-            raise BnmoveError(f"ONNX export failed: {_root_cause(exc)}") from exc
-        assert program is not None
-        program.save(str(path))
-
-
-def _batch_args(
-    example_inputs: Sequence[torch.Tensor], dynamic_batch: bool
-) -> tuple[list[torch.Tensor], tuple[dict[int, Any], ...] | None]:
-    """Inputs and ``dynamic_shapes`` for torch.export with a dynamic batch dimension (or none)."""
-    inputs = list(example_inputs)
-    if not dynamic_batch:
-        return inputs, None
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    # torch.export specialises size-1 dimensions, so a batch of 1 cannot stay dynamic.
-    inputs = [x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x for x in inputs]
-    return inputs, tuple({0: batch} for _ in inputs)
-
-
-def check_against_torch(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], path: Path
-) -> tuple[float, float]:
-    """``onnx.checker`` the file and return (max abs error, max |torch output|) vs PyTorch on CPU."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise BnmoveError(f"{path.name} fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    with eval_mode(model):
-        want = [t.detach().float().cpu().numpy() for t in output_tensors(run_model(model, example_inputs))]
-    session = _ort_session(path)
-    feeds = {
-        i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example_inputs, strict=True)
-    }
-    got = session.run(None, feeds)
-    try:
-        measured = difference(want, got)
-    except BnmoveError as exc:
-        raise BnmoveError(f"{path.name}: onnxruntime's outputs do not match PyTorch's ({exc})") from exc
-    return measured.max_abs, measured.scale
 
 
 def _variant_model(
@@ -209,7 +91,9 @@ class ExportOptions:
     Args:
         fold: ``"none"``; ``"forward"``: fold BNs that follow their activation into the next
             layers where exact (:func:`bnmove.deploy.fold_forward`); ``"padded"``: also into
-            zero-padded convs, with a border correction (see :mod:`bnmove.deploy.border`).
+            zero-padded convs, with a border correction (see :mod:`bnmove.deploy.border`);
+            ``"auto"``: each of these forms exported and timed on onnxruntime's CPU provider, the
+            fastest kept per variant, with the figures in the manifest (:mod:`bnmove.deploy.cheapest`).
         quantize: ``"int8"`` also writes ``<stem>.<variant>.int8.onnx`` beside each float
             variant: onnxruntime's static quantization (QDQ, per-channel int8 weights), calibrated
             on the calibration data (required) with its last samples held out to measure the
@@ -230,8 +114,8 @@ class ExportOptions:
             raise BnmoveError(f"unknown fold {self.fold!r}; choose one of: {', '.join(FOLDS)}")
 
 
-#: the forms of folding an export may apply
-FOLDS = ("none", "forward", "padded")
+#: the forms of folding an export may apply (``auto``: each measured, the fastest kept)
+FOLDS = ("none", "forward", "padded", "auto")
 
 
 def export_variants(
@@ -343,28 +227,26 @@ def _export_into(
             if on_variant is not None:
                 on_variant(variant)
             variant_model, entry = _variant_model(model, variant, inputs, conversion)
-            if folding_mode is not None:
-                folding = fold_forward(variant_model, padded=folding_mode == "padded")
-                variant_model = folding.model
-                entry["bns"] = [b.to_dict() for b in folding.bns]
-                entry["standalone_bns"] = [b.to_dict() for b in folding.standalone]
             path = Path(tmp) / targets[variant].name
-            export_onnx(variant_model, inputs, path, opset=opset, dynamic_batch=not static_batch)
-            err, scale = check_against_torch(variant_model, inputs, path)
-            if err > tolerance * max(scale, 1.0):
-                raise BnmoveError(
-                    f"{variant}: onnxruntime output differs from PyTorch by {err:.3g} "
-                    f"(tolerance {tolerance:g} x {max(scale, 1.0):.3g})"
-                )
+            write = _Writer(inputs, opset, static_batch, tolerance, variant)
+            if folding_mode == "auto":
+                err, chosen = cheapest_form(variant_model, path, write)
+                entry.update(chosen)
+            else:
+                if folding_mode is not None:
+                    folding = fold_forward(variant_model, padded=folding_mode == "padded")
+                    variant_model = folding.model
+                    entry.update(folding.manifest())
+                err = write(variant_model, path)
             proto = onnx.load(str(path), load_external_data=False)
             entry.update(
                 file=targets[variant].name,
                 opset=opset,
-                inputs=[{"name": i.name, "shape": _shape(i)} for i in proto.graph.input],
-                outputs=[{"name": o.name, "shape": _shape(o)} for o in proto.graph.output],
+                inputs=[{"name": i.name, "shape": value_shape(i)} for i in proto.graph.input],
+                outputs=[{"name": o.name, "shape": value_shape(o)} for o in proto.graph.output],
                 batch="static" if static_batch else "dynamic",
                 file_size=path.stat().st_size,
-                sha256=_sha256(path),
+                sha256=sha256_of(path),
                 onnxruntime_vs_torch_max_abs_error=err,
                 batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
             )
@@ -391,6 +273,7 @@ def _export_into(
                 if quantization is not None
                 else {}
             ),
+            "fold": folding_mode or "none",
             "fold_forward": folding_mode is not None,
             "fold_padded": folding_mode == "padded",
             **(
@@ -398,7 +281,7 @@ def _export_into(
                     "border_correction": "each border-corrected conv adds a constant made for the exported "
                     "spatial size (fixed in the file); export again for another size"
                 }
-                if folding_mode == "padded"
+                if folding_mode in ("padded", "auto")
                 else {}
             ),
             "example_input_shapes": [list(x.shape) for x in inputs],
@@ -410,6 +293,27 @@ def _export_into(
             os.replace(path, out / path.name)
         os.replace(manifest_tmp, out / MANIFEST)
     return {name: out / path.name for name, path in staged.items()}
+
+
+@dataclass(frozen=True)
+class _Writer:
+    """Export one model to ONNX and check onnxruntime against PyTorch; returns the max abs error."""
+
+    inputs: tuple[torch.Tensor, ...]
+    opset: int
+    static_batch: bool
+    tolerance: float
+    variant: str
+
+    def __call__(self, model: nn.Module, path: Path) -> float:
+        export_onnx(model, self.inputs, path, opset=self.opset, dynamic_batch=not self.static_batch)
+        err, scale = check_against_torch(model, self.inputs, path)
+        if err > self.tolerance * max(scale, 1.0):
+            raise BnmoveError(
+                f"{self.variant}: onnxruntime output differs from PyTorch by {err:.3g} "
+                f"(tolerance {self.tolerance:g} x {max(scale, 1.0):.3g})"
+            )
+        return err
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -10,8 +10,10 @@ A BN right after a Conv/Linear is fused into it by the exporter and by
 onnxruntime. Nothing fuses a BN that follows an activation: on CUDA it stays a
 separate memory-bound kernel. Where its only user is a Linear, an unpadded Conv
 or a pointwise ConvTranspose, ``N(BN(z)) = N'(z)`` exactly (``bn_math``), so the
-BN can disappear from the deployed graph. The result is for inference: the
-folded BN no longer normalises in train mode.
+BN can disappear from the deployed graph. A BN that feeds a squeeze-and-excitation
+gate and the product it scales folds into the gate and the projection, with a
+per-sample bias from the gate vector (:mod:`.gate`). The result is for inference:
+the folded BN no longer normalises in train mode.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..rules import Context
 from ..rules.fold_backward import backward_fold
 from ..rules.table import fold_module
 from .border import BorderCorrectedConv, absorb_following, border_corrected
+from .gate import GateFold, apply_gate_fold, gate_fold
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,17 @@ class Folding:
     def standalone(self) -> list[BnFate]:
         return [b for b in self.bns if b.fate == "standalone"]
 
+    def manifest(self) -> dict[str, Any]:
+        """What an export's manifest records of the folding: every BN's fate, and those left."""
+        return {
+            "bns": [b.to_dict() for b in self.bns],
+            "standalone_bns": [b.to_dict() for b in self.standalone],
+        }
 
-def _fate(node: fx.Node, context: Context, prefix: str, padded: bool) -> tuple[BnFate, ForwardFold | None]:
+
+def _fate(
+    node: fx.Node, context: Context, prefix: str, padded: bool, gates: bool
+) -> tuple[BnFate, ForwardFold | GateFold | None]:
     name = qualified(prefix, str(node.target))
     modules, calls = context.modules, context.calls
     module = modules[str(node.target)]
@@ -81,6 +93,16 @@ def _fate(node: fx.Node, context: Context, prefix: str, padded: bool) -> tuple[B
         return BnFate(name, "fused-backward", into=context.label(backward.into[0])), None
     fold = forward_fold(node, modules, calls, channels, positive=scale_positive(module), padded=padded)
     if isinstance(fold, NoFold):
+        gate = (
+            gate_fold(node, modules, calls, channels, scale_positive(module), context.label)
+            if gates
+            else None
+        )
+        if isinstance(gate, GateFold):
+            into = f"{context.label(gate.gate)}, {context.label(gate.into)}"
+            return BnFate(name, "folded-forward", into=into, form="gate"), gate
+        if isinstance(gate, NoFold):
+            return BnFate(name, "standalone", reason=f"gate fold: {gate.reason}"), None
         hint = " (--fold-padded folds it with a border correction)" if fold.border and not padded else ""
         return BnFate(name, "standalone", reason=fold.reason + hint), None
     forms = set(fold.forms)
@@ -103,13 +125,18 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
     for prefix, region in traced.regions.items():
         context = Context.of(region, prefix)
         modules = context.modules
+        gated = False
         for node in list(region.graph.nodes):
             module = modules.get(str(node.target), nn.Identity()) if node.op == "call_module" else None
             if module is None or not (is_batchnorm_module(module) or isinstance(module, ChannelAffine)):
                 continue  # BNs, and the affine maps exact moves kept, fold the same way
-            fate, fold = _fate(node, context, prefix, padded)
+            fate, fold = _fate(node, context, prefix, padded, gates=not region.recorded)
             fates.append(fate)
-            if fold is not None:
+            if isinstance(fold, GateFold):
+                apply_gate_fold(region.root, region.graph, fold, *affine_map(modules[str(node.target)]))
+                set_submodule(region.root, str(node.target), nn.Identity())
+                gated = True
+            elif fold is not None:
                 for user, how in zip(fold.into, fold.forms, strict=True):
                     layer = modules[str(user.target)]
                     if how == "border-corrected":
@@ -128,4 +155,11 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
                     a, b = affine_map(modules[str(node.target)])
                     absorb_following(layer, a, b)
                     set_submodule(region.root, str(node.target), nn.Identity())
+        if gated:  # the gate's bias joins the projection's output: the region runs its rewritten graph
+            region.graph.lint()
+            rewritten = region.graph_module()
+            if prefix:
+                set_submodule(work, prefix, rewritten)
+            else:
+                work = rewritten
     return Folding(work, fates)

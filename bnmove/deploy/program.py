@@ -11,7 +11,7 @@ from torch import nn
 
 from ..core.running import eval_mode
 from ..errors import BnmoveError
-from .export import _quiet, _root_cause
+from .onnx_file import quiet_export, root_cause
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
     pass
@@ -28,7 +28,7 @@ def save_program(model: nn.Module, example_inputs: Sequence[torch.Tensor], path:
     """
     inputs = [x.expand(2, *x.shape[1:]).clone() if x.dim() and x.shape[0] == 1 else x for x in example_inputs]
     auto = torch.export.Dim.AUTO  # torch.export specialises size-1 dimensions: a batch of 1 would stay 1
-    with eval_mode(model), _quiet():
+    with eval_mode(model), quiet_export():
         try:
             shapes = tuple({d: auto for d in range(x.dim())} for x in inputs)
             program = torch.export.export(model, tuple(inputs), dynamic_shapes=shapes)
@@ -36,7 +36,7 @@ def save_program(model: nn.Module, example_inputs: Sequence[torch.Tensor], path:
             try:
                 program = torch.export.export(model, tuple(example_inputs))
             except Exception as exc:
-                raise BnmoveError(f"torch.export failed: {_root_cause(exc)}") from exc
+                raise BnmoveError(f"torch.export failed: {root_cause(exc)}") from exc
     torch.export.save(program, str(path))
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     first = (
@@ -60,7 +60,7 @@ def _runs_at_twice_the_size(program: Any, inputs: Sequence[torch.Tensor], dims: 
     first = inputs[0]
     shape = [n * 2 if d in dims else n for d, n in enumerate(first.shape)]
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet_export():
             program.module()(torch.randn(shape, dtype=first.dtype, device=first.device), *inputs[1:])
     except Exception:
         return False

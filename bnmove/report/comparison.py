@@ -277,6 +277,7 @@ def export_table(manifest: dict[str, Any]) -> Table:
         "variant",
         "file",
         "moves (exact/fit/swap)",
+        "fold",
         "BN nodes",
         "standalone BNs",
         "ORT vs torch",
@@ -289,6 +290,8 @@ def export_table(manifest: dict[str, Any]) -> Table:
             name,
             v["file"],
             f"{v['moved']} ({v['moved_exact']}/{v.get('moved_fit', 0)}/{v['moved_swap']})",
+            # with --fold-auto, the form each variant kept
+            v.get("fold_auto", {}).get("form") or manifest.get("fold", "none"),
             str(v["batchnorm_nodes"]),
             "—" if standalone is None else str(len(standalone)),
             f"{v['onnxruntime_vs_torch_max_abs_error']:.1e}",

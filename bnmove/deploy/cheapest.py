@@ -1,0 +1,131 @@
+"""``fold="auto"``: every exact form of a variant measured on onnxruntime's CPU provider; the fastest kept.
+
+The forms are the variant as converted (``none``: onnxruntime fuses a BN into the Conv before it,
+nothing else), with BNs folded forward (``forward``: into the next layers, through pooling, into a
+squeeze-and-excitation gate), and with border-corrected folds into zero-padded convs too
+(``padded``). Each removes BNs at a price: a border-corrected conv adds a constant map, a gate fold
+a per-sample bias. Which form is cheapest depends on the model and the runtime, so it is measured:
+the forms that differ are timed interleaved (one run of each per round, so a noisy machine slows
+them alike) at the example input's batch, and the one with the lowest median is kept; medians
+within 3% tie, and a tie goes to the form that leaves fewer standalone BNs. Every form
+computes the same function; the manifest records each form's median, its standalone BNs and why
+the chosen one won.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .folding import Folding, fold_forward
+
+#: the forms ``auto`` chooses between, cheapest to make first
+FORMS = ("none", "forward", "padded")
+
+
+@dataclass(frozen=True)
+class FormTiming:
+    """One form's median latency and the BNs it leaves."""
+
+    form: str
+    p50_ms: float
+    standalone_bns: int
+
+
+def distinct_forms(foldings: dict[str, Folding | None]) -> list[str]:
+    """The forms whose folds differ (``padded`` folds nothing more than ``forward`` on many models)."""
+    kept: list[str] = []
+    seen: set[tuple[Any, ...]] = set()
+    for form in FORMS:
+        folding = foldings[form]
+        key = tuple((b.bn, b.fate, b.form) for b in folding.bns) if folding is not None else ("none",)
+        if key not in seen:
+            seen.add(key)
+            kept.append(form)
+    return kept
+
+
+def time_forms(paths: dict[str, Path], tmp: Path, rounds: int = 30, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per run of each file on onnxruntime's CPU provider, measured interleaved."""
+    from .runtime import _Runner
+
+    runners = {form: _Runner(path, "cpu", tmp) for form, path in paths.items()}
+    first = next(iter(runners.values()))
+    arrays = first.feeds(first.static_batch() or 1, seed=0)
+    for runner in runners.values():
+        runner.bind(arrays)
+    times: dict[str, list[float]] = {form: [] for form in runners}
+    # the same input for every form: interleaved runs see the same machine and the same data
+    for round_ in range(warmup + rounds):
+        for form, runner in runners.items():
+            elapsed = runner.timed_run()
+            if round_ >= warmup:
+                times[form].append(elapsed)
+    return {form: statistics.median(t) for form, t in times.items()}
+
+
+def cheapest_form(
+    model: nn.Module, path: Path, write: Callable[[nn.Module, Path], float]
+) -> tuple[float, dict[str, Any]]:
+    """Export every exact form of ``model`` that differs (``write`` exports one and checks it against
+    PyTorch, returning its error), time them, and keep the fastest at ``path``. Returns its error and
+    what the manifest records."""
+    import onnx
+
+    foldings: dict[str, Folding | None] = {
+        "none": None,
+        "forward": fold_forward(model),
+        "padded": fold_forward(model, padded=True),
+    }
+    forms = distinct_forms(foldings)
+    paths, errors, bns = {}, {}, {}
+    for form in forms:
+        folding = foldings[form]
+        candidate = path.with_name(f"{path.stem}.{form}.onnx")
+        errors[form] = write(model if folding is None else folding.model, candidate)
+        proto = onnx.load(str(candidate), load_external_data=False)
+        bns[form] = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+        paths[form] = candidate
+    medians = time_forms(paths, path.parent) if len(forms) > 1 else {forms[0]: 0.0}
+    timings = [FormTiming(f, medians[f] * 1e3, bns[f]) for f in forms]
+    form, why = choose(timings)
+    os.replace(paths[form], path)
+    for other in paths.values():
+        other.unlink(missing_ok=True)
+    chosen = foldings[form]
+    entry = {
+        "fold_auto": {"form": form, "reason": why, "forms": [asdict(t) for t in timings]},
+        **(chosen.manifest() if chosen is not None else {}),
+    }
+    return errors[form], entry
+
+
+#: medians closer than this to the fastest count as a tie (the noise of a few dozen runs)
+TIE = 0.03
+
+
+def choose(timings: list[FormTiming]) -> tuple[str, str]:
+    """The fastest form and the reason, in words. Forms within :data:`TIE` of the fastest tie, and a
+    tie goes to the form that leaves fewer standalone BNs (it quantizes more cleanly), then to the
+    simpler form."""
+    fastest = min(t.p50_ms for t in timings)
+    tied = [t for t in timings if t.p50_ms <= fastest * (1 + TIE)]
+    best = min(tied, key=lambda t: (t.standalone_bns, FORMS.index(t.form)))
+    if len(timings) == 1:
+        return best.form, "the only form: the folds change nothing in this variant"
+    others = ", ".join(
+        f"{t.form} {t.p50_ms:.3f} ms" for t in sorted(timings, key=lambda t: t.p50_ms) if t is not best
+    )
+    why = f"{best.p50_ms:.3f} ms (p50 on onnxruntime CPU) against {others}"
+    if len(tied) > 1:
+        return best.form, f"{why}: within {TIE:.0%}, a tie, kept for leaving the fewest standalone BNs"
+    return best.form, f"fastest: {why}"
+
+
+__all__ = ["FORMS", "FormTiming", "cheapest_form", "choose", "distinct_forms", "time_forms"]
