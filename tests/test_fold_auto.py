@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from test_gate_fold import InvertedResidual, _block
 
+import bnmove
 from bnmove import export_variants
 from bnmove.cli import main
 from bnmove.deploy import ExportOptions
@@ -62,3 +63,27 @@ def test_the_cli_takes_fold_auto_alone(tmp_path: Path) -> None:
         "bnmove: error: --fold-auto chooses between the folds itself: give it alone"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_with_int8_the_int8_forms_are_timed_and_counted(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime.quantization")
+    model = _block()
+    torch.manual_seed(1)
+    paths = export_variants(
+        model,
+        (torch.randn(1, 4, 12, 12),),
+        tmp_path,
+        ["original"],
+        calibration=bnmove.Calibration(torch.randn(24, 4, 12, 12)),
+        options=ExportOptions(fold="auto", quantize="int8"),
+    )
+    auto = json.loads((tmp_path / "manifest.json").read_text())["variants"]["original"]["fold_auto"]
+    assert auto["timed"] == "int8"
+    forms = {t["form"]: t for t in auto["forms"]}
+    graph = onnx.load(str(paths["original.int8"])).graph
+    # a BN no fold removed stays float in the INT8 file: what was counted is what ships
+    assert sum(n.op_type == "BatchNormalization" for n in graph.node) == forms[auto["form"]]["standalone_bns"]
+    assert forms["padded"]["standalone_bns"] == 0 and forms["none"]["standalone_bns"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", "model.original.int8.onnx", "model.original.onnx"
+    ]  # fmt: skip

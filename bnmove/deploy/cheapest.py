@@ -5,7 +5,7 @@ nothing else), with BNs folded forward (``forward``: into the next layers, throu
 squeeze-and-excitation gate), and with border-corrected folds into zero-padded convs too
 (``padded``). Each removes BNs at a price: a border-corrected conv adds a constant map, a gate fold
 a per-sample bias. Which form is cheapest depends on the model and the runtime, so it is measured:
-the forms that differ are timed interleaved (one run of each per round, so a noisy machine slows
+the forms that differ (their INT8 files, when the export quantizes) are timed interleaved (one run of each per round, so a noisy machine slows
 them alike) at the example input's batch, and the one with the lowest median is kept; medians
 within 3% tie, and a tie goes to the form that leaves fewer standalone BNs. Every form
 computes the same function; the manifest records each form's median, its standalone BNs and why
@@ -71,11 +71,16 @@ def time_forms(paths: dict[str, Path], tmp: Path, rounds: int = 30, warmup: int 
 
 
 def cheapest_form(
-    model: nn.Module, path: Path, write: Callable[[nn.Module, Path], float]
+    model: nn.Module,
+    path: Path,
+    write: Callable[[nn.Module, Path], float],
+    quantize: Callable[[Path, Path], object] | None = None,
 ) -> tuple[float, dict[str, Any]]:
     """Export every exact form of ``model`` that differs (``write`` exports one and checks it against
-    PyTorch, returning its error), time them, and keep the fastest at ``path``. Returns its error and
-    what the manifest records."""
+    PyTorch, returning its error), time them, and keep the fastest at ``path``. With ``quantize``
+    (float file -> INT8 file) the INT8 forms are what is timed and counted: the INT8 file is what
+    ships, and a BN no fold removes stays float in it. Returns the kept form's error and what the
+    manifest records."""
     import onnx
 
     foldings: dict[str, Folding | None] = {
@@ -92,15 +97,27 @@ def cheapest_form(
         proto = onnx.load(str(candidate), load_external_data=False)
         bns[form] = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
         paths[form] = candidate
-    medians = time_forms(paths, path.parent) if len(forms) > 1 else {forms[0]: 0.0}
+    timed = paths
+    if quantize is not None and len(forms) > 1:
+        timed = {form: paths[form].with_name(f"{path.stem}.{form}.int8.onnx") for form in forms}
+        for form in forms:
+            quantize(paths[form], timed[form])
+            proto = onnx.load(str(timed[form]), load_external_data=False)
+            bns[form] = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    medians = time_forms(timed, path.parent) if len(forms) > 1 else {forms[0]: 0.0}
     timings = [FormTiming(f, medians[f] * 1e3, bns[f]) for f in forms]
     form, why = choose(timings)
     os.replace(paths[form], path)
-    for other in paths.values():
+    for other in (*paths.values(), *(timed.values() if timed is not paths else ())):
         other.unlink(missing_ok=True)
     chosen = foldings[form]
     entry = {
-        "fold_auto": {"form": form, "reason": why, "forms": [asdict(t) for t in timings]},
+        "fold_auto": {
+            "form": form,
+            "reason": why,
+            "timed": "int8" if timed is not paths else "float",
+            "forms": [asdict(t) for t in timings],
+        },
         **(chosen.manifest() if chosen is not None else {}),
     }
     return errors[form], entry

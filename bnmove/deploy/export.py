@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +33,6 @@ from .folding import fold_forward
 from .onnx_file import DEFAULT_OPSET, check_against_torch, export_onnx, sha256_of, value_shape
 from .providers import import_onnxruntime
 from .quantize import QuantizationSamples, check_quantization, quantize_variant
-
-if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +227,10 @@ def _export_into(
             path = Path(tmp) / targets[variant].name
             write = _Writer(inputs, opset, static_batch, tolerance, variant)
             if folding_mode == "auto":
-                err, chosen = cheapest_form(variant_model, path, write)
+                quantize = (
+                    (lambda f, o: quantize_variant(f, o, quantization, Path(tmp))) if quantization else None
+                )
+                err, chosen = cheapest_form(variant_model, path, write, quantize)
                 entry.update(chosen)
             else:
                 if folding_mode is not None:
