@@ -273,11 +273,12 @@ def int8_lines(manifest: dict[str, Any]) -> list[str]:
 
 def export_table(manifest: dict[str, Any]) -> Table:
     table = Table(title="Exported variants", title_justify="left")
+    auto = manifest.get("fold") == "auto"
     for column in (
         "variant",
         "file",
         "moves (exact/fit/swap)",
-        "fold",
+        *(["fold kept"] if auto else []),
         "BN nodes",
         "standalone BNs",
         "ORT vs torch",
@@ -290,8 +291,7 @@ def export_table(manifest: dict[str, Any]) -> Table:
             name,
             v["file"],
             f"{v['moved']} ({v['moved_exact']}/{v.get('moved_fit', 0)}/{v['moved_swap']})",
-            # with --fold-auto, the form each variant kept
-            v.get("fold_auto", {}).get("form") or manifest.get("fold", "none"),
+            *([v.get("fold_auto", {}).get("form", "")] if auto else []),  # --fold-auto: the form kept
             str(v["batchnorm_nodes"]),
             "—" if standalone is None else str(len(standalone)),
             f"{v['onnxruntime_vs_torch_max_abs_error']:.1e}",
