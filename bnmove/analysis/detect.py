@@ -103,12 +103,34 @@ def absorbing_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module |
     return module if isinstance(module, AFFINE_LAYERS) else None
 
 
+@dataclass(frozen=True)
+class RegionView:
+    """What checks read of one traced region: its root, its modules, call counts, node names."""
+
+    root: nn.Module
+    graph: fx.Graph
+    prefix: str
+    modules: dict[str, nn.Module]
+    #: calls per module target in the region's graph
+    calls: dict[str, int]
+
+    @classmethod
+    def of(cls, region: Region, prefix: str) -> RegionView:
+        return cls(
+            region.root, region.graph, prefix, dict(region.root.named_modules()), module_calls(region.graph)
+        )
+
+    def label(self, node: fx.Node) -> str:
+        """A node as reasons name it: its qualified name in the whole model."""
+        return node_label(self.prefix, node)
+
+
 class _RegionAnalysis:
-    def __init__(self, region: Region, prefix: str) -> None:
-        self.graph = region.graph
-        self.prefix = prefix
-        self.modules = dict(region.root.named_modules())
-        self.calls = module_calls(self.graph)
+    def __init__(self, view: RegionView) -> None:
+        self.graph = view.graph
+        self.prefix = view.prefix
+        self.modules = view.modules
+        self.calls = view.calls
         self._fused: dict[str, FusedNorm | str] = {}
 
     def bn_module(self, node: fx.Node) -> nn.Module | None:
@@ -267,11 +289,11 @@ class _RegionAnalysis:
         return self._site(bn, act, call, "after", True, None)
 
 
-def analyze_regions(regions: dict[str, Region]) -> list[Site]:
+def analyze_regions(views: dict[str, RegionView]) -> list[Site]:
     """All sites of all traced regions, in graph order."""
     sites: list[Site] = []
-    for prefix, region in regions.items():
-        sites.extend(_RegionAnalysis(region, prefix).sites())
+    for view in views.values():
+        sites.extend(_RegionAnalysis(view).sites())
     return sites
 
 

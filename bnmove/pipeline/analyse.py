@@ -55,9 +55,9 @@ def analyse(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
     A movable pair that no structural move holds comes back unmovable, with the reason.
     """
     traced = analysis_regions(model, example_inputs)
-    sites = analyze_regions(traced.regions)
-    mover = Mover(model, traced.regions)
     contexts = {prefix: Context.of(region, prefix) for prefix, region in traced.regions.items()}
+    sites = analyze_regions(contexts)
+    mover = Mover(model, traced.regions)
     structures: dict[int, Structure] = {}
     for site in sites:
         if site.pair.placement is None or not site.pair.movable:

@@ -11,16 +11,13 @@ for every rule alike.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from torch import fx, nn
 
-from ..analysis.detect import Placement, Site, node_label
-from ..analysis.tracing import Region
+from ..analysis.detect import Placement, RegionView, Site
 from ..core.affine import ChannelAffine
-from ..core.modules import module_calls
 
 
 @dataclass(frozen=True)
@@ -52,25 +49,9 @@ def refuse(reason: str) -> Check:
     return Check(reason=reason)
 
 
-@dataclass(frozen=True)
-class Context:
-    """What a check reads of the region a site lives in; it changes nothing."""
-
-    root: nn.Module
-    modules: dict[str, nn.Module]
-    #: calls per module target in the region's graph
-    calls: dict[str, int]
-    #: how reasons name a node (its qualified name in the whole model)
-    label: Callable[[fx.Node], str]
-
-    @classmethod
-    def of(cls, region: Region, prefix: str) -> Context:
-        return cls(
-            region.root,
-            dict(region.root.named_modules()),
-            module_calls(region.graph),
-            lambda node: node_label(prefix, node),
-        )
+#: what a check reads of the region a site lives in (root, modules, call counts, node names); it
+#: changes nothing. The analysis builds one per region and every rule reads the same.
+Context = RegionView
 
 
 @dataclass
