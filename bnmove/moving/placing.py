@@ -84,7 +84,8 @@ class Mover:
         #: the argument values a scope's forward was specialised to (it branches on them)
         self._specialised: dict[str, dict[str, Any]] = {}
         self._reorders = surgery.Reorders()
-        #: child positions of each Sequential, read once while deciding structures (nothing has moved)
+        #: child positions of each Sequential, read once: moves replace slots and reorders wait for
+        #: install(), so the keys stay as they were until then
         self._positions: dict[int, tuple[list[str], dict[str, int]]] = {}
 
     def forget(self, region: str) -> None:
@@ -269,7 +270,7 @@ class Mover:
                 plain, act_module = SPLIT_FUSED.apply(root, site)
                 set_submodule(root, bn_name, plain)
             new_name = surgery.module_move(
-                root, bn_name, act_name, act_module, placement, self._reorders, affine
+                root, bn_name, act_name, act_module, placement, self._reorders, affine, self._positions
             )
             if how.reorder and affine is None:
                 assert site.act_node is not None
@@ -333,6 +334,7 @@ class Mover:
     def install(self) -> None:
         """Reorder Sequentials and install the rewritten forwards of every scope that graph moves changed."""
         self._reorders.apply()
+        self._positions.clear()  # the reorders changed the Sequentials' keys
         for scope in self._dirty:
             entry = self._scopes[scope]
             assert not isinstance(entry, str)

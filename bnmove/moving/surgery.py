@@ -116,6 +116,7 @@ def module_move(
     placement: str,
     reorders: Reorders,
     affine: nn.Module | None = None,
+    positions: dict[int, tuple[list[str], dict[str, int]]] | None = None,
 ) -> str:
     """Move BN ``bn`` across activation ``act`` by replacing module slots; returns the BN's new name.
 
@@ -124,7 +125,9 @@ def module_move(
     ``act_module`` is the activation to call (the fused module's own). Swaps
     inside a Sequential wait in ``reorders`` until ``reorders.apply()``. A
     kept ``affine`` joins the BN's slot: ``Sequential(affine, act, bn)`` (to
-    after) or ``Sequential(bn, act, affine)`` (to before).
+    after) or ``Sequential(bn, act, affine)`` (to before). ``positions`` is
+    :func:`sequential_neighbours`' cache: slot replacements keep every Sequential's keys, and the
+    reorders wait, so it stays valid until ``reorders.apply()``.
     """
     bn_module = root.get_submodule(bn)
     if affine is not None:  # X -> A -> f -> BN' or BN' -> f -> A -> N, all in the BN's slot
@@ -135,7 +138,7 @@ def module_move(
         return f"{bn}.2" if placement == "before" else f"{bn}.0"
     if act is not None:
         first, second = (bn, act) if placement == "before" else (act, bn)
-        seq = sequential_neighbours(root, first, second)
+        seq = sequential_neighbours(root, first, second, positions)
         if seq is not None:
             bn_key, act_key = bn.rpartition(".")[2], act.rpartition(".")[2]
             if placement == "before":
