@@ -76,10 +76,13 @@ def _decide(site: Site, placement: str, method: str, context: Context, taken: se
     if method == "swap":
         return Decision(site, SWAP, None)
     if method != "fit" and site.exact_rule is not None:
-        return Decision(site, RULES[site.exact_rule], None, Check(into=site.neighbours))
+        exact = RULES[site.exact_rule]
+        assert exact.match(site), f"{exact} settled for a pair it does not match"
+        return Decision(site, exact, None, Check(into=site.neighbours))
     if method == "exact":
         return Decision(site, None, f"no exact move: {pair.reason}")
     fit = FIT[pair.placement]
+    assert fit.match(site)
     checked = fit.check(site, context)
     if checked.ok:
         return Decision(site, fit, None, checked)
