@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -361,3 +362,46 @@ def test_a_bn_feeding_a_layer_and_a_sum_stays_with_the_reason() -> None:
 
     (fate,) = fold_forward(randomize_bn(LayerAndSum()).eval()).bns
     assert fate.fate == "standalone" and "feeds conv (Conv2d), add" in (fate.reason or "")
+
+
+class _HomogeneousThenPadded(nn.Module):
+    """``conv → ReLU → BN → padded conv``: ReLU is positively homogeneous, so ``|a|`` can go behind it."""
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.conv, self.act, self.bn = nn.Conv2d(3, 4, 3), act(), nn.BatchNorm2d(4)
+        self.next = nn.Conv2d(4, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.next(self.bn(self.act(self.conv(x))))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU, nn.SiLU])
+def test_the_scale_goes_behind_a_homogeneous_activation_and_only_signs_fold_forward(
+    act: type[nn.Module],
+) -> None:
+    """``a·f(z) + b = sign(a)·f(|a|·z) + b`` for ``f`` positively homogeneous: the conv before ``f``
+    takes ``|a|`` per output channel and the next conv's weights keep their magnitudes, which
+    per-channel INT8 weights need (the issue's -3.1 points came from scaling them per input channel)."""
+    torch.manual_seed(0)
+    model = _HomogeneousThenPadded(act).eval()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([2.0, -0.5, 0.25, 3.0]))
+        model.bn.bias.normal_()
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    folding = fold_forward(model, padded=True)
+    (fate,) = [f for f in folding.bns if f.bn == "bn"]
+    homogeneous = act is not nn.SiLU
+    assert fate.scale_into == ("conv" if homogeneous else None)
+    for size in (9, 12):
+        assert_same_outputs(model, folding.model, (torch.randn(2, 3, size, size),), rtol=1e-5)
+    kept = folding.model.next.conv.weight.detach()
+    if homogeneous:
+        assert torch.equal(kept.abs(), model.next.weight.detach().abs())
+    else:
+        assert not torch.allclose(kept.abs(), model.next.weight.detach().abs())
+    wide = copy.deepcopy(model).double()
+    assert_same_outputs(
+        wide, fold_forward(wide, padded=True).model, (torch.randn(2, 3, 9, 9).double(),), rtol=1e-12
+    )

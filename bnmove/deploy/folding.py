@@ -18,21 +18,23 @@ the folded BN no longer normalises in train mode.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..analysis.folds import ForwardFold, NoFold, forward_fold
+from ..analysis.layers import AFFINE_LAYERS, out_channels
 from ..analysis.nodes import skip_identity_up
-from ..analysis.patterns import is_batchnorm_module, is_plain_batchnorm
+from ..analysis.patterns import bn_channels, is_batchnorm_module, is_plain_batchnorm, match_activation
 from ..analysis.regions import analysis_regions
 from ..core.affine import ChannelAffine, affine_map, scale_positive
 from ..core.clone import clone_module
 from ..core.modules import qualified, set_submodule
 from ..rules import Context
 from ..rules.fold_backward import backward_fold
-from ..rules.table import fold_module
+from ..rules.table import fold_map
 from .border import BorderCorrectedConv, absorb_following, border_corrected
 from .gate import GateFold, apply_gate_fold, gate_fold
 
@@ -51,6 +53,9 @@ class BnFate:
     #: how a folded-forward BN went in: "weights" (scale and bias of ``into``) or "border-corrected"
     #: (into a zero-padded conv, plus the constant map its padding makes: see ``border.py``)
     form: str | None = None
+    #: the layer before a positively homogeneous activation that took the BN's scale magnitudes
+    #: (only the signs and the shift folded forward)
+    scale_into: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +116,72 @@ def _fate(
     return BnFate(name, "folded-forward", into=into, through=fold.through, form=form), fold
 
 
+def _scale_source(node: fx.Node, context: Context, channels: int) -> fx.Node | None:
+    """The layer behind a positively homogeneous activation behind ``node``: ``L → f → BN`` with
+    ``f(c·z) = c·f(z)`` for ``c > 0`` (ReLU, LeakyReLU, PReLU), each output read once. ``L`` is a
+    Conv/Linear, or an affine BN with running statistics (a before-placement BN, which the runtime
+    fuses into the layer before it)."""
+    modules, calls = context.modules, context.calls
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    act = skip_identity_up(source, modules)
+    call = match_activation(act, modules)
+    if call is None or not call.spec.positively_homogeneous or len(act.users) != 1 or len(source.users) != 1:
+        return None
+    before = act.args[0] if act.args else None
+    if not isinstance(before, fx.Node):
+        return None
+    layer = skip_identity_up(before, modules)
+    module = modules.get(str(layer.target)) if layer.op == "call_module" else None
+    takes_scale = isinstance(module, AFFINE_LAYERS) or (
+        module is not None
+        and is_plain_batchnorm(module)
+        and getattr(module, "affine", False)
+        and getattr(module, "running_mean", None) is not None
+    )
+    if (
+        module is None
+        or not takes_scale
+        or len(layer.users) != 1
+        or len(before.users) != 1
+        or calls.get(str(layer.target), 0) != 1
+        or (bn_channels(module) if is_batchnorm_module(module) else out_channels(module)) != channels
+    ):
+        return None
+    return layer
+
+
+def _split_scale(
+    root: nn.Module, node: fx.Node, context: Context, a: torch.Tensor
+) -> tuple[torch.Tensor, str | None]:
+    """Move ``|a|`` behind the activation where it is positively homogeneous:
+    ``a·f(z) + b = sign(a)·f(|a|·z) + b``, the layer before ``f`` takes ``|a|`` per output channel
+    (a scale per-channel weight quantization absorbs), and what folds forward is ``sign(a)`` and
+    ``b``: the next layer's weights keep their magnitudes. Returns the scale left to fold forward."""
+    layer = _scale_source(node, context, a.numel())
+    if layer is None:
+        return a, None
+    target = root.get_submodule(str(layer.target))
+    while isinstance(target, nn.Identity) and isinstance(layer.args[0], fx.Node):
+        # a BN already absorbed by the border-corrected conv before it: that conv takes the scale
+        layer = skip_identity_up(layer.args[0], context.modules)
+        target = root.get_submodule(str(layer.target)) if layer.op == "call_module" else nn.Identity()
+    if not isinstance(target, (*AFFINE_LAYERS, BorderCorrectedConv)) and not is_batchnorm_module(target):
+        return a, None
+    scale, zeros = a.abs(), torch.zeros_like(a)
+    if isinstance(target, BorderCorrectedConv):  # an earlier forward fold made it one
+        absorb_following(target, scale, zeros)
+    elif is_batchnorm_module(target):  # |a|·BN(x): its weight and bias scale per channel
+        with torch.no_grad():
+            for tensor in (target.weight, target.bias):
+                assert isinstance(tensor, torch.Tensor)
+                tensor.mul_(scale.to(tensor))
+    else:
+        fold_map(root, scale, zeros, str(layer.target), "backward")
+    return torch.sign(a), context.label(layer)
+
+
 def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
     """Fold every BN that cannot be fused backward into the layer after it, where exact.
 
@@ -131,21 +202,24 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
             if module is None or not (is_batchnorm_module(module) or isinstance(module, ChannelAffine)):
                 continue  # BNs, and the affine maps exact moves kept, fold the same way
             fate, fold = _fate(node, context, prefix, padded, gates=not region.recorded)
+            if fold is not None:
+                a, b = affine_map(modules[str(node.target)])
+                a, scaled = _split_scale(region.root, node, context, a)
+                fate = replace(fate, scale_into=scaled)
             fates.append(fate)
             if isinstance(fold, GateFold):
-                apply_gate_fold(region.root, region.graph, fold, *affine_map(modules[str(node.target)]))
+                apply_gate_fold(region.root, region.graph, fold, a, b)
                 set_submodule(region.root, str(node.target), nn.Identity())
                 gated = True
             elif fold is not None:
                 for user, how in zip(fold.into, fold.forms, strict=True):
                     layer = modules[str(user.target)]
                     if how == "border-corrected":
-                        a, b = affine_map(modules[str(node.target)])
                         device = layer.weight.device  # type: ignore[union-attr]
                         corrected = border_corrected(layer, a.to(device), b.to(device))  # type: ignore[arg-type]
                         set_submodule(region.root, str(user.target), corrected)
                     else:
-                        fold_module(region.root, str(node.target), str(user.target), "forward")
+                        fold_map(region.root, a, b, str(user.target), "forward")
                 # The BN's slot computes nothing now; every forward stays the user's.
                 set_submodule(region.root, str(node.target), nn.Identity())
             elif fate.fate == "fused-backward":
