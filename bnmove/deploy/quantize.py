@@ -2,8 +2,12 @@
 
 Each float variant (after bnmove's folds) goes through onnxruntime's recommended pre-processing
 (``quant_pre_process``: symbolic shape inference and graph optimisation) and ``quantize_static``
-in the QDQ format with per-channel int8 weights and int8 activations, MinMax-calibrated on the
-same samples for every variant. The last calibration samples (:func:`split_held_out`) stay out
+in the QDQ format with per-channel int8 weights and uint8 activations (U8S8), MinMax-calibrated
+on the same samples for every variant. uint8 activations because onnxruntime's CPU provider fuses
+every QDQ conv into ``QLinearConv`` with them: with int8 activations it ran 54 of
+EfficientNet-B0's 81 convs as float ``Conv`` between dequantize and quantize (2026-12-02,
+onnxruntime 1.32, x86-64), 2–4× slower, and which convs it kept in float differed between two
+placements of the same model, so INT8 comparisons measured that instead of the placement. The last calibration samples (:func:`split_held_out`) stay out
 of the calibration: agreement of the INT8 variant with its float variant is measured on them.
 
 onnxruntime has no int8 BatchNormalization: a BN that no exact rule folded stays a float op
@@ -129,7 +133,7 @@ def quantize_variant(
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
     except Exception as exc:
@@ -145,7 +149,7 @@ def quantize_variant(
     calibrated, held_out = calibration.samples()
     return {
         "file": out_path.name,
-        "format": "QDQ, int8 activations, per-channel int8 weights (onnxruntime quantize_static, MinMax)",
+        "format": "QDQ, uint8 activations, per-channel int8 weights (onnxruntime quantize_static, MinMax)",
         "calibration_samples": calibrated,
         "held_out_samples": held_out,
         "top1_agreement_with_float": measured.top1,
