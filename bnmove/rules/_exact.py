@@ -1,4 +1,5 @@
-"""What the exact rules share: their precondition, and BN′, the identity that holds new statistics.
+"""What the exact rules share: their precondition (:class:`ExactRule`), and BN′, the identity that
+holds new statistics.
 
 After an exact move the old BN module stays in place as BN′: in eval mode the
 identity (``weight = sqrt(var + eps)``, ``bias = mean``), holding as running
@@ -8,12 +9,15 @@ model starts from where the old BN's statistics point (docs/design/math.md).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import nn
 
 from ..analysis.detect import Site
 from ..core import bn_math
 from ._parameters import _BatchNorm, gamma_beta, make_identity, pair_activation
+from .base import Check, Context, Rule, refuse
 
 _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
 
@@ -31,6 +35,26 @@ def statistics_refusal(module: nn.Module | None) -> str | None:
 
 def bn_module(site: Site, modules: dict[str, nn.Module]) -> nn.Module | None:
     return modules.get(str(site.bn_node.target)) if site.bn_node.op == "call_module" else None
+
+
+class ExactRule(Rule):
+    """A rule that keeps the eval-mode function: it needs the BN's eval-mode map, so a BN without
+    running statistics (or a functional one) is refused here, once, for every exact rule."""
+
+    method = "exact"
+    exact = True
+
+    def check(self, site: Site, context: Context) -> Check:
+        module = bn_module(site, context.modules)
+        stats = statistics_refusal(module)
+        if stats is not None:
+            return refuse(stats)
+        assert module is not None
+        return self.check_map(site, context, module)
+
+    @abstractmethod
+    def check_map(self, site: Site, context: Context, bn: nn.Module) -> Check:
+        """The rule's own check, for a BN that has an eval-mode map."""
 
 
 def identity_after(root: nn.Module, site: Site, bn: _BatchNorm) -> list[str]:

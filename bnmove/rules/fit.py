@@ -60,8 +60,7 @@ class _Fit(Rule):
         bn = batchnorm_at(root, str(site.bn_node.target))
         f = pair_activation(root, site)
         assert f is not None and bn.running_mean is not None and bn.running_var is not None
-        z, w, target = self.samples(bn, f)
-        effect = self.fit(bn, f, z, w, target)
+        effect = self.fit(bn, f, self.samples(bn, f))
         return Applied([f"data-free fit: block error {effect:.3f} (relative RMS)"], error=effect)
 
     @abstractmethod
@@ -69,15 +68,9 @@ class _Fit(Rule):
         """Gaussian inputs ``z`` with weights, and the old block's output on them."""
 
     @abstractmethod
-    def fit(
-        self,
-        bn: _BatchNorm,
-        f: Callable[[torch.Tensor], torch.Tensor],
-        z: torch.Tensor,
-        w: torch.Tensor,
-        target: torch.Tensor,
-    ) -> float:
-        """Give ``bn`` the fitted parameters and statistics; the block's relative RMS error."""
+    def fit(self, bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor], samples: Samples) -> float:
+        """Give ``bn`` the parameters fitted on ``samples`` and new statistics; the block's relative
+        RMS error on them."""
 
 
 def _statistics(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,14 +92,8 @@ class FitAfter(_Fit):
             target = f(a[None, :] * z + b[None, :]).double()
         return z, w, target
 
-    def fit(
-        self,
-        bn: _BatchNorm,
-        f: Callable[[torch.Tensor], torch.Tensor],
-        z: torch.Tensor,
-        w: torch.Tensor,
-        target: torch.Tensor,
-    ) -> float:
+    def fit(self, bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor], samples: Samples) -> float:
+        z, w, target = samples
         a2, b2, mean, var = bn_math.fit_after(f, z, w, target)
         with torch.no_grad():
             effect = bn_math.relative_rmse(a2[None, :] * f(z.clone()).double() + b2[None, :], target, w)
@@ -132,14 +119,8 @@ class FitBefore(_Fit):
             target = a[None, :] * f(z.clone()).double() + b[None, :]
         return z, w, target
 
-    def fit(
-        self,
-        bn: _BatchNorm,
-        f: Callable[[torch.Tensor], torch.Tensor],
-        z: torch.Tensor,
-        w: torch.Tensor,
-        target: torch.Tensor,
-    ) -> float:
+    def fit(self, bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor], samples: Samples) -> float:
+        z, w, target = samples
         a, b = (t.cpu() for t in affine_map(bn))
         a2, b2 = bn_math.fit_before(f, z, w, target, (a, b))
         mean, var = bn_math.weighted_moments(z, w)

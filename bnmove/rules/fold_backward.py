@@ -19,9 +19,9 @@ from ..analysis.layers import out_channels
 from ..analysis.nodes import describe_node, skip_identity_up
 from ..analysis.patterns import bn_channels
 from ..core.affine import affine_map
-from ._exact import bn_module, identity_after, statistics_refusal
+from ._exact import ExactRule, identity_after
 from ._parameters import batchnorm_at
-from .base import Applied, Check, Context, Rule, refuse
+from .base import Applied, Check, Context, refuse
 from .table import fold_map
 
 
@@ -45,19 +45,12 @@ def backward_fold(node: fx.Node, context: Context, channels: int) -> Check:
     return Check(into=(source,))
 
 
-class FoldBackward(Rule):
+class FoldBackward(ExactRule):
     name = "fold-backward"
     moves = "before"
-    method = "exact"
-    exact = True
 
-    def check(self, site: Site, context: Context) -> Check:
-        module = bn_module(site, context.modules)
-        stats = statistics_refusal(module)
-        if stats is not None:
-            return refuse(stats)
-        assert module is not None
-        return backward_fold(site.bn_node, context, bn_channels(module))
+    def check_map(self, site: Site, context: Context, bn: nn.Module) -> Check:
+        return backward_fold(site.bn_node, context, bn_channels(bn))
 
     def apply(self, root: nn.Module, site: Site, check: Check) -> Applied:
         bn = batchnorm_at(root, str(site.bn_node.target))

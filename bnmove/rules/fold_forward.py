@@ -19,30 +19,23 @@ from ..analysis.detect import Site
 from ..analysis.folds import NoFold, forward_fold
 from ..analysis.patterns import bn_channels
 from ..core.affine import affine_map, scale_positive
-from ._exact import bn_module, identity_before, statistics_refusal
+from ._exact import ExactRule, identity_before
 from ._parameters import batchnorm_at
-from .base import Applied, Check, Context, Rule, refuse
+from .base import Applied, Check, Context, refuse
 from .table import fold_map
 
 
-class FoldForward(Rule):
+class FoldForward(ExactRule):
     name = "fold-forward"
     moves = "after"
-    method = "exact"
-    exact = True
 
-    def check(self, site: Site, context: Context) -> Check:
-        module = bn_module(site, context.modules)
-        stats = statistics_refusal(module)
-        if stats is not None:
-            return refuse(stats)
-        assert module is not None
+    def check_map(self, site: Site, context: Context, bn: nn.Module) -> Check:
         fold = forward_fold(
             site.bn_node,
             context.modules,
             context.calls,
-            bn_channels(module),
-            positive=scale_positive(module),
+            bn_channels(bn),
+            positive=scale_positive(bn),
             label=context.label,
         )
         return refuse(fold.reason) if isinstance(fold, NoFold) else Check(into=fold.into)

@@ -17,9 +17,9 @@ from torch import nn
 from ..analysis.detect import Site
 from ..analysis.patterns import bn_channels
 from ..core.affine import ChannelAffine, affine_map
-from ._exact import bn_module, identity_after, identity_before, statistics_refusal
+from ._exact import ExactRule, identity_after, identity_before
 from ._parameters import _BatchNorm, batchnorm_at
-from .base import Applied, Check, Context, Rule, refuse
+from .base import Applied, Check, Context
 
 
 def kept_affine(bn: _BatchNorm) -> ChannelAffine:
@@ -35,14 +35,12 @@ def kept_affine(bn: _BatchNorm) -> ChannelAffine:
     return affine
 
 
-class KeepAffine(Rule):
+class KeepAffine(ExactRule):
     name = "keep-affine"
     method = "exact-kept-affine"
-    exact = True
 
-    def check(self, site: Site, context: Context) -> Check:
-        stats = statistics_refusal(bn_module(site, context.modules))
-        return Check() if stats is None else refuse(stats)
+    def check_map(self, site: Site, context: Context, bn: nn.Module) -> Check:
+        return Check()  # any BN with an eval-mode map can keep it as a layer
 
     def apply(self, root: nn.Module, site: Site, check: Check) -> Applied:
         bn = batchnorm_at(root, str(site.bn_node.target))
