@@ -7,7 +7,9 @@ with ``--fold-padded`` and ``--quantize int8`` (onnxruntime's static quantizatio
 training digits, the same samples for every variant), then every float and INT8 variant is
 evaluated on the held-out digits and timed on onnxruntime's CPU provider, interleaved in one run.
 It prints, per model and variant: float and INT8 top-1, INT8 minus float, the BatchNormalization
-nodes left in the INT8 graph, and the INT8 (and float) latency of the after-variant against the
+nodes left in the INT8 graph, how the variant's BNs left the graph (folded forward into the next
+layer, fused backward by the exporter, or removed as the identity: the BN′ an exact move leaves
+only normalises in training), and the INT8 (and float) latency of the after-variant against the
 before-variant, p50.
 
     python benchmarks/bench_quantize.py [--epochs 10] [--iterations 300] [--batch-sizes 1,64]
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -98,8 +102,11 @@ def main() -> None:
                 stem="net",
             )
             manifest = json.loads((Path(tmp) / "manifest.json").read_text())
+            # the noise floor: a byte-identical copy of the before-variant's INT8 file, timed alongside
+            control = Path(tmp) / "net.control.int8.onnx"
+            shutil.copyfile(paths["before.int8"], control)
             result = compare(
-                paths,
+                {**paths, "control.int8": control},
                 provider="cpu",
                 batch_sizes=sizes,
                 iterations=args.iterations,
@@ -108,19 +115,26 @@ def main() -> None:
             )
             accuracy = {a.variant: a.accuracy for a in result.accuracies}
             bns = {name: _float_bns(path) for name, path in paths.items()}
+            control_ratio = {
+                b: result.timing("control.int8", b).p50_ms / result.timing("before.int8", b).p50_ms
+                for b in sizes
+            }
         print(
             f"\nmodel trained with BN {trained_as} the activation, converted exactly to the other placement"
         )
         print(
-            f"{'variant':8} {'float top-1':>11} {'int8 top-1':>10} {'int8-float':>10} {'BNs in int8':>11}  moved"
+            f"{'variant':8} {'float top-1':>11} {'int8 top-1':>10} {'int8-float':>10} {'BNs in int8':>11}  "
+            "moved  BNs: how they left"
         )
         for variant in ("before", "after"):
             gap = 100 * (accuracy[f"{variant}.int8"] - accuracy[variant])
-            moved = manifest["variants"][variant]["moved"]
-            kept = manifest["variants"][variant].get("fold_auto", {}).get("form")
+            entry = manifest["variants"][variant]
+            kept = entry.get("fold_auto", {}).get("form")
+            fates = Counter(b["form"] or b["fate"] for b in entry["bns"])
             print(
                 f"{variant:8} {accuracy[variant]:>11.1%} {accuracy[variant + '.int8']:>10.1%} "
-                f"{gap:>+10.1f} {bns[variant + '.int8']:>11}  {moved}"
+                f"{gap:>+10.1f} {bns[variant + '.int8']:>11}  {entry['moved']:>5}  "
+                + ", ".join(f"{n} {how}" for how, n in sorted(fates.items()))
                 + (f"  (auto kept {kept})" if kept else "")
             )
             if abs(gap) > 1.0:
@@ -137,11 +151,21 @@ def main() -> None:
                     f"  {'INT8 ' if kind else 'float'} batch {batch:>3}: after {after:.3f} ms, "
                     f"before {before:.3f} ms, after/before {after / before:.2f}x"
                 )
+                if kind:
+                    print(
+                        f"  {'':5} batch {batch:>3}: a byte-identical copy of before's INT8 file measured "
+                        f"{control_ratio[batch]:.2f}x before (this run's noise floor)"
+                    )
                 if kind and after / before > 1.03:
                     failures.append(
                         f"{trained_as}-trained INT8 batch {batch}: after/before {after / before:.2f}x"
                     )
-        figures[trained_as] = {"accuracy": accuracy, "bns_in_int8": bns, "after_over_before_p50": ratios}
+        figures[trained_as] = {
+            "accuracy": accuracy,
+            "bns_in_int8": bns,
+            "after_over_before_p50": ratios,
+            "identical_copy_over_before_int8_p50": control_ratio,
+        }
     print()
     print("targets met" if not failures else "targets missed: " + "; ".join(failures))
     if args.json:

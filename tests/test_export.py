@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import outputs_of
 from torch import nn
-from zoo import build
+from zoo import build, randomize_bn
 
 import bnmove
 from bnmove.deploy.export import ExportOptions, export_variants
@@ -158,19 +158,22 @@ def test_export_failure_names_the_root_cause(tmp_path: Path) -> None:
 
 
 def test_cli_fold_padded_leaves_only_bns_no_rule_removes(tmp_path: Path) -> None:
+    """A MobileNet trained with BN after its activations (the before-placement converted, its BNs
+    then given trained-like maps): every BN folds but the one no rule removes, with the reason."""
     from click.testing import CliRunner
 
     from bnmove.cli import main
     from bnmove.sample_models import mobilenet
 
     torch.manual_seed(0)
-    torch.save(mobilenet().eval(), tmp_path / "m.pt")
+    trained_after = randomize_bn(bnmove.convert(mobilenet().eval(), "after").model, seed=0).eval()
+    torch.save(trained_after, tmp_path / "m.pt")
     args = ["export", str(tmp_path / "m.pt"), "--allow-pickle", "--input-shape", "1,3,32,32"]
     res = CliRunner().invoke(
-        main, [*args, "--placements", "after", "--fold-padded", "-o", str(tmp_path / "v")]
+        main, [*args, "--placements", "original", "--fold-padded", "-o", str(tmp_path / "v")]
     )
     assert res.exit_code == 0, res.output
-    entry = json.loads((tmp_path / "v" / "manifest.json").read_text())["variants"]["after"]
+    entry = json.loads((tmp_path / "v" / "manifest.json").read_text())["variants"]["original"]
     forms = Counter(b["form"] for b in entry["bns"] if b["fate"] == "folded-forward")
     assert forms == {"border-corrected": 4, "weights": 5}  # 4 before padded depthwise convs; 4 + the head
     (left,) = entry["standalone_bns"]

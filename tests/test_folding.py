@@ -18,20 +18,22 @@ from bnmove.deploy.folding import fold_forward
 
 
 @pytest.mark.parametrize(
-    ("name", "folded", "standalone"),
+    ("name", "folded", "identity"),
     [
-        ("mlp", {"bn1.1": "fc2", "bn2": "fc3"}, 0),  # bn1 moved: its slot is Sequential(act, bn)
-        ("nested", {"stage.1.bn": "stage.1.proj", "stage.3": "head.fc"}, 1),  # via F.adaptive_avg_pool2d
-        ("conv1d", {"bn2": "conv3"}, 1),
+        ("mlp", {"bn2": "fc3"}, {"bn1.1"}),  # bn1 moved: its slot is Sequential(act, bn)
+        ("nested", {"stage.1.bn": "stage.1.proj"}, {"stage.0.1", "stage.3"}),
+        ("conv1d", {"bn2": "conv3"}, {"bn.1"}),
     ],
 )
-def test_fold_forward_after_variant(name: str, folded: dict[str, str], standalone: int) -> None:
+def test_fold_forward_after_variant(name: str, folded: dict[str, str], identity: set[str]) -> None:
+    """The BNs the model had after its activations fold forward; the BN′ each exact move left (the
+    identity in eval mode) is removed wherever it stands, even where nothing could fold it."""
     model, inputs = build(name)
     after = bnmove.convert(model, "after", example_inputs=inputs).model
     result = fold_forward(after)
     assert {b.bn: b.into for b in result.bns if b.fate == "folded-forward"} == folded
-    assert len(result.standalone) == standalone
-    assert all(b.reason for b in result.standalone)
+    assert {b.bn for b in result.bns if b.fate == "identity"} == identity
+    assert not result.standalone
     assert_same_outputs(after, result.model, inputs)
     remaining = {n for n, m in result.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     called = {p.bn for p in bnmove.find_pairs(result.model)}
@@ -54,9 +56,10 @@ def test_kept_affine_folds_forward_like_a_batchnorm() -> None:
     with torch.no_grad():
         affine.weight.uniform_(0.5, 1.5)
         affine.bias.normal_()
-    model = nn.Sequential(
-        nn.Linear(4, 6), nn.ReLU(), affine, nn.Linear(6, 3), nn.Tanh(), bnmove.core.affine.ChannelAffine(3)
-    )
+    last = bnmove.core.affine.ChannelAffine(3)
+    with torch.no_grad():
+        last.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), affine, nn.Linear(6, 3), nn.Tanh(), last)
     result = fold_forward(model)
     assert [(b.bn, b.fate, b.into) for b in result.bns] == [
         ("2", "folded-forward", "3"),
@@ -64,6 +67,62 @@ def test_kept_affine_folds_forward_like_a_batchnorm() -> None:
     ]
     assert isinstance(result.model[2], nn.Identity)
     assert_same_outputs(model, result.model, (torch.randn(5, 4),))
+
+
+def _identity_bn(n: int, dtype: torch.dtype = torch.float32) -> nn.BatchNorm2d:
+    """BN′ as an exact move leaves it: real statistics, weight ``√(var+ε)``, bias ``mean``."""
+    bn = nn.BatchNorm2d(n).to(dtype).eval()
+    g = torch.Generator().manual_seed(n)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.rand(n, generator=g) * 4 - 1)
+        bn.running_var.copy_(torch.rand(n, generator=g) * 3 + 0.01)
+        bn.weight.copy_(torch.sqrt(bn.running_var.double() + bn.eps))
+        bn.bias.copy_(bn.running_mean)
+    return bn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_identity_bn_is_removed_wherever_it_stands(dtype: torch.dtype) -> None:
+    """BN′ of an exact move only normalises in training: in eval it passes its input through, to
+    its dtype's rounding, so deployment removes it even where no layer could take a fold (here: it
+    feeds an add and a padded conv), and a map one part in 10⁵ away from the identity stays."""
+
+    class Residual(nn.Module):
+        def __init__(self, bn: nn.BatchNorm2d) -> None:
+            super().__init__()
+            self.conv, self.act, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), bn
+            self.next = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.act(self.conv(x)))
+            return self.next(y) + y
+
+    torch.manual_seed(0)
+    model = Residual(_identity_bn(4, dtype)).to(dtype).eval()
+    result = fold_forward(model, padded=True)
+    (fate,) = result.bns
+    assert (fate.fate, fate.into) == ("identity", None) and "identity in eval mode" in (fate.reason or "")
+    assert isinstance(result.model.bn, nn.Identity) and type(result.model) is Residual
+    x = torch.randn(2, 4, 9, 9, dtype=dtype)
+    with torch.no_grad():
+        want, got = model(x), result.model(x)
+    u = torch.finfo(dtype).eps
+    assert (want - got).abs().max() <= 8 * u * want.abs().max(), (want - got).abs().max()
+    with torch.no_grad():
+        model.bn.weight.mul_(1 + 1e-5)
+    (fate,) = fold_forward(model, padded=True).bns
+    assert fate.fate == "standalone" and "feeds" in (fate.reason or "")
+
+
+def test_an_identity_kept_affine_is_removed_and_one_nearly_so_is_not() -> None:
+    affine = bnmove.core.affine.ChannelAffine(4)
+    model = nn.Sequential(nn.ReLU(), affine, nn.Conv2d(4, 2, 3, padding=1)).eval()
+    (fate,) = fold_forward(model).bns
+    assert fate.fate == "identity" and isinstance(fold_forward(model).model[1], nn.Identity)
+    with torch.no_grad():
+        affine.bias[0] = 1e-6
+    (fate,) = fold_forward(model).bns
+    assert fate.fate == "standalone"
 
 
 def _bn(n: int, negative: bool = False) -> nn.BatchNorm2d:

@@ -79,6 +79,10 @@ def test_int8_variants_of_each_placement_agree_with_their_float_variants(
         got = ort.InferenceSession(str(int8)).run(None, {"x": x})[0]
         assert (want.argmax(1) == got.argmax(1)).mean() >= 0.95  # on 359 digits no calibration saw
         assert _nodes(int8)["QuantizeLinear"] > 0
+    # the after-variant's BNs are BN′ of exact moves, identities in eval: removed, the INT8 graph is
+    # the before-variant's, node for node
+    assert _nodes(paths["after.int8"]) == _nodes(paths["before.int8"])
+    assert all(b["fate"] == "identity" for b in manifest["variants"]["after"]["bns"])
     # after an exact fold, nothing of the after-placement stays in float: no BN, no float Conv
     after = paths["after.int8"]
     assert _nodes(after)["BatchNormalization"] == 0 and _float_convs(after) == 0

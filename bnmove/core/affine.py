@@ -41,9 +41,6 @@ class ChannelAffine(nn.Module):
         return str(self.num_features)
 
 
-__all__ = ["ChannelAffine"]
-
-
 def affine_map(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, b)`` in float64 of the eval-mode map ``a*z + b`` of a BatchNorm (or of a kept ChannelAffine)."""
     if isinstance(bn, ChannelAffine):
@@ -57,3 +54,31 @@ def scale_positive(bn: nn.Module) -> bool:
     """Every channel's eval-mode scale ``a`` is positive (a maximum then passes the map)."""
     a, _ = affine_map(bn)
     return bool((a > 0).all())
+
+
+#: ulps of the BN's own dtype within which its map counts as the identity
+IDENTITY_ULPS = 4
+
+
+def is_identity(bn: nn.Module) -> bool:
+    """The eval-mode map is the identity to within the rounding of the dtype it is stored in.
+
+    An exact move leaves such a BN (BN′, weight ``√(var+ε)`` and bias ``mean``: it normalises in
+    training and passes its input through in eval). Stored in float32 its map is
+    ``a = 1 ± 1 ulp``, ``b = mean·(1 − a)``; evaluating it rounds its input as much. Per channel:
+    ``|a − 1| ≤ 4u`` and ``|b| ≤ 4u·(|mean| + √(var+ε))``, the size of what it reads, with ``u`` the
+    dtype's machine epsilon (a kept affine: ``|b| ≤ 4u``)."""
+    stored = bn.weight if isinstance(getattr(bn, "weight", None), torch.Tensor) else bn.running_mean
+    assert isinstance(stored, torch.Tensor)
+    u = IDENTITY_ULPS * torch.finfo(stored.dtype).eps
+    a, b = affine_map(bn)
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    size = (
+        torch.ones_like(b)
+        if mean is None or var is None
+        else mean.double().abs() + (var.double() + bn.eps).sqrt()
+    )
+    return bool(((a - 1).abs() <= u).all() and (b.abs() <= u * size.to(b)).all())
+
+
+__all__ = ["ChannelAffine", "affine_map", "is_identity", "scale_positive"]

@@ -12,8 +12,10 @@ separate memory-bound kernel. Where its only user is a Linear, an unpadded Conv
 or a pointwise ConvTranspose, ``N(BN(z)) = N'(z)`` exactly (``bn_math``), so the
 BN can disappear from the deployed graph. A BN that feeds a squeeze-and-excitation
 gate and the product it scales folds into the gate and the projection, with a
-per-sample bias from the gate vector (:mod:`.gate`). The result is for inference:
-the folded BN no longer normalises in train mode.
+per-sample bias from the gate vector (:mod:`.gate`). A BN whose eval-mode map is
+the identity (BN′ of an exact move, which only normalises in training) is removed
+wherever it stands. The result is for inference: the folded BN no longer
+normalises in train mode.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..analysis.layers import AFFINE_LAYERS, out_channels
 from ..analysis.nodes import skip_identity_up
 from ..analysis.patterns import bn_channels, is_batchnorm_module, is_plain_batchnorm, match_activation
 from ..analysis.regions import analysis_regions
-from ..core.affine import ChannelAffine, affine_map, scale_positive
+from ..core.affine import ChannelAffine, affine_map, is_identity, scale_positive
 from ..core.clone import clone_module
 from ..core.modules import qualified, set_submodule
 from ..rules import Context
@@ -44,7 +46,8 @@ class BnFate:
     """What happened to one BatchNorm in the deployed graph."""
 
     bn: str
-    #: "folded-forward", "fused-backward" (by the exporter/runtime) or "standalone"
+    #: "folded-forward", "fused-backward" (by the exporter/runtime), "identity" (removed: its eval-mode
+    #: map is the identity, as an exact move leaves BN′) or "standalone"
     fate: str
     into: str | None = None
     reason: str | None = None
@@ -81,6 +84,12 @@ class Folding:
         }
 
 
+IDENTITY_REASON = (
+    "the identity in eval mode, to float rounding (an exact move leaves it to normalise in "
+    "training): removed from the deployed graph"
+)
+
+
 def _fate(
     node: fx.Node, context: Context, prefix: str, padded: bool, gates: bool
 ) -> tuple[BnFate, ForwardFold | GateFold | None]:
@@ -90,6 +99,8 @@ def _fate(
     kept = isinstance(module, ChannelAffine)
     if not kept and (not is_plain_batchnorm(module) or module.running_mean is None):  # type: ignore[union-attr]
         return BnFate(name, "standalone", reason="not a plain BatchNorm with running statistics"), None
+    if is_identity(module):
+        return BnFate(name, "identity", reason=IDENTITY_REASON), None
     if calls[str(node.target)] > 1:
         return BnFate(name, "standalone", reason="called at several places"), None
     channels = int(module.num_features)  # type: ignore[arg-type]
@@ -221,6 +232,8 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
                     else:
                         fold_map(region.root, a, b, str(user.target), "forward")
                 # The BN's slot computes nothing now; every forward stays the user's.
+                set_submodule(region.root, str(node.target), nn.Identity())
+            elif fate.fate == "identity":
                 set_submodule(region.root, str(node.target), nn.Identity())
             elif fate.fate == "fused-backward":
                 source = skip_identity_up(node.args[0], modules)  # type: ignore[arg-type]
