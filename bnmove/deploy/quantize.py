@@ -18,6 +18,7 @@ once quantized. The report lists every node left in float, with the reason.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,13 @@ def float_nodes(model: Any) -> list[dict[str, str]]:
     return left
 
 
+def _standalone_bn_axis(record: logging.LogRecord) -> bool:
+    """Drop onnxruntime's "Axis 1 is out-of-range for weight 'bn.weight' with rank 1", logged on the
+    root logger for each BN left standing: its per-channel weight axis does not apply to the BN's
+    1-D parameters, which stay float, as ``float_nodes`` reports with the reason."""
+    return not (record.levelno == logging.WARNING and "is out-of-range for weight" in record.getMessage())
+
+
 def quantize_variant(
     float_path: Path, out_path: Path, calibration: QuantizationSamples, work: Path
 ) -> dict[str, Any]:
@@ -125,6 +133,8 @@ def quantize_variant(
             return next(self.feeds, None)
 
     prepared = work / f"{float_path.stem}.pre.onnx"
+    root = logging.getLogger()
+    root.addFilter(_standalone_bn_axis)
     try:
         quant_pre_process(str(float_path), str(prepared))
         quantize_static(
@@ -140,6 +150,8 @@ def quantize_variant(
         raise BnmoveError(
             f"{float_path.name}: onnxruntime's quantization failed ({type(exc).__name__}: {exc})"
         ) from exc
+    finally:
+        root.removeFilter(_standalone_bn_axis)
     float_session = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"])
     int8_session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
     meter = Agreement()
