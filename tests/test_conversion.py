@@ -309,3 +309,63 @@ def test_inplace_through_identity_alias_is_made_out_of_place() -> None:
     result = convert(model, "after", method="swap", example_inputs=(x,))
     y = x + 1
     torch.testing.assert_close(outputs_of(result.model, (x,)), model.bn(torch.relu(y)) + y)
+
+
+class _DenseLayer(nn.Module):
+    """concat -> BN -> ReLU -> 1x1 conv: the BN is a module outside any Sequential."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(cin, growth, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv(self.relu(self.norm(torch.cat(features, 1))))
+
+
+class _DenseNet(nn.Module):
+    """Layers held in attributes (``layer0``, ``layer1``, …), each reading every earlier output."""
+
+    def __init__(self, layers: int, growth: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, growth, 3, padding=1)
+        self.layers = layers
+        for i in range(layers):
+            setattr(self, f"layer{i}", _DenseLayer(growth * (i + 1), growth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.stem(x)]
+        for i in range(self.layers):
+            features.append(getattr(self, f"layer{i}")(features))
+        return torch.cat(features, 1).mean((2, 3))
+
+
+def _module_walks(layers: int) -> float:
+    """How many walks of the whole module tree converting a ``layers``-layer DenseNet to after
+    costs: every module ``named_modules`` yields, over the model's size."""
+    model = randomize_bn(_DenseNet(layers)).eval()
+    size = len(list(model.modules()))
+    visited = 0
+    original = nn.Module.named_modules
+
+    def counted(self: nn.Module, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        nonlocal visited
+        for item in original(self, *args, **kwargs):  # type: ignore[arg-type]
+            visited += 1
+            yield item
+
+    nn.Module.named_modules = counted  # type: ignore[method-assign]
+    try:
+        result = convert(model, "after", method="exact", example_inputs=(torch.randn(1, 3, 4, 4),))
+    finally:
+        nn.Module.named_modules = original  # type: ignore[method-assign]
+    assert sum(m.moved for m in result.moves) == layers
+    return visited / size
+
+
+def test_a_conversion_walks_the_module_tree_a_bounded_number_of_times() -> None:
+    """Four times the pairs, the same number of walks of the tree (not four times as many, as one
+    walk per replaced module made it)."""
+    few, many = _module_walks(6), _module_walks(24)
+    assert many <= few + 2, (few, many)

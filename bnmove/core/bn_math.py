@@ -150,8 +150,18 @@ def match_gaussian(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Find ``N(mu, sigma^2)`` per channel whose ``E f``, ``Var f`` hit the targets.
 
-    Damped Newton on ``(mu, log sigma)``, all channels at once (they are
-    independent, so per-channel Jacobians come from two autograd passes).
+    Damped Newton (step 0.7) on ``(mu, l = log sigma)`` for the residuals
+    ``r1 = (m - t_m) / sqrt(t_v)`` and ``r2 = (log v - log t_v) / 2``, where, with
+    ``z_k = mu + sigma·x_k`` on Gauss–Hermite nodes ``x_k`` (weights ``w_k``),
+    ``m = Σ w f(z)`` and ``v = Σ w (f(z) - m)²``. The Jacobian is closed form in ``f'``::
+
+        dm/dmu = Σ w f'(z)            dm/dl = Σ w f'(z)·sigma·x
+        dv/dmu = 2 Σ w (f(z) - m) f'(z)   dv/dl = 2 Σ w (f(z) - m) f'(z)·sigma·x
+
+    (``Σ w (f - m) = 0`` drops the ``dm`` terms), so each step costs one evaluation of
+    ``f`` and of its elementwise derivative. Steps are damped (0.7) until both residuals are
+    below 1e-3, then full (quadratic convergence). Channels are independent: one whose step has
+    fallen below ``1e-10`` stops, the rest go on for at most ``steps`` steps.
     Returns ``(mu, sigma, converged)``; channels that do not converge (targets
     outside what ``f`` can produce) are reported, not guessed.
     """
@@ -160,28 +170,80 @@ def match_gaussian(
     log_s = 0.5 * torch.log(tv)
     x, w = _hermite_nodes(nodes)
     scale_m = tv.sqrt() + 1e-6
+    active = torch.arange(tm.numel())
+    channelwise = _reads_each_channel_alone(f, mu, log_s, x)
     for _ in range(steps):
-        mu = mu.detach().requires_grad_(True)
-        log_s = log_s.detach().requires_grad_(True)
-        z = mu[None, :] + torch.exp(log_s)[None, :] * x[:, None]
-        y = f(z)
-        m = (w[:, None] * y).sum(0)
-        v = (w[:, None] * (y - m) ** 2).sum(0)
-        r1 = (m - tm) / scale_m
-        r2 = 0.5 * (torch.log(v + 1e-12) - torch.log(tv))
-        g1 = torch.autograd.grad(r1.sum(), (mu, log_s), retain_graph=True)
-        g2 = torch.autograd.grad(r2.sum(), (mu, log_s))
-        det = g1[0] * g2[1] - g1[1] * g2[0]
-        det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
-        d_mu = (g2[1] * r1 - g1[1] * r2) / det
-        d_ls = (-g2[0] * r1 + g1[0] * r2) / det
-        with torch.no_grad():
-            mu = mu - torch.clamp(0.7 * d_mu, -2.0 * scale_m, 2.0 * scale_m)
-            log_s = log_s - (0.7 * d_ls).clamp(-1.0, 1.0)
+        if active.numel() == 0:
+            break
+        # a per-channel f (PReLU) reads every channel on dim 1: then all channels are evaluated and
+        # only the active ones take their step
+        at = active if channelwise else slice(None)
+        d_mu, d_ls, r = _newton_step(f, mu[at], log_s[at], tm[at], tv[at], scale_m[at], x, w)
+        if not channelwise:
+            d_mu, d_ls, r = d_mu[active], d_ls[active], r[active]
+        # damped far from the solution, full Newton steps (quadratic convergence) close to it
+        rate = torch.where(r < 1e-3, 1.0, 0.7)
+        step_mu = torch.clamp(rate * d_mu, -2.0 * scale_m[active], 2.0 * scale_m[active])
+        step_ls = (rate * d_ls).clamp(-1.0, 1.0)
+        mu[active] -= step_mu
+        log_s[active] -= step_ls
+        active = active[(step_mu.abs() > 1e-10 * scale_m[active]) | (step_ls.abs() > 1e-10)]
     with torch.no_grad():
         m, v = gaussian_moments(f, mu, torch.exp(log_s), nodes=nodes)
-        converged = ((m - tm).abs() <= 1e-3 * (tv.sqrt() + 1e-3)) & ((v - tv).abs() <= 1e-2 * tv + 1e-8)
-    return mu.detach(), torch.exp(log_s).detach(), converged
+    converged = ((m - tm).abs() <= 1e-3 * (tv.sqrt() + 1e-3)) & ((v - tv).abs() <= 1e-2 * tv + 1e-8)
+    return mu, torch.exp(log_s), converged
+
+
+def _reads_each_channel_alone(f: Activation, mu: torch.Tensor, log_s: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``f`` on some of the channels equals ``f`` on all of them there (an elementwise
+    activation), so a solve can evaluate only the channels still moving."""
+    if mu.numel() < 2:
+        return False
+    z = mu[None, :] + torch.exp(log_s)[None, :] * x[:, None]
+    half = mu.numel() // 2
+    with torch.no_grad():
+        try:
+            return bool(torch.equal(f(z.clone())[:, :half], f(z[:, :half].clone())))
+        except (RuntimeError, ValueError, IndexError):
+            return False
+
+
+def _newton_step(
+    f: Activation,
+    mu: torch.Tensor,
+    log_s: torch.Tensor,
+    tm: torch.Tensor,
+    tv: torch.Tensor,
+    scale_m: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The undamped Newton step ``(d_mu, d_log_sigma)`` of :func:`match_gaussian` and the larger
+    residual ``max(|r1|, |r2|)``, per channel."""
+    s = torch.exp(log_s)
+    z = (mu[None, :] + s[None, :] * x[:, None]).requires_grad_(True)
+    with torch.enable_grad():
+        y = f(z.clone())  # a non-leaf input: an in-place activation may write into it
+        (fp,) = torch.autograd.grad(y.sum(), z)
+    y, fp = y.detach().double(), fp.double()
+    wc = w[:, None]
+    m = (wc * y).sum(0)
+    dev = y - m
+    v = (wc * dev**2).sum(0)
+    sx = s[None, :] * x[:, None]
+    dm = ((wc * fp).sum(0), (wc * fp * sx).sum(0))
+    dv = (2 * (wc * dev * fp).sum(0), 2 * (wc * dev * fp * sx).sum(0))
+    r1 = (m - tm) / scale_m
+    r2 = 0.5 * (torch.log(v + 1e-12) - torch.log(tv))
+    g1 = (dm[0] / scale_m, dm[1] / scale_m)
+    g2 = (0.5 * dv[0] / (v + 1e-12), 0.5 * dv[1] / (v + 1e-12))
+    det = g1[0] * g2[1] - g1[1] * g2[0]
+    det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
+    return (
+        (g2[1] * r1 - g1[1] * r2) / det,
+        (-g2[0] * r1 + g1[0] * r2) / det,
+        torch.maximum(r1.abs(), r2.abs()),
+    )
 
 
 # -- approximate moves (method "fit") -----------------------------------------------------

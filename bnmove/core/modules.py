@@ -30,10 +30,51 @@ def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> No
 
 def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` in every slot that holds ``old`` (a module registered under several names)."""
-    for parent in list(root.modules()):
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, key, new)
+    Slots(root).replace(old, new)
+
+
+class Slots:
+    """Every slot (parent, key) of every module under a root, read in one walk of the tree.
+
+    A conversion replaces many modules; looking up each one's slots by walking the whole model
+    made conversion quadratic in its size. The index is read once, on first use, and kept up to
+    date by :meth:`replace`; a slot that changed behind its back is checked before it is used.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self._root = root
+        #: id of a module -> (the module, kept alive so its id stays its own; its slots)
+        self._slots: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] | None = None
+
+    def _index(self) -> dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]]:
+        if self._slots is None:
+            self._slots = {}
+            for parent in self._root.modules():
+                for key, child in parent._modules.items():
+                    if child is not None:
+                        self._slots.setdefault(id(child), (child, []))[1].append((parent, key))
+        return self._slots
+
+    def replace(self, old: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` in every slot that holds ``old``."""
+        index = self._index()
+        _, slots = index.get(id(old), (old, []))
+        held = [(parent, key) for parent, key in slots if parent._modules.get(key) is old]
+        if not held:  # registered behind the index's back (set_submodule): look once more
+            held = [
+                (parent, key)
+                for parent in self._root.modules()
+                for key, child in parent._modules.items()
+                if child is old
+            ]
+        for parent, key in held:
+            setattr(parent, key, new)
+        index.pop(id(old), None)
+        entry = index.setdefault(id(new), (new, []))
+        entry[1].extend(held)
+        for key, child in new._modules.items():  # new registrations inside the new module
+            if child is not None:
+                index.setdefault(id(child), (child, []))[1].append((new, key))
 
 
 def parent_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:

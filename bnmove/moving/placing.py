@@ -23,7 +23,7 @@ from ..analysis.detect import Site
 from ..analysis.nodes import input_is_shared
 from ..analysis.tracing import Region
 from ..core.forwards import GraphForward, generated_forward, install_forward
-from ..core.modules import first_line, qualified, set_submodule
+from ..core.modules import Slots, first_line, qualified, set_submodule
 from ..core.running import untouched
 from ..rules import SPLIT_FUSED
 from ..rules.split_fused import activation_module
@@ -87,6 +87,13 @@ class Mover:
         #: child positions of each Sequential, read once: moves replace slots and reorders wait for
         #: install(), so the keys stay as they were until then
         self._positions: dict[int, tuple[list[str], dict[str, int]]] = {}
+        #: every module's slots in each region, read once (a replaced module's slots are looked up here)
+        self._slots: dict[str, Slots] = {}
+
+    def slots(self, region: str) -> Slots:
+        if region not in self._slots:
+            self._slots[region] = Slots(self.regions[region].root)
+        return self._slots[region]
 
     def forget(self, region: str) -> None:
         """Read the region's modules again: one was replaced (a kept affine absorbed)."""
@@ -270,7 +277,15 @@ class Mover:
                 plain, act_module = SPLIT_FUSED.apply(root, site)
                 set_submodule(root, bn_name, plain)
             new_name = surgery.module_move(
-                root, bn_name, act_name, act_module, placement, self._reorders, affine, self._positions
+                root,
+                bn_name,
+                act_name,
+                act_module,
+                placement,
+                self._reorders,
+                affine,
+                self._positions,
+                self.slots(site.region),
             )
             if how.reorder and affine is None:
                 assert site.act_node is not None
@@ -316,7 +331,14 @@ class Mover:
             notes.append("activation made out-of-place: its new input has other readers")
         bn_name = str(site.bn_node.target)
         new_name = surgery.module_move(
-            root, bn_name, None, how.act_module, site.pair.placement, self._reorders, affine
+            root,
+            bn_name,
+            None,
+            how.act_module,
+            site.pair.placement,
+            self._reorders,
+            affine,
+            slots=self.slots(site.region),
         )
         modules[bn_name] = root.get_submodule(bn_name)
         for node in (site.act_node, *how.nodes):  # the slot calls the activation now

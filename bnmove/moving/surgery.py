@@ -38,7 +38,7 @@ from ..core.forwards import (  # GraphForward: see __all__
     class_forward,
     generated_forward,
 )
-from ..core.modules import parent_of, replace_everywhere
+from ..core.modules import Slots, parent_of
 from ..core.running import kept_modes
 
 # -- module surgery ---------------------------------------------------------------------------
@@ -117,6 +117,7 @@ def module_move(
     reorders: Reorders,
     affine: nn.Module | None = None,
     positions: dict[int, tuple[list[str], dict[str, int]]] | None = None,
+    slots: Slots | None = None,
 ) -> str:
     """Move BN ``bn`` across activation ``act`` by replacing module slots; returns the BN's new name.
 
@@ -127,14 +128,16 @@ def module_move(
     kept ``affine`` joins the BN's slot: ``Sequential(affine, act, bn)`` (to
     after) or ``Sequential(bn, act, affine)`` (to before). ``positions`` is
     :func:`sequential_neighbours`' cache: slot replacements keep every Sequential's keys, and the
-    reorders wait, so it stays valid until ``reorders.apply()``.
+    reorders wait, so it stays valid until ``reorders.apply()``. ``slots`` is the index of every
+    module's slots under ``root``, read once per conversion (without it, the model is walked).
     """
+    replace_everywhere = (slots or Slots(root)).replace
     bn_module = root.get_submodule(bn)
     if affine is not None:  # X -> A -> f -> BN' or BN' -> f -> A -> N, all in the BN's slot
         if act is not None:
-            replace_everywhere(root, root.get_submodule(act), nn.Identity())
+            replace_everywhere(root.get_submodule(act), nn.Identity())
         three = (affine, act_module, bn_module) if placement == "before" else (bn_module, act_module, affine)
-        replace_everywhere(root, bn_module, nn.Sequential(*three))
+        replace_everywhere(bn_module, nn.Sequential(*three))
         return f"{bn}.2" if placement == "before" else f"{bn}.0"
     if act is not None:
         first, second = (bn, act) if placement == "before" else (act, bn)
@@ -146,9 +149,9 @@ def module_move(
             else:
                 reorders.move(seq, bn_key, act_key, after=False)
             return bn
-        replace_everywhere(root, root.get_submodule(act), nn.Identity())
+        replace_everywhere(root.get_submodule(act), nn.Identity())
     pair = (act_module, bn_module) if placement == "before" else (bn_module, act_module)
-    replace_everywhere(root, bn_module, nn.Sequential(*pair))
+    replace_everywhere(bn_module, nn.Sequential(*pair))
     return f"{bn}.1" if placement == "before" else f"{bn}.0"
 
 
