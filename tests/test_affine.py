@@ -7,6 +7,8 @@ every form an activation is written (module, function, method, in place, fused).
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +205,29 @@ def test_kept_affine_exports_to_onnx_and_onnxruntime_agrees(tmp_path: Path) -> N
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {name: x.numpy()})[0]
         np.testing.assert_allclose(got, _outputs(model, x).numpy(), atol=1e-4, rtol=1e-4, err_msg=variant)
+
+
+def test_a_kept_affine_is_torch_only_and_one_saved_by_bnmove_0_1_still_loads() -> None:
+    """``ChannelAffine(C)`` is a torch.fx GraphModule (its pickle names no bnmove module), recognised
+    by ``isinstance`` after a deep copy and a round trip; the layer class of bnmove 0.1, which files
+    saved then name, unpickles and computes the same map."""
+    affine = ChannelAffine(3)
+    with torch.no_grad():
+        affine.weight.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        affine.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    assert isinstance(affine, torch.fx.GraphModule) and b"bnmove" not in pickle.dumps(affine)
+    x = torch.randn(2, 3, 4, 5)
+    want = x * affine.weight.view(1, 3, 1, 1) + affine.bias.view(1, 3, 1, 1)
+    for again in (copy.deepcopy(affine), pickle.loads(pickle.dumps(affine))):
+        assert isinstance(again, ChannelAffine)
+        torch.testing.assert_close(again(x), want)
+    old = ChannelAffine.__new__(ChannelAffine)  # as unpickling a file of bnmove 0.1 makes it
+    nn.Module.__init__(old)
+    old.weight, old.bias = (
+        nn.Parameter(affine.weight.detach().clone()),
+        nn.Parameter(affine.bias.detach().clone()),
+    )
+    loaded = pickle.loads(pickle.dumps(old))
+    assert type(loaded) is ChannelAffine and isinstance(loaded, ChannelAffine)
+    torch.testing.assert_close(loaded(x), want)
+    assert not isinstance(nn.Linear(3, 3), ChannelAffine)

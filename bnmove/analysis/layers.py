@@ -34,7 +34,7 @@ def torch_forward(module: nn.Module) -> bool:
 
 def out_channels(layer: nn.Module) -> int:
     if isinstance(layer, ChannelAffine):
-        return layer.num_features
+        return cast("torch.Tensor", layer.weight).numel()
     if isinstance(layer, nn.Linear):
         return layer.out_features
     return int(layer.out_channels)  # type: ignore[arg-type]
@@ -42,7 +42,7 @@ def out_channels(layer: nn.Module) -> int:
 
 def in_channels(layer: nn.Module) -> int:
     if isinstance(layer, ChannelAffine):
-        return layer.num_features
+        return cast("torch.Tensor", layer.weight).numel()
     if isinstance(layer, nn.Linear):
         return layer.in_features
     return int(layer.in_channels)  # type: ignore[arg-type]

@@ -16,29 +16,82 @@ and Add; a later move folds a BN into it exactly, like into a Linear.
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import bn_math
 
 
-class ChannelAffine(nn.Module):
-    """``y = weight[c] * x + bias[c]`` over channel dimension 1, for inputs of any rank >= 2."""
+def _graph() -> fx.Graph:
+    """``x * weight.view(1, -1, 1, …) + bias.view(1, -1, 1, …)``, the view's rank read from ``x``."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    rest = graph.call_function(operator.sub, (graph.call_method("dim", (x,)), 2))
+    shape = graph.call_function(operator.add, ([1, -1], graph.call_function(operator.mul, ([1], rest))))
+    weight = graph.call_method("view", (graph.get_attr("weight"), shape))
+    bias = graph.call_method("view", (graph.get_attr("bias"), shape))
+    graph.output(graph.call_function(operator.add, (graph.call_function(operator.mul, (x, weight)), bias)))
+    return graph
+
+
+#: the code of every kept affine (regenerated the same after deepcopy and after loading)
+_CODE = _graph().python_code(root_module="self").src
+
+
+class _Recognised(type):
+    """``isinstance(m, ChannelAffine)`` holds for the torch-only layer :class:`ChannelAffine` builds
+    and for the layer of bnmove 0.1 that files saved then still hold."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return type.__instancecheck__(cls, obj) or (
+            isinstance(obj, fx.GraphModule)
+            and obj.code == _CODE
+            and set(dict(obj.named_parameters())) == {"weight", "bias"}
+        )
+
+
+class ChannelAffine(nn.Module, metaclass=_Recognised):
+    """``y = weight[c] * x + bias[c]`` over channel dimension 1, for inputs of any rank >= 2.
+
+    ``ChannelAffine(C)`` returns a :class:`torch.fx.GraphModule` (learnable ``weight`` and
+    ``bias`` of shape ``(C,)``, printed as ``ChannelAffine`` until deep-copied): torch alone
+    saves, loads, scripts and exports it, so a converted model never needs bnmove to load.
+    ``isinstance(m, ChannelAffine)`` recognises it by its code. Instances of this class itself
+    exist only where a file saved by bnmove 0.1 is loaded; they compute the same.
+    """
+
+    def __new__(
+        cls,
+        num_features: int | None = None,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Any:
+        if num_features is None:  # unpickling a layer saved by bnmove 0.1
+            return super().__new__(cls)
+        holder = nn.Module()
+        holder.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        holder.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        return fx.GraphModule(holder, _graph(), class_name="ChannelAffine")
+
+    weight: nn.Parameter
+    bias: nn.Parameter
 
     def __init__(
-        self, num_features: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> None:
+        self,
+        num_features: int | None = None,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:  # never reached: __new__ returns a GraphModule, and unpickling sets the state
         super().__init__()
-        self.num_features = num_features
-        self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
+        shape = [1, -1] + [1] * (x.dim() - 2)
         return x * self.weight.view(shape) + self.bias.view(shape)
-
-    def extra_repr(self) -> str:
-        return str(self.num_features)
 
 
 def affine_map(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

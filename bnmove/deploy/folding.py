@@ -103,7 +103,7 @@ def _fate(
         return BnFate(name, "identity", reason=IDENTITY_REASON), None
     if calls[str(node.target)] > 1:
         return BnFate(name, "standalone", reason="called at several places"), None
-    channels = int(module.num_features)  # type: ignore[arg-type]
+    channels = affine_map(module)[0].numel()
     backward = backward_fold(node, context, channels)  # the rule convert's exact before -> after move asks
     if backward.ok:
         return BnFate(name, "fused-backward", into=context.label(backward.into[0])), None

@@ -82,7 +82,10 @@ FOLDS = _table()
 
 
 def fold_for(layer: nn.Module, direction: Direction) -> Fold:
-    """The table's fold for ``layer`` (its own class or the nearest base the table names)."""
+    """The table's fold for ``layer`` (its own class or the nearest base the table names; a kept
+    affine, a GraphModule, by what it computes)."""
+    if isinstance(layer, ChannelAffine):
+        return FOLDS[(ChannelAffine, direction)]
     for kind in type(layer).__mro__:
         fold = FOLDS.get((kind, direction))
         if fold is not None:
