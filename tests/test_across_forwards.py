@@ -12,11 +12,11 @@ from torch import nn
 from zoo import ConvAct, ConvNorm, DenseTail, build, randomize_bn
 
 from bnmove import convert, find_pairs
-from bnmove.core.forwards import GraphForward
+from bnmove.core.forwards import generated_forward
 
 
 def _generated(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(vars(m).get("forward"), GraphForward)]
+    return [name for name, m in model.named_modules() if generated_forward(m) is not None]
 
 
 @pytest.mark.parametrize("placement", ["after", "before"])

@@ -389,6 +389,32 @@ class DropNet(nn.Module):
         return self.head(self.block(x, drop_rate=0.2))
 
 
+class Scaled(nn.Module):
+    """Branches on a float argument (``if scale:``), so bnmove specialises the forward to the value its
+    parent passes; a functional ReLU makes the move a rewrite of this forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor, scale: float = 0.0) -> torch.Tensor:
+        out = F.relu(self.bn(self.conv(x)))
+        if scale:
+            out = out * scale
+        return out
+
+
+class ScaledNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Scaled()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x, 0.5))
+
+
 @dataclass(frozen=True)
 class Case:
     factory: Callable[[], nn.Module]

@@ -62,12 +62,15 @@ def clone_module(module: M, memo: dict[int, Any] | None = None) -> M:
     memo[key] = new
     state: dict[str, Any] = {}
     for name, value in module.__dict__.items():
+        # the dictionaries are memoised too: a regenerated forward reaches the module's layers
+        # through a view that holds these very dictionaries (bnmove.core.forwards)
         if name == "_modules":
-            state[name] = type(value)(
+            state[name] = memo[id(value)] = type(value)()
+            state[name].update(
                 (k, None if child is None else clone_module(child, memo)) for k, child in value.items()
             )
         elif name in ("_parameters", "_buffers"):
-            state[name] = type(value)(
+            state[name] = memo[id(value)] = type(value)(
                 (k, None if t is None else _copy_tensor(t, memo)) for k, t in value.items()
             )
         else:

@@ -1,16 +1,40 @@
-"""Forwards generated from fx graphs and installed on one module instance (its class stays the user's)."""
+"""Forwards generated from fx graphs and installed on one module instance (its class stays the user's).
+
+A forward of one graph is installed as the bound ``forward`` of a :class:`torch.fx.GraphModule`
+that torch saves as its code, as text, and rebuilds with torch alone: a converted model saved
+whole loads and re-saves where bnmove is not installed.
+
+The code reaches the module's layers and tensors through one child, ``module``
+(``self.module.conv1(x)``): a plain ``nn.Module`` whose parameter, buffer and child dictionaries
+*are* the module's own (a view, not a copy). Pickling and deep-copying keep the dictionaries
+shared, so the forward always runs the module's current layers: a layer swapped in later (a new
+head, a quantized layer) runs, a device move is followed, and fx tracing of the model sees only
+the model's own layers. (A GraphModule made over the module itself would hold its own references
+to the layers, which loading and deep-copying keep as they were then.) TorchScript compiles the
+code against the module, which has no ``module`` attribute, so it refuses such a forward; the
+module's TorchScript type is keyed by the code, so that it never compiles the class's forward of
+an unchanged module of its class in its stead.
+
+A forward that needs several graphs (one per mode of ``self.training``, or per optional argument
+left at ``None``) dispatches between them at each call, which no GraphModule can hold: it stays a
+:class:`GraphForward`, and the conversion says that the model needs bnmove to load.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
+
+from .modules import key_script_type
 
 
 class OwnForwardTracer(fx.Tracer):
@@ -67,17 +91,24 @@ class GraphForward:
         self._training = TRAINING in keys
         self._optional = sorted(keys - {TRAINING})
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def function_for(self, training: bool, nones: frozenset[str] = frozenset()) -> Callable[..., Any]:
+        """The graph's function that runs in this mode with these optional arguments left at None."""
         fn = self._fn
         key: frozenset[str] = frozenset()
-        if self._training and self._module.training:
+        if self._training and training:
             key = frozenset({TRAINING})
             fn = self._by_nones.get(key, fn)
+        if self._optional and nones:
+            key = key | (nones & set(self._optional))
+            fn = self._by_nones.get(key, fn)
+        return fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        nones: frozenset[str] = frozenset()
         if self._optional:
             bound = self.__signature__.bind(*args, **kwargs)
-            key = key | {n for n in self._optional if bound.arguments.get(n) is None}
-            fn = self._by_nones.get(key, fn)
-        return fn(self._module, *args, **kwargs)
+            nones = frozenset(n for n in self._optional if bound.arguments.get(n) is None)
+        return self.function_for(self._module.training, nones)(self._module, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -108,36 +139,121 @@ def _drop_self(sig: inspect.Signature) -> inspect.Signature:
     return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
-def generated_forward(module: nn.Module) -> GraphForward | None:
+@dataclass(frozen=True)
+class InstalledForward:
+    """What bnmove installed as a module's forward, whichever form it took."""
+
+    variants: list[tuple[frozenset[str], fx.Graph]]
+    #: arguments the graphs were traced with as constants (their guards check each call)
+    specialised: dict[str, Any]
+    #: the forward as a function of ``(self, *args)`` (the general graph's)
+    function: Callable[..., Any]
+    #: the function of the graph for a mode and the optional arguments left at None
+    function_for: Callable[[bool, frozenset[str]], Callable[..., Any]]
+
+
+#: the key of a forward GraphModule's ``meta`` that holds the arguments it was specialised to
+_SPECIALISED = "specialised"
+#: the forward GraphModule's child through which its code reaches the module's own layers
+_VIEW = "module"
+_STATE = ("_parameters", "_buffers", "_modules")  # what attribute lookup reads
+
+
+def _view_of(module: nn.Module) -> nn.Module:
+    """A plain module whose parameters, buffers and children are ``module``'s own dictionaries."""
+    view = nn.Module()
+    for key in _STATE:
+        view.__dict__[key] = module.__dict__[key]
+    return view
+
+
+def _is_view_of(candidate: object, module: nn.Module) -> bool:
+    return isinstance(candidate, nn.Module) and all(
+        candidate.__dict__.get(key) is module.__dict__.get(key) for key in _STATE
+    )
+
+
+def _retarget(graph: fx.Graph, prefix: str, strip: bool) -> fx.Graph:
+    """A copy of ``graph`` whose module and attribute targets gain (or lose) ``prefix.``."""
+    new = fx.Graph()
+    new.output(new.graph_copy(graph, {}))
+    for node in new.nodes:
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            node.target = target.removeprefix(f"{prefix}.") if strip else f"{prefix}.{target}"
+    new._tracer_cls = None  # bnmove's tracer would be named in the pickle; torch's rebuilds it
+    return new
+
+
+def _function_of(graph: fx.Graph) -> Callable[..., Any]:
+    code = graph.python_code(root_module="self")
+    return _forward_from_src(_format_import_block(code.globals, sys_importer) + "\n" + code.src, {})
+
+
+def generated_forward(module: nn.Module) -> InstalledForward | None:
+    """The forward bnmove installed on this instance, or None when it runs its class's."""
     forward = module.__dict__.get("forward")
-    return forward if isinstance(forward, GraphForward) else None
+    if isinstance(forward, GraphForward):
+        return InstalledForward(forward.variants, forward.specialised, forward._fn, forward.function_for)
+    graph_module = getattr(forward, "__self__", None)
+    if not isinstance(forward, types.MethodType) or not isinstance(graph_module, fx.GraphModule):
+        return None
+    if not _is_view_of(graph_module._modules.get(_VIEW), module):
+        return None
+    graph = _retarget(graph_module.graph, _VIEW, strip=True)
+    function = _function_of(graph)
+    return InstalledForward(
+        [(frozenset(), graph)],
+        dict(graph_module.meta.get(_SPECIALISED, {})),
+        function,
+        lambda training, nones: function,
+    )
 
 
 def install_forward(
     module: nn.Module,
     variants: Sequence[tuple[frozenset[str], fx.Graph]],
     specialised: dict[str, Any] | None = None,
-) -> None:
-    """Make the graphs the forward of this one instance (its class and everything else stay)."""
+) -> bool:
+    """Make the graphs the forward of this one instance (its class and everything else stay).
+
+    Returns whether torch alone can rebuild it (one graph: a GraphModule's forward); several
+    graphs are dispatched by a :class:`GraphForward`, which needs bnmove to load.
+    """
     for _, graph in variants:
         graph.lint()
-    module.__dict__["forward"] = GraphForward(module, variants, specialised)
+    if len(variants) > 1:
+        module.__dict__["forward"] = GraphForward(module, variants, specialised)
+        return False
+    view = _view_of(module)
+    holder = nn.Module()
+    holder.add_module(_VIEW, view)
+    graph_module = fx.GraphModule(
+        holder, _retarget(variants[0][1], _VIEW, strip=False), class_name=f"{type(module).__name__}Forward"
+    )
+    graph_module.add_module(_VIEW, view)  # the view itself, not the copy of its layers fx made
+    graph_module.meta[_SPECIALISED] = dict(specialised or {})
+    module.__dict__["forward"] = graph_module.forward
+    # else TorchScript would compile the class's forward of an unchanged twin in its stead
+    key_script_type(module, "generated forward", graph_module.code)
+    return True
 
 
 @contextlib.contextmanager
-def class_forward(module: nn.Module) -> Iterator[None]:
+def class_forward(module: nn.Module, nones: frozenset[str] = frozenset()) -> Iterator[None]:
     """While open, ``type(module).forward`` is the instance's generated forward.
 
     torch.fx traces a root module through its class's ``forward``; a module
     that bnmove rewrote earlier carries its forward on the instance, and
-    tracing must see that one (a second conversion, a round trip).
+    tracing must see that one (a second conversion, a round trip): the graph of
+    the module's mode, with the optional arguments ``nones`` left at None.
     """
     generated = generated_forward(module)
     if generated is None:
         yield
         return
     original = type(module)
-    fn = generated._fn
+    fn = generated.function_for(module.training, nones)
     temporary = type(original.__name__, (original,), {"forward": fn, "__module__": original.__module__})
     module.__class__ = temporary
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import traceback
 
 from torch import fx, nn
@@ -75,6 +76,22 @@ class Slots:
         for key, child in new._modules.items():  # new registrations inside the new module
             if child is not None:
                 index.setdefault(id(child), (child, []))[1].append((new, key))
+
+
+def key_script_type(module: nn.Module, kind: str, value: str) -> None:
+    """Give ``module`` a TorchScript type of its own, shared only with modules keyed alike.
+
+    TorchScript compiles one type per class and set of attributes, children compared in name order,
+    and every instance that matches runs that type's code. A module bnmove changed without
+    changing those (an instance's own regenerated ``forward``; a Sequential whose children swapped
+    places under the same keys) would run the code compiled for its unchanged twin, elsewhere in
+    the model or in one scripted before. Its
+    ``__jit_ignored_attributes__``, which TorchScript reads per instance and compares, gets one
+    entry ``"<kind> <hash of value>"`` (replacing an earlier one of that kind).
+    """
+    digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+    kept = [a for a in getattr(module, "__jit_ignored_attributes__", []) if not a.startswith(f"{kind} ")]
+    module.__dict__["__jit_ignored_attributes__"] = [*kept, f"{kind} {digest}"]
 
 
 def parent_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -22,7 +22,7 @@ from torch.fx.proxy import TraceError
 from ..analysis.detect import Site
 from ..analysis.nodes import input_is_shared
 from ..analysis.tracing import Region
-from ..core.forwards import GraphForward, generated_forward, install_forward
+from ..core.forwards import generated_forward, install_forward
 from ..core.modules import Slots, first_line, qualified, set_submodule
 from ..core.running import untouched
 from ..rules import SPLIT_FUSED
@@ -227,14 +227,12 @@ class Mover:
         """The non-tensor arguments every call of ``scope`` passes (the same at each call), read in the
         forward of the nearest ancestor that calls it; None when there is no such single set."""
         module = self.work.get_submodule(scope)
-        forward = generated_forward(module) or type(module).forward
+        generated = generated_forward(module)
         try:
-            signature = inspect.signature(forward)
+            signature = inspect.signature(generated.function if generated else type(module).forward)
         except (TypeError, ValueError):
             return None
-        parameters = list(signature.parameters.values())
-        if not isinstance(forward, GraphForward):
-            signature = signature.replace(parameters=parameters[1:])  # without self
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
         parts = scope.split(".")
         for cut in range(len(parts) - 1, -1, -1):
             ancestor, child = ".".join(parts[:cut]), ".".join(parts[cut:])
@@ -353,15 +351,19 @@ class Mover:
         )
         return notes, qualified(site.region, new_name)
 
-    def install(self) -> None:
-        """Reorder Sequentials and install the rewritten forwards of every scope that graph moves changed."""
+    def install(self) -> list[str]:
+        """Reorder Sequentials and install the rewritten forwards of every scope that graph moves
+        changed; returns the scopes whose forward needs bnmove to load (several graphs)."""
         self._reorders.apply()
         self._positions.clear()  # the reorders changed the Sequentials' keys
-        for scope in self._dirty:
+        dispatched = []
+        for scope in sorted(self._dirty):
             entry = self._scopes[scope]
             assert not isinstance(entry, str)
             module = self.work.get_submodule(scope) if scope else self.work
-            install_forward(module, entry[0], self._specialised.get(scope))
+            if not install_forward(module, entry[0], self._specialised.get(scope)):
+                dispatched.append(scope)
+        return dispatched
 
 
 def _holds_node(value: Any) -> bool:

@@ -15,7 +15,8 @@ Two ways, tried in this order:
   method call, or a module called at several places, the module whose own
   ``forward`` calls both (its children kept whole) is traced, the nodes are
   reordered, and the generated code is installed as that instance's
-  ``forward`` (:class:`bnmove.core.forwards.GraphForward`). The instance keeps its class, attributes,
+  ``forward`` (the bound forward of a ``torch.fx.GraphModule`` over the instance, see
+  :mod:`bnmove.core.forwards`). The instance keeps its class, attributes,
   properties and hooks; every other module keeps its code.
 """
 
@@ -38,7 +39,7 @@ from ..core.forwards import (  # GraphForward: see __all__
     class_forward,
     generated_forward,
 )
-from ..core.modules import Slots, parent_of
+from ..core.modules import Slots, key_script_type, parent_of
 from ..core.running import kept_modes
 
 # -- module surgery ---------------------------------------------------------------------------
@@ -93,6 +94,7 @@ class Reorders:
         for seq, keys in self._orders.values():
             children = seq._modules
             seq._modules = OrderedDict((k, children[k]) for k in keys)
+            key_script_type(seq, "module order", ",".join(keys))  # else it scripts as the old order
         self._orders.clear()
 
 
@@ -193,7 +195,8 @@ def keyed_calls(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> dict[tup
 
 
 def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> fx.Graph:
-    with class_forward(module):
+    nones = frozenset(name for name, value in (concrete or {}).items() if value is None)
+    with class_forward(module, nones):
         graph = OwnForwardTracer().trace(module, concrete_args=concrete or None)
     for node in graph.nodes:
         if isinstance(node.type, str):
@@ -277,9 +280,11 @@ def _optional_variants(
 
 def _optional_arguments(module: nn.Module) -> dict[str, Any]:
     """Parameters of the forward that have a default, with it."""
-    forward = generated_forward(module) or type(module).forward
+    generated = generated_forward(module)
     try:
-        params = inspect.signature(forward).parameters.values()
+        params = inspect.signature(
+            generated.function if generated else type(module).forward
+        ).parameters.values()
     except (TypeError, ValueError):
         return {}
     return {

@@ -20,8 +20,9 @@ def apply(
     method: str,
     calibrator: Calibrator | None,
     progress: Progress = silent,
-) -> list[tuple[Move, PairPlan | None]]:
-    """Make every decided move on ``analysis.model``; each move with the calibration plan of its fit."""
+) -> tuple[list[tuple[Move, PairPlan | None]], list[str]]:
+    """Make every decided move on ``analysis.model``: each move with the calibration plan of its
+    fit, and the modules whose regenerated forward needs bnmove to load."""
     pending: list[tuple[Move, PairPlan | None]] = []
     total = sum(d.rule is not None for d in decisions)
     done = 0
@@ -36,8 +37,7 @@ def apply(
         else:
             pending.append(_move(analysis, decision, method, calibrator))
     progress("moving pairs", done, total)
-    analysis.mover.install()
-    return pending
+    return pending, analysis.mover.install()
 
 
 def _frozen_note(root: nn.Module, site: Site, rule: Rule) -> list[str]:

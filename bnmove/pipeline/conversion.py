@@ -176,7 +176,7 @@ def _convert(
     decisions = plan(analysis, placement, method)
     inputs = _verification_inputs(model, analysis, example_inputs, verify)
     data = _calibration_data(model, analysis, decisions, batches, synthetic, inputs, refit_next, progress)
-    pending = apply(analysis, decisions, method, data.calibrator, progress)
+    pending, dispatched = apply(analysis, decisions, method, data.calibrator, progress)
     moves = _calibrate(model, work, pending, data, progress)
     deviation = None
     if verify and inputs is not None:
@@ -188,7 +188,24 @@ def _convert(
     check = calibration_check(model, work, real) if real else None
     held_check = calibration_check(model, work, data.held) if real and data.held else None
     log.info("moved %d of %d pairs", sum(m.moved for m in moves), len(moves))
-    return Conversion(work, placement, method, moves, deviation, analysis.traced.untraced, check, held_check)
+    warnings = [needs_bnmove(work, dispatched)] if dispatched else []
+    return Conversion(
+        work, placement, method, moves, deviation, analysis.traced.untraced, check, held_check, warnings
+    )
+
+
+def needs_bnmove(work: nn.Module, scopes: list[str]) -> str:
+    """The one line that says which regenerated forwards tie a saved model to bnmove, and why."""
+    named = ", ".join(
+        f"{scope or 'the model'} ({type(work.get_submodule(scope)).__name__})" for scope in scopes[:3]
+    )
+    more = f" and {len(scopes) - 3} more" if len(scopes) > 3 else ""
+    return (
+        f"the forward of {named}{more} branches on the mode or on an optional argument, so bnmove "
+        "regenerated it as one graph per branch with a dispatch that torch alone cannot rebuild: the "
+        "model saved whole needs bnmove installed to load; --format pt2 (a torch.export program) "
+        "and --code-dir (plain Python) do not"
+    )
 
 
 def _verification_inputs(

@@ -1,0 +1,193 @@
+"""A converted model stands alone: saved whole, it loads, runs, trains and keeps its guards where
+bnmove is not installed, and it scripts wherever the original scripts.
+
+The models are converted here; one subprocess, in which ``import bnmove`` fails, loads every file
+and checks it (a subprocess per file would cost a torch import each).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickletools
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_same_outputs
+from torch import nn
+from zoo import ZOO, ScaledNet, build, randomize_bn
+
+import bnmove
+from bnmove import convert
+from bnmove.core.forwards import generated_forward
+
+TESTS = Path(__file__).resolve().parent
+
+#: run in a fresh interpreter: bnmove cannot be imported, the zoo (the "model's own library") can
+_CHECK = r"""
+import json, sys
+sys.modules["bnmove"] = None  # `import bnmove` raises ImportError from here on
+sys.path.insert(0, sys.argv[2])
+import torch
+
+torch.manual_seed(0)
+report = {}
+for entry in json.load(open(sys.argv[1])):
+    model = torch.load(entry["model"], weights_only=False).eval()
+    inputs = torch.load(entry["inputs"])
+    with torch.no_grad():
+        got = model(*inputs)
+    expected = torch.load(entry["expected"])
+    result = {"max_abs": float((got - expected).abs().max())}
+    if entry.get("guard"):
+        try:
+            model(inputs[0], **entry["guard"])
+            result["guard"] = "accepted"
+        except AssertionError as exc:
+            result["guard"] = str(exc)
+    if entry.get("bn"):
+        bn = model.get_submodule(entry["bn"])
+        before = bn.running_mean.clone()
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = model(*inputs).square().mean()
+        loss.backward()
+        optimizer.step()
+        result["stats_moved"] = float((bn.running_mean - before).abs().max())
+        result["trained_finite"] = bool(torch.isfinite(model.eval()(*inputs)).all())
+    report[entry["name"]] = result
+print(json.dumps(report))
+"""
+
+
+def _pickle_text(model: nn.Module) -> tuple[list[str], bytes]:
+    """The globals a whole-model save names, and the pickle itself (code kept as text included)."""
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    names = []
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in ("GLOBAL", "STACK_GLOBAL") and arg:
+            names.append(str(arg))
+    strings = [str(arg) for opcode, arg, _ in pickletools.genops(data) if "UNICODE" in opcode.name and arg]
+    return names + strings, data
+
+
+def _check_without_bnmove(entries: list[dict[str, object]], folder: Path) -> dict[str, dict[str, object]]:
+    listing = folder / "entries.json"
+    listing.write_text(json.dumps(entries))
+    done = subprocess.run(
+        [sys.executable, "-c", _CHECK, str(listing), str(TESTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _save(folder: Path, name: str, model: nn.Module, inputs: tuple[object, ...]) -> dict[str, object]:
+    with torch.no_grad():
+        expected = model.eval()(*inputs)
+    paths = {kind: folder / f"{name}.{kind}.pt" for kind in ("model", "inputs", "expected")}
+    torch.save(model, paths["model"])
+    torch.save(inputs, paths["inputs"])
+    torch.save(expected, paths["expected"])
+    return {"name": name, **{kind: str(path) for kind, path in paths.items()}}
+
+
+def test_every_zoo_conversion_loads_and_computes_without_bnmove(tmp_path: Path) -> None:
+    """Every model of the zoo, both placements, exact and fit: a file that names no bnmove module
+    and loads where bnmove cannot be imported, computing the same outputs; or, for a forward that
+    must dispatch between graphs, a warning that says so."""
+    entries = []
+    dispatched = []
+    for name in ZOO:
+        for placement in ("before", "after"):
+            for method in ("exact", "fit"):
+                model, inputs = build(name)
+                result = convert(model, placement, method=method, example_inputs=inputs)
+                texts, _ = _pickle_text(result.model)
+                named = [t for t in texts if "bnmove" in t]
+                case = f"{name}-{placement}-{method}"
+                needs = [w for w in result.warnings if "needs bnmove installed to load" in w]
+                if needs:
+                    dispatched.append(case)
+                    assert named, case  # the warning is about a real dependency
+                    continue
+                assert not named, (case, named)
+                entries.append(_save(tmp_path, case, result.model, tuple(inputs)))
+    # the zoo's one forward that branches on self.training in the block that holds the pair
+    assert dispatched == ["branching-forward-after-exact", "branching-forward-after-fit"]
+    report = _check_without_bnmove(entries, tmp_path)
+    assert set(report) == {e["name"] for e in entries}
+    for case, result in report.items():
+        assert float(result["max_abs"]) <= 1e-5, case  # type: ignore[arg-type]
+
+
+def test_a_specialised_forward_keeps_its_guard_and_trains_without_bnmove(tmp_path: Path) -> None:
+    """The guard of a forward specialised to ``scale=0.5`` refuses another value after the round trip;
+    the loaded model trains a step, and its moved BN updates its statistics."""
+    model = randomize_bn(ScaledNet()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    assert [m.pair.bn for m in result.moved] == ["block.bn"] and not result.warnings
+    with pytest.raises(AssertionError, match="specialized"):
+        result.model.block(x, 0.25)
+    entry = _save(tmp_path, "scaled", result.model.block, (x, 0.5))
+    entry.update(guard={"scale": 0.25}, bn="bn")
+    whole = _save(tmp_path, "scaled-net", result.model, (x,))
+    report = _check_without_bnmove([entry, whole], tmp_path)
+    assert "specialized to have value 0.5" in str(report["scaled"]["guard"])
+    assert float(report["scaled"]["max_abs"]) == 0.0  # type: ignore[arg-type]
+    assert float(report["scaled-net"]["max_abs"]) <= 1e-6  # type: ignore[arg-type]
+    assert float(report["scaled"]["stats_moved"]) > 0  # type: ignore[arg-type]
+    assert report["scaled"]["trained_finite"] is True
+
+
+@pytest.mark.parametrize("factory", ["resnet", "bottleneck_resnet", "mobilenet", "preact_resnet", "mlp"])
+@pytest.mark.parametrize("method", ["exact", "fit"])
+def test_scripting_a_converted_model_computes_the_same_or_refuses(factory: str, method: str) -> None:
+    """After the original was scripted (TorchScript caches one compiled type per class and attributes),
+    ``torch.jit.script`` of the converted model computes what the eager converted model computes, or,
+    where a forward was regenerated, refuses: it never runs the original's compiled code."""
+    model = getattr(bnmove.sample_models, factory)().eval()
+    randomize_bn(model)
+    x = torch.randn(2, 64) if factory == "mlp" else torch.randn(2, 3, 16, 16)
+    torch.jit.script(model)  # the original scripts, and its types are cached
+    scripted = 0
+    for placement in ("before", "after"):
+        converted = convert(model, placement, method=method, example_inputs=(x,)).model.eval()
+        if any(generated_forward(m) is not None for m in converted.modules()):
+            with pytest.raises(RuntimeError):  # loudly, never the original class's code
+                torch.jit.script(converted)
+            continue
+        assert_same_outputs(converted, torch.jit.script(converted), (x,), rtol=1e-6)
+        scripted += 1
+    assert scripted >= 1  # module surgery (reordered Sequentials included) scripts
+
+
+def test_a_regenerated_forward_runs_the_modules_current_layers(tmp_path: Path) -> None:
+    """A layer swapped in after a deep copy, or after the model was saved, loaded, copied and saved
+    again, runs; and fx traces the model through its own layers."""
+    model = randomize_bn(bnmove.sample_models.resnet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    converted = convert(model, "after", method="exact", example_inputs=(x,)).model.eval()
+    torch.save(converted, tmp_path / "m.pt")
+    torch.save(copy.deepcopy(torch.load(tmp_path / "m.pt", weights_only=False)), tmp_path / "again.pt")
+    for copy_of in (copy.deepcopy(converted), torch.load(tmp_path / "again.pt", weights_only=False)):
+        assert_same_outputs(copy_of, torch.fx.symbolic_trace(copy_of), (x,), rtol=1e-6)
+        block = next(m for m in copy_of.modules() if generated_forward(m) is not None)
+        with torch.no_grad():
+            before = copy_of(x)
+            block.conv1 = nn.Conv2d(
+                block.conv1.in_channels, block.conv1.out_channels, 3, block.conv1.stride, 1
+            )
+            assert (copy_of(x) - before).abs().max() > 1e-3, "the swapped-in layer did not run"
