@@ -12,7 +12,15 @@ model) it checks the contract of issue 10 and prints one line per failure:
 * the converted model is the user's model: ``type(out) is type(model)``;
 * inspect and convert agree (issue 19): every pair ``find_pairs`` reports
   movable and exact is moved by ``convert(..., method="exact")``, and every
-  pair it leaves stays with the reason ``find_pairs`` gave.
+  pair it leaves stays with the reason ``find_pairs`` gave;
+* the converted model stands alone (issue 31): saved whole, it loads and
+  computes the same outputs in a subprocess where ``import bnmove`` fails
+  (checked in batches, one subprocess each), unless ``convert`` said it needs
+  bnmove (a forward that dispatches between graphs: counted, not a failure);
+  and wherever the original scripts, ``torch.jit.script`` of the converted
+  model computes what the eager converted model computes, or refuses where a
+  forward was regenerated (counted, not a failure; computing something else
+  is one).
 
 Needs the libraries, which are not bnmove dependencies: run it from the
 scratch environment ``../shared/tools/thirdparty-venv.sh`` builds.
@@ -24,12 +32,18 @@ scratch environment ``../shared/tools/thirdparty-venv.sh`` builds.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 
 import bnmove
 from bnmove.analysis.patterns import is_frozen_batchnorm, module_activation_spec
-from bnmove.core.forwards import GraphForward
+from bnmove.core.forwards import generated_forward
 
 torch.set_num_threads(1)
 
@@ -150,6 +164,95 @@ class Outcome:
     #: pairs reported movable and exact that convert left, over both placements (must be 0)
     promised_left: int = 0
     seconds: float = 0.0
+    #: converted models (one per placement) saved for the check without bnmove: (placement, folder)
+    saved: list[tuple[str, str]] = field(default_factory=list)
+    #: converted models checked without bnmove, and those that loaded and computed the same
+    load_checked: int = 0
+    loads: int = 0
+    #: converted models that convert said need bnmove to load (a dispatching forward)
+    need_bnmove: int = 0
+    #: whether the original scripts; converted models scripted (where it does), those that scripted
+    #: alike, and those refused (a regenerated forward)
+    original_scripts: bool = False
+    script_checked: int = 0
+    scripts: int = 0
+    script_refused: int = 0
+
+
+#: run in a fresh interpreter: bnmove cannot be imported, the model libraries can
+_LOAD_WITHOUT_BNMOVE = r"""
+import json, sys
+sys.modules["bnmove"] = None
+import torch
+torch.set_num_threads(1)
+report = {}
+for folder in json.load(open(sys.argv[1])):
+    try:
+        model = torch.load(folder + "/model.pt", weights_only=False).eval()
+        inputs = torch.load(folder + "/inputs.pt", weights_only=False)
+        expected = torch.load(folder + "/expected.pt", weights_only=False)
+        with torch.no_grad():
+            got = model(*inputs)
+        want = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+        have = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+        scale = max((float(t.abs().max()) for t in want if t.numel()), default=1.0)
+        error = max((float((a - b).abs().max()) for a, b in zip(want, have) if a.numel()), default=0.0)
+        same = len(want) == len(have) and error <= 1e-4 * max(scale, 1e-6)
+        report[folder] = "ok" if same else f"outputs differ by {error:.3g}"
+    except Exception as exc:
+        report[folder] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ''}"
+print(json.dumps(report))
+"""
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _same(want: Any, got: Any, rtol: float = 1e-5) -> bool:
+    a, b = _tensors(want), _tensors(got)
+    scale = max((float(t.abs().max()) for t in a if t.numel()), default=1.0)
+    return len(a) == len(b) and all(
+        x.shape == y.shape and (not x.numel() or float((x - y).abs().max()) <= rtol * max(scale, 1e-6))
+        for x, y in zip(a, b, strict=False)
+    )
+
+
+def _save_converted(model: nn.Module, inputs: tuple[Any, ...], root: Path) -> str:
+    folder = Path(tempfile.mkdtemp(dir=root))
+    with torch.no_grad():
+        expected = model.eval()(*inputs)
+    torch.save(model, folder / "model.pt")
+    torch.save(inputs, folder / "inputs.pt")
+    torch.save(expected, folder / "expected.pt")
+    return str(folder)
+
+
+def load_without_bnmove(outcomes: list[Outcome], root: Path) -> None:
+    """Load every saved converted model in one subprocess where ``import bnmove`` fails."""
+    folders = [folder for o in outcomes for _, folder in o.saved]
+    if not folders:
+        return
+    listing = root / "folders.json"
+    listing.write_text(json.dumps(folders))
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_BNMOVE, str(listing)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {}
+    for outcome in outcomes:
+        for placement, folder in outcome.saved:
+            verdict = report.get(folder, f"the loading process failed: {done.stderr.strip()[-200:]}")
+            outcome.load_checked += 1
+            if verdict == "ok":
+                outcome.loads += 1
+            else:
+                outcome.failures.append(f"{placement}: does not load without bnmove ({verdict})")
+            shutil.rmtree(folder, ignore_errors=True)
+        outcome.saved.clear()
+        outcome.ok = not outcome.failures
 
 
 class _Timeout(Exception):
@@ -160,8 +263,22 @@ def _alarm(signum: int, frame: Any) -> None:
     raise _Timeout
 
 
+def _scripts(model: nn.Module, inputs: tuple[Any, ...]) -> bool | None:
+    """Whether the scripted model computes the same; None when TorchScript refuses it."""
+    try:
+        scripted = torch.jit.script(model)
+    except Exception:
+        return None
+    with torch.no_grad():
+        return _same(model(*inputs), scripted(*inputs))
+
+
 def check(
-    library: str, name: str, build: Callable[[], tuple[nn.Module, tuple[Any, ...]]], limit: int
+    library: str,
+    name: str,
+    build: Callable[[], tuple[nn.Module, tuple[Any, ...]]],
+    limit: int,
+    saves: Path,
 ) -> Outcome:
     outcome = Outcome(library, name)
     start = time.perf_counter()
@@ -171,6 +288,7 @@ def check(
         model, inputs = build()
         model.eval()
         outcome.reference = reference_pairs(model, inputs)
+        outcome.original_scripts = bool(_scripts(model, inputs))
         pairs = [p for p in bnmove.find_pairs(model, inputs) if p.placement]
         outcome.found = len(pairs)
         if outcome.found < outcome.reference:
@@ -184,9 +302,24 @@ def check(
                 kept = False
                 continue
             kept &= type(result.model) is type(model)
-            outcome.regenerated += sum(
-                isinstance(vars(m).get("forward"), GraphForward) for m in result.model.modules()
-            )
+            outcome.regenerated += sum(generated_forward(m) is not None for m in result.model.modules())
+            if any("needs bnmove installed to load" in w for w in result.warnings):
+                outcome.need_bnmove += 1
+            else:
+                outcome.saved.append((placement, _save_converted(result.model, inputs, saves)))
+            if outcome.original_scripts:
+                outcome.script_checked += 1
+                regenerated = any(generated_forward(m) is not None for m in result.model.modules())
+                scripts = _scripts(result.model, inputs)
+                if scripts:
+                    outcome.scripts += 1
+                elif scripts is None and regenerated:
+                    outcome.script_refused += 1
+                else:
+                    outcome.failures.append(
+                        f"{placement}: the original scripts, the converted model "
+                        + ("computes something else scripted" if scripts is False else "does not")
+                    )
             if result.verification is not None and not result.verification.within_tolerance:
                 outcome.failures.append(
                     f"{placement}: outputs changed ({result.verification.max_rel_error:.2g})"
@@ -439,6 +572,8 @@ def main() -> None:
     args_debug = args.debug
     outcomes: list[Outcome] = []
     started = time.perf_counter()
+    saves = Path(tempfile.mkdtemp(prefix="bench-zoo-"))
+    pending: list[Outcome] = []
     for library in args.library or list(LIBRARIES):
         count = 0
         for name, build in LIBRARIES[library](args.size):
@@ -461,8 +596,12 @@ def main() -> None:
                 )
                 continue
             del model, inputs
-            outcome = check(library, name, build, args.timeout)
+            outcome = check(library, name, build, args.timeout, saves)
             outcomes.append(outcome)
+            pending.append(outcome)
+            if len(pending) >= 15:  # one subprocess (one torch import) per batch
+                load_without_bnmove(pending, saves)
+                pending.clear()
             mark = "ok  " if outcome.ok else "FAIL"
             print(
                 f"{mark} {library}/{name}: pairs {outcome.found}/{outcome.reference} ref, "
@@ -475,6 +614,11 @@ def main() -> None:
             count += 1
             if args.limit and count >= args.limit:
                 break
+    load_without_bnmove(pending, saves)
+    for outcome in outcomes:
+        for failure in outcome.failures:
+            if "without bnmove" in failure:
+                print(f"FAIL {outcome.library}/{outcome.name}: {failure}")
     print()
     for library in sorted({o.library for o in outcomes}):
         group = [o for o in outcomes if o.library == library]
@@ -485,15 +629,26 @@ def main() -> None:
         unmoved = sum(len(o.unmoved) for o in group)
         regenerated = sum(o.regenerated > 0 for o in group)
         promised = sum(o.promised_left for o in group)
+        loads = (
+            f"{sum(o.loads for o in group)}/{sum(o.load_checked for o in group) + sum(o.need_bnmove for o in group)}"
+            f" ({sum(o.need_bnmove for o in group)} said to need bnmove)"
+        )
+        scripts = (
+            f"{sum(o.scripts for o in group)}/{sum(o.script_checked for o in group)}"
+            f" ({sum(o.script_refused for o in group)} refused: a regenerated forward)"
+        )
         print(
             f"{library}: {passed}/{len(group)} pass ({100 * passed / len(group):.0f}%), "
             f"adjacencies found {found}/{ref} ({100 * found / max(ref, 1):.1f}%), "
             f"class kept {kept}/{len(group)}, {unmoved} pair moves left in place by the exact method "
             "(each with its reason), "
             f"{regenerated} models with a regenerated forward somewhere (the rest: module surgery only), "
-            f"{promised} pairs reported movable that convert left"
+            f"{promised} pairs reported movable that convert left; "
+            f"converted models that load without bnmove {loads}, "
+            f"that script where the original scripts {scripts}"
         )
     minutes = (time.perf_counter() - started) / 60
+    shutil.rmtree(saves, ignore_errors=True)
     print(f"\n{len(outcomes)} models checked in {minutes:.1f} min (torch {torch.__version__}, one thread)")
     # group reasons that differ only by module names
     reasons = Counter(
