@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from . import report
-from .core.atomic import save_module
+from .core.atomic import check_output_folder, save_module
 from .core.running import eval_mode
 from .deploy.export import ExportOptions, export_variants, read_manifest
 from .deploy.runtime import compare
@@ -68,10 +68,9 @@ def run_demo(
     progress_console: Console | None = None,
 ) -> list[Path]:
     """Run the demo into ``out_dir`` and print what it does; returns the files written."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+    check_output_folder(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise BnmoveError(f"{out_dir}: already exists; pass --force to reuse it, or -o for another folder")
-    if not out_dir.parent.is_dir():
-        raise BnmoveError(f"{out_dir}: folder {out_dir.parent} does not exist")
     out_dir.mkdir(exist_ok=True)
     written: list[Path] = []
     data = _digits()

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -60,6 +61,8 @@ def _make_corpus(root: Path) -> dict[str, Path]:
     files["existing"].write_bytes(b"precious")
     (root / "folder.pt").mkdir()
     files["folder"] = root / "folder.pt"
+    files["badcal"] = root / "calibration_5_channels.npy"
+    np.save(files["badcal"], np.random.default_rng(0).standard_normal((16, 5, 8, 8)).astype("float32"))
     return files
 
 
@@ -131,6 +134,60 @@ CASES: dict[str, tuple[list[str], str]] = {
         "exists and is not a folder",
     ),
     "compare non-onnx": (["compare", "{root}/no-such-dir"], "no such file or folder"),
+    "export under a file": (
+        ["export", "{pickled}", "--allow-pickle", "-o", "{json}/variants", "--input-shape", "2,3,8,8"],
+        "config.json is a file, not a folder",
+    ),
+    "export where nothing can be written": (
+        ["export", "{pickled}", "--allow-pickle", "-o", "/proc/bnmove-variants", "--input-shape", "2,3,8,8"],
+        "cannot write in /proc",
+    ),
+    "export in a missing folder": (
+        [
+            "export",
+            "{pickled}",
+            "--allow-pickle",
+            "-o",
+            "{root}/no/such/variants",
+            "--input-shape",
+            "2,3,8,8",
+        ],
+        "folder {root}/no/such does not exist",
+    ),
+    "experiment under a file": (
+        [
+            "experiment",
+            "{pickled}",
+            "--allow-pickle",
+            "--data",
+            "digits",
+            "--seeds",
+            "1",
+            "-o",
+            "{json}/study",
+        ],
+        "config.json is a file, not a folder",
+    ),
+    "demo under a file": (["demo", "-o", "{json}/demo"], "config.json is a file, not a folder"),
+    "demo where nothing can be written": (["demo", "-o", "/proc/bnmove-demo"], "cannot write in /proc"),
+    "inspect with a shape the model rejects": (
+        ["inspect", "{pickled}", "--allow-pickle", "--input-shape", "2,7,8,8"],
+        "forward raised RuntimeError on input 2x7x8x8",
+    ),
+    "calibration data the model rejects": (
+        [
+            "export",
+            "{pickled}",
+            "--allow-pickle",
+            "--quantize",
+            "int8",
+            "--calibration-data",
+            "{badcal}",
+            "-o",
+            "{root}/int8",
+        ],
+        "rejects the calibration data {badcal} (samples of shape 5x8x8)",
+    ),
 }
 
 
@@ -156,7 +213,7 @@ def test_bad_input(case: str, corpus: dict[str, Path]) -> None:
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnmove: error: "), result.stderr
-    assert message in lines[0]
+    assert message.format(**names) in lines[0]
     assert "Traceback" not in result.output
     assert _snapshot(root) == before  # nothing written, nothing changed
 

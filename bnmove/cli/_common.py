@@ -26,8 +26,9 @@ from rich.progress import (
 )
 
 from ..analysis.inputs import infer_example_inputs
-from ..core.running import inputs_from_shapes
-from ..errors import BnmoveError
+from ..core.atomic import check_output_folder
+from ..core.running import eval_mode, inputs_from_shapes, run_model
+from ..errors import BnmoveError, ModelRunError
 from ..io.loading import LoadedModel, load_model, parse_arch_args
 
 _DEBUG_KEY = "bnmove.debug"
@@ -146,15 +147,30 @@ class ModelArgs:
         return inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in self.input_shapes])
 
     def inputs(
-        self, loaded: LoadedModel, calibration: Sequence[tuple[torch.Tensor, ...]] | None = None
+        self,
+        loaded: LoadedModel,
+        calibration: Sequence[tuple[torch.Tensor, ...]] | None = None,
+        calibration_path: Path | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Example inputs from --input-shape, else the last calibration samples (up to 8, among
-        those a fit holds out), else inferred from the first layer."""
+        those a fit holds out), else inferred from the first layer. Calibration samples the
+        model rejects fail here, in one line that names the data (before any work)."""
         given = self.given_inputs(loaded)
         if given:
             return given
         if calibration:
-            return tuple(t[-8:] for t in calibration[-1])
+            samples = tuple(t[-8:] for t in calibration[-1])
+            try:
+                with eval_mode(loaded.module):
+                    run_model(loaded.module, samples)
+            except ModelRunError as exc:
+                shape = " and ".join("x".join(map(str, t.shape[1:])) for t in samples)
+                where = f" {calibration_path}" if calibration_path else ""
+                raise BnmoveError(
+                    f"the model rejects the calibration data{where} (samples of shape {shape}): "
+                    f"{str(exc).split(': ', 1)[-1]}"
+                ) from exc
+            return samples
         return infer_example_inputs(loaded.module)
 
     @property
@@ -288,10 +304,7 @@ def _csv_list(text: str, what: str) -> list[str]:
 
 def _check_outputs(out_dir: Path, names: Sequence[str], force: bool) -> None:
     """Refuse to overwrite files in ``out_dir`` without ``force``; checked before any work."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BnmoveError(f"{out_dir}: exists and is not a folder")
-    if not out_dir.parent.is_dir():
-        raise BnmoveError(f"{out_dir}: folder {out_dir.parent} does not exist")
+    check_output_folder(out_dir)
     for name in names:
         if (out_dir / name).exists() and not force:
             raise BnmoveError(f"{out_dir / name}: already exists; pass --force to overwrite")

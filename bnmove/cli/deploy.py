@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.progress import Progress
 
-from ..core.atomic import atomic_path, check_output
+from ..core.atomic import atomic_path, check_output, check_output_folder
 from ..deploy.export import DEFAULT_OPSET, ExportOptions, export_variants, read_manifest, require_export_tools
 from ..deploy.providers import PROVIDERS
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
@@ -140,7 +140,8 @@ def export_command(
     """
     variants = _csv_list(placements, "variant")
     fold = _fold_form(fold_forward, fold_padded, fold_auto)
-    require_export_tools()  # before loading and converting, which can take minutes
+    check_output_folder(out_dir)  # before loading and converting, which can take minutes
+    require_export_tools()
     check_quantization(quantize, calibration_path is not None)
     loaded = model.load()
     calibration = (
@@ -148,7 +149,7 @@ def export_command(
         if calibration_path is not None
         else None
     )
-    inputs = model.inputs(loaded, calibration)
+    inputs = model.inputs(loaded, calibration, calibration_path)
     show = sys.stderr.isatty() and not (as_json or quiet)
     with Progress(transient=True, console=_stderr(), disable=not show) as progress:
         task = progress.add_task("exporting", total=len(variants))
@@ -189,6 +190,7 @@ def export_command(
     out.print(
         f"wrote {len(paths)} variants and {out_dir / 'manifest.json'}; next: bnmove compare {out_dir}",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -329,7 +331,7 @@ def compare_command(
     for line in comparison_ops_lines(result):
         out.print(f"  {line}", highlight=False)
     if reports:
-        out.print("wrote " + ", ".join(str(p) for p in reports), highlight=False)
+        out.print("wrote " + ", ".join(str(p) for p in reports), highlight=False, soft_wrap=True)
 
 
 def _fold_form(forward: bool, padded: bool, auto: bool) -> str:

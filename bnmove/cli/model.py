@@ -11,6 +11,7 @@ import torch
 
 from ..analysis.detect import PLACEMENTS
 from ..core.atomic import atomic_path, check_output, save_module
+from ..core.running import eval_mode, run_model
 from ..deploy.program import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
@@ -52,7 +53,11 @@ def inspect(
     export carry out exactly this.
     """
     loaded = model.load()
-    result = detect(loaded.module, model.given_inputs(loaded))
+    inputs = model.given_inputs(loaded)
+    if inputs is not None:  # a shape the model rejects fails here, in one line, as convert's does
+        with eval_mode(loaded.module):
+            run_model(loaded.module, inputs)
+    result = detect(loaded.module, inputs)
     if as_json:
         payload = {
             "model": str(model.path),
@@ -174,7 +179,7 @@ def convert_command(
         if calibration_path is not None
         else None
     )
-    inputs = model.inputs(loaded, calibration)
+    inputs = model.inputs(loaded, calibration, calibration_path)
     if method == "fit" and data_free == "synthetic" and calibration is None and not model.input_shapes:
         shape = "x".join(map(str, inputs[0].shape[1:]))
         click.echo(
@@ -235,7 +240,7 @@ def convert_command(
     for line in untraced_lines(result.untraced):
         out.print(f"[yellow]{line}[/]", highlight=False)
     out.print(conversion_summary(result), highlight=False)
-    out.print(f"wrote {output}" + (f" and {code_dir}/" if code_dir else ""), highlight=False)
+    out.print(f"wrote {output}" + (f" and {code_dir}/" if code_dir else ""), highlight=False, soft_wrap=True)
 
 
 @main.command(
@@ -289,4 +294,8 @@ def recalibrate_command(
     if as_json:
         click.echo(json.dumps({"output": str(output), "batchnorms": bns, "samples": samples}))
         return
-    _stdout().print(f"re-estimated {bns} BatchNorms over {samples} samples; wrote {output}", highlight=False)
+    _stdout().print(
+        f"re-estimated {bns} BatchNorms over {samples} samples; wrote {output}",
+        highlight=False,
+        soft_wrap=True,
+    )

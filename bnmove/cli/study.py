@@ -396,12 +396,13 @@ def experiment_command(
         out.print(experiment_header(result), highlight=False)
         out.print(experiment_table(result, width=out.width))
         for line in experiment_lines(result):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, soft_wrap=True)  # verdicts whole, as the files hold them
     out.print(
         "wrote "
         + ", ".join(str(p) for p in written)
         + ("" if plot else " (no plot: pip install matplotlib)"),
         highlight=False,
+        soft_wrap=True,  # paths whole: the terminal wraps them, rich would cut them anywhere
     )
 
 

@@ -13,16 +13,35 @@ from ..errors import BnmoveError
 
 
 def check_output(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse to write over an input, over an existing file without ``force``, or into a missing folder."""
+    """Refuse to write over an input, over an existing file without ``force``, or where nothing
+    can be written (a missing folder, a file in the way, no permission, a read-only system)."""
     resolved = path.resolve()
     if any(resolved == p.resolve() for p in inputs):
         raise BnmoveError(f"{path}: refusing to overwrite the input file; choose another output with -o")
     if path.exists() and not force:
         raise BnmoveError(f"{path}: already exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise BnmoveError(f"{path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise BnmoveError(f"{path}: folder {path.parent} is not writable")
+    _check_writable_folder(path, path.parent)
+
+
+def check_output_folder(path: Path) -> None:
+    """Refuse an output folder that cannot be made or written into, before any work starts."""
+    if path.exists() and not path.is_dir():
+        raise BnmoveError(f"{path}: exists and is not a folder")
+    _check_writable_folder(path, path if path.is_dir() else path.parent)
+
+
+def _check_writable_folder(path: Path, folder: Path) -> None:
+    """``folder`` (where ``path`` goes) exists, is a folder, and takes a new entry: tried for real,
+    since permissions do not tell (root may write anywhere but ``/proc``; a read-only mount)."""
+    if folder.exists() and not folder.is_dir():
+        raise BnmoveError(f"{path}: {folder} is a file, not a folder")
+    if not folder.is_dir():
+        raise BnmoveError(f"{path}: folder {folder} does not exist")
+    try:
+        probe = tempfile.mkdtemp(prefix=".bnmove-probe-", dir=folder)
+    except OSError as exc:
+        raise BnmoveError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from exc
+    os.rmdir(probe)
 
 
 def _umask() -> int:

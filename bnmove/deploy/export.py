@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.atomic import check_output_folder
 from ..core.clone import clone_module
 from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
@@ -159,10 +160,7 @@ def export_variants(
     quantize = options.quantize
     check_quantization(quantize, calibration.data is not None)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BnmoveError(f"{out}: exists and is not a folder")
-    if not out.parent.exists():
-        raise BnmoveError(f"{out}: folder {out.parent} does not exist")
+    check_output_folder(out)
     targets = {v: out / f"{stem}.{v}.onnx" for v in placements}
     int8_targets = {v: out / f"{stem}.{v}.int8.onnx" for v in placements} if quantize else {}
     clash = [p for p in (*targets.values(), *int8_targets.values(), out / MANIFEST) if p.exists()]
