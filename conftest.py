@@ -28,6 +28,14 @@ from sybil.parsers.markdown import PythonCodeBlockParser, SkipParser
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tests"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: one thread each, for torch here and for the processes tests
+    # start (two threads per worker would oversubscribe and spin).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 from docs_console import ConsoleParser  # noqa: E402
 
 _samples: Path | None = None

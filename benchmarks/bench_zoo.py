@@ -32,6 +32,7 @@ scratch environment ``../shared/tools/thirdparty-venv.sh`` builds.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import signal
@@ -171,6 +172,8 @@ class Outcome:
     loads: int = 0
     #: converted models that convert said need bnmove to load (a dispatching forward)
     need_bnmove: int = 0
+    #: whether the original itself can be saved whole (parametrized modules and local hooks cannot)
+    original_saves: bool = True
     #: whether the original scripts; converted models scripted (where it does), those that scripted
     #: alike, and those refused (a regenerated forward)
     original_scripts: bool = False
@@ -289,6 +292,10 @@ def check(
         model.eval()
         outcome.reference = reference_pairs(model, inputs)
         outcome.original_scripts = bool(_scripts(model, inputs))
+        try:
+            torch.save(model, io.BytesIO())
+        except Exception:
+            outcome.original_saves = False  # the converted model is no worse: not checked
         pairs = [p for p in bnmove.find_pairs(model, inputs) if p.placement]
         outcome.found = len(pairs)
         if outcome.found < outcome.reference:
@@ -305,7 +312,7 @@ def check(
             outcome.regenerated += sum(generated_forward(m) is not None for m in result.model.modules())
             if any("needs bnmove installed to load" in w for w in result.warnings):
                 outcome.need_bnmove += 1
-            else:
+            elif outcome.original_saves:
                 outcome.saved.append((placement, _save_converted(result.model, inputs, saves)))
             if outcome.original_scripts:
                 outcome.script_checked += 1
@@ -629,9 +636,12 @@ def main() -> None:
         unmoved = sum(len(o.unmoved) for o in group)
         regenerated = sum(o.regenerated > 0 for o in group)
         promised = sum(o.promised_left for o in group)
+        unsaved = sum(not o.original_saves for o in group)
         loads = (
             f"{sum(o.loads for o in group)}/{sum(o.load_checked for o in group) + sum(o.need_bnmove for o in group)}"
-            f" ({sum(o.need_bnmove for o in group)} said to need bnmove)"
+            f" ({sum(o.need_bnmove for o in group)} said to need bnmove"
+            + (f"; {unsaved} models whose original cannot be saved whole, not counted" if unsaved else "")
+            + ")"
         )
         scripts = (
             f"{sum(o.scripts for o in group)}/{sum(o.script_checked for o in group)}"

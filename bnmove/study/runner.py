@@ -139,8 +139,17 @@ def _exit(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def _run_in_worker(run: RunFunction, spec: Any) -> Any:
-    return run(_worker["plan"], spec, _worker["device"], _worker["events"].put)
+def _run_in_worker(run: RunFunction, spec: Any) -> tuple[Any, int]:
+    """The run's result and how many events it sent: a queue's feeder thread may still be carrying
+    the last of them when the result is back, and the parent waits for them all."""
+    sent = 0
+
+    def report(event: Any) -> None:
+        nonlocal sent
+        _worker["events"].put(event)
+        sent += 1
+
+    return run(_worker["plan"], spec, _worker["device"], report), sent
 
 
 def _serialised(plan: Any) -> bytes:
@@ -177,15 +186,20 @@ def _in_processes(
         initializer=_start_worker,
         initargs=(plan_file, events, devices, threads),
     )
-    pending: set[Future[Any]] = {pool.submit(_run_in_worker, run, spec) for spec in specs}
+    pending: set[Future[tuple[Any, int]]] = {pool.submit(_run_in_worker, run, spec) for spec in specs}
     finished = False
+    sent = received = 0
     try:
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(events, report)
+            received += _drain(events, report)
             for future in done:
-                yield future.result()
-        _drain(events, report)
+                result, count = future.result()
+                sent += count
+                yield result
+        while received < sent:  # the events still on their way from the workers
+            report(events.get(timeout=60))
+            received += 1
         finished = True
     finally:
         if not finished:  # interrupted, or a run failed: stop the others now, not when they end
@@ -198,13 +212,16 @@ def _in_processes(
             os.unlink(plan_file)
 
 
-def _drain(events: Any, report: Report) -> None:
+def _drain(events: Any, report: Report) -> int:
+    """Hand on every event that has arrived; returns how many."""
+    count = 0
     while True:
         try:
             event = events.get_nowait()
         except queue.Empty:
-            return
+            return count
         report(event)
+        count += 1
 
 
 # ---------------------------------------------------------------------------------------- Ray
