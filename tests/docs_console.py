@@ -20,7 +20,9 @@ line, trailing spaces ignored, up to what differs from run to run:
   difference over a few seeds, which the interval's t·s/√n multiplies), else within 10% or 2 units
   of its last digit (``0.322``, ``-2.9``): a few epochs of training round differently on another
   CPU's kernels or with another thread count (measured: -1.4 to +5.1 with AVX-512 and two threads,
-  -0.9 to +4.7 with AVX2, -0.7 to +4.2 with one thread). Whole numbers (counts, shapes) must be equal.
+  -0.9 to +4.7 with AVX2, -0.7 to +4.2 with one thread), a spread after ``±`` within 30% or 2
+  units of its last digit (a standard deviation over three seeds: ``0.497±0.024`` read ``±0.021``
+  with torch's default kernels). Whole numbers (counts, shapes) must be equal.
 
 A command with no lines below it only has to succeed. ```bash blocks (installs, GPU runs) are
 not run.
@@ -76,17 +78,22 @@ def _value(figure: str) -> float:
 
 #: how far a bound of a 95% interval (percentage points) may move between CPUs and thread counts
 INTERVAL_SLACK = 3.0
+#: how far, relatively, a spread over seeds (the figure after ``±``) may move
+SPREAD_SLACK = 0.3
 
 
-def _close(expected: str, actual: str, interval: bool = False) -> bool:
+def _close(expected: str, actual: str, kind: str = "") -> bool:
+    """``kind``: ``"interval"`` for a bound of a 95% interval, ``"spread"`` for a figure after ``±``."""
     if expected.endswith("%") != actual.endswith("%"):
         return False
     want, got = _value(expected), _value(actual)
     last_digit = 10.0 ** -len(expected.rstrip("%").split(".")[1])
-    if interval:
+    if kind == "interval":
         slack = INTERVAL_SLACK
     elif expected.endswith("%"):
         slack = 1.0
+    elif kind == "spread":
+        slack = max(SPREAD_SLACK * abs(want), 2 * last_digit)
     else:
         slack = max(0.1 * abs(want), 2 * last_digit)
     return abs(got - want) <= slack + 1e-12
@@ -97,9 +104,9 @@ class LinePattern:
 
     def __init__(self, expected: str) -> None:
         parts, self.figures = [], []
-        #: the figures that are bounds of a 95% interval (``95% CI -1.4 to +5.1``)
-        self.bounds: set[int] = set()
-        after_ci = 0
+        #: per figure: "interval" (a bound of ``95% CI -1.4 to +5.1``), "spread" (after ``±``) or ""
+        self.kinds: list[str] = []
+        after_ci, previous = 0, ""
         for token in _SPECIAL.split(expected):
             if "95% CI" in token:
                 after_ci = 2
@@ -111,9 +118,9 @@ class LinePattern:
                 parts.append(_SMALL_E)
             elif re.fullmatch(_DECIMAL, token):
                 parts.append(f"({_DECIMAL})")
-                if after_ci:
-                    self.bounds.add(len(self.figures))
-                    after_ci -= 1
+                kind = "interval" if after_ci else "spread" if previous.endswith("±") else ""
+                after_ci -= 1 if after_ci else 0
+                self.kinds.append(kind)
                 self.figures.append(token)
             else:  # a table's cells widen with their figures: padding and rules match at any width
                 for piece in re.split(r"( +|[━─]+)", token):
@@ -123,13 +130,14 @@ class LinePattern:
                         parts.append(f"[{piece[0]}]+")
                     else:
                         parts.append(re.escape(piece))
+            previous = token
         self.regex = re.compile("".join(parts))
 
     def fits(self, line: str) -> bool:
         found = self.regex.fullmatch(line)
         return found is not None and all(
-            _close(want, got, i in self.bounds)
-            for i, (want, got) in enumerate(zip(self.figures, found.groups(), strict=True))
+            _close(want, got, kind)
+            for want, got, kind in zip(self.figures, found.groups(), self.kinds, strict=True)
         )
 
 
