@@ -185,11 +185,6 @@ def _retarget(graph: fx.Graph, prefix: str, strip: bool) -> fx.Graph:
     return new
 
 
-def _function_of(graph: fx.Graph) -> Callable[..., Any]:
-    code = graph.python_code(root_module="self")
-    return _forward_from_src(_format_import_block(code.globals, sys_importer) + "\n" + code.src, {})
-
-
 def generated_forward(module: nn.Module) -> InstalledForward | None:
     """The forward bnmove installed on this instance, or None when it runs its class's."""
     forward = module.__dict__.get("forward")
@@ -201,7 +196,7 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
     if not _is_view_of(graph_module._modules.get(_VIEW), module):
         return None
     graph = _retarget(graph_module.graph, _VIEW, strip=True)
-    function = _function_of(graph)
+    function = _forward_from_src(GraphForward._source_of(graph), {})
     return InstalledForward(
         [(frozenset(), graph)],
         dict(graph_module.meta.get(_SPECIALISED, {})),
