@@ -49,6 +49,10 @@ def test_numbers_are_sane(result: compare_module.Comparison) -> None:
         ref = result.timing(result.reference, t.batch_size)
         assert t.ratio == pytest.approx(t.p50_ms / ref.p50_ms)
     assert all(t.ratio == 1.0 for t in result.timings if t.variant == "original")
+    # every ratio with its interval over the rounds, and a noise floor per batch size
+    assert all(t.ratio_low <= t.ratio <= t.ratio_high for t in result.timings)
+    assert set(result.noise_floor) == {1, 4}
+    assert all(f.low <= f.ratio <= f.high for f in result.noise_floor.values())
     devs = {d.variant: d for d in result.deviations}
     assert devs["original"].max_abs == 0.0 and devs["original"].cosine == pytest.approx(1.0)
     assert devs["original"].top1_agreement == 1.0

@@ -30,6 +30,7 @@ from ..report import (
     deviation_note,
     export_table,
     int8_lines,
+    noise_lines,
     require_matplotlib,
 )
 from ..study.data import load_dataset
@@ -328,6 +329,10 @@ def compare_command(
     deviating = deviation_note(result)
     if deviating:
         out.print(f"[yellow]{deviating}[/]", highlight=False)
+    for line in noise_lines(result):
+        out.print(
+            f"[yellow]{line}[/]" if line.startswith("the machine is too noisy") else line, highlight=False
+        )
     for line in comparison_ops_lines(result):
         out.print(f"  {line}", highlight=False)
     if reports:

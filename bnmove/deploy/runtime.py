@@ -25,6 +25,7 @@ from ..core.fidelity import ONNX_TOLERANCE, difference
 from ..errors import BnmoveError
 from .accuracy import Accuracy, labelled_batches
 from .accuracy import evaluate as evaluate_accuracy
+from .noise import RatioInterval, ratio_interval, too_noisy
 from .providers import (
     PROVIDERS,
     _device_name,
@@ -45,6 +46,10 @@ _DTYPES = {
 }
 
 
+#: the timed name of the noise floor's session (never a variant's name: variants are file stems)
+_FLOOR = "\0noise floor"
+
+
 @dataclass(frozen=True)
 class Timing:
     variant: str
@@ -60,6 +65,9 @@ class Timing:
     #: mean, throughout: one slow outlier run (a page fault, a scheduler hiccup) moves a mean of
     #: 50 runs by several percent and made identical files read 1.09x.
     ratio: float
+    #: the ratio's 95% interval over the timed rounds (bootstrap, rounds resampled in pairs)
+    ratio_low: float = float("nan")
+    ratio_high: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,19 @@ class Comparison:
     batch_sizes: list[int] = field(default_factory=list)
     #: top-1 accuracy per variant on the labelled data, when given
     accuracies: list[Accuracy] = field(default_factory=list)
+    #: per batch size, a byte-identical copy of the reference timed in the same rounds: the ratio
+    #: two identical graphs show on this machine during this run (:mod:`bnmove.deploy.noise`)
+    noise_floor: dict[int, RatioInterval] = field(default_factory=dict)
+
+    def too_noisy(self, batch_size: int) -> bool:
+        """Whether, at this batch size, the noise floor is as wide as every difference measured."""
+        floor = self.noise_floor.get(batch_size)
+        others = [
+            RatioInterval(t.ratio, t.ratio_low, t.ratio_high)
+            for t in self.timings
+            if t.batch_size == batch_size and t.variant != self.reference
+        ]
+        return floor is not None and too_noisy(floor, others)
 
     def timing(self, variant: str, batch_size: int) -> Timing:
         """The timing of one variant at one batch size; a clear error for one that was not timed."""
@@ -130,6 +151,10 @@ class Comparison:
             "timings": [asdict(t) for t in self.timings],
             "deviations": [asdict(d) for d in self.deviations],
             "accuracies": [a.to_dict() for a in self.accuracies],
+            "noise_floor": [
+                {"batch_size": b, **asdict(f), "too_noisy": self.too_noisy(b)}
+                for b, f in self.noise_floor.items()
+            ],
         }
 
 
@@ -316,6 +341,11 @@ def compare(
         for name, path in named.items():
             step(f"loading {name}")
             runners[name] = _Runner(path, chosen, Path(tmp))
+        # the noise floor: the reference's own file in a second session (byte-identical by
+        # definition, external weights included), its optimised copy in a folder of its own
+        floor_tmp = Path(tmp) / "noise-floor"
+        floor_tmp.mkdir()
+        floor_runner = _Runner(named[ref], chosen, floor_tmp)
         signature = [(i.shape[1:], i.type) for i in runners[ref].inputs]
         for name, runner in runners.items():
             if [(i.shape[1:], i.type) for i in runner.inputs] != signature:
@@ -340,11 +370,13 @@ def compare(
         deviations = [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
 
         timings: list[Timing] = []
-        order = list(runners)
+        floors: dict[int, RatioInterval] = {}
+        order = [*runners, _FLOOR]
+        timed = {**runners, _FLOOR: floor_runner}
         for batch in sizes:
             step(f"timing batch {batch}")
             arrays = runners[ref].feeds(batch, seed=batch)
-            for runner in runners.values():
+            for runner in timed.values():
                 runner.bind(arrays)
                 for _ in range(warmup):
                     runner.timed_run()
@@ -358,12 +390,14 @@ def compare(
                     break
                 shift = rounds % len(order)
                 for name in order[shift:] + order[:shift]:
-                    samples[name].append(runners[name].timed_run())
+                    samples[name].append(timed[name].timed_run())
                 rounds += 1
             ref_p50 = float(np.percentile(np.asarray(samples[ref]) * 1000.0, 50))
-            for name in order:
+            floors[batch] = ratio_interval(samples[_FLOOR], samples[ref], seed=batch)
+            for name in runners:
                 ms = np.asarray(samples[name]) * 1000.0
                 p50 = float(np.percentile(ms, 50))
+                interval = ratio_interval(samples[name], samples[ref], seed=batch)
                 timings.append(
                     Timing(
                         variant=name,
@@ -375,11 +409,13 @@ def compare(
                         p99_ms=float(np.percentile(ms, 99)),
                         throughput=batch / (p50 / 1000.0),
                         ratio=p50 / ref_p50,
+                        ratio_low=interval.low,
+                        ratio_high=interval.high,
                     )
                 )
         variants = [
             VariantInfo(name, str(named[name]), named[name].stat().st_size, runners[name].optimized_nodes)
-            for name in order
+            for name in runners
         ]
     return Comparison(
         provider=chosen,
@@ -392,4 +428,5 @@ def compare(
         deviations=deviations,
         batch_sizes=sizes,
         accuracies=accuracies,
+        noise_floor=floors,
     )

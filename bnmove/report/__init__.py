@@ -15,6 +15,7 @@ from .comparison import (
     deviation_note,
     export_table,
     int8_lines,
+    noise_lines,
 )
 from .experiment import (
     experiment_header,
@@ -51,6 +52,7 @@ __all__ = [
     "export_table",
     "has_matplotlib",
     "int8_lines",
+    "noise_lines",
     "pairs_summary",
     "pairs_table",
     "require_matplotlib",

@@ -49,6 +49,8 @@ def _rows(comparison: Comparison) -> list[dict[str, Any]]:
                 "p99_ms": t.p99_ms,
                 "throughput": t.throughput,
                 "ratio": t.ratio,
+                "ratio_low": t.ratio_low,
+                "ratio_high": t.ratio_high,
                 "max_abs": dev.max_abs if dev else None,
                 "mean_abs": dev.mean_abs if dev else None,
                 "cosine": dev.cosine if dev else None,
@@ -154,6 +156,29 @@ def comparison_table(comparison: Comparison, width: int | None = None) -> Table:
     return table
 
 
+def noise_lines(comparison: Comparison) -> list[str]:
+    """Per batch size: each ratio's 95% interval over the rounds, the noise floor (the reference's own
+    file in a second session, timed in the same rounds), and a warning where the floor is as wide
+    as every difference measured."""
+    lines = []
+    for batch, floor in comparison.noise_floor.items():
+        timed = [t for t in comparison.timings if t.batch_size == batch and t.variant != comparison.reference]
+        runs = next((t.runs for t in comparison.timings if t.batch_size == batch), 0)
+        intervals = ", ".join(f"{t.variant} {t.ratio_low:.2f}–{t.ratio_high:.2f}×" for t in timed)
+        lines.append(
+            f"batch {batch}, 95% intervals over {runs} rounds: {intervals}; noise floor (the "
+            f"'{comparison.reference}' file timed again in the same rounds) {floor.ratio:.2f}× "
+            f"({floor.low:.2f}–{floor.high:.2f}×)"
+        )
+        if comparison.too_noisy(batch):
+            lines.append(
+                f"the machine is too noisy to separate these variants at batch {batch}: one graph timed "
+                f"twice read {floor.low:.2f}–{floor.high:.2f}× of itself, as far from 1 as any variant; "
+                "time for longer (--seconds) or on a quieter machine"
+            )
+    return lines
+
+
 def comparison_ops_lines(comparison: Comparison) -> list[str]:
     return [f"{v.name}: {_ops_summary(v, 6)}" for v in comparison.variants]
 
@@ -183,6 +208,9 @@ def comparison_markdown(comparison: Comparison) -> str:
     note = deviation_note(comparison)
     if note:
         lines += ["", note]
+    noise = noise_lines(comparison)
+    if noise:
+        lines += ["", *noise]
     if comparison.accuracies:
         n = comparison.accuracies[0].samples
         lines += [
