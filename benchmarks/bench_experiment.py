@@ -9,6 +9,11 @@ against the plain loop run the same way, two processes of one run each, process 
 
     python benchmarks/bench_experiment.py [--epochs 3] [--seeds 2] [--size 32] [--rounds 3] [--jobs 2]
 
+With ``--busy``: a one-epoch digits study (one seed, both placements) on idle cores and beside one
+CPU-bound process per core, with the thread count bnmove's loop chooses and with every core
+(torch's default), interleaved; prints each one's slowdown (a fair share of the cores would be 2x on
+2 cores; inherited threads read 7.9x on 2026-12-05).
+
 With ``--run-overhead EPOCHS``: what ``bnmove experiment --run`` adds per run around the user's
 own script (``examples/01_your_own_training/train.py``, EPOCHS epochs on digits: 60 take about a
 minute on 2 cores), against running that script directly on the same variant files, interleaved.
@@ -143,6 +148,42 @@ def run_overhead(epochs: int, rounds: int) -> None:
     )
 
 
+def _hogs(count: int) -> list[subprocess.Popen[bytes]]:
+    """One CPU-bound process per core: a busy machine."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def busy(rounds: int) -> None:
+    """A one-epoch digits study, idle and beside one CPU-bound process per core, at the thread
+    count bnmove chooses and at every core."""
+    data = load_dataset("digits")
+    cores = available_cores()
+
+    def study(threads: int | None) -> float:
+        started = time.perf_counter()
+        experiment(bnmove.sample_models.digits_net(), data, epochs=1, seeds=1, device="cpu", threads=threads)
+        return time.perf_counter() - started
+
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for load in ("idle", "busy"):
+            hogs = _hogs(cores) if load == "busy" else []
+            try:
+                for policy, threads in (("chosen", None), (f"{cores} threads", cores)):
+                    times.setdefault((load, policy), []).append(study(threads))
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    hog.wait()
+    print(f"one-epoch digits study (1 seed, both placements), {cores} cores, median of {rounds} rounds")
+    for policy in ("chosen", f"{cores} threads"):
+        idle, loaded = (statistics.median(times[(load, policy)]) for load in ("idle", "busy"))
+        print(
+            f"  {policy:<12} idle {idle:6.2f} s   beside {cores} CPU-bound processes {loaded:6.2f} s   "
+            f"slowdown {loaded / idle:5.1f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,10 +197,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes for the parallel comparison")
+    parser.add_argument("--busy", action="store_true", help="the study idle and beside one CPU hog per core")
     parser.add_argument(
         "--run-overhead", type=int, metavar="EPOCHS", help="measure --run's overhead instead (see above)"
     )
     args = parser.parse_args()
+    if args.busy:
+        busy(args.rounds)
+        return
     if args.run_overhead:
         run_overhead(args.run_overhead, args.rounds)
         return

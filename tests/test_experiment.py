@@ -361,9 +361,9 @@ def test_torch_datasets_and_loaders_are_data_too() -> None:
 
     blobs = _blobs()
     train, val = TensorDataset(blobs.train.x, blobs.train.y), TensorDataset(blobs.val.x, blobs.val.y)
-    direct = experiment(Tiny(), blobs, epochs=1, seeds=[2], batch_size=16)
+    direct = experiment(Tiny(), blobs, epochs=1, seeds=[2], batch_size=16, threads=1)  # compared exactly
     for data in ((train, val), (DataLoader(train, batch_size=7), DataLoader(val, batch_size=5))):
-        result = experiment(Tiny(), data, epochs=1, seeds=[2], batch_size=16)
+        result = experiment(Tiny(), data, epochs=1, seeds=[2], batch_size=16, threads=1)
         assert [r.val_accuracy for r in result.records] == [r.val_accuracy for r in direct.records]
     held = experiment(Tiny(), train, epochs=1, seeds=[2], batch_size=16)  # one dataset: 20% held out
     assert held.records and held.dataset == "torch data"

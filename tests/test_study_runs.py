@@ -168,16 +168,23 @@ class CountingImages(TorchDataset[tuple[torch.Tensor, int]]):
 
 def test_torch_datasets_are_streamed_batch_by_batch() -> None:
     train, val = CountingImages(64, 0), CountingImages(20, 1)
-    result = experiment(Net(), (train, val), epochs=2, seeds=1, batch_size=16, device="cpu")
-    # every epoch reads each training item once (plus the first and last to identify the data,
-    # and a few to probe the model); nothing is gathered up front
+    result = experiment(Net(), (train, val), epochs=2, seeds=1, batch_size=16, device="cpu", threads=1)
+    # every epoch reads each training item once (plus the first and last to identify the data, a
+    # few to probe the model, and one batch to time a training step for the thread count);
+    # nothing is gathered up front
     runs = 2 * 2  # two placements, two epochs
-    assert runs * 64 <= train.reads <= runs * 64 + 16 and runs * 20 <= val.reads <= runs * 20 + 8
+    assert runs * 64 <= train.reads <= runs * 64 + 16 + 16 and runs * 20 <= val.reads <= runs * 20 + 8
     # the same numbers as the same samples held in memory
     gather = lambda d: (torch.stack([d[i][0] for i in range(d.n)]), torch.tensor(d.targets))  # noqa: E731
     (tx, ty), (vx, vy) = gather(CountingImages(64, 0)), gather(CountingImages(20, 1))
     held = experiment(
-        Net(), Dataset(Split(tx, ty), Split(vx, vy), "held"), epochs=2, seeds=1, batch_size=16, device="cpu"
+        Net(),
+        Dataset(Split(tx, ty), Split(vx, vy), "held"),
+        epochs=2,
+        seeds=1,
+        batch_size=16,
+        device="cpu",
+        threads=1,
     )
     assert [r.val_accuracy for r in result.records] == [r.val_accuracy for r in held.records]
     assert [r.train_loss for r in result.records] == pytest.approx(
@@ -187,7 +194,7 @@ def test_torch_datasets_are_streamed_batch_by_batch() -> None:
 
 def test_mixed_precision_and_channels_last_on_the_cpu(tmp_path: Path) -> None:
     data = _images()
-    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu")
+    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", threads=1)
     mixed = experiment(
         Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", amp=True, channels_last=True,
         jobs_dir=tmp_path / "jobs",
@@ -252,8 +259,17 @@ def test_devices_without_cuda_are_one_clear_error(tmp_path: Path, digits_study: 
 
 def test_precise_bn_evaluates_with_exact_statistics() -> None:
     data = _images()
+    # one thread given to both studies: training compared bit for bit needs the same thread count
     result = experiment(
-        Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", precise_bn=40, keep_models=True
+        Net(),
+        data,
+        epochs=2,
+        seeds=1,
+        batch_size=16,
+        device="cpu",
+        precise_bn=40,
+        keep_models=True,
+        threads=1,
     )
     assert result.precise_bn == 40 and result.to_dict()["precise_bn"] == 40
     model = result.models["after/seed0"]
@@ -265,7 +281,7 @@ def test_precise_bn_evaluates_with_exact_statistics() -> None:
     with torch.no_grad():
         accuracy = float((model.eval()(data.val.x).argmax(1) == data.val.y).float().mean())
     assert accuracy == pytest.approx(result.records[-1].val_accuracy)
-    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu")
+    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", threads=1)
     assert [r.train_loss for r in plain.records] == [r.train_loss for r in result.records]  # training alike
     assert [r.val_loss for r in plain.records] != [r.val_loss for r in result.records]  # evaluation not
 

@@ -212,6 +212,12 @@ Examples:
     "On a CPU the cores are shared out between them.",
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(1),
+    help="CPU threads for bnmove's loop, one run at a time [default: the faster of 1 and every core, "
+    "measured on a training step: on busy cores, threads that wait for each other cost more than one].",
+)
+@click.option(
     "--backend",
     default="local",
     show_default=True,
@@ -271,6 +277,7 @@ def experiment_command(
     device: str | None,
     devices: str | None,
     jobs: int | None,
+    threads: int | None,
     backend: str,
     amp: bool | None,
     channels_last: bool | None,
@@ -366,6 +373,7 @@ def experiment_command(
                 device=device,
                 devices=device_list,
                 jobs=jobs,
+                threads=threads,
                 backend=backend,
                 amp=amp,
                 channels_last=channels_last,
@@ -409,5 +417,5 @@ def experiment_command(
 #: options that only bnmove's own training loop reads (refused with --run)
 _LOOP_OPTIONS = {
     "epochs", "batch_size", "recipe", "lr", "weight_decay", "label_smoothing", "augment", "image_size",
-    "val_split", "precise_bn", "amp", "channels_last",
+    "val_split", "precise_bn", "amp", "channels_last", "threads",
 }  # fmt: skip

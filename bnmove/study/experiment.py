@@ -30,9 +30,10 @@ from .jobs import EpochRecord, Job, fingerprint, load_job, save_job
 from .loop import LoopPlan, Precision, train_run
 from .own_training import Command, Trainer, UserPlan, user_run
 from .recipes import Recipe
-from .runner import execute
+from .runner import available_cores, execute
 from .runs import VARIANTS, Run, RunFinished, RunStarted, weights_digest
 from .stats import ACCURACY, Metric, PairedDifference, at_chance, chance_level, mean_std, paired_difference
+from .threads import ThreadChoice, choose_threads, threads_set, training_step
 
 __all__ = ["EpochRecord", "EpochSummary", "ExperimentResult", "experiment", "weights_digest"]
 
@@ -238,6 +239,7 @@ def experiment(
     higher_is_better: bool = True,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     on_finish: Callable[[str, int, dict[str, float]], None] | None = None,
+    threads: int | None = None,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and compare them.
 
@@ -286,6 +288,9 @@ def experiment(
         example_inputs: inputs to trace the model with when ``data`` is not given (default:
             inferred from its first layer).
         on_finish: progress callback ``(variant, seed, metrics)`` when a run ends.
+        threads: CPU threads for bnmove's loop, one run at a time on the CPU (default: the faster
+            of one thread and every core, measured on a training step; see
+            :mod:`bnmove.study.threads`). Worker processes share the cores instead.
 
     Returns:
         An :class:`ExperimentResult` with per-run metrics (and per-epoch records for bnmove's loop),
@@ -363,6 +368,24 @@ def experiment(
         run_one = user_run
         recipe, precision = None, Precision()
 
+    count = threads_set(torch.get_num_threads())  # as it is, where the runs are not this loop on the CPU
+    if (
+        run_one is train_run
+        and backend == "local"
+        and (jobs or len(targets)) == 1
+        and targets[0].type == "cpu"
+    ):
+        assert isinstance(data, Dataset)
+        if threads is not None and threads < 1:
+            raise BnmoveError("threads must be at least 1")
+        choice = (
+            ThreadChoice(threads)
+            if threads is not None
+            else choose_threads(training_step(plan.model, data, batch_size), available_cores())
+        )
+        notes.append(f"threads: {choice.describe()}")
+        count = threads_set(choice.threads)
+
     finished: dict[Run, Job] = {}
     models: dict[str, nn.Module] = {}
     runs = [Run(v, s) for s in seed_list for v in placements]
@@ -379,20 +402,21 @@ def experiment(
         elif isinstance(event, RunFinished) and on_finish is not None:
             on_finish(event.variant, event.seed, event.metrics)
 
-    for result in execute(
-        run_one,
-        plan,
-        [run for run in runs if run not in finished],
-        devices=[str(t) for t in targets],
-        jobs=jobs or len(targets),
-        backend=backend,
-        on_event=on_event,
-    ):
-        if jobs_dir is not None:  # kept before the metric is checked: fixing --metric reuses it
-            save_job(jobs_dir, result.run.variant, result.run.seed, result.job)
-        finished[result.run] = _reporting(result.run, result.job, compared.name)
-        if result.model is not None:
-            models[result.run.key] = result.model
+    with count:
+        for result in execute(
+            run_one,
+            plan,
+            [run for run in runs if run not in finished],
+            devices=[str(t) for t in targets],
+            jobs=jobs or len(targets),
+            backend=backend,
+            on_event=on_event,
+        ):
+            if jobs_dir is not None:  # kept before the metric is checked: fixing --metric reuses it
+                save_job(jobs_dir, result.run.variant, result.run.seed, result.job)
+            finished[result.run] = _reporting(result.run, result.job, compared.name)
+            if result.model is not None:
+                models[result.run.key] = result.model
     chance = None
     if data is not None and data.num_classes is not None:
         labels = data.val.labels
