@@ -46,7 +46,8 @@ def test_the_faster_thread_count_is_chosen(cost: dict[int, float], chosen: int) 
 
 
 def test_one_core_has_nothing_to_choose() -> None:
-    assert choose_threads(lambda: pytest.fail("no step on one core"), 1).threads == 1
+    choice = choose_threads(lambda: pytest.fail("no step on one core"), 1)
+    assert choice.threads == 1 and choice.describe() == "1 thread, the only core"
 
 
 def test_the_study_uses_the_threads_given_and_restores_the_count() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import traceback
+from collections.abc import Iterator
 
 from torch import fx, nn
 
@@ -29,11 +30,6 @@ def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> No
     setattr(parent, attr, module)
 
 
-def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` in every slot that holds ``old`` (a module registered under several names)."""
-    Slots(root).replace(old, new)
-
-
 class Slots:
     """Every slot (parent, key) of every module under a root, read in one walk of the tree.
 
@@ -47,27 +43,27 @@ class Slots:
         #: id of a module -> (the module, kept alive so its id stays its own; its slots)
         self._slots: dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]] | None = None
 
+    def _walk(self) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+        """``(parent, key, child)`` for every slot under the root: one walk of the tree."""
+        for parent in self._root.modules():
+            for key, child in parent._modules.items():
+                if child is not None:
+                    yield parent, key, child
+
     def _index(self) -> dict[int, tuple[nn.Module, list[tuple[nn.Module, str]]]]:
         if self._slots is None:
             self._slots = {}
-            for parent in self._root.modules():
-                for key, child in parent._modules.items():
-                    if child is not None:
-                        self._slots.setdefault(id(child), (child, []))[1].append((parent, key))
+            for parent, key, child in self._walk():
+                self._slots.setdefault(id(child), (child, []))[1].append((parent, key))
         return self._slots
 
     def replace(self, old: nn.Module, new: nn.Module) -> None:
-        """Put ``new`` in every slot that holds ``old``."""
+        """Put ``new`` in every slot that holds ``old`` (a module registered under several names)."""
         index = self._index()
         _, slots = index.get(id(old), (old, []))
         held = [(parent, key) for parent, key in slots if parent._modules.get(key) is old]
         if not held:  # registered behind the index's back (set_submodule): look once more
-            held = [
-                (parent, key)
-                for parent in self._root.modules()
-                for key, child in parent._modules.items()
-                if child is old
-            ]
+            held = [(parent, key) for parent, key, child in self._walk() if child is old]
         for parent, key in held:
             setattr(parent, key, new)
         index.pop(id(old), None)
@@ -85,9 +81,9 @@ def key_script_type(module: nn.Module, kind: str, value: str) -> None:
     and every instance that matches runs that type's code. A module bnmove changed without
     changing those (an instance's own regenerated ``forward``; a Sequential whose children swapped
     places under the same keys) would run the code compiled for its unchanged twin, elsewhere in
-    the model or in one scripted before. Its
-    ``__jit_ignored_attributes__``, which TorchScript reads per instance and compares, gets one
-    entry ``"<kind> <hash of value>"`` (replacing an earlier one of that kind).
+    the model or in one scripted before. Its ``__jit_ignored_attributes__``, which TorchScript
+    reads per instance and compares, gets one entry ``"<kind> <hash of value>"`` (replacing an
+    earlier one of that kind).
     """
     digest = hashlib.sha256(value.encode()).hexdigest()[:16]
     kept = [a for a in getattr(module, "__jit_ignored_attributes__", []) if not a.startswith(f"{kind} ")]

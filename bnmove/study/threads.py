@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.clone import clone_module
 from .data import Dataset
 from .runs import class_scores
 
@@ -35,6 +36,8 @@ class ThreadChoice:
     def describe(self) -> str:
         if not self.seconds:
             return f"{self.threads} threads, as given"
+        if len(self.seconds) == 1:
+            return "1 thread, the only core"
         measured = ", ".join(f"{n}: {s * 1000:.1f} ms" for n, s in sorted(self.seconds.items()))
         return f"{self.threads} of {max(self.seconds)} threads, the faster training step ({measured})"
 
@@ -51,7 +54,7 @@ def choose_threads(
     thread's (within that, the difference is measurement noise, and one thread leaves the other
     cores to the machine)."""
     if cores <= 1:
-        return ThreadChoice(1, {1: 0.0})
+        return ThreadChoice(1, {1: 0.0})  # nothing to measure against
     counts = (1, cores)
     best = dict.fromkeys(counts, float("inf"))
     with threads_set(torch.get_num_threads()):
@@ -81,9 +84,7 @@ def threads_set(count: int) -> Iterator[None]:
 def training_step(model: nn.Module, data: Dataset, batch_size: int) -> Callable[[], object]:
     """One forward and backward of a copy of ``model`` on the first training batch: what the loop
     repeats, for :func:`choose_threads` to time."""
-    import copy
-
-    probe = copy.deepcopy(model).train()
+    probe = clone_module(model).train()
     first = data.train.batches(batch_size, torch.device("cpu"), train=False)
     x, y = next(iter(first(torch.arange(min(batch_size, len(data.train))))))
 
