@@ -76,8 +76,10 @@ def test_int8_variants_of_each_placement_agree_with_their_float_variants(
         entry = manifest["variants"][variant]["int8"]
         assert entry["file"] == int8.name and entry["held_out_samples"] == 51
         assert entry["top1_agreement_with_float"] >= 0.95 and entry["max_rel_error_vs_float"] < 0.05
-        want = ort.InferenceSession(str(paths[variant])).run(None, {"x": x})[0]
-        got = ort.InferenceSession(str(int8)).run(None, {"x": x})[0]
+        want = ort.InferenceSession(str(paths[variant]), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+        got = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         assert (want.argmax(1) == got.argmax(1)).mean() >= 0.95  # on 359 digits no calibration saw
         assert _nodes(int8)["QuantizeLinear"] > 0
     # the after-variant's BNs are BN′ of exact moves, identities in eval: removed, the INT8 graph is
@@ -133,3 +135,43 @@ def test_quantize_without_calibration_data_is_one_line_before_any_work(tmp_path:
             options=bnmove.deploy.ExportOptions(quantize="int8"),
         )
     assert not (tmp_path / "w").exists()
+
+
+def test_int8_for_tensorrt_has_signed_symmetric_activations_and_agrees_with_float(
+    trained: tuple, tmp_path: Path
+) -> None:
+    from bnmove.deploy.sessions import tensorrt_int8_problem
+
+    model, calibration, held_out_digits = trained
+    paths = bnmove.export_variants(
+        model,
+        (calibration[:1],),
+        tmp_path,
+        ("after",),
+        options=bnmove.deploy.ExportOptions(fold="forward", quantize="int8-tensorrt"),
+        calibration=bnmove.Calibration(calibration),
+        stem="net",
+    )
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["quantization"]["type"] == "int8-tensorrt"
+    entry = manifest["variants"]["after"]["int8"]
+    assert "signed symmetric int8 activations" in entry["format"]
+    assert entry["top1_agreement_with_float"] >= 0.95
+    model_int8 = onnx.load(str(paths["after.int8"]))
+    assert tensorrt_int8_problem(model_int8) is None
+    x = held_out_digits.numpy()
+    cpu = ["CPUExecutionProvider"]
+    want = ort.InferenceSession(str(paths["after"]), providers=cpu).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(paths["after.int8"]), providers=cpu).run(None, {"x": x})[0]
+    assert (want.argmax(1) == got.argmax(1)).mean() >= 0.95
+    uint8 = bnmove.export_variants(
+        model,
+        (calibration[:1],),
+        tmp_path / "cpu-form",
+        ("after",),
+        options=bnmove.deploy.ExportOptions(fold="forward", quantize="int8"),
+        calibration=bnmove.Calibration(calibration),
+        stem="net",
+    )
+    problem = tensorrt_int8_problem(onnx.load(str(uint8["after.int8"])))
+    assert problem is not None and "uint8" in problem

@@ -31,6 +31,7 @@ from ..report import (
     export_table,
     int8_lines,
     noise_lines,
+    provider_lines,
     require_matplotlib,
 )
 from ..study.data import load_dataset
@@ -112,7 +113,9 @@ Example:
     type=click.Choice(QUANTIZATIONS),
     help="Also write <stem>.<variant>.int8.onnx beside each float variant: onnxruntime's static "
     "quantization (QDQ, per-channel weights), calibrated on --calibration-data (required) with its "
-    "last samples held out to measure the agreement with the float variant.",
+    "last samples held out to measure the agreement with the float variant. int8: uint8 "
+    "activations, fast on onnxruntime's CPU provider; int8-tensorrt: signed symmetric int8, the "
+    "form TensorRT builds.",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing variant files in the folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -252,6 +255,13 @@ Example:
     metavar="N",
     help="Use at most the first N samples of --data [default: all].",
 )
+@click.option(
+    "--tensorrt-cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="TensorRT only: keep engines and timing caches here, so later runs skip the engine builds "
+    "[default: $XDG_CACHE_HOME/bnmove/tensorrt].",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing report files.")
 @debug_option
 def compare_command(
@@ -268,6 +278,7 @@ def compare_command(
     plot_path: Path | None,
     data_spec: str | None,
     data_samples: int | None,
+    cache_dir: Path | None,
     force: bool,
 ) -> None:
     """Time ONNX variants side by side under onnxruntime.
@@ -310,6 +321,7 @@ def compare_command(
             on_step=step,
             data=data,
             data_samples=data_samples,
+            cache_dir=cache_dir,
         )
     writers = ((json_path, comparison_json), (csv_path, comparison_csv), (md_path, comparison_markdown))
     for target, render in writers:
@@ -329,6 +341,8 @@ def compare_command(
     deviating = deviation_note(result)
     if deviating:
         out.print(f"[yellow]{deviating}[/]", highlight=False)
+    for line in provider_lines(result):
+        out.print(line, highlight=False)
     for line in noise_lines(result):
         out.print(
             f"[yellow]{line}[/]" if line.startswith("the machine is too noisy") else line, highlight=False

@@ -54,8 +54,9 @@ def distinct_forms(foldings: dict[str, Folding | None]) -> list[str]:
 def time_forms(paths: dict[str, Path], tmp: Path, rounds: int = 30, warmup: int = 3) -> dict[str, float]:
     """Median seconds per run of each file on onnxruntime's CPU provider, measured interleaved."""
     from .runtime import _Runner
+    from .sessions import SessionPlan
 
-    runners = {form: _Runner(path, "cpu", tmp) for form, path in paths.items()}
+    runners = {form: _Runner(path, SessionPlan("cpu"), tmp) for form, path in paths.items()}
     first = next(iter(runners.values()))
     arrays = first.feeds(first.static_batch() or 1, seed=0)
     for runner in runners.values():

@@ -95,7 +95,9 @@ class ExportOptions:
         quantize: ``"int8"`` also writes ``<stem>.<variant>.int8.onnx`` beside each float
             variant: onnxruntime's static quantization (QDQ, per-channel int8 weights), calibrated
             on the calibration data (required) with its last samples held out to measure the
-            agreement with the float variant (see :mod:`bnmove.deploy.quantize`).
+            agreement with the float variant (see :mod:`bnmove.deploy.quantize`); uint8
+            activations, the fast form on onnxruntime's CPU provider. ``"int8-tensorrt"``: signed,
+            symmetric int8 activations, the only int8 TensorRT builds.
         opset: ONNX opset.
         static_batch: fix the batch dimension (dynamic by default).
         tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
@@ -171,7 +173,7 @@ def export_variants(
         calibration = replace(
             calibration, data=calibration_batches(calibration.data, samples=calibration.samples)
         )
-    quantization = QuantizationSamples.split(calibration.data) if quantize else None
+    quantization = QuantizationSamples.split(calibration.data, quantize) if quantize else None
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
@@ -263,7 +265,7 @@ def _export_into(
             **(
                 {
                     "quantization": {
-                        "type": "int8",
+                        "type": quantization.kind,
                         "calibration_samples": quantization.samples()[0],
                         "held_out_samples": quantization.samples()[1],
                     }

@@ -5,19 +5,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import io
 import os
 import platform
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import BnmoveError
-
-if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
-    pass
-
 
 PROVIDERS: dict[str, str] = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -26,7 +23,8 @@ PROVIDERS: dict[str, str] = {
 }
 
 
-_WORKS: dict[str, bool] = {}
+#: per provider, None once it ran here, else why not (probed once per process)
+_WORKS: dict[str, str | None] = {}
 
 
 def import_onnxruntime() -> Any:
@@ -98,27 +96,46 @@ def _probe_model() -> bytes:
 
 def provider_works(name: str) -> bool:
     """Whether onnxruntime can really run on ``name`` ("tensorrt", "cuda", "cpu") here."""
+    return provider_problem(name) is None
+
+
+def provider_problem(name: str) -> str | None:
+    """Why onnxruntime cannot run on ``name`` here (None when it can): probed once, by running a
+    one-node model on it, the error kept."""
     if name == "cpu":
-        return True
+        return None
     if name in _WORKS:
         return _WORKS[name]
     ort = import_onnxruntime()
-    works = False
-    if PROVIDERS[name] in ort.get_available_providers() and _nvidia_driver_present():
+    problem: str | None
+    if PROVIDERS[name] not in ort.get_available_providers():
+        problem = f"this onnxruntime build has no {PROVIDERS[name]} (pip install onnxruntime-gpu)"
+    elif not _nvidia_driver_present():
+        problem = "no NVIDIA driver (libcuda) found"
+    else:
         _preload_torch_cuda_libraries()
         options = ort.SessionOptions()
         options.log_severity_level = 4
-        try:
-            with _silenced_stderr():
+        banner = io.StringIO()
+        try:  # onnxruntime prints its fallback banner on stdout, and library errors on fd 2
+            with _silenced_stderr(), contextlib.redirect_stdout(banner):
                 session = ort.InferenceSession(
                     _probe_model(), options, providers=[PROVIDERS[name], "CPUExecutionProvider"]
                 )
                 session.run(None, {"x": np.ones(1, np.float32)})
-            works = session.get_providers()[0] == PROVIDERS[name]
-        except Exception:
-            works = False
-    _WORKS[name] = works
-    return works
+            actual = session.get_providers()[0]
+            problem = None if actual == PROVIDERS[name] else _banner_reason(banner.getvalue(), actual)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            problem = (lines[0] if lines else type(exc).__name__)[:200]
+    _WORKS[name] = problem
+    return problem
+
+
+def _banner_reason(banner: str, actual: str) -> str:
+    """The first line of onnxruntime's fallback banner ("EP Error ..."), or what it fell back to."""
+    why = next((line.strip() for line in banner.splitlines() if line.startswith("EP Error")), "")
+    return why[:200] or f"onnxruntime fell back to {actual}"
 
 
 def select_provider(requested: str = "auto") -> str:
@@ -129,11 +146,12 @@ def select_provider(requested: str = "auto") -> str:
                 return name
     if requested not in PROVIDERS:
         raise BnmoveError(f"unknown provider {requested!r}; choose auto, {', '.join(PROVIDERS)}")
-    if not provider_works(requested):
+    problem = provider_problem(requested)
+    if problem is not None:
         available = [n for n in PROVIDERS if provider_works(n)]
         raise BnmoveError(
             f"provider {requested!r} is not available here (onnxruntime "
-            f"{import_onnxruntime().__version__}); available: {', '.join(available)}"
+            f"{import_onnxruntime().__version__}: {problem}); available: {', '.join(available)}"
         )
     return requested
 

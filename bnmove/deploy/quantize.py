@@ -31,8 +31,23 @@ from ..core.fidelity import Agreement
 from ..errors import BnmoveError
 from ..fitting.calibrate import Batch, split_held_out
 
-#: what --quantize accepts
-QUANTIZATIONS = ("int8",)
+#: what --quantize accepts, and how each quantizes activations: (onnxruntime's type, symmetric, what
+#: the manifest says). "int8" is for onnxruntime's CPU provider (uint8 activations: fused into
+#: QLinearConv); "int8-tensorrt" is the only int8 TensorRT builds (signed, symmetric activations).
+_FORMS = {
+    "int8": (
+        "QUInt8",
+        False,
+        "QDQ, uint8 activations, per-channel int8 weights (onnxruntime quantize_static, MinMax)",
+    ),
+    "int8-tensorrt": (
+        "QInt8",
+        True,
+        "QDQ, signed symmetric int8 activations, per-channel symmetric int8 weights, the form "
+        "TensorRT builds (onnxruntime quantize_static, MinMax)",
+    ),
+}
+QUANTIZATIONS = tuple(_FORMS)
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 
@@ -60,15 +75,17 @@ class QuantizationSamples:
 
     calibrate: list[Batch]
     held_out: list[Batch]
+    #: which of :data:`QUANTIZATIONS`
+    kind: str = "int8"
 
     @classmethod
-    def split(cls, batches: Sequence[Batch]) -> QuantizationSamples:
+    def split(cls, batches: Sequence[Batch], kind: str = "int8") -> QuantizationSamples:
         calibrate, held_out = split_held_out(list(batches))
         if not held_out:
             raise BnmoveError(
                 "--quantize needs at least 2 calibration samples (some are held out to check it)"
             )
-        return cls(calibrate, held_out)
+        return cls(calibrate, held_out, kind)
 
     def samples(self) -> tuple[int, int]:
         return sum(len(b[0]) for b in self.calibrate), sum(len(b[0]) for b in self.held_out)
@@ -132,6 +149,7 @@ def quantize_variant(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
+    activations, symmetric, form = _FORMS[calibration.kind]
     prepared = work / f"{float_path.stem}.pre.onnx"
     root = logging.getLogger()
     root.addFilter(_standalone_bn_axis)
@@ -143,8 +161,9 @@ def quantize_variant(
             Reader(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
+            activation_type=getattr(QuantType, activations),
             weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
     except Exception as exc:
         raise BnmoveError(
@@ -161,7 +180,7 @@ def quantize_variant(
     calibrated, held_out = calibration.samples()
     return {
         "file": out_path.name,
-        "format": "QDQ, uint8 activations, per-channel int8 weights (onnxruntime quantize_static, MinMax)",
+        "format": form,
         "calibration_samples": calibrated,
         "held_out_samples": held_out,
         "top1_agreement_with_float": measured.top1,

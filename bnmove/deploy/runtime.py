@@ -9,7 +9,6 @@ onnxruntime's optimisations, which shows which BatchNorms survived fusion.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from collections import Counter
@@ -26,12 +25,14 @@ from ..errors import BnmoveError
 from .accuracy import Accuracy, labelled_batches
 from .accuracy import evaluate as evaluate_accuracy
 from .noise import RatioInterval, ratio_interval, too_noisy
-from .providers import (
-    PROVIDERS,
-    _device_name,
-    _silenced_stderr,
-    import_onnxruntime,
-    select_provider,
+from .providers import _device_name, import_onnxruntime, select_provider
+from .sessions import (
+    SessionPlan,
+    default_cache_dir,
+    int8_execution,
+    is_qdq,
+    open_session,
+    tensorrt_int8_problem,
 )
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
@@ -92,8 +93,12 @@ class VariantInfo:
     name: str
     path: str
     file_size: int
-    #: node counts by op type after onnxruntime's optimisations on the chosen provider
+    #: node counts by op type after onnxruntime's optimisations (on the session that checks
+    #: outputs: the CPU provider, or CUDA for the GPU providers, since TensorRT cannot save its graph)
     optimized_nodes: dict[str, int]
+    #: what the variant computes in: "float32", "int8", or "int8 emulated in float" (QDQ on the
+    #: CUDA provider, which has no int8 convolution)
+    precision: str = "float32"
 
     @property
     def batchnorms(self) -> int:
@@ -120,6 +125,10 @@ class Comparison:
     #: per batch size, a byte-identical copy of the reference timed in the same rounds: the ratio
     #: two identical graphs show on this machine during this run (:mod:`bnmove.deploy.noise`)
     noise_floor: dict[int, RatioInterval] = field(default_factory=dict)
+    #: how the timings ran ("CUDA, TF32 allowed (the provider's default)", ...)
+    timed_with: str = ""
+    #: how deviations, node counts and accuracy were measured ("CPU, float32", "CUDA, TF32 off ...")
+    checked_with: str = ""
 
     def too_noisy(self, batch_size: int) -> bool:
         """Whether, at this batch size, the noise floor is as wide as every difference measured."""
@@ -147,6 +156,8 @@ class Comparison:
             "created": self.created,
             "reference": self.reference,
             "batch_sizes": self.batch_sizes,
+            "timed_with": self.timed_with,
+            "checked_with": self.checked_with,
             "variants": [{**asdict(v), "batchnorms_after_optimization": v.batchnorms} for v in self.variants],
             "timings": [asdict(t) for t in self.timings],
             "deviations": [asdict(d) for d in self.deviations],
@@ -196,27 +207,17 @@ def _label(node: onnx.NodeProto) -> str:
 
 
 class _Runner:
-    """One variant's session, with device-bound I/O on GPU providers."""
+    """One variant's session (opened by :func:`open_session`), with device-bound I/O on GPU providers."""
 
-    def __init__(self, path: Path, provider: str, tmp: Path) -> None:
+    def __init__(self, path: Path, plan: SessionPlan, tmp: Path | None = None) -> None:
+        """``tmp``: a folder to save the optimised graph in, to count its nodes (None: not counted)."""
         import onnx
 
-        ort = import_onnxruntime()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        optimized = tmp / f"{path.stem}.optimized.onnx"
-        options.optimized_model_filepath = str(optimized)
-        try:
-            with _silenced_stderr() if provider != "cpu" else contextlib.nullcontext():
-                self.session = ort.InferenceSession(str(path), options, providers=[PROVIDERS[provider]])
-        except Exception as exc:
-            raise BnmoveError(
-                f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})"
-            ) from exc
-        self.on_device = provider != "cpu"
+        optimized = tmp / f"{path.stem}.optimized.onnx" if tmp is not None else None
+        self.session = open_session(path, plan, optimized=optimized)
+        self.plan = plan
         self.optimized_nodes: dict[str, int] = {}
-        if optimized.exists():
+        if optimized is not None and optimized.exists():
             proto = onnx.load(str(optimized), load_external_data=False)
             self.optimized_nodes = dict(Counter(_label(n) for n in proto.graph.node).most_common())
         self.inputs = self.session.get_inputs()
@@ -253,15 +254,16 @@ class _Runner:
 
     def bind(self, arrays: list[np.ndarray]) -> None:
         """Put inputs on the device once; outputs are allocated there too."""
-        if not self.on_device:
+        if self.plan.provider == "cpu":
             self._arrays = arrays
             return
         ort = import_onnxruntime()
         binding = self.session.io_binding()
+        device = self.plan.device_id
         for spec, array in zip(self.inputs, arrays, strict=True):
-            binding.bind_ortvalue_input(spec.name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+            binding.bind_ortvalue_input(spec.name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", device))
         for name in self.output_names:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, "cuda", device)
         self._binding = binding
 
     def timed_run(self) -> float:
@@ -294,6 +296,7 @@ def compare(
     on_step: Any = None,
     data: Any = None,
     data_samples: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Comparison:
     """Time and compare ONNX variants under onnxruntime.
 
@@ -304,7 +307,8 @@ def compare(
             or one of ``"tensorrt"``, ``"cuda"``, ``"cpu"``.
         batch_sizes: batch sizes to time (a model exported with a static batch is
             timed at its own batch only).
-        warmup: untimed runs per variant and batch size.
+        warmup: untimed runs per variant and batch size (at least 1 on a GPU provider, whose
+            first run sets up its kernels or builds its engine).
         iterations: timed rounds per batch size (each round runs every variant once).
         seconds: instead of ``iterations``, time rounds for this long per batch size.
         reference: the variant ratios and deviations refer to (default ``original``, else the first).
@@ -315,6 +319,13 @@ def compare(
             Each variant's accuracy comes with a 95% interval and its paired difference from
             the reference on the same samples.
         data_samples: use at most this many labelled samples (default: all).
+        cache_dir: TensorRT: where engines and timing caches are kept between runs (default
+            ``$XDG_CACHE_HOME/bnmove/tensorrt``).
+
+    Timings use the provider's defaults (TF32 on CUDA and TensorRT). Output deviations, node
+    counts and accuracy are measured in float32: on the CPU provider, or on CUDA with TF32 off for
+    the GPU providers (:mod:`bnmove.deploy.sessions`). ``Comparison.timed_with`` and
+    ``checked_with`` say which.
 
     Returns:
         A :class:`Comparison` (``to_dict()`` for JSON; ``bnmove.report`` renders it).
@@ -329,23 +340,26 @@ def compare(
     if iterations is not None and iterations < 1:
         raise BnmoveError("iterations must be at least 1")
     chosen = select_provider(provider)
+    if chosen != "cpu" and warmup < 1:
+        raise BnmoveError(
+            f"warmup must be at least 1 on {chosen}: its first run sets up kernels (and builds "
+            "TensorRT engines), which would be timed"
+        )
     ref = reference or ("original" if "original" in named else next(iter(named)))
     if ref not in named:
         raise BnmoveError(f"reference variant {ref!r} is not among {', '.join(named)}")
     step = on_step or (lambda _text: None)
     if data_samples is not None and data_samples < 1:
         raise BnmoveError("data samples must be at least 1")
+    quantized = _quantized_variants(named, chosen)
     batches = labelled_batches(data, data_samples) if data is not None else None
+    checked = SessionPlan("cpu") if chosen == "cpu" else SessionPlan("cuda", tf32=False)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with tempfile.TemporaryDirectory(prefix="bnmove-compare-") as tmp:
         runners: dict[str, _Runner] = {}
         for name, path in named.items():
             step(f"loading {name}")
-            runners[name] = _Runner(path, chosen, Path(tmp))
-        # the noise floor: the reference's own file in a second session (byte-identical by
-        # definition, external weights included), its optimised copy in a folder of its own
-        floor_tmp = Path(tmp) / "noise-floor"
-        floor_tmp.mkdir()
-        floor_runner = _Runner(named[ref], chosen, floor_tmp)
+            runners[name] = _Runner(path, checked, Path(tmp))
         signature = [(i.shape[1:], i.type) for i in runners[ref].inputs]
         for name, runner in runners.items():
             if [(i.shape[1:], i.type) for i in runner.inputs] != signature:
@@ -369,29 +383,31 @@ def compare(
         want = runners[ref].run(arrays)
         deviations = [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
 
+        def plan_for(name: str, batch: int) -> SessionPlan:
+            return timing_plan(chosen, checked, runners[ref].inputs, batch, name in quantized, cache)
+
         timings: list[Timing] = []
         floors: dict[int, RatioInterval] = {}
         order = [*runners, _FLOOR]
-        timed = {**runners, _FLOOR: floor_runner}
+        floor_tmp = Path(tmp) / "noise-floor"
+        floor_tmp.mkdir()
+        timed: dict[str, _Runner] = {}
         for batch in sizes:
             step(f"timing batch {batch}")
+            if not timed or chosen == "tensorrt":  # TensorRT: an engine built for this batch size
+                timed.clear()  # (the previous batch's engines freed first)
+                for name in runners:
+                    plan = plan_for(name, batch)
+                    timed[name] = runners[name] if plan == checked else _Runner(named[name], plan)
+                # the noise floor: the reference's own file in a second session (byte-identical by
+                # definition, external weights included), timed in the same rounds
+                timed[_FLOOR] = _Runner(named[ref], plan_for(ref, batch))
             arrays = runners[ref].feeds(batch, seed=batch)
             for runner in timed.values():
                 runner.bind(arrays)
                 for _ in range(warmup):
                     runner.timed_run()
-            samples: dict[str, list[float]] = {n: [] for n in order}
-            deadline = time.perf_counter() + seconds if seconds is not None else None
-            rounds = 0
-            while True:
-                if iterations is not None and rounds >= iterations:
-                    break
-                if deadline is not None and rounds >= 3 and time.perf_counter() >= deadline:
-                    break
-                shift = rounds % len(order)
-                for name in order[shift:] + order[:shift]:
-                    samples[name].append(timed[name].timed_run())
-                rounds += 1
+            samples = _timed_rounds(timed, order, iterations, seconds)
             ref_p50 = float(np.percentile(np.asarray(samples[ref]) * 1000.0, 50))
             floors[batch] = ratio_interval(samples[_FLOOR], samples[ref], seed=batch)
             for name in runners:
@@ -413,10 +429,22 @@ def compare(
                         ratio_high=interval.high,
                     )
                 )
+        timed.clear()
         variants = [
-            VariantInfo(name, str(named[name]), named[name].stat().st_size, runners[name].optimized_nodes)
+            VariantInfo(
+                name,
+                str(named[name]),
+                named[name].stat().st_size,
+                runners[name].optimized_nodes,
+                int8_execution(chosen) if name in quantized else "float32",
+            )
             for name in runners
         ]
+        timed_with = plan_for(ref, sizes[0]).describe()
+        if chosen == "tensorrt":
+            timed_with = "TensorRT, one engine per batch size: float32 (TF32 allowed, its default)"
+            timed_with += ", INT8 for the quantized variants" if quantized else ""
+            timed_with += f"; engines cached in {cache}"
     return Comparison(
         provider=chosen,
         device=_device_name(chosen),
@@ -429,4 +457,62 @@ def compare(
         batch_sizes=sizes,
         accuracies=accuracies,
         noise_floor=floors,
+        timed_with=timed_with,
+        checked_with=checked.describe(),
     )
+
+
+def timing_plan(
+    provider: str, checked: SessionPlan, inputs: Sequence[Any], batch: int, int8: bool, cache: Path
+) -> SessionPlan:
+    """How one variant is timed at one batch size: on the CPU, in the session that checked its
+    outputs; on CUDA, with the provider's defaults (TF32 allowed); on TensorRT, in an engine built
+    for exactly this batch (``inputs``: the session's input specs, batch first), INT8 for QDQ files,
+    cached in ``cache``."""
+    if provider == "cpu":
+        return checked
+    if provider == "cuda":
+        return SessionPlan("cuda", device_id=checked.device_id)
+    shapes = tuple((i.name, (batch, *i.shape[1:])) for i in inputs)
+    return SessionPlan("tensorrt", device_id=checked.device_id, cache_dir=cache, shapes=shapes, int8=int8)
+
+
+def _timed_rounds(
+    timed: dict[str, _Runner], order: list[str], iterations: int | None, seconds: float | None
+) -> dict[str, list[float]]:
+    """Seconds per run of each session, round by round, each round in a rotated order."""
+    samples: dict[str, list[float]] = {n: [] for n in order}
+    deadline = time.perf_counter() + seconds if seconds is not None else None
+    rounds = 0
+    while True:
+        if iterations is not None and rounds >= iterations:
+            break
+        if deadline is not None and rounds >= 3 and time.perf_counter() >= deadline:
+            break
+        shift = rounds % len(order)
+        for name in order[shift:] + order[:shift]:
+            samples[name].append(timed[name].timed_run())
+        rounds += 1
+    return samples
+
+
+def _quantized_variants(named: dict[str, Path], provider: str) -> set[str]:
+    """The QDQ (INT8) variants; on TensorRT, one clear error for any it cannot build, before work."""
+    import onnx
+
+    quantized = set()
+    for name, path in named.items():
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise BnmoveError(f"{path}: not an ONNX file onnx can read ({type(exc).__name__})") from exc
+        if not is_qdq(model):
+            continue
+        quantized.add(name)
+        problem = tensorrt_int8_problem(model) if provider == "tensorrt" else None
+        if problem:
+            raise BnmoveError(
+                f"{name}: TensorRT cannot build this INT8 file: {problem}; export it with "
+                "--quantize int8-tensorrt, or compare it on --provider cuda or cpu"
+            )
+    return quantized

@@ -16,6 +16,7 @@ from .comparison import (
     export_table,
     int8_lines,
     noise_lines,
+    provider_lines,
 )
 from .experiment import (
     experiment_header,
@@ -55,6 +56,7 @@ __all__ = [
     "noise_lines",
     "pairs_summary",
     "pairs_table",
+    "provider_lines",
     "require_matplotlib",
     "untraced_lines",
     "write_experiment",

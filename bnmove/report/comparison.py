@@ -15,6 +15,7 @@ from rich.table import Table
 from ..core.atomic import atomic_path
 from ..deploy.accuracy import Accuracy
 from ..deploy.runtime import Comparison, OutputDeviation, VariantInfo
+from ..deploy.sessions import int8_execution
 from ..study.stats import ACCURACY
 from ._shared import require_matplotlib
 
@@ -59,6 +60,7 @@ def _rows(comparison: Comparison) -> list[dict[str, Any]]:
                 "nodes": sum(info.optimized_nodes.values()),
                 "batchnorms": info.batchnorms,
                 "file_size": info.file_size,
+                "precision": info.precision,
                 **({"accuracy": accuracies[t.variant].accuracy} if t.variant in accuracies else {}),
             }
         )
@@ -92,10 +94,33 @@ def accuracy_table(comparison: Comparison) -> Table:
 
 #: marks a variant whose outputs are not the reference's (a fit or a swap, or a bug)
 DEVIATES = "≠"
+#: marks an INT8 variant the provider runs in float (QDQ on CUDA)
+EMULATED = "†"
 
 
 def _variant_label(row: dict[str, Any]) -> str:
-    return f"{row['variant']} {DEVIATES}" if row["deviates"] else str(row["variant"])
+    label = str(row["variant"])
+    if row.get("precision") == int8_execution("cuda"):
+        label += EMULATED
+    return f"{label} {DEVIATES}" if row["deviates"] else label
+
+
+def provider_lines(comparison: Comparison) -> list[str]:
+    """How the timings ran and how outputs were checked; which INT8 variants ran in float."""
+    lines = []
+    if comparison.timed_with:
+        lines.append(
+            f"timed with {comparison.timed_with}; outputs, nodes and accuracy checked with "
+            f"{comparison.checked_with}"
+        )
+    emulated = [v.name for v in comparison.variants if v.precision == int8_execution("cuda")]
+    if emulated:
+        lines.append(
+            f"{EMULATED} {', '.join(emulated)}: int8 emulated in float. onnxruntime's CUDA provider has "
+            "no int8 convolution and runs DequantizeLinear → float Conv → QuantizeLinear, so these are "
+            "not int8 timings; time INT8 on --provider tensorrt (--quantize int8-tensorrt) or cpu"
+        )
+    return lines
 
 
 def deviation_note(comparison: Comparison) -> str | None:
@@ -208,6 +233,7 @@ def comparison_markdown(comparison: Comparison) -> str:
     note = deviation_note(comparison)
     if note:
         lines += ["", note]
+    lines += ["", *provider_lines(comparison)]
     noise = noise_lines(comparison)
     if noise:
         lines += ["", *noise]
