@@ -238,6 +238,12 @@ Examples:
     help="The channels-last memory layout for image models [default: on for CUDA, off on the CPU].",
 )
 @click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Deterministic kernels only, so a re-run on CUDA repeats bit for bit (slower there, by how "
+    "much depends on the model). On the CPU, give --threads too.",
+)
+@click.option(
     "-o",
     "--output-dir",
     "out_dir",
@@ -281,6 +287,7 @@ def experiment_command(
     backend: str,
     amp: bool | None,
     channels_last: bool | None,
+    deterministic: bool,
     out_dir: Path | None,
     force: bool,
 ) -> None:
@@ -377,6 +384,7 @@ def experiment_command(
                 backend=backend,
                 amp=amp,
                 channels_last=channels_last,
+                deterministic=deterministic,
                 on_epoch=progress.on_epoch,
                 on_start=progress.on_start,
                 on_finish=progress.on_finish,
@@ -417,5 +425,5 @@ def experiment_command(
 #: options that only bnmove's own training loop reads (refused with --run)
 _LOOP_OPTIONS = {
     "epochs", "batch_size", "recipe", "lr", "weight_decay", "label_smoothing", "augment", "image_size",
-    "val_split", "precise_bn", "amp", "channels_last", "threads",
+    "val_split", "precise_bn", "amp", "channels_last", "threads", "deterministic",
 }  # fmt: skip

@@ -61,6 +61,10 @@ class Split:
     y: torch.Tensor
     #: applied batch by batch on the training device (8-bit images: scaling and normalisation)
     prepare: Normalise | None = None
+    #: the split's copy on each GPU it was trained on (made once)
+    _copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -79,14 +83,26 @@ class Split:
 
     def batches(self, batch_size: int, device: torch.device, *, train: bool) -> Batches:
         """A function from a sample order to ``(x, y)`` mini-batches on ``device``; the split is
-        moved there once."""
-        x, y = self.x.to(device), self.y.to(device)
+        moved there once per device, however many runs and passes ask for it."""
+        x, y = self._on(device)
 
         def epoch(order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for idx in _chunks(order.to(device), batch_size, train):
                 yield _prepared(self.prepare, x[idx]), y[idx]
 
         return epoch
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device.type == "cpu":
+            return self.x, self.y
+        copies = self.__dict__.setdefault("_copies", {})  # (a Split unpickled from before it had them)
+        if str(device) not in copies:
+            copies[str(device)] = (self.x.to(device), self.y.to(device))
+        result: tuple[torch.Tensor, torch.Tensor] = copies[str(device)]
+        return result
+
+    def __getstate__(self) -> dict[str, Any]:  # device copies stay in the process that made them
+        return {**self.__dict__, "_copies": {}}
 
     def subset(self, indices: list[int]) -> Split:
         return Split(self.x[indices], self.y[indices], self.prepare)

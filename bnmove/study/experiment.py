@@ -26,6 +26,7 @@ from ..core.clone import clone_module
 from ..errors import BnmoveError
 from .checks import _data_digest, _model_digest, match_classes
 from .data import Dataset, from_torch, load_dataset
+from .devices import check_devices, parse_devices
 from .jobs import EpochRecord, Job, fingerprint, load_job, save_job
 from .loop import LoopPlan, Precision, train_run
 from .own_training import Command, Trainer, UserPlan, user_run
@@ -240,6 +241,7 @@ def experiment(
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     on_finish: Callable[[str, int, dict[str, float]], None] | None = None,
     threads: int | None = None,
+    deterministic: bool = False,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and compare them.
 
@@ -291,6 +293,9 @@ def experiment(
         threads: CPU threads for bnmove's loop, one run at a time on the CPU (default: the faster
             of one thread and every core, measured on a training step; see
             :mod:`bnmove.study.threads`). Worker processes share the cores instead.
+        deterministic: bnmove's loop uses deterministic kernels only, so a re-run on CUDA repeats
+            bit for bit (at a cost in speed; see :func:`bnmove.study.devices.on_device`). On the
+            CPU, give ``threads`` too.
 
     Returns:
         An :class:`ExperimentResult` with per-run metrics (and per-epoch records for bnmove's loop),
@@ -314,12 +319,10 @@ def experiment(
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise BnmoveError("give at least one seed")
-    targets = [
-        torch.device(d) for d in (devices or [device or ("cuda" if torch.cuda.is_available() else "cpu")])
-    ]
-    for target in targets:
-        if target.type == "cuda" and not torch.cuda.is_available():
-            raise BnmoveError(f"device {target}: no CUDA GPU is visible to torch")
+    targets = parse_devices(devices or [device or ("cuda" if torch.cuda.is_available() else "cpu")])
+    check_devices(targets)
+    if deterministic and train is not None:
+        raise BnmoveError("deterministic is for bnmove's training loop; your own training sets its own")
     notes: list[str] = []
     if data is not None:
         model, reset = match_classes(model, data)
@@ -337,7 +340,7 @@ def experiment(
         if data is None:
             raise BnmoveError("bnmove's training loop needs data; or pass train= for your own training")
         recipe = recipe or Recipe("adam", lr=lr)
-        precision = Precision.choose(targets[0], data.sample(2), amp, channels_last)
+        precision = Precision.choose(targets[0], data.sample(2), amp, channels_last, deterministic)
         settings |= {
             "training": "bnmove",
             "epochs": epochs,

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..fitting.calibrate import precise_statistics
 from .data import Dataset, Split
+from .devices import on_device
 from .jobs import EpochRecord, Job
 from .recipes import Recipe, augment_batch
 from .runs import Finished, Run, RunFinished, RunStarted, class_scores, start_model, weights_digest
@@ -34,10 +35,16 @@ class Precision:
 
     autocast: torch.dtype | None = None
     channels_last: bool = False
+    #: deterministic kernels only, for bitwise re-runs on CUDA (:func:`bnmove.study.devices.on_device`)
+    deterministic: bool = False
 
     @staticmethod
     def choose(
-        device: torch.device, sample: torch.Tensor, amp: bool | None, channels_last: bool | None
+        device: torch.device,
+        sample: torch.Tensor,
+        amp: bool | None,
+        channels_last: bool | None,
+        deterministic: bool = False,
     ) -> Precision:
         """Defaults: both on CUDA (bfloat16 where the GPU has it, else float16), neither elsewhere.
         Asked for on the CPU, mixed precision is bfloat16."""
@@ -46,11 +53,15 @@ class Precision:
         if amp if amp is not None else cuda:
             dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         layout = (channels_last if channels_last is not None else cuda) and sample.dim() == 4
-        return Precision(dtype, layout)
+        return Precision(dtype, layout, deterministic)
 
     def describe(self) -> str:
         kind = f"mixed {str(self.autocast).removeprefix('torch.')}" if self.autocast else "float32"
-        return kind + (", channels-last" if self.channels_last else "")
+        return (
+            kind
+            + (", channels-last" if self.channels_last else "")
+            + (", deterministic" if self.deterministic else "")
+        )
 
     def context(self, device: torch.device) -> Any:
         if self.autocast is None:
@@ -183,6 +194,12 @@ class LoopPlan:
 def train_run(plan: LoopPlan, run: Run, device: str, report: Callable[[Any], None]) -> Finished:
     """One (placement, seed) run: the seed's start, converted; trained; evaluated after each epoch."""
     target = torch.device(device)
+    with on_device(target, plan.precision.deterministic):
+        return _train_run(plan, run, target, report)
+
+
+def _train_run(plan: LoopPlan, run: Run, target: torch.device, report: Callable[[Any], None]) -> Finished:
+    device = str(target)
     report(RunStarted(run.variant, run.seed, device))
     net = start_model(plan.model, run, plan.from_pretrained, (plan.data.sample(2),)).to(target)
     start_digest = weights_digest(net)

@@ -10,7 +10,8 @@ keeps what comes back; pairing, resuming and verdicts are the study's, as for bn
   run's own folder), ``{device}`` and ``{variant}``. It reports its metrics in
   ``{out}/metrics.json``, or as the last line of its standard output that is a JSON object.
   Its output is kept in ``{out}/stdout.log`` and ``{out}/stderr.log``. With ``--devices``, a
-  run on ``cuda:N`` sees only that GPU (``CUDA_VISIBLE_DEVICES=N``) and gets ``{device}=cuda``.
+  run on ``cuda:N`` sees only that GPU (``CUDA_VISIBLE_DEVICES`` names it, through the parent's
+  own ``CUDA_VISIBLE_DEVICES`` when it has one) and gets ``{device}=cuda``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..errors import BnmoveError
 from . import runner
+from .devices import on_device, physical_gpu
 from .jobs import Job
 from .runs import Finished, Run, RunFinished, RunStarted, start_model, weights_digest
 
@@ -94,8 +96,10 @@ def user_run(plan: UserPlan, run: Run, device: str, report: Callable[[Any], None
         assert plan.runs_dir is not None
         metrics = _run_command(plan.train, net, run, device, plan.runs_dir)
     else:
-        net = net.to(torch.device(device))
-        returned = plan.train(net, run.seed, device)
+        target = torch.device(device)
+        net = net.to(target)
+        with on_device(target):
+            returned = plan.train(net, run.seed, device)
         metrics = numeric_metrics(returned, f"run {run.key}: train returned")
     seconds = time.perf_counter() - started
     report(RunFinished(run.variant, run.seed, metrics))
@@ -134,7 +138,11 @@ def _run_command(command: Command, net: nn.Module, run: Run, device: str, runs_d
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
     name = device
     if device.startswith("cuda:"):  # the run sees its GPU only, as cuda
-        env["CUDA_VISIBLE_DEVICES"], name = device.partition(":")[2], "cuda"
+        index = int(device.partition(":")[2])
+        env["CUDA_VISIBLE_DEVICES"], name = (
+            physical_gpu(index, os.environ.get("CUDA_VISIBLE_DEVICES")),
+            "cuda",
+        )
     threads = runner.thread_share()
     if threads is not None and not device.startswith("cuda"):
         env.setdefault("OMP_NUM_THREADS", str(threads))
