@@ -14,7 +14,7 @@ the timings, off for the deviations), and why a provider that does not work here
 Steps not started before the budget ran out are listed as such, never dropped silently; the file is
 rewritten after every step, so a run stopped from outside keeps what it measured.
 
-    python benchmarks/gpu_report.py -o gpu-report.md          # on a GPU machine: 5-10 minutes
+    python benchmarks/gpu_report.py -o gpu-report.md          # on a GPU machine: at most --budget-s + a step
     python benchmarks/gpu_report.py --dry-run -o report.md    # the same code on the CPU, tiny sizes
 
 It needs torch with CUDA, torchvision, and onnxruntime-gpu (its CUDA provider; TensorRT's libraries

@@ -24,6 +24,10 @@ line, trailing spaces ignored, up to what differs from run to run:
   units of its last digit (a standard deviation over three seeds: ``0.497±0.024`` read ``±0.021``
   with torch's default kernels). Whole numbers (counts, shapes) must be equal.
 
+Progress goes to a terminal as a live bar that leaves nothing behind; the plain stage lines bnmove
+prints instead when stderr is not a terminal (``bnmove: exporting after (2/3) [3.9 s]``) are left
+out, so a block shows what a user at a terminal sees.
+
 A command with no lines below it only has to succeed. ```bash blocks (installs, GPU runs) are
 not run.
 """
@@ -39,6 +43,8 @@ from pathlib import Path
 
 from sybil import Example
 from sybil.parsers.markdown import CodeBlockParser
+
+from bnmove.cli._common import PROGRESS_LINE
 
 REPO = Path(__file__).resolve().parent.parent
 COLUMNS = 100
@@ -194,7 +200,7 @@ def run_command(command: str, cwd: Path) -> tuple[int, list[str]]:
         text=True,
         timeout=COMMAND_TIMEOUT_S,
     )
-    lines = [line.rstrip() for line in proc.stdout.splitlines()]
+    lines = [line.rstrip() for line in proc.stdout.splitlines() if not PROGRESS_LINE.match(line.rstrip())]
     while lines and not lines[-1]:
         lines.pop()
     return proc.returncode, lines

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from output import messages
 from torch import nn
 from zoo import build
 
@@ -211,7 +212,7 @@ def test_bad_input(case: str, corpus: dict[str, Path]) -> None:
     before = _snapshot(root)
     result = CliRunner().invoke(main, [a.format(**names) for a in args])
     assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = messages(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("bnmove: error: "), result.stderr
     assert message.format(**names) in lines[0]
     assert "Traceback" not in result.output

@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import assert_same_outputs
+from output import messages
 from torch import nn
 from zoo import build
 
@@ -211,7 +212,7 @@ def test_errors_are_one_line(resnet_files: dict[str, Path], args: list[str], cod
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     if code == 1:
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert len(messages(result.stderr)) == 1
     assert set(resnet_files["pickled"].parent.iterdir()) == before  # nothing written
 
 
@@ -423,3 +424,31 @@ def test_calibration_data_gives_the_example_input_when_no_shape_is_given(tmp_pat
     assert exported.exit_code == 0, exported.output
     manifest = json.loads((tmp_path / "variants" / "manifest.json").read_text())
     assert manifest["example_input_shapes"] == [[8, 1, 8, 8]]
+
+
+def test_with_stderr_in_a_file_each_stage_is_one_plain_line_and_quiet_prints_none(tmp_path: Path) -> None:
+    """A real process, stderr redirected to a file as in CI or ``| tee``: no live bar can be drawn."""
+    from bnmove.cli._common import PROGRESS_LINE
+    from bnmove.sample_models import digits_net
+
+    torch.save(digits_net(), tmp_path / "net.pt")
+
+    def export(*extra: str) -> list[str]:
+        with (tmp_path / "stderr.log").open("w") as log:
+            done = subprocess.run(
+                [sys.executable, "-m", "bnmove", "export", "net.pt", "--allow-pickle", *extra],
+                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log, timeout=300,
+            )  # fmt: skip
+        assert done.returncode == 0, (tmp_path / "stderr.log").read_text()
+        return (tmp_path / "stderr.log").read_text().splitlines()
+
+    lines = export("-o", "v", "--input-shape", "1,1,8,8")
+    stages = [line for line in lines if PROGRESS_LINE.match(line)]
+    assert [line.split(" [")[0] for line in stages] == [
+        "bnmove: exporting original (0/3)",
+        "bnmove: exporting before (1/3)",
+        "bnmove: exporting after (2/3)",
+    ]
+    seconds = [float(line.rsplit("[", 1)[1].split(" s]")[0]) for line in stages]
+    assert seconds == sorted(seconds)  # time since the display began
+    assert export("-o", "q", "--input-shape", "1,1,8,8", "--quiet") == []

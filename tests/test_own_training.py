@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from output import messages
 from rich.console import Console
 from torch import nn
 
@@ -212,7 +213,7 @@ def test_options_of_bnmoves_loop_and_bad_commands_are_one_clear_line(tmp_path: P
     }
     for extra, message in cases.items():
         res = CliRunner().invoke(main, [*base, *extra, "-o", str(tmp_path / "x")])
-        assert res.exit_code == 1 and message in res.stderr and res.stderr.count("\n") == 1
+        assert res.exit_code == 1 and message in res.stderr and len(messages(res.stderr)) == 1
     model_file = base[1]
     for command, message in {
         "python train.py --seed {seed}": "put {model} in it",

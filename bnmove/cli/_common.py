@@ -6,8 +6,10 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -141,10 +144,14 @@ class ModelArgs:
         return loaded
 
     def given_inputs(self, loaded: LoadedModel) -> tuple[torch.Tensor, ...] | None:
-        """Example inputs from --input-shape, if given."""
+        """Example inputs from --input-shape, if given; a shape the model rejects fails here, in one
+        line, before any work (the model runs once on it)."""
         if not self.input_shapes:
             return None
-        return inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in self.input_shapes])
+        inputs = inputs_from_shapes(loaded.module, [parse_input_shape(s) for s in self.input_shapes])
+        with eval_mode(loaded.module):
+            run_model(loaded.module, inputs)
+        return inputs
 
     def inputs(
         self,
@@ -310,9 +317,19 @@ def _check_outputs(out_dir: Path, names: Sequence[str], force: bool) -> None:
             raise BnmoveError(f"{out_dir / name}: already exists; pass --force to overwrite")
 
 
-def _progress(show: bool) -> Progress:
-    """The progress bar every long command shows on stderr: what, bar, done/total, time, time left."""
-    return Progress(
+#: --quiet, as every long command takes it
+quiet_option = click.option(
+    "--quiet",
+    is_flag=True,
+    help="No progress (a live bar on a terminal; else one plain line per stage on stderr).",
+)
+
+
+def _progress(quiet: bool) -> Progress:
+    """The progress every long command shows on stderr: on a terminal, a live bar (what, bar,
+    done/total, time, time left); elsewhere (a log file, CI, ``| tee``), one plain line per stage;
+    with ``quiet`` (``--quiet``, ``--json``), nothing."""
+    return _StageProgress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -321,5 +338,43 @@ def _progress(show: bool) -> Progress:
         TimeRemainingColumn(),
         console=_stderr(),
         transient=True,
-        disable=not show,
+        disable=quiet or not sys.stderr.isatty(),
+        plain=not quiet and not sys.stderr.isatty(),
     )
+
+
+#: a stage line, as ``_StageProgress`` prints it where no live bar can be drawn
+PROGRESS_LINE = re.compile(r"^bnmove: .+ \[\d+\.\d s\]$")
+
+
+class _StageProgress(Progress):
+    """rich's Progress that, where no live bar can be drawn, says each new stage in one plain line:
+    ``bnmove: exporting after (1/3) [12.3 s]`` (what, how far, seconds since the display began)."""
+
+    def __init__(self, *columns: Any, plain: bool = False, **options: Any) -> None:
+        super().__init__(*columns, **options)
+        self.plain = plain
+        self._said: dict[TaskID, str] = {}
+        self._began = time.perf_counter()
+
+    def add_task(self, description: str, *args: Any, **options: Any) -> TaskID:
+        task = super().add_task(description, *args, **options)
+        self._said[task] = description  # said when work on it starts: its first new description
+        return task
+
+    def update(self, task_id: TaskID, **options: Any) -> None:
+        super().update(task_id, **options)
+        self._say(task_id)
+
+    def _say(self, task_id: TaskID) -> None:
+        if not self.plain:
+            return
+        task = self._tasks[task_id]
+        if self._said.get(task_id) == task.description:
+            return
+        self._said[task_id] = task.description
+        count = f" ({task.completed:.0f}/{task.total:.0f})" if task.total else ""
+        elapsed = time.perf_counter() - self._began
+        self.console.print(
+            f"bnmove: {task.description.strip()}{count} [{elapsed:.1f} s]", highlight=False, soft_wrap=True
+        )

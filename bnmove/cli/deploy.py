@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 
 import click
-from rich.progress import Progress
 
 from ..core.atomic import atomic_path, check_output, check_output_folder
 from ..deploy.export import DEFAULT_OPSET, ExportOptions, export_variants, read_manifest, require_export_tools
@@ -38,12 +35,13 @@ from ..study.data import load_dataset
 from ._common import (
     ModelArgs,
     _csv_list,
-    _stderr,
+    _progress,
     _stdout,
     calibration_options,
     debug_option,
     main,
     model_options,
+    quiet_option,
 )
 
 
@@ -118,7 +116,7 @@ Example:
     "form TensorRT builds.",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing variant files in the folder.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 def export_command(
     model: ModelArgs,
     as_json: bool,
@@ -154,8 +152,7 @@ def export_command(
         else None
     )
     inputs = model.inputs(loaded, calibration, calibration_path)
-    show = sys.stderr.isatty() and not (as_json or quiet)
-    with Progress(transient=True, console=_stderr(), disable=not show) as progress:
+    with _progress(as_json or quiet) as progress:
         task = progress.add_task("exporting", total=len(variants))
 
         def advance(variant: str) -> None:
@@ -263,6 +260,7 @@ Example:
     "[default: $XDG_CACHE_HOME/bnmove/tensorrt].",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing report files.")
+@quiet_option
 @debug_option
 def compare_command(
     paths: tuple[Path, ...],
@@ -280,6 +278,7 @@ def compare_command(
     data_samples: int | None,
     cache_dir: Path | None,
     force: bool,
+    quiet: bool,
 ) -> None:
     """Time ONNX variants side by side under onnxruntime.
 
@@ -304,12 +303,11 @@ def compare_command(
     data = load_dataset(data_spec) if data_spec is not None else None  # bad data fails before timing
     for note in data.notes if data is not None else []:
         click.echo(f"bnmove: note: {note}", err=True)
-    show = sys.stderr.isatty() and not as_json
-    with _stderr().status("comparing…") if show else contextlib.nullcontext() as status:
+    with _progress(as_json or quiet) as progress:
+        task = progress.add_task("comparing", total=None)
 
         def step(text: str) -> None:
-            if status is not None:
-                status.update(text)
+            progress.update(task, description=text)
 
         result = compare(
             list(paths),

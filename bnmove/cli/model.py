@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -11,7 +10,6 @@ import torch
 
 from ..analysis.detect import PLACEMENTS
 from ..core.atomic import atomic_path, check_output, save_module
-from ..core.running import eval_mode, run_model
 from ..deploy.program import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
@@ -33,6 +31,7 @@ from ._common import (
     calibration_options,
     main,
     model_options,
+    quiet_option,
 )
 
 
@@ -53,10 +52,7 @@ def inspect(
     export carry out exactly this.
     """
     loaded = model.load()
-    inputs = model.given_inputs(loaded)
-    if inputs is not None:  # a shape the model rejects fails here, in one line, as convert's does
-        with eval_mode(loaded.module):
-            run_model(loaded.module, inputs)
+    inputs = model.given_inputs(loaded)  # a shape the model rejects fails there, in one line
     result = detect(loaded.module, inputs)
     if as_json:
         payload = {
@@ -145,9 +141,7 @@ Examples:
     "the example input. Without it a large change is a warning naming the pairs that caused it.",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-@click.option(
-    "--quiet", is_flag=True, help="No progress display (none is shown when stderr is not a terminal)."
-)
+@quiet_option
 def convert_command(
     model: ModelArgs,
     as_json: bool,
@@ -187,7 +181,7 @@ def convert_command(
             "their cost grows with it, so give --input-shape with your real size",
             err=True,
         )
-    with _progress(sys.stderr.isatty() and not (as_json or quiet)) as progress:
+    with _progress(as_json or quiet) as progress:
         task = progress.add_task("converting", total=None)
 
         def on_progress(what: str, done: int, total: int | None) -> None:
@@ -267,6 +261,7 @@ Example:
     help="Output file. Default: <stem>.recalibrated.pt beside MODEL.",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@quiet_option
 def recalibrate_command(
     model: ModelArgs,
     as_json: bool,
@@ -274,6 +269,7 @@ def recalibrate_command(
     calibration_samples: int | None,
     output: Path | None,
     force: bool,
+    quiet: bool,
 ) -> None:
     """Recompute BatchNorm running statistics exactly over data.
 
@@ -284,8 +280,7 @@ def recalibrate_command(
     check_output(output, force=force, inputs=(model.path,))
     loaded = model.load()
     batches = calibration_batches(calibration_path, samples=calibration_samples or 10**12)
-    show = sys.stderr.isatty() and not as_json
-    with _progress(show) as progress:
+    with _progress(as_json or quiet) as progress:
         task = progress.add_task("recalibrating", total=len(batches))
         recalibrated = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
     save_module(recalibrated, output)

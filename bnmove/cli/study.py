@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import click
@@ -36,6 +35,7 @@ from ._common import (
     _stdout,
     main,
     model_options,
+    quiet_option,
 )
 
 
@@ -43,8 +43,8 @@ class _StudyProgress:
     """One bar for the whole study (epochs of bnmove's loop, or runs of your training) and one per
     running job."""
 
-    def __init__(self, show: bool, total: int, epochs: int) -> None:
-        self.progress = _progress(show)
+    def __init__(self, quiet: bool, total: int, epochs: int) -> None:
+        self.progress = _progress(quiet)
         self.study = self.progress.add_task("study", total=total)
         #: steps per run: epochs of bnmove's loop; 0 for your training (the study counts runs)
         self.epochs = epochs
@@ -257,6 +257,7 @@ Examples:
     "study resumes, and a finished one re-reports from its records (new seeds or placements train only "
     "what is new).",
 )
+@quiet_option
 @click.pass_context
 def experiment_command(
     ctx: click.Context,
@@ -290,6 +291,7 @@ def experiment_command(
     deterministic: bool,
     out_dir: Path | None,
     force: bool,
+    quiet: bool,
 ) -> None:
     """Train each BN placement the same way and compare them.
 
@@ -361,11 +363,10 @@ def experiment_command(
         )
     elif done:
         click.echo(f"bnmove: note: resuming: {done} of {total} runs are done in {out_dir}", err=True)
-    show = sys.stderr.isatty() and not as_json
     device_list = _csv_list(devices, "device") if devices else None
     steps = 0 if command is not None else epochs
     results = {}
-    with _StudyProgress(show, (steps or 1) * max(total - done, 1), steps) as progress:
+    with _StudyProgress(as_json or quiet, (steps or 1) * max(total - done, 1), steps) as progress:
         for kind, net in models.items():
             progress.prefix = f"{kind} " if kind else ""
             results[kind] = experiment(

@@ -339,6 +339,7 @@ def compare(
         raise BnmoveError("give either iterations or seconds")
     if iterations is not None and iterations < 1:
         raise BnmoveError("iterations must be at least 1")
+    import_onnxruntime()  # (its one-line error first, whatever the provider probes remember)
     chosen = select_provider(provider)
     if chosen != "cpu" and warmup < 1:
         raise BnmoveError(
