@@ -31,6 +31,12 @@ def test_each_form_is_timed_and_the_kept_file_is_the_chosen_form(tmp_path: Path)
     assert set(forms) == {"none", "forward", "padded"}  # each folds more: three different files
     assert [forms[f]["standalone_bns"] for f in ("none", "forward", "padded")] == [2, 1, 0]
     assert all(t["p50_ms"] > 0 for t in forms.values())
+    assert forms["none"]["ratio"] == 1.0  # ratios are to the first form timed, with their intervals
+    for t in forms.values():
+        assert t["ratio_low"] <= t["ratio"] <= t["ratio_high"]
+        assert t["ratio"] == pytest.approx(t["p50_ms"] / forms["none"]["p50_ms"], rel=1e-6)
+    floor = auto["noise_floor"]  # the first form's file timed again in the same rounds
+    assert floor["low"] <= floor["ratio"] <= floor["high"] and isinstance(auto["too_noisy"], bool)
     chosen = forms[auto["form"]]
     graph = onnx.load(str(paths["original"])).graph
     assert sum(n.op_type == "BatchNormalization" for n in graph.node) == chosen["standalone_bns"]
@@ -50,6 +56,24 @@ def test_the_fastest_wins_and_a_tie_goes_to_fewer_standalone_bns(
     timings = [FormTiming(f, ms, bns) for (f, ms), bns in zip(medians.items(), (2, 1, 0), strict=True)]
     chosen, why = choose(timings)
     assert chosen == form and says in why
+
+
+def test_a_noise_floor_wider_than_the_differences_makes_them_a_tie() -> None:
+    from bnmove.deploy.noise import RatioInterval
+
+    timings = [
+        FormTiming("none", 1.0, 2, 1.0, 1.0, 1.0),
+        FormTiming("forward", 0.92, 1, 0.92, 0.85, 0.99),
+        FormTiming("padded", 0.95, 0, 0.95, 0.9, 1.02),
+    ]
+    quiet = RatioInterval(1.0, 0.99, 1.01)
+    assert choose(timings, quiet)[0] == "forward"  # 8% is a difference on a quiet machine
+    wide = RatioInterval(1.02, 0.88, 1.12)
+    form, why = choose(timings, wide)
+    assert form == "padded" and "too noisy to separate the forms" in why and "0.88–1.12×" in why
+    moderate = RatioInterval(1.0, 0.95, 1.05)  # 5%: forward and padded tie, none does not
+    form, why = choose(timings, moderate)
+    assert form == "padded" and "within 5%, a tie" in why
 
 
 def test_the_cli_takes_fold_auto_alone(tmp_path: Path) -> None:

@@ -181,6 +181,9 @@ def export_command(
     for name, entry in manifest.get("variants", {}).items():
         for warning in entry.get("conversion_warnings", []):
             click.echo(f"bnmove: warning: {name}: {warning}", err=True)
+        auto = entry.get("fold_auto", {})
+        if auto.get("too_noisy"):
+            click.echo(f"bnmove: note: {name}: --fold-auto kept {auto['form']}: {auto['reason']}", err=True)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return

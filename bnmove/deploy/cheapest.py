@@ -5,9 +5,12 @@ nothing else), with BNs folded forward (``forward``: into the next layers, throu
 squeeze-and-excitation gate), and with border-corrected folds into zero-padded convs too
 (``padded``). Each removes BNs at a price: a border-corrected conv adds a constant map, a gate fold
 a per-sample bias. Which form is cheapest depends on the model and the runtime, so it is measured:
-the forms that differ (their INT8 files, when the export quantizes) are timed interleaved (one run of each per round, so a noisy machine slows
-them alike) at the example input's batch, and the one with the lowest median is kept; medians
-within 3% tie, and a tie goes to the form that leaves fewer standalone BNs. Every form
+the forms that differ (their INT8 files, when the export quantizes) are timed interleaved (one run
+of each per round, so a noisy machine slows them alike) at the example input's batch, beside a
+second session of the first form (the noise floor, as ``compare`` times it), and the one with the
+lowest median is kept. Medians within 3% tie, or within the floor's spread when the machine is
+noisier than that, and a tie goes to the form that leaves fewer standalone BNs; when the floor is
+as wide as every difference, the manifest says the machine was too noisy to separate them. Every form
 computes the same function; the manifest records each form's median, its standalone BNs and why
 the chosen one won.
 """
@@ -24,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from .folding import Folding, fold_forward
+from .noise import RatioInterval, ratio_interval, too_noisy
 
 #: the forms ``auto`` chooses between, cheapest to make first
 FORMS = ("none", "forward", "padded")
@@ -31,11 +35,15 @@ FORMS = ("none", "forward", "padded")
 
 @dataclass(frozen=True)
 class FormTiming:
-    """One form's median latency and the BNs it leaves."""
+    """One form's median latency and the BNs it leaves; its ratio to the first form timed, with the
+    ratio's 95% interval over the rounds."""
 
     form: str
     p50_ms: float
     standalone_bns: int
+    ratio: float = 1.0
+    ratio_low: float = 1.0
+    ratio_high: float = 1.0
 
 
 def distinct_forms(foldings: dict[str, Folding | None]) -> list[str]:
@@ -51,24 +59,26 @@ def distinct_forms(foldings: dict[str, Folding | None]) -> list[str]:
     return kept
 
 
-def time_forms(paths: dict[str, Path], tmp: Path, rounds: int = 30, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per run of each file on onnxruntime's CPU provider, measured interleaved."""
-    from .runtime import _Runner
+def time_forms(
+    paths: dict[str, Path], tmp: Path, rounds: int = 30, warmup: int = 3
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per run of each file on onnxruntime's CPU provider, round by round (interleaved, in
+    rotating order), and of a second session of the first file in the same rounds: the noise
+    floor, what two identical graphs read here and now (:mod:`bnmove.deploy.noise`)."""
+    from .runtime import _Runner, _timed_rounds
     from .sessions import SessionPlan
 
+    floor = "\0noise floor"
     runners = {form: _Runner(path, SessionPlan("cpu"), tmp) for form, path in paths.items()}
+    runners[floor] = _Runner(next(iter(paths.values())), SessionPlan("cpu"))
     first = next(iter(runners.values()))
     arrays = first.feeds(first.static_batch() or 1, seed=0)
-    for runner in runners.values():
+    for runner in runners.values():  # the same input for every form
         runner.bind(arrays)
-    times: dict[str, list[float]] = {form: [] for form in runners}
-    # the same input for every form: interleaved runs see the same machine and the same data
-    for round_ in range(warmup + rounds):
-        for form, runner in runners.items():
-            elapsed = runner.timed_run()
-            if round_ >= warmup:
-                times[form].append(elapsed)
-    return {form: statistics.median(t) for form, t in times.items()}
+        for _ in range(warmup):
+            runner.timed_run()
+    samples = _timed_rounds(runners, list(runners), rounds, None)
+    return {form: samples[form] for form in paths}, samples[floor]
 
 
 def cheapest_form(
@@ -105,9 +115,18 @@ def cheapest_form(
             quantize(paths[form], timed[form])
             proto = onnx.load(str(timed[form]), load_external_data=False)
             bns[form] = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
-    medians = time_forms(timed, path.parent) if len(forms) > 1 else {forms[0]: 0.0}
-    timings = [FormTiming(f, medians[f] * 1e3, bns[f]) for f in forms]
-    form, why = choose(timings)
+    floor = None
+    if len(forms) > 1:
+        samples, floor_samples = time_forms(timed, path.parent)
+        floor = ratio_interval(floor_samples, samples[forms[0]])
+        timings = []
+        for f in forms:
+            interval = ratio_interval(samples[f], samples[forms[0]])
+            p50 = statistics.median(samples[f]) * 1e3
+            timings.append(FormTiming(f, p50, bns[f], interval.ratio, interval.low, interval.high))
+    else:
+        timings = [FormTiming(forms[0], 0.0, bns[forms[0]])]
+    form, why = choose(timings, floor)
     os.replace(paths[form], path)
     for other in (*paths.values(), *(timed.values() if timed is not paths else ())):
         other.unlink(missing_ok=True)
@@ -118,22 +137,31 @@ def cheapest_form(
             "reason": why,
             "timed": "int8" if timed is not paths else "float",
             "forms": [asdict(t) for t in timings],
+            **({"noise_floor": asdict(floor), "too_noisy": _too_noisy(timings, floor)} if floor else {}),
         },
         **(chosen.manifest() if chosen is not None else {}),
     }
     return errors[form], entry
 
 
-#: medians closer than this to the fastest count as a tie (the noise of a few dozen runs)
+#: medians closer than this to the fastest always count as a tie (the noise of a few dozen runs)
 TIE = 0.03
 
 
-def choose(timings: list[FormTiming]) -> tuple[str, str]:
-    """The fastest form and the reason, in words. Forms within :data:`TIE` of the fastest tie, and a
-    tie goes to the form that leaves fewer standalone BNs (it quantizes more cleanly), then to the
-    simpler form."""
+def _too_noisy(timings: list[FormTiming], floor: RatioInterval) -> bool:
+    return too_noisy(floor, [RatioInterval(t.ratio, t.ratio_low, t.ratio_high) for t in timings[1:]])
+
+
+def choose(timings: list[FormTiming], floor: RatioInterval | None = None) -> tuple[str, str]:
+    """The fastest form and the reason, in words. Forms within :data:`TIE` of the fastest tie, or
+    within the noise floor's spread when that is wider (a difference smaller than two identical
+    graphs show is none), and a tie goes to the form that leaves fewer standalone BNs (it quantizes
+    more cleanly), then to the simpler form."""
+    margin = TIE
+    if floor is not None:
+        margin = max(TIE, floor.high - 1.0, 1.0 - floor.low)
     fastest = min(t.p50_ms for t in timings)
-    tied = [t for t in timings if t.p50_ms <= fastest * (1 + TIE)]
+    tied = [t for t in timings if t.p50_ms <= fastest * (1 + margin)]
     best = min(tied, key=lambda t: (t.standalone_bns, FORMS.index(t.form)))
     if len(timings) == 1:
         return best.form, "the only form: the folds change nothing in this variant"
@@ -141,8 +169,13 @@ def choose(timings: list[FormTiming]) -> tuple[str, str]:
         f"{t.form} {t.p50_ms:.3f} ms" for t in sorted(timings, key=lambda t: t.p50_ms) if t is not best
     )
     why = f"{best.p50_ms:.3f} ms (p50 on onnxruntime CPU) against {others}"
+    if floor is not None and _too_noisy(timings, floor):
+        return best.form, (
+            f"{why}: the machine was too noisy to separate the forms (one graph timed twice read "
+            f"{floor.low:.2f}–{floor.high:.2f}× of itself), kept for leaving the fewest standalone BNs"
+        )
     if len(tied) > 1:
-        return best.form, f"{why}: within {TIE:.0%}, a tie, kept for leaving the fewest standalone BNs"
+        return best.form, f"{why}: within {margin:.0%}, a tie, kept for leaving the fewest standalone BNs"
     return best.form, f"fastest: {why}"
 
 
