@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 
 import bnmove
+from bnmove.core.threads import available_cores
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import Dataset, Split, load_dataset
 from bnmove.study.experiment import experiment
-from bnmove.study.runner import available_cores
 
 
 def plain_loop(model: torch.nn.Module, data: Dataset, epochs: int, batch_size: int, seed: int) -> None:

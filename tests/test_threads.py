@@ -63,8 +63,58 @@ def test_the_study_uses_the_threads_given_and_restores_the_count() -> None:
         on_epoch=lambda *a: seen.append(torch.get_num_threads()),
     )
     assert seen == [1, 1] and torch.get_num_threads() == before
-    assert "threads: 1 threads, as given" in result.notes
+    assert "threads: 1 thread, as given" in result.notes
     measured = experiment(
         bnmove.sample_models.digits_net(), load_dataset("digits"), epochs=1, seeds=1, device="cpu"
     )
     assert any(n.startswith("threads: ") and "the faster training step" in n for n in measured.notes)
+
+
+def test_compare_on_the_cpu_picks_threads_per_batch_size_and_takes_threads_when_given(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from click.testing import CliRunner
+    from zoo import build
+
+    from bnmove.cli import main
+    from bnmove.core.threads import available_cores
+    from bnmove.deploy import runtime
+    from bnmove.deploy.export import ExportOptions, export_variants
+
+    model, inputs = build("resnet")
+    export_variants(model, inputs, tmp_path, ("original",), stem="net", options=ExportOptions())
+    result = runtime.compare([tmp_path], provider="cpu", batch_sizes=(1, 4), warmup=1, iterations=3)
+    cores = available_cores()
+    assert set(result.threads) == {1, 4}
+    for choice in result.threads.values():
+        assert choice.threads in (1, cores)
+        assert set(choice.seconds) == ({1, cores} if cores > 1 else {1})  # both counts were timed
+    assert "onnxruntime CPU threads for the timings: batch 1: " in "\n".join(
+        bnmove.report.provider_lines(result)
+    )
+    given = CliRunner().invoke(
+        main, ["compare", str(tmp_path), "--provider", "cpu", "--iterations", "2", "--batch-sizes", "1",
+               "--threads", "1", "--json"],
+    )  # fmt: skip
+    assert given.exit_code == 0, given.output
+    assert json.loads(given.stdout)["threads"] == [
+        {"batch_size": 1, "threads": 1, "chosen": "1 thread, as given"}
+    ]
+
+
+def test_the_general_rule_keeps_every_core_only_when_clearly_faster() -> None:
+    from bnmove.core.threads import faster_count
+
+    now = [0.0]
+
+    def costs(seconds: float):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            now[0] += seconds
+
+        return run
+
+    timer = lambda: now[0]  # noqa: E731
+    assert faster_count({1: costs(0.010), 8: costs(0.004)}, timer=timer, step="run").threads == 8
+    slow = faster_count({1: costs(0.010), 8: costs(0.0095)}, timer=timer, step="run")
+    assert slow.threads == 1 and slow.seconds == pytest.approx({1: 0.010, 8: 0.0095})
+    assert "the faster run (1: 10.00 ms, 8: 9.50 ms)" in slow.describe()

@@ -256,6 +256,13 @@ Example:
     help="Use at most the first N samples of --data [default: all].",
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(1),
+    help="CPU only: onnxruntime's threads for the timings [default: per batch size, the faster of 1 "
+    "and every core, measured on the original: on busy cores, threads that wait for each other cost "
+    "more than one].",
+)
+@click.option(
     "--tensorrt-cache",
     "cache_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -279,6 +286,7 @@ def compare_command(
     plot_path: Path | None,
     data_spec: str | None,
     data_samples: int | None,
+    threads: int | None,
     cache_dir: Path | None,
     force: bool,
     quiet: bool,
@@ -323,6 +331,7 @@ def compare_command(
             data=data,
             data_samples=data_samples,
             cache_dir=cache_dir,
+            threads=threads,
         )
     writers = ((json_path, comparison_json), (csv_path, comparison_csv), (md_path, comparison_markdown))
     for target, render in writers:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..core.fidelity import ONNX_TOLERANCE, difference
+from ..core.threads import ThreadChoice, available_cores, faster_count
 from ..errors import BnmoveError
 from .accuracy import Accuracy, labelled_batches
 from .accuracy import evaluate as evaluate_accuracy
@@ -127,8 +128,10 @@ class Comparison:
     noise_floor: dict[int, RatioInterval] = field(default_factory=dict)
     #: how the timings ran ("CUDA, TF32 allowed (the provider's default)", ...)
     timed_with: str = ""
-    #: how deviations, node counts and accuracy were measured ("CPU, float32", "CUDA, TF32 off ...")
+    #: how deviations, node counts and accuracy were measured ("CUDA, TF32 off ...")
     checked_with: str = ""
+    #: CPU: per batch size, the intra-op threads the timings ran with and how they were chosen
+    threads: dict[int, ThreadChoice] = field(default_factory=dict)
 
     def too_noisy(self, batch_size: int) -> bool:
         """Whether, at this batch size, the noise floor is as wide as every difference measured."""
@@ -158,6 +161,10 @@ class Comparison:
             "batch_sizes": self.batch_sizes,
             "timed_with": self.timed_with,
             "checked_with": self.checked_with,
+            "threads": [
+                {"batch_size": b, "threads": c.threads, "chosen": c.describe()}
+                for b, c in self.threads.items()
+            ],
             "variants": [{**asdict(v), "batchnorms_after_optimization": v.batchnorms} for v in self.variants],
             "timings": [asdict(t) for t in self.timings],
             "deviations": [asdict(d) for d in self.deviations],
@@ -297,6 +304,7 @@ def compare(
     data: Any = None,
     data_samples: int | None = None,
     cache_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> Comparison:
     """Time and compare ONNX variants under onnxruntime.
 
@@ -321,6 +329,9 @@ def compare(
         data_samples: use at most this many labelled samples (default: all).
         cache_dir: TensorRT: where engines and timing caches are kept between runs (default
             ``$XDG_CACHE_HOME/bnmove/tensorrt``).
+        threads: CPU: onnxruntime's intra-op threads for the timings (default: per batch size, the
+            faster of one thread and every core, measured on the reference; see
+            :mod:`bnmove.core.threads`). ``Comparison.threads`` says what was used.
 
     Timings use the provider's defaults (TF32 on CUDA and TensorRT). Output deviations, node
     counts and accuracy are measured in float32: on the CPU provider, or on CUDA with TF32 off for
@@ -352,6 +363,8 @@ def compare(
     step = on_step or (lambda _text: None)
     if data_samples is not None and data_samples < 1:
         raise BnmoveError("data samples must be at least 1")
+    if threads is not None and threads < 1:
+        raise BnmoveError("threads must be at least 1")
     quantized = _quantized_variants(named, chosen)
     batches = labelled_batches(data, data_samples) if data is not None else None
     checked = SessionPlan("cpu") if chosen == "cpu" else SessionPlan("cuda", tf32=False)
@@ -384,8 +397,13 @@ def compare(
         want = runners[ref].run(arrays)
         deviations = [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
 
+        counts: dict[int, ThreadChoice] = {}
+        if chosen == "cpu":
+            counts = _cpu_threads(named[ref], runners[ref], sizes, threads)
+
         def plan_for(name: str, batch: int) -> SessionPlan:
-            return timing_plan(chosen, checked, runners[ref].inputs, batch, name in quantized, cache)
+            plan = timing_plan(chosen, checked, runners[ref].inputs, batch, name in quantized, cache)
+            return replace(plan, threads=counts[batch].threads) if batch in counts else plan
 
         timings: list[Timing] = []
         floors: dict[int, RatioInterval] = {}
@@ -395,8 +413,8 @@ def compare(
         timed: dict[str, _Runner] = {}
         for batch in sizes:
             step(f"timing batch {batch}")
-            if not timed or chosen == "tensorrt":  # TensorRT: an engine built for this batch size
-                timed.clear()  # (the previous batch's engines freed first)
+            if not timed or plan_for(ref, batch) != timed[ref].plan:  # (TensorRT: an engine for
+                timed.clear()  # each batch size; the CPU: this batch's threads), the last freed first
                 for name in runners:
                     plan = plan_for(name, batch)
                     timed[name] = runners[name] if plan == checked else _Runner(named[name], plan)
@@ -460,6 +478,7 @@ def compare(
         noise_floor=floors,
         timed_with=timed_with,
         checked_with=checked.describe(),
+        threads=counts,
     )
 
 
@@ -476,6 +495,25 @@ def timing_plan(
         return SessionPlan("cuda", device_id=checked.device_id)
     shapes = tuple((i.name, (batch, *i.shape[1:])) for i in inputs)
     return SessionPlan("tensorrt", device_id=checked.device_id, cache_dir=cache, shapes=shapes, int8=int8)
+
+
+def _cpu_threads(
+    path: Path, reference: _Runner, sizes: Sequence[int], given: int | None
+) -> dict[int, ThreadChoice]:
+    """Per batch size, onnxruntime's intra-op threads for the CPU timings: ``given``, or the faster
+    of one thread and every core on a few runs of the reference (:func:`faster_count`)."""
+    cores = available_cores()
+    if given is not None or cores == 1:
+        fixed = ThreadChoice(given or 1) if given is not None else ThreadChoice(1, {1: 0.0}, "run")
+        return dict.fromkeys(sizes, fixed)
+    probes = {n: _Runner(path, SessionPlan("cpu", threads=n)) for n in (1, cores)}
+    chosen = {}
+    for batch in sizes:
+        arrays = reference.feeds(batch, seed=batch)
+        for probe in probes.values():
+            probe.bind(arrays)
+        chosen[batch] = faster_count({n: p.timed_run for n, p in probes.items()}, step="run")
+    return chosen
 
 
 def _timed_rounds(

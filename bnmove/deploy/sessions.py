@@ -54,6 +54,8 @@ class SessionPlan:
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     #: TensorRT: build an INT8 engine (for QDQ files)
     int8: bool = False
+    #: CPU: intra-op threads (None: onnxruntime's default, one per core)
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -110,6 +112,8 @@ def open_session(path: Path, plan: SessionPlan, *, optimized: Path | None = None
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if optimized is not None and plan.writes_optimized_graph:
         options.optimized_model_filepath = str(optimized)
+    if plan.threads is not None:
+        options.intra_op_num_threads = plan.threads
     if plan.cache_dir is not None:
         plan.cache_dir.mkdir(parents=True, exist_ok=True)
     banner = io.StringIO()

@@ -113,6 +113,9 @@ def provider_lines(comparison: Comparison) -> list[str]:
             f"timed with {comparison.timed_with}; outputs, nodes and accuracy checked with "
             f"{comparison.checked_with}"
         )
+    if comparison.threads:
+        per_batch = "; ".join(f"batch {b}: {c.describe()}" for b, c in comparison.threads.items())
+        lines.append(f"onnxruntime CPU threads for the timings: {per_batch}")
     emulated = [v.name for v in comparison.variants if v.precision == int8_execution("cuda")]
     if emulated:
         lines.append(

@@ -86,10 +86,12 @@ def experiment_table(result: ExperimentResult, width: int | None = None) -> Tabl
 
 
 def experiment_lines(result: ExperimentResult) -> list[str]:
-    """The verdicts, then what the user should know about the study (chance level, notes)."""
+    """The verdicts, then what the user should know about the study (chance level, the CPU
+    threads bnmove's loop chose)."""
     lines = [d.verdict() for d in result.differences()]
     warning = result.at_chance()
-    return lines + ([f"note: {warning}"] if warning else [])
+    lines += [f"note: {warning}"] if warning else []
+    return lines + ([f"CPU threads: {result.threads}"] if result.threads else [])
 
 
 def experiment_markdown(result: ExperimentResult) -> str:

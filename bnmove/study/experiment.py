@@ -23,6 +23,7 @@ from torch import nn
 
 from ..analysis.inputs import infer_example_inputs
 from ..core.clone import clone_module
+from ..core.threads import available_cores
 from ..errors import BnmoveError
 from .checks import _data_digest, _model_digest, match_classes
 from .data import Dataset, from_torch, load_dataset
@@ -31,7 +32,7 @@ from .jobs import EpochRecord, Job, fingerprint, load_job, save_job
 from .loop import LoopPlan, Precision, train_run
 from .own_training import Command, Trainer, UserPlan, user_run
 from .recipes import Recipe
-from .runner import available_cores, execute
+from .runner import execute
 from .runs import VARIANTS, Run, RunFinished, RunStarted, weights_digest
 from .stats import ACCURACY, Metric, PairedDifference, at_chance, chance_level, mean_std, paired_difference
 from .threads import ThreadChoice, choose_threads, threads_set, training_step
@@ -90,8 +91,10 @@ class ExperimentResult:
     #: the validation accuracy of always answering the most common class (bnmove's loop)
     chance: float | None = None
     val_samples: int = 0
-    #: what the study did that the user should know (a classifier reset, ...)
+    #: what the study did that the user should know (a classifier reset, the thread count, ...)
     notes: list[str] = field(default_factory=list)
+    #: bnmove's loop on the CPU: the thread count it ran with and how it was chosen
+    threads: str = ""
 
     def summary(self) -> list[EpochSummary]:
         """Per placement and epoch, mean ± std over seeds (bnmove's loop; empty otherwise)."""
@@ -372,6 +375,7 @@ def experiment(
         recipe, precision = None, Precision()
 
     count = threads_set(torch.get_num_threads())  # as it is, where the runs are not this loop on the CPU
+    thread_note = ""
     if (
         run_one is train_run
         and backend == "local"
@@ -386,7 +390,8 @@ def experiment(
             if threads is not None
             else choose_threads(training_step(plan.model, data, batch_size), available_cores())
         )
-        notes.append(f"threads: {choice.describe()}")
+        thread_note = choice.describe()
+        notes.append(f"threads: {thread_note}")
         count = threads_set(choice.threads)
 
     finished: dict[Run, Job] = {}
@@ -445,4 +450,5 @@ def experiment(
         chance=chance,
         val_samples=len(data.val) if data is not None else 0,
         notes=notes,
+        threads=thread_note,
     )

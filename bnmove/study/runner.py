@@ -24,19 +24,13 @@ from typing import Any
 
 import torch
 
+from ..core.threads import available_cores
 from ..errors import BnmoveError
 
 BACKENDS = ("local", "ray")
 
 Report = Callable[[Any], None]
 RunFunction = Callable[[Any, Any, str, Report], Any]
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def slots(jobs: int, devices: Sequence[str]) -> list[str]:

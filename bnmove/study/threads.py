@@ -14,32 +14,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.clone import clone_module
+from ..core.threads import ThreadChoice, faster_count
 from .data import Dataset
 from .runs import class_scores
-
-
-@dataclass(frozen=True)
-class ThreadChoice:
-    """The thread count chosen, and the fastest step measured at each count tried."""
-
-    threads: int
-    #: thread count -> seconds of the fastest training step measured with it (empty when given)
-    seconds: dict[int, float] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        if not self.seconds:
-            return f"{self.threads} threads, as given"
-        if len(self.seconds) == 1:
-            return "1 thread, the only core"
-        measured = ", ".join(f"{n}: {s * 1000:.1f} ms" for n, s in sorted(self.seconds.items()))
-        return f"{self.threads} of {max(self.seconds)} threads, the faster training step ({measured})"
 
 
 def choose_threads(
@@ -50,24 +33,19 @@ def choose_threads(
     timer: Callable[[], float] = time.perf_counter,
 ) -> ThreadChoice:
     """Time ``step`` at one thread and at ``cores`` threads, ``repeats`` times each, interleaved
-    (after one warm-up each); every core only where its best step is at least 10% faster than one
-    thread's (within that, the difference is measurement noise, and one thread leaves the other
-    cores to the machine)."""
+    (after one warm-up each), and keep the faster (:func:`bnmove.core.threads.faster_count`)."""
     if cores <= 1:
         return ThreadChoice(1, {1: 0.0})  # nothing to measure against
-    counts = (1, cores)
-    best = dict.fromkeys(counts, float("inf"))
-    with threads_set(torch.get_num_threads()):
-        for count in counts:
+
+    def at(count: int) -> Callable[[], object]:
+        def run() -> object:
             torch.set_num_threads(count)
-            step()
-        for _ in range(repeats):
-            for count in counts:
-                torch.set_num_threads(count)
-                started = timer()
-                step()
-                best[count] = min(best[count], timer() - started)
-    return ThreadChoice(cores if best[cores] < 0.9 * best[1] else 1, best)
+            return step()
+
+        return run
+
+    with threads_set(torch.get_num_threads()):
+        return faster_count({1: at(1), cores: at(cores)}, repeats=repeats, timer=timer)
 
 
 @contextlib.contextmanager
