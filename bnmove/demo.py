@@ -119,7 +119,7 @@ def run_demo(
             model, example, variants_dir, stem="digits_net", options=ExportOptions(fold="forward"), force=True
         )
     written += [*paths.values(), variants_dir / "manifest.json"]
-    console.print(report.export_table(read_manifest(variants_dir) or {}))
+    console.print(report.export_table(read_manifest(variants_dir) or {}, width=console.width))
 
     console.print(Rule("5. bnmove compare (onnxruntime)"))
     with status.status("timing the variants…"):

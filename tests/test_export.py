@@ -233,3 +233,29 @@ def test_a_pt2_program_keeps_the_image_size_dynamic_where_the_model_allows(
     else:
         with pytest.raises(Exception):  # noqa: B017 - torch.export's guard, whatever its type
             program(bigger)
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 160])
+def test_the_export_table_never_cuts_a_cell_at_any_terminal_width(width: int) -> None:
+    from rich.console import Console
+
+    from bnmove import report
+
+    entry = {
+        "moved": 12, "moved_exact": 10, "moved_fit": 1, "moved_swap": 1, "batchnorm_nodes": 3,
+        "standalone_bns": ["a", "b"], "onnxruntime_vs_torch_max_abs_error": 1.5e-08,
+        "file_size": 12_345_678, "fold_auto": {"form": "padded"},
+    }  # fmt: skip
+    manifest = {
+        "fold": "auto",
+        "variants": {v: {**entry, "file": f"mobilenet_v3_small.{v}.onnx"} for v in ("original", "after")},
+    }
+    console = Console(width=width, record=True)
+    console.print(report.export_table(manifest, width=width))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+    assert "12 (10/1/1)" in text and "padded" in text
+    if "mobilenet_v3_small.after.onnx" not in text:  # dropped for room: the title gives the pattern
+        assert "mobilenet_v3_small.<variant>.onnx" in " ".join(text.split())
+    if width >= 120:  # room for everything
+        assert "mobilenet_v3_small.after.onnx" in text and "12.35 MB" in text

@@ -188,7 +188,7 @@ def export_command(
         click.echo(json.dumps(manifest, indent=2))
         return
     out = _stdout()
-    out.print(export_table(manifest), highlight=False)
+    out.print(export_table(manifest, width=out.width), highlight=False)
     for line in int8_lines(manifest):
         out.print(line, highlight=False)
     out.print(

@@ -328,30 +328,49 @@ def int8_lines(manifest: dict[str, Any]) -> list[str]:
     return lines
 
 
-def export_table(manifest: dict[str, Any]) -> Table:
-    table = Table(title="Exported variants", title_justify="left")
+#: export's columns that a narrow terminal drops, in this order (the file names follow a pattern
+#: the title then states)
+_EXPORT_DROP_ORDER = ("file", "size", "ORT vs torch")
+
+
+def export_table(manifest: dict[str, Any], width: int | None = None) -> Table:
+    """The variants an export wrote; at ``width`` columns (a terminal's) it drops the file names
+    (stated as a pattern in the title), the sizes and the ONNX-vs-torch errors, in that order, so
+    the rest stay readable."""
+    variants = manifest.get("variants", {})
     auto = manifest.get("fold") == "auto"
-    for column in (
-        "variant",
-        "file",
-        "moves (exact/fit/swap)",
-        *(["fold kept"] if auto else []),
-        "BN nodes",
-        "standalone BNs",
-        "ORT vs torch",
-        "size",
-    ):
-        table.add_column(column, justify="left" if column in ("variant", "file") else "right")
-    for name, v in manifest.get("variants", {}).items():
-        standalone = v.get("standalone_bns")
-        table.add_row(
-            name,
-            v["file"],
-            f"{v['moved']} ({v['moved_exact']}/{v.get('moved_fit', 0)}/{v['moved_swap']})",
-            *([v.get("fold_auto", {}).get("form", "")] if auto else []),  # --fold-auto: the form kept
-            str(v["batchnorm_nodes"]),
-            "—" if standalone is None else str(len(standalone)),
-            f"{v['onnxruntime_vs_torch_max_abs_error']:.1e}",
-            f"{v['file_size'] / 1e6:.2f} MB",
-        )
+    cells: dict[str, Callable[[str, dict[str, Any]], str]] = {
+        "variant": lambda n, v: n,
+        "file": lambda n, v: str(v["file"]),
+        "moves (e/f/s)": lambda n, v: (
+            f"{v['moved']} ({v['moved_exact']}/{v.get('moved_fit', 0)}/{v['moved_swap']})"
+        ),
+        **({"fold kept": lambda n, v: str(v.get("fold_auto", {}).get("form", ""))} if auto else {}),
+        "BN nodes": lambda n, v: str(v["batchnorm_nodes"]),
+        "standalone BNs": lambda n, v: (
+            "—" if v.get("standalone_bns") is None else str(len(v["standalone_bns"]))
+        ),
+        "ORT vs torch": lambda n, v: f"{v['onnxruntime_vs_torch_max_abs_error']:.1e}",
+        "size": lambda n, v: f"{v['file_size'] / 1e6:.2f} MB",
+    }
+    rows = {n: {c: render(n, v) for c, render in cells.items()} for n, v in variants.items()}
+    columns = list(cells)
+
+    def needed(column: str) -> int:  # its widest cell or header word, with its border and padding
+        return max([len(w) for w in column.split()] + [len(r[column]) for r in rows.values()]) + 3
+
+    for dropped in _EXPORT_DROP_ORDER:
+        if width is None or sum(needed(c) for c in columns) + 1 <= width:
+            break
+        columns.remove(dropped)
+    title = "Exported variants; moves: all (exact/fit/swap)"
+    if "file" not in columns and variants:
+        stem = str(next(iter(variants.values()))["file"]).rsplit(".", 2)[0]
+        title += f" (files: {stem}.<variant>.onnx)"
+    table = Table(title=title, title_justify="left")
+    for column in columns:  # fixed widths: headers wrap at their words, cells are never cut
+        left = column in ("variant", "file")
+        table.add_column(column, justify="left" if left else "right", width=needed(column) - 3)
+    for row in rows.values():
+        table.add_row(*(row[c] for c in columns))
     return table
