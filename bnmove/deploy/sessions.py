@@ -114,6 +114,10 @@ def open_session(path: Path, plan: SessionPlan, *, optimized: Path | None = None
         options.optimized_model_filepath = str(optimized)
     if plan.threads is not None:
         options.intra_op_num_threads = plan.threads
+    if plan.provider == "cpu":
+        # sessions timed in turn: a thread pool that spins after its run steals the next session's
+        # cores (identical files then read 0.5-2x of each other at 2 threads on 2 cores)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if plan.cache_dir is not None:
         plan.cache_dir.mkdir(parents=True, exist_ok=True)
     banner = io.StringIO()
