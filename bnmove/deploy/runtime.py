@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..core.fidelity import ONNX_TOLERANCE, difference
-from ..core.threads import ThreadChoice, available_cores, faster_count
+from ..core.threads import ThreadChoice, available_cores, choose_count
 from ..errors import BnmoveError
 from .accuracy import Accuracy, labelled_batches
 from .accuracy import evaluate as evaluate_accuracy
@@ -500,20 +500,25 @@ def timing_plan(
 def _cpu_threads(
     path: Path, reference: _Runner, sizes: Sequence[int], given: int | None
 ) -> dict[int, ThreadChoice]:
-    """Per batch size, onnxruntime's intra-op threads for the CPU timings: ``given``, or the faster
-    of one thread and every core on a few runs of the reference (:func:`faster_count`)."""
-    cores = available_cores()
-    if given is not None or cores == 1:
-        fixed = ThreadChoice(given or 1) if given is not None else ThreadChoice(1, {1: 0.0}, "run")
-        return dict.fromkeys(sizes, fixed)
-    probes = {n: _Runner(path, SessionPlan("cpu", threads=n)) for n in (1, cores)}
-    chosen = {}
-    for batch in sizes:
+    """Per batch size, onnxruntime's intra-op threads for the CPU timings: ``given``, or one thread
+    on busy cores, else the faster of one thread and every core on a few runs of the reference
+    (:func:`bnmove.core.threads.choose_count`)."""
+    if given is not None:
+        return dict.fromkeys(sizes, ThreadChoice(given))
+    probes: dict[int, _Runner] = {}
+
+    def runs_at(batch: int) -> Callable[[int], Callable[[], object]]:
         arrays = reference.feeds(batch, seed=batch)
-        for probe in probes.values():
-            probe.bind(arrays)
-        chosen[batch] = faster_count({n: p.timed_run for n, p in probes.items()}, step="run")
-    return chosen
+
+        def at(count: int) -> Callable[[], object]:
+            if count not in probes:
+                probes[count] = _Runner(path, SessionPlan("cpu", threads=count))
+            probes[count].bind(arrays)
+            return probes[count].timed_run
+
+        return at
+
+    return {batch: choose_count(runs_at(batch), available_cores(), step="run") for batch in sizes}
 
 
 def _timed_rounds(

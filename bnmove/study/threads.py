@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.clone import clone_module
-from ..core.threads import ThreadChoice, faster_count
+from ..core.threads import ThreadChoice, busy_cores, choose_count
 from .data import Dataset
 from .runs import class_scores
 
@@ -29,13 +29,12 @@ def choose_threads(
     step: Callable[[], object],
     cores: int,
     *,
-    repeats: int = 3,
+    repeats: int = 5,
     timer: Callable[[], float] = time.perf_counter,
+    busy: Callable[[], float | None] = busy_cores,
 ) -> ThreadChoice:
-    """Time ``step`` at one thread and at ``cores`` threads, ``repeats`` times each, interleaved
-    (after one warm-up each), and keep the faster (:func:`bnmove.core.threads.faster_count`)."""
-    if cores <= 1:
-        return ThreadChoice(1, {1: 0.0})  # nothing to measure against
+    """One thread on busy cores, else the faster of one thread and ``cores`` on ``step``, timed
+    ``repeats`` times each, interleaved (:func:`bnmove.core.threads.choose_count`)."""
 
     def at(count: int) -> Callable[[], object]:
         def run() -> object:
@@ -45,7 +44,7 @@ def choose_threads(
         return run
 
     with threads_set(torch.get_num_threads()):
-        return faster_count({1: at(1), cores: at(cores)}, repeats=repeats, timer=timer)
+        return choose_count(at, cores, repeats=repeats, timer=timer, busy=busy)
 
 
 @contextlib.contextmanager
