@@ -189,6 +189,28 @@ CASES: dict[str, tuple[list[str], str]] = {
         ],
         "rejects the calibration data {badcal} (samples of shape 5x8x8)",
     ),
+    "recalibrate wrong-shaped data": (
+        ["recalibrate", "{pickled}", "--allow-pickle", "--calibration-data", "{badcal}", "-o", "{root}/r.pt"],
+        "rejects the calibration data {badcal} (samples of shape 5x8x8)",
+    ),
+    "compare unreadable onnx": (
+        ["compare", "{truncated}", "--provider", "cpu"],
+        "not an ONNX file onnx can read",
+    ),
+    "experiment bad device": (
+        [
+            "experiment",
+            "{pickled}",
+            "--allow-pickle",
+            "--run",
+            "true {{model}}",
+            "--device",
+            "tpu",
+            "-o",
+            "{root}/s",
+        ],
+        "device 'tpu': not a device name",
+    ),
 }
 
 

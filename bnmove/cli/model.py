@@ -280,6 +280,7 @@ def recalibrate_command(
     check_output(output, force=force, inputs=(model.path,))
     loaded = model.load()
     batches = calibration_batches(calibration_path, samples=calibration_samples or 10**12)
+    model.inputs(loaded, batches, calibration_path)  # data the model rejects: one line naming it, first
     with _progress(as_json or quiet) as progress:
         task = progress.add_task("recalibrating", total=len(batches))
         recalibrated = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
