@@ -5,7 +5,7 @@
 >>> result = bnmove.convert(model, "after", method="exact")
 >>> fitted = bnmove.convert(model, "after", method="fit", calibration=bnmove.Calibration(data_free="synthetic"))
 >>> result.model, result.verification.max_abs_error
->>> bnmove.export_variants(model, (x,), "variants/")
+>>> bnmove.export_variants(model, (x,), "variants/", options=bnmove.ExportOptions(fold="padded"))
 >>> bnmove.compare(["variants/"], provider="auto")
 >>> tuned = bnmove.recalibrate(fine_tuned, train_x)  # exact BN statistics after fine-tuning
 
@@ -18,7 +18,7 @@ import importlib.metadata
 
 from . import sample_models
 from .analysis.detect import Pair
-from .deploy.export import export_variants
+from .deploy.export import ExportOptions, export_variants
 from .deploy.runtime import Comparison, compare
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
 from .fitting.calibrate import recalibrate
@@ -38,6 +38,7 @@ __all__ = [
     "Conversion",
     "Detection",
     "ExperimentResult",
+    "ExportOptions",
     "LoadError",
     "LoadedModel",
     "ModelRunError",

@@ -1,6 +1,6 @@
 """One exception family for user errors.
 
-Everything raised as :class:`BnmoveError` is the user's to fix (a bad file, a
+Everything raised as [`BnmoveError`][bnmove.BnmoveError] is the user's to fix (a bad file, a
 missing option, a model that cannot be traced); the CLI turns it into one line
 on stderr and exit code 1. Anything else is a bug in bnmove.
 """

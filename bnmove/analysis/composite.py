@@ -3,7 +3,7 @@
 Model code often spells an activation as a few elementwise operations:
 ``x * torch.sigmoid(x)`` (SiLU), ``x * F.relu6(x + 3) / 6`` (hardswish),
 ``x * torch.tanh(F.softplus(x))`` (Mish), ``0.5 * x * (1 + torch.tanh(...))``
-(GELU's tanh approximation). :func:`collapse_composites` finds each cone of
+(GELU's tanh approximation). `collapse_composites` finds each cone of
 elementwise calls that reads one tensor and nothing else (constants aside),
 evaluates it on a grid of values, and when it computes a known activation
 replaces the cone by one call of torch's function for it (equal to float

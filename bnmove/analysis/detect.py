@@ -6,7 +6,7 @@ inside a fused norm+act module. The checks here are structural: a BN or an
 activation with parameters called at several places, an output another node
 also reads, an in-place activation over a shared tensor. A pair that passes is
 ``movable``; which exact rule moves it (a fold, or the kept affine) is the
-rules' decision (:func:`bnmove.rules.settle_exact`), made in the analysis
+rules' decision (`bnmove.rules.settle_exact`), made in the analysis
 stage, which fills ``exact``, ``neighbour`` and ``keeps_affine``.
 """
 
@@ -83,7 +83,7 @@ class Site:
     bn_node: fx.Node
     act_node: fx.Node | None
     #: the layers an exact move folds the BN into: the one before it (before -> after), or every
-    #: one it feeds (after -> before, :func:`~bnmove.analysis.folds.forward_fold`); empty: kept affine
+    #: one it feeds (after -> before, `forward_fold`); empty: kept affine
     neighbours: tuple[fx.Node, ...] = ()
     fused: FusedNorm | None = None
     #: the name of the exact rule that moves the pair (``bnmove.rules``), once settled

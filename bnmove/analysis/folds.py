@@ -10,7 +10,7 @@ border correction (``bn_math``; ``deploy/border.py``), which deployment may
 ask for.
 
 ``convert``'s exact move of ``f -> BN -> N`` to ``BN' -> f -> N'`` and
-``export --fold-forward/--fold-padded`` both ask :func:`forward_fold`, so they
+``export --fold-forward/--fold-padded`` both ask `forward_fold`, so they
 fold the same BNs and give the same reasons for the ones they leave.
 """
 

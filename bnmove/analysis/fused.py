@@ -53,7 +53,7 @@ PLAIN = "plain"
 def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
     """Recognise ``batch_norm -> [identity/dropout] -> activation`` inside a BN subclass.
 
-    Returns the recipe for splitting it, :data:`PLAIN` when the forward is the
+    Returns the recipe for splitting it, `PLAIN` when the forward is the
     batch norm alone (timm's ``BatchNormAct2d(apply_act=False)``), or a reason
     string when it is something else. The split is checked numerically.
     """

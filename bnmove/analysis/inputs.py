@@ -35,7 +35,7 @@ def infer_example_inputs(model: nn.Module, graph: fx.Graph | None = None) -> tup
     """One example input from the first layer: ``Conv2d(C, ...)`` -> ``1xCx224x224``, ``Linear(F, ...)`` -> ``1xF``.
 
     ``graph`` is the model's traced graph when the caller already has it (saves a trace).
-    Raises :class:`BnmoveError` asking for ``--input-shape`` when the first
+    Raises [`BnmoveError`][bnmove.BnmoveError] asking for ``--input-shape`` when the first
     layer says nothing about its input.
     """
     layer = _first_layer(model, graph)

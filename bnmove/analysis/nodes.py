@@ -25,7 +25,7 @@ def is_link_module(module: nn.Module | None) -> bool:
 
 
 def is_identity_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A call of a link module (:func:`is_link_module`)."""
+    """A call of a link module (`is_link_module`)."""
     return node.op == "call_module" and is_link_module(modules.get(str(node.target)))
 
 

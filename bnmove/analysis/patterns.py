@@ -196,7 +196,7 @@ def module_activation_spec(module: nn.Module) -> ActivationSpec | None:
     torch's activation classes are known by class. Any other module with no
     parameters, buffers or children (timm's ``GELU``/``Swish``/``HardSwish``, HF's
     ``ACT2FN`` classes, a user's own) is recognised by what it computes: a
-    non-linear elementwise function (see :func:`probe_activation`).
+    non-linear elementwise function (see `probe_activation`).
     """
     for cls in type(module).__mro__:
         spec = _BY_MODULE.get(cls)
@@ -285,7 +285,7 @@ def _probe_key(module: nn.Module) -> tuple[Any, ...]:
 
 
 def probe_activation(module: nn.Module) -> ActivationSpec | None:
-    """An :class:`ActivationSpec` for a stateless module that computes a non-linear elementwise function.
+    """An `ActivationSpec` for a stateless module that computes a non-linear elementwise function.
 
     The module runs (eval mode, no grad) on a fixed grid of values laid out in
     two shapes; it counts as elementwise when both give the same values

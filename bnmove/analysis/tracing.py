@@ -3,13 +3,13 @@
 ``symbolic_trace`` of the whole model is tried first. Real models often fail
 it (padding computed from shapes, optional arguments tested in ``forward``,
 loops over ``torch.split``); then one forward pass on an example input is
-recorded instead (:mod:`bnmove.analysis.recording`), which sees through all of that.
+recorded instead (`bnmove.analysis.recording`), which sees through all of that.
 Only when no example input can be had are the largest traceable subtrees
 traced one by one, and the untraceable parts reported by name.
 
 The graph only decides what moves; the moves themselves are made on the
-user's modules (:mod:`bnmove.moving.surgery`). Tracing never changes the model it
-reads (:func:`untouched`).
+user's modules (`bnmove.moving.surgery`). Tracing never changes the model it
+reads (`untouched`).
 
 BatchNorm modules (user subclasses included, so fused norm+activation modules
 stay whole) and activation modules are leaves: the tracer never inlines them,
@@ -48,14 +48,14 @@ def is_leaf(module: nn.Module) -> bool:
 
 
 class BnTracer(fx.Tracer):
-    """fx tracer that keeps :func:`is_leaf` modules as leaves."""
+    """fx tracer that keeps `is_leaf` modules as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace_graph(module: nn.Module) -> fx.Graph:
-    """Trace one module's forward with :class:`BnTracer`; raises whatever fx raises."""
+    """Trace one module's forward with `BnTracer`; raises whatever fx raises."""
     recognise(module)
     with class_forward(module):
         graph = BnTracer().trace(module)
@@ -105,10 +105,6 @@ class TraceResult:
 
     regions: dict[str, Region]
     untraced: list[Untraced]
-
-    @property
-    def whole_model(self) -> bool:
-        return list(self.regions) == [""]
 
 
 def _is_opaque_leaf(module: nn.Module) -> bool:

@@ -42,7 +42,7 @@ _CODE = _graph().python_code(root_module="self").src
 
 
 class _Recognised(type):
-    """``isinstance(m, ChannelAffine)`` holds for the torch-only layer :class:`ChannelAffine` builds
+    """``isinstance(m, ChannelAffine)`` holds for the torch-only layer [`ChannelAffine`][bnmove.core.affine.ChannelAffine] builds
     and for the layer of bnmove 0.1 that files saved then still hold."""
 
     def __instancecheck__(cls, obj: Any) -> bool:
@@ -56,7 +56,7 @@ class _Recognised(type):
 class ChannelAffine(nn.Module, metaclass=_Recognised):
     """``y = weight[c] * x + bias[c]`` over channel dimension 1, for inputs of any rank >= 2.
 
-    ``ChannelAffine(C)`` returns a :class:`torch.fx.GraphModule` (learnable ``weight`` and
+    ``ChannelAffine(C)`` returns a `torch.fx.GraphModule` (learnable ``weight`` and
     ``bias`` of shape ``(C,)``, printed as ``ChannelAffine`` until deep-copied): torch alone
     saves, loads, scripts and exports it, so a converted model never needs bnmove to load.
     ``isinstance(m, ChannelAffine)`` recognises it by its code. Instances of this class itself

@@ -218,7 +218,7 @@ def _newton_step(
     x: torch.Tensor,
     w: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The undamped Newton step ``(d_mu, d_log_sigma)`` of :func:`match_gaussian` and the larger
+    """The undamped Newton step ``(d_mu, d_log_sigma)`` of `match_gaussian` and the larger
     residual ``max(|r1|, |r2|)``, per channel."""
     s = torch.exp(log_s)
     z = (mu[None, :] + s[None, :] * x[:, None]).requires_grad_(True)

@@ -1,6 +1,6 @@
 """How far one model's outputs are from another's: one measure, one tolerance policy.
 
-Every comparison bnmove makes goes through :class:`Agreement` (a conversion's verification,
+Every comparison bnmove makes goes through [`Agreement`][bnmove.core.fidelity.Agreement] (a conversion's verification,
 the calibration check, export's onnxruntime-against-PyTorch check, ``compare``'s deviations,
 INT8 against float): outputs of any structure, empty tensors and integer outputs included,
 measured in float64 whatever the models' dtype.
@@ -34,24 +34,24 @@ class Difference:
 
     max_abs: float
     mean_abs: float
-    #: the largest |want|: what :attr:`rel` is relative to
+    #: the largest |want|: what `rel` is relative to
     scale: float
     #: of all float outputs flattened together; 1.0 when both are all zero
     cosine: float
     #: fraction of samples with the same argmax, where each call's first output is a batch
     #: of class scores (N x C, C > 1); None otherwise
     top1: float | None
-    #: samples behind :attr:`top1`
+    #: samples behind `top1`
     samples: int = 0
 
     @property
     def rel(self) -> float:
-        """:attr:`max_abs` relative to :attr:`scale` (0 where nothing differs)."""
+        """`max_abs` relative to `scale` (0 where nothing differs)."""
         return self.max_abs / max(self.scale, 1e-12) if self.max_abs else 0.0
 
 
 class Agreement:
-    """Accumulates :class:`Difference` over calls: ``add(want, got)`` once per batch, then :meth:`result`.
+    """Accumulates `Difference` over calls: ``add(want, got)`` once per batch, then `result`.
 
     Example:
         >>> meter = Agreement()
@@ -65,7 +65,7 @@ class Agreement:
         self._elements = self._agree = self._samples = 0
 
     def add(self, want: Sequence[Array], got: Sequence[Array]) -> None:
-        """One call's outputs, paired in order; a different count or shape is a :class:`BnmoveError`."""
+        """One call's outputs, paired in order; a different count or shape is a [`BnmoveError`][bnmove.BnmoveError]."""
         if len(want) != len(got):
             raise BnmoveError(f"outputs differ in number: {len(got)} against {len(want)}")
         for i, (a, b) in enumerate(zip(want, got, strict=True)):
@@ -106,7 +106,7 @@ class Agreement:
 
 
 def difference(want: Sequence[Array], got: Sequence[Array]) -> Difference:
-    """:class:`Difference` of one call's outputs."""
+    """`Difference` of one call's outputs."""
     meter = Agreement()
     meter.add(want, got)
     return meter.result()

@@ -1,6 +1,6 @@
 """Forwards generated from fx graphs and installed on one module instance (its class stays the user's).
 
-A forward of one graph is installed as the bound ``forward`` of a :class:`torch.fx.GraphModule`
+A forward of one graph is installed as the bound ``forward`` of a `torch.fx.GraphModule`
 that torch saves as its code, as text, and rebuilds with torch alone: a converted model saved
 whole loads and re-saves where bnmove is not installed.
 
@@ -17,7 +17,7 @@ an unchanged module of its class in its stead.
 
 A forward that needs several graphs (one per mode of ``self.training``, or per optional argument
 left at ``None``) dispatches between them at each call, which no GraphModule can hold: it stays a
-:class:`GraphForward`, and the conversion says that the model needs bnmove to load.
+`GraphForward`, and the conversion says that the model needs bnmove to load.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class GraphForward:
     A forward that tests optional arguments (``if shortcut is None``) has one
     graph per combination of them left at ``None``; each call runs the one that
     matches its arguments, and a forward that branches on ``self.training`` has
-    the graphs of each mode (the key holds :data:`TRAINING`) and runs the one of
+    the graphs of each mode (the key holds `TRAINING`) and runs the one of
     the module's mode (see ``bnmove.moving.surgery.trace_own_forward``). A
     forward specialised to the values it was called with (``if drop_rate:``)
     checks them at each call and refuses another value.
@@ -213,7 +213,7 @@ def install_forward(
     """Make the graphs the forward of this one instance (its class and everything else stay).
 
     Returns whether torch alone can rebuild it (one graph: a GraphModule's forward); several
-    graphs are dispatched by a :class:`GraphForward`, which needs bnmove to load.
+    graphs are dispatched by a `GraphForward`, which needs bnmove to load.
     """
     for _, graph in variants:
         graph.lint()

@@ -35,7 +35,7 @@ class Slots:
 
     A conversion replaces many modules; looking up each one's slots by walking the whole model
     made conversion quadratic in its size. The index is read once, on first use, and kept up to
-    date by :meth:`replace`; a slot that changed behind its back is checked before it is used.
+    date by `replace`; a slot that changed behind its back is checked before it is used.
     """
 
     def __init__(self, root: nn.Module) -> None:

@@ -60,7 +60,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
 
 
 def run_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
-    """``model(*inputs)`` without grad; the model's own exceptions become :class:`ModelRunError`."""
+    """``model(*inputs)`` without grad; the model's own exceptions become [`ModelRunError`][bnmove.ModelRunError]."""
     try:
         with torch.inference_mode():  # cheaper than no_grad: outputs are only compared
             return model(*tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, list(inputs)))

@@ -2,7 +2,7 @@
 
 A runtime starts one thread per core. On a machine whose cores are busy with other work those
 threads spin and wait for each other, and small models run faster on one thread even on idle
-cores. So bnmove's training loop (:mod:`bnmove.study.threads`) and ``compare`` on the CPU time a
+cores. So bnmove's training loop (`bnmove.study.threads`) and ``compare`` on the CPU time a
 step at one thread and at every core, interleaved so both see the same load, and keep every core
 only where that is clearly faster.
 """
@@ -58,9 +58,9 @@ class ThreadChoice:
     threads: int
     #: thread count -> mean seconds of the steps measured with it (empty when given)
     seconds: dict[int, float] = field(default_factory=dict)
-    #: what was timed, for :meth:`describe`
+    #: what was timed, for `describe`
     step: str = "training step"
-    #: cores other work kept busy when one thread was chosen without timing (:func:`busy_cores`)
+    #: cores other work kept busy when one thread was chosen without timing (`busy_cores`)
     busy: float | None = None
 
     def describe(self) -> str:
@@ -83,7 +83,7 @@ def faster_count(
 ) -> ThreadChoice:
     """``runs``: thread count (1 and every core) -> one step at that count. Each runs once to warm
     up, then up to ``repeats`` times, interleaved; every core only where its mean step is at least
-    :data:`MARGIN` faster than one thread's. The mean, not the best or the median: what a loop of
+    `MARGIN` faster than one thread's. The mean, not the best or the median: what a loop of
     steps costs is their sum, and beside other work the steps of threads that must all be
     scheduled at once are mostly fast and now and then very slow (two threads beside two
     CPU-bound processes: median 1.7 ms, as on idle cores, but single steps of 600 ms, and the
@@ -118,8 +118,8 @@ def choose_count(
 ) -> ThreadChoice:
     """One thread where other work keeps half a core or more busy (threads that must all be
     scheduled at once then wait for each other, and timing them costs as much as it tells), else
-    the faster of one thread and ``cores`` by :func:`faster_count`; ``runs(n)`` runs one step at
-    ``n`` threads; ``busy``: how many cores other work keeps busy (:func:`busy_cores`)."""
+    the faster of one thread and ``cores`` by `faster_count`; ``runs(n)`` runs one step at
+    ``n`` threads; ``busy``: how many cores other work keeps busy (`busy_cores`)."""
     if cores <= 1:
         return ThreadChoice(1, {1: 0.0}, step)
     others = busy()

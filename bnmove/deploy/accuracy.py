@@ -2,7 +2,7 @@
 
 Every variant sees the same samples, so a variant is compared with the reference by the
 per-sample difference of correctness, ``d_i = c_variant,i − c_reference,i``: its mean and 95%
-Student-t interval, computed by the study's :func:`bnmove.study.stats.paired_difference`
+Student-t interval, computed by the study's `bnmove.study.stats.paired_difference`
 (samples instead of seeds). Each variant's own accuracy gets a 95% Wilson score interval, which
 stays inside [0, 1] and is right at accuracies near 100%, where the normal approximation is not.
 """
@@ -67,7 +67,7 @@ def wilson_interval(correct: int, samples: int) -> tuple[float, float]:
 def labelled_batches(
     data: Any, samples: int | None, batch_size: int = 64
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(x, y)`` batches as numpy arrays: the validation split of a :class:`bnmove.study.Dataset`
+    """``(x, y)`` batches as numpy arrays: the validation split of a [`bnmove.study.Dataset`][bnmove.study.Dataset]
     (what ``--data`` reads), its first ``samples`` samples when given; or an ``(x, y)`` pair."""
     from ..study.data import Dataset, load_dataset
 

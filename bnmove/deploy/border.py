@@ -8,7 +8,7 @@ The first term is the conv with its weights scaled per input channel. The second
 does not depend on the input at all, only on its spatial size: in the interior it
 is the ordinary folded bias ``Σ W·b``, within the kernel's reach of a border it
 is less, because there the kernel also sees padding zeros that were never
-shifted by ``b``. :class:`BorderCorrectedConv` adds that map. It computes it from
+shifted by ``b``. `BorderCorrectedConv` adds that map. It computes it from
 the input's shape at each call, so it is exact for every size; an export with
 fixed spatial sizes (bnmove's exports fix every dimension but the batch) turns it
 into one constant that onnxruntime folds at load time, leaving ``Conv`` + ``Add``.
@@ -45,7 +45,7 @@ class BorderCorrectedConv(nn.Module):
 def border_corrected(
     conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, a: torch.Tensor, b: torch.Tensor
 ) -> BorderCorrectedConv:
-    """``conv`` after ``BN(u) = a·u + b``, as one exact :class:`BorderCorrectedConv` (``conv`` is not modified)."""
+    """``conv`` after ``BN(u) = a·u + b``, as one exact `BorderCorrectedConv` (``conv`` is not modified)."""
     groups = int(conv.groups)
     zeros = torch.zeros_like(a)
     scaled, _ = bn_math.fold_into_following(conv.weight, None, a, zeros, groups=groups)

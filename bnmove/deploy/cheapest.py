@@ -64,7 +64,7 @@ def time_forms(
 ) -> tuple[dict[str, list[float]], list[float]]:
     """Seconds per run of each file on onnxruntime's CPU provider, round by round (interleaved, in
     rotating order), and of a second session of the first file in the same rounds: the noise
-    floor, what two identical graphs read here and now (:mod:`bnmove.deploy.noise`)."""
+    floor, what two identical graphs read here and now (`bnmove.deploy.noise`)."""
     from .runtime import _Runner, _timed_rounds
     from .sessions import SessionPlan
 
@@ -153,7 +153,7 @@ def _too_noisy(timings: list[FormTiming], floor: RatioInterval) -> bool:
 
 
 def choose(timings: list[FormTiming], floor: RatioInterval | None = None) -> tuple[str, str]:
-    """The fastest form and the reason, in words. Forms within :data:`TIE` of the fastest tie, or
+    """The fastest form and the reason, in words. Forms within `TIE` of the fastest tie, or
     within the noise floor's spread when that is wider (a difference smaller than two identical
     graphs show is none), and a tie goes to the form that leaves fewer standalone BNs (it quantizes
     more cleanly), then to the simpler form."""

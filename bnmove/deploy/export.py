@@ -88,14 +88,14 @@ class ExportOptions:
 
     Args:
         fold: ``"none"``; ``"forward"``: fold BNs that follow their activation into the next
-            layers where exact (:func:`bnmove.deploy.fold_forward`); ``"padded"``: also into
-            zero-padded convs, with a border correction (see :mod:`bnmove.deploy.border`);
+            layers where exact ([`bnmove.deploy.fold_forward`][bnmove.deploy.fold_forward]); ``"padded"``: also into
+            zero-padded convs, with a border correction (see `bnmove.deploy.border`);
             ``"auto"``: each of these forms exported and timed on onnxruntime's CPU provider, the
-            fastest kept per variant, with the figures in the manifest (:mod:`bnmove.deploy.cheapest`).
+            fastest kept per variant, with the figures in the manifest (`bnmove.deploy.cheapest`).
         quantize: ``"int8"`` also writes ``<stem>.<variant>.int8.onnx`` beside each float
             variant: onnxruntime's static quantization (QDQ, per-channel int8 weights), calibrated
             on the calibration data (required) with its last samples held out to measure the
-            agreement with the float variant (see :mod:`bnmove.deploy.quantize`); uint8
+            agreement with the float variant (see `bnmove.deploy.quantize`); uint8
             activations, the fast form on onnxruntime's CPU provider. ``"int8-tensorrt"``: signed,
             symmetric int8 activations, the only int8 TensorRT builds.
         opset: ONNX opset.
@@ -139,12 +139,12 @@ def export_variants(
         example_inputs: inputs for export and for checking onnxruntime against PyTorch.
         out_dir: created if missing; existing variant files need ``force``.
         placements: any of ``"original"``, ``"before"``, ``"after"``.
-        method: conversion method for the moved variants (see :func:`bnmove.convert`).
-        calibration: where fitted moves get their samples, as for :func:`bnmove.convert`; with
+        method: conversion method for the moved variants (see [`bnmove.convert`][bnmove.convert]).
+        calibration: where fitted moves get their samples, as for [`bnmove.convert`][bnmove.convert]; with
             data, every moved variant fits on the same samples and the held-out figures go into
             the manifest (INT8 variants are calibrated on it too).
-        options: folds, quantization, opset, batch and tolerance (:class:`ExportOptions`).
-        max_error: the bound on a fitted variant's relative error, as for :func:`bnmove.convert`.
+        options: folds, quantization, opset, batch and tolerance ([`ExportOptions`][bnmove.deploy.ExportOptions]).
+        max_error: the bound on a fitted variant's relative error, as for [`bnmove.convert`][bnmove.convert].
         on_variant: called with each variant's name before it is exported (progress).
 
     Returns:

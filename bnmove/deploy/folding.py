@@ -3,7 +3,7 @@
 The fold passes through what commutes with a per-channel affine map: links,
 average pooling without counted padding, adaptive average pooling, flatten,
 and max pooling when every scale is positive (ResNet's stem ``relu -> BN ->
-maxpool -> conv``). Kept affine layers (:class:`~bnmove.core.affine.ChannelAffine`,
+maxpool -> conv``). Kept affine layers ([`ChannelAffine`][bnmove.core.affine.ChannelAffine],
 left by exact moves where no layer absorbed a BN) fold forward by the same rules.
 
 A BN right after a Conv/Linear is fused into it by the exporter and by
@@ -12,7 +12,7 @@ separate memory-bound kernel. Where its only user is a Linear, an unpadded Conv
 or a pointwise ConvTranspose, ``N(BN(z)) = N'(z)`` exactly (``bn_math``), so the
 BN can disappear from the deployed graph. A BN that feeds a squeeze-and-excitation
 gate and the product it scales folds into the gate and the projection, with a
-per-sample bias from the gate vector (:mod:`.gate`). A BN whose eval-mode map is
+per-sample bias from the gate vector (`gate`). A BN whose eval-mode map is
 the identity (BN′ of an exact move, which only normalises in training) is removed
 wherever it stands. The result is for inference: the folded BN no longer
 normalises in train mode.
@@ -66,7 +66,7 @@ class BnFate:
 
 @dataclass
 class Folding:
-    """The result of :func:`bnmove.deploy.fold_forward`: the model with BNs folded forward where exact,
+    """The result of [`bnmove.deploy.fold_forward`][bnmove.deploy.fold_forward]: the model with BNs folded forward where exact,
     and every BN's fate (folded, fused backward, or standalone with the reason)."""
 
     model: nn.Module
@@ -197,7 +197,7 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
     """Fold every BN that cannot be fused backward into the layer after it, where exact.
 
     With ``padded``, BNs before zero-padded convs fold too, as a
-    :class:`~bnmove.deploy.border.BorderCorrectedConv` (exact for every input
+    `BorderCorrectedConv` (exact for every input
     size; ``Conv`` + a constant ``Add`` once exported). Returns a copy of
     ``model`` and the fate of each BatchNorm.
     """

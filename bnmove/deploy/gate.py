@@ -9,14 +9,14 @@ projection ``N`` reads. Both uses take the map exactly:
 
 with ``N_a`` the layer with ``W·a`` per input channel and ``W̄`` its kernel summed over taps: the
 pooling is global, so ``b ⊙ s`` is constant over space and an unpadded conv sees the same field at
-every position. :class:`GateBias` computes ``W̄·(b ⊙ s)``, a ``C_out × C_in`` matrix applied to the
+every position. `GateBias` computes ``W̄·(b ⊙ s)``, a ``C_out × C_in`` matrix applied to the
 gate vector (about ``C_out·C_in`` multiply-adds per sample, against the BN's pass over the whole
 expanded tensor), and the projection's output takes it with one broadcast ``Add``.
 
 The product and the projection are usually called in different forwards (the gate module's and
 its parent's), so the fold rewrites the fx graph of the region that holds both and puts it in the
 region's place as a ``torch.fx.GraphModule``: the folded model is for export and inference, like
-every model :func:`~bnmove.deploy.fold_forward` returns. Where the projection feeds its own BN
+every model [`fold_forward`][bnmove.deploy.fold_forward] returns. Where the projection feeds its own BN
 (a before-placement BN that the exporter fuses into it), the bias is added after that BN, scaled by
 its map, so the fusion still happens.
 """
@@ -135,7 +135,7 @@ def gate_fold(
 ) -> GateFold | NoFold | None:
     """The gate fold of the BN (or kept affine) at ``node``: its output feeds a global pooling into one
     layer (the gate) and a product with the gate's vector, which one unpadded conv or Linear reads.
-    None where the BN feeds no gated product at all; :class:`NoFold` with the reason where the
+    None where the BN feeds no gated product at all; `NoFold` with the reason where the
     pattern is there but the fold would not be exact."""
     found, _, blocked = consumers(node, modules, positive)
     end = skip_identity_down(node, modules)
@@ -181,7 +181,7 @@ def apply_gate_fold(
     root: nn.Module, graph: fx.Graph, fold: GateFold, a: torch.Tensor, b: torch.Tensor
 ) -> str:
     """Fold ``a·u + b`` into the gate and the projection and add the per-sample bias; returns the
-    name of the :class:`GateBias` module. The BN's slot is the caller's to empty."""
+    name of the `GateBias` module. The BN's slot is the caller's to empty."""
     original = cast(torch.Tensor, root.get_submodule(str(fold.into.target)).weight)
     weight = original.detach().double()
     summed = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(-1) if weight.dim() > 2 else weight

@@ -7,7 +7,7 @@ on the same samples for every variant. uint8 activations because onnxruntime's C
 every QDQ conv into ``QLinearConv`` with them: with int8 activations it ran 54 of
 EfficientNet-B0's 81 convs as float ``Conv`` between dequantize and quantize (2026-12-02,
 onnxruntime 1.32, x86-64), 2–4× slower, and which convs it kept in float differed between two
-placements of the same model, so INT8 comparisons measured that instead of the placement. The last calibration samples (:func:`split_held_out`) stay out
+placements of the same model, so INT8 comparisons measured that instead of the placement. The last calibration samples (`split_held_out`) stay out
 of the calibration: agreement of the INT8 variant with its float variant is measured on them.
 
 onnxruntime has no int8 BatchNormalization: a BN that no exact rule folded stays a float op
@@ -75,7 +75,7 @@ class QuantizationSamples:
 
     calibrate: list[Batch]
     held_out: list[Batch]
-    #: which of :data:`QUANTIZATIONS`
+    #: which of `QUANTIZATIONS`
     kind: str = "int8"
 
     @classmethod

@@ -108,7 +108,7 @@ class VariantInfo:
 
 @dataclass
 class Comparison:
-    """What :func:`bnmove.compare` measured: per variant its node counts after onnxruntime's
+    """What [`bnmove.compare`][bnmove.compare] measured: per variant its node counts after onnxruntime's
     optimisations, per variant and batch size its latency, and its output deviation from the
     reference variant, on one provider and device."""
 
@@ -124,7 +124,7 @@ class Comparison:
     #: top-1 accuracy per variant on the labelled data, when given
     accuracies: list[Accuracy] = field(default_factory=list)
     #: per batch size, a byte-identical copy of the reference timed in the same rounds: the ratio
-    #: two identical graphs show on this machine during this run (:mod:`bnmove.deploy.noise`)
+    #: two identical graphs show on this machine during this run (`bnmove.deploy.noise`)
     noise_floor: dict[int, RatioInterval] = field(default_factory=dict)
     #: how the timings ran ("CUDA, TF32 allowed (the provider's default)", ...)
     timed_with: str = ""
@@ -214,7 +214,7 @@ def _label(node: onnx.NodeProto) -> str:
 
 
 class _Runner:
-    """One variant's session (opened by :func:`open_session`), with device-bound I/O on GPU providers."""
+    """One variant's session (opened by `open_session`), with device-bound I/O on GPU providers."""
 
     def __init__(self, path: Path, plan: SessionPlan, tmp: Path | None = None) -> None:
         """``tmp``: a folder to save the optimised graph in, to count its nodes (None: not counted)."""
@@ -309,7 +309,7 @@ def compare(
     """Time and compare ONNX variants under onnxruntime.
 
     Args:
-        paths: ``.onnx`` files or folders of them (as written by :func:`export_variants`),
+        paths: ``.onnx`` files or folders of them (as written by [`export_variants`][bnmove.export_variants]),
             or a ``{variant: path}`` mapping.
         provider: ``"auto"`` (TensorRT, then CUDA, then CPU: the first that works),
             or one of ``"tensorrt"``, ``"cuda"``, ``"cpu"``.
@@ -323,7 +323,7 @@ def compare(
         on_step: called with a short description before each step (progress).
         data: labelled data to measure every variant's top-1 accuracy on: what ``--data``
             takes (``"digits"``, an ``.npz`` with ``x`` and ``y``, an image folder, a CIFAR
-            folder; its validation split), a :class:`bnmove.study.Dataset`, or an ``(x, y)`` pair.
+            folder; its validation split), a [`bnmove.study.Dataset`][bnmove.study.Dataset], or an ``(x, y)`` pair.
             Each variant's accuracy comes with a 95% interval and its paired difference from
             the reference on the same samples.
         data_samples: use at most this many labelled samples (default: all).
@@ -331,15 +331,15 @@ def compare(
             ``$XDG_CACHE_HOME/bnmove/tensorrt``).
         threads: CPU: onnxruntime's intra-op threads for the timings (default: per batch size, the
             faster of one thread and every core, measured on the reference; see
-            :mod:`bnmove.core.threads`). ``Comparison.threads`` says what was used.
+            `bnmove.core.threads`). ``Comparison.threads`` says what was used.
 
     Timings use the provider's defaults (TF32 on CUDA and TensorRT). Output deviations, node
     counts and accuracy are measured in float32: on the CPU provider, or on CUDA with TF32 off for
-    the GPU providers (:mod:`bnmove.deploy.sessions`). ``Comparison.timed_with`` and
+    the GPU providers (`bnmove.deploy.sessions`). ``Comparison.timed_with`` and
     ``checked_with`` say which.
 
     Returns:
-        A :class:`Comparison` (``to_dict()`` for JSON; ``bnmove.report`` renders it).
+        A [`Comparison`][bnmove.Comparison] (``to_dict()`` for JSON; ``bnmove.report`` renders it).
     """
     named = dict(paths) if isinstance(paths, dict) else collect_paths(paths)
     if not named:
@@ -502,7 +502,7 @@ def _cpu_threads(
 ) -> dict[int, ThreadChoice]:
     """Per batch size, onnxruntime's intra-op threads for the CPU timings: ``given``, or one thread
     on busy cores, else the faster of one thread and every core on a few runs of the reference
-    (:func:`bnmove.core.threads.choose_count`)."""
+    (`bnmove.core.threads.choose_count`)."""
     if given is not None:
         return dict.fromkeys(sizes, ThreadChoice(given))
     probes: dict[int, _Runner] = {}

@@ -1,8 +1,8 @@
 """One onnxruntime session per provider, opened the way that provider needs, and checked.
 
 Each provider wants its own settings, and onnxruntime silently does something else when they are
-wrong, so every session bnmove opens is described by a :class:`SessionPlan` (a value) and opened
-by :func:`open_session`, which checks the result:
+wrong, so every session bnmove opens is described by a `SessionPlan` (a value) and opened
+by `open_session`, which checks the result:
 
 - **CPU and CUDA** write their optimised graph to a file, which is how ``compare`` counts the
   nodes (BatchNorms included) that survive onnxruntime's fusions. The CUDA provider computes
@@ -15,7 +15,7 @@ by :func:`open_session`, which checks the result:
   size gets its own engine, built for exactly that shape (profile min = opt = max): an engine
   built for the largest batch seen so far times smaller batches slower than they run. QDQ (INT8)
   files are built as INT8 engines (``trt_int8_enable``), and only when their activations are
-  signed and symmetric, the only int8 TensorRT builds (:func:`tensorrt_int8_problem`).
+  signed and symmetric, the only int8 TensorRT builds (`tensorrt_int8_problem`).
 
 After creation, the session's actual provider is checked against the one asked for: onnxruntime
 falls back to the CPU on an error, printing a banner on stdout; here that banner is caught (stdout

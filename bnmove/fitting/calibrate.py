@@ -1,13 +1,13 @@
 """Calibration data and what bnmove does with it.
 
-* :func:`calibration_batches` turns what users have (a tensor, a sequence of
+* `calibration_batches` turns what users have (a tensor, a sequence of
   tensors or tuples, a DataLoader, or files) into input batches.
-* :mod:`bnmove.fitting.sequential` fits pairs and refits layers from calibration data in two
+* `bnmove.fitting.sequential` fits pairs and refits layers from calibration data in two
   passes, by module hooks.
-* :func:`refit_layer` re-fits a Conv/Linear by ridge least squares so that, fed
+* `refit_layer` re-fits a Conv/Linear by ridge least squares so that, fed
   the converted model's activations, it reproduces the original model's output
   (im2col for convs, one solve per group).
-* :func:`recalibrate` re-estimates every BatchNorm's running statistics as exact
+* [`recalibrate`][bnmove.recalibrate] re-estimates every BatchNorm's running statistics as exact
   averages over the data.
 """
 
@@ -237,7 +237,7 @@ class NormalEquations:
             self.add_rows(rows, out_rows)
 
     def add_rows(self, rows: torch.Tensor, out_rows: torch.Tensor) -> None:
-        """Take in design rows (as :func:`design_rows` makes them) against target rows ``(K, C_out)``."""
+        """Take in design rows (as `design_rows` makes them) against target rows ``(K, C_out)``."""
         with torch.no_grad():
             rows, out_rows = rows.double().cpu(), out_rows.double().cpu()
             groups = self.groups
@@ -267,7 +267,7 @@ class NormalEquations:
     def solve(self, ridge: float = 1e-4) -> float:
         """Ridge least squares; sets the layer's weight and bias and returns the relative RMS error.
 
-        Raises :class:`Underdetermined` (the layer left as it was) below ``ROWS_PER_UNKNOWN`` rows
+        Raises `Underdetermined` (the layer left as it was) below ``ROWS_PER_UNKNOWN`` rows
         per unknown.
         """
         if self.gram is None or self.cross is None:
@@ -312,7 +312,7 @@ def refit_layer(
 
     Returns the relative RMS error after the fit. Convs are unfolded (im2col),
     and each group is solved on its own slice of input channels. Raises
-    :class:`Underdetermined` (and leaves the layer as it was) when there are
+    `Underdetermined` (and leaves the layer as it was) when there are
     fewer than ``ROWS_PER_UNKNOWN`` rows per unknown: e.g. a 3×3×512 conv on a
     1×1 feature map of 256 samples has 256 rows for 4609 unknowns.
     """

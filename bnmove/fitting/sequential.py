@@ -93,7 +93,7 @@ class _Sampler:
 
 
 class SequentialCalibration:
-    """Both passes for a set of :class:`PairPlan` (see the module docstring)."""
+    """Both passes for a set of `PairPlan` (see the module docstring)."""
 
     def __init__(self, plans: Sequence[PairPlan], batches: Sequence[Batch]) -> None:
         self.plans = list(plans)

@@ -11,7 +11,7 @@ A Hugging Face ``save_pretrained`` folder loads as the class its config
 names (transformers as an optional extra, no remote code).
 ``--arch timm:NAME`` and ``--arch torchvision:NAME`` build a library's model
 with random weights (``pretrained=False`` / ``weights=None``) for the file's
-weights. Every failure is a :class:`~bnmove.errors.LoadError` with one line
+weights. Every failure is a `LoadError` with one line
 that says what to give instead.
 """
 

@@ -1,4 +1,4 @@
-"""Where bnmove 0.1 kept :class:`ChannelAffine`: models converted then and saved whole name it here."""
+"""Where bnmove 0.1 kept [`ChannelAffine`][bnmove.core.affine.ChannelAffine]: models converted then and saved whole name it here."""
 
 from ..core.affine import ChannelAffine
 

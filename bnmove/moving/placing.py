@@ -4,7 +4,7 @@ Per pair, in this order: module surgery (BN and activation are modules, the
 activation called once: slots change, no forward does), else graph surgery of
 the one forward that calls both (traced with its children whole, nodes
 reordered in each of its graphs, installed on that instance). A pair that fits
-neither is reported with the reason. See :mod:`bnmove.moving.surgery` for the
+neither is reported with the reason. See `bnmove.moving.surgery` for the
 operations themselves.
 """
 

@@ -1,6 +1,6 @@
-"""The node reordering of a graph move (what each move does to parameters is its rule's: :mod:`bnmove.rules`).
+"""The node reordering of a graph move (what each move does to parameters is its rule's: `bnmove.rules`).
 
-Where BN and activation are modules, :mod:`bnmove.moving.surgery` moves the
+Where BN and activation are modules, `bnmove.moving.surgery` moves the
 modules; elsewhere ``move_after(bn, act)`` turns ``X -> BN -> f -> users`` into
 ``X -> f -> BN -> users`` in a graph and ``move_before(bn, act)`` the reverse
 (Identity calls in between stay put).

@@ -16,7 +16,7 @@ Two ways, tried in this order:
   ``forward`` calls both (its children kept whole) is traced, the nodes are
   reordered, and the generated code is installed as that instance's
   ``forward`` (the bound forward of a ``torch.fx.GraphModule`` over the instance, see
-  :mod:`bnmove.core.forwards`). The instance keeps its class, attributes,
+  `bnmove.core.forwards`). The instance keeps its class, attributes,
   properties and hooks; every other module keeps its code.
 """
 
@@ -129,7 +129,7 @@ def module_move(
     inside a Sequential wait in ``reorders`` until ``reorders.apply()``. A
     kept ``affine`` joins the BN's slot: ``Sequential(affine, act, bn)`` (to
     after) or ``Sequential(bn, act, affine)`` (to before). ``positions`` is
-    :func:`sequential_neighbours`' cache: slot replacements keep every Sequential's keys, and the
+    `sequential_neighbours`' cache: slot replacements keep every Sequential's keys, and the
     reorders wait, so it stays valid until ``reorders.apply()``. ``slots`` is the index of every
     module's slots under ``root``, read once per conversion (without it, the model is walked).
     """
@@ -222,7 +222,7 @@ def trace_own_forward(
     the same calls (only what they read may differ), so a move is the same
     move in each. A forward that branches on ``self.training`` (drop paths,
     stochastic depth) is traced in each mode, its training graphs keyed with
-    :data:`~bnmove.core.forwards.TRAINING`. ``specialise`` fixes arguments to
+    `TRAINING`. ``specialise`` fixes arguments to
     the values the forward is called with (``if drop_rate:`` on a float):
     the graphs assert them at every call (fx's guard), so another value fails
     loudly instead of running a forward traced for something else. Raises

@@ -2,11 +2,11 @@
 
 The analysis is made once and carried by the later stages: the graph the
 pairs were found on, the sites, the exact rule of every movable pair
-(:func:`bnmove.rules.settle_exact`), and the structural move that will hold it (:class:`~bnmove.moving.placing.Mover`). A pair whose
+(`bnmove.rules.settle_exact`), and the structural move that will hold it (`Mover`). A pair whose
 move no structure holds (the BN and activation are called from two different
 forwards, a forward that torch.fx cannot trace) is reported unmovable here,
-with the reason, so :func:`find_pairs` (``bnmove inspect``) says exactly what
-:func:`~bnmove.convert` and ``bnmove export`` will do.
+with the reason, so [`find_pairs`][bnmove.find_pairs] (``bnmove inspect``) says exactly what
+[`convert`][bnmove.convert] and ``bnmove export`` will do.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Detection:
 
 
 def detect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> Detection:
-    """Detection with the trace report; :func:`find_pairs` returns just the pairs."""
+    """Detection with the trace report; [`find_pairs`][bnmove.find_pairs] returns just the pairs."""
     # Tracing does not need parameter values, so uninitialised lazy modules are
     # fine here (their pairs say so). The model itself is never changed: a model
     # that does not trace is recorded running on a copy.
@@ -97,7 +97,7 @@ def detect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = Non
 def find_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> list[Pair]:
     """Every BatchNorm in ``model`` with the activation next to it, if any.
 
-    ``movable`` and ``exact`` say what :func:`~bnmove.convert` does to the pair
+    ``movable`` and ``exact`` say what [`convert`][bnmove.convert] does to the pair
     when asked for the other placement: a movable pair is moved, an exact one
     exactly, and an unmovable one stays with this ``reason``.
 
@@ -108,7 +108,7 @@ def find_pairs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None =
             inferred from the first layer when not given.
 
     Returns:
-        One :class:`Pair` per BN–activation adjacency, in graph order, plus one
+        One [`Pair`][bnmove.Pair] per BN–activation adjacency, in graph order, plus one
         per BatchNorm with no adjacent activation (``placement=None``).
 
     Example:

@@ -1,9 +1,9 @@
 """Stage 4, *calibrate*: the fits of a conversion made again on data, and how far the result moved.
 
-:class:`Calibrator` plans, for each fitted pair, what the two calibration
-passes of :mod:`bnmove.fitting.sequential` need (the module hook that sees the
+`Calibrator` plans, for each fitted pair, what the two calibration
+passes of `bnmove.fitting.sequential` need (the module hook that sees the
 pair's input, its new BN, the layer to refit after it) and runs the passes on
-the converted model; :func:`calibration_check` measures the converted model
+the converted model; `calibration_check` measures the converted model
 against the original on calibration samples.
 """
 
@@ -52,7 +52,7 @@ class Calibration:
         data_free: without data, ``"gaussian"`` (per channel, from each BN's own running
             statistics; instant) or ``"synthetic"`` (inputs optimised until every BN's batch
             statistics match its running statistics, see
-            :func:`bnmove.fitting.synthetic.synthesize_inputs`, then fitted like data; seconds to
+            [`bnmove.fitting.synthetic.synthesize_inputs`][bnmove.fitting.synthetic.synthesize_inputs], then fitted like data; seconds to
             minutes, far closer to the original; they take the shape of the example inputs).
     """
 
@@ -88,7 +88,7 @@ class SyntheticRequest:
 
 
 class Calibrator:
-    """Calibrated fitting in two passes by module hooks (:mod:`bnmove.fitting.sequential`)."""
+    """Calibrated fitting in two passes by module hooks (`bnmove.fitting.sequential`)."""
 
     def __init__(self, regions: dict[str, Region], refit_next: bool, source: str) -> None:
         self.regions = regions

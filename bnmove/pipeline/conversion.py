@@ -1,11 +1,11 @@
 """``convert``: move every movable BatchNorm to one side of its activation.
 
 The stages, each a function of what the one before returned: *analyse* a copy
-(:mod:`.analyse`: the analysis graph, the sites, each movable pair's
-structure) -> *plan* (:mod:`.plan`: a frozen decision per site) -> *apply*
-(:mod:`.apply`: parameters, then module surgery or a regenerated forward) ->
-*calibrate* (:mod:`.calibration`: fits made again on data) -> *verify*
-(:mod:`bnmove.core.fidelity`) against the original in eval mode. The copy is
+(`analyse`: the analysis graph, the sites, each movable pair's
+structure) -> *plan* (`plan`: a frozen decision per site) -> *apply*
+(`apply`: parameters, then module surgery or a regenerated forward) ->
+*calibrate* (`calibration`: fits made again on data) -> *verify*
+(`bnmove.core.fidelity`) against the original in eval mode. The copy is
 returned: the user's class, attributes, hooks and forward code, with only the
 moved modules changed. The input model is never modified.
 """
@@ -61,7 +61,7 @@ def convert(
         placement: ``"before"`` (BN -> f) or ``"after"`` (f -> BN).
         method: ``"exact"`` keeps eval outputs: the BN is folded into the
             neighbouring Conv/Linear, or where none absorbs it its eval-mode
-            affine map is kept as a :class:`~bnmove.core.affine.ChannelAffine`
+            affine map is kept as a [`ChannelAffine`][bnmove.core.affine.ChannelAffine]
             layer; an identity BN with real statistics goes to the other side.
             Only a BN without running statistics has no exact move.
             ``"fit"`` moves every pair and fits the new BN so the block
@@ -70,7 +70,7 @@ def convert(
             and fit elsewhere (swap only where fitting is impossible).
         example_inputs: inputs for the verification run; inferred from the
             first layer when not given.
-        calibration: where fits get their samples (:class:`Calibration`: your
+        calibration: where fits get their samples ([`Calibration`][bnmove.Calibration]: your
             data, or data-free from Gaussian or synthetic inputs); Gaussian
             data-free fits when not given.
         verify: compare original and converted outputs in eval mode.
@@ -78,14 +78,14 @@ def convert(
             through its stages: analysing, making synthetic inputs, moving pairs,
             calibrating, verifying (``total`` is None where there is nothing to count).
         max_error: when the conversion changes the function (fit, swap), raise
-            :class:`BnmoveError` if its relative output error exceeds this: on
+            [`BnmoveError`][bnmove.BnmoveError] if its relative output error exceeds this: on
             the held-out calibration samples when there are any, else on the
             verification inputs. Without it a large change adds a line to
             ``Conversion.warnings`` that names the pairs that changed it most.
 
     Returns:
-        A :class:`Conversion`; with ``method="exact"`` a deviation above float
-        tolerance raises :class:`VerificationError` instead.
+        A [`Conversion`][bnmove.Conversion]; with ``method="exact"`` a deviation above float
+        tolerance raises [`VerificationError`][bnmove.VerificationError] instead.
 
     Example:
         >>> result = convert(model, "after", method="exact")

@@ -1,6 +1,6 @@
 """Stage 2, *plan*: for every site, what ``convert`` will do to it, decided before anything changes.
 
-A :class:`Decision` names the rule that moves the pair (:mod:`bnmove.rules`)
+A `Decision` names the rule that moves the pair (`bnmove.rules`)
 with what its check found, or says why the pair stays. ``exact`` applies the
 exact rule the analysis settled; ``fit`` the fit for the pair's placement, or
 a swap where no fit is possible (saying why); ``auto`` the exact rule where
@@ -50,7 +50,7 @@ class Decision:
 
 
 def plan(analysis: Analysis, placement: str, method: str) -> list[Decision]:
-    """One :class:`Decision` per site, in graph order; a node moves with one pair at most."""
+    """One `Decision` per site, in graph order; a node moves with one pair at most."""
     check_choice("placement", placement, PLACEMENTS)
     check_choice("method", method, METHODS)
     decisions = []

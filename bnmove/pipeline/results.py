@@ -1,4 +1,4 @@
-"""What a conversion returns: one :class:`Move` per pair, the checks, the converted model."""
+"""What a conversion returns: one [`Move`][bnmove.Move] per pair, the checks, the converted model."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Move:
     #: the kept affine (of an earlier exact move) this pair's BN absorbed by fitting; the pair
     #: itself stays where it is (``fit`` on a converted model)
     absorbed: str | None = None
-    #: the rule that did it (:mod:`bnmove.rules`): "fold-backward", "fold-forward", "keep-affine",
+    #: the rule that did it (`bnmove.rules`): "fold-backward", "fold-forward", "keep-affine",
     #: "fit-after", "fit-before", "swap" or "absorb"; None if nothing was done
     rule: str | None = None
 
@@ -78,7 +78,7 @@ class CalibrationCheck:
 
 @dataclass
 class Conversion:
-    """The converted model, one :class:`Move` per pair, and the verification."""
+    """The converted model, one [`Move`][bnmove.Move] per pair, and the verification."""
 
     model: nn.Module
     placement: str

@@ -54,7 +54,7 @@ def _best_placement(result: ExperimentResult) -> str:
 
 
 def experiment_table(result: ExperimentResult, width: int | None = None) -> Table:
-    """One row per placement; below :data:`WIDE_TABLE` columns a compact form that fits 80."""
+    """One row per placement; below `WIDE_TABLE` columns a compact form that fits 80."""
     compact = width is not None and width < WIDE_TABLE
     table = Table()  # no title: it would wrap to the table's width; print experiment_header above
 

@@ -25,7 +25,7 @@ def _pair_label(bn: str, activation: str | None, kind: str | None) -> str:
 
 
 def pairs_table(pairs: Sequence[Pair], width: int | None = None) -> Table:
-    """One row per BN; below :data:`WIDE_TABLE` columns the compact form (see :func:`conversion_table`),
+    """One row per BN; below `WIDE_TABLE` columns the compact form (see `conversion_table`),
     where ``move`` says how the pair would move: exact, exact+affine, fit (approximate) or no."""
     compact = width is not None and width < WIDE_TABLE
     table = Table(
@@ -132,7 +132,7 @@ def _move_result(move: Move, short: bool) -> str:
 
 
 def conversion_table(conversion: Conversion, width: int | None = None) -> Table:
-    """One row per BN. At ``width`` columns below :data:`WIDE_TABLE` (a terminal's) the
+    """One row per BN. At ``width`` columns below `WIDE_TABLE` (a terminal's) the
     compact form: BN and activation share a cell, ``was`` goes (a moved pair was on the other side;
     a staying one says why in its note) and results are short labels, so the note keeps its room."""
     title = f"Moves to placement '{conversion.placement}'"

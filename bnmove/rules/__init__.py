@@ -13,12 +13,12 @@ rule               moves                                when
 ``split-fused``    a fused norm+act module in two       a torch module computes its activation
 =================  ===================================  =========================================
 
-The analysis settles each movable pair's exact rule once (:func:`settle_exact`):
+The analysis settles each movable pair's exact rule once (`settle_exact`):
 the fold for its placement, else the kept affine; what ``inspect`` shows as
 ``exact``, ``neighbour`` and ``keeps_affine`` is that rule and what its check
-found. The plan (:mod:`bnmove.pipeline.plan`) picks the rule a method asks for,
+found. The plan (`bnmove.pipeline.plan`) picks the rule a method asks for,
 and ``convert`` applies exactly that. Deployment asks the same fold checks
-(:func:`~.fold_backward.backward_fold`, :func:`bnmove.analysis.folds.forward_fold`).
+(`backward_fold`, `bnmove.analysis.folds.forward_fold`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the exact rules share: their precondition (:class:`ExactRule`), and BN′, the identity that
+"""What the exact rules share: their precondition (`ExactRule`), and BN′, the identity that
 holds new statistics.
 
 After an exact move the old BN module stays in place as BN′: in eval mode the

@@ -1,6 +1,6 @@
 """Absorb: the affine layers exact moves keep, removed by fitting: ``method="fit"`` on a converted model.
 
-An exact move keeps a BN's affine map ``A(z) = a·z + b`` as a :class:`ChannelAffine` where no
+An exact move keeps a BN's affine map ``A(z) = a·z + b`` as a [`ChannelAffine`][bnmove.core.affine.ChannelAffine] where no
 neighbour can absorb it: ``X → A → f → BN′`` (BN moved after) or ``BN′ → f → A → N`` (moved
 before). A user who wants no extra layer converts that model again with ``fit``; each such ``A``
 is then absorbed into the BN on the other side of the activation with the least-squares math of
@@ -13,7 +13,7 @@ is then absorbed into the BN on the other side of the activation with the least-
 
 Data-free, ``z`` is Gaussian: for ``A → f → BN′`` the Gaussian whose image under ``f`` has BN′'s
 statistics (mapped back through ``A``), for ``BN′ → f → A`` BN′'s own statistics. With
-calibration data the passes of :mod:`bnmove.fitting.sequential` fit again on real inputs.
+calibration data the passes of `bnmove.fitting.sequential` fit again on real inputs.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """What a rule is: the pairs it matches, a check that applies or refuses with a reason, what it does.
 
 Like onnxscript's rewrite rules: ``match`` is the pattern (a pair at the
-placement the rule moves from), ``check`` returns a :class:`Check` (the rule
+placement the rule moves from), ``check`` returns a `Check` (the rule
 applies, with what it found, or a reason that ``inspect`` shows), and ``apply``
 changes parameters in place on the working copy. The structure that holds a
-move (module slots, regenerated forwards) is :mod:`bnmove.moving.placing`'s,
+move (module slots, regenerated forwards) is `bnmove.moving.placing`'s,
 for every rule alike.
 """
 
@@ -22,7 +22,7 @@ from ..core.affine import ChannelAffine
 
 @dataclass(frozen=True)
 class KeptAffine:
-    """A kept affine next to a pair's activation, on the side away from its BN (see :mod:`.absorb`)."""
+    """A kept affine next to a pair's activation, on the side away from its BN (see `absorb`)."""
 
     node: fx.Node
     name: str  # module name in the region's root
@@ -72,7 +72,7 @@ class Rule(ABC):
     name: ClassVar[str]
     #: the placement a pair has when the rule moves it (None: either)
     moves: ClassVar[Placement | None] = None
-    #: what :attr:`bnmove.Move.method` reports for a pair this rule moved
+    #: what `bnmove.Move.method` reports for a pair this rule moved
     method: ClassVar[str]
     #: the eval-mode function is kept
     exact: ClassVar[bool] = False

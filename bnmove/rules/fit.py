@@ -1,15 +1,15 @@
 """Fit: a pair moves by fitting BN′ so the moved block reproduces the old one.
 
-* :class:`FitAfter`, ``BN → f`` becomes ``f → BN′`` with ``BN′(u) = a′·u + b′``:
+* `FitAfter`, ``BN → f`` becomes ``f → BN′`` with ``BN′(u) = a′·u + b′``:
   linear least squares of ``a′·f(z) + b′`` against ``f(a·z + b)`` per channel.
-* :class:`FitBefore`, ``f → BN`` becomes ``BN′ → f``: ``f(a′·z + b′)`` against
+* `FitBefore`, ``f → BN`` becomes ``BN′ → f``: ``f(a′·z + b′)`` against
   ``a·f(z) + b`` per channel, by Levenberg–Marquardt.
 
 Data-free, ``z`` is Gaussian with the BN's own statistics (``BN → f``), or the
 Gaussian whose image under ``f`` has them (``f → BN``), on Gauss–Hermite nodes
 (docs/design/math.md, "Fitting"). BN′ gets the real moments of its new input as
 running statistics. With calibration data the passes of
-:mod:`bnmove.fitting.sequential` fit again on real inputs. Where no fit is
+`bnmove.fitting.sequential` fit again on real inputs. Where no fit is
 possible the plan swaps the pair instead and says why.
 """
 

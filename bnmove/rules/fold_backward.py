@@ -6,7 +6,7 @@ eval-mode map ``a·z + b`` (``a = γ/√(var+ε)``, ``b = β − a·mean``)::
     L′(x) = a·L(x) + b      W′ = a·W (per output channel),  c′ = a·c + b
 
 so ``f(L′(x)) = f(BN(L(x)))``, and BN′ after ``f`` is the identity in eval mode
-(:mod:`._exact`). The same check says whether deployment's exporter and
+(`_exact`). The same check says whether deployment's exporter and
 onnxruntime fuse a BN into the layer before it.
 """
 

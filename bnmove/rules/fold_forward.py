@@ -2,13 +2,13 @@
 
 ``N`` is every layer the BN feeds (one per branch), each a Linear, an unpadded
 Conv or a pointwise ConvTranspose, reached past links, pooling and flatten
-(:func:`bnmove.analysis.folds.forward_fold`, which deployment's
+(`bnmove.analysis.folds.forward_fold`, which deployment's
 ``--fold-forward`` asks too). With the BN's eval-mode map ``a·u + b``::
 
     N′(u) = N(a·u + b)      W′ = W·a (per input channel),  c′ = c + Σ W·b
 
 BN′ before ``f`` is the identity in eval mode, holding the statistics of the
-Gaussian whose image under ``f`` has the old BN's (:mod:`._exact`).
+Gaussian whose image under ``f`` has the old BN's (`_exact`).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 ``X → BN → f`` becomes ``X → A → f → BN′`` and ``f → BN → Y`` becomes
 ``BN′ → f → A → Y``, with ``A(z) = a·z + b`` the BN's eval-mode map as a
-:class:`~bnmove.core.affine.ChannelAffine` (the same device, dtype and train
-flag) and BN′ the identity in eval mode (:mod:`._exact`). Deployment folds
+[`ChannelAffine`][bnmove.core.affine.ChannelAffine] (the same device, dtype and train
+flag) and BN′ the identity in eval mode (`_exact`). Deployment folds
 ``A`` forward where a layer takes it; ``method="fit"`` on the converted model
-absorbs it (:mod:`.absorb`). The rule applies wherever the BN has running
+absorbs it (`absorb`). The rule applies wherever the BN has running
 statistics: it is what an exact move does when no fold does.
 """
 

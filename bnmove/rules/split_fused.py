@@ -60,7 +60,7 @@ def activation_module(
 
 
 class SplitFused:
-    """The structural rule for fused sites; the placing of the split modules is :mod:`bnmove.moving.placing`'s."""
+    """The structural rule for fused sites; the placing of the split modules is `bnmove.moving.placing`'s."""
 
     name = "split-fused"
 

@@ -9,9 +9,9 @@ A BatchNorm in eval mode is the per-channel map ``A(z) = a·z + b``
   ``W′ = W·a`` per input channel and ``c′ = c + Σ W·b`` over taps and input
   channels (``bn_math.fold_into_following``). Exact for a Linear, an unpadded
   Conv or a pointwise ConvTranspose; whether a site may fold forward is the
-  legality of :func:`bnmove.analysis.folds.forward_fold`.
+  legality of `bnmove.analysis.folds.forward_fold`.
 
-A :class:`~bnmove.core.affine.ChannelAffine` (a map kept by an earlier move)
+A [`ChannelAffine`][bnmove.core.affine.ChannelAffine] (a map kept by an earlier move)
 composes with ``A`` either way: a diagonal times a diagonal. Subclasses take
 their base's fold (looked up along the MRO), so timm's ``Conv2dSame`` folds as a
 ``Conv2d``; ``analysis.layers`` checks such a subclass on a probe first.
@@ -28,7 +28,7 @@ from torch import nn
 
 from ..analysis.layers import AFFINE_LAYERS
 from ..core import bn_math
-from ..core.affine import ChannelAffine, affine_map
+from ..core.affine import ChannelAffine
 
 Direction = Literal["backward", "forward"]
 #: ``fold(layer, a, b) -> (weight', bias')`` in float64
@@ -110,8 +110,3 @@ def fold_map(
     layer = root.get_submodule(layer_name)
     assert isinstance(layer, AFFINE_LAYERS), f"{layer_name} takes no fold"
     _set_weight_bias(layer, *fold_for(layer, direction)(layer, a, b))
-
-
-def fold_module(root: nn.Module, source: str, layer_name: str, direction: Direction) -> None:
-    """Fold the eval-mode map of the BN (or kept affine) at ``source`` into the layer at ``layer_name``."""
-    fold_map(root, *affine_map(root.get_submodule(source)), layer_name, direction)

@@ -1,7 +1,7 @@
 """Activation as a factor of the placement study: the same model with every activation replaced.
 
 The literature's placement tables cross the placement with the activation (BN after Tanh can win
-where BN before ReLU does). :func:`replace_activations` gives the model another activation kind
+where BN before ReLU does). `replace_activations` gives the model another activation kind
 everywhere it has a stateless activation *module* (torch's, a library's or the user's own class,
 recognised by what it computes, as detection does); activations called as functions in forward
 code (``F.relu(x)``) and activations with parameters (``PReLU``) are left as they are and listed,
@@ -54,7 +54,7 @@ def replace_activations(
 ) -> Replacement:
     """A copy of ``model`` with every stateless activation module replaced by ``kind``.
 
-    ``model`` is not modified. Raises :class:`BnmoveError` for an unknown kind or a model with no
+    ``model`` is not modified. Raises [`BnmoveError`][bnmove.BnmoveError] for an unknown kind or a model with no
     activation module to replace.
     """
     factory = ACTIVATIONS.get(kind.lower())

@@ -165,7 +165,7 @@ def _gather(source: Any, where: str) -> Split:
 def from_torch(
     train: Any, val: Any = None, *, val_split: float = 0.2, seed: int = 0, name: str = "torch data"
 ) -> Dataset:
-    """A :class:`Dataset` from a ``torch.utils.data.Dataset`` or ``DataLoader`` of ``(x, y)`` items
+    """A [`Dataset`][bnmove.study.Dataset] from a ``torch.utils.data.Dataset`` or ``DataLoader`` of ``(x, y)`` items
     (and optionally one for validation; else a seeded ``val_split`` is held out).
 
     Map-style datasets are streamed: items are read batch by batch in the order bnmove sets per

@@ -219,7 +219,7 @@ class Streamed:
 @dataclass
 class Dataset:
     """A train and a validation split of inputs and integer class labels, in memory
-    (:class:`Split`) or streamed (:class:`Streamed`)."""
+    (`Split`) or streamed (`Streamed`)."""
 
     train: Split | Streamed
     val: Split | Streamed

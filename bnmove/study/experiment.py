@@ -1,11 +1,11 @@
 """Answer "before or after?" on the user's own model: train every placement the same way.
 
-For each seed, every variant starts from the same point (:func:`bnmove.study.runs.start_model`).
-The training is bnmove's own loop (:mod:`bnmove.study.loop`: same batches, optimiser and
-augmentation for every variant) or the user's (:mod:`bnmove.study.own_training`: a callable or a
-command). Either way the runs are kept as they finish (:mod:`bnmove.study.jobs`), so a study
+For each seed, every variant starts from the same point (`bnmove.study.runs.start_model`).
+The training is bnmove's own loop (`bnmove.study.loop`: same batches, optimiser and
+augmentation for every variant) or the user's (`bnmove.study.own_training`: a callable or a
+command). Either way the runs are kept as they finish (`bnmove.study.jobs`), so a study
 resumes and a re-run trains only what is new, and placements are compared by their paired
-difference per seed (:mod:`bnmove.study.stats`).
+difference per seed (`bnmove.study.stats`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class EpochSummary:
 class ExperimentResult:
     """A finished placement study: every run's metrics (and, with bnmove's loop, every epoch),
     the digests that prove each seed's variants started equal, and the paired differences
-    (:meth:`differences`) the verdicts come from."""
+    (`differences`) the verdicts come from."""
 
     placements: list[str]
     seeds: list[int]
@@ -251,7 +251,7 @@ def experiment(
     Args:
         model: the architecture (and, with ``from_pretrained``, the weights); not modified.
         data: what ``--data`` takes (``"digits"``, an ``.npz``, an image folder, a CIFAR folder:
-            read by :func:`bnmove.study.load_dataset`), a loaded :class:`bnmove.study.Dataset`, or a
+            read by [`bnmove.study.load_dataset`][bnmove.study.load_dataset]), a loaded [`bnmove.study.Dataset`][bnmove.study.Dataset], or a
             ``torch.utils.data.Dataset``/``DataLoader`` of ``(x, y)``, or a
             ``(train, val)`` pair of them (streamed in an order bnmove sets per seed). Optional
             with ``train``: then it only gives example inputs and checks the class count.
@@ -266,7 +266,7 @@ def experiment(
         keep_models: keep the trained models in ``result.models`` (for inspection).
         on_epoch: progress callback ``(variant, seed, epoch, record)`` (bnmove's loop).
         recipe: optimiser, schedule, weight decay, label smoothing, augmentation
-            (:class:`bnmove.study.recipes.Recipe`); default Adam at ``lr``, nothing else.
+            (`bnmove.study.recipes.Recipe`); default Adam at ``lr``, nothing else.
         jobs_dir: keep each finished (placement, seed) run here, and take runs already there
             instead of training them again (an interrupted study resumes, a finished one re-reports,
             new seeds or placements train only what is new); runs made with other settings, model
@@ -286,7 +286,7 @@ def experiment(
             ``train(model, seed, device) -> {"val_accuracy": 0.93, ...}`` that trains and evaluates
             the variant it is given (on ``device``), or a command line with placeholders
             (``"python train.py --model {model} --seed {seed} --out {out}"``, see
-            :mod:`bnmove.study.own_training`; needs ``jobs_dir``). With worker processes
+            `bnmove.study.own_training`; needs ``jobs_dir``). With worker processes
             (``jobs``), a callable must be importable (defined at a module's top level).
         metric: the reported metric the placements are compared on (default ``val_accuracy``).
         higher_is_better: whether a larger ``metric`` is better (False for a loss).
@@ -295,13 +295,13 @@ def experiment(
         on_finish: progress callback ``(variant, seed, metrics)`` when a run ends.
         threads: CPU threads for bnmove's loop, one run at a time on the CPU (default: the faster
             of one thread and every core, measured on a training step; see
-            :mod:`bnmove.study.threads`). Worker processes share the cores instead.
+            `bnmove.study.threads`). Worker processes share the cores instead.
         deterministic: bnmove's loop uses deterministic kernels only, so a re-run on CUDA repeats
-            bit for bit (at a cost in speed; see :func:`bnmove.study.devices.on_device`). On the
+            bit for bit (at a cost in speed; see `bnmove.study.devices.on_device`). On the
             CPU, give ``threads`` too.
 
     Returns:
-        An :class:`ExperimentResult` with per-run metrics (and per-epoch records for bnmove's loop),
+        An [`ExperimentResult`][bnmove.ExperimentResult] with per-run metrics (and per-epoch records for bnmove's loop),
         paired differences and digests; runs are listed by seed and placement whatever order they
         finished in.
     """

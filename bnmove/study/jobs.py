@@ -1,7 +1,7 @@
 """A study's finished runs, one JSON file each, so a study resumes and a re-run never redoes work.
 
 Each (placement, seed) run is kept as ``<jobs>/<placement>-seed<seed>.json`` with the settings its
-numbers depend on (:class:`Settings`), hashed into a fingerprint. A run is taken back only when its
+numbers depend on (`Settings`), hashed into a fingerprint. A run is taken back only when its
 fingerprint matches; otherwise the study is refused with what changed. The placements and seeds
 of a study are not settings: each run depends only on its own placement and seed, so adding a
 seed, a placement or an activation runs only the new cells.

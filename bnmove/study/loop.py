@@ -35,7 +35,7 @@ class Precision:
 
     autocast: torch.dtype | None = None
     channels_last: bool = False
-    #: deterministic kernels only, for bitwise re-runs on CUDA (:func:`bnmove.study.devices.on_device`)
+    #: deterministic kernels only, for bitwise re-runs on CUDA (`bnmove.study.devices.on_device`)
     deterministic: bool = False
 
     @staticmethod

@@ -1,7 +1,7 @@
 """One run of a study, whoever trains it: its identity, its starting model, its progress events.
 
 Every variant of a seed starts from the same point: by default one random initialisation
-(:func:`reinitialize`), converted with ``swap`` (which keeps every parameter, so the variants
+(`reinitialize`), converted with ``swap`` (which keeps every parameter, so the variants
 differ only in where BN sits); with ``from_pretrained`` the trained weights, converted with
 ``auto`` (exact where possible) for fine-tuning.
 """

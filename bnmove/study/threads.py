@@ -34,7 +34,7 @@ def choose_threads(
     busy: Callable[[], float | None] = busy_cores,
 ) -> ThreadChoice:
     """One thread on busy cores, else the faster of one thread and ``cores`` on ``step``, timed
-    ``repeats`` times each, interleaved (:func:`bnmove.core.threads.choose_count`)."""
+    ``repeats`` times each, interleaved (`bnmove.core.threads.choose_count`)."""
 
     def at(count: int) -> Callable[[], object]:
         def run() -> object:
@@ -60,7 +60,7 @@ def threads_set(count: int) -> Iterator[None]:
 
 def training_step(model: nn.Module, data: Dataset, batch_size: int) -> Callable[[], object]:
     """One forward and backward of a copy of ``model`` on the first training batch: what the loop
-    repeats, for :func:`choose_threads` to time."""
+    repeats, for `choose_threads` to time."""
     probe = clone_module(model).train()
     first = data.train.batches(batch_size, torch.device("cpu"), train=False)
     x, y = next(iter(first(torch.arange(min(batch_size, len(data.train))))))
