@@ -18,6 +18,7 @@ import importlib.metadata
 
 from . import sample_models
 from .analysis.detect import Pair
+from .core.progress import Stage
 from .deploy.export import ExportOptions, export_variants
 from .deploy.runtime import Comparison, compare
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
@@ -44,6 +45,7 @@ __all__ = [
     "ModelRunError",
     "Move",
     "Pair",
+    "Stage",
     "VerificationError",
     "__version__",
     "compare",

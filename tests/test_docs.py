@@ -82,7 +82,9 @@ def test_every_public_name_is_in_the_api_reference_with_a_docstring() -> None:
     page = (ROOT / "docs/reference/api.md").read_text()
     package = griffe.load("bnmove", search_paths=[str(ROOT)])
     public = [f"bnmove.{n}" for n in bnmove.__all__ if n not in ("__version__", "sample_models")]
-    assert 15 <= len(public) <= 20  # a small top level; the rest lives in namespaces
+    assert (
+        15 <= len(public) <= 22
+    )  # a small top level (what the main calls take: ExportOptions, Stage); the rest lives in namespaces
     public += [f"bnmove.deploy.{n}" for n in bnmove.deploy.__all__ if n not in bnmove.__all__]
     public += [f"bnmove.study.{n}" for n in bnmove.study.__all__ if n not in bnmove.__all__]
     documented = re.findall(r"^::: (\S+)$", page, flags=re.M)

@@ -14,6 +14,7 @@ from torch import nn
 
 import bnmove
 from bnmove.cli import main
+from bnmove.study import EpochRecord
 from bnmove.study.data import Dataset, Split, load_dataset
 from bnmove.study.experiment import experiment, weights_digest
 
@@ -282,14 +283,16 @@ def test_an_interrupted_study_resumes_without_repeating_finished_runs(tmp_path: 
     data, jobs = _blobs(), tmp_path / "jobs"
     trained: list[tuple[str, int, int]] = []
 
-    def stop_at_the_second_run(variant: str, seed: int, epoch: int, record: object) -> None:
-        trained.append((variant, seed, epoch))
-        if (variant, seed) == ("after", 0):
+    def stop_at_the_second_run(event: object) -> None:
+        if not isinstance(event, EpochRecord):
+            return
+        trained.append((event.variant, event.seed, event.epoch))
+        if (event.variant, event.seed) == ("after", 0):
             raise KeyboardInterrupt  # Ctrl-C during the second run
 
     with pytest.raises(KeyboardInterrupt):
         experiment(
-            Tiny(), data, epochs=2, seeds=2, batch_size=16, jobs_dir=jobs, on_epoch=stop_at_the_second_run
+            Tiny(), data, epochs=2, seeds=2, batch_size=16, jobs_dir=jobs, on_progress=stop_at_the_second_run
         )
     assert sorted(p.name for p in jobs.iterdir()) == ["before-seed0.json"]
     trained.clear()
@@ -300,7 +303,9 @@ def test_an_interrupted_study_resumes_without_repeating_finished_runs(tmp_path: 
         seeds=2,
         batch_size=16,
         jobs_dir=jobs,
-        on_epoch=lambda *a: trained.append(a[:3]),
+        on_progress=lambda e: (
+            trained.append((e.variant, e.seed, e.epoch)) if isinstance(e, EpochRecord) else None
+        ),
     )
     assert ("before", 0, 1) not in trained and len(trained) == 3 * 2  # three runs of two epochs
     fresh = experiment(Tiny(), data, epochs=2, seeds=2, batch_size=16)

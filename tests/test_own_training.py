@@ -26,7 +26,7 @@ import bnmove
 from bnmove.cli import main
 from bnmove.io.loading import load_model
 from bnmove.report import experiment_table
-from bnmove.study import runner
+from bnmove.study import RunStarted, runner
 from bnmove.study.data import Dataset, Split
 from bnmove.study.experiment import experiment
 from bnmove.study.runs import weights_digest
@@ -189,13 +189,13 @@ def test_an_interrupted_command_study_resumes_without_repeating_runs(tmp_path: P
     model = torch.load(base[1], weights_only=False)
     command, jobs = base[base.index("--run") + 1], tmp_path / "jobs"
 
-    def stop_at_the_third(variant: str, seed: int, device: str) -> None:
-        if (variant, seed) == ("before", 1):
+    def stop_at_the_third(event: object) -> None:
+        if isinstance(event, RunStarted) and (event.variant, event.seed) == ("before", 1):
             raise KeyboardInterrupt  # Ctrl-C as the third run starts
 
     with pytest.raises(KeyboardInterrupt):
         experiment(
-            model, None, seeds=2, train=command, metric="score", jobs_dir=jobs, on_start=stop_at_the_third
+            model, None, seeds=2, train=command, metric="score", jobs_dir=jobs, on_progress=stop_at_the_third
         )
     assert sorted(p.name for p in jobs.glob("*.json")) == ["after-seed0.json", "before-seed0.json"]
     resumed = experiment(model, None, seeds=2, train=command, metric="score", jobs_dir=jobs)

@@ -50,7 +50,11 @@ def test_progress_names_each_stage() -> None:
     model, inputs = build("resnet")
     seen: list[tuple[str, int, int | None]] = []
     bnmove.convert(
-        model, "after", method="auto", example_inputs=inputs, on_progress=lambda *a: seen.append(a)
+        model,
+        "after",
+        method="auto",
+        example_inputs=inputs,
+        on_progress=lambda s: seen.append((s.what, s.done, s.total)),
     )
     stages = list(dict.fromkeys(what for what, _, _ in seen))
     assert stages == ["analysing the model", "moving pairs", "verifying"]
@@ -65,7 +69,7 @@ def test_progress_names_each_stage() -> None:
         method="fit",
         calibration=bnmove.Calibration(data),
         example_inputs=inputs,
-        on_progress=lambda *a: seen.append(a),
+        on_progress=lambda s: seen.append((s.what, s.done, s.total)),
     )
     stages = list(dict.fromkeys(what for what, _, _ in seen))
     assert stages == [

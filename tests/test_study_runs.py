@@ -16,6 +16,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 import bnmove
 from bnmove.cli import main
+from bnmove.study import EpochRecord, RunFinished, RunStarted
 from bnmove.study.data import Dataset, Split, Streamed, load_dataset
 from bnmove.study.experiment import ExperimentResult, experiment
 
@@ -69,8 +70,13 @@ def test_jobs_in_worker_processes_train_the_same_runs() -> None:
         batch_size=16,
         devices=["cpu"],
         jobs=2,
-        on_start=lambda *a: started.append(a),
-        on_epoch=lambda *a: epochs.append(a[:3]),
+        on_progress=lambda e: (
+            started.append((e.variant, e.seed, e.device))
+            if isinstance(e, RunStarted)
+            else epochs.append((e.variant, e.seed, e.epoch))
+            if isinstance(e, EpochRecord)
+            else None
+        ),
         keep_models=True,
     )
     _same_runs(serial, parallel, 1e-3)
@@ -98,22 +104,22 @@ def test_an_interrupted_parallel_study_resumes(tmp_path: Path) -> None:
     data, jobs = _images(), tmp_path / "jobs"
     stop = threading.Event()
 
-    def interrupt_once_a_run_is_kept(variant: str, seed: int, epoch: int, record: object) -> None:
-        if any(jobs.glob("*.json")):
+    def interrupt_once_a_run_is_kept(event: object) -> None:
+        if isinstance(event, EpochRecord) and any(jobs.glob("*.json")):
             stop.set()
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         experiment(
             Net(), data, epochs=3, seeds=3, batch_size=16, jobs=2, devices=["cpu"],
-            jobs_dir=jobs, on_epoch=interrupt_once_a_run_is_kept,
+            jobs_dir=jobs, on_progress=interrupt_once_a_run_is_kept,
         )  # fmt: skip
     kept = {p.stem for p in jobs.glob("*.json")}
     assert stop.is_set() and 1 <= len(kept) < 6
     started: list[str] = []
     resumed = experiment(
         Net(), data, epochs=3, seeds=3, batch_size=16, jobs=2, devices=["cpu"], jobs_dir=jobs,
-        on_start=lambda v, s, d: started.append(f"{v}-seed{s}"),
+        on_progress=lambda e: started.append(f"{e.variant}-seed{e.seed}") if isinstance(e, RunStarted) else None,
     )  # fmt: skip
     assert not kept & set(started) and len(kept) + len(started) == 6  # nothing kept is trained again
     assert len(resumed.records) == 6 * 3
@@ -142,7 +148,7 @@ def test_ray_backend_runs_the_same_study() -> None:
         started: list[tuple[str, int, str]] = []
         on_ray = experiment(
             Net(), data, epochs=2, seeds=2, batch_size=16, devices=["cpu"], jobs=2, backend="ray",
-            on_start=lambda *a: started.append(a),
+            on_progress=lambda e: started.append(e) if isinstance(e, RunStarted) else None,
         )  # fmt: skip
     finally:
         ray.shutdown()
@@ -291,19 +297,19 @@ def test_progress_has_a_bar_per_running_job() -> None:
     from bnmove.study.experiment import EpochRecord
 
     progress = _StudyProgress(False, total=4, epochs=2)
-    progress.on_start("before", 0, "cpu")
-    progress.on_start("after", 0, "cpu")
+    progress.on_progress(RunStarted("before", 0, "cpu"))
+    progress.on_progress(RunStarted("after", 0, "cpu"))
     assert len(progress.progress.tasks) == 3  # the study and two running jobs
     record = EpochRecord("before", 0, 1, 0.5, 0.5, 0.9, 0.1)
-    progress.on_epoch("before", 0, 1, record)
-    progress.on_epoch("before", 0, 2, record)
-    progress.on_finish("before", 0, {"val_accuracy": 0.9})  # it finished: its bar goes
+    progress.on_progress(record)
+    progress.on_progress(EpochRecord("before", 0, 2, 0.5, 0.5, 0.9, 0.1))
+    progress.on_progress(RunFinished("before", 0, {"val_accuracy": 0.9}))  # it finished: its bar goes
     study = progress.progress.tasks[0]
     assert study.completed == 2 and [t.description.strip() for t in progress.progress.tasks[1:]] == [
         "after seed 0 on cpu"
     ]
     # your own training: the study counts runs, a finished run advances it by one
     runs = _StudyProgress(False, total=2, epochs=0)
-    runs.on_start("after", 1, "cpu")
-    runs.on_finish("after", 1, {"val_acc": 0.5})
+    runs.on_progress(RunStarted("after", 1, "cpu"))
+    runs.on_progress(RunFinished("after", 1, {"val_acc": 0.5}))
     assert runs.progress.tasks[0].completed == 1 and len(runs.progress.tasks) == 1

@@ -82,7 +82,7 @@ def test_synthetic_inputs_report_progress() -> None:
         samples=5,
         batch_size=2,
         steps=3,
-        on_step=lambda *a: calls.append(a),
+        on_progress=lambda stage: calls.append((stage.done, stage.total)),
     )
     assert calls == [(i, 9) for i in range(1, 10)]  # 3 batches of 3 steps
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bnmove
+from bnmove.study import EpochRecord
 from bnmove.study.data import load_dataset
 from bnmove.study.experiment import experiment
 from bnmove.study.threads import choose_threads
@@ -76,7 +77,7 @@ def test_the_study_uses_the_threads_given_and_restores_the_count() -> None:
         seeds=1,
         device="cpu",
         threads=1,
-        on_epoch=lambda *a: seen.append(torch.get_num_threads()),
+        on_progress=lambda e: seen.append(torch.get_num_threads()) if isinstance(e, EpochRecord) else None,
     )
     assert seen == [1, 1] and torch.get_num_threads() == before
     assert "threads: 1 thread, as given" in result.notes

@@ -30,6 +30,7 @@ from rich.progress import (
 
 from ..analysis.inputs import infer_example_inputs
 from ..core.atomic import check_output_folder
+from ..core.progress import Stage
 from ..core.running import eval_mode, inputs_from_shapes, run_model
 from ..errors import BnmoveError, ModelRunError
 from ..io.loading import LoadedModel, load_model, parse_arch_args
@@ -186,19 +187,26 @@ class ModelArgs:
         return self.path.stem
 
 
-def calibration_options(data_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--calibration-data`` (as ``calibration_path``) and ``--calibration-samples``, for commands that fit."""
+def calibration_options(
+    data_help: str, *, required: bool = False, samples: int | None = 256
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--calibration-data`` (as ``calibration_path``) and ``--calibration-samples``, for every
+    command that reads calibration data; ``samples``: the default count (None: all)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn = click.option(
             "--calibration-samples",
-            default=256,
-            show_default=True,
+            default=samples,
+            show_default=samples is not None,
             type=click.IntRange(1),
-            help="Use at most this many calibration samples.",
+            help="Use at most this many calibration samples" + ("." if samples else " [default: all]."),
         )(fn)
         return click.option(
-            "--calibration-data", "calibration_path", type=click.Path(path_type=Path), help=data_help
+            "--calibration-data",
+            "calibration_path",
+            required=required,
+            type=click.Path(path_type=Path),
+            help=data_help,
         )(fn)
 
     return decorate
@@ -325,7 +333,7 @@ quiet_option = click.option(
 )
 
 
-def _progress(quiet: bool) -> Progress:
+def _progress(quiet: bool) -> _StageProgress:
     """The progress every long command shows on stderr: on a terminal, a live bar (what, bar,
     done/total, time, time left); elsewhere (a log file, CI, ``| tee``), one plain line per stage;
     with ``quiet`` (``--quiet``, ``--json``), nothing."""
@@ -365,6 +373,15 @@ class _StageProgress(Progress):
     def update(self, task_id: TaskID, **options: Any) -> None:
         super().update(task_id, **options)
         self._say(task_id)
+
+    def follow(self, task_id: TaskID) -> Callable[[Any], None]:
+        """An ``on_progress`` for the library's calls: each [`Stage`][bnmove.Stage] shown on the task."""
+
+        def show(event: Any) -> None:
+            if isinstance(event, Stage):
+                self.update(task_id, description=event.what, completed=event.done or 0, total=event.total)
+
+        return show
 
     def _say(self, task_id: TaskID) -> None:
         if not self.plain:

@@ -154,10 +154,6 @@ def export_command(
     inputs = model.inputs(loaded, calibration, calibration_path)
     with _progress(as_json or quiet) as progress:
         task = progress.add_task("exporting", total=len(variants))
-
-        def advance(variant: str) -> None:
-            progress.update(task, description=f"exporting {variant}", completed=variants.index(variant))
-
         paths = export_variants(
             loaded.module,
             inputs,
@@ -174,7 +170,7 @@ def export_command(
             stem=model.stem,
             force=force,
             max_error=max_error,
-            on_variant=advance,
+            on_progress=progress.follow(task),
         )
         progress.update(task, completed=len(variants))
     manifest = read_manifest(out_dir) or {}
@@ -316,10 +312,6 @@ def compare_command(
         click.echo(f"bnmove: note: {note}", err=True)
     with _progress(as_json or quiet) as progress:
         task = progress.add_task("comparing", total=None)
-
-        def step(text: str) -> None:
-            progress.update(task, description=text)
-
         result = compare(
             list(paths),
             provider=provider,
@@ -327,7 +319,7 @@ def compare_command(
             warmup=warmup,
             iterations=None if seconds is not None else (iterations or 50),
             seconds=seconds,
-            on_step=step,
+            on_progress=progress.follow(task),
             data=data,
             data_samples=data_samples,
             cache_dir=cache_dir,

@@ -183,17 +183,13 @@ def convert_command(
         )
     with _progress(as_json or quiet) as progress:
         task = progress.add_task("converting", total=None)
-
-        def on_progress(what: str, done: int, total: int | None) -> None:
-            progress.update(task, description=what, completed=done, total=total)
-
         result = convert(
             loaded.module,
             placement,
             method=method,
             example_inputs=inputs,
             calibration=Calibration(calibration, calibration_samples, not no_refit, data_free),
-            on_progress=on_progress,
+            on_progress=progress.follow(task),
             max_error=max_error,
         )
     for warning in result.warnings:
@@ -244,15 +240,8 @@ Example:
   bnmove recalibrate tuned.pt --allow-pickle --calibration-data train.npy""",
 )
 @model_options
-@click.option(
-    "--calibration-data",
-    "calibration_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help=".pt/.pth tensors (loaded weights-only), .npy, .npz, or a folder of them.",
-)
-@click.option(
-    "--calibration-samples", type=click.IntRange(1), help="Use at most this many samples (default: all)."
+@calibration_options(
+    ".pt/.pth tensors (loaded weights-only), .npy, .npz, or a folder of them.", required=True, samples=None
 )
 @click.option(
     "-o",
@@ -283,7 +272,7 @@ def recalibrate_command(
     model.inputs(loaded, batches, calibration_path)  # data the model rejects: one line naming it, first
     with _progress(as_json or quiet) as progress:
         task = progress.add_task("recalibrating", total=len(batches))
-        recalibrated = recalibrate(loaded.module, batches, on_batch=lambda: progress.advance(task))
+        recalibrated = recalibrate(loaded.module, batches, on_progress=progress.follow(task))
     save_module(recalibrated, output)
     bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in recalibrated.modules())
     samples = sum(len(b[0]) for b in batches)

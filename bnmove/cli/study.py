@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -27,6 +28,7 @@ from ..study.data import load_dataset
 from ..study.experiment import EpochRecord, experiment
 from ..study.jobs import finished_runs
 from ..study.recipes import RECIPES, Recipe
+from ..study.runs import RunFinished, RunStarted
 from ._common import (
     ModelArgs,
     _check_outputs,
@@ -58,28 +60,33 @@ class _StudyProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
-    def on_start(self, variant: str, seed: int, device: str) -> None:
-        name = f"  {self.prefix}{variant} seed {seed} on {device}"
-        self.running[(variant, seed)] = self.progress.add_task(name, total=self.epochs or None)
-
-    def on_epoch(self, variant: str, seed: int, epoch: int, record: EpochRecord) -> None:
-        self.progress.update(
-            self.study,
-            advance=1,
-            description=f"study: {self.prefix}{variant} seed {seed} epoch {epoch}: val acc {record.val_accuracy:.1%}",
-        )
-        task = self.running.get((variant, seed))
-        if task is not None:
-            self.progress.update(task, advance=1)
-
-    def on_finish(self, variant: str, seed: int, metrics: dict[str, float]) -> None:
-        if not self.epochs:
-            self.progress.update(
-                self.study, advance=1, description=f"study: {self.prefix}{variant} seed {seed} done"
+    def on_progress(self, event: Any) -> None:
+        """The study's events (a run started, an epoch ended, a run finished), as bars."""
+        if isinstance(event, RunStarted):
+            name = f"  {self.prefix}{event.variant} seed {event.seed} on {event.device}"
+            self.running[(event.variant, event.seed)] = self.progress.add_task(
+                name, total=self.epochs or None
             )
-        task = self.running.pop((variant, seed), None)
-        if task is not None:
-            self.progress.remove_task(task)
+        elif isinstance(event, EpochRecord):
+            self.progress.update(
+                self.study,
+                advance=1,
+                description=f"study: {self.prefix}{event.variant} seed {event.seed} epoch {event.epoch}: "
+                f"val acc {event.val_accuracy:.1%}",
+            )
+            task = self.running.get((event.variant, event.seed))
+            if task is not None:
+                self.progress.update(task, advance=1)
+        elif isinstance(event, RunFinished):
+            if not self.epochs:
+                self.progress.update(
+                    self.study,
+                    advance=1,
+                    description=f"study: {self.prefix}{event.variant} seed {event.seed} done",
+                )
+            task = self.running.pop((event.variant, event.seed), None)
+            if task is not None:
+                self.progress.remove_task(task)
 
 
 @main.command(
@@ -386,9 +393,7 @@ def experiment_command(
                 amp=amp,
                 channels_last=channels_last,
                 deterministic=deterministic,
-                on_epoch=progress.on_epoch,
-                on_start=progress.on_start,
-                on_finish=progress.on_finish,
+                on_progress=progress.on_progress,
                 jobs_dir=job_dirs[kind],
                 precise_bn=precise_bn,
                 train=command,

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.atomic import check_output_folder
 from ..core.clone import clone_module
+from ..core.progress import OnProgress, Stage
 from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches
 from ..pipeline.calibration import Calibration
@@ -130,7 +131,7 @@ def export_variants(
     stem: str = "model",
     force: bool = False,
     max_error: float | None = None,
-    on_variant: Callable[[str], None] | None = None,
+    on_progress: OnProgress | None = None,
 ) -> dict[str, Path]:
     """Export each placement variant of ``model`` to ``out_dir/<stem>.<variant>.onnx``.
 
@@ -145,7 +146,8 @@ def export_variants(
             the manifest (INT8 variants are calibrated on it too).
         options: folds, quantization, opset, batch and tolerance ([`ExportOptions`][bnmove.deploy.ExportOptions]).
         max_error: the bound on a fitted variant's relative error, as for [`bnmove.convert`][bnmove.convert].
-        on_variant: called with each variant's name before it is exported (progress).
+        on_progress: given a [`Stage`][bnmove.Stage] before each variant is exported
+            ("exporting after", variants done, variants in all).
 
     Returns:
         ``{variant: path}`` (with ``quantize``, also ``{"<variant>.int8": path}``);
@@ -192,7 +194,7 @@ def export_variants(
             options.static_batch,
             None if options.fold == "none" else options.fold,
             options.tolerance,
-            on_variant,
+            on_progress,
             quantization,
         )
     except BaseException:
@@ -212,7 +214,7 @@ def _export_into(
     static_batch: bool,
     folding_mode: str | None,
     tolerance: float,
-    on_variant: Callable[[str], None] | None,
+    on_progress: OnProgress | None,
     quantization: QuantizationSamples | None = None,
 ) -> dict[str, Path]:
     import onnx
@@ -221,8 +223,8 @@ def _export_into(
     with tempfile.TemporaryDirectory(prefix=".bnmove-export-", dir=out) as tmp:
         staged: dict[str, Path] = {}
         for variant in placements:
-            if on_variant is not None:
-                on_variant(variant)
+            if on_progress is not None:
+                on_progress(Stage(f"exporting {variant}", len(entries), len(placements)))
             variant_model, entry = _variant_model(model, variant, inputs, conversion)
             path = Path(tmp) / targets[variant].name
             write = _Writer(inputs, opset, static_batch, tolerance, variant)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..core.fidelity import ONNX_TOLERANCE, difference
+from ..core.progress import OnProgress, Stage, ignore
 from ..core.threads import ThreadChoice, available_cores, choose_count
 from ..errors import BnmoveError
 from .accuracy import Accuracy, labelled_batches
@@ -300,7 +301,7 @@ def compare(
     iterations: int | None = 50,
     seconds: float | None = None,
     reference: str | None = None,
-    on_step: Any = None,
+    on_progress: OnProgress | None = None,
     data: Any = None,
     data_samples: int | None = None,
     cache_dir: str | Path | None = None,
@@ -320,7 +321,8 @@ def compare(
         iterations: timed rounds per batch size (each round runs every variant once).
         seconds: instead of ``iterations``, time rounds for this long per batch size.
         reference: the variant ratios and deviations refer to (default ``original``, else the first).
-        on_step: called with a short description before each step (progress).
+        on_progress: given a [`Stage`][bnmove.Stage] before each step ("loading after",
+            "comparing outputs", "timing batch 8").
         data: labelled data to measure every variant's top-1 accuracy on: what ``--data``
             takes (``"digits"``, an ``.npz`` with ``x`` and ``y``, an image folder, a CIFAR
             folder; its validation split), a [`bnmove.study.Dataset`][bnmove.study.Dataset], or an ``(x, y)`` pair.
@@ -360,7 +362,11 @@ def compare(
     ref = reference or ("original" if "original" in named else next(iter(named)))
     if ref not in named:
         raise BnmoveError(f"reference variant {ref!r} is not among {', '.join(named)}")
-    step = on_step or (lambda _text: None)
+    report = on_progress or ignore
+
+    def step(what: str) -> None:
+        report(Stage(what))
+
     if data_samples is not None and data_samples < 1:
         raise BnmoveError("data samples must be at least 1")
     if threads is not None and threads < 1:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.clone import clone_module
+from ..core.progress import OnProgress, Stage
 from ..core.running import eval_mode
 from ..errors import BnmoveError, ModelRunError
 
@@ -322,7 +323,7 @@ def refit_layer(
 
 
 def recalibrate(
-    model: nn.Module, data: Any, *, samples: int | None = None, on_batch: Callable[[], None] | None = None
+    model: nn.Module, data: Any, *, samples: int | None = None, on_progress: OnProgress | None = None
 ) -> nn.Module:
     """A copy of ``model`` whose BatchNorms hold exact averages of their inputs over ``data``.
 
@@ -331,19 +332,23 @@ def recalibrate(
     BN's running mean and (unbiased) variance become the exact mean and variance
     of everything it saw, weighting every sample equally whatever the batch sizes.
     Use it after fine-tuning: the running averages training leaves lag behind
-    weights that moved fast, most of all just after a conversion.
+    weights that moved fast, most of all just after a conversion. ``on_progress`` is given a
+    [`Stage`][bnmove.Stage] after each batch ("recalibrating", batches done, batches in all).
     """
     work = clone_module(model)
     batches = calibration_batches(data, samples=samples or 10**12)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    done = 0
 
     def run(batch: Batch) -> None:
+        nonlocal done
         try:
             call_model(work, tuple(t.to(device) for t in batch))
         except Exception as exc:
             raise ModelRunError(f"the model failed on the data: {type(exc).__name__}: {exc}") from exc
-        if on_batch is not None:
-            on_batch()
+        done += 1
+        if on_progress is not None:
+            on_progress(Stage("recalibrating", done, len(batches)))
 
     precise_statistics(work, batches, run)
     return work

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..analysis.inputs import infer_example_inputs
 from ..analysis.patterns import is_batchnorm_module
+from ..core.progress import OnProgress, Stage
 from ..core.running import eval_mode
 from ..errors import BnmoveError, ModelRunError
 
@@ -56,7 +57,7 @@ def synthesize_inputs(
     batch_size: int = 64,
     lr: float = 0.2,
     seed: int = 0,
-    on_step: Callable[[int, int], None] | None = None,
+    on_progress: OnProgress | None = None,
 ) -> torch.Tensor:
     """``samples`` inputs whose statistics at every BatchNorm match its running statistics.
 
@@ -70,7 +71,8 @@ def synthesize_inputs(
         samples: how many inputs to make, in batches of ``batch_size``.
         steps: Adam steps per batch (cosine-decayed learning rate ``lr``).
         seed: seed of the starting noise; the result is deterministic on CPU.
-        on_step: called with ``(done, total)`` after every step (progress bars).
+        on_progress: given a [`Stage`][bnmove.Stage] after every step ("making synthetic inputs",
+            steps done, steps in all).
 
     Returns:
         A ``(samples, *input_shape)`` tensor, usable as calibration data (``Calibration(x)``).
@@ -129,8 +131,8 @@ def synthesize_inputs(
                     x.grad = grad
                     optimizer.step()
                     done += 1
-                    if on_step is not None:
-                        on_step(done, total)
+                    if on_progress is not None:
+                        on_progress(Stage("making synthetic inputs", done, total))
                 log.info("synthetic batch of %d: BN statistics loss %.4g", size, float(loss))
                 made.append(x.detach().to(dtype))
     finally:

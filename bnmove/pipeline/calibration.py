@@ -82,7 +82,7 @@ class SyntheticRequest:
             model,
             inputs,
             samples=self.samples,
-            on_step=lambda done, total: progress("making synthetic inputs", done, total),
+            on_progress=lambda stage: progress(stage.what, stage.done or 0, stage.total),
         )
         return [(x,)]
 

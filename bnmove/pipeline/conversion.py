@@ -25,6 +25,7 @@ from ..analysis.inputs import infer_example_inputs
 from ..core.clone import clone_module
 from ..core.fidelity import Deviation, compare_models, tolerance_for
 from ..core.gc_pause import paused_gc
+from ..core.progress import OnProgress, Stage
 from ..core.running import double_inputs
 from ..errors import BnmoveError, VerificationError
 from ..fitting.calibrate import (
@@ -43,6 +44,11 @@ from .results import Conversion, Move, Progress, silent
 log = logging.getLogger(__name__)
 
 
+def _stages(on_progress: OnProgress) -> Progress:
+    """The stages' ``(what, done, total)`` calls as the [`Stage`][bnmove.Stage] events callers get."""
+    return lambda what, done, total: on_progress(Stage(what, done, total))
+
+
 def convert(
     model: nn.Module,
     placement: str,
@@ -51,7 +57,7 @@ def convert(
     example_inputs: Sequence[torch.Tensor] | None = None,
     calibration: Calibration | None = None,
     verify: bool = True,
-    on_progress: Progress | None = None,
+    on_progress: OnProgress | None = None,
     max_error: float | None = None,
 ) -> Conversion:
     """Move every movable BatchNorm ``placement`` (``"before"``/``"after"``) its activation.
@@ -74,9 +80,9 @@ def convert(
             data, or data-free from Gaussian or synthetic inputs); Gaussian
             data-free fits when not given.
         verify: compare original and converted outputs in eval mode.
-        on_progress: called with ``(what, done, total)`` as the conversion goes
-            through its stages: analysing, making synthetic inputs, moving pairs,
-            calibrating, verifying (``total`` is None where there is nothing to count).
+        on_progress: given a [`Stage`][bnmove.Stage] as the conversion goes through its
+            stages: analysing, making synthetic inputs, moving pairs, calibrating, verifying
+            (``total`` is None where there is nothing to count).
         max_error: when the conversion changes the function (fit, swap), raise
             [`BnmoveError`][bnmove.BnmoveError] if its relative output error exceeds this: on
             the held-out calibration samples when there are any, else on the
@@ -107,7 +113,7 @@ def convert(
             batches,
             calibration.refit_next,
             synthetic,
-            on_progress or silent,
+            _stages(on_progress) if on_progress is not None else silent,
         )
     _judge_fidelity(result, max_error)
     return result

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..analysis.inputs import infer_example_inputs
 from ..core.clone import clone_module
+from ..core.progress import OnProgress, ignore
 from ..core.threads import available_cores
 from ..errors import BnmoveError
 from .checks import _data_digest, _model_digest, match_classes
@@ -33,7 +34,7 @@ from .loop import LoopPlan, Precision, train_run
 from .own_training import Command, Trainer, UserPlan, user_run
 from .recipes import Recipe
 from .runner import execute
-from .runs import VARIANTS, Run, RunFinished, RunStarted, weights_digest
+from .runs import VARIANTS, Run, weights_digest
 from .stats import ACCURACY, Metric, PairedDifference, at_chance, chance_level, mean_std, paired_difference
 from .threads import ThreadChoice, choose_threads, threads_set, training_step
 
@@ -228,7 +229,6 @@ def experiment(
     from_pretrained: bool = False,
     device: str | None = None,
     keep_models: bool = False,
-    on_epoch: Callable[[str, int, int, EpochRecord], None] | None = None,
     recipe: Recipe | None = None,
     jobs_dir: Path | None = None,
     jobs: int | None = None,
@@ -236,15 +236,14 @@ def experiment(
     backend: str = "local",
     amp: bool | None = None,
     channels_last: bool | None = None,
-    on_start: Callable[[str, int, str], None] | None = None,
     precise_bn: int = 0,
     train: Trainer | str | None = None,
     metric: str | None = None,
     higher_is_better: bool = True,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
-    on_finish: Callable[[str, int, dict[str, float]], None] | None = None,
     threads: int | None = None,
     deterministic: bool = False,
+    on_progress: OnProgress | None = None,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and compare them.
 
@@ -264,7 +263,6 @@ def experiment(
             instead of a fresh initialisation (converted with ``swap``).
         device: ``"cuda"`` when available unless given (or ``devices``).
         keep_models: keep the trained models in ``result.models`` (for inspection).
-        on_epoch: progress callback ``(variant, seed, epoch, record)`` (bnmove's loop).
         recipe: optimiser, schedule, weight decay, label smoothing, augmentation
             (`bnmove.study.recipes.Recipe`); default Adam at ``lr``, nothing else.
         jobs_dir: keep each finished (placement, seed) run here, and take runs already there
@@ -278,7 +276,6 @@ def experiment(
             connects to; ``RAY_ADDRESS`` names one).
         amp: mixed precision; default on for CUDA.
         channels_last: the channels-last memory layout; default on for CUDA.
-        on_start: progress callback ``(variant, seed, device)`` when a run begins.
         precise_bn: before each evaluation, recompute every BN's statistics exactly on this many
             training samples ("precise BN") instead of using the running averages, which lag
             behind fast-moving weights, most of all right after a conversion; 0: off.
@@ -292,13 +289,15 @@ def experiment(
         higher_is_better: whether a larger ``metric`` is better (False for a loss).
         example_inputs: inputs to trace the model with when ``data`` is not given (default:
             inferred from its first layer).
-        on_finish: progress callback ``(variant, seed, metrics)`` when a run ends.
         threads: CPU threads for bnmove's loop, one run at a time on the CPU (default: the faster
             of one thread and every core, measured on a training step; see
             `bnmove.study.threads`). Worker processes share the cores instead.
         deterministic: bnmove's loop uses deterministic kernels only, so a re-run on CUDA repeats
             bit for bit (at a cost in speed; see `bnmove.study.devices.on_device`). On the
             CPU, give ``threads`` too.
+        on_progress: given each run's events as they happen: ``RunStarted`` (variant, seed,
+            device), an ``EpochRecord`` after every epoch of bnmove's loop, ``RunFinished``
+            (variant, seed, metrics); see `bnmove.core.progress`.
 
     Returns:
         An [`ExperimentResult`][bnmove.ExperimentResult] with per-run metrics (and per-epoch records for bnmove's loop),
@@ -402,13 +401,7 @@ def experiment(
         if done is not None:
             finished[run] = _reporting(run, done, compared.name)
 
-    def on_event(event: Any) -> None:
-        if isinstance(event, RunStarted) and on_start is not None:
-            on_start(event.variant, event.seed, event.device)
-        elif isinstance(event, EpochRecord) and on_epoch is not None:
-            on_epoch(event.variant, event.seed, event.epoch, event)
-        elif isinstance(event, RunFinished) and on_finish is not None:
-            on_finish(event.variant, event.seed, event.metrics)
+    on_event = on_progress or ignore
 
     with count:
         for result in execute(
