@@ -144,7 +144,7 @@ def export_variants(
         calibration: where fitted moves get their samples, as for [`bnmove.convert`][bnmove.convert]; with
             data, every moved variant fits on the same samples and the held-out figures go into
             the manifest (INT8 variants are calibrated on it too).
-        options: folds, quantization, opset, batch and tolerance ([`ExportOptions`][bnmove.deploy.ExportOptions]).
+        options: folds, quantization, opset, batch and tolerance ([`ExportOptions`][bnmove.ExportOptions]).
         max_error: the bound on a fitted variant's relative error, as for [`bnmove.convert`][bnmove.convert].
         on_progress: given a [`Stage`][bnmove.Stage] before each variant is exported
             ("exporting after", variants done, variants in all).
