@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import bnmove
 from bnmove.core.threads import available_cores
 from bnmove.sample_models import PreActResNet
+from bnmove.study import Execution, Training
 from bnmove.study.data import Dataset, Split, load_dataset
 from bnmove.study.experiment import experiment
 
@@ -161,7 +162,13 @@ def busy(rounds: int) -> None:
 
     def study(threads: int | None) -> float:
         started = time.perf_counter()
-        experiment(bnmove.sample_models.digits_net(), data, epochs=1, seeds=1, device="cpu", threads=threads)
+        experiment(
+            bnmove.sample_models.digits_net(),
+            data,
+            seeds=1,
+            training=Training(epochs=1, threads=threads),
+            execution=Execution(device="cpu"),
+        )
         return time.perf_counter() - started
 
     times: dict[tuple[str, str], list[float]] = {}
@@ -226,7 +233,11 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved, so both see the same machine load
         started = time.perf_counter()
         experiment(
-            build(channels), data, placements=("before", "after"), epochs=args.epochs, seeds=args.seeds
+            build(channels),
+            data,
+            placements=("before", "after"),
+            seeds=args.seeds,
+            training=Training(epochs=args.epochs),
         )
         tool.append(images / (time.perf_counter() - started))
         started = time.perf_counter()
@@ -239,10 +250,9 @@ def main() -> None:
             build(channels),
             data,
             placements=("before", "after"),
-            epochs=args.epochs,
             seeds=args.seeds,
-            jobs=args.jobs,
-            devices=["cpu"],
+            training=Training(epochs=args.epochs),
+            execution=Execution(jobs=args.jobs, devices=["cpu"]),
         )
         tool_jobs.append(images / (time.perf_counter() - started))
         runs = len(result.start_digests)

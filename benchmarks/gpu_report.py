@@ -46,6 +46,7 @@ from bnmove.deploy.providers import _device_name, import_onnxruntime, provider_p
 from bnmove.deploy.runtime import Comparison
 from bnmove.sample_models import digits_net
 from bnmove.sample_models import resnet as sample_resnet
+from bnmove.study import Execution, Training
 
 GPU_MODELS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
 
@@ -212,7 +213,11 @@ def run(out: Path, dry_run: bool, budget_s: float, cache_dir: Path | None) -> Re
 def study_section(device: str) -> str:
     started = time.perf_counter()
     result = bnmove.experiment(
-        digits_net(), "digits", epochs=1, seeds=[0], device=device, threads=1 if device == "cpu" else None
+        digits_net(),
+        "digits",
+        seeds=[0],
+        training=Training(epochs=1, threads=1 if device == "cpu" else None),
+        execution=Execution(device=device),
     )
     seconds = time.perf_counter() - started
     lines = [

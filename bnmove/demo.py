@@ -26,8 +26,9 @@ from .pipeline.calibration import Calibration
 from .pipeline.conversion import convert
 from .sample_models import digits_net
 from .study.data import Dataset, load_dataset
-from .study.experiment import experiment
+from .study.experiment import Training, experiment
 from .study.loop import train_classifier
+from .study.recipes import Recipe
 
 
 def _digits() -> Dataset | None:
@@ -141,7 +142,12 @@ def run_demo(
         console.print("skipped: the experiment uses scikit-learn's digits (pip install scikit-learn)")
     else:
         with status.status(f"training before and after variants, {epochs} epochs x 2 seeds…"):
-            result_exp = experiment(digits_net(), data, epochs=epochs, seeds=2, batch_size=64, lr=3e-3)
+            result_exp = experiment(
+                digits_net(),
+                data,
+                seeds=2,
+                training=Training(epochs=epochs, batch_size=64, recipe=Recipe("adam", lr=3e-3)),
+            )
         console.print(report.experiment_header(result_exp), highlight=False)
         console.print(report.experiment_table(result_exp, width=console.width))
         for line in report.experiment_lines(result_exp):

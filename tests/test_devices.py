@@ -12,7 +12,7 @@ from torch import nn
 
 import bnmove
 from bnmove import BnmoveError
-from bnmove.study import own_training
+from bnmove.study import Execution, Training, own_training
 from bnmove.study.datasets import Split
 from bnmove.study.devices import check_devices, on_device, parse_devices, physical_gpu
 from bnmove.study.runs import Run
@@ -41,7 +41,13 @@ def test_experiment_refuses_a_missing_gpu_before_any_run() -> None:
     from bnmove.sample_models import digits_net
 
     with pytest.raises(BnmoveError, match="device cuda:1: no CUDA GPU is visible to torch"):
-        bnmove.experiment(digits_net(), "digits", devices=["cuda:1"], epochs=1, seeds=1)
+        bnmove.experiment(
+            digits_net(),
+            "digits",
+            seeds=1,
+            training=Training(epochs=1),
+            execution=Execution(devices=["cuda:1"]),
+        )
 
 
 def test_a_run_command_on_cuda_n_sees_the_parents_gpu_for_that_index(
@@ -91,7 +97,11 @@ def test_a_deterministic_study_repeats_bit_for_bit_and_says_so(tmp_path: Path) -
 
     def study() -> bnmove.ExperimentResult:
         return bnmove.experiment(
-            digits_net(), "digits", placements=["after"], epochs=1, seeds=[0], threads=1, deterministic=True
+            digits_net(),
+            "digits",
+            placements=["after"],
+            seeds=[0],
+            training=Training(epochs=1, threads=1, deterministic=True),
         )
 
     first, second = study(), study()
@@ -99,5 +109,10 @@ def test_a_deterministic_study_repeats_bit_for_bit_and_says_so(tmp_path: Path) -
     losses = [[(r.train_loss, r.val_loss, r.val_accuracy) for r in s.records] for s in (first, second)]
     assert losses[0] == losses[1]
     assert first.precision.endswith("deterministic")
-    with pytest.raises(BnmoveError, match="deterministic is for bnmove's training loop"):
-        bnmove.experiment(digits_net(), placements=["after"], train=lambda m, s, d: {}, deterministic=True)
+    with pytest.raises(BnmoveError, match="training= is for bnmove's loop"):
+        bnmove.experiment(
+            digits_net(),
+            placements=["after"],
+            train=lambda m, s, d: {},
+            training=Training(deterministic=True),
+        )

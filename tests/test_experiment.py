@@ -14,9 +14,10 @@ from torch import nn
 
 import bnmove
 from bnmove.cli import main
-from bnmove.study import EpochRecord
+from bnmove.study import EpochRecord, Execution, Training
 from bnmove.study.data import Dataset, Split, load_dataset
 from bnmove.study.experiment import experiment, weights_digest
+from bnmove.study.recipes import Recipe
 
 
 class Tiny(nn.Module):
@@ -40,7 +41,13 @@ def _blobs(n: int = 120, seed: int = 0) -> Dataset:
 
 def test_variants_start_equal_and_see_the_same_batches() -> None:
     data = _blobs()
-    result = experiment(Tiny(), data, epochs=2, seeds=2, batch_size=16, keep_models=True)
+    result = experiment(
+        Tiny(),
+        data,
+        seeds=2,
+        training=Training(epochs=2, batch_size=16),
+        execution=Execution(keep_models=True),
+    )
     for seed in result.seeds:
         assert result.start_digests[f"before/seed{seed}"] == result.start_digests[f"after/seed{seed}"]
         assert result.batch_digests[f"before/seed{seed}"] == result.batch_digests[f"after/seed{seed}"]
@@ -53,7 +60,13 @@ def test_variants_start_equal_and_see_the_same_batches() -> None:
 
 def test_reported_numbers_match_a_direct_recomputation() -> None:
     data = _blobs()
-    result = experiment(Tiny(), data, epochs=2, seeds=[7], batch_size=32, keep_models=True)
+    result = experiment(
+        Tiny(),
+        data,
+        seeds=[7],
+        training=Training(epochs=2, batch_size=32),
+        execution=Execution(keep_models=True),
+    )
     for variant in ("before", "after"):
         model = result.models[f"{variant}/seed7"].eval()
         with torch.no_grad():
@@ -81,8 +94,10 @@ def test_models_returning_a_model_output_train_on_its_logits() -> None:
     """Same seed, same weights: the logits of the ModelOutput train exactly as the plain tensor does."""
     data = _blobs()
     # one thread given to both: training compared to 1e-6 needs the same thread count
-    plain = experiment(Tiny(), data, epochs=2, seeds=[3], batch_size=16, threads=1)
-    wrapped = experiment(TinyWithModelOutput(), data, epochs=2, seeds=[3], batch_size=16, threads=1)
+    plain = experiment(Tiny(), data, seeds=[3], training=Training(epochs=2, batch_size=16, threads=1))
+    wrapped = experiment(
+        TinyWithModelOutput(), data, seeds=[3], training=Training(epochs=2, batch_size=16, threads=1)
+    )
     for a, b in zip(plain.records, wrapped.records, strict=True):
         assert (a.variant, a.epoch) == (b.variant, b.epoch)
         assert b.val_loss == pytest.approx(a.val_loss, rel=1e-6)
@@ -91,7 +106,9 @@ def test_models_returning_a_model_output_train_on_its_logits() -> None:
 
 def test_same_start_as_a_manual_swap_conversion() -> None:
     data = _blobs()
-    result = experiment(Tiny(), data, placements=["original", "after"], epochs=1, seeds=[3])
+    result = experiment(
+        Tiny(), data, placements=["original", "after"], seeds=[3], training=Training(epochs=1)
+    )
     fresh = Tiny()
     torch.manual_seed(3)
     for module in fresh.modules():
@@ -103,7 +120,12 @@ def test_same_start_as_a_manual_swap_conversion() -> None:
 def test_learns_digits() -> None:
     data = load_dataset("digits")
     assert data.train.x.shape[1:] == (1, 8, 8) and data.num_classes == 10
-    result = experiment(bnmove.sample_models.digits_net(), data, epochs=2, seeds=1, lr=3e-3)
+    result = experiment(
+        bnmove.sample_models.digits_net(),
+        data,
+        seeds=1,
+        training=Training(epochs=2, recipe=Recipe("adam", lr=3e-3)),
+    )
     assert all(result.final(v).val_accuracy > 0.6 for v in ("before", "after"))
 
 
@@ -129,11 +151,11 @@ def test_data_errors(tmp_path: Path) -> None:
         with pytest.raises(bnmove.BnmoveError, match=message):
             load_dataset(tmp_path / name)
     with pytest.raises(bnmove.ModelRunError, match=r"does not accept samples of shape \(5,\)"):
-        experiment(Tiny(), load_dataset(tmp_path / "wide.npz"), epochs=1, seeds=1)
+        experiment(Tiny(), load_dataset(tmp_path / "wide.npz"), seeds=1, training=Training(epochs=1))
     with pytest.raises(
         bnmove.BnmoveError, match=r"the model scores 3 classes but many.npz has 8 \(labels 0 to 7\)"
     ):
-        experiment(Tiny(), load_dataset(tmp_path / "many.npz"), epochs=1, seeds=1)
+        experiment(Tiny(), load_dataset(tmp_path / "many.npz"), seeds=1, training=Training(epochs=1))
 
 
 def test_npz_with_validation_arrays_and_folders(tmp_path: Path) -> None:
@@ -268,7 +290,7 @@ def test_paired_difference_interval_and_verdict(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_experiment_reports_the_paired_difference_of_its_own_records() -> None:
-    result = experiment(Tiny(), _blobs(), epochs=2, seeds=3, batch_size=16)
+    result = experiment(Tiny(), _blobs(), seeds=3, training=Training(epochs=2, batch_size=16))
     (difference,) = result.differences()
     final = {
         v: {r.seed: r.val_accuracy for r in result.records if r.variant == v and r.epoch == 2}
@@ -292,23 +314,27 @@ def test_an_interrupted_study_resumes_without_repeating_finished_runs(tmp_path: 
 
     with pytest.raises(KeyboardInterrupt):
         experiment(
-            Tiny(), data, epochs=2, seeds=2, batch_size=16, jobs_dir=jobs, on_progress=stop_at_the_second_run
+            Tiny(),
+            data,
+            seeds=2,
+            on_progress=stop_at_the_second_run,
+            training=Training(epochs=2, batch_size=16),
+            execution=Execution(jobs_dir=jobs),
         )
     assert sorted(p.name for p in jobs.iterdir()) == ["before-seed0.json"]
     trained.clear()
     resumed = experiment(
         Tiny(),
         data,
-        epochs=2,
         seeds=2,
-        batch_size=16,
-        jobs_dir=jobs,
         on_progress=lambda e: (
             trained.append((e.variant, e.seed, e.epoch)) if isinstance(e, EpochRecord) else None
         ),
+        training=Training(epochs=2, batch_size=16),
+        execution=Execution(jobs_dir=jobs),
     )
     assert ("before", 0, 1) not in trained and len(trained) == 3 * 2  # three runs of two epochs
-    fresh = experiment(Tiny(), data, epochs=2, seeds=2, batch_size=16)
+    fresh = experiment(Tiny(), data, seeds=2, training=Training(epochs=2, batch_size=16))
     key = lambda r: (r.variant, r.seed, r.epoch)  # noqa: E731
     for a, b in zip(sorted(resumed.records, key=key), sorted(fresh.records, key=key), strict=True):
         assert (
@@ -317,7 +343,13 @@ def test_an_interrupted_study_resumes_without_repeating_finished_runs(tmp_path: 
     assert resumed.start_digests == fresh.start_digests and resumed.batch_digests == fresh.batch_digests
     # Other settings cannot borrow these runs.
     with pytest.raises(bnmove.BnmoveError, match="made with other settings, model or data"):
-        experiment(Tiny(), data, epochs=3, seeds=2, batch_size=16, jobs_dir=jobs)
+        experiment(
+            Tiny(),
+            data,
+            seeds=2,
+            training=Training(epochs=3, batch_size=16),
+            execution=Execution(jobs_dir=jobs),
+        )
 
 
 def test_cli_resumes_and_force_starts_over(tmp_path: Path, digits_study: list[str]) -> None:
@@ -345,7 +377,7 @@ def test_cli_resumes_and_force_starts_over(tmp_path: Path, digits_study: list[st
 
 
 def test_best_epoch_and_differences_per_epoch() -> None:
-    result = experiment(Tiny(), _blobs(), epochs=3, seeds=2, batch_size=16)
+    result = experiment(Tiny(), _blobs(), seeds=2, training=Training(epochs=3, batch_size=16))
     for variant in ("before", "after"):
         per_seed = [
             max(r.val_accuracy for r in result.records if r.variant == variant and r.seed == s)
@@ -367,11 +399,15 @@ def test_torch_datasets_and_loaders_are_data_too() -> None:
 
     blobs = _blobs()
     train, val = TensorDataset(blobs.train.x, blobs.train.y), TensorDataset(blobs.val.x, blobs.val.y)
-    direct = experiment(Tiny(), blobs, epochs=1, seeds=[2], batch_size=16, threads=1)  # compared exactly
+    direct = experiment(
+        Tiny(), blobs, seeds=[2], training=Training(epochs=1, batch_size=16, threads=1)
+    )  # compared exactly
     for data in ((train, val), (DataLoader(train, batch_size=7), DataLoader(val, batch_size=5))):
-        result = experiment(Tiny(), data, epochs=1, seeds=[2], batch_size=16, threads=1)
+        result = experiment(Tiny(), data, seeds=[2], training=Training(epochs=1, batch_size=16, threads=1))
         assert [r.val_accuracy for r in result.records] == [r.val_accuracy for r in direct.records]
-    held = experiment(Tiny(), train, epochs=1, seeds=[2], batch_size=16)  # one dataset: 20% held out
+    held = experiment(
+        Tiny(), train, seeds=[2], training=Training(epochs=1, batch_size=16)
+    )  # one dataset: 20% held out
     assert held.records and held.dataset == "torch data"
     with pytest.raises(bnmove.BnmoveError, match=r"items must be \(x, y\) pairs"):
-        experiment(Tiny(), TensorDataset(blobs.train.x), epochs=1, seeds=1)
+        experiment(Tiny(), TensorDataset(blobs.train.x), seeds=1, training=Training(epochs=1))

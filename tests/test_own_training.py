@@ -26,9 +26,10 @@ import bnmove
 from bnmove.cli import main
 from bnmove.io.loading import load_model
 from bnmove.report import experiment_table
-from bnmove.study import RunStarted, runner
+from bnmove.study import Execution, RunStarted, Training, runner
 from bnmove.study.data import Dataset, Split
 from bnmove.study.experiment import experiment
+from bnmove.study.recipes import Recipe
 from bnmove.study.runs import weights_digest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "01_your_own_training"
@@ -195,10 +196,18 @@ def test_an_interrupted_command_study_resumes_without_repeating_runs(tmp_path: P
 
     with pytest.raises(KeyboardInterrupt):
         experiment(
-            model, None, seeds=2, train=command, metric="score", jobs_dir=jobs, on_progress=stop_at_the_third
+            model,
+            None,
+            seeds=2,
+            train=command,
+            metric="score",
+            on_progress=stop_at_the_third,
+            execution=Execution(jobs_dir=jobs),
         )
     assert sorted(p.name for p in jobs.glob("*.json")) == ["after-seed0.json", "before-seed0.json"]
-    resumed = experiment(model, None, seeds=2, train=command, metric="score", jobs_dir=jobs)
+    resumed = experiment(
+        model, None, seeds=2, train=command, metric="score", execution=Execution(jobs_dir=jobs)
+    )
     assert _calls(tmp_path) == ["before 0", "after 0", "before 1", "after 1"]  # each run once
     assert {k: m["seed"] for k, m in resumed.metrics.items()} == {
         "before/seed0": 0, "after/seed0": 0, "before/seed1": 1, "after/seed1": 1
@@ -254,7 +263,7 @@ def test_a_callable_pairs_and_judges_through_the_same_code_as_the_loop() -> None
     assert difference.verdict().startswith("after is better than before on val_loss by 0.06 (95% CI")
     assert result.metrics["after/seed2"] == {"val_loss": pytest.approx(1.13)}  # numbers only
     # bnmove's loop on the same model and seeds starts every run from the same weights
-    loop = experiment(Tiny(), _blobs(), epochs=1, seeds=3, batch_size=16)
+    loop = experiment(Tiny(), _blobs(), seeds=3, training=Training(epochs=1, batch_size=16))
     assert loop.start_digests == result.start_digests
     assert [starts[s] for s in range(3)] == [loop.start_digests[f"before/seed{s}"] for s in range(3)]
 
@@ -266,7 +275,11 @@ def test_re_runs_never_redo_work(tmp_path: Path) -> None:
         calls.append((seed, device))
         return {"val_accuracy": 0.5 + 0.01 * seed + 0.001 * len(calls)}
 
-    args = {"train": train, "example_inputs": (torch.randn(2, 6),), "jobs_dir": tmp_path / "jobs"}
+    args = {
+        "train": train,
+        "example_inputs": (torch.randn(2, 6),),
+        "execution": Execution(jobs_dir=tmp_path / "jobs"),
+    }
     first = experiment(Tiny(), None, seeds=2, **args)
     assert len(calls) == 4
     again = experiment(Tiny(), None, seeds=2, **args)
@@ -346,13 +359,13 @@ def test_a_head_that_does_not_match_the_classes_is_refused_or_reset() -> None:
     with pytest.raises(
         bnmove.BnmoveError, match=r"the model scores 5 classes but blobs has 3 \(labels 0 to 2\)"
     ):
-        experiment(Tiny(classes=5), _blobs(), epochs=1, seeds=1)
+        experiment(Tiny(classes=5), _blobs(), seeds=1, training=Training(epochs=1))
 
     class Resettable(Tiny):
         def reset_classifier(self, num_classes: int) -> None:  # as timm's models offer
             self.fc2 = nn.Linear(8, num_classes)
 
-    result = experiment(Resettable(classes=1000), _blobs(), epochs=1, seeds=1)
+    result = experiment(Resettable(classes=1000), _blobs(), seeds=1, training=Training(epochs=1))
     assert [n for n in result.notes if not n.startswith("threads: ")] == [
         "the model scores 1000 classes and blobs has 3: its classifier was reset to 3 classes (reset_classifier)"
     ]
@@ -360,15 +373,22 @@ def test_a_head_that_does_not_match_the_classes_is_refused_or_reset() -> None:
 
 
 def test_a_study_at_chance_level_says_so() -> None:
-    stuck = experiment(Tiny(), _blobs(noise_only=True), epochs=1, seeds=2, batch_size=16, lr=1e-9)
+    stuck = experiment(
+        Tiny(),
+        _blobs(noise_only=True),
+        seeds=2,
+        training=Training(epochs=1, batch_size=16, recipe=Recipe("adam", lr=1e-9)),
+    )
     assert stuck.chance is not None and stuck.at_chance() is not None
     assert any("every run ended at chance level" in note for note in stuck.to_dict()["notes"])
-    learned = experiment(Tiny(), _blobs(), epochs=2, seeds=2, batch_size=16, lr=3e-2)
+    learned = experiment(
+        Tiny(), _blobs(), seeds=2, training=Training(epochs=2, batch_size=16, recipe=Recipe("adam", lr=3e-2))
+    )
     assert learned.at_chance() is None and min(learned.values()["after"].values()) > 0.6
 
 
 def test_study_tables_fit_80_columns() -> None:
-    loop = experiment(Tiny(), _blobs(), epochs=1, seeds=2, batch_size=16)
+    loop = experiment(Tiny(), _blobs(), seeds=2, training=Training(epochs=1, batch_size=16))
     own = experiment(Tiny(), None, seeds=2, example_inputs=(torch.randn(2, 6),),
                      train=lambda m, s, d: {"val_accuracy": 0.6345 + 0.04 * s})  # fmt: skip
     for result in (loop, own):

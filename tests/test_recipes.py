@@ -13,6 +13,7 @@ from test_experiment import Tiny, _blobs
 from torch import nn
 
 from bnmove import BnmoveError
+from bnmove.study import Training
 from bnmove.study.experiment import experiment
 from bnmove.study.recipes import RECIPES, WARMUP, Recipe, augment_batch, split_decay
 
@@ -20,7 +21,7 @@ from bnmove.study.recipes import RECIPES, WARMUP, Recipe, augment_batch, split_d
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_trains_an_epoch(name: str) -> None:
     recipe = Recipe(name)
-    result = experiment(Tiny(), _blobs(), epochs=1, seeds=1, batch_size=16, recipe=recipe)
+    result = experiment(Tiny(), _blobs(), seeds=1, training=Training(epochs=1, batch_size=16, recipe=recipe))
     assert len(result.records) == 2 and all(math.isfinite(r.train_loss) for r in result.records)
     payload = result.to_dict()["recipe"]
     assert payload["name"] == name and payload["lr"] == {"adam": 1e-3, "sgd": 0.1, "adamw": 1e-3}[name]
@@ -72,9 +73,12 @@ def test_label_smoothing_is_the_smoothed_cross_entropy() -> None:
     logp = scores.log_softmax(1)
     want = (0.9 * -logp[torch.arange(6), target] + 0.1 * -logp.mean(1)).mean()
     assert Recipe("adam", label_smoothing=0.1).loss(scores, target) == pytest.approx(float(want))
-    plain = experiment(Tiny(), _blobs(), epochs=1, seeds=[4], batch_size=16)
+    plain = experiment(Tiny(), _blobs(), seeds=[4], training=Training(epochs=1, batch_size=16))
     smooth = experiment(
-        Tiny(), _blobs(), epochs=1, seeds=[4], batch_size=16, recipe=Recipe(label_smoothing=0.2)
+        Tiny(),
+        _blobs(),
+        seeds=[4],
+        training=Training(epochs=1, batch_size=16, recipe=Recipe(label_smoothing=0.2)),
     )
     assert smooth.records[0].train_loss > plain.records[0].train_loss  # smoothing keeps the loss up
 
@@ -110,10 +114,12 @@ def test_augmentation_crops_and_flips_each_sample_alike_for_every_variant() -> N
         type(data.val)(data.val.x[:, :4].repeat(1, 16).reshape(-1, 1, 8, 8), data.val.y),
         "images",
     )
-    result = experiment(Conv(), images, epochs=1, seeds=[1], batch_size=16, recipe=Recipe(augment=True))
+    result = experiment(
+        Conv(), images, seeds=[1], training=Training(epochs=1, batch_size=16, recipe=Recipe(augment=True))
+    )
     assert result.start_digests["before/seed1"] == result.start_digests["after/seed1"]
     assert result.batch_digests["before/seed1"] == result.batch_digests["after/seed1"]
-    plain = experiment(Conv(), images, epochs=1, seeds=[1], batch_size=16)
+    plain = experiment(Conv(), images, seeds=[1], training=Training(epochs=1, batch_size=16))
     assert result.records[0].train_loss != plain.records[0].train_loss
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 import bnmove
 from bnmove.cli import main
-from bnmove.study import EpochRecord, RunFinished, RunStarted
+from bnmove.study import EpochRecord, Execution, RunFinished, RunStarted, Training
 from bnmove.study.data import Dataset, Split, Streamed, load_dataset
 from bnmove.study.experiment import ExperimentResult, experiment
 
@@ -59,17 +59,15 @@ def _same_runs(a: ExperimentResult, b: ExperimentResult, tolerance: float) -> No
 
 def test_jobs_in_worker_processes_train_the_same_runs() -> None:
     data = _images()
-    serial = experiment(Net(), data, epochs=2, seeds=2, batch_size=16, device="cpu")
+    serial = experiment(
+        Net(), data, seeds=2, training=Training(epochs=2, batch_size=16), execution=Execution(device="cpu")
+    )
     started: list[tuple[str, int, str]] = []
     epochs: list[tuple[str, int, int]] = []
     parallel = experiment(
         Net(),
         data,
-        epochs=2,
         seeds=2,
-        batch_size=16,
-        devices=["cpu"],
-        jobs=2,
         on_progress=lambda e: (
             started.append((e.variant, e.seed, e.device))
             if isinstance(e, RunStarted)
@@ -77,7 +75,8 @@ def test_jobs_in_worker_processes_train_the_same_runs() -> None:
             if isinstance(e, EpochRecord)
             else None
         ),
-        keep_models=True,
+        training=Training(epochs=2, batch_size=16),
+        execution=Execution(devices=["cpu"], jobs=2, keep_models=True),
     )
     _same_runs(serial, parallel, 1e-3)
     assert sorted(started) == [(v, s, "cpu") for v in ("after", "before") for s in (0, 1)]
@@ -97,7 +96,13 @@ def test_a_model_worker_processes_cannot_receive_is_one_clear_error() -> None:
         pass
 
     with pytest.raises(bnmove.BnmoveError, match=r"cannot be pickled .*run with --jobs 1"):
-        experiment(Unimportable(), _images(), epochs=1, seeds=2, batch_size=16, jobs=2, devices=["cpu"])
+        experiment(
+            Unimportable(),
+            _images(),
+            seeds=2,
+            training=Training(epochs=1, batch_size=16),
+            execution=Execution(jobs=2, devices=["cpu"]),
+        )
 
 
 def test_an_interrupted_parallel_study_resumes(tmp_path: Path) -> None:
@@ -110,17 +115,11 @@ def test_an_interrupted_parallel_study_resumes(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        experiment(
-            Net(), data, epochs=3, seeds=3, batch_size=16, jobs=2, devices=["cpu"],
-            jobs_dir=jobs, on_progress=interrupt_once_a_run_is_kept,
-        )  # fmt: skip
+        experiment(Net(), data, seeds=3, on_progress=interrupt_once_a_run_is_kept, training=Training(epochs=3, batch_size=16), execution=Execution(jobs=2, devices=["cpu"], jobs_dir=jobs))  # fmt: skip
     kept = {p.stem for p in jobs.glob("*.json")}
     assert stop.is_set() and 1 <= len(kept) < 6
     started: list[str] = []
-    resumed = experiment(
-        Net(), data, epochs=3, seeds=3, batch_size=16, jobs=2, devices=["cpu"], jobs_dir=jobs,
-        on_progress=lambda e: started.append(f"{e.variant}-seed{e.seed}") if isinstance(e, RunStarted) else None,
-    )  # fmt: skip
+    resumed = experiment(Net(), data, seeds=3, on_progress=lambda e: started.append(f"{e.variant}-seed{e.seed}") if isinstance(e, RunStarted) else None, training=Training(epochs=3, batch_size=16), execution=Execution(jobs=2, devices=["cpu"], jobs_dir=jobs))  # fmt: skip
     assert not kept & set(started) and len(kept) + len(started) == 6  # nothing kept is trained again
     assert len(resumed.records) == 6 * 3
 
@@ -134,7 +133,13 @@ def test_ray_backend_runs_the_same_study() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(bnmove.BnmoveError, match="Ray workers cannot import 'test_study_runs'"):
-            experiment(Net(), _images(), epochs=1, seeds=1, batch_size=16, backend="ray")
+            experiment(
+                Net(),
+                _images(),
+                seeds=1,
+                training=Training(epochs=1, batch_size=16),
+                execution=Execution(backend="ray"),
+            )
     finally:
         ray.shutdown()
     here = str(Path(__file__).parent)
@@ -144,12 +149,15 @@ def test_ray_backend_runs_the_same_study() -> None:
     )  # fmt: skip
     try:
         data = _images()
-        serial = experiment(Net(), data, epochs=2, seeds=2, batch_size=16, device="cpu")
+        serial = experiment(
+            Net(),
+            data,
+            seeds=2,
+            training=Training(epochs=2, batch_size=16),
+            execution=Execution(device="cpu"),
+        )
         started: list[tuple[str, int, str]] = []
-        on_ray = experiment(
-            Net(), data, epochs=2, seeds=2, batch_size=16, devices=["cpu"], jobs=2, backend="ray",
-            on_progress=lambda e: started.append(e) if isinstance(e, RunStarted) else None,
-        )  # fmt: skip
+        on_ray = experiment(Net(), data, seeds=2, on_progress=lambda e: started.append(e) if isinstance(e, RunStarted) else None, training=Training(epochs=2, batch_size=16), execution=Execution(devices=["cpu"], jobs=2, backend="ray"))  # fmt: skip
     finally:
         ray.shutdown()
     _same_runs(serial, on_ray, 1e-3)
@@ -174,7 +182,13 @@ class CountingImages(TorchDataset[tuple[torch.Tensor, int]]):
 
 def test_torch_datasets_are_streamed_batch_by_batch() -> None:
     train, val = CountingImages(64, 0), CountingImages(20, 1)
-    result = experiment(Net(), (train, val), epochs=2, seeds=1, batch_size=16, device="cpu", threads=1)
+    result = experiment(
+        Net(),
+        (train, val),
+        seeds=1,
+        training=Training(epochs=2, batch_size=16, threads=1),
+        execution=Execution(device="cpu"),
+    )
     # every epoch reads each training item once (plus the first and last to identify the data, a
     # few to probe the model, and one batch to time a training step for the thread count);
     # nothing is gathered up front
@@ -186,11 +200,9 @@ def test_torch_datasets_are_streamed_batch_by_batch() -> None:
     held = experiment(
         Net(),
         Dataset(Split(tx, ty), Split(vx, vy), "held"),
-        epochs=2,
         seeds=1,
-        batch_size=16,
-        device="cpu",
-        threads=1,
+        training=Training(epochs=2, batch_size=16, threads=1),
+        execution=Execution(device="cpu"),
     )
     assert [r.val_accuracy for r in result.records] == [r.val_accuracy for r in held.records]
     assert [r.train_loss for r in result.records] == pytest.approx(
@@ -200,18 +212,27 @@ def test_torch_datasets_are_streamed_batch_by_batch() -> None:
 
 def test_mixed_precision_and_channels_last_on_the_cpu(tmp_path: Path) -> None:
     data = _images()
-    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", threads=1)
-    mixed = experiment(
-        Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", amp=True, channels_last=True,
-        jobs_dir=tmp_path / "jobs",
-    )  # fmt: skip
+    plain = experiment(
+        Net(),
+        data,
+        seeds=1,
+        training=Training(epochs=2, batch_size=16, threads=1),
+        execution=Execution(device="cpu"),
+    )
+    mixed = experiment(Net(), data, seeds=1, training=Training(epochs=2, batch_size=16, amp=True, channels_last=True), execution=Execution(device="cpu", jobs_dir=tmp_path / "jobs"))  # fmt: skip
     assert plain.precision == "float32" and mixed.precision == "mixed bfloat16, channels-last"
     assert mixed.start_digests == plain.start_digests
     for a, b in zip(plain.records, mixed.records, strict=True):  # bfloat16 rounds; training still the same
         assert np.isfinite(b.train_loss) and b.train_loss == pytest.approx(a.train_loss, rel=0.1)
         assert a.val_loss != b.val_loss
     with pytest.raises(bnmove.BnmoveError, match="made with other settings"):  # precision is a setting
-        experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", jobs_dir=tmp_path / "jobs")
+        experiment(
+            Net(),
+            data,
+            seeds=1,
+            training=Training(epochs=2, batch_size=16),
+            execution=Execution(device="cpu", jobs_dir=tmp_path / "jobs"),
+        )
 
 
 def _image_folder(root: Path, per_class: int = 12, size: int = 8) -> None:
@@ -269,13 +290,9 @@ def test_precise_bn_evaluates_with_exact_statistics() -> None:
     result = experiment(
         Net(),
         data,
-        epochs=2,
         seeds=1,
-        batch_size=16,
-        device="cpu",
-        precise_bn=40,
-        keep_models=True,
-        threads=1,
+        training=Training(epochs=2, batch_size=16, precise_bn=40, threads=1),
+        execution=Execution(device="cpu", keep_models=True),
     )
     assert result.precise_bn == 40 and result.to_dict()["precise_bn"] == 40
     model = result.models["after/seed0"]
@@ -287,7 +304,13 @@ def test_precise_bn_evaluates_with_exact_statistics() -> None:
     with torch.no_grad():
         accuracy = float((model.eval()(data.val.x).argmax(1) == data.val.y).float().mean())
     assert accuracy == pytest.approx(result.records[-1].val_accuracy)
-    plain = experiment(Net(), data, epochs=2, seeds=1, batch_size=16, device="cpu", threads=1)
+    plain = experiment(
+        Net(),
+        data,
+        seeds=1,
+        training=Training(epochs=2, batch_size=16, threads=1),
+        execution=Execution(device="cpu"),
+    )
     assert [r.train_loss for r in plain.records] == [r.train_loss for r in result.records]  # training alike
     assert [r.val_loss for r in plain.records] != [r.val_loss for r in result.records]  # evaluation not
 

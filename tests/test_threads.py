@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bnmove
-from bnmove.study import EpochRecord
+from bnmove.study import EpochRecord, Execution, Training
 from bnmove.study.data import load_dataset
 from bnmove.study.experiment import experiment
 from bnmove.study.threads import choose_threads
@@ -73,16 +73,19 @@ def test_the_study_uses_the_threads_given_and_restores_the_count() -> None:
     result = experiment(
         bnmove.sample_models.digits_net(),
         load_dataset("digits"),
-        epochs=1,
         seeds=1,
-        device="cpu",
-        threads=1,
         on_progress=lambda e: seen.append(torch.get_num_threads()) if isinstance(e, EpochRecord) else None,
+        training=Training(epochs=1, threads=1),
+        execution=Execution(device="cpu"),
     )
     assert seen == [1, 1] and torch.get_num_threads() == before
     assert "threads: 1 thread, as given" in result.notes
     measured = experiment(
-        bnmove.sample_models.digits_net(), load_dataset("digits"), epochs=1, seeds=1, device="cpu"
+        bnmove.sample_models.digits_net(),
+        load_dataset("digits"),
+        seeds=1,
+        training=Training(epochs=1),
+        execution=Execution(device="cpu"),
     )
     chosen = [n for n in measured.notes if n.startswith("threads: ")]
     assert len(chosen) == 1 and measured.threads == chosen[0].removeprefix("threads: ")

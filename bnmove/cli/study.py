@@ -25,7 +25,7 @@ from ..report import (
 from ..study.activations import replace_activations
 from ..study.checks import match_classes
 from ..study.data import load_dataset
-from ..study.experiment import EpochRecord, experiment
+from ..study.experiment import EpochRecord, Execution, Training, experiment
 from ..study.jobs import finished_runs
 from ..study.recipes import RECIPES, Recipe
 from ..study.runs import RunFinished, RunStarted
@@ -380,26 +380,28 @@ def experiment_command(
                 net,
                 data,
                 placements=variants,
-                epochs=epochs,
                 seeds=seeds,
-                batch_size=batch_size,
-                recipe=None if command else Recipe(recipe, lr, weight_decay, label_smoothing, augment),
                 from_pretrained=from_pretrained,
-                device=device,
-                devices=device_list,
-                jobs=jobs,
-                threads=threads,
-                backend=backend,
-                amp=amp,
-                channels_last=channels_last,
-                deterministic=deterministic,
                 on_progress=progress.on_progress,
-                jobs_dir=job_dirs[kind],
-                precise_bn=precise_bn,
                 train=command,
                 metric=metric,
                 higher_is_better=higher_is_better,
                 example_inputs=example,
+                training=None
+                if command
+                else Training(
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    recipe=Recipe(recipe, lr, weight_decay, label_smoothing, augment),
+                    threads=threads,
+                    amp=amp,
+                    channels_last=channels_last,
+                    deterministic=deterministic,
+                    precise_bn=precise_bn,
+                ),
+                execution=Execution(
+                    device=device, devices=device_list, jobs=jobs, backend=backend, jobs_dir=job_dirs[kind]
+                ),
             )
     written = []
     for kind, result in results.items():

@@ -11,7 +11,6 @@ difference per seed (`bnmove.study.stats`).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -213,6 +212,52 @@ def _training_name(train: Trainer | Command) -> str:
     return f"{getattr(train, '__module__', '?')}.{getattr(train, '__qualname__', type(train).__name__)}"
 
 
+@dataclass(frozen=True)
+class Training:
+    """How bnmove's own loop trains every variant (not for ``train=``, your own training)."""
+
+    #: training epochs per variant and seed
+    epochs: int = 5
+    #: mini-batch size
+    batch_size: int = 64
+    #: optimiser, schedule and regularisation (default: Adam at 1e-3, constant)
+    recipe: Recipe = field(default_factory=lambda: Recipe("adam", lr=1e-3))
+    #: before each evaluation, recompute every BN's statistics exactly on this many training
+    #: samples ("precise BN") instead of the running averages, which lag behind fast-moving
+    #: weights, most of all right after a conversion; 0: off
+    precise_bn: int = 0
+    #: mixed precision; default on for CUDA
+    amp: bool | None = None
+    #: the channels-last memory layout; default on for CUDA
+    channels_last: bool | None = None
+    #: deterministic kernels only, so a re-run on CUDA repeats bit for bit (at a cost in speed;
+    #: see [`on_device`][bnmove.study.devices.on_device]); on the CPU, give ``threads`` too
+    deterministic: bool = False
+    #: CPU threads, one run at a time on the CPU (default: one thread on busy cores, else the
+    #: faster of one thread and every core on a training step; see `bnmove.study.threads`)
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where the runs happen, and what is kept of them."""
+
+    #: ``"cuda"`` when available unless given (or ``devices``)
+    device: str | None = None
+    #: spread the runs over these devices (``("cuda:0", "cuda:1")``), one run per device at a
+    #: time unless ``jobs`` says more
+    devices: Sequence[str] | None = None
+    #: runs at once, in worker processes (default: one per device in ``devices``, else 1)
+    jobs: int | None = None
+    #: ``"local"`` (this machine) or ``"ray"`` (tasks on the Ray cluster ``ray.init()`` connects
+    #: to; ``RAY_ADDRESS`` names one)
+    backend: str = "local"
+    #: keep each finished run here: an interrupted study resumes, a finished one re-reports
+    jobs_dir: Path | None = None
+    #: keep each run's trained model (``ExperimentResult.models``)
+    keep_models: bool = False
+
+
 def experiment(
     model: nn.Module,
     data: Dataset
@@ -222,27 +267,14 @@ def experiment(
     | None = None,
     *,
     placements: Sequence[str] = ("before", "after"),
-    epochs: int = 5,
     seeds: int | Sequence[int] = 3,
-    batch_size: int = 64,
-    lr: float = 1e-3,
     from_pretrained: bool = False,
-    device: str | None = None,
-    keep_models: bool = False,
-    recipe: Recipe | None = None,
-    jobs_dir: Path | None = None,
-    jobs: int | None = None,
-    devices: Sequence[str] | None = None,
-    backend: str = "local",
-    amp: bool | None = None,
-    channels_last: bool | None = None,
-    precise_bn: int = 0,
+    training: Training | None = None,
+    execution: Execution | None = None,
     train: Trainer | str | None = None,
     metric: str | None = None,
     higher_is_better: bool = True,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
-    threads: int | None = None,
-    deterministic: bool = False,
     on_progress: OnProgress | None = None,
 ) -> ExperimentResult:
     """Train each placement variant of ``model`` under identical conditions and compare them.
@@ -255,46 +287,27 @@ def experiment(
             ``(train, val)`` pair of them (streamed in an order bnmove sets per seed). Optional
             with ``train``: then it only gives example inputs and checks the class count.
         placements: variants to train: ``"before"``, ``"after"`` and/or ``"original"``.
-        epochs: training epochs per variant and seed (bnmove's loop).
         seeds: a number of seeds (0..K-1) or the seeds themselves.
-        batch_size: mini-batch size (bnmove's loop).
-        lr: Adam's learning rate when no ``recipe`` is given.
         from_pretrained: start from the model's weights (converted with ``auto``)
             instead of a fresh initialisation (converted with ``swap``).
-        device: ``"cuda"`` when available unless given (or ``devices``).
-        keep_models: keep the trained models in ``result.models`` (for inspection).
-        recipe: optimiser, schedule, weight decay, label smoothing, augmentation
-            (`bnmove.study.recipes.Recipe`); default Adam at ``lr``, nothing else.
-        jobs_dir: keep each finished (placement, seed) run here, and take runs already there
-            instead of training them again (an interrupted study resumes, a finished one re-reports,
-            new seeds or placements train only what is new); runs made with other settings, model
-            or data are refused with what changed. A command's run folders go here too.
-        jobs: runs at once, in worker processes (default: one per device in ``devices``, else 1).
-        devices: spread the runs over these devices (``["cuda:0", "cuda:1"]``), one run per
-            device at a time unless ``jobs`` says more.
-        backend: ``"local"`` (this machine) or ``"ray"`` (tasks on the Ray cluster ``ray.init()``
-            connects to; ``RAY_ADDRESS`` names one).
-        amp: mixed precision; default on for CUDA.
-        channels_last: the channels-last memory layout; default on for CUDA.
-        precise_bn: before each evaluation, recompute every BN's statistics exactly on this many
-            training samples ("precise BN") instead of using the running averages, which lag
-            behind fast-moving weights, most of all right after a conversion; 0: off.
+        training: how bnmove's loop trains ([`Training`][bnmove.study.Training]: epochs, batch size,
+            recipe, precise BN, precision, threads); not with ``train``.
+        execution: where the runs happen ([`Execution`][bnmove.study.Execution]: device(s), worker
+            processes, Ray) and what is kept (``jobs_dir``: each finished (placement, seed) run,
+            taken instead of training it again, so an interrupted study resumes and a finished one
+            re-reports, new seeds or placements train only what is new; runs made with other
+            settings, model or data are refused with what changed; a command's run folders go
+            there too. ``keep_models``: the trained models, in ``result.models``).
         train: the user's training instead of bnmove's loop: a callable
             ``train(model, seed, device) -> {"val_accuracy": 0.93, ...}`` that trains and evaluates
             the variant it is given (on ``device``), or a command line with placeholders
             (``"python train.py --model {model} --seed {seed} --out {out}"``, see
-            `bnmove.study.own_training`; needs ``jobs_dir``). With worker processes
+            `bnmove.study.own_training`; needs ``execution.jobs_dir``). With worker processes
             (``jobs``), a callable must be importable (defined at a module's top level).
         metric: the reported metric the placements are compared on (default ``val_accuracy``).
         higher_is_better: whether a larger ``metric`` is better (False for a loss).
         example_inputs: inputs to trace the model with when ``data`` is not given (default:
             inferred from its first layer).
-        threads: CPU threads for bnmove's loop, one run at a time on the CPU (default: the faster
-            of one thread and every core, measured on a training step; see
-            `bnmove.study.threads`). Worker processes share the cores instead.
-        deterministic: bnmove's loop uses deterministic kernels only, so a re-run on CUDA repeats
-            bit for bit (at a cost in speed; see `bnmove.study.devices.on_device`). On the
-            CPU, give ``threads`` too.
         on_progress: given each run's events as they happen: ``RunStarted`` (variant, seed,
             device), an ``EpochRecord`` after every epoch of bnmove's loop, ``RunFinished``
             (variant, seed, metrics); see `bnmove.core.progress`.
@@ -309,13 +322,21 @@ def experiment(
     elif data is not None and not isinstance(data, Dataset):  # torch Datasets/DataLoaders
         parts = data if isinstance(data, tuple) else (data,)
         data = from_torch(*parts)
+    if train is not None and training is not None:
+        raise BnmoveError("training= is for bnmove's loop; with train= your own training trains")
+    loop, where = training or Training(), execution or Execution()
+    epochs, batch_size, precise_bn = loop.epochs, loop.batch_size, loop.precise_bn
+    recipe: Recipe | None = loop.recipe
+    threads, deterministic = loop.threads, loop.deterministic
+    device, devices, jobs, backend = where.device, where.devices, where.jobs, where.backend
+    jobs_dir, keep_models = where.jobs_dir, where.keep_models
     unknown = [p for p in placements if p not in VARIANTS]
     if unknown or not placements:
         raise BnmoveError(
             f"unknown placement {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
         )
-    if epochs < 1 or batch_size < 1 or lr <= 0 or not math.isfinite(lr):
-        raise BnmoveError("epochs and batch size must be at least 1 and the learning rate positive")
+    if epochs < 1 or batch_size < 1:
+        raise BnmoveError("epochs and batch size must be at least 1")
     if precise_bn < 0:
         raise BnmoveError("precise_bn is a number of training samples, 0 or more")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -323,8 +344,6 @@ def experiment(
         raise BnmoveError("give at least one seed")
     targets = parse_devices(devices or [device or ("cuda" if torch.cuda.is_available() else "cpu")])
     check_devices(targets)
-    if deterministic and train is not None:
-        raise BnmoveError("deterministic is for bnmove's training loop; your own training sets its own")
     notes: list[str] = []
     if data is not None:
         model, reset = match_classes(model, data)
@@ -341,18 +360,17 @@ def experiment(
     if train is None:
         if data is None:
             raise BnmoveError("bnmove's training loop needs data; or pass train= for your own training")
-        recipe = recipe or Recipe("adam", lr=lr)
-        precision = Precision.choose(targets[0], data.sample(2), amp, channels_last, deterministic)
+        precision = Precision.choose(targets[0], data.sample(2), loop.amp, loop.channels_last, deterministic)
         settings |= {
             "training": "bnmove",
             "epochs": epochs,
             "batch_size": batch_size,
-            "recipe": recipe.to_dict(),
+            "recipe": loop.recipe.to_dict(),
             "precision": precision.describe(),
             **({"precise_bn": precise_bn} if precise_bn else {}),
         }
         plan = LoopPlan(
-            clone_module(model).cpu(), data, epochs, batch_size, recipe, from_pretrained, precision,
+            clone_module(model).cpu(), data, epochs, batch_size, loop.recipe, from_pretrained, precision,
             keep_models, precise_bn, settings, fingerprint(settings),
         )  # fmt: skip
         run_one: Callable[..., Any] = train_run
