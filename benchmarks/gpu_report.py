@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bnmove
 from bnmove import report
 from bnmove.deploy import ExportOptions
+from bnmove.deploy.comparison import Comparison
 from bnmove.deploy.providers import _device_name, import_onnxruntime, provider_problem
-from bnmove.deploy.runtime import Comparison
 from bnmove.sample_models import digits_net
 from bnmove.sample_models import resnet as sample_resnet
 from bnmove.study import Execution, Training

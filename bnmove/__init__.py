@@ -19,8 +19,9 @@ import importlib.metadata
 from . import sample_models
 from .analysis.detect import Pair
 from .core.progress import Stage
+from .deploy.comparison import Comparison
 from .deploy.export import ExportOptions, export_variants
-from .deploy.runtime import Comparison, compare
+from .deploy.runtime import compare
 from .errors import BnmoveError, LoadError, ModelRunError, VerificationError
 from .fitting.calibrate import recalibrate
 from .io.loading import LoadedModel, load_model

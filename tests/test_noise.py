@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bnmove.deploy.comparison import Comparison, Timing
 from bnmove.deploy.noise import RatioInterval, ratio_interval, too_noisy
-from bnmove.deploy.runtime import Comparison, Timing
 from bnmove.report import noise_lines
 
 

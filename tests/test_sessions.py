@@ -16,10 +16,11 @@ from zoo import build
 import bnmove
 from bnmove import BnmoveError, report
 from bnmove.cli import main
-from bnmove.deploy import runtime
+from bnmove.deploy import runtime, sessions
+from bnmove.deploy.comparison import Comparison, OutputDeviation, Timing, VariantInfo
 from bnmove.deploy.export import ExportOptions, export_variants
 from bnmove.deploy.providers import provider_works
-from bnmove.deploy.runtime import Comparison, OutputDeviation, Timing, VariantInfo, timing_plan
+from bnmove.deploy.runtime import timing_plan
 from bnmove.deploy.sessions import (
     SessionPlan,
     check_providers,
@@ -144,7 +145,7 @@ def test_compare_on_tensorrt_refuses_a_uint8_int8_file_before_any_work(
     onnx.save(_qdq_model(0, TensorProto.INT8), tmp_path / "net.original.int8.onnx")
     monkeypatch.setattr(runtime, "select_provider", lambda requested: "tensorrt")
     opened: list[object] = []
-    monkeypatch.setattr(runtime, "open_session", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(sessions, "open_session", lambda *a, **k: opened.append(a))
     with pytest.raises(
         BnmoveError, match=r"after\.int8: TensorRT cannot build this INT8 file.*int8-tensorrt"
     ):

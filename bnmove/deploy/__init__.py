@@ -1,9 +1,10 @@
 """Deployment: ONNX export of the variants, forward folding, INT8, onnxruntime comparison."""
 
+from .comparison import Comparison
 from .export import ExportOptions, export_variants
 from .folding import Folding, fold_forward
 from .providers import select_provider
-from .runtime import Comparison, compare
+from .runtime import compare
 
 __all__ = [
     "Comparison",

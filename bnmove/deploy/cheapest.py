@@ -65,12 +65,12 @@ def time_forms(
     """Seconds per run of each file on onnxruntime's CPU provider, round by round (interleaved, in
     rotating order), and of a second session of the first file in the same rounds: the noise
     floor, what two identical graphs read here and now (`bnmove.deploy.noise`)."""
-    from .runtime import _Runner, _timed_rounds
-    from .sessions import SessionPlan
+    from .runtime import _timed_rounds
+    from .sessions import Runner, SessionPlan
 
     floor = "\0noise floor"
-    runners = {form: _Runner(path, SessionPlan("cpu"), tmp) for form, path in paths.items()}
-    runners[floor] = _Runner(next(iter(paths.values())), SessionPlan("cpu"))
+    runners = {form: Runner(path, SessionPlan("cpu"), tmp) for form, path in paths.items()}
+    runners[floor] = Runner(next(iter(paths.values())), SessionPlan("cpu"))
     first = next(iter(runners.values()))
     arrays = first.feeds(first.static_batch() or 1, seed=0)
     for runner in runners.values():  # the same input for every form

@@ -11,170 +11,37 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.fidelity import ONNX_TOLERANCE, difference
+from ..core.fidelity import difference
 from ..core.progress import OnProgress, Stage, ignore
 from ..core.threads import ThreadChoice, available_cores, choose_count
 from ..errors import BnmoveError
-from .accuracy import Accuracy, labelled_batches
 from .accuracy import evaluate as evaluate_accuracy
-from .noise import RatioInterval, ratio_interval, too_noisy
+from .accuracy import labelled_batches
+from .comparison import Comparison, OutputDeviation, Timing, VariantInfo
+from .noise import RatioInterval, ratio_interval
 from .providers import _device_name, import_onnxruntime, select_provider
 from .sessions import (
+    Runner,
     SessionPlan,
     default_cache_dir,
     int8_execution,
     is_qdq,
-    open_session,
     tensorrt_int8_problem,
 )
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
-    import onnx
-
-_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
-
+    pass
 
 #: the timed name of the noise floor's session (never a variant's name: variants are file stems)
 _FLOOR = "\0noise floor"
-
-
-@dataclass(frozen=True)
-class Timing:
-    variant: str
-    batch_size: int
-    runs: int
-    mean_ms: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    #: samples per second at the median latency
-    throughput: float
-    #: median latency / the reference's median latency at this batch size. The median, not the
-    #: mean, throughout: one slow outlier run (a page fault, a scheduler hiccup) moves a mean of
-    #: 50 runs by several percent and made identical files read 1.09x.
-    ratio: float
-    #: the ratio's 95% interval over the timed rounds (bootstrap, rounds resampled in pairs)
-    ratio_low: float = float("nan")
-    ratio_high: float = float("nan")
-
-
-@dataclass(frozen=True)
-class OutputDeviation:
-    variant: str
-    max_abs: float
-    mean_abs: float
-    cosine: float
-    #: fraction of samples whose argmax agrees with the reference (class-score outputs only)
-    top1_agreement: float | None
-    #: max abs deviation relative to the reference's largest |output|
-    max_rel: float = 0.0
-
-    @property
-    def deviates(self) -> bool:
-        """Computes something else than the reference, beyond what float rounding explains."""
-        return self.max_rel > ONNX_TOLERANCE
-
-
-@dataclass(frozen=True)
-class VariantInfo:
-    name: str
-    path: str
-    file_size: int
-    #: node counts by op type after onnxruntime's optimisations (on the session that checks
-    #: outputs: the CPU provider, or CUDA for the GPU providers, since TensorRT cannot save its graph)
-    optimized_nodes: dict[str, int]
-    #: what the variant computes in: "float32", "int8", or "int8 emulated in float" (QDQ on the
-    #: CUDA provider, which has no int8 convolution)
-    precision: str = "float32"
-
-    @property
-    def batchnorms(self) -> int:
-        return sum(v for k, v in self.optimized_nodes.items() if k.endswith("BatchNormalization"))
-
-
-@dataclass
-class Comparison:
-    """What [`bnmove.compare`][bnmove.compare] measured: per variant its node counts after onnxruntime's
-    optimisations, per variant and batch size its latency, and its output deviation from the
-    reference variant, on one provider and device."""
-
-    provider: str
-    device: str
-    onnxruntime: str
-    created: str
-    reference: str
-    variants: list[VariantInfo]
-    timings: list[Timing]
-    deviations: list[OutputDeviation]
-    batch_sizes: list[int] = field(default_factory=list)
-    #: top-1 accuracy per variant on the labelled data, when given
-    accuracies: list[Accuracy] = field(default_factory=list)
-    #: per batch size, a byte-identical copy of the reference timed in the same rounds: the ratio
-    #: two identical graphs show on this machine during this run (`bnmove.deploy.noise`)
-    noise_floor: dict[int, RatioInterval] = field(default_factory=dict)
-    #: how the timings ran ("CUDA, TF32 allowed (the provider's default)", ...)
-    timed_with: str = ""
-    #: how deviations, node counts and accuracy were measured ("CUDA, TF32 off ...")
-    checked_with: str = ""
-    #: CPU: per batch size, the intra-op threads the timings ran with and how they were chosen
-    threads: dict[int, ThreadChoice] = field(default_factory=dict)
-
-    def too_noisy(self, batch_size: int) -> bool:
-        """Whether, at this batch size, the noise floor is as wide as every difference measured."""
-        floor = self.noise_floor.get(batch_size)
-        others = [
-            RatioInterval(t.ratio, t.ratio_low, t.ratio_high)
-            for t in self.timings
-            if t.batch_size == batch_size and t.variant != self.reference
-        ]
-        return floor is not None and too_noisy(floor, others)
-
-    def timing(self, variant: str, batch_size: int) -> Timing:
-        """The timing of one variant at one batch size; a clear error for one that was not timed."""
-        for t in self.timings:
-            if t.variant == variant and t.batch_size == batch_size:
-                return t
-        timed = ", ".join(sorted({f"{t.variant}@{t.batch_size}" for t in self.timings})) or "none"
-        raise BnmoveError(f"no timing for variant {variant!r} at batch size {batch_size} (timed: {timed})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "device": self.device,
-            "onnxruntime": self.onnxruntime,
-            "created": self.created,
-            "reference": self.reference,
-            "batch_sizes": self.batch_sizes,
-            "timed_with": self.timed_with,
-            "checked_with": self.checked_with,
-            "threads": [
-                {"batch_size": b, "threads": c.threads, "chosen": c.describe()}
-                for b, c in self.threads.items()
-            ],
-            "variants": [{**asdict(v), "batchnorms_after_optimization": v.batchnorms} for v in self.variants],
-            "timings": [asdict(t) for t in self.timings],
-            "deviations": [asdict(d) for d in self.deviations],
-            "accuracies": [a.to_dict() for a in self.accuracies],
-            "noise_floor": [
-                {"batch_size": b, **asdict(f), "too_noisy": self.too_noisy(b)}
-                for b, f in self.noise_floor.items()
-            ],
-        }
 
 
 def collect_paths(items: Sequence[str | Path]) -> dict[str, Path]:
@@ -206,83 +73,6 @@ def collect_paths(items: Sequence[str | Path]) -> dict[str, Path]:
             named.items(), key=lambda kv: (kv[0].endswith(".int8"), order.get(kv[0].split(".")[0], 3), kv[0])
         )
     )
-
-
-def _label(node: onnx.NodeProto) -> str:
-    if node.domain in ("", "ai.onnx"):
-        return node.op_type
-    return f"{node.domain.rsplit('.', 1)[-1]}.{node.op_type}"
-
-
-class _Runner:
-    """One variant's session (opened by `open_session`), with device-bound I/O on GPU providers."""
-
-    def __init__(self, path: Path, plan: SessionPlan, tmp: Path | None = None) -> None:
-        """``tmp``: a folder to save the optimised graph in, to count its nodes (None: not counted)."""
-        import onnx
-
-        optimized = tmp / f"{path.stem}.optimized.onnx" if tmp is not None else None
-        self.session = open_session(path, plan, optimized=optimized)
-        self.plan = plan
-        self.optimized_nodes: dict[str, int] = {}
-        if optimized is not None and optimized.exists():
-            proto = onnx.load(str(optimized), load_external_data=False)
-            self.optimized_nodes = dict(Counter(_label(n) for n in proto.graph.node).most_common())
-        self.inputs = self.session.get_inputs()
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self._binding: Any = None
-
-    def feeds(self, batch: int, seed: int) -> list[np.ndarray]:
-        rng = np.random.default_rng(seed)
-        arrays = []
-        for spec in self.inputs:
-            shape = []
-            for i, dim in enumerate(spec.shape):
-                if isinstance(dim, int):
-                    shape.append(dim)
-                elif i == 0:
-                    shape.append(batch)
-                else:
-                    raise BnmoveError(f"input {spec.name} has a dynamic dimension {dim!r} besides the batch")
-            dtype = _DTYPES.get(spec.type)
-            if dtype is None:
-                raise BnmoveError(f"input {spec.name} has type {spec.type}, which compare cannot generate")
-            arrays.append(rng.standard_normal(shape).astype(dtype))
-        return arrays
-
-    def static_batch(self) -> int | None:
-        first = self.inputs[0].shape[0] if self.inputs[0].shape else None
-        return first if isinstance(first, int) else None
-
-    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        result: list[np.ndarray] = self.session.run(
-            None, {s.name: a for s, a in zip(self.inputs, arrays, strict=True)}
-        )
-        return result
-
-    def bind(self, arrays: list[np.ndarray]) -> None:
-        """Put inputs on the device once; outputs are allocated there too."""
-        if self.plan.provider == "cpu":
-            self._arrays = arrays
-            return
-        ort = import_onnxruntime()
-        binding = self.session.io_binding()
-        device = self.plan.device_id
-        for spec, array in zip(self.inputs, arrays, strict=True):
-            binding.bind_ortvalue_input(spec.name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", device))
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", device)
-        self._binding = binding
-
-    def timed_run(self) -> float:
-        if self._binding is not None:
-            start = time.perf_counter()
-            self.session.run_with_iobinding(self._binding)
-            return time.perf_counter() - start
-        feeds = {s.name: a for s, a in zip(self.inputs, self._arrays, strict=True)}
-        start = time.perf_counter()
-        self.session.run(None, feeds)
-        return time.perf_counter() - start
 
 
 def _deviation(name: str, got: list[np.ndarray], want: list[np.ndarray]) -> OutputDeviation:
@@ -376,21 +166,11 @@ def compare(
     checked = SessionPlan("cpu") if chosen == "cpu" else SessionPlan("cuda", tf32=False)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with tempfile.TemporaryDirectory(prefix="bnmove-compare-") as tmp:
-        runners: dict[str, _Runner] = {}
+        runners: dict[str, Runner] = {}
         for name, path in named.items():
             step(f"loading {name}")
-            runners[name] = _Runner(path, checked, Path(tmp))
-        signature = [(i.shape[1:], i.type) for i in runners[ref].inputs]
-        for name, runner in runners.items():
-            if [(i.shape[1:], i.type) for i in runner.inputs] != signature:
-                raise BnmoveError(f"variant {name} takes different inputs than {ref}")
-        statics = {r.static_batch() for r in runners.values()}
-        sizes = list(batch_sizes)
-        if statics != {None}:
-            fixed = {s for s in statics if s is not None}
-            if len(fixed) > 1 or None in statics:
-                raise BnmoveError("variants mix static and dynamic or different static batch sizes")
-            sizes = [fixed.pop()]
+            runners[name] = Runner(path, checked, Path(tmp))
+        sizes = _batch_sizes(runners, ref, batch_sizes)
 
         accuracies = []
         if batches is not None:  # before the timing, so bad data fails early
@@ -414,46 +194,25 @@ def compare(
         timings: list[Timing] = []
         floors: dict[int, RatioInterval] = {}
         order = [*runners, _FLOOR]
-        floor_tmp = Path(tmp) / "noise-floor"
-        floor_tmp.mkdir()
-        timed: dict[str, _Runner] = {}
+        timed: dict[str, Runner] = {}
         for batch in sizes:
             step(f"timing batch {batch}")
             if not timed or plan_for(ref, batch) != timed[ref].plan:  # (TensorRT: an engine for
                 timed.clear()  # each batch size; the CPU: this batch's threads), the last freed first
                 for name in runners:
                     plan = plan_for(name, batch)
-                    timed[name] = runners[name] if plan == checked else _Runner(named[name], plan)
+                    timed[name] = runners[name] if plan == checked else Runner(named[name], plan)
                 # the noise floor: the reference's own file in a second session (byte-identical by
                 # definition, external weights included), timed in the same rounds
-                timed[_FLOOR] = _Runner(named[ref], plan_for(ref, batch))
+                timed[_FLOOR] = Runner(named[ref], plan_for(ref, batch))
             arrays = runners[ref].feeds(batch, seed=batch)
             for runner in timed.values():
                 runner.bind(arrays)
                 for _ in range(warmup):
                     runner.timed_run()
             samples = _timed_rounds(timed, order, iterations, seconds)
-            ref_p50 = float(np.percentile(np.asarray(samples[ref]) * 1000.0, 50))
             floors[batch] = ratio_interval(samples[_FLOOR], samples[ref], seed=batch)
-            for name in runners:
-                ms = np.asarray(samples[name]) * 1000.0
-                p50 = float(np.percentile(ms, 50))
-                interval = ratio_interval(samples[name], samples[ref], seed=batch)
-                timings.append(
-                    Timing(
-                        variant=name,
-                        batch_size=batch,
-                        runs=len(ms),
-                        mean_ms=float(ms.mean()),
-                        p50_ms=p50,
-                        p90_ms=float(np.percentile(ms, 90)),
-                        p99_ms=float(np.percentile(ms, 99)),
-                        throughput=batch / (p50 / 1000.0),
-                        ratio=p50 / ref_p50,
-                        ratio_low=interval.low,
-                        ratio_high=interval.high,
-                    )
-                )
+            timings += [_timing(name, batch, samples[name], samples[ref]) for name in runners]
         timed.clear()
         variants = [
             VariantInfo(
@@ -467,9 +226,11 @@ def compare(
         ]
         timed_with = plan_for(ref, sizes[0]).describe()
         if chosen == "tensorrt":
-            timed_with = "TensorRT, one engine per batch size: float32 (TF32 allowed, its default)"
-            timed_with += ", INT8 for the quantized variants" if quantized else ""
-            timed_with += f"; engines cached in {cache}"
+            timed_with = (
+                "TensorRT, one engine per batch size: float32 (TF32 allowed, its default)"
+                + (", INT8 for the quantized variants" if quantized else "")
+                + f"; engines cached in {cache}"
+            )
     return Comparison(
         provider=chosen,
         device=_device_name(chosen),
@@ -485,6 +246,43 @@ def compare(
         timed_with=timed_with,
         checked_with=checked.describe(),
         threads=counts,
+    )
+
+
+def _batch_sizes(runners: dict[str, Runner], ref: str, asked: Sequence[int]) -> list[int]:
+    """The batch sizes to time: those asked for, or the one a static-batch export fixes; one clear
+    error for variants that take other inputs than the reference."""
+    signature = [(i.shape[1:], i.type) for i in runners[ref].inputs]
+    for name, runner in runners.items():
+        if [(i.shape[1:], i.type) for i in runner.inputs] != signature:
+            raise BnmoveError(f"variant {name} takes different inputs than {ref}")
+    statics = {r.static_batch() for r in runners.values()}
+    if statics == {None}:
+        return list(asked)
+    fixed = {s for s in statics if s is not None}
+    if len(fixed) > 1 or None in statics:
+        raise BnmoveError("variants mix static and dynamic or different static batch sizes")
+    return [fixed.pop()]
+
+
+def _timing(name: str, batch: int, seconds: Sequence[float], reference: Sequence[float]) -> Timing:
+    """One variant's latency percentiles at one batch size, and its ratio to the reference timed in
+    the same rounds, with the ratio's 95% interval."""
+    ms = np.asarray(seconds) * 1000.0
+    p50 = float(np.percentile(ms, 50))
+    interval = ratio_interval(seconds, reference, seed=batch)
+    return Timing(
+        variant=name,
+        batch_size=batch,
+        runs=len(ms),
+        mean_ms=float(ms.mean()),
+        p50_ms=p50,
+        p90_ms=float(np.percentile(ms, 90)),
+        p99_ms=float(np.percentile(ms, 99)),
+        throughput=batch / (p50 / 1000.0),
+        ratio=p50 / float(np.percentile(np.asarray(reference) * 1000.0, 50)),
+        ratio_low=interval.low,
+        ratio_high=interval.high,
     )
 
 
@@ -504,21 +302,21 @@ def timing_plan(
 
 
 def _cpu_threads(
-    path: Path, reference: _Runner, sizes: Sequence[int], given: int | None
+    path: Path, reference: Runner, sizes: Sequence[int], given: int | None
 ) -> dict[int, ThreadChoice]:
     """Per batch size, onnxruntime's intra-op threads for the CPU timings: ``given``, or one thread
     on busy cores, else the faster of one thread and every core on a few runs of the reference
     (`bnmove.core.threads.choose_count`)."""
     if given is not None:
         return dict.fromkeys(sizes, ThreadChoice(given))
-    probes: dict[int, _Runner] = {}
+    probes: dict[int, Runner] = {}
 
     def runs_at(batch: int) -> Callable[[int], Callable[[], object]]:
         arrays = reference.feeds(batch, seed=batch)
 
         def at(count: int) -> Callable[[], object]:
             if count not in probes:
-                probes[count] = _Runner(path, SessionPlan("cpu", threads=count))
+                probes[count] = Runner(path, SessionPlan("cpu", threads=count))
             probes[count].bind(arrays)
             return probes[count].timed_run
 
@@ -528,7 +326,7 @@ def _cpu_threads(
 
 
 def _timed_rounds(
-    timed: dict[str, _Runner], order: list[str], iterations: int | None, seconds: float | None
+    timed: dict[str, Runner], order: list[str], iterations: int | None, seconds: float | None
 ) -> dict[str, list[float]]:
     """Seconds per run of each session, round by round, each round in a rotated order."""
     samples: dict[str, list[float]] = {n: [] for n in order}

@@ -28,13 +28,20 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..errors import BnmoveError
 from .providers import PROVIDERS, _banner_reason, _silenced_stderr, import_onnxruntime
+
+if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -192,3 +199,89 @@ def default_cache_dir() -> Path:
     """Where TensorRT engines are kept unless told: ``$XDG_CACHE_HOME/bnmove/tensorrt``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "bnmove" / "tensorrt"
+
+
+DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def _label(node: onnx.NodeProto) -> str:
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type
+    return f"{node.domain.rsplit('.', 1)[-1]}.{node.op_type}"
+
+
+class Runner:
+    """One variant's session (opened by `open_session`), with device-bound I/O on GPU providers."""
+
+    def __init__(self, path: Path, plan: SessionPlan, tmp: Path | None = None) -> None:
+        """``tmp``: a folder to save the optimised graph in, to count its nodes (None: not counted)."""
+        import onnx
+
+        optimized = tmp / f"{path.stem}.optimized.onnx" if tmp is not None else None
+        self.session = open_session(path, plan, optimized=optimized)
+        self.plan = plan
+        self.optimized_nodes: dict[str, int] = {}
+        if optimized is not None and optimized.exists():
+            proto = onnx.load(str(optimized), load_external_data=False)
+            self.optimized_nodes = dict(Counter(_label(n) for n in proto.graph.node).most_common())
+        self.inputs = self.session.get_inputs()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._binding: Any = None
+
+    def feeds(self, batch: int, seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        arrays = []
+        for spec in self.inputs:
+            shape = []
+            for i, dim in enumerate(spec.shape):
+                if isinstance(dim, int):
+                    shape.append(dim)
+                elif i == 0:
+                    shape.append(batch)
+                else:
+                    raise BnmoveError(f"input {spec.name} has a dynamic dimension {dim!r} besides the batch")
+            dtype = DTYPES.get(spec.type)
+            if dtype is None:
+                raise BnmoveError(f"input {spec.name} has type {spec.type}, which compare cannot generate")
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+        return arrays
+
+    def static_batch(self) -> int | None:
+        first = self.inputs[0].shape[0] if self.inputs[0].shape else None
+        return first if isinstance(first, int) else None
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        result: list[np.ndarray] = self.session.run(
+            None, {s.name: a for s, a in zip(self.inputs, arrays, strict=True)}
+        )
+        return result
+
+    def bind(self, arrays: list[np.ndarray]) -> None:
+        """Put inputs on the device once; outputs are allocated there too."""
+        if self.plan.provider == "cpu":
+            self._arrays = arrays
+            return
+        ort = import_onnxruntime()
+        binding = self.session.io_binding()
+        device = self.plan.device_id
+        for spec, array in zip(self.inputs, arrays, strict=True):
+            binding.bind_ortvalue_input(spec.name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", device))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", device)
+        self._binding = binding
+
+    def timed_run(self) -> float:
+        if self._binding is not None:
+            start = time.perf_counter()
+            self.session.run_with_iobinding(self._binding)
+            return time.perf_counter() - start
+        feeds = {s.name: a for s, a in zip(self.inputs, self._arrays, strict=True)}
+        start = time.perf_counter()
+        self.session.run(None, feeds)
+        return time.perf_counter() - start

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..core.atomic import atomic_path
 from ..deploy.accuracy import Accuracy
-from ..deploy.runtime import Comparison, OutputDeviation, VariantInfo
+from ..deploy.comparison import Comparison, OutputDeviation, VariantInfo
 from ..deploy.sessions import int8_execution
 from ..study.stats import ACCURACY
 from ._shared import require_matplotlib
