@@ -115,11 +115,27 @@ def test_an_interrupted_parallel_study_resumes(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        experiment(Net(), data, seeds=3, on_progress=interrupt_once_a_run_is_kept, training=Training(epochs=3, batch_size=16), execution=Execution(jobs=2, devices=["cpu"], jobs_dir=jobs))  # fmt: skip
+        experiment(
+            Net(),
+            data,
+            seeds=3,
+            on_progress=interrupt_once_a_run_is_kept,
+            training=Training(epochs=3, batch_size=16),
+            execution=Execution(jobs=2, devices=["cpu"], jobs_dir=jobs),
+        )
     kept = {p.stem for p in jobs.glob("*.json")}
     assert stop.is_set() and 1 <= len(kept) < 6
     started: list[str] = []
-    resumed = experiment(Net(), data, seeds=3, on_progress=lambda e: started.append(f"{e.variant}-seed{e.seed}") if isinstance(e, RunStarted) else None, training=Training(epochs=3, batch_size=16), execution=Execution(jobs=2, devices=["cpu"], jobs_dir=jobs))  # fmt: skip
+    resumed = experiment(
+        Net(),
+        data,
+        seeds=3,
+        on_progress=lambda e: (
+            started.append(f"{e.variant}-seed{e.seed}") if isinstance(e, RunStarted) else None
+        ),
+        training=Training(epochs=3, batch_size=16),
+        execution=Execution(jobs=2, devices=["cpu"], jobs_dir=jobs),
+    )
     assert not kept & set(started) and len(kept) + len(started) == 6  # nothing kept is trained again
     assert len(resumed.records) == 6 * 3
 
@@ -157,7 +173,14 @@ def test_ray_backend_runs_the_same_study() -> None:
             execution=Execution(device="cpu"),
         )
         started: list[tuple[str, int, str]] = []
-        on_ray = experiment(Net(), data, seeds=2, on_progress=lambda e: started.append(e) if isinstance(e, RunStarted) else None, training=Training(epochs=2, batch_size=16), execution=Execution(devices=["cpu"], jobs=2, backend="ray"))  # fmt: skip
+        on_ray = experiment(
+            Net(),
+            data,
+            seeds=2,
+            on_progress=lambda e: started.append(e) if isinstance(e, RunStarted) else None,
+            training=Training(epochs=2, batch_size=16),
+            execution=Execution(devices=["cpu"], jobs=2, backend="ray"),
+        )
     finally:
         ray.shutdown()
     _same_runs(serial, on_ray, 1e-3)
@@ -219,7 +242,13 @@ def test_mixed_precision_and_channels_last_on_the_cpu(tmp_path: Path) -> None:
         training=Training(epochs=2, batch_size=16, threads=1),
         execution=Execution(device="cpu"),
     )
-    mixed = experiment(Net(), data, seeds=1, training=Training(epochs=2, batch_size=16, amp=True, channels_last=True), execution=Execution(device="cpu", jobs_dir=tmp_path / "jobs"))  # fmt: skip
+    mixed = experiment(
+        Net(),
+        data,
+        seeds=1,
+        training=Training(epochs=2, batch_size=16, amp=True, channels_last=True),
+        execution=Execution(device="cpu", jobs_dir=tmp_path / "jobs"),
+    )
     assert plain.precision == "float32" and mixed.precision == "mixed bfloat16, channels-last"
     assert mixed.start_digests == plain.start_digests
     for a, b in zip(plain.records, mixed.records, strict=True):  # bfloat16 rounds; training still the same
