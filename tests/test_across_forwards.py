@@ -138,3 +138,30 @@ def test_a_forward_branching_on_a_tensor_stays_unmovable_in_inspect_and_convert_
         assert [(m.moved, m.reason) for m in result.moves if m.pair.placement] == [
             (False, p.reason) for p in pairs
         ]
+
+
+def test_a_forward_that_never_reads_training_is_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its train-mode trace would be the eval one: child modules are leaves of the trace."""
+    from bnmove.moving import surgery
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.drop = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(torch.relu(self.bn(self.conv(x))))
+
+    class Branching(Plain):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn(self.conv(x)))
+            return y * 0.5 if self.training else y
+
+    traced: list[bool] = []
+    real = surgery._trace
+    monkeypatch.setattr(surgery, "_trace", lambda m, c=None: (traced.append(m.training), real(m, c))[1])
+    assert [key for key, _ in surgery.trace_own_forward(Plain())] == [frozenset()]
+    assert traced == [False]
+    traced.clear()
+    graphs = surgery.trace_own_forward(Branching())
+    assert traced == [False, True] and len(graphs) == 2  # one graph per mode

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import re
+import weakref
 from collections import Counter, OrderedDict
 from typing import Any
 
@@ -210,6 +211,37 @@ def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> fx.Grap
     return graph
 
 
+#: classes already read by `_reads_training` (weakly: fx makes a class per GraphModule)
+_READS_TRAINING: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _reads_training(cls: type) -> bool:
+    """Whether any method ``cls`` defines (or inherits from a class below ``nn.Module``) mentions
+    ``training``: only such a forward can trace differently in train mode (child modules are
+    leaves of the trace, so their own reading of it never reaches the graph). Where a source
+    cannot be read, assume it does."""
+    if cls not in _READS_TRAINING:
+        _READS_TRAINING[cls] = _mentions_training(cls)
+    return _READS_TRAINING[cls]
+
+
+def _mentions_training(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for member in vars(klass).values():
+            function = getattr(member, "__func__", member)
+            if not inspect.isfunction(function):
+                continue
+            try:
+                source = inspect.getsource(function)
+            except (OSError, TypeError):
+                return True
+            if re.search(r"\btraining\b", source):
+                return True
+    return False
+
+
 def trace_own_forward(
     module: nn.Module, specialise: dict[str, Any] | None = None
 ) -> list[tuple[frozenset[str], fx.Graph]]:
@@ -242,12 +274,13 @@ def trace_own_forward(
     variants: list[tuple[frozenset[str], fx.Graph]] = []
     with kept_modes(module):
         module.training = False
-        general = _trace(module, concrete)
-        module.training = True
-        trained = _trace(module, concrete)
-        modes = (
-            [False] if general.python_code("self").src == trained.python_code("self").src else [False, True]
-        )
+        general = trained = _trace(module, concrete)
+        modes = [False]
+        if generated is not None or _reads_training(type(module)):  # else both modes trace alike
+            module.training = True
+            trained = _trace(module, concrete)
+            if general.python_code("self").src != trained.python_code("self").src:
+                modes.append(True)
         for mode in modes:
             module.training = mode
             variants.extend(
