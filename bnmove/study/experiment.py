@@ -258,6 +258,40 @@ class Execution:
     keep_models: bool = False
 
 
+def _loop_plan(
+    model: nn.Module,
+    data: Dataset,
+    loop: Training,
+    where: Execution,
+    target: torch.device,
+    from_pretrained: bool,
+    settings: dict[str, Any],
+) -> LoopPlan:
+    """What bnmove's loop runs for every (placement, seed), and the settings its runs are kept by."""
+    precision = Precision.choose(target, data.sample(2), loop.amp, loop.channels_last, loop.deterministic)
+    settings |= {
+        "training": "bnmove",
+        "epochs": loop.epochs,
+        "batch_size": loop.batch_size,
+        "recipe": loop.recipe.to_dict(),
+        "precision": precision.describe(),
+        **({"precise_bn": loop.precise_bn} if loop.precise_bn else {}),
+    }
+    return LoopPlan(
+        clone_module(model).cpu(), data, loop.epochs, loop.batch_size, loop.recipe, from_pretrained,
+        precision, where.keep_models, loop.precise_bn, settings, fingerprint(settings),
+    )  # fmt: skip
+
+
+def _thread_choice(plan: LoopPlan, threads: int | None) -> ThreadChoice:
+    """The loop's CPU threads: as given, or chosen on one of its training steps."""
+    if threads is not None and threads < 1:
+        raise BnmoveError("threads must be at least 1")
+    if threads is not None:
+        return ThreadChoice(threads)
+    return choose_threads(training_step(plan.model, plan.data, plan.batch_size), available_cores())
+
+
 def experiment(
     model: nn.Module,
     data: Dataset
@@ -325,24 +359,23 @@ def experiment(
     if train is not None and training is not None:
         raise BnmoveError("training= is for bnmove's loop; with train= your own training trains")
     loop, where = training or Training(), execution or Execution()
-    epochs, batch_size, precise_bn = loop.epochs, loop.batch_size, loop.precise_bn
     recipe: Recipe | None = loop.recipe
-    threads, deterministic = loop.threads, loop.deterministic
-    device, devices, jobs, backend = where.device, where.devices, where.jobs, where.backend
-    jobs_dir, keep_models = where.jobs_dir, where.keep_models
+    jobs, jobs_dir = where.jobs, where.jobs_dir
     unknown = [p for p in placements if p not in VARIANTS]
     if unknown or not placements:
         raise BnmoveError(
             f"unknown placement {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
         )
-    if epochs < 1 or batch_size < 1:
+    if loop.epochs < 1 or loop.batch_size < 1:
         raise BnmoveError("epochs and batch size must be at least 1")
-    if precise_bn < 0:
+    if loop.precise_bn < 0:
         raise BnmoveError("precise_bn is a number of training samples, 0 or more")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise BnmoveError("give at least one seed")
-    targets = parse_devices(devices or [device or ("cuda" if torch.cuda.is_available() else "cpu")])
+    targets = parse_devices(
+        where.devices or [where.device or ("cuda" if torch.cuda.is_available() else "cpu")]
+    )
     check_devices(targets)
     notes: list[str] = []
     if data is not None:
@@ -350,33 +383,21 @@ def experiment(
         if reset:
             log.info(reset)
             notes.append(reset)
-    plan: LoopPlan | UserPlan
     settings: dict[str, Any] = {
         "model": _model_digest(model, from_pretrained),
         "from_pretrained": from_pretrained,
     }
     if data is not None:
         settings["data"] = _data_digest(data)
+    plan: LoopPlan | UserPlan
     if train is None:
         if data is None:
             raise BnmoveError("bnmove's training loop needs data; or pass train= for your own training")
-        precision = Precision.choose(targets[0], data.sample(2), loop.amp, loop.channels_last, deterministic)
-        settings |= {
-            "training": "bnmove",
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "recipe": loop.recipe.to_dict(),
-            "precision": precision.describe(),
-            **({"precise_bn": precise_bn} if precise_bn else {}),
-        }
-        plan = LoopPlan(
-            clone_module(model).cpu(), data, epochs, batch_size, loop.recipe, from_pretrained, precision,
-            keep_models, precise_bn, settings, fingerprint(settings),
-        )  # fmt: skip
-        run_one: Callable[..., Any] = train_run
         if metric not in (None, ACCURACY.name):
             raise BnmoveError("bnmove's loop compares val_accuracy; metric= is for your own training")
-        compared = ACCURACY
+        plan = _loop_plan(model, data, loop, where, targets[0], from_pretrained, settings)
+        run_one: Callable[..., Any] = train_run
+        compared, precision = ACCURACY, plan.precision
     else:
         trainer = Command(train) if isinstance(train, str) else train
         if isinstance(trainer, Command) and jobs_dir is None:
@@ -385,28 +406,16 @@ def experiment(
         settings["training"] = _training_name(trainer)
         compared = Metric(metric or ACCURACY.name, higher_is_better, percent=False)
         plan = UserPlan(
-            clone_module(model).cpu(), example, from_pretrained, trainer, jobs_dir, keep_models,
+            clone_module(model).cpu(), example, from_pretrained, trainer, jobs_dir, where.keep_models,
             settings, fingerprint(settings),
         )  # fmt: skip
         run_one = user_run
         recipe, precision = None, Precision()
 
-    count = threads_set(torch.get_num_threads())  # as it is, where the runs are not this loop on the CPU
-    thread_note = ""
-    if (
-        run_one is train_run
-        and backend == "local"
-        and (jobs or len(targets)) == 1
-        and targets[0].type == "cpu"
-    ):
-        assert isinstance(data, Dataset)
-        if threads is not None and threads < 1:
-            raise BnmoveError("threads must be at least 1")
-        choice = (
-            ThreadChoice(threads)
-            if threads is not None
-            else choose_threads(training_step(plan.model, data, batch_size), available_cores())
-        )
+    thread_note, count = "", threads_set(torch.get_num_threads())  # as it is, unless chosen below
+    single = where.backend == "local" and (jobs or len(targets)) == 1 and targets[0].type == "cpu"
+    if isinstance(plan, LoopPlan) and single:  # one run at a time on the CPU: bnmove's loop chooses
+        choice = _thread_choice(plan, loop.threads)
         thread_note = choice.describe()
         notes.append(f"threads: {thread_note}")
         count = threads_set(choice.threads)
@@ -428,7 +437,7 @@ def experiment(
             [run for run in runs if run not in finished],
             devices=[str(t) for t in targets],
             jobs=jobs or len(targets),
-            backend=backend,
+            backend=where.backend,
             on_event=on_event,
         ):
             if jobs_dir is not None:  # kept before the metric is checked: fixing --metric reuses it
@@ -443,7 +452,7 @@ def experiment(
     return ExperimentResult(
         placements=list(placements),
         seeds=seed_list,
-        epochs=epochs if train is None else 0,
+        epochs=loop.epochs if train is None else 0,
         dataset=data.name if data is not None else "your data",
         device=", ".join(str(t) for t in targets),
         from_pretrained=from_pretrained,
@@ -454,7 +463,7 @@ def experiment(
         batch_digests={run.key: finished[run].batch_digest for run in runs if finished[run].batch_digest},
         models=models,
         precision=precision.describe(),
-        precise_bn=precise_bn,
+        precise_bn=loop.precise_bn,
         metrics={run.key: finished[run].metrics for run in runs},
         metric=compared,
         training=settings["training"],
