@@ -126,10 +126,15 @@ def provider_problem(name: str) -> str | None:
             actual = session.get_providers()[0]
             problem = None if actual == PROVIDERS[name] else _banner_reason(banner.getvalue(), actual)
         except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            problem = (lines[0] if lines else type(exc).__name__)[:200]
+            problem = first_line(exc)
     _WORKS[name] = problem
     return problem
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, at most 200 characters (onnxruntime's errors run to dozens of lines)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _banner_reason(banner: str, actual: str) -> str:

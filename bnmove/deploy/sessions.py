@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BnmoveError
-from .providers import PROVIDERS, _banner_reason, _silenced_stderr, import_onnxruntime
+from .providers import PROVIDERS, _banner_reason, _silenced_stderr, first_line, import_onnxruntime
 
 if TYPE_CHECKING:  # onnx costs 0.7 s to import: only the commands that export load it
     import onnx
@@ -134,7 +134,7 @@ def open_session(path: Path, plan: SessionPlan, *, optimized: Path | None = None
             warnings.simplefilter("ignore", UserWarning)
             session = ort.InferenceSession(str(path), options, providers=plan.providers())
     except Exception as exc:
-        raise BnmoveError(f"{path}: onnxruntime cannot load it ({_first_line(exc)})") from exc
+        raise BnmoveError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from exc
     session.disable_fallback()  # an error while running is an error, not a silent move to the CPU
     check_providers(session.get_providers(), plan, path, banner.getvalue())
     return session
@@ -188,11 +188,6 @@ def int8_execution(provider: str) -> str:
         # QuantizeLinear, so the timing is of float math plus the (de)quantization around it
         return "int8 emulated in float"
     return "int8"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def default_cache_dir() -> Path:
