@@ -268,12 +268,14 @@ def _alarm(signum: int, frame: Any) -> None:
 
 def _scripts(model: nn.Module, inputs: tuple[Any, ...]) -> bool | None:
     """Whether the scripted model computes the same; None when TorchScript refuses it."""
+    with torch.no_grad():
+        want = model(*inputs)  # before scripting, which may put a module's scriptable twin in its place
     try:
         scripted = torch.jit.script(model)
     except Exception:
         return None
     with torch.no_grad():
-        return _same(model(*inputs), scripted(*inputs))
+        return _same(want, scripted(*inputs))
 
 
 def check(

@@ -10,10 +10,12 @@ The code reaches the module's layers and tensors through one child, ``module``
 shared, so the forward always runs the module's current layers: a layer swapped in later (a new
 head, a quantized layer) runs, a device move is followed, and fx tracing of the model sees only
 the model's own layers. (A GraphModule made over the module itself would hold its own references
-to the layers, which loading and deep-copying keep as they were then.) TorchScript compiles the
-code against the module, which has no ``module`` attribute, so it refuses such a forward; the
-module's TorchScript type is keyed by the code, so that it never compiles the class's forward of
-an unchanged module of its class in its stead.
+to the layers, which loading and deep-copying keep as they were then.)
+
+TorchScript compiles the code against the module, which has no ``module`` attribute: the module's
+``__prepare_scriptable__`` hands it a scriptable twin instead, the same code over the module's own
+names (see `_prepare_for_torchscript`), and the module's TorchScript type is keyed by the code, so
+that it never compiles the class's forward of an unchanged module of its class in its stead.
 
 A forward that needs several graphs (one per mode of ``self.training``, or per optional argument
 left at ``None``) dispatches between them at each call, which no GraphModule can hold: it stays a
@@ -175,12 +177,17 @@ def _is_view_of(candidate: object, module: nn.Module) -> bool:
 
 def _retarget(graph: fx.Graph, prefix: str, strip: bool) -> fx.Graph:
     """A copy of ``graph`` whose module and attribute targets gain (or lose) ``prefix.``."""
-    new = fx.Graph()
-    new.output(new.graph_copy(graph, {}))
+    new = _copy(graph)
     for node in new.nodes:
         if node.op in ("call_module", "get_attr"):
             target = str(node.target)
             node.target = target.removeprefix(f"{prefix}.") if strip else f"{prefix}.{target}"
+    return new
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    new.output(new.graph_copy(graph, {}))
     new._tracer_cls = None  # bnmove's tracer would be named in the pickle; torch's rebuilds it
     return new
 
@@ -193,9 +200,12 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
     graph_module = getattr(forward, "__self__", None)
     if not isinstance(forward, types.MethodType) or not isinstance(graph_module, fx.GraphModule):
         return None
-    if not _is_view_of(graph_module._modules.get(_VIEW), module):
+    if _is_view_of(graph_module._modules.get(_VIEW), module):
+        graph = _retarget(graph_module.graph, _VIEW, strip=True)
+    elif _names_resolve(graph_module.graph, module):
+        graph = _copy(graph_module.graph)  # a scriptable twin's forward, over the module's own names
+    else:
         return None
-    graph = _retarget(graph_module.graph, _VIEW, strip=True)
     function = _forward_from_src(GraphForward._source_of(graph), {})
     return InstalledForward(
         [(frozenset(), graph)],
@@ -203,6 +213,24 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
         function,
         lambda training, nones: function,
     )
+
+
+def _names_resolve(graph: fx.Graph, module: nn.Module) -> bool:
+    """Whether every layer and attribute ``graph`` reads is one of ``module``'s own."""
+    try:
+        for node in graph.nodes:
+            if node.op == "call_module":
+                module.get_submodule(str(node.target))
+            elif node.op == "get_attr":
+                _attribute(module, str(node.target))
+    except AttributeError:
+        return False
+    return True
+
+
+def _attribute(module: nn.Module, target: str) -> object:
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner), name)
 
 
 def install_forward(
@@ -229,9 +257,46 @@ def install_forward(
     graph_module.add_module(_VIEW, view)  # the view itself, not the copy of its layers fx made
     graph_module.meta[_SPECIALISED] = dict(specialised or {})
     module.__dict__["forward"] = graph_module.forward
-    # else TorchScript would compile the class's forward of an unchanged twin in its stead
+    # else TorchScript would compile the class's forward of an unchanged module of its class instead
     key_script_type(module, "generated forward", graph_module.code)
+    _prepare_for_torchscript(module, variants[0][1])
     return True
+
+
+#: the instance attribute through which `torch.jit.script` swaps in a module's scriptable twin
+_PREPARE = "__prepare_scriptable__"
+
+
+def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
+    """Let ``torch.jit.script`` compile this module's generated forward.
+
+    TorchScript compiles the source of ``module.forward`` against the module, and the source of the
+    installed forward reaches the layers through the view (``self.module.conv1``), which the module
+    has not. Before scripting, TorchScript asks every module for ``__prepare_scriptable__()`` and
+    scripts what it returns in the module's place (also in its parent's children). The module gets
+    that attribute: the bound forward of a GraphModule that returns the module's *twin*, an instance
+    of its class with the module's own attribute dictionaries (parameters, buffers, children, hooks:
+    shared, not copied) whose forward is the same graph over the module's own names
+    (``self.conv1``). The twin pickles and deep-copies with the module, its dictionaries still
+    the module's, and loads with torch alone. A class that defines ``__prepare_scriptable__``
+    itself keeps its own.
+    """
+    if _PREPARE in module.__dict__:
+        del module.__dict__[_PREPARE]  # a forward installed again gets a new twin
+    if hasattr(type(module), _PREPARE):
+        return
+    direct = fx.GraphModule(module, _copy(graph), class_name=f"{type(module).__name__}Script")
+    twin = type(module).__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    for key in _STATE:  # its code reads the module's current layers (fx copied the ones it saw)
+        direct.__dict__[key] = module.__dict__[key]
+    twin.__dict__["forward"] = direct.forward
+    holder = nn.Module()
+    holder.add_module("twin", twin)
+    returns = fx.Graph()
+    returns.output(returns.get_attr("twin"))
+    prepare = fx.GraphModule(holder, returns, class_name=f"{type(module).__name__}Scriptable")
+    module.__dict__[_PREPARE] = prepare.forward
 
 
 @contextlib.contextmanager
