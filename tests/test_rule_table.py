@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
 
+from bnmove import convert, sample_models
 from bnmove.analysis.layers import AFFINE_LAYERS
 from bnmove.core.affine import ChannelAffine
+from bnmove.rules import RULES, Method
 from bnmove.rules.table import FOLDS, fold_for, fold_map
 
 LAYERS = {
@@ -67,3 +70,19 @@ def test_the_folded_layer_computes_the_map_and_the_layer(name: str, direction: s
             else layer(x * _channels_view(a, x.dim()) + _channels_view(b, x.dim()))
         )
     assert torch.allclose(got, want, atol=1e-12), (got - want).abs().max()
+
+
+def test_every_rule_reports_one_typed_method_that_says_whether_it_keeps_outputs() -> None:
+    """``Move.method`` is a `Method`: the rules name theirs, exact and fitted are its properties (no
+    string prefixes), and it prints and serialises as its value, as the JSON reports did."""
+    assert {type(rule.method) for rule in RULES.values()} == {Method}
+    assert [m.value for m in Method if m.exact] == ["exact", "exact-kept-affine"]
+    assert [m.value for m in Method if m.fitted] == ["fit-data-free", "fit-calibrated", "fit-synthetic"]
+    assert Method.fitted_on("calibrated") is Method.FIT_CALIBRATED
+    assert json.dumps([Method.SWAP]) == '["swap"]' and f"{Method.EXACT_KEPT_AFFINE}" == "exact-kept-affine"
+    model = sample_models.resnet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    for method in ("exact", "fit", "swap"):
+        for move in convert(model, "after", method=method, example_inputs=(x,)).moved:
+            assert isinstance(move.method, Method)
+            assert move.keeps_outputs == move.method.exact, (method, move.method)

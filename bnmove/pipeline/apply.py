@@ -7,7 +7,7 @@ from torch import nn
 from ..analysis.detect import Site
 from ..analysis.patterns import is_frozen_batchnorm
 from ..fitting.sequential import PairPlan
-from ..rules import ABSORB, Rule
+from ..rules import ABSORB, Method, Rule
 from .analyse import Analysis
 from .calibration import NOT_CALIBRATED, Calibrator
 from .plan import Decision
@@ -75,7 +75,7 @@ def _move(
         if calibrator is not None and rule.fits:
             notes.append(NOT_CALIBRATED)
         plan = None
-    why = site.pair.reason if rule.method != "exact" and method in ("auto", "exact") else None
+    why = site.pair.reason if rule.method is not Method.EXACT and method in ("auto", "exact") else None
     move = Move(site.pair, True, rule.method, why, tuple(notes), applied.error, moved_to, rule=rule.name)
     return move, plan
 

@@ -30,7 +30,7 @@ from ..errors import BnmoveError
 from ..fitting.calibrate import Batch, call_model, refit_blocker
 from ..fitting.sequential import PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
-from ..rules import KeptAffine, pair_activation
+from ..rules import KeptAffine, Method, pair_activation
 from .plan import check_choice
 from .results import CalibrationCheck, Move, Progress
 
@@ -214,7 +214,7 @@ class Calibrator:
             return replace(move, notes=(*move.notes, NOT_CALIBRATED))
         kept = [n for n in move.notes if not n.startswith("data-free fit:")]
         notes = [n.replace("calibrated fit", f"{self.source} fit", 1) for n in plan.notes]
-        return replace(move, method=f"fit-{self.source}", effect=plan.effect, notes=(*notes, *kept))
+        return replace(move, method=Method.fitted_on(self.source), effect=plan.effect, notes=(*notes, *kept))
 
 
 #: why a pair fitted while calibration data was given still holds a Gaussian fit

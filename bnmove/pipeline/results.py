@@ -11,6 +11,7 @@ from torch import nn
 from ..analysis.detect import Pair
 from ..analysis.tracing import Untraced
 from ..core.fidelity import Deviation
+from ..rules.base import Method
 
 #: ``(what, done, total)``: what a long conversion is doing now (``total`` None: no count)
 Progress = Callable[[str, int, "int | None"], None]
@@ -26,11 +27,9 @@ class Move:
 
     pair: Pair
     moved: bool
-    #: "exact" (BN folded into a neighbour, eval outputs kept); "exact-kept-affine" (the BN's
-    #: eval-mode affine kept as a ChannelAffine layer, eval outputs kept); "fit-data-free" / "fit-calibrated" / "fit-synthetic"
-    #: (BN' fitted to reproduce the block from Gaussian inputs / real data / synthetic
-    #: inputs); "swap" (reordered, parameters untouched); None if not moved
-    method: str | None
+    #: how (`bnmove.rules.Method`, a ``str``): "exact", "exact-kept-affine", "fit-data-free",
+    #: "fit-calibrated", "fit-synthetic" or "swap"; None if not moved
+    method: Method | None
     reason: str | None = None
     notes: tuple[str, ...] = ()
     #: the fitted block's relative RMS error on the fitting samples (fits only)
@@ -47,7 +46,7 @@ class Move:
 
     @property
     def keeps_outputs(self) -> bool:
-        return (not self.moved and self.absorbed is None) or (self.method or "").startswith("exact")
+        return (not self.moved and self.absorbed is None) or (self.method is not None and self.method.exact)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,9 +112,9 @@ class Conversion:
             "method": self.method,
             "moved": len(self.moved),
             "moved_exact": sum(1 for m in self.moved if m.keeps_outputs),
-            "moved_kept_affine": sum(1 for m in self.moved if m.method == "exact-kept-affine"),
-            "moved_swap": sum(1 for m in self.moved if m.method == "swap"),
-            "moved_fit": sum(1 for m in self.moved if (m.method or "").startswith("fit")),
+            "moved_kept_affine": sum(1 for m in self.moved if m.method is Method.EXACT_KEPT_AFFINE),
+            "moved_swap": sum(1 for m in self.moved if m.method is Method.SWAP),
+            "moved_fit": sum(1 for m in self.moved if m.method is not None and m.method.fitted),
             "absorbed_affines": len(self.absorbed),
             "moves": [m.to_dict() for m in self.moves],
             "verification": self.verification.to_dict() if self.verification else None,

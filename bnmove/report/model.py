@@ -10,6 +10,7 @@ from rich.table import Table
 from ..analysis.detect import Pair
 from ..analysis.tracing import Untraced
 from ..pipeline.results import Conversion, Move
+from ..rules.base import Method
 from ._shared import WIDE_TABLE, _yes
 
 
@@ -92,42 +93,36 @@ def untraced_lines(untraced: Sequence[Untraced]) -> list[str]:
     ]
 
 
+#: each method in a sentence, and in a table's short column
 _METHOD_LABEL = {
-    "exact": "folded exactly",
-    "exact-kept-affine": "exact with kept affine",
-    "fit-data-free": "fitted to Gaussian statistics",
-    "fit-calibrated": "fitted on data",
-    "fit-synthetic": "fitted on synthetic inputs",
-    "swap": "swapped",
+    Method.EXACT: ("folded exactly", "exact"),
+    Method.EXACT_KEPT_AFFINE: ("exact with kept affine", "exact+affine"),
+    Method.FIT_DATA_FREE: ("fitted to Gaussian statistics", "fit (Gaussian)"),
+    Method.FIT_CALIBRATED: ("fitted on data", "fit (data)"),
+    Method.FIT_SYNTHETIC: ("fitted on synthetic inputs", "fit (synthetic)"),
+    Method.SWAP: ("swapped", "swap"),
 }
 
 
-_SHORT_LABEL = {
-    "exact": "exact",
-    "exact-kept-affine": "exact+affine",
-    "fit-data-free": "fit (Gaussian)",
-    "fit-calibrated": "fit (data)",
-    "fit-synthetic": "fit (synthetic)",
-    "swap": "swap",
-}
+def _label(method: Method | None, short: bool = False) -> str:
+    return _METHOD_LABEL[method or Method.EXACT][int(short)]
 
 
 def _move_result(move: Move, short: bool) -> str:
-    method = move.method or "exact"
+    method = move.method or Method.EXACT
     if move.absorbed is not None:  # stays, and its BN took in a kept affine by fitting
-        labels = _SHORT_LABEL if short else _METHOD_LABEL
-        return f"[cyan]{'absorbed' if short else 'stays, affine absorbed'} ({labels.get(method, method)})[/]"
+        return f"[cyan]{'absorbed' if short else 'stays, affine absorbed'} ({_label(method, short)})[/]"
     if not move.moved:
         return "stays"
     if move.keeps_outputs:
         colour = "green"
-    elif method.startswith("fit"):
+    elif method.fitted:
         colour = "cyan"
     else:
         colour = "yellow"
     if short:
-        return f"[{colour}]{_SHORT_LABEL.get(method, method)}[/]"
-    text = "swap: function changed" if method == "swap" else _METHOD_LABEL.get(method, method)
+        return f"[{colour}]{_label(method, short=True)}[/]"
+    text = "swap: function changed" if method is Method.SWAP else _label(method)
     return f"[{colour}]moved ({text})[/]"
 
 
@@ -165,12 +160,12 @@ def conversion_table(conversion: Conversion, width: int | None = None) -> Table:
 
 def conversion_summary(conversion: Conversion) -> str:
     moved = conversion.moved
-    counts = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in moved)
+    counts = Counter(_label(m.method) for m in moved)
     adjacent = sum(m.pair.placement is not None for m in conversion.moves)
     detail = ", ".join(f"{n} {label}" for label, n in counts.items()) or "none"
     absorbed = conversion.absorbed
     if absorbed:
-        how = Counter(_METHOD_LABEL.get(m.method or "", m.method) for m in absorbed)
+        how = Counter(_label(m.method) for m in absorbed)
         fitted = ", ".join(f"{n} {label}" for label, n in how.items())
         text = f"absorbed {len(absorbed)} kept affine layer{'s' if len(absorbed) > 1 else ''} into their BNs ({fitted})"
         if moved:
@@ -191,9 +186,9 @@ def conversion_summary(conversion: Conversion) -> str:
             f"; eval outputs on {shapes}: max abs error {dev.max_abs_error:.3g}, "
             f"relative {dev.max_rel_error:.3g}"
         )
-        if any(m.method == "swap" for m in moved):
+        if any(m.method is Method.SWAP for m in moved):
             text += " (swaps change the function: retrain or fine-tune)"
-        elif any((m.method or "").startswith("fit") for m in [*moved, *absorbed]):
+        elif any(m.method is not None and m.method.fitted for m in [*moved, *absorbed]):
             text += " (fits approximate the function)"
     # Held-out first: the fits never saw those samples, so that is the figure to trust.
     for check, what in (

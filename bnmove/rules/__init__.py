@@ -28,7 +28,7 @@ from dataclasses import replace
 from ..analysis.detect import Site
 from ._parameters import pair_activation
 from .absorb import Absorb
-from .base import Applied, Check, Context, KeptAffine, Rule
+from .base import Applied, Check, Context, KeptAffine, Method, Rule
 from .fit import FitAfter, FitBefore
 from .fold_backward import FoldBackward
 from .fold_forward import FoldForward
@@ -89,6 +89,7 @@ __all__ = [
     "Check",
     "Context",
     "KeptAffine",
+    "Method",
     "Rule",
     "pair_activation",
     "settle_exact",

@@ -17,7 +17,7 @@ from torch import nn
 from ..analysis.detect import Site
 from ..core import bn_math
 from ._parameters import _BatchNorm, gamma_beta, make_identity, pair_activation
-from .base import Check, Context, Rule, refuse
+from .base import Check, Context, Method, Rule, refuse
 
 _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
 
@@ -41,7 +41,7 @@ class ExactRule(Rule):
     """A rule that keeps the eval-mode function: it needs the BN's eval-mode map, so a BN without
     running statistics (or a functional one) is refused here, once, for every exact rule."""
 
-    method = "exact"
+    method = Method.EXACT
     exact = True
 
     def check(self, site: Site, context: Context) -> Check:

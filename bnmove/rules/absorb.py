@@ -29,7 +29,7 @@ from ..core import bn_math
 from ..core.affine import ChannelAffine, affine_map
 from ..core.modules import set_submodule
 from ._parameters import pair_activation, set_bn
-from .base import Applied, Check, Context, KeptAffine, Rule, refuse
+from .base import Applied, Check, Context, KeptAffine, Method, Rule, refuse
 from .fit import fit_refusal
 
 
@@ -67,7 +67,7 @@ class Absorb(Rule):
     """A kept affine beside a pair already at its placement, fitted into the pair's BN."""
 
     name = "absorb"
-    method = "fit-data-free"
+    method = Method.FIT_DATA_FREE
     fits = True
 
     def check(self, site: Site, context: Context) -> Check:

@@ -12,12 +12,48 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import ClassVar, Literal
 
 from torch import fx, nn
 
 from ..analysis.detect import Placement, RegionView, Site
 from ..core.affine import ChannelAffine
+
+
+class Method(str, Enum):
+    """How a pair was moved: what `bnmove.Move.method` reports (a ``str``: it compares, prints and
+    serialises as its value, e.g. ``"exact-kept-affine"``)."""
+
+    #: the BN folded into a neighbouring layer; eval outputs kept
+    EXACT = "exact"
+    #: the BN's eval-mode affine kept as a `ChannelAffine` layer; eval outputs kept
+    EXACT_KEPT_AFFINE = "exact-kept-affine"
+    #: BN′ fitted to reproduce the block from Gaussian statistics
+    FIT_DATA_FREE = "fit-data-free"
+    #: BN′ fitted on the user's calibration data
+    FIT_CALIBRATED = "fit-calibrated"
+    #: BN′ fitted on synthetic inputs
+    FIT_SYNTHETIC = "fit-synthetic"
+    #: reordered, parameters untouched: the function changes
+    SWAP = "swap"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def exact(self) -> bool:
+        """The eval-mode function is kept."""
+        return self in (Method.EXACT, Method.EXACT_KEPT_AFFINE)
+
+    @property
+    def fitted(self) -> bool:
+        return self in (Method.FIT_DATA_FREE, Method.FIT_CALIBRATED, Method.FIT_SYNTHETIC)
+
+    @classmethod
+    def fitted_on(cls, source: str) -> Method:
+        """The method of a fit refitted on data from ``source`` ("calibrated" or "synthetic")."""
+        return cls(f"fit-{source}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +109,7 @@ class Rule(ABC):
     #: the placement a pair has when the rule moves it (None: either)
     moves: ClassVar[Placement | None] = None
     #: what `bnmove.Move.method` reports for a pair this rule moved
-    method: ClassVar[str]
+    method: ClassVar[Method]
     #: the eval-mode function is kept
     exact: ClassVar[bool] = False
     #: the new parameters are fitted (and refitted on calibration data)

@@ -26,7 +26,7 @@ from ..core import bn_math
 from ..core.affine import affine_map
 from ._exact import bn_module
 from ._parameters import _BatchNorm, batchnorm_at, pair_activation, set_bn
-from .base import Applied, Check, Context, Rule, refuse
+from .base import Applied, Check, Context, Method, Rule, refuse
 
 Samples = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # z (K, C), weights (K,), target (K, C)
 
@@ -49,7 +49,7 @@ def fit_refusal(site: Site, root: nn.Module, modules: dict[str, nn.Module]) -> s
 
 
 class _Fit(Rule):
-    method = "fit-data-free"
+    method = Method.FIT_DATA_FREE
     fits = True
 
     def check(self, site: Site, context: Context) -> Check:

@@ -19,7 +19,7 @@ from ..analysis.patterns import bn_channels
 from ..core.affine import ChannelAffine, affine_map
 from ._exact import ExactRule, identity_after, identity_before
 from ._parameters import _BatchNorm, batchnorm_at
-from .base import Applied, Check, Context
+from .base import Applied, Check, Context, Method
 
 
 def kept_affine(bn: _BatchNorm) -> ChannelAffine:
@@ -37,7 +37,7 @@ def kept_affine(bn: _BatchNorm) -> ChannelAffine:
 
 class KeepAffine(ExactRule):
     name = "keep-affine"
-    method = "exact-kept-affine"
+    method = Method.EXACT_KEPT_AFFINE
 
     def check_map(self, site: Site, context: Context, bn: nn.Module) -> Check:
         return Check()  # any BN with an eval-mode map can keep it as a layer

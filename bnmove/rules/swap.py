@@ -10,12 +10,12 @@ from __future__ import annotations
 from torch import nn
 
 from ..analysis.detect import Site
-from .base import Applied, Check, Context, Rule
+from .base import Applied, Check, Context, Method, Rule
 
 
 class Swap(Rule):
     name = "swap"
-    method = "swap"
+    method = Method.SWAP
 
     def check(self, site: Site, context: Context) -> Check:
         return Check()
