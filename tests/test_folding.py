@@ -14,7 +14,7 @@ from zoo import build, randomize_bn
 
 import bnmove
 from bnmove.deploy.export import ExportOptions, export_variants
-from bnmove.deploy.folding import fold_forward
+from bnmove.deploy.folding import Fate, fold_forward
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,8 @@ def test_fold_forward_after_variant(name: str, folded: dict[str, str], identity:
     assert {b.bn: b.into for b in result.bns if b.fate == "folded-forward"} == folded
     assert {b.bn for b in result.bns if b.fate == "identity"} == identity
     assert not result.standalone
+    assert {type(b.fate) for b in result.bns} == {Fate}  # typed, and the manifest holds the values
+    assert {b["fate"] for b in json.loads(json.dumps(result.manifest()))["bns"]} <= {f.value for f in Fate}
     assert_same_outputs(after, result.model, inputs)
     remaining = {n for n, m in result.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     called = {p.bn for p in bnmove.find_pairs(result.model)}

@@ -21,6 +21,7 @@ normalises in train mode.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from typing import Any
 
 import torch
@@ -41,14 +42,29 @@ from .border import BorderCorrectedConv, absorb_following, border_corrected
 from .gate import GateFold, apply_gate_fold, gate_fold
 
 
+class Fate(str, Enum):
+    """What became of one BatchNorm in the deployed graph (a ``str``: manifests hold its value)."""
+
+    #: folded into the layers it feeds (`bnmove.analysis.folds.forward_fold`, or a gate)
+    FOLDED_FORWARD = "folded-forward"
+    #: fused into the Conv/Linear before it, by the exporter and onnxruntime (the rule
+    #: `bnmove.rules.fold_backward` asks)
+    FUSED_BACKWARD = "fused-backward"
+    #: removed: its eval-mode map is the identity, as an exact move leaves BN′
+    IDENTITY = "identity"
+    #: left as a layer of its own, with the reason
+    STANDALONE = "standalone"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class BnFate:
     """What happened to one BatchNorm in the deployed graph."""
 
     bn: str
-    #: "folded-forward", "fused-backward" (by the exporter/runtime), "identity" (removed: its eval-mode
-    #: map is the identity, as an exact move leaves BN′) or "standalone"
-    fate: str
+    fate: Fate
     into: str | None = None
     reason: str | None = None
     #: the pooling/reshape calls the fold passed through on its way to ``into``
@@ -74,7 +90,7 @@ class Folding:
 
     @property
     def standalone(self) -> list[BnFate]:
-        return [b for b in self.bns if b.fate == "standalone"]
+        return [b for b in self.bns if b.fate is Fate.STANDALONE]
 
     def manifest(self) -> dict[str, Any]:
         """What an export's manifest records of the folding: every BN's fate, and those left."""
@@ -98,15 +114,15 @@ def _fate(
     module = modules[str(node.target)]
     kept = isinstance(module, ChannelAffine)
     if not kept and (not is_plain_batchnorm(module) or module.running_mean is None):  # type: ignore[union-attr]
-        return BnFate(name, "standalone", reason="not a plain BatchNorm with running statistics"), None
+        return BnFate(name, Fate.STANDALONE, reason="not a plain BatchNorm with running statistics"), None
     if is_identity(module):
-        return BnFate(name, "identity", reason=IDENTITY_REASON), None
+        return BnFate(name, Fate.IDENTITY, reason=IDENTITY_REASON), None
     if calls[str(node.target)] > 1:
-        return BnFate(name, "standalone", reason="called at several places"), None
+        return BnFate(name, Fate.STANDALONE, reason="called at several places"), None
     channels = affine_map(module)[0].numel()
     backward = backward_fold(node, context, channels)  # the rule convert's exact before -> after move asks
     if backward.ok:
-        return BnFate(name, "fused-backward", into=context.label(backward.into[0])), None
+        return BnFate(name, Fate.FUSED_BACKWARD, into=context.label(backward.into[0])), None
     fold = forward_fold(node, modules, calls, channels, positive=scale_positive(module), padded=padded)
     if isinstance(fold, NoFold):
         gate = (
@@ -116,15 +132,15 @@ def _fate(
         )
         if isinstance(gate, GateFold):
             into = f"{context.label(gate.gate)}, {context.label(gate.into)}"
-            return BnFate(name, "folded-forward", into=into, form="gate"), gate
+            return BnFate(name, Fate.FOLDED_FORWARD, into=into, form="gate"), gate
         if isinstance(gate, NoFold):
-            return BnFate(name, "standalone", reason=f"gate fold: {gate.reason}"), None
+            return BnFate(name, Fate.STANDALONE, reason=f"gate fold: {gate.reason}"), None
         hint = " (--fold-padded folds it with a border correction)" if fold.border and not padded else ""
-        return BnFate(name, "standalone", reason=fold.reason + hint), None
+        return BnFate(name, Fate.STANDALONE, reason=fold.reason + hint), None
     forms = set(fold.forms)
     form = forms.pop() if len(forms) == 1 else "weights and border-corrected"
     into = ", ".join(qualified(prefix, str(t.target)) for t in fold.into)
-    return BnFate(name, "folded-forward", into=into, through=fold.through, form=form), fold
+    return BnFate(name, Fate.FOLDED_FORWARD, into=into, through=fold.through, form=form), fold
 
 
 def _scale_source(node: fx.Node, context: Context, channels: int) -> fx.Node | None:
@@ -233,9 +249,9 @@ def fold_forward(model: nn.Module, *, padded: bool = False) -> Folding:
                         fold_map(region.root, a, b, str(user.target), "forward")
                 # The BN's slot computes nothing now; every forward stays the user's.
                 set_submodule(region.root, str(node.target), nn.Identity())
-            elif fate.fate == "identity":
+            elif fate.fate is Fate.IDENTITY:
                 set_submodule(region.root, str(node.target), nn.Identity())
-            elif fate.fate == "fused-backward":
+            elif fate.fate is Fate.FUSED_BACKWARD:
                 source = skip_identity_up(node.args[0], modules)  # type: ignore[arg-type]
                 layer = region.root.get_submodule(str(source.target))
                 if isinstance(layer, BorderCorrectedConv):  # an earlier forward fold put an Add after it
