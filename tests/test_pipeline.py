@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from zoo import ZOO, build
@@ -9,6 +11,7 @@ from zoo import ZOO, build
 import bnmove
 from bnmove.errors import BnmoveError
 from bnmove.pipeline.analyse import analyse
+from bnmove.pipeline.calibration import Calibrator
 from bnmove.pipeline.plan import plan
 
 
@@ -80,3 +83,30 @@ def test_progress_names_each_stage() -> None:
         "verifying",
     ]
     assert seen[-2][1:] == (seen[-2][2], seen[-2][2])  # the calibration bar ends full
+
+
+def test_calibration_plans_are_made_once_and_never_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The apply stage hands calibration frozen plans, each made once after its move (BN′'s place
+    and the layer to refit in it); the passes return what they fitted instead of writing into them."""
+    seen = []
+    run = Calibrator.run
+
+    def spy(self, model, converted, plans, batches, progress):  # type: ignore[no-untyped-def]
+        seen.extend(plans)
+        fits = run(self, model, converted, plans, batches, progress)
+        seen.extend(fits)
+        return fits
+
+    monkeypatch.setattr(Calibrator, "run", spy)
+    model = bnmove.sample_models.resnet().eval()
+    x = torch.randn(16, 3, 8, 8)
+    result = bnmove.convert(
+        model, "after", method="fit", example_inputs=(x[:2],), calibration=bnmove.Calibration(x)
+    )
+    plans = [p for p in seen if hasattr(p, "bn")]
+    assert plans and all(p.bn in dict(result.model.named_modules()) for p in plans)
+    for value in (*seen, *result.moves):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.notes = ()  # a plan's, a fit's or a move's: none is written after it is made
+    fitted = [m for m in result.moved if m.method == "fit-calibrated"]
+    assert fitted and all(any(n.startswith("calibrated fit:") for n in m.notes) for m in fitted)

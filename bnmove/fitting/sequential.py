@@ -23,8 +23,9 @@ default) and the sampled rows; nothing else is kept.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,31 +40,45 @@ from .calibrate import Batch, NormalEquations, Underdetermined, call_model, desi
 ROWS = 16_384
 
 
-@dataclass
-class PairPlan:
-    """One fitted pair: where to read its input in the original, where BN' is in the converted model."""
+@dataclass(frozen=True, eq=False)
+class PairInput:
+    """What a fit needs from the original model, read before the pair moves."""
 
     tap: str  # module in the original whose input (or output, see ``tap_output``) is the pair's input
     tap_output: bool
-    bn: str  # BN' in the converted model
     placement: str  # the pair's original placement: "before" (BN -> f) or "after" (f -> BN)
     f: Callable[[torch.Tensor], torch.Tensor]
     a: torch.Tensor  # the original BN's eval map a*z + b (float64, CPU)
     b: torch.Tensor
     eps: float
+    #: absorbing a kept affine ``A → f → BN′``: BN′'s map, applied to the block's output in the target
+    post: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: absorbing ``BN′ → f → A``: BN′'s map, where the fit of BN″ starts
+    init: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(PairInput)}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class PairPlan(PairInput):
+    """One fitted pair: where to read its input in the original, where BN' is in the converted model.
+    Made once, after the move (`bnmove.pipeline.calibration.Calibrator.plan`)."""
+
+    bn: str  # BN' in the converted model
     refit: str | None = None  # the Conv/Linear after the pair, same name in both models
     #: where the residual stream the refit layer's output is added to can be read: (module,
     #: "input" or "output", argument index); the refit then targets the original sum minus this
     #: model's stream, which also cancels the error the stream carries from upstream
     stream: tuple[str, str, int] | None = None
-    #: absorbing a kept affine ``A → f → BN′``: BN′'s map, applied to the block's output in the target
-    post: tuple[torch.Tensor, torch.Tensor] | None = None
-    #: absorbing ``BN′ → f → A``: BN′'s map, where the fit of BN″ starts
-    init: tuple[torch.Tensor, torch.Tensor] | None = None
-    # filled in by the passes
-    z_rows: list[torch.Tensor] = field(default_factory=list)
-    effect: float | None = None
-    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PairFit:
+    """What the passes did with one plan: the fit's block error (None: not fitted) and what it says."""
+
+    effect: float | None
+    notes: tuple[str, ...]
 
 
 def _rows(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -95,8 +110,14 @@ class _Sampler:
 class SequentialCalibration:
     """Both passes for a set of `PairPlan` (see the module docstring)."""
 
-    def __init__(self, plans: Sequence[PairPlan], batches: Sequence[Batch]) -> None:
+    def __init__(
+        self, plans: Sequence[PairPlan], batches: Sequence[Batch], source: str = "calibrated"
+    ) -> None:
         self.plans = list(plans)
+        self.source = source  # what the notes call the data: "calibrated" (the user's) or "synthetic"
+        self.z_rows: list[list[torch.Tensor]] = [[] for _ in self.plans]  # each pair's input rows
+        self.effects: list[float | None] = [None for _ in self.plans]
+        self.notes: list[list[str]] = [[] for _ in self.plans]
         self.batches = list(batches)
         self.total = sum(len(b[0]) for b in batches)
         self.pair_samplers = [_Sampler(2 * i) for i in range(len(self.plans))]
@@ -114,7 +135,7 @@ class SequentialCalibration:
             def keep_z(value: Any, i: int = i) -> None:
                 rows = _rows(value.detach())
                 picked = self.pair_samplers[i].pick(rows, self.total, offset[0], offset[1])
-                self.plans[i].z_rows.append(picked.double().cpu())
+                self.z_rows[i].append(picked.double().cpu())
 
             if plan.tap_output:
                 handles.append(module.register_forward_hook(lambda m, a, out, k=keep_z: k(out)))
@@ -182,9 +203,9 @@ class SequentialCalibration:
     def _fit_bn(self, i: int, bn: nn.Module, u: torch.Tensor) -> None:
         plan = self.plans[i]
         index = self.pair_samplers[i].index
-        if not plan.z_rows or index is None:
+        if not self.z_rows[i] or index is None:
             return
-        z = torch.cat(plan.z_rows)
+        z = torch.cat(self.z_rows[i])
         with torch.no_grad():
             if plan.placement == "before":  # BN -> f became f -> BN': BN' sees u = f(z) of this model
                 target = plan.f(plan.a[None, :] * z + plan.b[None, :]).double()
@@ -214,8 +235,8 @@ class SequentialCalibration:
             ):
                 tensor = getattr(bn, name)
                 tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
-        plan.effect = effect
-        plan.notes.append(f"calibrated fit: block error {effect:.3f} (relative RMS)")
+        self.effects[i] = effect
+        self.notes[i].append(f"{self.source} fit: block error {effect:.3f} (relative RMS)")
 
     def _refit(self, i: int, layer: nn.Module, x: torch.Tensor) -> None:
         plan = self.plans[i]
@@ -233,11 +254,15 @@ class SequentialCalibration:
         try:
             error = equations.solve()
         except Underdetermined as why:
-            plan.notes.append(
+            self.notes[i].append(
                 f"{plan.refit} not refitted: {why} (the fit would follow the samples, not the data)"
             )
             return
-        plan.notes.append(f"refitted {plan.refit} to the original's {what} (relative error {error:.3f})")
+        self.notes[i].append(f"refitted {plan.refit} to the original's {what} (relative error {error:.3f})")
+
+    def fits(self) -> list[PairFit]:
+        """Each plan's fit, in the order of the plans (after `converted_pass`)."""
+        return [PairFit(effect, tuple(notes)) for effect, notes in zip(self.effects, self.notes, strict=True)]
 
 
 def _design_rows(layer: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -273,4 +298,4 @@ def _run(model: nn.Module, batch: Batch) -> None:
         raise ModelRunError(f"the model failed on the calibration data: {type(exc).__name__}: {exc}") from exc
 
 
-__all__ = ["ROWS", "PairPlan", "SequentialCalibration"]
+__all__ = ["ROWS", "PairFit", "PairInput", "PairPlan", "SequentialCalibration"]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from ..analysis.detect import Site
 from ..analysis.patterns import is_frozen_batchnorm
-from ..fitting.sequential import PairPlan
+from ..core.modules import qualified
 from ..rules import ABSORB, Method, Rule
 from .analyse import Analysis
-from .calibration import NOT_CALIBRATED, Calibrator
+from .calibration import NOT_CALIBRATED, Calibrator, Pending
 from .plan import Decision
 from .results import Move, Progress, silent
 
@@ -20,15 +22,15 @@ def apply(
     method: str,
     calibrator: Calibrator | None,
     progress: Progress = silent,
-) -> tuple[list[tuple[Move, PairPlan | None]], list[str]]:
+) -> tuple[list[Pending], list[str]]:
     """Make every decided move on ``analysis.model``: each move with the calibration plan of its
     fit, and the modules whose regenerated forward needs bnmove to load."""
-    pending: list[tuple[Move, PairPlan | None]] = []
+    pending: list[Pending] = []
     total = sum(d.rule is not None for d in decisions)
     done = 0
     for decision in decisions:
         if decision.rule is None:
-            pending.append((Move(decision.site.pair, False, None, decision.reason), None))
+            pending.append(Pending(Move(decision.site.pair, False, None, decision.reason)))
             continue
         progress("moving pairs", done, total)
         done += 1
@@ -53,57 +55,51 @@ def _frozen_note(root: nn.Module, site: Site, rule: Rule) -> list[str]:
     return ["frozen BN: it keeps a fixed affine map on the other side and never normalises"]
 
 
-def _move(
-    analysis: Analysis, decision: Decision, method: str, calibrator: Calibrator | None
-) -> tuple[Move, PairPlan | None]:
+def _move(analysis: Analysis, decision: Decision, method: str, calibrator: Calibrator | None) -> Pending:
     site, mover, rule = decision.site, analysis.mover, decision.rule
     assert rule is not None
     structure = analysis.structure(site)
     assert structure is not None  # a movable pair has one (analyse)
     root = analysis.traced.regions[site.region].root
     # A fit starts from Gaussian statistics; with data, the calibration passes fit it again.
-    plan = calibrator.plan(site) if calibrator and rule.fits else None
+    read = calibrator.read(site) if calibrator and rule.fits else None
     applied = rule.apply(root, site, decision.check)
     notes = [decision.note] if decision.note else []
-    notes += applied.notes + _frozen_note(root, site, rule)
+    notes += [*applied.notes, *_frozen_note(root, site, rule)]
     more, moved_to = mover.apply(site, structure, applied.kept)
     notes.extend(more)
-    if plan is not None and calibrator is not None and moved_to is not None:
-        plan.bn = moved_to
-        calibrator.plan_refit(plan, site, mover.modules(site.region))
-    else:
-        if calibrator is not None and rule.fits:
-            notes.append(NOT_CALIBRATED)
-        plan = None
     why = site.pair.reason if rule.method is not Method.EXACT and method in ("auto", "exact") else None
     move = Move(site.pair, True, rule.method, why, tuple(notes), applied.error, moved_to, rule=rule.name)
-    return move, plan
+    if read is not None and calibrator is not None and moved_to is not None:
+        plan = calibrator.plan(read, moved_to, site, mover.modules(site.region))
+        return Pending(move, plan, applied.fit_notes)
+    if calibrator is not None and rule.fits:
+        return Pending(replace(move, notes=(*applied.fit_notes, *move.notes, NOT_CALIBRATED)))
+    return Pending(replace(move, notes=(*applied.fit_notes, *move.notes)))
 
 
-def _absorb(
-    analysis: Analysis, decision: Decision, calibrator: Calibrator | None
-) -> tuple[Move, PairPlan | None]:
+def _absorb(analysis: Analysis, decision: Decision, calibrator: Calibrator | None) -> Pending:
     """A kept affine next to the pair, from an earlier exact move: fit it into the pair's BN."""
     site, kept, mover = decision.site, decision.check.kept, analysis.mover
     assert kept is not None
-    plan = calibrator.plan_absorb(site, kept) if calibrator else None
+    read = calibrator.read_absorb(site, kept) if calibrator else None
     applied = ABSORB.apply(analysis.traced.regions[site.region].root, site, decision.check)
     mover.forget(site.region)
-    notes = applied.notes
-    if plan is not None and calibrator is not None:
-        # the block now ends at BN″ (A → f → BN′) or where A was (BN′ → f → A)
-        end = site.bn_node if kept.side == "before" else kept.node
-        calibrator.plan_refit(plan, site, mover.modules(site.region), out=end)
-    elif calibrator is not None:
-        notes.append(NOT_CALIBRATED)
     move = Move(
         site.pair,
         False,
         ABSORB.method,
         decision.reason,
-        tuple(notes),
+        tuple(applied.notes),
         applied.error,
         absorbed=kept.name,
         rule=ABSORB.name,
     )
-    return move, plan
+    if read is not None and calibrator is not None:
+        # the block now ends at BN″ (A → f → BN′) or where A was (BN′ → f → A)
+        end = site.bn_node if kept.side == "before" else kept.node
+        bn = qualified(site.region, str(site.bn_node.target))
+        plan = calibrator.plan(read, bn, site, mover.modules(site.region), out=end)
+        return Pending(move, plan, applied.fit_notes)
+    extra = (NOT_CALIBRATED,) if calibrator is not None else ()
+    return Pending(replace(move, notes=(*applied.fit_notes, *move.notes, *extra)))

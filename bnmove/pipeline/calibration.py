@@ -28,7 +28,7 @@ from ..core.modules import module_calls, qualified
 from ..core.running import eval_mode, output_tensors
 from ..errors import BnmoveError
 from ..fitting.calibrate import Batch, call_model, refit_blocker
-from ..fitting.sequential import PairPlan, SequentialCalibration
+from ..fitting.sequential import PairFit, PairInput, PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
 from ..rules import KeptAffine, Method, pair_activation
 from .plan import check_choice
@@ -96,8 +96,9 @@ class Calibrator:
         self.source = source  # "calibrated" (the user's data) or "synthetic"
         self.calls = {prefix: module_calls(region.graph) for prefix, region in regions.items()}
 
-    def plan(self, site: Site) -> PairPlan | None:
-        """What the passes need for one pair, read before its move (None: it stays data-free)."""
+    def read(self, site: Site) -> PairInput | None:
+        """What the passes need from the original for one pair, read before its move (None: it
+        stays data-free)."""
         calls = self.calls[site.region]
         tap = _pair_input(site, calls)
         if tap is None or site.bn_node.op != "call_module":
@@ -109,10 +110,9 @@ class Calibrator:
             return None
         a, b = (t.cpu() for t in affine_map(bn))
         name, output = tap
-        return PairPlan(
+        return PairInput(
             tap=qualified(site.region, name),
             tap_output=output,
-            bn="",
             placement=str(site.pair.placement),
             f=f,
             a=a,
@@ -120,7 +120,7 @@ class Calibrator:
             eps=float(bn.eps),  # type: ignore[arg-type]
         )
 
-    def plan_absorb(self, site: Site, kept: KeptAffine) -> PairPlan | None:
+    def read_absorb(self, site: Site, kept: KeptAffine) -> PairInput | None:
         """What the passes need to fit a kept affine into the pair's BN (read before it is absorbed):
         ``A → f → BN′`` is a ``BN → f`` pair whose target BN′ maps; ``BN′ → f → A`` an ``f → BN``
         pair read at BN′'s output, whose fit starts from BN′'s map."""
@@ -136,10 +136,9 @@ class Calibrator:
         bn = root.get_submodule(bn_name)
         a, b = (t.detach().double().cpu() for t in (affine.weight, affine.bias))
         own = tuple(t.cpu() for t in affine_map(bn))
-        return PairPlan(
+        return PairInput(
             tap=qualified(site.region, tap),
             tap_output=kept.side == "after",
-            bn=qualified(site.region, bn_name),
             placement="before" if kept.side == "before" else "after",
             f=f,
             a=a,
@@ -149,14 +148,19 @@ class Calibrator:
             init=own if kept.side == "after" else None,  # type: ignore[arg-type]
         )
 
-    def plan_refit(
-        self, plan: PairPlan, site: Site, modules: dict[str, nn.Module], out: fx.Node | None = None
-    ) -> None:
-        """After the pair's move: the Conv/Linear fed by it (by ``out``, where given), if it can be
-        refitted, and, when that layer's output is added to a residual stream, where the stream is
-        read (its error upstream is then cancelled by the refit too)."""
-        if not self.refit:
-            return
+    def plan(
+        self, read: PairInput, bn: str, site: Site, modules: dict[str, nn.Module], out: fx.Node | None = None
+    ) -> PairPlan:
+        """The pair's plan, once it has moved and its BN′ is at ``bn``: what was read, and the
+        Conv/Linear fed by the pair (by ``out``, where given) if it can be refitted, and, when that
+        layer's output is added to a residual stream, where the stream is read (its error upstream
+        is then cancelled by the refit too)."""
+        refit, stream = self._refit_target(site, modules, out) if self.refit else (None, None)
+        return PairPlan(**read.fields(), bn=bn, refit=refit, stream=stream)
+
+    def _refit_target(
+        self, site: Site, modules: dict[str, nn.Module], out: fx.Node | None
+    ) -> tuple[str | None, tuple[str, str, int] | None]:
         if out is None:
             if site.pair.placement == "before" or site.act_node is None:
                 out = site.bn_node  # its slot now ends the pair: act then BN' (fused: the whole module)
@@ -164,20 +168,21 @@ class Calibrator:
                 out = skip_identity_down(site.act_node, modules)
         user = _next_affine(out, modules)
         if user is None or refit_blocker(modules[str(user.target)]) is not None:
-            return
+            return None, None
         calls = self.calls[site.region]
         if calls[str(user.target)] > 1:
-            return
-        plan.refit = qualified(site.region, user.target)
+            return None, None
+        refit = qualified(site.region, user.target)
         partner = _residual_partner(user)
         if partner is None:
-            return
+            return refit, None
         other = partner[1]
         if other.op == "placeholder":  # the stream enters this region: its root's argument
             placeholders = [n for n in self.regions[site.region].graph.nodes if n.op == "placeholder"]
-            plan.stream = (site.region, "input", placeholders.index(other))
-        elif other.op == "call_module" and calls.get(str(other.target), 0) == 1:
-            plan.stream = (qualified(site.region, other.target), "output", 0)
+            return refit, (site.region, "input", placeholders.index(other))
+        if other.op == "call_module" and calls.get(str(other.target), 0) == 1:
+            return refit, (qualified(site.region, other.target), "output", 0)
+        return refit, None
 
     def run(
         self,
@@ -186,15 +191,19 @@ class Calibrator:
         plans: list[PairPlan],
         batches: list[Batch],
         progress: Progress,
-    ) -> None:
+    ) -> list[PairFit]:
+        """Both passes; each plan's fit, in the order of ``plans``."""
         # A BN' that is not a torch BatchNorm of its own (inside a fused module) has no hook to fit
         # it by: its pair keeps the Gaussian fit, and says so (``finish`` leaves it as it is).
         hookable = [
-            p for p in plans if isinstance(converted.get_submodule(p.bn), nn.modules.batchnorm._BatchNorm)
+            i
+            for i, p in enumerate(plans)
+            if isinstance(converted.get_submodule(p.bn), nn.modules.batchnorm._BatchNorm)
         ]
+        fits = [PairFit(None, ()) for _ in plans]
         if not hookable:
-            return
-        passes = SequentialCalibration(hookable, batches)
+            return fits
+        passes = SequentialCalibration([plans[i] for i in hookable], batches, self.source)
         done = [0]
         total = len(batches) + 1
 
@@ -207,14 +216,29 @@ class Calibrator:
         progress("calibrating: fitting in order", total - 1, total)
         passes.converted_pass(converted)
         progress("calibrating: fitting in order", total, total)
+        for i, fit in zip(hookable, passes.fits(), strict=True):
+            fits[i] = fit
+        return fits
 
-    def finish(self, move: Move, plan: PairPlan) -> Move:
-        """``move`` with the calibrated fit's method, error and notes, where the passes fitted it."""
-        if plan.effect is None:
-            return replace(move, notes=(*move.notes, NOT_CALIBRATED))
-        kept = [n for n in move.notes if not n.startswith("data-free fit:")]
-        notes = [n.replace("calibrated fit", f"{self.source} fit", 1) for n in plan.notes]
-        return replace(move, method=Method.fitted_on(self.source), effect=plan.effect, notes=(*notes, *kept))
+    def finish(self, pending: Pending, fit: PairFit) -> Move:
+        """The pair's move with the calibrated fit's method, error and notes, where the passes
+        fitted it; else with its data-free fit, and why it is not calibrated."""
+        move = pending.move
+        if fit.effect is None:
+            return replace(move, notes=(*pending.data_free, *move.notes, NOT_CALIBRATED))
+        return replace(
+            move, method=Method.fitted_on(self.source), effect=fit.effect, notes=(*fit.notes, *move.notes)
+        )
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A move made, waiting for calibration: ``move`` without the data-free fit's notes, which
+    ``data_free`` holds (they stay where the passes cannot fit the pair), and the pair's plan."""
+
+    move: Move
+    plan: PairPlan | None = None
+    data_free: tuple[str, ...] = ()
 
 
 #: why a pair fitted while calibration data was given still holds a Gaussian fit

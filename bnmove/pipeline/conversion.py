@@ -33,11 +33,10 @@ from ..fitting.calibrate import (
     calibration_batches,
     split_held_out,
 )
-from ..fitting.sequential import PairPlan
 from ..rules import FIT
 from .analyse import Analysis, analyse
 from .apply import apply
-from .calibration import Calibration, Calibrator, SyntheticRequest, calibration_check
+from .calibration import Calibration, Calibrator, Pending, SyntheticRequest, calibration_check
 from .plan import METHODS, Decision, check_choice, plan
 from .results import Conversion, Move, Progress, silent
 
@@ -260,17 +259,21 @@ def _calibration_data(
 def _calibrate(
     model: nn.Module,
     converted: nn.Module,
-    pending: list[tuple[Move, PairPlan | None]],
+    pending: list[Pending],
     data: _CalibrationData,
     progress: Progress,
 ) -> list[Move]:
     """Stage 4: the fits made again on the calibration data, in two passes."""
     calibrator = data.calibrator
     if calibrator is None or data.batches is None:
-        return [move for move, _ in pending]
-    plans = [plan for _, plan in pending if plan is not None]
-    calibrator.run(model, converted, plans, data.batches, progress if data.source != "synthetic" else silent)
-    return [calibrator.finish(move, plan) if plan else move for move, plan in pending]
+        return [p.move for p in pending]
+    plans = [p.plan for p in pending if p.plan is not None]
+    fits = iter(
+        calibrator.run(
+            model, converted, plans, data.batches, progress if data.source != "synthetic" else silent
+        )
+    )
+    return [calibrator.finish(p, next(fits)) if p.plan is not None else p.move for p in pending]
 
 
 def _verify(

@@ -116,9 +116,5 @@ class Absorb(Rule):
         set_bn(bn, *bn_math.bn_params_for_affine(c, d, new_mean, new_var, eps), new_mean, new_var)  # type: ignore[arg-type]
         set_submodule(root, kept.name, nn.Identity())
         return Applied(
-            [
-                f"kept affine {kept.name} absorbed into {site.bn_node.target} by fitting",
-                f"data-free fit: block error {effect:.3f} (relative RMS)",
-            ],
-            error=effect,
+            [f"kept affine {kept.name} absorbed into {site.bn_node.target} by fitting"], error=effect
         )

@@ -100,6 +100,11 @@ class Applied:
     #: a fit's relative RMS error on its samples
     error: float | None = None
 
+    @property
+    def fit_notes(self) -> tuple[str, ...]:
+        """What a data-free fit says of itself (a fit refitted on data says what that fit did instead)."""
+        return () if self.error is None else (f"data-free fit: block error {self.error:.3f} (relative RMS)",)
+
 
 class Rule(ABC):
     """One kind of move. Subclasses state their math in the docstring."""

@@ -61,7 +61,7 @@ class _Fit(Rule):
         f = pair_activation(root, site)
         assert f is not None and bn.running_mean is not None and bn.running_var is not None
         effect = self.fit(bn, f, self.samples(bn, f))
-        return Applied([f"data-free fit: block error {effect:.3f} (relative RMS)"], error=effect)
+        return Applied(error=effect)
 
     @abstractmethod
     def samples(self, bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor]) -> Samples:
