@@ -85,7 +85,7 @@ def test_progress_names_each_stage() -> None:
     assert seen[-2][1:] == (seen[-2][2], seen[-2][2])  # the calibration bar ends full
 
 
-def test_calibration_plans_are_made_once_and_never_change(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sites_and_calibration_plans_are_made_once_and_never_change(monkeypatch: pytest.MonkeyPatch) -> None:
     """The apply stage hands calibration frozen plans, each made once after its move (BN′'s place
     and the layer to refit in it); the passes return what they fitted instead of writing into them."""
     seen = []
@@ -108,5 +108,9 @@ def test_calibration_plans_are_made_once_and_never_change(monkeypatch: pytest.Mo
     for value in (*seen, *result.moves):
         with pytest.raises(dataclasses.FrozenInstanceError):
             value.notes = ()  # a plan's, a fit's or a move's: none is written after it is made
+    analysis = analyse(model, (x[:2],))  # the sites: settling a pair's exact rule made new ones
+    assert all(analysis.structure(site) is not None for site in analysis.sites if site.pair.movable)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        analysis.sites[0].exact_rule = None  # type: ignore[misc]
     fitted = [m for m in result.moved if m.method == "fit-calibrated"]
     assert fitted and all(any(n.startswith("calibrated fit:") for n in m.notes) for m in fitted)

@@ -74,9 +74,13 @@ class Pair:
         }
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Site:
-    """A pair plus the graph nodes it lives on (internal to detect/rewrite)."""
+    """A pair plus the graph nodes it lives on (internal to detect/rewrite).
+
+    Never changed once made: settling its exact rule (`bnmove.rules.settle_exact`) makes a new
+    one. Hashed by identity, so that later stages can key what they find per site.
+    """
 
     pair: Pair
     region: str

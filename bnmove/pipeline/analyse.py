@@ -34,8 +34,8 @@ class Analysis:
     traced: TraceResult
     sites: list[Site]
     mover: Mover
-    #: the structural move of each movable site, by ``id(site)``
-    structures: dict[int, Structure]
+    #: the structural move of each movable site
+    structures: dict[Site, Structure]
     #: what rule checks read, per region
     contexts: dict[str, Context]
 
@@ -46,7 +46,7 @@ class Analysis:
         return whole.graph if whole is not None and not whole.recorded else None
 
     def structure(self, site: Site) -> Structure | None:
-        return self.structures.get(id(site))
+        return self.structures.get(site)
 
 
 def analyse(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> Analysis:
@@ -56,19 +56,20 @@ def analyse(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
     """
     traced = analysis_regions(model, example_inputs)
     contexts = {prefix: Context.of(region, prefix) for prefix, region in traced.regions.items()}
-    sites = analyze_regions(contexts)
     mover = Mover(model, traced.regions)
-    structures: dict[int, Structure] = {}
-    for site in sites:
-        if site.pair.placement is None or not site.pair.movable:
+    sites: list[Site] = []
+    structures: dict[Site, Structure] = {}
+    for found in analyze_regions(contexts):
+        if found.pair.placement is None or not found.pair.movable:
+            sites.append(found)
             continue
-        settle_exact(site, contexts[site.region])
+        site = settle_exact(found, contexts[found.region])
         how = mover.structure(site)
         if isinstance(how, str):
-            site.pair = _unmovable(site.pair, how)
-            site.exact_rule, site.neighbours = None, ()
+            site = replace(site, pair=_unmovable(site.pair, how), exact_rule=None, neighbours=())
         else:
-            structures[id(site)] = how
+            structures[site] = how
+        sites.append(site)
     return Analysis(model, traced, sites, mover, structures, contexts)
 
 

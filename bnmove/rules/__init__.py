@@ -55,8 +55,8 @@ EXACT_FOLD = {"before": FOLD_BACKWARD, "after": FOLD_FORWARD}
 FIT = {"before": FIT_AFTER, "after": FIT_BEFORE}
 
 
-def settle_exact(site: Site, context: Context) -> None:
-    """Decide the exact rule of a movable pair and write it on the site and its pair.
+def settle_exact(site: Site, context: Context) -> Site:
+    """The site with the exact rule of its movable pair decided, and its pair saying so.
 
     The fold for the pair's placement when its check passes; else the kept
     affine, with the fold's refusal as the pair's ``reason``; else (no running
@@ -67,13 +67,12 @@ def settle_exact(site: Site, context: Context) -> None:
     fold = EXACT_FOLD[placement]
     checked = fold.check(site, context)
     if checked.ok:
-        site.exact_rule, site.neighbours = fold.name, checked.into
         neighbour = ", ".join(context.label(n) for n in checked.into)
-        site.pair = replace(site.pair, exact=True, reason=None, neighbour=neighbour, keeps_affine=False)
-        return
+        pair = replace(site.pair, exact=True, reason=None, neighbour=neighbour, keeps_affine=False)
+        return replace(site, pair=pair, exact_rule=fold.name, neighbours=checked.into)
     keeps = KEEP_AFFINE.check(site, context).ok
-    site.exact_rule, site.neighbours = (KEEP_AFFINE.name if keeps else None), ()
-    site.pair = replace(site.pair, exact=keeps, reason=checked.reason, neighbour=None, keeps_affine=keeps)
+    pair = replace(site.pair, exact=keeps, reason=checked.reason, neighbour=None, keeps_affine=keeps)
+    return replace(site, pair=pair, exact_rule=KEEP_AFFINE.name if keeps else None, neighbours=())
 
 
 __all__ = [
