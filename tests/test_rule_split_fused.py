@@ -4,6 +4,8 @@ its activation, in the slot's new order, so the other rules move it like any pai
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import assert_same_outputs
 from rules_helpers import rules_used
 from torch import nn
@@ -11,6 +13,8 @@ from zoo import BatchNormAct2d, build
 
 import bnmove.rules.split_fused as split_fused
 from bnmove import convert, find_pairs
+from bnmove.analysis.fused import FusedNorm, analyze_fused_norm
+from bnmove.core.blocked import Blocked
 from bnmove.pipeline.analyse import analyse
 from bnmove.rules import SPLIT_FUSED
 
@@ -45,3 +49,22 @@ def test_a_fused_activation_no_torch_module_computes_stays_with_the_reason(
     assert not pair.movable and pair.reason == said
     (stays,) = convert(model, "after", method="auto", example_inputs=inputs).moves[:1]
     assert not stays.moved and stays.reason == said
+
+
+def test_what_a_fused_module_is_comes_back_typed() -> None:
+    """The split of a fused module, None for a fused class whose activation is off (a plain BN), or
+    a `Blocked` with the reason: a value of its own type, never a string told apart by content."""
+    assert isinstance(analyze_fused_norm(BatchNormAct2d(4)), FusedNorm)
+    off = BatchNormAct2d(4)
+    off.act = nn.Identity()
+    assert analyze_fused_norm(off) is None
+
+    class Doubled(nn.BatchNorm2d):  # a BN subclass that computes something else after the norm
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            y = F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+            return torch.cat([y, y], 1)
+
+    blocked = analyze_fused_norm(Doubled(4))
+    assert isinstance(blocked, Blocked) and "is not batch_norm followed by an activation" in blocked.reason

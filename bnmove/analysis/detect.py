@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 from torch import fx, nn
 
+from ..core.blocked import Blocked
 from ..core.modules import module_calls, qualified
-from .fused import PLAIN, FusedNorm, analyze_fused_norm
+from .fused import FusedNorm, analyze_fused_norm
 from .layers import AFFINE_LAYERS
 from .nodes import describe_node, input_is_shared, is_identity_node, skip_identity_down
 from .patterns import (
@@ -135,7 +136,7 @@ class _RegionAnalysis:
         self.prefix = view.prefix
         self.modules = view.modules
         self.calls = view.calls
-        self._fused: dict[str, FusedNorm | str] = {}
+        self._fused: dict[str, FusedNorm | Blocked | None] = {}
 
     def bn_module(self, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":
@@ -143,15 +144,15 @@ class _RegionAnalysis:
         module = self.modules.get(str(node.target))
         return module if module is not None and is_batchnorm_module(module) else None
 
-    def fused_info(self, node: fx.Node) -> FusedNorm | str | None:
+    def fused_info(self, node: fx.Node) -> FusedNorm | Blocked | None:
+        """The split of a fused norm+act module, or why it has none; None for a plain BatchNorm."""
         module = self.bn_module(node)
         if module is None or is_plain_batchnorm(module):
             return None
         key = str(node.target)
         if key not in self._fused:
             self._fused[key] = analyze_fused_norm(module)
-        found = self._fused[key]
-        return None if found == PLAIN else found
+        return self._fused[key]
 
     def sites(self) -> list[Site]:
         out: list[Site] = []
@@ -187,8 +188,8 @@ class _RegionAnalysis:
         fused = self.fused_info(bn)
         if isinstance(fused, FusedNorm):
             sites.append(self._before_site(bn, module, None, fused.call, fused))
-        elif isinstance(fused, str):
-            sites.append(self._site(bn, None, None, None, False, fused))
+        elif isinstance(fused, Blocked):
+            sites.append(self._site(bn, None, None, None, False, fused.reason))
             return sites
         else:
             end = skip_identity_down(bn, self.modules)

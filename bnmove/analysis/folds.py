@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from ..core.blocked import Blocked
 from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, zero_padded_conv
 from .nodes import describe_node, skip_identity_down
 
@@ -113,23 +114,23 @@ _ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3
 _FLATTENS = {torch.flatten, "flatten"}
 
 
-def _pass_through(node: fx.Node, modules: dict[str, nn.Module], positive: bool) -> str | bool | None:
+def _pass_through(node: fx.Node, modules: dict[str, nn.Module], positive: bool) -> bool | Blocked:
     """True when a per-channel affine map passes ``node`` unchanged (``pool(a*z+b) = a*pool(z)+b``),
-    a reason string when it does not, False when ``node`` is no pooling or reshape at all."""
+    why not when it does not, False when ``node`` is no pooling or reshape at all."""
     if node.op == "call_module":
         module = modules.get(str(node.target))
         if isinstance(module, _ADAPTIVE_AVG) or isinstance(module, nn.Flatten):
             return True
         if isinstance(module, _AVG_POOLS):
             if getattr(module, "divisor_override", None) is not None:
-                return f"{node.target} divides by a fixed count, which the BN's shift does not pass"
+                return Blocked(f"{node.target} divides by a fixed count, which the BN's shift does not pass")
             padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
             if any(p != 0 for p in padding) and module.count_include_pad:  # type: ignore[union-attr]
-                return f"{node.target} averages zero padding, which the BN's shift does not pass"
+                return Blocked(f"{node.target} averages zero padding, which the BN's shift does not pass")
             return True
         if isinstance(module, _MAX_POOLS):
             if not positive:
-                return f"{node.target} takes a maximum, which a negative BN scale does not pass"
+                return Blocked(f"{node.target} takes a maximum, which a negative BN scale does not pass")
             return True
         return False
     if node.target in _FLATTENS and len(node.args) >= 2 and node.args[1] == 1 and len(node.users) == 1:
@@ -143,20 +144,22 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _functional_pass_through(node: fx.Node, positive: bool) -> str | bool:
+def _functional_pass_through(node: fx.Node, positive: bool) -> bool | Blocked:
     """The functional forms: ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ``F.max_pool2d``, spatial ``mean``."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name.startswith("adaptive_avg_pool"):
         return True
     if name.startswith(("max_pool", "adaptive_max_pool")):
-        return True if positive else f"{name} takes a maximum, which a negative BN scale does not pass"
+        return (
+            True if positive else Blocked(f"{name} takes a maximum, which a negative BN scale does not pass")
+        )
     if name.startswith("avg_pool"):
         padding = _arg(node, 3, "padding", 0)
         padded = any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
         if _arg(node, 6, "divisor_override", None) is not None:
-            return f"{name} divides by a fixed count, which the BN's shift does not pass"
+            return Blocked(f"{name} divides by a fixed count, which the BN's shift does not pass")
         if padded and _arg(node, 5, "count_include_pad", True):
-            return f"{name} averages zero padding, which the BN's shift does not pass"
+            return Blocked(f"{name} averages zero padding, which the BN's shift does not pass")
         return True
     if name == "mean":
         dims = _arg(node, 1, "dim", None)
@@ -181,8 +184,8 @@ def consumers(
         for current in frontier:
             for user in current.users:
                 passes = _pass_through(user, modules, positive)
-                if isinstance(passes, str):
-                    return [], through, None if branched else passes
+                if isinstance(passes, Blocked):
+                    return [], through, None if branched else passes.reason
                 if passes is False:
                     found.append(user)
                     continue

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..core.blocked import Blocked
 from ..core.forwards import OwnForwardTracer
 from .nodes import is_identity_node
 from .patterns import ActivationCall, is_functional_batchnorm, match_activation
@@ -47,32 +48,29 @@ def _probe_shape(base: type[nn.Module], channels: int) -> tuple[int, ...]:
 
 
 #: a BatchNorm subclass whose forward is batch_norm alone (a fused module with its activation off)
-PLAIN = "plain"
-
-
-def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
+def analyze_fused_norm(module: nn.Module) -> FusedNorm | Blocked | None:
     """Recognise ``batch_norm -> [identity/dropout] -> activation`` inside a BN subclass.
 
-    Returns the recipe for splitting it, `PLAIN` when the forward is the
-    batch norm alone (timm's ``BatchNormAct2d(apply_act=False)``), or a reason
-    string when it is something else. The split is checked numerically.
+    Returns the recipe for splitting it, None when the forward is the batch norm
+    alone (timm's ``BatchNormAct2d(apply_act=False)``), or why not when it is
+    something else. The split is checked numerically.
     """
     probe = copy.deepcopy(module).eval()
     try:
         graph = OwnForwardTracer().trace(probe)
     except Exception as exc:
-        return f"forward of {type(module).__name__} could not be traced ({type(exc).__name__})"
+        return Blocked(f"forward of {type(module).__name__} could not be traced ({type(exc).__name__})")
     modules = dict(probe.named_modules())
     bn_calls = [n for n in graph.nodes if is_functional_batchnorm(n)]
     if len(bn_calls) != 1:
-        return f"forward of {type(module).__name__} is not one batch_norm call plus an activation"
+        return Blocked(f"forward of {type(module).__name__} is not one batch_norm call plus an activation")
     node = bn_calls[0]
     act: fx.Node | None = None
     call = None
     while len(node.users) == 1:
         (nxt,) = node.users
         if nxt.op == "output":
-            return PLAIN  # its activation is disabled (an Identity): a plain BatchNorm
+            return None  # its activation is disabled (an Identity): a plain BatchNorm
         call = match_activation(nxt, modules)
         if call is not None:
             act = nxt
@@ -81,9 +79,9 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
             break
         node = nxt
     if act is None or call is None or any(u.op != "output" for u in act.users):
-        return f"forward of {type(module).__name__} is not batch_norm followed by an activation"
+        return Blocked(f"forward of {type(module).__name__} is not batch_norm followed by an activation")
     if any(isinstance(a, fx.Node) for a in (*act.args[1:], *act.kwargs.values())):
-        return f"activation in {type(module).__name__} takes tensor arguments"
+        return Blocked(f"activation in {type(module).__name__} takes tensor arguments")
     fused = FusedNorm(
         base=torch_batchnorm_base(module),
         act_child=str(act.target) if act.op == "call_module" else None,
@@ -106,7 +104,7 @@ def analyze_fused_norm(module: nn.Module) -> FusedNorm | str:
         want = probe(x.clone())
         got = apply_fused_activation(probe, fused, plain(x.clone()))
     if not torch.allclose(want, got, atol=1e-5, rtol=1e-4):
-        return f"{type(module).__name__} does not compute activation(batch_norm(x))"
+        return Blocked(f"{type(module).__name__} does not compute activation(batch_norm(x))")
     return fused
 
 

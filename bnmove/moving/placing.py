@@ -22,6 +22,7 @@ from torch.fx.proxy import TraceError
 from ..analysis.detect import Site
 from ..analysis.nodes import input_is_shared
 from ..analysis.tracing import Region
+from ..core.blocked import Blocked
 from ..core.forwards import generated_forward, install_forward
 from ..core.modules import Slots, first_line, qualified, set_submodule
 from ..core.running import untouched
@@ -62,6 +63,8 @@ class _CrossSurgery:
 
 #: how one pair moves: slots replaced, one forward regenerated, or both
 Structure = _ModuleSurgery | _GraphSurgery | _CrossSurgery
+#: a scope's own forward traced: its graphs (one per variant), and in each its calls by key
+_ScopeGraph = tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]]
 
 
 class Mover:
@@ -77,9 +80,7 @@ class Mover:
         self._modules: dict[str, dict[str, nn.Module]] = {}
         self._calls: dict[str, Counter[int]] = {}
         self._keys: dict[str, dict[fx.Node, tuple[str, tuple[Any, ...]]]] = {}
-        self._scopes: dict[
-            str, tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]] | str
-        ] = {}
+        self._scopes: dict[str, _ScopeGraph | Blocked] = {}
         self._dirty: set[str] = set()
         #: the argument values a scope's forward was specialised to (it branches on them)
         self._specialised: dict[str, dict[str, Any]] = {}
@@ -129,14 +130,14 @@ class Mover:
             self._keys[region] = keys
         return self._keys[region]
 
-    def structure(self, site: Site) -> Structure | str:
+    def structure(self, site: Site) -> Structure | Blocked:
         """How this pair moves, or why it cannot."""
         modules = self.modules(site.region)
         root = self.regions[site.region].root
         if site.fused is not None:
             checked = SPLIT_FUSED.check(site, modules)
             if checked.reason is not None:
-                return checked.reason
+                return Blocked(checked.reason)
             return _ModuleSurgery(SPLIT_FUSED.apply(root, site)[1], reorder=False)
         assert site.act_node is not None
         bn, act = site.bn_node, site.act_node
@@ -153,51 +154,55 @@ class Mover:
         if bn_scope != act_scope:
             return self._across(site, act_scope, act_key)
         local = self._scope_graph(bn_scope)
-        if isinstance(local, str):
+        if isinstance(local, Blocked):
             return local
         nodes = []
         for calls_by_key in local[1]:
             local_bn, local_act = calls_by_key.get(bn_key), calls_by_key.get(act_key)
             if local_bn is None or local_act is None:
-                return f"the pair could not be found again in the forward of {bn_scope or 'the model'}"
+                return Blocked(
+                    f"the pair could not be found again in the forward of {bn_scope or 'the model'}"
+                )
             nodes.append((local_bn, local_act))
         return _GraphSurgery(bn_scope, nodes)
 
-    def _across(self, site: Site, act_scope: str, act_key: tuple[Any, ...]) -> _CrossSurgery | str:
+    def _across(self, site: Site, act_scope: str, act_key: tuple[Any, ...]) -> _CrossSurgery | Blocked:
         """The move of a BN called in one forward next to an activation called in another."""
         bn, act = site.bn_node, site.act_node
         assert act is not None
         if bn.op != "call_module":
-            return "the functional batch_norm and its activation are called in two forwards"
+            return Blocked("the functional batch_norm and its activation are called in two forwards")
         act_module: nn.Module | None
         if act.op == "call_module":
             act_module = self.modules(site.region)[str(act.target)]
         elif any(isinstance(a, fx.Node) for a in (*act.args[1:], *act.kwargs.values())):
-            return "the activation takes tensor arguments and is called in another forward than the BN"
+            return Blocked(
+                "the activation takes tensor arguments and is called in another forward than the BN"
+            )
         else:
             act_module = activation_module(
                 str(site.pair.activation_kind), act.target, tuple(act.args[1:]), dict(act.kwargs)
             )
             if act_module is None:
-                return (
+                return Blocked(
                     f"the activation ({site.pair.activation}) is called in another forward than the BN and "
                     "no torch module computes it, so it cannot join the BN's slot"
                 )
         local = self._scope_graph(act_scope)
-        if isinstance(local, str):
+        if isinstance(local, Blocked):
             return local
         nodes = [calls_by_key.get(act_key) for calls_by_key in local[1]]
         if any(node is None for node in nodes):
-            return f"the activation could not be found again in the forward of {act_scope or 'the model'}"
+            return Blocked(
+                f"the activation could not be found again in the forward of {act_scope or 'the model'}"
+            )
         return _CrossSurgery(act_module, act_scope, [n for n in nodes if n is not None])
 
-    def _scope_graph(
-        self, scope: str
-    ) -> tuple[list[tuple[frozenset[str], fx.Graph]], list[dict[tuple[Any, ...], fx.Node]]] | str:
+    def _scope_graph(self, scope: str) -> _ScopeGraph | Blocked:
         if scope not in self._scopes:
             module = self.work.get_submodule(scope) if scope else self.work
             what = f"{scope or 'the model'} ({type(module).__name__})"
-            self._scopes[scope] = f"the forward of {what} is being traced"  # a scope never asks for itself
+            self._scopes[scope] = Blocked(f"the forward of {what} is being traced")  # never asks for itself
             try:
                 with untouched(module):
                     try:
@@ -217,7 +222,7 @@ class Mover:
                     [surgery.keyed_calls(list(graph.nodes), local) for _, graph in variants],
                 )
             except Exception as exc:
-                self._scopes[scope] = (
+                self._scopes[scope] = Blocked(
                     f"the move needs a rewrite of the forward of {what}, which torch.fx cannot trace "
                     f"({first_line(exc)})"
                 )
@@ -237,7 +242,7 @@ class Mover:
         for cut in range(len(parts) - 1, -1, -1):
             ancestor, child = ".".join(parts[:cut]), ".".join(parts[cut:])
             traced = self._scope_graph(ancestor)
-            if isinstance(traced, str):
+            if isinstance(traced, Blocked):
                 continue
             calls = [n for _, g in traced[0] for n in g.nodes if n.op == "call_module" and n.target == child]
             if not calls:
@@ -359,7 +364,7 @@ class Mover:
         dispatched = []
         for scope in sorted(self._dirty):
             entry = self._scopes[scope]
-            assert not isinstance(entry, str)
+            assert not isinstance(entry, Blocked)
             module = self.work.get_submodule(scope) if scope else self.work
             if not install_forward(module, entry[0], self._specialised.get(scope)):
                 dispatched.append(scope)

@@ -21,6 +21,7 @@ from torch import fx, nn
 from ..analysis.detect import Pair, Site, analyze_regions
 from ..analysis.regions import analysis_regions
 from ..analysis.tracing import TraceResult, Untraced
+from ..core.blocked import Blocked
 from ..core.gc_pause import paused_gc
 from ..moving.placing import Mover, Structure
 from ..rules import Context, settle_exact
@@ -65,8 +66,8 @@ def analyse(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             continue
         site = settle_exact(found, contexts[found.region])
         how = mover.structure(site)
-        if isinstance(how, str):
-            site = replace(site, pair=_unmovable(site.pair, how), exact_rule=None, neighbours=())
+        if isinstance(how, Blocked):
+            site = replace(site, pair=_unmovable(site.pair, how.reason), exact_rule=None, neighbours=())
         else:
             structures[site] = how
         sites.append(site)
