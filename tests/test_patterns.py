@@ -12,7 +12,7 @@ from torch import nn
 from zoo import randomize_bn
 
 import bnmove
-from bnmove.analysis.patterns import ACTIVATION_KINDS, activation_spec
+from bnmove.analysis.patterns import ACTIVATION_KINDS, activation_call, activation_spec
 
 ACT_MODULES: dict[str, Callable[[], nn.Module]] = {
     "ReLU": nn.ReLU,
@@ -160,3 +160,20 @@ def test_functional_batch_norm_swaps() -> None:
     assert result.moved[0].method == "swap"
     want = F.batch_norm(torch.relu(x), model.rm, model.rv, None, None, False, 0.1, 1e-5)
     torch.testing.assert_close(result.model(x), want)
+
+
+def test_one_activation_call_for_methods_and_functions_in_place_or_not() -> None:
+    """A method name or a function, in place or not, with its constant arguments: the same values,
+    and the input never written over."""
+    z = torch.linspace(-3, 3, 13)
+    for target, args, kwargs, want in (
+        ("clamp", (-1.0, 1.0), {}, z.clamp(-1.0, 1.0)),
+        ("relu_", (), {}, torch.relu(z)),
+        (F.leaky_relu, (0.2,), {"inplace": True}, F.leaky_relu(z, 0.2)),
+        (F.leaky_relu_, (0.2,), {}, F.leaky_relu(z, 0.2)),
+        (torch.relu_, (), {}, torch.relu(z)),
+    ):
+        before = z.clone()
+        got = activation_call(target, args, kwargs)(z)
+        assert torch.equal(z, before), target  # out of place
+        assert torch.equal(got, want), target

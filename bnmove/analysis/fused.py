@@ -13,7 +13,7 @@ from torch import fx, nn
 from ..core.blocked import Blocked
 from ..core.forwards import OwnForwardTracer
 from .nodes import is_identity_node
-from .patterns import ActivationCall, is_functional_batchnorm, match_activation
+from .patterns import ActivationCall, activation_call, is_functional_batchnorm, match_activation
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,4 @@ def apply_fused_activation(module: nn.Module, fused: FusedNorm, x: torch.Tensor)
     if fused.act_child is not None:
         out: torch.Tensor = module.get_submodule(fused.act_child)(x)
         return out
-    if isinstance(fused.act_target, str):
-        return getattr(x, fused.act_target)(*fused.act_args, **fused.act_kwargs)  # type: ignore[no-any-return]
-    return fused.act_target(x, *fused.act_args, **fused.act_kwargs)  # type: ignore[no-any-return]
+    return activation_call(fused.act_target, fused.act_args, fused.act_kwargs)(x)

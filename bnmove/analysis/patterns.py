@@ -379,6 +379,19 @@ def out_of_place_function(target: Any) -> Any:
     return target
 
 
+def activation_call(
+    target: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f(z)`` for the activation that a method name (``"relu_"``) or a function (``F.gelu``)
+    calls with these constant arguments: out of place, whatever ``inplace`` said."""
+    options = {k: v for k, v in (kwargs or {}).items() if k != "inplace"}
+    if isinstance(target, str):
+        method = target.rstrip("_")
+        return lambda z: getattr(z, method)(*args, **options)  # type: ignore[no-any-return]
+    function = out_of_place_function(target)
+    return lambda z: function(z, *args, **options)  # type: ignore[no-any-return]
+
+
 def make_out_of_place(node: fx.Node, modules: dict[str, nn.Module]) -> None:
     """Rewrite an in-place activation node so it no longer writes over its input.
 

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from ..analysis.detect import Site
-from ..analysis.patterns import bn_channels, is_batchnorm_module, out_of_place_function
+from ..analysis.patterns import activation_call, bn_channels, is_batchnorm_module
 from ..core import bn_math
 
 
@@ -39,12 +39,7 @@ def pair_activation(root: nn.Module, site: Site) -> Callable[[torch.Tensor], tor
     if fused is not None:
         if fused.act_child is not None:
             return module_function(root.get_submodule(f"{site.bn_node.target}.{fused.act_child}"))
-        act_args, act_kwargs = fused.act_args, {k: v for k, v in fused.act_kwargs.items() if k != "inplace"}
-        if isinstance(fused.act_target, str):
-            method = fused.act_target.rstrip("_")
-            return lambda z: getattr(z, method)(*act_args, **act_kwargs)  # type: ignore[no-any-return]
-        target = out_of_place_function(fused.act_target)
-        return lambda z: target(z, *act_args, **act_kwargs)  # type: ignore[no-any-return]
+        return activation_call(fused.act_target, fused.act_args, fused.act_kwargs)
     assert site.act_node is not None
     return activation_function(root, site.act_node)
 
@@ -70,12 +65,7 @@ def activation_function(root: nn.Module, node: fx.Node) -> Callable[[torch.Tenso
         kwargs = {k: _constant(root, v) for k, v in node.kwargs.items() if k != "inplace"}
     except _NotConstant:
         return None
-    if node.op == "call_method":
-        method = str(node.target).rstrip("_")
-        return lambda z: getattr(z, method)(*args, **kwargs)  # type: ignore[no-any-return]
-    target = out_of_place_function(node.target)
-    assert callable(target)
-    return lambda z: target(z, *args, **kwargs)  # type: ignore[no-any-return]
+    return activation_call(str(node.target) if node.op == "call_method" else node.target, args, kwargs)
 
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..analysis.detect import Site
 from ..analysis.fused import FusedNorm, make_plain_batchnorm
-from ..analysis.patterns import activation_spec, out_of_place_function
+from ..analysis.patterns import activation_call, activation_spec
 from .base import Check, refuse
 
 
@@ -52,10 +52,7 @@ def activation_module(
         return None
     probe = torch.linspace(-6, 6, 97)
     with torch.no_grad():
-        if isinstance(target, str):
-            want = getattr(probe.clone(), target.rstrip("_"))(*args, **options)
-        else:
-            want = out_of_place_function(target)(probe.clone(), *args, **options)
+        want = activation_call(target, args, options)(probe.clone())
         return module if torch.allclose(module(probe.clone()), want, atol=1e-6) else None
 
 
