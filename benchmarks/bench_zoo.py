@@ -53,7 +53,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import bnmove
-from bnmove.analysis.patterns import is_frozen_batchnorm, module_activation_spec
+from bnmove.analysis.batchnorms import is_frozen_batchnorm
+from bnmove.analysis.patterns import module_activation_spec
 from bnmove.core.forwards import generated_forward
 
 torch.set_num_threads(1)

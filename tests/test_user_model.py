@@ -454,8 +454,8 @@ def test_frozen_batchnorm_is_detected_and_folded_exactly() -> None:
         assert isinstance(result.model.get_submodule(move.moved_to or ""), FrozenBN)
         _same(model, result.model, x)
     # A module with the same buffers that computes something else is not a BN.
-    assert not bnmove.analysis.patterns.is_frozen_batchnorm(NotFrozen(4))
-    assert bnmove.analysis.patterns.is_frozen_batchnorm(FrozenBN(4))
+    assert not bnmove.analysis.batchnorms.is_frozen_batchnorm(NotFrozen(4))
+    assert bnmove.analysis.batchnorms.is_frozen_batchnorm(FrozenBN(4))
 
 
 class NotFrozen(FrozenBN):

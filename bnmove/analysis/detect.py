@@ -19,16 +19,11 @@ from torch import fx, nn
 
 from ..core.blocked import Blocked
 from ..core.modules import module_calls, qualified
+from .batchnorms import is_batchnorm_module, is_functional_batchnorm, is_plain_batchnorm
 from .fused import FusedNorm, analyze_fused_norm
 from .layers import AFFINE_LAYERS
 from .nodes import describe_node, input_is_shared, is_identity_node, skip_identity_down
-from .patterns import (
-    ActivationCall,
-    is_batchnorm_module,
-    is_functional_batchnorm,
-    is_plain_batchnorm,
-    match_activation,
-)
+from .patterns import ActivationCall, match_activation
 from .tracing import Region
 
 Placement = Literal["before", "after"]

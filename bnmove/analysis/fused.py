@@ -12,8 +12,9 @@ from torch import fx, nn
 
 from ..core.blocked import Blocked
 from ..core.forwards import OwnForwardTracer
+from .batchnorms import is_functional_batchnorm
 from .nodes import is_identity_node
-from .patterns import ActivationCall, activation_call, is_functional_batchnorm, match_activation
+from .patterns import ActivationCall, activation_call, match_activation
 
 
 @dataclass(frozen=True)

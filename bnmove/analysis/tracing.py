@@ -26,9 +26,10 @@ from torch import fx, nn
 from ..core.affine import ChannelAffine
 from ..core.forwards import class_forward
 from ..core.modules import first_line
+from .batchnorms import is_batchnorm_module
 from .composite import collapse_composites
 from .layers import custom_affine_layer, torch_forward
-from .patterns import is_batchnorm_module, module_activation_spec, recognise
+from .patterns import module_activation_spec, recognise
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..analysis.batchnorms import bn_channels, is_batchnorm_module, is_plain_batchnorm
 from ..analysis.folds import ForwardFold, NoFold, forward_fold
 from ..analysis.layers import AFFINE_LAYERS, out_channels
 from ..analysis.nodes import skip_identity_up
-from ..analysis.patterns import bn_channels, is_batchnorm_module, is_plain_batchnorm, match_activation
+from ..analysis.patterns import match_activation
 from ..analysis.regions import analysis_regions
 from ..core.affine import ChannelAffine, affine_map, is_identity, scale_positive
 from ..core.clone import clone_module

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..analysis.batchnorms import is_plain_batchnorm
 from ..analysis.folds import NoFold, consumers
 from ..analysis.layers import AFFINE_LAYERS, forward_fold_blocker, in_channels
 from ..analysis.nodes import describe_node, skip_identity_down, skip_identity_up
-from ..analysis.patterns import is_plain_batchnorm
 from ..core.affine import ChannelAffine, affine_map
 from ..rules.table import fold_map
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..analysis.batchnorms import is_batchnorm_module
 from ..analysis.inputs import infer_example_inputs
-from ..analysis.patterns import is_batchnorm_module
 from ..core.progress import OnProgress, Stage
 from ..core.running import eval_mode
 from ..errors import BnmoveError, ModelRunError

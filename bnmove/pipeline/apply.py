@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from torch import nn
 
+from ..analysis.batchnorms import is_frozen_batchnorm
 from ..analysis.detect import Site
-from ..analysis.patterns import is_frozen_batchnorm
 from ..core.modules import qualified
 from ..rules import ABSORB, Method, Rule
 from .analyse import Analysis

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..analysis.batchnorms import is_batchnorm_module
 from ..analysis.detect import Site
 from ..analysis.nodes import skip_identity_down
-from ..analysis.patterns import is_batchnorm_module, match_activation, module_activation_spec
+from ..analysis.patterns import match_activation, module_activation_spec
 from ..analysis.tracing import Region
 from ..core.affine import ChannelAffine, affine_map
 from ..core.clone import clone_module

@@ -13,8 +13,9 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
+from ..analysis.batchnorms import bn_channels, is_batchnorm_module
 from ..analysis.detect import Site
-from ..analysis.patterns import activation_call, bn_channels, is_batchnorm_module
+from ..analysis.patterns import activation_call
 from ..core import bn_math
 
 

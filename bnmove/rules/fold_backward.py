@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from ..analysis.batchnorms import bn_channels
 from ..analysis.detect import Site, absorbing_layer
 from ..analysis.layers import out_channels
 from ..analysis.nodes import describe_node, skip_identity_up
-from ..analysis.patterns import bn_channels
 from ..core.affine import affine_map
 from ._exact import ExactRule, identity_after
 from ._parameters import batchnorm_at

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..analysis.batchnorms import bn_channels
 from ..analysis.detect import Site
 from ..analysis.folds import NoFold, forward_fold
-from ..analysis.patterns import bn_channels
 from ..core.affine import affine_map, scale_positive
 from ._exact import ExactRule, identity_before
 from ._parameters import batchnorm_at

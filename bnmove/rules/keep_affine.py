@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..analysis.batchnorms import bn_channels
 from ..analysis.detect import Site
-from ..analysis.patterns import bn_channels
 from ..core.affine import ChannelAffine, affine_map
 from ._exact import ExactRule, identity_after, identity_before
 from ._parameters import _BatchNorm, batchnorm_at
