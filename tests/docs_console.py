@@ -44,7 +44,7 @@ from pathlib import Path
 from sybil import Example
 from sybil.parsers.markdown import CodeBlockParser
 
-from bnmove.cli._common import PROGRESS_LINE
+from bnmove.cli.bars import PROGRESS_LINE
 
 REPO = Path(__file__).resolve().parent.parent
 COLUMNS = 100

@@ -3,7 +3,7 @@ terminal, as in these tests): what remains is what the tests check, such as one 
 
 from __future__ import annotations
 
-from bnmove.cli._common import PROGRESS_LINE
+from bnmove.cli.bars import PROGRESS_LINE
 
 
 def messages(stderr: str) -> list[str]:

@@ -428,7 +428,7 @@ def test_calibration_data_gives_the_example_input_when_no_shape_is_given(tmp_pat
 
 def test_with_stderr_in_a_file_each_stage_is_one_plain_line_and_quiet_prints_none(tmp_path: Path) -> None:
     """A real process, stderr redirected to a file as in CI or ``| tee``: no live bar can be drawn."""
-    from bnmove.cli._common import PROGRESS_LINE
+    from bnmove.cli.bars import PROGRESS_LINE
     from bnmove.sample_models import digits_net
 
     torch.save(digits_net(), tmp_path / "net.pt")

@@ -13,7 +13,8 @@ from torch import nn
 
 import bnmove
 from bnmove.cli import main
-from bnmove.fitting.calibrate import Underdetermined, refit_layer, split_held_out
+from bnmove.fitting.calibrate import split_held_out
+from bnmove.fitting.refit import Underdetermined, refit_layer
 
 
 class WideHead(nn.Module):

@@ -6,10 +6,8 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +16,9 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from ..analysis.inputs import infer_example_inputs
 from ..core.atomic import check_output_folder
-from ..core.progress import Stage
 from ..core.running import eval_mode, inputs_from_shapes, run_model
 from ..errors import BnmoveError, ModelRunError
 from ..io.loading import LoadedModel, load_model, parse_arch_args
@@ -331,67 +319,3 @@ quiet_option = click.option(
     is_flag=True,
     help="No progress (a live bar on a terminal; else one plain line per stage on stderr).",
 )
-
-
-def _progress(quiet: bool) -> _StageProgress:
-    """The progress every long command shows on stderr: on a terminal, a live bar (what, bar,
-    done/total, time, time left); elsewhere (a log file, CI, ``| tee``), one plain line per stage;
-    with ``quiet`` (``--quiet``, ``--json``), nothing."""
-    return _StageProgress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=_stderr(),
-        transient=True,
-        disable=quiet or not sys.stderr.isatty(),
-        plain=not quiet and not sys.stderr.isatty(),
-    )
-
-
-#: a stage line, as ``_StageProgress`` prints it where no live bar can be drawn
-PROGRESS_LINE = re.compile(r"^bnmove: .+ \[\d+\.\d s\]$")
-
-
-class _StageProgress(Progress):
-    """rich's Progress that, where no live bar can be drawn, says each new stage in one plain line:
-    ``bnmove: exporting after (1/3) [12.3 s]`` (what, how far, seconds since the display began)."""
-
-    def __init__(self, *columns: Any, plain: bool = False, **options: Any) -> None:
-        super().__init__(*columns, **options)
-        self.plain = plain
-        self._said: dict[TaskID, str] = {}
-        self._began = time.perf_counter()
-
-    def add_task(self, description: str, *args: Any, **options: Any) -> TaskID:
-        task = super().add_task(description, *args, **options)
-        self._said[task] = description  # said when work on it starts: its first new description
-        return task
-
-    def update(self, task_id: TaskID, **options: Any) -> None:
-        super().update(task_id, **options)
-        self._say(task_id)
-
-    def follow(self, task_id: TaskID) -> Callable[[Any], None]:
-        """An ``on_progress`` for the library's calls: each [`Stage`][bnmove.Stage] shown on the task."""
-
-        def show(event: Any) -> None:
-            if isinstance(event, Stage):
-                self.update(task_id, description=event.what, completed=event.done or 0, total=event.total)
-
-        return show
-
-    def _say(self, task_id: TaskID) -> None:
-        if not self.plain:
-            return
-        task = self._tasks[task_id]
-        if self._said.get(task_id) == task.description:
-            return
-        self._said[task_id] = task.description
-        count = f" ({task.completed:.0f}/{task.total:.0f})" if task.total else ""
-        elapsed = time.perf_counter() - self._began
-        self.console.print(
-            f"bnmove: {task.description.strip()}{count} [{elapsed:.1f} s]", highlight=False, soft_wrap=True
-        )

@@ -35,7 +35,6 @@ from ..study.data import load_dataset
 from ._common import (
     ModelArgs,
     _csv_list,
-    _progress,
     _stdout,
     calibration_options,
     debug_option,
@@ -43,6 +42,7 @@ from ._common import (
     model_options,
     quiet_option,
 )
+from .bars import _progress
 
 
 @main.command(

@@ -26,13 +26,13 @@ from ..report import (
 )
 from ._common import (
     ModelArgs,
-    _progress,
     _stdout,
     calibration_options,
     main,
     model_options,
     quiet_option,
 )
+from .bars import _progress
 
 
 @main.command(

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import click
 import torch
 from click.core import ParameterSource
-from rich.progress import TaskID
 from torch import nn
 
 from ..errors import BnmoveError
@@ -25,68 +23,19 @@ from ..report import (
 from ..study.activations import replace_activations
 from ..study.checks import match_classes
 from ..study.data import load_dataset
-from ..study.experiment import EpochRecord, Execution, Training, experiment
+from ..study.experiment import Execution, Training, experiment
 from ..study.jobs import finished_runs
 from ..study.recipes import RECIPES, Recipe
-from ..study.runs import RunFinished, RunStarted
 from ._common import (
     ModelArgs,
     _check_outputs,
     _csv_list,
-    _progress,
     _stdout,
     main,
     model_options,
     quiet_option,
 )
-
-
-class _StudyProgress:
-    """One bar for the whole study (epochs of bnmove's loop, or runs of your training) and one per
-    running job."""
-
-    def __init__(self, quiet: bool, total: int, epochs: int) -> None:
-        self.progress = _progress(quiet)
-        self.study = self.progress.add_task("study", total=total)
-        #: steps per run: epochs of bnmove's loop; 0 for your training (the study counts runs)
-        self.epochs = epochs
-        self.prefix = ""
-        self.running: dict[tuple[str, int], TaskID] = {}
-
-    def __enter__(self) -> _StudyProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)  # type: ignore[arg-type]
-
-    def on_progress(self, event: Any) -> None:
-        """The study's events (a run started, an epoch ended, a run finished), as bars."""
-        if isinstance(event, RunStarted):
-            name = f"  {self.prefix}{event.variant} seed {event.seed} on {event.device}"
-            self.running[(event.variant, event.seed)] = self.progress.add_task(
-                name, total=self.epochs or None
-            )
-        elif isinstance(event, EpochRecord):
-            self.progress.update(
-                self.study,
-                advance=1,
-                description=f"study: {self.prefix}{event.variant} seed {event.seed} epoch {event.epoch}: "
-                f"val acc {event.val_accuracy:.1%}",
-            )
-            task = self.running.get((event.variant, event.seed))
-            if task is not None:
-                self.progress.update(task, advance=1)
-        elif isinstance(event, RunFinished):
-            if not self.epochs:
-                self.progress.update(
-                    self.study,
-                    advance=1,
-                    description=f"study: {self.prefix}{event.variant} seed {event.seed} done",
-                )
-            task = self.running.pop((event.variant, event.seed), None)
-            if task is not None:
-                self.progress.remove_task(task)
+from .bars import _StudyProgress
 
 
 @main.command(

@@ -34,7 +34,8 @@ from torch import nn
 from ..core import bn_math
 from ..core.running import eval_mode
 from ..errors import ModelRunError
-from .calibrate import Batch, NormalEquations, Underdetermined, call_model, design_rows
+from .calibrate import Batch, call_model
+from .refit import NormalEquations, Underdetermined, design_rows
 
 #: rows (positions × samples) per fitted pair or refitted layer
 ROWS = 16_384

@@ -28,7 +28,8 @@ from ..core.fidelity import Agreement
 from ..core.modules import module_calls, qualified
 from ..core.running import eval_mode, output_tensors
 from ..errors import BnmoveError
-from ..fitting.calibrate import Batch, call_model, refit_blocker
+from ..fitting.calibrate import Batch, call_model
+from ..fitting.refit import refit_blocker
 from ..fitting.sequential import PairFit, PairInput, PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
 from ..rules import KeptAffine, Method, pair_activation

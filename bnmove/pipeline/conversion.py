@@ -28,11 +28,7 @@ from ..core.gc_pause import paused_gc
 from ..core.progress import OnProgress, Stage
 from ..core.running import double_inputs
 from ..errors import BnmoveError, VerificationError
-from ..fitting.calibrate import (
-    Batch,
-    calibration_batches,
-    split_held_out,
-)
+from ..fitting.calibrate import Batch, calibration_batches, split_held_out
 from ..rules import FIT
 from .analyse import Analysis, analyse
 from .apply import apply
