@@ -18,7 +18,7 @@ from rich.rule import Rule
 from . import report
 from .core.atomic import check_output_folder, save_module
 from .core.running import eval_mode
-from .deploy.export import ExportOptions, export_variants, read_manifest
+from .deploy.export import ExportOptions, export_variants
 from .deploy.runtime import compare
 from .errors import BnmoveError
 from .pipeline.analyse import detect
@@ -116,16 +116,16 @@ def run_demo(
     console.print(Rule("4. bnmove export (ONNX, --fold-forward)"))
     variants_dir = out_dir / "variants"
     with status.status("exporting original, before and after variants…"):
-        paths = export_variants(
+        exported = export_variants(
             model, example, variants_dir, stem="digits_net", options=ExportOptions(fold="forward"), force=True
         )
-    written += [*paths.values(), variants_dir / "manifest.json"]
-    console.print(report.export_table(read_manifest(variants_dir) or {}, width=console.width))
+    written += [*exported.values(), variants_dir / "manifest.json"]
+    console.print(report.export_table(exported.manifest, width=console.width))
 
     console.print(Rule("5. bnmove compare (onnxruntime)"))
     with status.status("timing the variants…"):
         comparison = compare(
-            paths, provider="auto", batch_sizes=(1, 64), warmup=3, iterations=30, data=data
+            exported, provider="auto", batch_sizes=(1, 64), warmup=3, iterations=30, data=data
         )  # with the digits, each variant's accuracy on the held-out ones (compare --data)
     console.print(report.comparison_table(comparison, width=console.width))
     if comparison.accuracies:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 from zoo import build, randomize_bn
 
 import bnmove
+from bnmove.deploy import Export
 from bnmove.deploy.export import ExportOptions, export_variants
 from bnmove.deploy.program import save_program
 from bnmove.fitting.calibrate import split_held_out
@@ -259,3 +261,20 @@ def test_the_export_table_never_cuts_a_cell_at_any_terminal_width(width: int) ->
         assert "mobilenet_v3_small.<variant>.onnx" in " ".join(text.split())
     if width >= 120:  # room for everything
         assert "mobilenet_v3_small.after.onnx" in text and "12.35 MB" in text
+
+
+def test_export_gives_back_what_it_wrote(tmp_path: Path) -> None:
+    """An `Export` value: each file by name (read as the dict earlier versions returned) and the
+    manifest that manifest.json holds, never changed after it is made."""
+    model = bnmove.sample_models.resnet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    exported = bnmove.export_variants(model, (x,), tmp_path, ["original", "after"], stem="m")
+    assert isinstance(exported, Export)
+    assert dict(exported) == {v: tmp_path / f"m.{v}.onnx" for v in ("original", "after")}
+    assert all(path.exists() for path in exported.values())
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert json.loads(json.dumps(exported.manifest)) == on_disk
+    assert exported.variants["after"]["moved"] == len(on_disk["variants"]["after"]["moves"]) > 0
+    assert exported.warnings() == [] and exported.notes() == []
+    with pytest.raises(FrozenInstanceError):
+        exported.manifest = {}  # type: ignore[misc]

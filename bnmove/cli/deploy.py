@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.atomic import atomic_path, check_output, check_output_folder
-from ..deploy.export import DEFAULT_OPSET, ExportOptions, export_variants, read_manifest, require_export_tools
+from ..deploy.export import DEFAULT_OPSET, ExportOptions, export_variants, require_export_tools
 from ..deploy.providers import PROVIDERS
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import compare
@@ -154,7 +154,7 @@ def export_command(
     inputs = model.inputs(loaded, calibration, calibration_path)
     with _progress(as_json or quiet) as progress:
         task = progress.add_task("exporting", total=len(variants))
-        paths = export_variants(
+        exported = export_variants(
             loaded.module,
             inputs,
             out_dir,
@@ -173,13 +173,11 @@ def export_command(
             on_progress=progress.follow(task),
         )
         progress.update(task, completed=len(variants))
-    manifest = read_manifest(out_dir) or {}
-    for name, entry in manifest.get("variants", {}).items():
-        for warning in entry.get("conversion_warnings", []):
-            click.echo(f"bnmove: warning: {name}: {warning}", err=True)
-        auto = entry.get("fold_auto", {})
-        if auto.get("too_noisy"):
-            click.echo(f"bnmove: note: {name}: --fold-auto kept {auto['form']}: {auto['reason']}", err=True)
+    manifest = exported.manifest
+    for warning in exported.warnings():
+        click.echo(f"bnmove: warning: {warning}", err=True)
+    for note in exported.notes():
+        click.echo(f"bnmove: note: {note}", err=True)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
@@ -188,7 +186,7 @@ def export_command(
     for line in int8_lines(manifest):
         out.print(line, highlight=False)
     out.print(
-        f"wrote {len(paths)} variants and {out_dir / 'manifest.json'}; next: bnmove compare {out_dir}",
+        f"wrote {len(exported)} variants and {out_dir / 'manifest.json'}; next: bnmove compare {out_dir}",
         highlight=False,
         soft_wrap=True,
     )

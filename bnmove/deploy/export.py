@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 
 
 def _variant_model(
-    model: nn.Module, variant: str, inputs: Sequence[torch.Tensor], conversion: dict[str, Any]
+    model: nn.Module, variant: str, inputs: Sequence[torch.Tensor], conversion: _Conversion
 ) -> tuple[nn.Module, dict[str, Any]]:
     if variant == "original":
         return clone_module(model), {
@@ -54,15 +54,20 @@ def _variant_model(
             "moved_swap": 0,
         }
     try:
-        result = convert(model, variant, example_inputs=inputs, **conversion)
+        result = convert(
+            model,
+            variant,
+            method=conversion.method,
+            example_inputs=inputs,
+            calibration=conversion.calibration,
+            max_error=conversion.max_error,
+        )
     except BnmoveError as exc:
         raise BnmoveError(f"{variant}: {exc}") from exc
     info = result.to_dict()
     return result.model, {
         "moves": [
-            {"bn": m["pair"]["bn"], "activation": m["pair"]["activation"], "method": m["method"]}
-            for m in info["moves"]
-            if m["moved"]
+            {"bn": m.pair.bn, "activation": m.pair.activation, "method": m.method} for m in result.moved
         ],
         "moved": info["moved"],
         "moved_exact": info["moved_exact"],
@@ -119,6 +124,47 @@ class ExportOptions:
 FOLDS = ("none", "forward", "padded", "auto")
 
 
+@dataclass(frozen=True)
+class Export(Mapping[str, Path]):
+    """What [`export_variants`][bnmove.export_variants] wrote: each file by name (``"after"``,
+    ``"after.int8"``; it reads like the ``{name: path}`` dict earlier versions returned), and the
+    manifest that ``folder/manifest.json`` holds (every variant's moves, folds, checks and sizes)."""
+
+    folder: Path
+    files: dict[str, Path]
+    manifest: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Path:
+        return self.files[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """Each variant's manifest entry."""
+        return dict(self.manifest["variants"])
+
+    def warnings(self) -> list[str]:
+        """``variant: warning`` for what the conversions warned of (a forward that needs bnmove)."""
+        return [
+            f"{name}: {w}"
+            for name, entry in self.variants.items()
+            for w in entry.get("conversion_warnings", [])
+        ]
+
+    def notes(self) -> list[str]:
+        """``variant: note`` where ``--fold-auto`` could not tell the forms apart on this machine."""
+        return [
+            f"{name}: --fold-auto kept {auto['form']}: {auto['reason']}"
+            for name, entry in self.variants.items()
+            if (auto := entry.get("fold_auto", {})).get("too_noisy")
+        ]
+
+
 def export_variants(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -132,7 +178,7 @@ def export_variants(
     force: bool = False,
     max_error: float | None = None,
     on_progress: OnProgress | None = None,
-) -> dict[str, Path]:
+) -> Export:
     """Export each placement variant of ``model`` to ``out_dir/<stem>.<variant>.onnx``.
 
     Args:
@@ -150,8 +196,8 @@ def export_variants(
             ("exporting after", variants done, variants in all).
 
     Returns:
-        ``{variant: path}`` (with ``quantize``, also ``{"<variant>.int8": path}``);
-        ``out_dir/manifest.json`` describes every file.
+        An [`Export`][bnmove.deploy.Export]: ``{variant: path}`` (with ``quantize``, also
+        ``{"<variant>.int8": path}``) and the manifest, which ``out_dir/manifest.json`` holds.
     """
     unknown = [p for p in placements if p not in VARIANTS]
     if unknown or not placements:
@@ -161,140 +207,147 @@ def export_variants(
     require_export_tools()
     calibration = calibration or Calibration()
     options = options or ExportOptions()
-    quantize = options.quantize
-    check_quantization(quantize, calibration.data is not None)
+    check_quantization(options.quantize, calibration.data is not None)
     out = Path(out_dir)
     check_output_folder(out)
     targets = {v: out / f"{stem}.{v}.onnx" for v in placements}
-    int8_targets = {v: out / f"{stem}.{v}.int8.onnx" for v in placements} if quantize else {}
+    int8_targets = {v: out / f"{stem}.{v}.int8.onnx" for v in placements} if options.quantize else {}
     clash = [p for p in (*targets.values(), *int8_targets.values(), out / MANIFEST) if p.exists()]
     if clash and not force:
         raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
-    inputs = tuple(example_inputs)
     if calibration.data is not None:  # read once; every moved variant fits on the same samples
         calibration = replace(
             calibration, data=calibration_batches(calibration.data, samples=calibration.samples)
         )
-    quantization = QuantizationSamples.split(calibration.data, quantize) if quantize else None
+    job = _ExportJob(
+        model=model,
+        inputs=tuple(example_inputs),
+        out=out,
+        targets=targets,
+        conversion=_Conversion(method, calibration, max_error),
+        options=options,
+        quantization=QuantizationSamples.split(calibration.data, options.quantize)
+        if options.quantize
+        else None,
+    )
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
-        return _export_into(
-            model,
-            inputs,
-            out,
-            targets,
-            placements,
-            {
-                "method": method,
-                "calibration": calibration,
-                "max_error": max_error,
-            },
-            options.opset,
-            options.static_batch,
-            None if options.fold == "none" else options.fold,
-            options.tolerance,
-            on_progress,
-            quantization,
-        )
+        return job.run(on_progress)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed run leaves nothing behind
         raise
 
 
-def _export_into(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    out: Path,
-    targets: dict[str, Path],
-    placements: Sequence[str],
-    conversion: dict[str, Any],
-    opset: int,
-    static_batch: bool,
-    folding_mode: str | None,
-    tolerance: float,
-    on_progress: OnProgress | None,
-    quantization: QuantizationSamples | None = None,
-) -> dict[str, Path]:
-    import onnx
+@dataclass(frozen=True)
+class _Conversion:
+    """How the moved variants are made (as `bnmove.convert` takes it)."""
 
-    entries: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix=".bnmove-export-", dir=out) as tmp:
+    method: str
+    calibration: Calibration
+    max_error: float | None
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """One export: every variant written to a staging folder and checked, then moved in with the
+    manifest (all or nothing)."""
+
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    out: Path
+    targets: dict[str, Path]
+    conversion: _Conversion
+    options: ExportOptions
+    quantization: QuantizationSamples | None
+
+    @property
+    def fold(self) -> str | None:
+        return None if self.options.fold == "none" else self.options.fold
+
+    def run(self, on_progress: OnProgress | None) -> Export:
+        entries: dict[str, Any] = {}
         staged: dict[str, Path] = {}
-        for variant in placements:
-            if on_progress is not None:
-                on_progress(Stage(f"exporting {variant}", len(entries), len(placements)))
-            variant_model, entry = _variant_model(model, variant, inputs, conversion)
-            path = Path(tmp) / targets[variant].name
-            write = _Writer(inputs, opset, static_batch, tolerance, variant)
-            if folding_mode == "auto":
-                quantize = (
-                    (lambda f, o: quantize_variant(f, o, quantization, Path(tmp))) if quantization else None
-                )
-                err, chosen = cheapest_form(variant_model, path, write, quantize)
-                entry.update(chosen)
-            else:
-                if folding_mode is not None:
-                    folding = fold_forward(variant_model, padded=folding_mode == "padded")
-                    variant_model = folding.model
-                    entry.update(folding.manifest())
-                err = write(variant_model, path)
-            proto = onnx.load(str(path), load_external_data=False)
-            entry.update(
-                file=targets[variant].name,
-                opset=opset,
-                inputs=[{"name": i.name, "shape": value_shape(i)} for i in proto.graph.input],
-                outputs=[{"name": o.name, "shape": value_shape(o)} for o in proto.graph.output],
-                batch="static" if static_batch else "dynamic",
-                file_size=path.stat().st_size,
-                sha256=sha256_of(path),
-                onnxruntime_vs_torch_max_abs_error=err,
-                batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
-            )
-            if quantization is not None:
-                int8_path = path.with_name(targets[variant].name[: -len(".onnx")] + ".int8.onnx")
-                entry["int8"] = quantize_variant(path, int8_path, quantization, Path(tmp))
-                staged[f"{variant}.int8"] = int8_path
-            entries[variant] = entry
-            staged[variant] = path
-        manifest = {
+        with tempfile.TemporaryDirectory(prefix=".bnmove-export-", dir=self.out) as tmp:
+            for variant in self.targets:
+                if on_progress is not None:
+                    on_progress(Stage(f"exporting {variant}", len(entries), len(self.targets)))
+                entries[variant], files = self._variant(variant, Path(tmp))
+                staged.update(files)
+            manifest = self._manifest(entries)
+            manifest_tmp = Path(tmp) / MANIFEST
+            manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+            for path in staged.values():
+                os.replace(path, self.out / path.name)
+            os.replace(manifest_tmp, self.out / MANIFEST)
+        return Export(self.out, {name: self.out / path.name for name, path in staged.items()}, manifest)
+
+    def _variant(self, variant: str, tmp: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+        """Write one variant (and its INT8 twin) into ``tmp``: its manifest entry and its files."""
+        import onnx
+
+        variant_model, entry = _variant_model(self.model, variant, self.inputs, self.conversion)
+        path = tmp / self.targets[variant].name
+        options = self.options
+        write = _Writer(self.inputs, options.opset, options.static_batch, options.tolerance, variant)
+        if self.fold == "auto":
+            samples = self.quantization
+            quantize = (lambda f, o: quantize_variant(f, o, samples, tmp)) if samples else None
+            err, chosen = cheapest_form(variant_model, path, write, quantize)
+            entry.update(chosen)
+        else:
+            if self.fold is not None:
+                folding = fold_forward(variant_model, padded=self.fold == "padded")
+                variant_model = folding.model
+                entry.update(folding.manifest())
+            err = write(variant_model, path)
+        proto = onnx.load(str(path), load_external_data=False)
+        entry.update(
+            file=path.name,
+            opset=options.opset,
+            inputs=[{"name": i.name, "shape": value_shape(i)} for i in proto.graph.input],
+            outputs=[{"name": o.name, "shape": value_shape(o)} for o in proto.graph.output],
+            batch="static" if options.static_batch else "dynamic",
+            file_size=path.stat().st_size,
+            sha256=sha256_of(path),
+            onnxruntime_vs_torch_max_abs_error=err,
+            batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
+        )
+        files = {variant: path}
+        if self.quantization is not None:
+            int8_path = path.with_name(path.name[: -len(".onnx")] + ".int8.onnx")
+            entry["int8"] = quantize_variant(path, int8_path, self.quantization, tmp)
+            files[f"{variant}.int8"] = int8_path
+        return entry, files
+
+    def _manifest(self, entries: dict[str, Any]) -> dict[str, Any]:
+        import onnx
+
+        fold, quantization = self.fold, self.quantization
+        manifest: dict[str, Any] = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
-            "method": conversion["method"],
-            "calibration": "data" if conversion["calibration"].data is not None else "none",
-            **(
-                {
-                    "quantization": {
-                        "type": quantization.kind,
-                        "calibration_samples": quantization.samples()[0],
-                        "held_out_samples": quantization.samples()[1],
-                    }
-                }
-                if quantization is not None
-                else {}
-            ),
-            "fold": folding_mode or "none",
-            "fold_forward": folding_mode is not None,
-            "fold_padded": folding_mode == "padded",
-            **(
-                {
-                    "border_correction": "each border-corrected conv adds a constant made for the exported "
-                    "spatial size (fixed in the file); export again for another size"
-                }
-                if folding_mode in ("padded", "auto")
-                else {}
-            ),
-            "example_input_shapes": [list(x.shape) for x in inputs],
-            "variants": entries,
+            "method": self.conversion.method,
+            "calibration": "data" if self.conversion.calibration.data is not None else "none",
         }
-        manifest_tmp = Path(tmp) / MANIFEST
-        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in staged.values():
-            os.replace(path, out / path.name)
-        os.replace(manifest_tmp, out / MANIFEST)
-    return {name: out / path.name for name, path in staged.items()}
+        if quantization is not None:
+            calibration_samples, held_out = quantization.samples()
+            manifest["quantization"] = {
+                "type": quantization.kind,
+                "calibration_samples": calibration_samples,
+                "held_out_samples": held_out,
+            }
+        manifest.update(fold=fold or "none", fold_forward=fold is not None, fold_padded=fold == "padded")
+        if fold in ("padded", "auto"):
+            manifest["border_correction"] = (
+                "each border-corrected conv adds a constant made for the exported spatial size (fixed "
+                "in the file); export again for another size"
+            )
+        manifest["example_input_shapes"] = [list(x.shape) for x in self.inputs]
+        manifest["variants"] = entries
+        return manifest
 
 
 @dataclass(frozen=True)
@@ -316,14 +369,3 @@ class _Writer:
                 f"(tolerance {self.tolerance:g} x {max(scale, 1.0):.3g})"
             )
         return err
-
-
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data

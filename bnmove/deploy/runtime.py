@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,7 +83,7 @@ def _deviation(name: str, got: list[np.ndarray], want: list[np.ndarray]) -> Outp
 
 
 def compare(
-    paths: Sequence[str | Path] | dict[str, Path],
+    paths: Sequence[str | Path] | Mapping[str, Path],
     *,
     provider: str = "auto",
     batch_sizes: Sequence[int] = (1, 8, 32),
@@ -133,7 +133,7 @@ def compare(
     Returns:
         A [`Comparison`][bnmove.Comparison] (``to_dict()`` for JSON; ``bnmove.report`` renders it).
     """
-    named = dict(paths) if isinstance(paths, dict) else collect_paths(paths)
+    named = dict(paths) if isinstance(paths, Mapping) else collect_paths(paths)
     if not named:
         raise BnmoveError("nothing to compare: no .onnx files given")
     if any(b <= 0 for b in batch_sizes) or not batch_sizes:
