@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,14 +134,7 @@ def compare(
         A [`Comparison`][bnmove.Comparison] (``to_dict()`` for JSON; ``bnmove.report`` renders it).
     """
     named = dict(paths) if isinstance(paths, Mapping) else collect_paths(paths)
-    if not named:
-        raise BnmoveError("nothing to compare: no .onnx files given")
-    if any(b <= 0 for b in batch_sizes) or not batch_sizes:
-        raise BnmoveError("batch sizes must be positive integers")
-    if (iterations is None) == (seconds is None):
-        raise BnmoveError("give either iterations or seconds")
-    if iterations is not None and iterations < 1:
-        raise BnmoveError("iterations must be at least 1")
+    _check_request(named, batch_sizes, iterations, seconds, data_samples, threads)
     import_onnxruntime()  # (its one-line error first, whatever the provider probes remember)
     chosen = select_provider(provider)
     if chosen != "cpu" and warmup < 1:
@@ -157,80 +150,44 @@ def compare(
     def step(what: str) -> None:
         report(Stage(what))
 
-    if data_samples is not None and data_samples < 1:
-        raise BnmoveError("data samples must be at least 1")
-    if threads is not None and threads < 1:
-        raise BnmoveError("threads must be at least 1")
-    quantized = _quantized_variants(named, chosen)
+    quantized = _quantized_variants(named, chosen)  # (TensorRT refuses what it cannot build, before work)
     batches = labelled_batches(data, data_samples) if data is not None else None
     checked = SessionPlan("cpu") if chosen == "cpu" else SessionPlan("cuda", tf32=False)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with tempfile.TemporaryDirectory(prefix="bnmove-compare-") as tmp:
         runners: dict[str, Runner] = {}
         for name, path in named.items():
             step(f"loading {name}")
             runners[name] = Runner(path, checked, Path(tmp))
         sizes = _batch_sizes(runners, ref, batch_sizes)
-
         accuracies = []
         if batches is not None:  # before the timing, so bad data fails early
             step("accuracy on the labelled data")
             accuracies = evaluate_accuracy(runners, batches, ref)
-
         step("comparing outputs")
-        deviation_batch = max(sizes)
-        arrays = runners[ref].feeds(deviation_batch, seed=0)
+        arrays = runners[ref].feeds(max(sizes), seed=0)
         want = runners[ref].run(arrays)
         deviations = [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
-
-        counts: dict[int, ThreadChoice] = {}
-        if chosen == "cpu":
-            counts = _cpu_threads(named[ref], runners[ref], sizes, threads)
-
-        def plan_for(name: str, batch: int) -> SessionPlan:
-            plan = timing_plan(chosen, checked, runners[ref].inputs, batch, name in quantized, cache)
-            return replace(plan, threads=counts[batch].threads) if batch in counts else plan
-
-        timings: list[Timing] = []
-        floors: dict[int, RatioInterval] = {}
-        order = [*runners, _FLOOR]
-        timed: dict[str, Runner] = {}
-        for batch in sizes:
-            step(f"timing batch {batch}")
-            if not timed or plan_for(ref, batch) != timed[ref].plan:  # (TensorRT: an engine for
-                timed.clear()  # each batch size; the CPU: this batch's threads), the last freed first
-                for name in runners:
-                    plan = plan_for(name, batch)
-                    timed[name] = runners[name] if plan == checked else Runner(named[name], plan)
-                # the noise floor: the reference's own file in a second session (byte-identical by
-                # definition, external weights included), timed in the same rounds
-                timed[_FLOOR] = Runner(named[ref], plan_for(ref, batch))
-            arrays = runners[ref].feeds(batch, seed=batch)
-            for runner in timed.values():
-                runner.bind(arrays)
-                for _ in range(warmup):
-                    runner.timed_run()
-            samples = _timed_rounds(timed, order, iterations, seconds)
-            floors[batch] = ratio_interval(samples[_FLOOR], samples[ref], seed=batch)
-            timings += [_timing(name, batch, samples[name], samples[ref]) for name in runners]
-        timed.clear()
+        sessions = _Sessions(
+            named,
+            ref,
+            chosen,
+            checked,
+            quantized,
+            Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+            _cpu_threads(named[ref], runners[ref], sizes, threads) if chosen == "cpu" else {},
+            runners[ref].inputs,
+        )
+        timings, floors = sessions.time(runners, sizes, _Rounds(warmup, iterations, seconds), step)
         variants = [
             VariantInfo(
                 name,
                 str(named[name]),
                 named[name].stat().st_size,
                 runners[name].optimized_nodes,
-                int8_execution(chosen) if name in quantized else "float32",
+                int8_execution(chosen) if name in sessions.quantized else "float32",
             )
             for name in runners
         ]
-        timed_with = plan_for(ref, sizes[0]).describe()
-        if chosen == "tensorrt":
-            timed_with = (
-                "TensorRT, one engine per batch size: float32 (TF32 allowed, its default)"
-                + (", INT8 for the quantized variants" if quantized else "")
-                + f"; engines cached in {cache}"
-            )
     return Comparison(
         provider=chosen,
         device=_device_name(chosen),
@@ -243,10 +200,103 @@ def compare(
         batch_sizes=sizes,
         accuracies=accuracies,
         noise_floor=floors,
-        timed_with=timed_with,
+        timed_with=sessions.timed_with(sizes[0]),
         checked_with=checked.describe(),
-        threads=counts,
+        threads=sessions.threads,
     )
+
+
+def _check_request(
+    named: dict[str, Path],
+    batch_sizes: Sequence[int],
+    iterations: int | None,
+    seconds: float | None,
+    data_samples: int | None,
+    threads: int | None,
+) -> None:
+    """One clear error for a request that cannot be timed, before anything loads."""
+    if not named:
+        raise BnmoveError("nothing to compare: no .onnx files given")
+    if any(b <= 0 for b in batch_sizes) or not batch_sizes:
+        raise BnmoveError("batch sizes must be positive integers")
+    if (iterations is None) == (seconds is None):
+        raise BnmoveError("give either iterations or seconds")
+    if iterations is not None and iterations < 1:
+        raise BnmoveError("iterations must be at least 1")
+    if data_samples is not None and data_samples < 1:
+        raise BnmoveError("data samples must be at least 1")
+    if threads is not None and threads < 1:
+        raise BnmoveError("threads must be at least 1")
+
+
+@dataclass(frozen=True)
+class _Rounds:
+    """How each batch size is timed: untimed runs, then rounds (a count, or for so many seconds)."""
+
+    warmup: int
+    iterations: int | None
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class _Sessions:
+    """The sessions the timings run in: the provider's, per variant and batch size."""
+
+    named: dict[str, Path]
+    ref: str
+    provider: str
+    checked: SessionPlan
+    quantized: set[str]
+    cache: Path
+    #: the CPU's thread count per batch size (empty on a GPU provider)
+    threads: dict[int, ThreadChoice]
+    #: the reference's input specs (batch first)
+    inputs: Sequence[Any]
+
+    def plan_for(self, name: str, batch: int) -> SessionPlan:
+        plan = timing_plan(
+            self.provider, self.checked, self.inputs, batch, name in self.quantized, self.cache
+        )
+        return replace(plan, threads=self.threads[batch].threads) if batch in self.threads else plan
+
+    def time(
+        self, runners: dict[str, Runner], sizes: list[int], rounds: _Rounds, step: Callable[[str], None]
+    ) -> tuple[list[Timing], dict[int, RatioInterval]]:
+        """Every variant at every batch size, in the same rounds, beside the noise floor: the
+        reference's own file in a second session (byte-identical by definition, external weights
+        included)."""
+        ref = self.ref
+        timings: list[Timing] = []
+        floors: dict[int, RatioInterval] = {}
+        order = [*runners, _FLOOR]
+        timed: dict[str, Runner] = {}
+        for batch in sizes:
+            step(f"timing batch {batch}")
+            if not timed or self.plan_for(ref, batch) != timed[ref].plan:  # (TensorRT: an
+                timed.clear()  # engine per batch size; the CPU: this batch's threads), the last freed first
+                for name in runners:
+                    plan = self.plan_for(name, batch)
+                    timed[name] = runners[name] if plan == self.checked else Runner(self.named[name], plan)
+                timed[_FLOOR] = Runner(self.named[ref], self.plan_for(ref, batch))
+            arrays = runners[ref].feeds(batch, seed=batch)
+            for runner in timed.values():
+                runner.bind(arrays)
+                for _ in range(rounds.warmup):
+                    runner.timed_run()
+            samples = _timed_rounds(timed, order, rounds.iterations, rounds.seconds)
+            floors[batch] = ratio_interval(samples[_FLOOR], samples[ref], seed=batch)
+            timings += [_timing(name, batch, samples[name], samples[ref]) for name in runners]
+        timed.clear()
+        return timings, floors
+
+    def timed_with(self, batch: int) -> str:
+        if self.provider == "tensorrt":
+            return (
+                "TensorRT, one engine per batch size: float32 (TF32 allowed, its default)"
+                + (", INT8 for the quantized variants" if self.quantized else "")
+                + f"; engines cached in {self.cache}"
+            )
+        return self.plan_for(self.ref, batch).describe()
 
 
 def _batch_sizes(runners: dict[str, Runner], ref: str, asked: Sequence[int]) -> list[int]:
