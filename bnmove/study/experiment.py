@@ -198,28 +198,11 @@ def experiment(
         paired differences and digests; runs are listed by seed and placement whatever order they
         finished in.
     """
-    if isinstance(data, (str, os.PathLike)):
-        data = load_dataset(data)
-    elif data is not None and not isinstance(data, Dataset):  # torch Datasets/DataLoaders
-        parts = data if isinstance(data, tuple) else (data,)
-        data = from_torch(*parts)
+    data = _as_dataset(data)
     if train is not None and training is not None:
         raise BnmoveError("training= is for bnmove's loop; with train= your own training trains")
     loop, where = training or Training(), execution or Execution()
-    recipe: Recipe | None = loop.recipe
-    jobs, jobs_dir = where.jobs, where.jobs_dir
-    unknown = [p for p in placements if p not in VARIANTS]
-    if unknown or not placements:
-        raise BnmoveError(
-            f"unknown placement {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
-        )
-    if loop.epochs < 1 or loop.batch_size < 1:
-        raise BnmoveError("epochs and batch size must be at least 1")
-    if loop.precise_bn < 0:
-        raise BnmoveError("precise_bn is a number of training samples, 0 or more")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seed_list:
-        raise BnmoveError("give at least one seed")
+    seed_list = _check_study(placements, seeds, loop)
     targets = parse_devices(
         where.devices or [where.device or ("cuda" if torch.cuda.is_available() else "cpu")]
     )
@@ -236,62 +219,25 @@ def experiment(
     }
     if data is not None:
         settings["data"] = _data_digest(data)
-    plan: LoopPlan | UserPlan
     if train is None:
-        if data is None:
-            raise BnmoveError("bnmove's training loop needs data; or pass train= for your own training")
         if metric not in (None, ACCURACY.name):
             raise BnmoveError("bnmove's loop compares val_accuracy; metric= is for your own training")
-        plan = _loop_plan(model, data, loop, where, targets[0], from_pretrained, settings)
-        run_one: Callable[..., Any] = train_run
-        compared, precision = ACCURACY, plan.precision
+        chosen = _Chosen.loop(model, data, loop, where, targets[0], from_pretrained, settings)
     else:
-        trainer = Command(train) if isinstance(train, str) else train
-        if isinstance(trainer, Command) and jobs_dir is None:
-            raise BnmoveError("a training command needs jobs_dir: the folder for each run's model and output")
-        example = (data.sample(2),) if data is not None else example_inputs or infer_example_inputs(model)
-        settings["training"] = _training_name(trainer)
         compared = Metric(metric or ACCURACY.name, higher_is_better, percent=False)
-        plan = UserPlan(
-            clone_module(model).cpu(), example, from_pretrained, trainer, jobs_dir, where.keep_models,
-            settings, fingerprint(settings),
-        )  # fmt: skip
-        run_one = user_run
-        recipe, precision = None, Precision()
-
+        chosen = _Chosen.own(model, data, train, compared, where, from_pretrained, settings, example_inputs)
     thread_note, count = "", threads_set(torch.get_num_threads())  # as it is, unless chosen below
-    single = where.backend == "local" and (jobs or len(targets)) == 1 and targets[0].type == "cpu"
-    if isinstance(plan, LoopPlan) and single:  # one run at a time on the CPU: bnmove's loop chooses
-        choice = _thread_choice(plan, loop.threads)
+    single = where.backend == "local" and (where.jobs or len(targets)) == 1 and targets[0].type == "cpu"
+    if isinstance(chosen.plan, LoopPlan) and single:  # one run at a time on the CPU: bnmove's loop chooses
+        choice = _thread_choice(chosen.plan, loop.threads)
         thread_note = choice.describe()
         notes.append(f"threads: {thread_note}")
         count = threads_set(choice.threads)
-
-    finished: dict[Run, Job] = {}
-    models: dict[str, nn.Module] = {}
     runs = [Run(v, s) for s in seed_list for v in placements]
-    for run in runs:
-        done = load_job(jobs_dir, run.variant, run.seed, settings) if jobs_dir is not None else None
-        if done is not None:
-            finished[run] = _reporting(run, done, compared.name)
-
-    on_event = on_progress or ignore
-
     with count:
-        for result in execute(
-            run_one,
-            plan,
-            [run for run in runs if run not in finished],
-            devices=[str(t) for t in targets],
-            jobs=jobs or len(targets),
-            backend=where.backend,
-            on_event=on_event,
-        ):
-            if jobs_dir is not None:  # kept before the metric is checked: fixing --metric reuses it
-                save_job(jobs_dir, result.run.variant, result.run.seed, result.job)
-            finished[result.run] = _reporting(result.run, result.job, compared.name)
-            if result.model is not None:
-                models[result.run.key] = result.model
+        finished, models = _run_all(
+            chosen, runs, settings, [str(t) for t in targets], where, on_progress or ignore
+        )
     chance = None
     if data is not None and data.num_classes is not None:
         labels = data.val.labels
@@ -303,19 +249,129 @@ def experiment(
         dataset=data.name if data is not None else "your data",
         device=", ".join(str(t) for t in targets),
         from_pretrained=from_pretrained,
-        recipe=recipe,
+        recipe=chosen.recipe,
         records=[r for run in runs for r in finished[run].records],
         wall_seconds={v: sum(finished[r].seconds for r in runs if r.variant == v) for v in placements},
         start_digests={run.key: finished[run].start_digest for run in runs},
         batch_digests={run.key: finished[run].batch_digest for run in runs if finished[run].batch_digest},
         models=models,
-        precision=precision.describe(),
+        precision=chosen.precision.describe(),
         precise_bn=loop.precise_bn,
         metrics={run.key: finished[run].metrics for run in runs},
-        metric=compared,
+        metric=chosen.metric,
         training=settings["training"],
         chance=chance,
         val_samples=len(data.val) if data is not None else 0,
         notes=notes,
         threads=thread_note,
     )
+
+
+def _as_dataset(data: Any) -> Dataset | None:
+    """What ``experiment`` takes as data, as a `Dataset` (a path is loaded, torch data wrapped)."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_dataset(data if isinstance(data, str) else Path(data))
+    if data is not None and not isinstance(data, Dataset):  # torch Datasets/DataLoaders
+        return from_torch(*(data if isinstance(data, tuple) else (data,)))
+    return data
+
+
+def _check_study(placements: Sequence[str], seeds: int | Sequence[int], loop: Training) -> list[int]:
+    """One clear error for a study that cannot run; its seeds."""
+    unknown = [p for p in placements if p not in VARIANTS]
+    if unknown or not placements:
+        raise BnmoveError(
+            f"unknown placement {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(VARIANTS)}"
+        )
+    if loop.epochs < 1 or loop.batch_size < 1:
+        raise BnmoveError("epochs and batch size must be at least 1")
+    if loop.precise_bn < 0:
+        raise BnmoveError("precise_bn is a number of training samples, 0 or more")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise BnmoveError("give at least one seed")
+    return seed_list
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """Who trains each run: bnmove's loop or the user's training, with its plan and what it reports."""
+
+    plan: LoopPlan | UserPlan
+    run_one: Callable[..., Any]
+    metric: Metric
+    recipe: Recipe | None
+    precision: Precision
+
+    @classmethod
+    def loop(
+        cls,
+        model: nn.Module,
+        data: Dataset | None,
+        loop: Training,
+        where: Execution,
+        target: torch.device,
+        from_pretrained: bool,
+        settings: dict[str, Any],
+    ) -> _Chosen:
+        if data is None:
+            raise BnmoveError("bnmove's training loop needs data; or pass train= for your own training")
+        plan = _loop_plan(model, data, loop, where, target, from_pretrained, settings)
+        return cls(plan, train_run, ACCURACY, loop.recipe, plan.precision)
+
+    @classmethod
+    def own(
+        cls,
+        model: nn.Module,
+        data: Dataset | None,
+        train: Trainer | str,
+        metric: Metric,
+        where: Execution,
+        from_pretrained: bool,
+        settings: dict[str, Any],
+        example_inputs: tuple[torch.Tensor, ...] | None,
+    ) -> _Chosen:
+        trainer = Command(train) if isinstance(train, str) else train
+        if isinstance(trainer, Command) and where.jobs_dir is None:
+            raise BnmoveError("a training command needs jobs_dir: the folder for each run's model and output")
+        example = (data.sample(2),) if data is not None else example_inputs or infer_example_inputs(model)
+        settings["training"] = _training_name(trainer)
+        plan = UserPlan(
+            clone_module(model).cpu(), example, from_pretrained, trainer, where.jobs_dir, where.keep_models,
+            settings, fingerprint(settings),
+        )  # fmt: skip
+        return cls(plan, user_run, metric, None, Precision())
+
+
+def _run_all(
+    chosen: _Chosen,
+    runs: list[Run],
+    settings: dict[str, Any],
+    devices: list[str],
+    where: Execution,
+    on_event: OnProgress,
+) -> tuple[dict[Run, Job], dict[str, nn.Module]]:
+    """Every run: those kept in ``jobs_dir`` taken as they are, the others trained (each kept as it
+    finishes); the models, where kept."""
+    jobs_dir = where.jobs_dir
+    finished: dict[Run, Job] = {}
+    for run in runs:
+        done = load_job(jobs_dir, run.variant, run.seed, settings) if jobs_dir is not None else None
+        if done is not None:
+            finished[run] = _reporting(run, done, chosen.metric.name)
+    models: dict[str, nn.Module] = {}
+    for result in execute(
+        chosen.run_one,
+        chosen.plan,
+        [run for run in runs if run not in finished],
+        devices=devices,
+        jobs=where.jobs or len(devices),
+        backend=where.backend,
+        on_event=on_event,
+    ):
+        if jobs_dir is not None:  # kept before the metric is checked: fixing --metric reuses it
+            save_job(jobs_dir, result.run.variant, result.run.seed, result.job)
+        finished[result.run] = _reporting(result.run, result.job, chosen.metric.name)
+        if result.model is not None:
+            models[result.run.key] = result.model
+    return finished, models
