@@ -115,17 +115,7 @@ def cheapest_form(
             quantize(paths[form], timed[form])
             proto = onnx.load(str(timed[form]), load_external_data=False)
             bns[form] = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
-    floor = None
-    if len(forms) > 1:
-        samples, floor_samples = time_forms(timed, path.parent)
-        floor = ratio_interval(floor_samples, samples[forms[0]])
-        timings = []
-        for f in forms:
-            interval = ratio_interval(samples[f], samples[forms[0]])
-            p50 = statistics.median(samples[f]) * 1e3
-            timings.append(FormTiming(f, p50, bns[f], interval.ratio, interval.low, interval.high))
-    else:
-        timings = [FormTiming(forms[0], 0.0, bns[forms[0]])]
+    timings, floor = _timed_forms(forms, timed, bns, path.parent)
     form, why = choose(timings, floor)
     os.replace(paths[form], path)
     for other in (*paths.values(), *(timed.values() if timed is not paths else ())):
@@ -142,6 +132,21 @@ def cheapest_form(
         **(chosen.manifest() if chosen is not None else {}),
     }
     return errors[form], entry
+
+
+def _timed_forms(
+    forms: list[str], files: dict[str, Path], bns: dict[str, int], folder: Path
+) -> tuple[list[FormTiming], RatioInterval | None]:
+    """Each form's timing against the first, and the noise floor beside them (none for one form)."""
+    if len(forms) == 1:
+        return [FormTiming(forms[0], 0.0, bns[forms[0]])], None
+    samples, floor_samples = time_forms(files, folder)
+    timings = []
+    for form in forms:
+        interval = ratio_interval(samples[form], samples[forms[0]])
+        p50 = statistics.median(samples[form]) * 1e3
+        timings.append(FormTiming(form, p50, bns[form], interval.ratio, interval.low, interval.high))
+    return timings, ratio_interval(floor_samples, samples[forms[0]])
 
 
 #: medians closer than this to the fastest always count as a tie (the noise of a few dozen runs)

@@ -209,12 +209,7 @@ def export_variants(
     options = options or ExportOptions()
     check_quantization(options.quantize, calibration.data is not None)
     out = Path(out_dir)
-    check_output_folder(out)
-    targets = {v: out / f"{stem}.{v}.onnx" for v in placements}
-    int8_targets = {v: out / f"{stem}.{v}.int8.onnx" for v in placements} if options.quantize else {}
-    clash = [p for p in (*targets.values(), *int8_targets.values(), out / MANIFEST) if p.exists()]
-    if clash and not force:
-        raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
+    targets = _targets(out, stem, placements, options.quantize is not None, force)
     if calibration.data is not None:  # read once; every moved variant fits on the same samples
         calibration = replace(
             calibration, data=calibration_batches(calibration.data, samples=calibration.samples)
@@ -238,6 +233,18 @@ def export_variants(
         if created and not any(out.iterdir()):
             out.rmdir()  # a failed run leaves nothing behind
         raise
+
+
+def _targets(out: Path, stem: str, placements: Sequence[str], int8: bool, force: bool) -> dict[str, Path]:
+    """Each variant's file; one clear error where it, its INT8 twin or the manifest exists
+    (unless ``force``)."""
+    check_output_folder(out)
+    targets = {v: out / f"{stem}.{v}.onnx" for v in placements}
+    int8_targets = [out / f"{stem}.{v}.int8.onnx" for v in placements] if int8 else []
+    clash = [p for p in (*targets.values(), *int8_targets, out / MANIFEST) if p.exists()]
+    if clash and not force:
+        raise BnmoveError(f"{clash[0]}: already exists; pass --force to overwrite")
+    return targets
 
 
 @dataclass(frozen=True)

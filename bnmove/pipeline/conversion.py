@@ -93,22 +93,10 @@ def convert(
         >>> result.verification.max_abs_error   # ~1e-6
         >>> fitted = convert(model, "after", method="fit", calibration=Calibration(x))
     """
-    calibration = calibration or Calibration()
-    batches = None
-    if calibration.data is not None:
-        batches = calibration_batches(calibration.data, samples=calibration.samples)
-    synthetic = SyntheticRequest(calibration.samples) if calibration.data_free == "synthetic" else None
+    progress = _stages(on_progress) if on_progress is not None else silent
     with paused_gc():
         result = _convert(
-            model,
-            placement,
-            method,
-            example_inputs,
-            verify,
-            batches,
-            calibration.refit_next,
-            synthetic,
-            _stages(on_progress) if on_progress is not None else silent,
+            model, placement, method, example_inputs, verify, calibration or Calibration(), progress
         )
     _judge_fidelity(result, max_error)
     return result
@@ -162,11 +150,14 @@ def _convert(
     method: str,
     example_inputs: Sequence[torch.Tensor] | None,
     verify: bool,
-    batches: list[Batch] | None = None,
-    refit_next: bool = True,
-    synthetic: SyntheticRequest | None = None,
+    calibration: Calibration,
     progress: Progress = silent,
 ) -> Conversion:
+    batches = None
+    if calibration.data is not None:
+        batches = calibration_batches(calibration.data, samples=calibration.samples)
+    synthetic = SyntheticRequest(calibration.samples) if calibration.data_free == "synthetic" else None
+    refit_next = calibration.refit_next
     if has_uninitialized_lazy(model):
         raise BnmoveError("the model has lazy layers that are not initialised; run one forward pass first")
     check_choice("placement", placement, PLACEMENTS)
@@ -292,7 +283,7 @@ def _verify(
         # conversion made on a float64 copy agrees to ~1e-11 when it is exact; a wrong one does not.
         high = clone_module(model).double()
         wide = double_inputs(inputs)
-        again = _convert(high, placement, method, wide, verify=False)
+        again = _convert(high, placement, method, wide, False, Calibration())
         deviation = replace(
             deviation, float64_rel_error=compare_models(high, again.model, wide).max_rel_error
         )
