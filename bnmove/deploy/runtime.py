@@ -159,14 +159,7 @@ def compare(
             step(f"loading {name}")
             runners[name] = Runner(path, checked, Path(tmp))
         sizes = _batch_sizes(runners, ref, batch_sizes)
-        accuracies = []
-        if batches is not None:  # before the timing, so bad data fails early
-            step("accuracy on the labelled data")
-            accuracies = evaluate_accuracy(runners, batches, ref)
-        step("comparing outputs")
-        arrays = runners[ref].feeds(max(sizes), seed=0)
-        want = runners[ref].run(arrays)
-        deviations = [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
+        accuracies, deviations = _checks(runners, ref, batches, max(sizes), step)
         sessions = _Sessions(
             named,
             ref,
@@ -204,6 +197,21 @@ def compare(
         checked_with=checked.describe(),
         threads=sessions.threads,
     )
+
+
+def _checks(
+    runners: dict[str, Runner], ref: str, batches: Any, batch: int, step: Callable[[str], None]
+) -> tuple[list[Any], list[OutputDeviation]]:
+    """Every variant's accuracy on the labelled data (where given: before the timing, so bad data
+    fails early) and its outputs against the reference's."""
+    accuracies = []
+    if batches is not None:
+        step("accuracy on the labelled data")
+        accuracies = evaluate_accuracy(runners, batches, ref)
+    step("comparing outputs")
+    arrays = runners[ref].feeds(batch, seed=0)
+    want = runners[ref].run(arrays)
+    return accuracies, [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
 
 
 def _check_request(

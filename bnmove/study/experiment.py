@@ -207,18 +207,7 @@ def experiment(
         where.devices or [where.device or ("cuda" if torch.cuda.is_available() else "cpu")]
     )
     check_devices(targets)
-    notes: list[str] = []
-    if data is not None:
-        model, reset = match_classes(model, data)
-        if reset:
-            log.info(reset)
-            notes.append(reset)
-    settings: dict[str, Any] = {
-        "model": _model_digest(model, from_pretrained),
-        "from_pretrained": from_pretrained,
-    }
-    if data is not None:
-        settings["data"] = _data_digest(data)
+    model, notes, settings = _prepared(model, data, from_pretrained)
     if train is None:
         if metric not in (None, ACCURACY.name):
             raise BnmoveError("bnmove's loop compares val_accuracy; metric= is for your own training")
@@ -238,10 +227,6 @@ def experiment(
         finished, models = _run_all(
             chosen, runs, settings, [str(t) for t in targets], where, on_progress or ignore
         )
-    chance = None
-    if data is not None and data.num_classes is not None:
-        labels = data.val.labels
-        chance = chance_level(labels.tolist() if labels is not None else None, data.num_classes)
     return ExperimentResult(
         placements=list(placements),
         seeds=seed_list,
@@ -260,11 +245,39 @@ def experiment(
         metrics={run.key: finished[run].metrics for run in runs},
         metric=chosen.metric,
         training=settings["training"],
-        chance=chance,
+        chance=_chance(data),
         val_samples=len(data.val) if data is not None else 0,
         notes=notes,
         threads=thread_note,
     )
+
+
+def _prepared(
+    model: nn.Module, data: Dataset | None, from_pretrained: bool
+) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    """The model with a head for the data's classes (and a note where it was reset), and the
+    settings every kept run must have been made with."""
+    notes: list[str] = []
+    if data is not None:
+        model, reset = match_classes(model, data)
+        if reset:
+            log.info(reset)
+            notes.append(reset)
+    settings: dict[str, Any] = {
+        "model": _model_digest(model, from_pretrained),
+        "from_pretrained": from_pretrained,
+    }
+    if data is not None:
+        settings["data"] = _data_digest(data)
+    return model, notes, settings
+
+
+def _chance(data: Dataset | None) -> float | None:
+    """The validation accuracy of always answering the most common class (None without labels)."""
+    if data is None or data.num_classes is None:
+        return None
+    labels = data.val.labels
+    return chance_level(labels.tolist() if labels is not None else None, data.num_classes)
 
 
 def _as_dataset(data: Any) -> Dataset | None:
