@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..core.atomic import atomic_path, check_output, check_output_folder
-from ..deploy.export import DEFAULT_OPSET, ExportOptions, export_variants, require_export_tools
+from ..deploy.export import DEFAULT_OPSET, ExportOptions, FoldForm, export_variants, require_export_tools
 from ..deploy.providers import PROVIDERS
 from ..deploy.quantize import QUANTIZATIONS, check_quantization
 from ..deploy.runtime import compare
@@ -353,7 +353,7 @@ def compare_command(
         out.print("wrote " + ", ".join(str(p) for p in reports), highlight=False, soft_wrap=True)
 
 
-def _fold_form(forward: bool, padded: bool, auto: bool) -> str:
+def _fold_form(forward: bool, padded: bool, auto: bool) -> FoldForm:
     if auto and (forward or padded):
         raise BnmoveError("--fold-auto chooses between the folds itself: give it alone")
     return "auto" if auto else "padded" if padded else "forward" if forward else "none"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import click
 import torch
@@ -14,7 +15,7 @@ from ..deploy.program import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
 from ..pipeline.analyse import detect
-from ..pipeline.calibration import DATA_FREE, Calibration
+from ..pipeline.calibration import DATA_FREE, Calibration, DataFree
 from ..pipeline.conversion import convert
 from ..pipeline.plan import METHODS
 from ..report import (
@@ -188,7 +189,9 @@ def convert_command(
             placement,
             method=method,
             example_inputs=inputs,
-            calibration=Calibration(calibration, calibration_samples, not no_refit, data_free),
+            calibration=Calibration(
+                calibration, calibration_samples, not no_refit, cast(DataFree, data_free)
+            ),
             on_progress=progress.follow(task),
             max_error=max_error,
         )

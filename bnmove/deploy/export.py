@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -88,6 +88,11 @@ def require_export_tools() -> None:
     import_onnxruntime()
 
 
+#: how an export folds BNs: not at all, forward into the next layer, also into padded convs
+#: (with a border correction), or each form measured and the fastest kept
+FoldForm = Literal["none", "forward", "padded", "auto"]
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """How each variant is exported (``export_variants(..., options=ExportOptions(fold="padded"))``).
@@ -109,7 +114,7 @@ class ExportOptions:
         tolerance: allowed onnxruntime-vs-PyTorch error, relative to the largest output.
     """
 
-    fold: str = "none"
+    fold: FoldForm = "none"
     quantize: str | None = None
     opset: int = DEFAULT_OPSET
     static_batch: bool = False
@@ -121,7 +126,7 @@ class ExportOptions:
 
 
 #: the forms of folding an export may apply (``auto``: each measured, the fastest kept)
-FOLDS = ("none", "forward", "padded", "auto")
+FOLDS: tuple[FoldForm, ...] = get_args(FoldForm)
 
 
 @dataclass(frozen=True)

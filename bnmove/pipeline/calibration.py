@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import fx, nn
@@ -33,11 +33,14 @@ from ..fitting.refit import refit_blocker
 from ..fitting.sequential import PairFit, PairInput, PairPlan, SequentialCalibration
 from ..fitting.synthetic import synthesize_inputs
 from ..rules import KeptAffine, Method, pair_activation
+from ..rules.base import CalibrationSource
 from .plan import check_choice
 from .results import CalibrationCheck, Move, Progress
 
 #: how pairs are fitted without calibration data
-DATA_FREE: tuple[str, ...] = ("gaussian", "synthetic")
+#: how a fit without data gets its samples: Gaussians from each BN's statistics, or synthetic inputs
+DataFree = Literal["gaussian", "synthetic"]
+DATA_FREE: tuple[DataFree, ...] = get_args(DataFree)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class Calibration:
     data: Any = None
     samples: int = 256
     refit_next: bool = True
-    data_free: str = "gaussian"
+    data_free: DataFree = "gaussian"
 
     def __post_init__(self) -> None:
         check_choice("data-free fitting", self.data_free, DATA_FREE)
@@ -92,7 +95,7 @@ class SyntheticRequest:
 class Calibrator:
     """Calibrated fitting in two passes by module hooks (`bnmove.fitting.sequential`)."""
 
-    def __init__(self, regions: dict[str, Region], refit_next: bool, source: str) -> None:
+    def __init__(self, regions: dict[str, Region], refit_next: bool, source: CalibrationSource) -> None:
         self.regions = regions
         self.refit = refit_next
         self.source = source  # "calibrated" (the user's data) or "synthetic"

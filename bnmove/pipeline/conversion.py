@@ -30,6 +30,7 @@ from ..core.running import double_inputs
 from ..errors import BnmoveError, VerificationError
 from ..fitting.calibrate import Batch, calibration_batches, split_held_out
 from ..rules import FIT
+from ..rules.base import CalibrationSource
 from .analyse import Analysis, analyse
 from .apply import apply
 from .calibration import Calibration, Calibrator, Pending, SyntheticRequest, calibration_check
@@ -216,7 +217,7 @@ class _CalibrationData:
 
     batches: list[Batch] | None
     held: list[Batch]
-    source: str  # "calibrated" (the user's data) or "synthetic"
+    source: CalibrationSource
     calibrator: Calibrator | None
 
 
@@ -230,7 +231,7 @@ def _calibration_data(
     refit_next: bool,
     progress: Progress,
 ) -> _CalibrationData:
-    source = "calibrated"
+    source: CalibrationSource = "calibrated"
     if synthetic is not None and any(d.rule in FIT.values() for d in decisions):
         if analysis.traced_whole is not None:
             batches, source = synthetic.batches(model, inputs, progress), "synthetic"

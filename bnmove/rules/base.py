@@ -20,6 +20,9 @@ from torch import fx, nn
 from ..analysis.detect import Placement, RegionView, Site
 from ..core.affine import ChannelAffine
 
+#: where a calibrated fit's samples came from: the user's data, or synthetic inputs
+CalibrationSource = Literal["calibrated", "synthetic"]
+
 
 class Method(str, Enum):
     """How a pair was moved: what `bnmove.Move.method` reports (a ``str``: it compares, prints and
@@ -51,9 +54,9 @@ class Method(str, Enum):
         return self in (Method.FIT_DATA_FREE, Method.FIT_CALIBRATED, Method.FIT_SYNTHETIC)
 
     @classmethod
-    def fitted_on(cls, source: str) -> Method:
-        """The method of a fit refitted on data from ``source`` ("calibrated" or "synthetic")."""
-        return cls(f"fit-{source}")
+    def fitted_on(cls, source: CalibrationSource) -> Method:
+        """The method of a fit refitted on data from ``source``."""
+        return cls.FIT_CALIBRATED if source == "calibrated" else cls.FIT_SYNTHETIC
 
 
 @dataclass(frozen=True)
