@@ -131,6 +131,12 @@ def hf_checks() -> None:
             return "saved " + ", ".join(sorted(p for p in __import__("os").listdir(tmp)))
 
     check("HF ResNetModel: save_pretrained", save)
+    check(
+        "HF ResNetModel: convert says what from_pretrained gives back",
+        lambda: next(
+            w for w in bnmove.convert(model, "after", example_inputs=(x,)).warnings if "from_pretrained" in w
+        )[:60],
+    )
 
 
 def smp_checks() -> None:

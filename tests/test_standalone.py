@@ -26,6 +26,7 @@ from zoo import ZOO, ScaledNet, build, randomize_bn
 import bnmove
 from bnmove import convert
 from bnmove.core.forwards import generated_forward
+from bnmove.pipeline.conversion import SAVE_PRETRAINED
 
 TESTS = Path(__file__).resolve().parent
 
@@ -213,3 +214,30 @@ def test_a_regenerated_forward_runs_the_modules_current_layers(tmp_path: Path) -
             torch.testing.assert_close(
                 torch.jit.script(copy_of)(x), swapped, rtol=1e-6, atol=1e-6
             )  # scripted too
+
+
+def test_a_converted_hugging_face_model_says_what_save_pretrained_gives_back() -> None:
+    """A ``transformers`` PreTrainedModel saves weights and config, and ``from_pretrained`` builds the
+    original placement from the config: convert says so in one line (recognised without importing
+    transformers); a model of any other library does not get the line."""
+
+    class PreTrainedModel(nn.Module):  # as transformers names its base class
+        pass
+
+    PreTrainedModel.__module__ = "transformers.modeling_utils"
+
+    class TinyResNet(PreTrainedModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = bnmove.sample_models.resnet()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)  # type: ignore[no-any-return]
+
+    x = torch.randn(2, 3, 8, 8)
+    hf = convert(randomize_bn(TinyResNet()).eval(), "after", method="exact", example_inputs=(x,))
+    assert hf.moved and [w for w in hf.warnings if w.startswith("save_pretrained writes")] == [
+        SAVE_PRETRAINED
+    ]
+    plain = convert(randomize_bn(bnmove.sample_models.resnet()).eval(), "after", example_inputs=(x,))
+    assert SAVE_PRETRAINED not in plain.warnings

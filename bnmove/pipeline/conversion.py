@@ -182,8 +182,27 @@ def _convert(
     held_check = calibration_check(model, work, data.held) if real and data.held else None
     log.info("moved %d of %d pairs", sum(m.moved for m in moves), len(moves))
     warnings = [needs_bnmove(work, dispatched)] if dispatched else []
+    if any(m.moved or m.absorbed for m in moves) and _saves_weights_only(work):
+        warnings.append(SAVE_PRETRAINED)
     return Conversion(
         work, placement, method, moves, deviation, analysis.traced.untraced, check, held_check, warnings
+    )
+
+
+#: what a converted Hugging Face model's save_pretrained folder gives back (issue 31)
+SAVE_PRETRAINED = (
+    "save_pretrained writes this model's weights and config, and from_pretrained builds the "
+    "original placement from the config, so it would load them with the moved BNs missing (newly "
+    "initialised): save the model whole (torch.save, or bnmove convert's output), or --format pt2"
+)
+
+
+def _saves_weights_only(model: nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel``: its own save and load go through its config, which
+    builds the original structure (recognised without importing transformers)."""
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+        for cls in type(model).__mro__
     )
 
 
