@@ -61,6 +61,34 @@ def test_inspect_json(resnet_files: dict[str, Path]) -> None:
     assert payload["pairs"] == [p.to_dict() for p in find_pairs(model)]
 
 
+@pytest.mark.parametrize("fold", ["forward", "padded"])
+def test_inspect_deploy_shows_what_export_does_with_each_bn(
+    resnet_files: dict[str, Path], tmp_path: Path, fold: str
+) -> None:
+    """``inspect --deploy`` reports, BN by BN, the fate and reason export's manifest records for the
+    same model and folds (one decision, carried out and reported alike)."""
+    converted = tmp_path / "resnet.after.pt"
+    assert (
+        run(
+            "convert", resnet_files["pickled"], "--allow-pickle", "--placement", "after", "-o", converted
+        ).exit_code
+        == 0
+    )
+    shown = run("inspect", converted, "--allow-pickle", "--deploy", fold, "--json")
+    assert shown.exit_code == 0, shown.output
+    deploy = json.loads(shown.stdout)["deploy"]
+    out = tmp_path / "variants"
+    exported = run(
+        "export", converted, "--allow-pickle", "--placements", "original", f"--fold-{fold}", "-o", out
+    )
+    assert exported.exit_code == 0, exported.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert deploy["fold"] == fold and deploy["bns"] == manifest["variants"]["original"]["bns"]
+    assert {b["fate"] for b in deploy["bns"]} >= {"identity", "fused-backward"}
+    table = run("inspect", converted, "--allow-pickle", "--deploy", fold)
+    assert "removed (identity)" in table.stdout and "fused backward" in table.stdout
+
+
 def test_convert_pickled_resnet_end_to_end(resnet_files: dict[str, Path]) -> None:
     source = resnet_files["pickled"]
     digest = _digest(source)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import click
 import torch
 
 from ..analysis.detect import PLACEMENTS
 from ..core.atomic import atomic_path, check_output, save_module
+from ..deploy.folding import fold_forward
 from ..deploy.program import save_program
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
@@ -21,6 +22,8 @@ from ..pipeline.plan import METHODS
 from ..report import (
     conversion_summary,
     conversion_table,
+    deploy_summary,
+    deploy_table,
     pairs_summary,
     pairs_table,
     untraced_lines,
@@ -42,25 +45,36 @@ Example:
   bnmove inspect model.pt --allow-pickle --input-shape 1,3,224,224"""
 )
 @model_options
+@click.option(
+    "--deploy",
+    type=click.Choice(["forward", "padded"]),
+    help="Also show what export does with each BN of this model with these folds "
+    "(export --fold-forward / --fold-padded): fused, folded into which layer, removed, or left, and why.",
+)
 def inspect(
     model: ModelArgs,
     as_json: bool,
+    deploy: str | None,
 ) -> None:
     """List BatchNorm–activation pairs and whether each can move.
 
     One row per BatchNorm: its activation, its placement (before or after), how it would move
     (exact fold, exact with a kept affine, or fit) and, for one that cannot, why. convert and
-    export carry out exactly this.
+    export carry out exactly this. With --deploy, what export's folds do with each BN of the
+    model as it is (inspect a converted file to see its variant's).
     """
     loaded = model.load()
     inputs = model.given_inputs(loaded)  # a shape the model rejects fails there, in one line
     result = detect(loaded.module, inputs)
+    folding = fold_forward(loaded.module, padded=deploy == "padded") if deploy else None
     if as_json:
-        payload = {
+        payload: dict[str, Any] = {
             "model": str(model.path),
             "pairs": [p.to_dict() for p in result.pairs],
             "untraced": [u.__dict__ for u in result.untraced],
         }
+        if folding is not None:
+            payload["deploy"] = {"fold": deploy, **folding.manifest()}
         click.echo(json.dumps(payload, indent=2))
         return
     out = _stdout()
@@ -69,6 +83,9 @@ def inspect(
     for line in untraced_lines(result.untraced):
         out.print(f"[yellow]{line}[/]", highlight=False)
     out.print(pairs_summary(result.pairs), highlight=False)
+    if folding is not None:
+        out.print(deploy_table(folding.bns, f"Deployed with --fold-{deploy}", width=out.width))
+        out.print(deploy_summary(folding.bns), highlight=False)
 
 
 @main.command(

@@ -27,7 +27,15 @@ from .experiment import (
     experiment_table,
     write_experiment,
 )
-from .model import conversion_summary, conversion_table, pairs_summary, pairs_table, untraced_lines
+from .model import (
+    conversion_summary,
+    conversion_table,
+    deploy_summary,
+    deploy_table,
+    pairs_summary,
+    pairs_table,
+    untraced_lines,
+)
 
 __all__ = [
     "DEVIATES",
@@ -43,6 +51,8 @@ __all__ = [
     "comparison_table",
     "conversion_summary",
     "conversion_table",
+    "deploy_summary",
+    "deploy_table",
     "deviation_note",
     "experiment_header",
     "experiment_json",

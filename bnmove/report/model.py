@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..analysis.detect import Pair
 from ..analysis.tracing import Untraced
+from ..deploy.folding import BnFate
 from ..pipeline.results import Conversion, Move
 from ..rules.base import Method
 from ._shared import WIDE_TABLE, _yes
@@ -200,3 +201,39 @@ def conversion_summary(conversion: Conversion) -> str:
             if check.top1_agreement is not None:
                 text += f", top-1 agreement {check.top1_agreement:.1%}"
     return text
+
+
+#: how each fate reads in ``inspect --deploy``
+_FATE_LABEL = {
+    "folded-forward": "[green]folded forward[/]",
+    "fused-backward": "[green]fused backward[/]",
+    "identity": "[green]removed (identity)[/]",
+    "standalone": "[yellow]stays a BN[/]",
+}
+
+
+def deploy_table(bns: Sequence[BnFate], title: str, width: int | None = None) -> Table:
+    """One row per BN (and kept affine): what an export with these folds does with it, and into
+    which layer or why not: the decision ``export`` carries out and its manifest records."""
+    compact = width is not None and width < WIDE_TABLE
+    table = Table(title=title, title_justify="left", expand=compact, width=width if compact else None)
+    table.add_column("BN", overflow="fold", ratio=3, min_width=12)
+    table.add_column("in the deployed graph", no_wrap=True)
+    table.add_column("into / why not", overflow="fold", ratio=5, min_width=18)
+    for fate in bns:
+        where = fate.into or fate.reason or ""
+        if fate.scale_into:
+            where += f" (its scale into {fate.scale_into})"
+        table.add_row(fate.bn, _FATE_LABEL[fate.fate.value], where)
+    return table
+
+
+def deploy_summary(bns: Sequence[BnFate]) -> str:
+    counts = Counter(fate.fate.value for fate in bns)
+    parts = [f"{counts[key]} {text}" for key, text in (
+        ("fused-backward", "fused backward by the exporter"),
+        ("folded-forward", "folded forward"),
+        ("identity", "removed as identities"),
+        ("standalone", "left as BNs of their own"),
+    ) if counts[key]]  # fmt: skip
+    return f"{len(bns)} BatchNorms (and kept affines): " + (", ".join(parts) if parts else "none")
