@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_same_outputs
-from torch import nn
+from torch import fx, nn
 from zoo import ZOO, ScaledNet, build, randomize_bn
 
 import bnmove
 from bnmove import convert
-from bnmove.core.forwards import generated_forward
+from bnmove.core.forwards import generated_forward, install_forward
 from bnmove.pipeline.conversion import SAVE_PRETRAINED
 
 TESTS = Path(__file__).resolve().parent
@@ -241,3 +241,16 @@ def test_a_converted_hugging_face_model_says_what_save_pretrained_gives_back() -
     ]
     plain = convert(randomize_bn(bnmove.sample_models.resnet()).eval(), "after", example_inputs=(x,))
     assert SAVE_PRETRAINED not in plain.warnings
+
+
+def test_a_forward_installed_again_never_leaves_the_twin_of_the_earlier_one() -> None:
+    """The scriptable twin belongs to the forward it was made for: installing another forward (one
+    graph or several) replaces or removes it, so TorchScript never compiles a stale forward."""
+    block = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    graph = fx.symbolic_trace(block).graph
+    assert install_forward(block, [(frozenset(), graph)])
+    first = block.__dict__["__prepare_scriptable__"]
+    assert install_forward(block, [(frozenset(), graph)])
+    assert block.__dict__["__prepare_scriptable__"] is not first
+    assert not install_forward(block, [(frozenset(), graph), (frozenset({"self.training"}), graph)])
+    assert "__prepare_scriptable__" not in block.__dict__

@@ -159,6 +159,8 @@ _SPECIALISED = "specialised"
 #: the forward GraphModule's child through which its code reaches the module's own layers
 _VIEW = "module"
 _STATE = ("_parameters", "_buffers", "_modules")  # what attribute lookup reads
+#: the instance attribute through which `torch.jit.script` swaps in a module's scriptable twin
+_PREPARE = "__prepare_scriptable__"
 
 
 def _view_of(module: nn.Module) -> nn.Module:
@@ -245,6 +247,7 @@ def install_forward(
     """
     for _, graph in variants:
         graph.lint()
+    module.__dict__.pop(_PREPARE, None)  # a twin of an earlier forward must never be scripted
     if len(variants) > 1:
         module.__dict__["forward"] = GraphForward(module, variants, specialised)
         return False
@@ -263,10 +266,6 @@ def install_forward(
     return True
 
 
-#: the instance attribute through which `torch.jit.script` swaps in a module's scriptable twin
-_PREPARE = "__prepare_scriptable__"
-
-
 def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     """Let ``torch.jit.script`` compile this module's generated forward.
 
@@ -278,11 +277,11 @@ def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     of its class with the module's own attribute dictionaries (parameters, buffers, children, hooks:
     shared, not copied) whose forward is the same graph over the module's own names
     (``self.conv1``). The twin pickles and deep-copies with the module, its dictionaries still
-    the module's, and loads with torch alone. A class that defines ``__prepare_scriptable__``
+    the module's, and loads with torch alone; its forward's own GraphModule holds a table of the
+    layers, taken anew when the model is loaded or deep-copied (the converting guide says what
+    that means for a layer replaced after that). A class that defines ``__prepare_scriptable__``
     itself keeps its own.
     """
-    if _PREPARE in module.__dict__:
-        del module.__dict__[_PREPARE]  # a forward installed again gets a new twin
     if hasattr(type(module), _PREPARE):
         return
     direct = fx.GraphModule(module, _copy(graph), class_name=f"{type(module).__name__}Script")
