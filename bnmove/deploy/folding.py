@@ -21,7 +21,6 @@ normalises in train mode.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from enum import Enum
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from ..analysis.nodes import skip_identity_up
 from ..analysis.patterns import match_activation
 from ..analysis.regions import analysis_regions
 from ..core.affine import ChannelAffine, affine_map, is_identity, scale_positive
+from ..core.choices import Choice
 from ..core.clone import clone_module
 from ..core.modules import qualified, set_submodule
 from ..rules import Context
@@ -43,7 +43,7 @@ from .border import BorderCorrectedConv, absorb_following, border_corrected
 from .gate import GateFold, apply_gate_fold, gate_fold
 
 
-class Fate(str, Enum):
+class Fate(Choice):
     """What became of one BatchNorm in the deployed graph (a ``str``: manifests hold its value)."""
 
     #: folded into the layers it feeds (`bnmove.analysis.folds.forward_fold`, or a gate)
@@ -55,9 +55,6 @@ class Fate(str, Enum):
     IDENTITY = "identity"
     #: left as a layer of its own, with the reason
     STANDALONE = "standalone"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import ClassVar, Literal
 
 from torch import fx, nn
 
 from ..analysis.detect import Placement, RegionView, Site
 from ..core.affine import ChannelAffine
+from ..core.choices import Choice
 
 #: where a calibrated fit's samples came from: the user's data, or synthetic inputs
 CalibrationSource = Literal["calibrated", "synthetic"]
 
 
-class Method(str, Enum):
+class Method(Choice):
     """How a pair was moved: what `bnmove.Move.method` reports (a ``str``: it compares, prints and
     serialises as its value, e.g. ``"exact-kept-affine"``)."""
 
@@ -40,9 +40,6 @@ class Method(str, Enum):
     FIT_SYNTHETIC = "fit-synthetic"
     #: reordered, parameters untouched: the function changes
     SWAP = "swap"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def exact(self) -> bool:
