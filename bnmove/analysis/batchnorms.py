@@ -94,3 +94,9 @@ def is_plain_batchnorm(module: nn.Module) -> bool:
 
 def is_functional_batchnorm(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORM
+
+
+def has_eval_map(module: nn.Module) -> bool:
+    """A plain BatchNorm with running statistics: in eval mode a per-channel affine map, which a
+    layer beside it can take (deployment's folds ask this of every BN they touch)."""
+    return is_plain_batchnorm(module) and getattr(module, "running_mean", None) is not None

@@ -81,10 +81,9 @@ def forward_fold(
             )
             feeds = ", ".join(describe_node(t, modules) for t in targets)
             return NoFold(f"{what} (feeds {feeds})")
-        if calls.get(str(target.target), 0) > 1:
-            return NoFold(f"{label(target)} is called at several places")
-        if in_channels(layer) != channels:
-            return NoFold(f"{label(target)} input channels do not match the BN")
+        refused = use_refusal(target, layer, calls, channels, label(target))
+        if refused is not None:
+            return NoFold(refused)
         blocked = forward_fold_blocker(layer)
         if blocked and zero_padded_conv(layer) and padded:
             forms.append("border-corrected")
@@ -93,6 +92,20 @@ def forward_fold(
             return NoFold(f"cannot fold into {label(target)}: {blocked}", border=zero_padded_conv(layer))
         forms.append("weights")
     return ForwardFold(tuple(targets), tuple(through), tuple(forms))
+
+
+def use_refusal(
+    target: fx.Node, layer: nn.Module, calls: dict[str, int], channels: int, label: str
+) -> str | None:
+    """Why the Conv/Linear ``layer``, called at ``target``, cannot take a BN's map whatever its own
+    kind (`bnmove.analysis.layers.forward_fold_blocker` says that): it is called at several places,
+    or reads other channels than the BN's. None: its use allows the fold. The forward fold and the
+    gate fold (`bnmove.deploy.gate`) both ask this."""
+    if calls.get(str(target.target), 0) > 1:
+        return f"{label} is called at several places"
+    if in_channels(layer) != channels:
+        return f"{label} input channels do not match the BN"
+    return None
 
 
 _MAX_POOLS = (

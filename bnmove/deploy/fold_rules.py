@@ -35,7 +35,7 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-from ..analysis.batchnorms import bn_channels, is_batchnorm_module, is_plain_batchnorm
+from ..analysis.batchnorms import bn_channels, has_eval_map, is_batchnorm_module
 from ..analysis.folds import ForwardFold, NoFold, forward_fold
 from ..analysis.layers import AFFINE_LAYERS, out_channels
 from ..analysis.nodes import skip_identity_up
@@ -182,10 +182,7 @@ class SplitScale:
         layer = skip_identity_up(before, modules)
         module = modules.get(str(layer.target)) if layer.op == "call_module" else None
         takes_scale = isinstance(module, AFFINE_LAYERS) or (
-            module is not None
-            and is_plain_batchnorm(module)
-            and getattr(module, "affine", False)
-            and getattr(module, "running_mean", None) is not None
+            module is not None and has_eval_map(module) and getattr(module, "affine", False)
         )
         if (
             module is None
@@ -270,7 +267,13 @@ class FoldForward(DeployRule):
         forms = set(fold.forms)
         form = forms.pop() if len(forms) == 1 else "weights and border-corrected"
         return BnFate(
-            s.name, self.fate, into=check.into, through=fold.through, form=form, scale_into=scaled, rule=self.name
+            s.name,
+            self.fate,
+            into=check.into,
+            through=fold.through,
+            form=form,
+            scale_into=scaled,
+            rule=self.name,
         )
 
 
@@ -321,7 +324,7 @@ def precondition(s: Situation) -> str | None:
     module = s.module
     if isinstance(module, ChannelAffine):
         return None
-    if not is_plain_batchnorm(module) or getattr(module, "running_mean", None) is None:
+    if not has_eval_map(module):
         return "not a plain BatchNorm with running statistics"
     return None
 

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..analysis.batchnorms import is_plain_batchnorm
-from ..analysis.folds import NoFold, consumers
-from ..analysis.layers import AFFINE_LAYERS, forward_fold_blocker, in_channels
+from ..analysis.batchnorms import has_eval_map
+from ..analysis.folds import NoFold, consumers, use_refusal
+from ..analysis.layers import AFFINE_LAYERS, forward_fold_blocker
 from ..analysis.nodes import describe_node, skip_identity_down, skip_identity_up
 from ..core.affine import ChannelAffine, affine_map
 from ..rules.table import fold_map
@@ -96,10 +96,9 @@ def _fold_blocker(
     layer = modules.get(str(node.target)) if node.op == "call_module" else None
     if not isinstance(layer, AFFINE_LAYERS) or isinstance(layer, ChannelAffine):
         return f"{label} is {describe_node(node, modules)}, not a Conv/Linear to fold into"
-    if calls.get(str(node.target), 0) > 1:
-        return f"{label} is called at several places"
-    if in_channels(layer) != channels:
-        return f"{label}'s input channels do not match the BN"
+    refused = use_refusal(node, layer, calls, channels, label)
+    if refused is not None:
+        return refused
     blocked = forward_fold_blocker(layer)
     if blocked is None and int(getattr(layer, "groups", 1)) != 1:
         blocked = "it is a grouped conv"
@@ -169,12 +168,7 @@ def gate_fold(
 
 def _plain_bn(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> bool:
     module = modules.get(str(node.target)) if node.op == "call_module" else None
-    return (
-        module is not None
-        and is_plain_batchnorm(module)
-        and getattr(module, "running_mean", None) is not None
-        and calls.get(str(node.target), 0) == 1
-    )
+    return module is not None and has_eval_map(module) and calls.get(str(node.target), 0) == 1
 
 
 def apply_gate_fold(
