@@ -21,7 +21,6 @@ from ..core.blocked import Blocked
 from ..core.modules import module_calls, qualified
 from .batchnorms import is_batchnorm_module, is_functional_batchnorm, is_plain_batchnorm
 from .fused import FusedNorm, analyze_fused_norm
-from .layers import AFFINE_LAYERS
 from .nodes import describe_node, input_is_shared, is_identity_node, skip_identity_down
 from .patterns import ActivationCall, match_activation
 from .tracing import Region
@@ -94,13 +93,6 @@ def node_label(prefix: str, node: fx.Node) -> str:
     if node.op == "call_module":
         return qualified(prefix, str(node.target))
     return qualified(prefix, node.name)
-
-
-def absorbing_layer(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    module = modules.get(str(node.target))
-    return module if isinstance(module, AFFINE_LAYERS) else None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""The fold-forward rule, in one place: may a BN's eval-mode map fold into the layers after it?
+"""The fold rules, side by side: may a BN's eval-mode map fold into the layer before it
+(`backward_fold`: ``BN(L(x)) = L′(x)`` for the Conv/Linear that feeds it alone), or into the
+layers after it (`forward_fold`)?
 
 ``N(a·u + b) = N'(u)`` for a Linear, an unpadded Conv or a pointwise
 ConvTranspose ``N`` (``bn_math.fold_into_following``), and for each layer of
@@ -9,9 +11,9 @@ scale is positive. Into a zero-padded conv the fold is exact only with a
 border correction (``bn_math``; ``deploy/border.py``), which deployment may
 ask for.
 
-``convert``'s exact move of ``f -> BN -> N`` to ``BN' -> f -> N'`` and
-``export --fold-forward/--fold-padded`` both ask `forward_fold`, so they
-fold the same BNs and give the same reasons for the ones they leave.
+``convert``'s exact moves (``L -> BN -> f`` to ``L' -> f -> BN'``; ``f -> BN -> N`` to
+``BN' -> f -> N'``) and ``export``'s fuse-backward and ``--fold-forward/--fold-padded`` ask
+these, so they fold the same BNs and give the same reasons for the ones they leave.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import torch
 from torch import fx, nn
 
 from ..core.blocked import Blocked
-from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, zero_padded_conv
-from .nodes import describe_node, skip_identity_down
+from .layers import AFFINE_LAYERS, forward_fold_blocker, in_channels, out_channels, zero_padded_conv
+from .nodes import describe_node, skip_identity_down, skip_identity_up
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,42 @@ class NoFold:
 
     reason: str
     border: bool = False
+
+
+@dataclass(frozen=True)
+class BackwardFold:
+    """Where a backward fold goes: the Conv/Linear that feeds the BN, and nothing else."""
+
+    into: fx.Node
+
+
+def backward_fold(
+    node: fx.Node,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    channels: int,
+    label: Callable[[fx.Node], str] = lambda n: str(n.target),
+) -> BackwardFold | NoFold:
+    """The fold-backward rule for the map at ``node`` (a BN or kept affine with ``channels``
+    channels): the layer that feeds it takes it, ``BN(L(x)) = L′(x)``. Links that change nothing
+    in eval mode (Identity slots) are passed. convert's fold-backward move and deployment's
+    fuse-backward ask this."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return NoFold("no Conv/Linear directly before the BN to fold into (input is no node)")
+    source = skip_identity_up(source, modules)
+    layer = modules.get(str(source.target)) if source.op == "call_module" else None
+    if not isinstance(layer, AFFINE_LAYERS):
+        return NoFold(
+            f"no Conv/Linear directly before the BN to fold into (input is {describe_node(source, modules)})"
+        )
+    if len(source.users) > 1:
+        return NoFold(f"{label(source)} also feeds other nodes, so the BN cannot be folded into it")
+    if calls.get(str(source.target), 0) > 1:
+        return NoFold(f"{label(source)} is called at several places")
+    if out_channels(layer) != channels:
+        return NoFold(f"{label(source)} output channels do not match the BN")
+    return BackwardFold(source)
 
 
 def forward_fold(

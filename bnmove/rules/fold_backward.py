@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from ..analysis import folds
 from ..analysis.batchnorms import bn_channels
-from ..analysis.detect import Site, absorbing_layer
-from ..analysis.layers import out_channels
-from ..analysis.nodes import describe_node, skip_identity_up
+from ..analysis.detect import Site
 from ..core.affine import affine_map
 from ._exact import ExactRule, identity_after
 from ._parameters import batchnorm_at
@@ -27,22 +26,9 @@ from .table import fold_map
 
 def backward_fold(node: fx.Node, context: Context, channels: int) -> Check:
     """May the map at ``node`` (a BN or kept affine with ``channels`` channels) fold into the layer
-    that feeds it? Links that change nothing in eval mode (Identity slots) are passed."""
-    source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node):
-        return refuse("no Conv/Linear directly before the BN to fold into (input is no node)")
-    source = skip_identity_up(source, context.modules)
-    layer = absorbing_layer(source, context.modules)
-    if layer is None:
-        what = describe_node(source, context.modules)
-        return refuse(f"no Conv/Linear directly before the BN to fold into (input is {what})")
-    if len(source.users) > 1:
-        return refuse(f"{context.label(source)} also feeds other nodes, so the BN cannot be folded into it")
-    if context.calls.get(str(source.target), 0) > 1:
-        return refuse(f"{context.label(source)} is called at several places")
-    if out_channels(layer) != channels:
-        return refuse(f"{context.label(source)} output channels do not match the BN")
-    return Check(into=(source,))
+    that feeds it? (`bnmove.analysis.folds.backward_fold`, beside the forward fold.)"""
+    fold = folds.backward_fold(node, context.modules, context.calls, channels, context.label)
+    return refuse(fold.reason) if isinstance(fold, folds.NoFold) else Check(into=(fold.into,))
 
 
 class FoldBackward(ExactRule):
