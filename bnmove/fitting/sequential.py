@@ -34,6 +34,7 @@ from torch import nn
 from ..core import bn_math
 from ..core.running import eval_mode
 from ..errors import ModelRunError
+from ..rules.base import CalibrationSource
 from .calibrate import Batch, call_model
 from .refit import NormalEquations, Underdetermined, design_rows
 
@@ -112,10 +113,10 @@ class SequentialCalibration:
     """Both passes for a set of `PairPlan` (see the module docstring)."""
 
     def __init__(
-        self, plans: Sequence[PairPlan], batches: Sequence[Batch], source: str = "calibrated"
+        self, plans: Sequence[PairPlan], batches: Sequence[Batch], source: CalibrationSource = "calibrated"
     ) -> None:
         self.plans = list(plans)
-        self.source = source  # what the notes call the data: "calibrated" (the user's) or "synthetic"
+        self.source = source  # what the notes call the data
         self.z_rows: list[list[torch.Tensor]] = [[] for _ in self.plans]  # each pair's input rows
         self.effects: list[float | None] = [None for _ in self.plans]
         self.notes: list[list[str]] = [[] for _ in self.plans]
