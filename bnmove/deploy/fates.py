@@ -13,8 +13,8 @@ class Fate(Choice):
 
     #: folded into the layers it feeds (`bnmove.analysis.folds.forward_fold`, or a gate)
     FOLDED_FORWARD = "folded-forward"
-    #: fused into the Conv/Linear before it, by the exporter and onnxruntime (the rule
-    #: `bnmove.rules.fold_backward` asks)
+    #: fused into the Conv/Linear before it, by the exporter and onnxruntime (the check is
+    #: `bnmove.analysis.folds.backward_fold`, as for convert's fold-backward move)
     FUSED_BACKWARD = "fused-backward"
     #: removed: its eval-mode map is the identity, as an exact move leaves BN′
     IDENTITY = "identity"
@@ -24,7 +24,8 @@ class Fate(Choice):
 
 @dataclass(frozen=True)
 class BnFate:
-    """What happened to one BatchNorm in the deployed graph."""
+    """What happened to one BatchNorm (or kept affine) in the deployed graph, as the manifest and
+    ``inspect --deploy`` show it."""
 
     bn: str
     fate: Fate
