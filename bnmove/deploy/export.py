@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 
 
 def _variant_model(
-    model: nn.Module, variant: str, inputs: Sequence[torch.Tensor], conversion: _Conversion
+    model: nn.Module, variant: str, inputs: Sequence[torch.Tensor], conversion: _VariantConversion
 ) -> tuple[nn.Module, dict[str, Any]]:
     if variant == "original":
         return clone_module(model), {
@@ -224,7 +224,7 @@ def export_variants(
         inputs=tuple(example_inputs),
         out=out,
         targets=targets,
-        conversion=_Conversion(method, calibration, max_error),
+        conversion=_VariantConversion(method, calibration, max_error),
         options=options,
         quantization=QuantizationSamples.split(calibration.data, options.quantize)
         if options.quantize
@@ -253,7 +253,7 @@ def _targets(out: Path, stem: str, placements: Sequence[str], int8: bool, force:
 
 
 @dataclass(frozen=True)
-class _Conversion:
+class _VariantConversion:
     """How the moved variants are made (as `bnmove.convert` takes it)."""
 
     method: str
@@ -270,7 +270,7 @@ class _ExportJob:
     inputs: tuple[torch.Tensor, ...]
     out: Path
     targets: dict[str, Path]
-    conversion: _Conversion
+    conversion: _VariantConversion
     options: ExportOptions
     quantization: QuantizationSamples | None
 

@@ -36,14 +36,13 @@ import torch
 from torch import fx, nn
 
 from ..analysis.batchnorms import bn_channels, has_eval_map, is_batchnorm_module
-from ..analysis.folds import ForwardFold, NoFold, forward_fold
+from ..analysis.folds import ForwardFold, NoFold, backward_fold, forward_fold
 from ..analysis.layers import AFFINE_LAYERS, out_channels
 from ..analysis.nodes import skip_identity_up
 from ..analysis.patterns import match_activation
 from ..core.affine import ChannelAffine, affine_map, is_identity, scale_positive
 from ..core.modules import qualified, set_submodule
 from ..rules import Context
-from ..rules.fold_backward import backward_fold
 from ..rules.table import fold_map
 from .border import BorderCorrectedConv, absorb_following, border_corrected
 from .fates import IDENTITY_REASON, BnFate, Fate
@@ -138,10 +137,11 @@ class FuseBackward(DeployRule):
     fate = Fate.FUSED_BACKWARD
 
     def check(self, s: Situation) -> DeployCheck:
-        backward = backward_fold(s.node, s.context, s.channels)
-        if not backward.ok:
-            return refuse(str(backward.reason))
-        return DeployCheck(into=s.context.label(backward.into[0]))
+        context = s.context
+        backward = backward_fold(s.node, context.modules, context.calls, s.channels, context.label)
+        if isinstance(backward, NoFold):
+            return refuse(backward.reason)
+        return DeployCheck(into=context.label(backward.into))
 
     def apply(self, root: nn.Module, s: Situation, check: DeployCheck) -> BnFate:
         source = skip_identity_up(s.node.args[0], s.context.modules)  # type: ignore[arg-type]
