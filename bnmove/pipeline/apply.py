@@ -9,7 +9,7 @@ from torch import nn
 from ..analysis.batchnorms import is_frozen_batchnorm
 from ..analysis.detect import Site
 from ..core.modules import qualified
-from ..rules import ABSORB, Method, Rule
+from ..rules import ABSORB, Method, Rule, solve_primes
 from .analyse import Analysis
 from .calibration import NOT_CALIBRATED, Calibrator, Pending
 from .plan import Decision
@@ -28,6 +28,9 @@ def apply(
     pending: list[Pending] = []
     total = sum(d.rule is not None for d in decisions)
     done = 0
+    primes = solve_primes(
+        [(_root(analysis, d.site), d.site, d.rule) for d in decisions if d.rule is not None]
+    )
     for decision in decisions:
         if decision.rule is None:
             pending.append(Pending(Move(decision.site.pair, False, None, decision.reason)))
@@ -37,9 +40,14 @@ def apply(
         if decision.rule is ABSORB:
             pending.append(_absorb(analysis, decision, calibrator))
         else:
-            pending.append(_move(analysis, decision, method, calibrator))
+            check = replace(decision.check, prime=primes.get(decision.site))
+            pending.append(_move(analysis, replace(decision, check=check), method, calibrator))
     progress("moving pairs", done, total)
     return pending, analysis.mover.install()
+
+
+def _root(analysis: Analysis, site: Site) -> nn.Module:
+    return analysis.traced.regions[site.region].root
 
 
 def _frozen_note(root: nn.Module, site: Site, rule: Rule) -> list[str]:
@@ -60,7 +68,7 @@ def _move(analysis: Analysis, decision: Decision, method: str, calibrator: Calib
     assert rule is not None
     structure = analysis.structure(site)
     assert structure is not None  # a movable pair has one (analyse)
-    root = analysis.traced.regions[site.region].root
+    root = _root(analysis, site)
     # A fit starts from Gaussian statistics; with data, the calibration passes fit it again.
     read = calibrator.read(site) if calibrator and rule.fits else None
     applied = rule.apply(root, site, decision.check)
@@ -83,7 +91,7 @@ def _absorb(analysis: Analysis, decision: Decision, calibrator: Calibrator | Non
     site, kept, mover = decision.site, decision.check.kept, analysis.mover
     assert kept is not None
     read = calibrator.read_absorb(site, kept) if calibrator else None
-    applied = ABSORB.apply(analysis.traced.regions[site.region].root, site, decision.check)
+    applied = ABSORB.apply(_root(analysis, site), site, decision.check)
     mover.forget(site.region)
     move = Move(
         site.pair,

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..analysis.detect import Site
+from ._exact import solve_primes
 from ._parameters import pair_activation
 from .absorb import Absorb
 from .base import Applied, Check, Context, KeptAffine, Method, Rule
@@ -92,4 +93,5 @@ __all__ = [
     "Rule",
     "pair_activation",
     "settle_exact",
+    "solve_primes",
 ]

@@ -10,14 +10,24 @@ model starts from where the old BN's statistics point (docs/design/math.md).
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..analysis.detect import Site
-from ..core import bn_math
-from ._parameters import _BatchNorm, gamma_beta, make_identity, pair_activation
-from .base import Check, Context, Method, Rule, refuse
+from ..core import bn_math, rectified
+from ._parameters import (
+    RELU_KEYS,
+    _BatchNorm,
+    batchnorm_at,
+    gamma_beta,
+    make_identity,
+    pair_activation,
+    pair_activation_key,
+)
+from .base import Check, Context, Method, Prime, Rule, refuse
 
 _NO_FUNCTION_NOTE = "activation takes runtime tensors; new BN statistics set to mean 0, var 1"
 
@@ -57,35 +67,86 @@ class ExactRule(Rule):
         """The rule's own check, for a BN that has an eval-mode map."""
 
 
-def identity_after(root: nn.Module, site: Site, bn: _BatchNorm) -> list[str]:
-    """BN′ after ``f``: the old BN's train-mode output is N(beta, gamma²) per channel, so BN′ holds
-    the moments of ``f`` of that Gaussian (``bn_math.gaussian_moments``)."""
-    gamma, beta = gamma_beta(bn)
-    f = pair_activation(root, site)
-    if f is None:
-        make_identity(bn, torch.zeros_like(beta), torch.ones_like(beta))
-        return [_NO_FUNCTION_NOTE]
-    make_identity(bn, *bn_math.gaussian_moments(f, beta, gamma))
-    return []
-
-
-def identity_before(root: nn.Module, site: Site, bn: _BatchNorm) -> list[str]:
-    """BN′ before ``f``: the Gaussian whose image under ``f`` has the old BN's statistics
-    (``bn_math.match_gaussian``); channels no Gaussian explains get mean 0, var 1."""
+def _given(site: Site, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """What BN′'s statistics are a function of: ``(beta, gamma)`` for BN′ after ``f`` (the old BN's
+    train-mode output is N(beta, gamma²)), the old running ``(mean, var)`` for BN′ before ``f``."""
+    if site.pair.placement == "before":
+        gamma, beta = gamma_beta(bn)
+        return beta, gamma
     assert bn.running_mean is not None and bn.running_var is not None
-    target_mean = bn.running_mean.detach().double().cpu()
-    target_var = bn.running_var.detach().double().cpu()
-    f = pair_activation(root, site)
-    if f is None:
-        make_identity(bn, torch.zeros_like(target_mean), torch.ones_like(target_var))
-        return [_NO_FUNCTION_NOTE]
-    mu, sigma, ok = bn_math.match_gaussian(f, target_mean, target_var)
-    make_identity(
-        bn, torch.where(ok, mu, torch.zeros_like(mu)), torch.where(ok, sigma**2, torch.ones_like(sigma))
-    )
+    return bn.running_mean.detach().double().cpu(), bn.running_var.detach().double().cpu()
+
+
+def _solve(
+    f: bn_math.Activation, relu: bool, after: bool, given: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BN′'s ``(mean, var)`` per channel and which channels a Gaussian explains.
+
+    After ``f``: the moments of ``f`` of N(beta, gamma²). Before ``f``: the Gaussian whose image
+    under ``f`` has the old statistics; channels no Gaussian explains get mean 0, var 1. In closed
+    form for ReLU (`bnmove.core.rectified`), by Gauss–Hermite quadrature for any other ``f``
+    (``bn_math.gaussian_moments``, ``bn_math.match_gaussian``)."""
+    if after:
+        mean, var = rectified.relu_moments(*given) if relu else bn_math.gaussian_moments(f, *given)
+        return mean, var, torch.ones_like(mean, dtype=torch.bool)
+    mu, sigma, ok = rectified.match_relu(*given) if relu else bn_math.match_gaussian(f, *given)
+    return torch.where(ok, mu, torch.zeros_like(mu)), torch.where(ok, sigma**2, torch.ones_like(sigma)), ok
+
+
+def _prime(
+    given: tuple[torch.Tensor, torch.Tensor], mean: torch.Tensor, var: torch.Tensor, ok: torch.Tensor
+) -> Prime:
     if bool(ok.all()):
-        return []
-    return [
+        return Prime(given, mean, var)
+    note = (
         f"{int((~ok).sum())} of {ok.numel()} channels: no Gaussian input explains the old "
         "statistics; new BN statistics set to mean 0, var 1 there"
-    ]
+    )
+    return Prime(given, mean, var, (note,))
+
+
+class _Request(NamedTuple):
+    site: Site
+    f: bn_math.Activation
+    relu: bool
+    given: tuple[torch.Tensor, torch.Tensor]
+
+
+def solve_primes(moves: Sequence[tuple[nn.Module, Site, Rule]]) -> dict[Site, Prime]:
+    """The statistics of every BN′ the exact rules among ``(root, site, rule)`` will leave, at once:
+    one batched solve per activation and side (the channels are independent, so N BNs of one
+    activation cost one solve, not N). Sites whose activation needs runtime tensors get none
+    (`identity` handles them)."""
+    groups: dict[Hashable, list[_Request]] = {}
+    for root, site, rule in moves:
+        f = pair_activation(root, site) if isinstance(rule, ExactRule) else None
+        if f is None:
+            continue
+        key = pair_activation_key(root, site)
+        group = (site.pair.placement, key) if key is not None else site  # unknown: solved alone
+        given = _given(site, batchnorm_at(root, str(site.bn_node.target)))
+        groups.setdefault(group, []).append(_Request(site, f, key in RELU_KEYS, given))
+    primes: dict[Site, Prime] = {}
+    for members in groups.values():
+        first = members[0]
+        together = (torch.cat([m.given[0] for m in members]), torch.cat([m.given[1] for m in members]))
+        solved = _solve(first.f, first.relu, first.site.pair.placement == "before", together)
+        sizes = [m.given[0].numel() for m in members]
+        for member, mean, var, ok in zip(members, *(t.split(sizes) for t in solved), strict=True):
+            primes[member.site] = _prime(member.given, mean, var, ok)
+    return primes
+
+
+def identity(root: nn.Module, site: Site, bn: _BatchNorm, prime: Prime | None = None) -> list[str]:
+    """Make the moved BN into BN′ on the other side of ``f``: the identity in eval mode, holding the
+    statistics of its new input (``prime``, solved with the others, or solved here)."""
+    given = _given(site, bn)
+    if prime is None or not prime.solved_from(given):
+        f = pair_activation(root, site)
+        if f is None:
+            make_identity(bn, torch.zeros_like(given[0]), torch.ones_like(given[1]))
+            return [_NO_FUNCTION_NOTE]
+        relu = pair_activation_key(root, site) in RELU_KEYS
+        prime = _prime(given, *_solve(f, relu, site.pair.placement == "before", given))
+    make_identity(bn, prime.mean, prime.var)
+    return list(prime.notes)

@@ -7,11 +7,12 @@ Everything here works in place on the working copy and keeps each module object
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from ..analysis.batchnorms import bn_channels, is_batchnorm_module
 from ..analysis.detect import Site
@@ -43,6 +44,54 @@ def pair_activation(root: nn.Module, site: Site) -> Callable[[torch.Tensor], tor
         return activation_call(fused.act_target, fused.act_args, fused.act_kwargs)
     assert site.act_node is not None
     return activation_function(root, site.act_node)
+
+
+def pair_activation_key(root: nn.Module, site: Site) -> Hashable | None:
+    """Equal for two pairs whose activations are the same elementwise function (stateless modules
+    of one class and settings, or one function or method with the same constant arguments), so
+    their statistics can be solved together; None where that is not known."""
+    fused = site.fused
+    if fused is not None:
+        if fused.act_child is not None:
+            return _module_key(root.get_submodule(f"{site.bn_node.target}.{fused.act_child}"))
+        return _call_key(fused.act_target, fused.act_args, fused.act_kwargs)
+    node = site.act_node
+    assert node is not None
+    if node.op == "call_module":
+        return _module_key(root.get_submodule(str(node.target)))
+    if any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        return None
+    return _call_key(
+        str(node.target).rstrip("_") if node.op == "call_method" else node.target, node.args[1:], node.kwargs
+    )
+
+
+#: what every nn.Module holds (its dictionaries of state, hooks and flags): not an activation's setting
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+
+
+def _module_key(module: nn.Module) -> Hashable | None:
+    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+        return None  # per-channel or learnable (PReLU): its own function
+    if next(module.children(), None) is not None:
+        return None
+    settings = {k: v for k, v in vars(module).items() if k not in _MODULE_STATE and k != "inplace"}
+    return _call_key(type(module), (), settings)
+
+
+def _call_key(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Hashable | None:
+    settings = tuple(sorted((k, v) for k, v in kwargs.items() if k != "inplace"))
+    if not all(isinstance(v, _SCALAR) for v in (*args, *(v for _, v in settings))):
+        return None
+    return (target, tuple(args), settings)
+
+
+_SCALAR = (bool, int, float, str, type(None))
+
+#: the keys of ReLU, whose Gaussian moments have a closed form (`bnmove.core.rectified`)
+RELU_KEYS = frozenset(
+    (target, (), ()) for target in (nn.ReLU, torch.relu, torch.relu_, F.relu, F.relu_, "relu")
+)
 
 
 def module_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

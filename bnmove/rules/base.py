@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+import torch
 from torch import fx, nn
 
 from ..analysis.detect import Placement, RegionView, Site
@@ -66,6 +67,20 @@ class KeptAffine:
     side: Literal["before", "after"]
 
 
+@dataclass(frozen=True, eq=False)
+class Prime:
+    """The running statistics BN′ takes (`bnmove.rules._exact.solve_primes`), and the BN values
+    they were solved from: a BN changed since then is solved again, alone."""
+
+    given: tuple[torch.Tensor, torch.Tensor]
+    mean: torch.Tensor
+    var: torch.Tensor
+    notes: tuple[str, ...] = ()
+
+    def solved_from(self, given: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(self.given, given, strict=True))
+
+
 @dataclass(frozen=True)
 class Check:
     """A rule's answer for one site: it applies (``reason`` is None), with what it found, or why not."""
@@ -75,6 +90,8 @@ class Check:
     into: tuple[fx.Node, ...] = ()
     #: the kept affine an absorb takes in
     kept: KeptAffine | None = None
+    #: the statistics BN′ takes, solved before apply with every BN′ of the same activation
+    prime: Prime | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:

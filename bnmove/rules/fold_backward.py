@@ -18,7 +18,7 @@ from ..analysis import folds
 from ..analysis.batchnorms import bn_channels
 from ..analysis.detect import Site
 from ..core.affine import affine_map
-from ._exact import ExactRule, identity_after
+from ._exact import ExactRule, identity
 from ._parameters import batchnorm_at
 from .base import Applied, Check, Context, refuse
 from .table import fold_map
@@ -42,4 +42,4 @@ class FoldBackward(ExactRule):
         bn = batchnorm_at(root, str(site.bn_node.target))
         (layer,) = check.into
         fold_map(root, *affine_map(bn), str(layer.target), "backward")
-        return Applied(identity_after(root, site, bn))
+        return Applied(identity(root, site, bn, check.prime))

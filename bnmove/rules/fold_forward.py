@@ -19,7 +19,7 @@ from ..analysis.batchnorms import bn_channels
 from ..analysis.detect import Site
 from ..analysis.folds import NoFold, forward_fold
 from ..core.affine import affine_map, scale_positive
-from ._exact import ExactRule, identity_before
+from ._exact import ExactRule, identity
 from ._parameters import batchnorm_at
 from .base import Applied, Check, Context, refuse
 from .table import fold_map
@@ -45,4 +45,4 @@ class FoldForward(ExactRule):
         a, b = affine_map(bn)  # read once: every layer takes the same map
         for layer in check.into:
             fold_map(root, a, b, str(layer.target), "forward")
-        return Applied(identity_before(root, site, bn))
+        return Applied(identity(root, site, bn, check.prime))

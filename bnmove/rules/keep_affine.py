@@ -17,7 +17,7 @@ from torch import nn
 from ..analysis.batchnorms import bn_channels
 from ..analysis.detect import Site
 from ..core.affine import ChannelAffine, affine_map
-from ._exact import ExactRule, identity_after, identity_before
+from ._exact import ExactRule, identity
 from ._parameters import _BatchNorm, batchnorm_at
 from .base import Applied, Check, Context, Method
 
@@ -45,6 +45,4 @@ class KeepAffine(ExactRule):
     def apply(self, root: nn.Module, site: Site, check: Check) -> Applied:
         bn = batchnorm_at(root, str(site.bn_node.target))
         kept = kept_affine(bn)
-        if site.pair.placement == "before":
-            return Applied(identity_after(root, site, bn), kept=kept)
-        return Applied(identity_before(root, site, bn), kept=kept)
+        return Applied(identity(root, site, bn, check.prime), kept=kept)
