@@ -68,3 +68,29 @@ def test_what_a_fused_module_is_comes_back_typed() -> None:
 
     blocked = analyze_fused_norm(Doubled(4))
     assert isinstance(blocked, Blocked) and "is not batch_norm followed by an activation" in blocked.reason
+
+
+def test_fused_modules_of_one_structure_are_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm repeats a few fused modules dozens of times: modules of one class with the same
+    settings (and children) trace alike, so each structure is analysed once, and each of its
+    modules splits and moves."""
+    import bnmove.analysis.detect as detect
+
+    traced: list[nn.Module] = []
+
+    def counted(module: nn.Module) -> FusedNorm | Blocked | None:
+        traced.append(module)
+        return analyze_fused_norm(module)
+
+    monkeypatch.setattr(detect, "analyze_fused_norm", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *(m for _ in range(3) for m in (nn.Conv2d(4, 4, 1), BatchNormAct2d(4))),
+        nn.Conv2d(4, 6, 1),
+        BatchNormAct2d(6),  # another width: another structure
+    ).eval()
+    x = torch.randn(2, 4, 5, 5)
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    assert len(traced) == 2
+    assert rules_used(result) == {"fold-backward": 4}
+    assert_same_outputs(model, result.model, (x,))

@@ -12,13 +12,14 @@ stage, which fills ``exact``, ``neighbour`` and ``keeps_affine``.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import fx, nn
 
 from ..core.blocked import Blocked
-from ..core.modules import module_calls, qualified
+from ..core.modules import module_calls, qualified, structure
 from .batchnorms import is_batchnorm_module, is_functional_batchnorm, is_plain_batchnorm
 from .fused import FusedNorm, analyze_fused_norm
 from .nodes import describe_node, input_is_shared, is_identity_node, skip_identity_down
@@ -124,6 +125,8 @@ class _RegionAnalysis:
         self.modules = view.modules
         self.calls = view.calls
         self._fused: dict[str, FusedNorm | Blocked | None] = {}
+        #: by structure: modules of one class and settings trace alike (timm repeats a few dozen)
+        self._fused_like: dict[Hashable, FusedNorm | Blocked | None] = {}
 
     def bn_module(self, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":
@@ -138,7 +141,13 @@ class _RegionAnalysis:
             return None
         key = str(node.target)
         if key not in self._fused:
-            self._fused[key] = analyze_fused_norm(module)
+            like = structure(module)
+            if like is None:
+                self._fused[key] = analyze_fused_norm(module)
+            else:
+                if like not in self._fused_like:
+                    self._fused_like[like] = analyze_fused_norm(module)
+                self._fused[key] = self._fused_like[like]
         return self._fused[key]
 
     def sites(self) -> list[Site]:

@@ -221,18 +221,19 @@ def _newton_step(
     """The undamped Newton step ``(d_mu, d_log_sigma)`` of `match_gaussian` and the larger
     residual ``max(|r1|, |r2|)``, per channel."""
     s = torch.exp(log_s)
-    z = (mu[None, :] + s[None, :] * x[:, None]).requires_grad_(True)
+    z = torch.addr(mu.expand(x.numel(), -1), x, s).requires_grad_(True)  # mu + x·s, (nodes, C)
     with torch.enable_grad():
         y = f(z.clone())  # a non-leaf input: an in-place activation may write into it
         (fp,) = torch.autograd.grad(y.sum(), z)
     y, fp = y.detach().double(), fp.double()
-    wc = w[:, None]
-    m = (wc * y).sum(0)
+    # every sum over the nodes as one product with the weights w and w·x: Σ w·f', Σ w·x·f' and
+    # Σ w·(f − m)·f', Σ w·x·(f − m)·f' in one (2, nodes) @ (nodes, 2C)
+    m = w @ y
     dev = y - m
-    v = (wc * dev**2).sum(0)
-    sx = s[None, :] * x[:, None]
-    dm = ((wc * fp).sum(0), (wc * fp * sx).sum(0))
-    dv = (2 * (wc * dev * fp).sum(0), 2 * (wc * dev * fp * sx).sum(0))
+    v = w @ (dev * dev)
+    grad_f, grad_dev = (torch.stack([w, w * x]) @ torch.cat([fp, dev * fp], 1)).split(mu.numel(), 1)
+    dm = (grad_f[0], s * grad_f[1])
+    dv = (2 * grad_dev[0], 2 * s * grad_dev[1])
     r1 = (m - tm) / scale_m
     r2 = 0.5 * (torch.log(v + 1e-12) - torch.log(tv))
     g1 = (dm[0] / scale_m, dm[1] / scale_m)

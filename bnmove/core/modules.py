@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import traceback
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from typing import Any
 
 from torch import fx, nn
 
@@ -21,6 +22,35 @@ def module_calls(graph: fx.Graph) -> dict[str, int]:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     return calls
+
+
+#: what every nn.Module holds (its dictionaries of state and hooks, its mode): no module's setting
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+
+_SCALAR = (bool, int, float, str, type(None))
+
+
+def settings(module: nn.Module, *, skip: frozenset[str] = frozenset()) -> tuple[tuple[str, Any], ...] | None:
+    """A module's own settings (every attribute it adds to nn.Module's, by name, except ``skip``),
+    when all are plain values, else None: two modules of one class and equal settings run the same
+    Python in their forward (their tensors aside)."""
+    own = sorted((k, v) for k, v in vars(module).items() if k not in _MODULE_STATE and k not in skip)
+    if not all(
+        isinstance(v, _SCALAR) or (isinstance(v, tuple) and all(isinstance(e, _SCALAR) for e in v))
+        for _, v in own
+    ):
+        return None
+    return tuple(own)
+
+
+def structure(module: nn.Module) -> Hashable | None:
+    """Equal for two modules whose forwards trace alike: the same classes with the same settings,
+    all the way down (None where some setting is not a plain value)."""
+    own = settings(module)
+    children = tuple((name, structure(child)) for name, child in module.named_children())
+    if own is None or any(child is None for _, child in children):
+        return None
+    return (type(module), own, children)
 
 
 def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:

@@ -18,6 +18,7 @@ from ..analysis.batchnorms import bn_channels, is_batchnorm_module
 from ..analysis.detect import Site
 from ..analysis.patterns import activation_call
 from ..core import bn_math
+from ..core.modules import settings
 
 
 def _constant(root: nn.Module, value: Any) -> Any:
@@ -66,27 +67,21 @@ def pair_activation_key(root: nn.Module, site: Site) -> Hashable | None:
     )
 
 
-#: what every nn.Module holds (its dictionaries of state, hooks and flags): not an activation's setting
-_MODULE_STATE = frozenset(nn.Module().__dict__)
-
-
 def _module_key(module: nn.Module) -> Hashable | None:
     if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
         return None  # per-channel or learnable (PReLU): its own function
     if next(module.children(), None) is not None:
         return None
-    settings = {k: v for k, v in vars(module).items() if k not in _MODULE_STATE and k != "inplace"}
-    return _call_key(type(module), (), settings)
+    own = settings(module, skip=frozenset({"inplace"}))
+    return None if own is None else _call_key(type(module), (), dict(own))
 
 
 def _call_key(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Hashable | None:
-    settings = tuple(sorted((k, v) for k, v in kwargs.items() if k != "inplace"))
-    if not all(isinstance(v, _SCALAR) for v in (*args, *(v for _, v in settings))):
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k != "inplace"))
+    if not all(isinstance(v, (bool, int, float, str, type(None))) for v in (*args, *(v for _, v in options))):
         return None
-    return (target, tuple(args), settings)
+    return (target, tuple(args), options)
 
-
-_SCALAR = (bool, int, float, str, type(None))
 
 #: the keys of ReLU, whose Gaussian moments have a closed form (`bnmove.core.rectified`)
 RELU_KEYS = frozenset(
