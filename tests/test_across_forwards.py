@@ -165,3 +165,25 @@ def test_a_forward_that_never_reads_training_is_traced_once(monkeypatch: pytest.
     traced.clear()
     graphs = surgery.trace_own_forward(Branching())
     assert traced == [False, True] and len(graphs) == 2  # one graph per mode
+
+
+def test_installed_forwards_are_read_not_traced_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converting a converted model back reads the graphs bnmove installed instead of tracing the
+    code made from them again (one trace per mode and optional argument saved, per block)."""
+    import bnmove.moving.surgery as surgery
+
+    model, inputs = build("resnet")
+    after = convert(model, "after", method="exact", example_inputs=inputs).model
+    assert _generated(after)
+    traced: list[str] = []
+    original = surgery._trace
+
+    def recorded(module: nn.Module, *args, **kwargs):  # type: ignore[no-untyped-def]
+        traced.append(type(module).__name__)
+        assert generated_forward(module) is None
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(surgery, "_trace", recorded)
+    back = convert(after, "before", method="exact", example_inputs=inputs)
+    assert sum(m.moved for m in back.moves) == 4
+    assert_same_outputs(model, back.model, inputs)

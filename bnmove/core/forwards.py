@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -85,7 +86,7 @@ class GraphForward:
         return _format_import_block(code.globals, sys_importer) + "\n" + code.src
 
     def _compile(self) -> None:
-        self._fns = [_forward_from_src(source, {}) for source in self._sources]
+        self._fns = [_compiled(source) for source in self._sources]
         self._fn = self._fns[0]  # the general one: every optional argument as given
         self.__signature__ = _drop_self(inspect.signature(self._fn))
         self._by_nones = {nones: fn for (nones, _), fn in zip(self.variants, self._fns, strict=True)}
@@ -137,6 +138,13 @@ class GraphForward:
         return new
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(source: str) -> Callable[..., Any]:
+    """The function of a generated forward's source (with its imports): one per source text, which
+    blocks of one structure share, and which analysing a converted model reads again and again."""
+    return _forward_from_src(source, {})  # type: ignore[no-any-return]
+
+
 def _drop_self(sig: inspect.Signature) -> inspect.Signature:
     return sig.replace(parameters=list(sig.parameters.values())[1:])
 
@@ -179,7 +187,7 @@ def _is_view_of(candidate: object, module: nn.Module) -> bool:
 
 def _retarget(graph: fx.Graph, prefix: str, strip: bool) -> fx.Graph:
     """A copy of ``graph`` whose module and attribute targets gain (or lose) ``prefix.``."""
-    new = _copy(graph)
+    new = copy_graph(graph)
     for node in new.nodes:
         if node.op in ("call_module", "get_attr"):
             target = str(node.target)
@@ -187,7 +195,8 @@ def _retarget(graph: fx.Graph, prefix: str, strip: bool) -> fx.Graph:
     return new
 
 
-def _copy(graph: fx.Graph) -> fx.Graph:
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` that pickles without naming the tracer that made it."""
     new = fx.Graph()
     new.output(new.graph_copy(graph, {}))
     new._tracer_cls = None  # bnmove's tracer would be named in the pickle; torch's rebuilds it
@@ -205,10 +214,10 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
     if _is_view_of(graph_module._modules.get(_VIEW), module):
         graph = _retarget(graph_module.graph, _VIEW, strip=True)
     elif _names_resolve(graph_module.graph, module):
-        graph = _copy(graph_module.graph)  # a scriptable twin's forward, over the module's own names
+        graph = copy_graph(graph_module.graph)  # a scriptable twin's forward, over the module's own names
     else:
         return None
-    function = _forward_from_src(GraphForward._source_of(graph), {})
+    function = _compiled(GraphForward._source_of(graph))
     return InstalledForward(
         [(frozenset(), graph)],
         dict(graph_module.meta.get(_SPECIALISED, {})),
@@ -284,7 +293,7 @@ def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     """
     if hasattr(type(module), _PREPARE):
         return
-    direct = fx.GraphModule(module, _copy(graph), class_name=f"{type(module).__name__}Script")
+    direct = fx.GraphModule(module, copy_graph(graph), class_name=f"{type(module).__name__}Script")
     twin = type(module).__new__(type(module))
     twin.__dict__.update(module.__dict__)
     for key in _STATE:  # its code reads the module's current layers (fx copied the ones it saw)

@@ -38,6 +38,7 @@ from ..core.forwards import (  # GraphForward: see __all__
     GraphForward,
     OwnForwardTracer,
     class_forward,
+    copy_graph,
     generated_forward,
 )
 from ..core.modules import Slots, key_script_type, parent_of
@@ -263,6 +264,10 @@ def trace_own_forward(
     optional arguments.
     """
     generated = generated_forward(module)
+    if generated is not None and specialise is None:
+        # bnmove's own graphs, one per mode and optional argument where they differ: tracing the
+        # code made from them again gives them back, at the cost of a trace per variant
+        return [(key, copy_graph(graph)) for key, graph in generated.variants]
     concrete = dict(specialise if specialise is not None else generated.specialised if generated else {})
     optional = [
         name
