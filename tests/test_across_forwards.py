@@ -187,3 +187,40 @@ def test_installed_forwards_are_read_not_traced_again(monkeypatch: pytest.Monkey
     back = convert(after, "before", method="exact", example_inputs=inputs)
     assert sum(m.moved for m in back.moves) == 4
     assert_same_outputs(model, back.model, inputs)
+
+
+class _SharedReLUBlock(nn.Module):
+    """A ResNet block: one ReLU module called twice, so moving a BN regenerates the block's forward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def test_blocks_of_one_structure_are_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three blocks alike and one wider: two traces of a block's forward, and every block's BN moves."""
+    import bnmove.moving.surgery as surgery
+
+    traced: list[int] = []
+    original = surgery.trace_own_forward
+
+    def counted(module: nn.Module, *args, **kwargs):  # type: ignore[no-untyped-def]
+        traced.append(id(module))
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(surgery, "trace_own_forward", counted)
+    torch.manual_seed(0)
+    model = randomize_bn(
+        nn.Sequential(*(_SharedReLUBlock(4) for _ in range(3)), nn.Conv2d(4, 6, 1), _SharedReLUBlock(6))
+    ).eval()
+    x = torch.randn(2, 4, 6, 6)
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    assert len(traced) == 2
+    assert sorted(m.pair.bn for m in result.moves if m.moved) == ["0.bn1", "1.bn1", "2.bn1", "4.bn1"]
+    assert sorted(_generated(result.model)) == ["0", "1", "2", "4"]
+    assert_same_outputs(model, result.model, (x,))

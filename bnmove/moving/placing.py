@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,8 @@ from ..analysis.detect import Site
 from ..analysis.nodes import input_is_shared
 from ..analysis.tracing import Region
 from ..core.blocked import Blocked
-from ..core.forwards import generated_forward, install_forward
-from ..core.modules import Slots, first_line, qualified, set_submodule
+from ..core.forwards import copy_graph, generated_forward, install_forward
+from ..core.modules import Slots, first_line, qualified, set_submodule, structure
 from ..core.running import untouched
 from ..rules import SPLIT_FUSED
 from ..rules.split_fused import activation_module
@@ -90,6 +91,8 @@ class Mover:
         self._positions: dict[int, tuple[list[str], dict[str, int]]] = {}
         #: every module's slots in each region, read once (a replaced module's slots are looked up here)
         self._slots: dict[str, Slots] = {}
+        #: the graphs of each structure's own forward, as traced (copies are edited)
+        self._traced_like: dict[Hashable, list[tuple[frozenset[str], fx.Graph]]] = {}
 
     def slots(self, region: str) -> Slots:
         if region not in self._slots:
@@ -206,7 +209,7 @@ class Mover:
             try:
                 with untouched(module):
                     try:
-                        variants = surgery.trace_own_forward(module)
+                        variants = self._own_forward(module)
                         earlier = generated_forward(module)  # a forward bnmove specialised before stays so
                         if earlier is not None and earlier.specialised:
                             self._specialised[scope] = earlier.specialised
@@ -227,6 +230,16 @@ class Mover:
                     f"({first_line(exc)})"
                 )
         return self._scopes[scope]
+
+    def _own_forward(self, module: nn.Module) -> list[tuple[frozenset[str], fx.Graph]]:
+        """`surgery.trace_own_forward`, traced once per structure: blocks of one class with equal
+        settings all the way down trace alike (a ResNet repeats a handful of blocks)."""
+        like = structure(module) if generated_forward(module) is None else None
+        if like is None:
+            return surgery.trace_own_forward(module)
+        if like not in self._traced_like:
+            self._traced_like[like] = surgery.trace_own_forward(module)
+        return [(key, copy_graph(graph)) for key, graph in self._traced_like[like]]
 
     def _call_values(self, scope: str) -> dict[str, Any] | None:
         """The non-tensor arguments every call of ``scope`` passes (the same at each call), read in the
