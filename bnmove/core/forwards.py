@@ -28,6 +28,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import operator
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -282,7 +283,8 @@ def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     installed forward reaches the layers through the view (``self.module.conv1``), which the module
     has not. Before scripting, TorchScript asks every module for ``__prepare_scriptable__()`` and
     scripts what it returns in the module's place (also in its parent's children). The module gets
-    that attribute: the bound forward of a GraphModule that returns the module's *twin*, an instance
+    that attribute: ``functools.partial(operator.getitem, (twin,), 0)``, which the standard
+    library alone pickles and which returns the module's *twin* when called: an instance
     of its class with the module's own attribute dictionaries (parameters, buffers, children, hooks:
     shared, not copied) whose forward is the same graph over the module's own names
     (``self.conv1``). The twin pickles and deep-copies with the module, its dictionaries still
@@ -299,12 +301,7 @@ def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     for key in _STATE:  # its code reads the module's current layers (fx copied the ones it saw)
         direct.__dict__[key] = module.__dict__[key]
     twin.__dict__["forward"] = direct.forward
-    holder = nn.Module()
-    holder.add_module("twin", twin)
-    returns = fx.Graph()
-    returns.output(returns.get_attr("twin"))
-    prepare = fx.GraphModule(holder, returns, class_name=f"{type(module).__name__}Scriptable")
-    module.__dict__[_PREPARE] = prepare.forward
+    module.__dict__[_PREPARE] = functools.partial(operator.getitem, (twin,), 0)  # () -> twin
 
 
 @contextlib.contextmanager
