@@ -37,3 +37,30 @@ def test_clone_keeps_ties_and_independence() -> None:
     assert not torch.equal(clone[0].weight, model[0].weight)
     clone.config["depth"].append(3)  # type: ignore[union-attr]
     assert model.config == {"depth": [1, 2]}
+
+
+def test_a_regenerated_forward_is_installed_again_on_the_clone() -> None:
+    """A forward bnmove installed is made again for the clone: it reads the clone's layers (not the
+    original's), keeps its graph, scripts, and computes the same."""
+    from bnmove import convert
+    from bnmove.core.forwards import generated_forward
+
+    model, inputs = build("resnet")
+    converted = convert(model, "after", method="exact", example_inputs=inputs).model
+    regenerated = [n for n, m in converted.named_modules() if generated_forward(m) is not None]
+    assert regenerated
+    clone = clone_module(converted)
+    for name in regenerated:
+        mine, theirs = clone.get_submodule(name), converted.get_submodule(name)
+        graph_module = mine.__dict__["forward"].__self__
+        assert graph_module is not theirs.__dict__["forward"].__self__
+        assert graph_module.module._modules is mine._modules  # the clone's own layers
+        assert graph_module.code == theirs.__dict__["forward"].__self__.code
+    with torch.no_grad():
+        clone.get_submodule(regenerated[0]).get_submodule("conv1").weight.mul_(2.0)
+        changed = clone(*inputs)
+        torch.testing.assert_close(converted(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, model(*inputs))
+    scripted = torch.jit.script(clone_module(converted))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(*inputs), converted(*inputs))

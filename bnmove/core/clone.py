@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .forwards import INSTALLED, install_forward, one_graph_forward
+
 M = TypeVar("M", bound=nn.Module)
 
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), type)
@@ -61,7 +63,12 @@ def clone_module(module: M, memo: dict[int, Any] | None = None) -> M:
     new = cls.__new__(cls)
     memo[key] = new
     state: dict[str, Any] = {}
+    # a forward bnmove installed is installed again on the copy: three times faster than deep
+    # copies of its GraphModules, and the same forward
+    installed = one_graph_forward(module)
     for name, value in module.__dict__.items():
+        if installed is not None and name in INSTALLED:
+            continue
         # the dictionaries are memoised too: a regenerated forward reaches the module's layers
         # through a view that holds these very dictionaries (bnmove.core.forwards)
         if name == "_modules":
@@ -76,4 +83,7 @@ def clone_module(module: M, memo: dict[int, Any] | None = None) -> M:
         else:
             state[name] = _copy_value(value, memo)
     new.__dict__.update(state)
+    if installed is not None:
+        graph, specialised = installed
+        install_forward(new, [(frozenset(), graph)], specialised)
     return new
