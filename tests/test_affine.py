@@ -231,3 +231,28 @@ def test_a_kept_affine_is_torch_only_and_one_saved_by_bnmove_0_1_still_loads() -
     assert type(loaded) is ChannelAffine and isinstance(loaded, ChannelAffine)
     torch.testing.assert_close(loaded(x), want)
     assert not isinstance(nn.Linear(3, 3), ChannelAffine)
+
+
+def test_a_kept_affine_built_with_the_shared_code_is_an_ordinary_graph_module() -> None:
+    """Kept affines take the code all of them share when built; the code is what fx generates for
+    their graph, the module computes ``weight·x + bias`` per channel, scripts, and a later edit of
+    its graph is compiled by torch's own recompile."""
+    affine = ChannelAffine(3)
+    assert isinstance(affine, torch.fx.GraphModule)
+    assert affine.code == affine.graph.python_code(root_module="self").src
+    with torch.no_grad():
+        affine.weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        affine.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    x = torch.randn(2, 3, 4)
+    want = x * affine.weight.view(1, 3, 1) + affine.bias.view(1, 3, 1)
+    torch.testing.assert_close(affine(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.jit.script(affine)(x), want, rtol=0, atol=0)
+    other = ChannelAffine(3)  # each has its own graph, and its own class to hold its forward
+    assert other.graph is not affine.graph and type(other) is not type(affine)
+    (out,) = [n for n in affine.graph.nodes if n.op == "output"]
+    with affine.graph.inserting_before(out):
+        doubled = affine.graph.call_function(torch.mul, (out.args[0], 2.0))
+    out.args = (doubled,)
+    affine.recompile()
+    torch.testing.assert_close(affine(x), 2 * want, rtol=0, atol=0)
+    torch.testing.assert_close(other(x), x, rtol=0, atol=0)  # the others keep their code
