@@ -225,3 +225,19 @@ def test_match_gaussian_reports_impossible_targets() -> None:
     # tanh never has a mean above 1: no Gaussian explains it.
     _, _, ok = bn_math.match_gaussian(torch.tanh, torch.tensor([0.0, 1.5]), torch.tensor([0.2, 0.1]))
     assert ok.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("fold", [bn_math.fold_into_preceding, bn_math.fold_into_following])
+def test_a_float32_weight_scaled_in_float32_is_within_an_ulp_of_the_float64_fold(fold) -> None:  # type: ignore[no-untyped-def]
+    """A conversion scales a float32 weight in float32: one rounding more than float64's, at most
+    one unit in the last place apart; the bias is float64 either way, and the same."""
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(6, 6, 3, 3, generator=g), torch.randn(6, generator=g)
+    a = torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.1
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    w64, c64 = fold(weight, bias, a, b)
+    w32, c32 = fold(weight, bias, a, b, dtype=torch.float32)
+    assert w64.dtype == torch.float64 and w32.dtype == torch.float32 and c32.dtype == torch.float64
+    ulp = torch.finfo(torch.float32).eps * w64.abs().float()
+    assert bool(((w32 - w64.float()).abs() <= ulp).all())
+    torch.testing.assert_close(c32, c64, rtol=1e-12, atol=1e-12)

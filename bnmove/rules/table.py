@@ -52,6 +52,7 @@ def _weights(
         b.to(device),
         transposed=transposed,
         groups=int(getattr(layer, "groups", 1)),
+        dtype=torch.promote_types(weight.dtype, torch.float32),
     )
 
 
