@@ -228,9 +228,10 @@ def test_match_gaussian_reports_impossible_targets() -> None:
 
 
 @pytest.mark.parametrize("fold", [bn_math.fold_into_preceding, bn_math.fold_into_following])
-def test_a_float32_weight_scaled_in_float32_is_within_an_ulp_of_the_float64_fold(fold) -> None:  # type: ignore[no-untyped-def]
-    """A conversion scales a float32 weight in float32: one rounding more than float64's, at most
-    one unit in the last place apart; the bias is float64 either way, and the same."""
+def test_a_float32_weight_scaled_in_float32_is_within_two_ulps_of_the_float64_fold(fold) -> None:  # type: ignore[no-untyped-def]
+    """A conversion scales a float32 weight in float32: the scale and the product each round, so
+    it lies within two units in the last place of the float64 fold rounded once; the bias is
+    float64 either way, and the same."""
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(6, 6, 3, 3, generator=g), torch.randn(6, generator=g)
     a = torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.1
@@ -239,5 +240,6 @@ def test_a_float32_weight_scaled_in_float32_is_within_an_ulp_of_the_float64_fold
     w32, c32 = fold(weight, bias, a, b, dtype=torch.float32)
     assert w64.dtype == torch.float64 and w32.dtype == torch.float32 and c32.dtype == torch.float64
     ulp = torch.finfo(torch.float32).eps * w64.abs().float()
-    assert bool(((w32 - w64.float()).abs() <= ulp).all())
+    assert bool(((w32 - w64.float()).abs() <= 2 * ulp).all())
+    assert not torch.equal(w32, w64.float())  # the roundings differ somewhere: the check can fail
     torch.testing.assert_close(c32, c64, rtol=1e-12, atol=1e-12)

@@ -81,8 +81,8 @@ def fold_into_preceding(
 
 def _scaled(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The weight as it is scaled per channel: in float64 by default; a conversion scales a float32
-    weight in float32 (``dtype``), which rounds the product once more than float64 would (within
-    one unit in the last place of the float64 fold) and spares the copies in float64 that made
+    weight in float32 (``dtype``), which rounds the scale and the product (within two units in the
+    last place of the float64 fold rounded once) and spares the copies in float64 that made
     scaling resnet50's weights cost a third of its forward pass."""
     return weight.detach().to(dtype)
 
