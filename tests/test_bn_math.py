@@ -233,7 +233,8 @@ def test_a_float32_weight_scaled_in_float32_is_within_two_ulps_of_the_float64_fo
     it lies within two units in the last place of the float64 fold rounded once; the bias is
     float64 either way, and the same."""
     g = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(6, 6, 3, 3, generator=g), torch.randn(6, generator=g)
+    weight = torch.randn(6, 6, 3, 3, generator=g, dtype=torch.float32)
+    bias = torch.randn(6, generator=g, dtype=torch.float32)
     a = torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.1
     b = torch.randn(6, generator=g, dtype=torch.float64)
     w64, c64 = fold(weight, bias, a, b)
