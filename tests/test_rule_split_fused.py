@@ -40,11 +40,11 @@ def test_a_fused_activation_no_torch_module_computes_stays_with_the_reason(
     model, inputs = build("fused")
     analysis = analyse(model, inputs)
     (site,) = [s for s in analysis.sites if s.pair.placement]
-    assert SPLIT_FUSED.match(site) and SPLIT_FUSED.check(site, analysis.contexts[""].modules).ok
+    assert SPLIT_FUSED.match(site) and SPLIT_FUSED.check(site, analysis.contexts[""]).ok
     # an activation function with no module of its own (a custom one's functional form): the check refuses
     monkeypatch.setattr(split_fused, "split_fused", lambda module, fused: None)
     said = "the fused module's activation is a function no torch module computes"
-    assert SPLIT_FUSED.check(site, analysis.contexts[""].modules).reason == said
+    assert SPLIT_FUSED.check(site, analysis.contexts[""]).reason == said
     (pair,) = [p for p in find_pairs(model, inputs) if p.placement]
     assert not pair.movable and pair.reason == said
     (stays,) = convert(model, "after", method="auto", example_inputs=inputs).moves[:1]
@@ -94,3 +94,24 @@ def test_fused_modules_of_one_structure_are_traced_once(monkeypatch: pytest.Monk
     assert len(traced) == 2
     assert rules_used(result) == {"fold-backward": 4}
     assert_same_outputs(model, result.model, (x,))
+
+
+def test_apply_gives_a_plain_bn_and_an_activation_that_compute_the_fused_module() -> None:
+    """SplitFused is a Rule like the others: match, check, apply; its apply changes nothing in the
+    model and gives the two modules, which compute what the fused one does."""
+    from bnmove.rules import Rule
+
+    model, inputs = build("fused")
+    analysis = analyse(model, inputs)
+    (site,) = [s for s in analysis.sites if s.pair.placement]
+    root = analysis.traced.regions[site.region].root
+    fused = root.get_submodule(str(site.bn_node.target)).eval()
+    before = {k: v.clone() for k, v in root.state_dict().items()}
+    applied = SPLIT_FUSED.apply(root, site, SPLIT_FUSED.check(site, analysis.contexts[""]))
+    assert isinstance(SPLIT_FUSED, Rule) and applied.split is not None
+    plain, act = applied.split
+    assert type(plain) is nn.BatchNorm2d and set(plain.state_dict()) == set(fused.state_dict())
+    x = torch.randn(2, fused.num_features, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(act(plain.eval()(x)), fused(x), rtol=0, atol=0)
+    assert all(torch.equal(v, before[k]) for k, v in root.state_dict().items())

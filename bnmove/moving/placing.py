@@ -27,7 +27,7 @@ from ..core.blocked import Blocked
 from ..core.forwards import copy_graph, generated_forward, install_forward
 from ..core.modules import Slots, first_line, qualified, set_submodule, structure
 from ..core.running import untouched
-from ..rules import SPLIT_FUSED
+from ..rules import SPLIT_FUSED, Context
 from ..rules.split_fused import activation_module
 from . import rewrite, surgery
 
@@ -133,15 +133,15 @@ class Mover:
             self._keys[region] = keys
         return self._keys[region]
 
-    def structure(self, site: Site) -> Structure | Blocked:
-        """How this pair moves, or why it cannot."""
+    def structure(self, site: Site, context: Context) -> Structure | Blocked:
+        """How this pair moves, or why it cannot (``context``: what checks read of its region)."""
         modules = self.modules(site.region)
         root = self.regions[site.region].root
-        if site.fused is not None:
-            checked = SPLIT_FUSED.check(site, modules)
+        if SPLIT_FUSED.match(site):
+            checked = SPLIT_FUSED.check(site, context)
             if checked.reason is not None:
                 return Blocked(checked.reason)
-            return _ModuleSurgery(SPLIT_FUSED.apply(root, site)[1], reorder=False)
+            return _ModuleSurgery(SPLIT_FUSED.split(root, site)[1], reorder=False)
         assert site.act_node is not None
         bn, act = site.bn_node, site.act_node
         calls = self._module_calls(site.region)
@@ -290,7 +290,7 @@ class Mover:
                 notes.append("activation made out-of-place: its new input has other readers")
             act_module = how.act_module
             if site.fused is not None:  # split after the parameters moved: the plain BN copies them
-                plain, act_module = SPLIT_FUSED.apply(root, site)
+                plain, act_module = SPLIT_FUSED.split(root, site)
                 set_submodule(root, bn_name, plain)
             new_name = surgery.module_move(
                 root,

@@ -65,7 +65,7 @@ def analyse(model: nn.Module, example_inputs: Sequence[Any] | None = None) -> An
             sites.append(found)
             continue
         site = settle_exact(found, contexts[found.region])
-        how = mover.structure(site)
+        how = mover.structure(site, contexts[site.region])
         if isinstance(how, Blocked):
             site = replace(site, pair=_unmovable(site.pair, how.reason), exact_rule=None, neighbours=())
         else:

@@ -116,6 +116,8 @@ class Applied:
     kept: ChannelAffine | None = None
     #: a fit's relative RMS error on its samples
     error: float | None = None
+    #: a fused module split: the plain BN and the activation module that replace it
+    split: tuple[nn.Module, nn.Module] | None = None
 
     @property
     def fit_notes(self) -> tuple[str, ...]:

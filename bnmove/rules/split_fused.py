@@ -10,7 +10,6 @@ rule then applies to the plain BN as to any pair.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from ..analysis.detect import Site
 from ..analysis.fused import FusedNorm, make_plain_batchnorm
 from ..analysis.patterns import activation_call, activation_spec
-from .base import Check, refuse
+from .base import Applied, Check, Context, Method, Rule, refuse
 
 
 def split_fused(module: nn.Module, fused: FusedNorm) -> tuple[nn.Module, nn.Module] | None:
@@ -56,24 +55,34 @@ def activation_module(
         return module if torch.allclose(module(probe.clone()), want, atol=1e-6) else None
 
 
-class SplitFused:
-    """The structural rule for fused sites; the placing of the split modules is `bnmove.moving.placing`'s."""
+class SplitFused(Rule):
+    """The structural rule for fused sites: the module becomes ``(plain BN, activation module)``,
+    which compute what it computed (exactly: the split is checked numerically when the fused
+    module is analysed). It changes nothing in the model itself; the placing of the two modules,
+    in the slot's new order, is `bnmove.moving.placing`'s, before the pair's own rule moves the BN."""
 
     name = "split-fused"
+    method = Method.EXACT
+    exact = True
 
     def match(self, site: Site) -> bool:
         return site.fused is not None
 
-    def check(self, site: Site, modules: Mapping[str, nn.Module]) -> Check:
-        """Whether a torch module computes the fused activation (reads only the region's modules)."""
+    def check(self, site: Site, context: Context) -> Check:
+        """Whether a torch module computes the fused activation."""
         assert site.fused is not None
-        if split_fused(modules[str(site.bn_node.target)], site.fused) is None:
+        if split_fused(context.modules[str(site.bn_node.target)], site.fused) is None:
             return refuse("the fused module's activation is a function no torch module computes")
         return Check()
 
-    def apply(self, root: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
-        """``(plain BN, activation module)`` for the fused module of ``site`` as it is now in ``root``."""
+    def apply(self, root: nn.Module, site: Site, check: Check) -> Applied:
+        """``Applied.split``: the plain BN and the activation module for the fused module of ``site``
+        as it is now in ``root``."""
+        return Applied(split=self.split(root, site))
+
+    def split(self, root: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
+        """`apply`'s split itself, for a site whose check passed."""
         assert site.fused is not None
         split = split_fused(root.get_submodule(str(site.bn_node.target)), site.fused)
-        assert split is not None, "apply after a passed check"
+        assert split is not None, "a split after a passed check"
         return split
