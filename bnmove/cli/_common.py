@@ -200,6 +200,52 @@ def calibration_options(
     return decorate
 
 
+#: what `model_options` declares (each use makes its own click parameters from these)
+_MODEL_OPTIONS = [
+    click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path)),
+    click.option(
+        "--arch",
+        metavar="MODULE:CALLABLE",
+        help="Architecture for a state-dict file: package.module:callable (a class or factory), "
+        "or timm:NAME / torchvision:NAME for a library model built with random weights.",
+    ),
+    click.option(
+        "--state-dict-key",
+        metavar="KEY",
+        help="The checkpoint entry holding the weights, e.g. state_dict_ema "
+        "(default: the file itself, or its state_dict/model/... entry).",
+    ),
+    click.option(
+        "--arch-arg",
+        "arch_args",
+        multiple=True,
+        metavar="NAME=VALUE",
+        help="Keyword argument for --arch (repeatable), e.g. --arch-arg num_classes=10.",
+    ),
+    click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Allow loading a whole pickled module. Unpickling runs code from the file: only for files you trust.",
+    ),
+    click.option(
+        "--import",
+        "imports",
+        multiple=True,
+        metavar="MODULE",
+        help="Import MODULE first so pickled classes or --arch resolve (repeatable).",
+    ),
+    click.option(
+        "--input-shape",
+        "input_shapes",
+        multiple=True,
+        metavar="SHAPE",
+        help="Example input shape, e.g. 1,3,224,224 (repeat for several inputs). Default: inferred from the first layer.",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+    debug_option,
+]
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options every command that reads a model file shares; the command receives them as ``model``."""
 
@@ -218,51 +264,8 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         model = ModelArgs(model_path, arch, arch_args, allow_pickle, imports, input_shapes, state_dict_key)
         return fn(*args, model=model, **kwargs)
 
-    decorators = [
-        click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path)),
-        click.option(
-            "--arch",
-            metavar="MODULE:CALLABLE",
-            help="Architecture for a state-dict file: package.module:callable (a class or factory), "
-            "or timm:NAME / torchvision:NAME for a library model built with random weights.",
-        ),
-        click.option(
-            "--state-dict-key",
-            metavar="KEY",
-            help="The checkpoint entry holding the weights, e.g. state_dict_ema "
-            "(default: the file itself, or its state_dict/model/... entry).",
-        ),
-        click.option(
-            "--arch-arg",
-            "arch_args",
-            multiple=True,
-            metavar="NAME=VALUE",
-            help="Keyword argument for --arch (repeatable), e.g. --arch-arg num_classes=10.",
-        ),
-        click.option(
-            "--allow-pickle",
-            is_flag=True,
-            help="Allow loading a whole pickled module. Unpickling runs code from the file: only for files you trust.",
-        ),
-        click.option(
-            "--import",
-            "imports",
-            multiple=True,
-            metavar="MODULE",
-            help="Import MODULE first so pickled classes or --arch resolve (repeatable).",
-        ),
-        click.option(
-            "--input-shape",
-            "input_shapes",
-            multiple=True,
-            metavar="SHAPE",
-            help="Example input shape, e.g. 1,3,224,224 (repeat for several inputs). Default: inferred from the first layer.",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
-        debug_option,
-    ]
     wrapped: Callable[..., Any] = command
-    for decorator in reversed(decorators):
+    for decorator in reversed(_MODEL_OPTIONS):
         wrapped = decorator(wrapped)
     return wrapped
 

@@ -137,14 +137,7 @@ def compare(
     _check_request(named, batch_sizes, iterations, seconds, data_samples, threads)
     import_onnxruntime()  # (its one-line error first, whatever the provider probes remember)
     chosen = select_provider(provider)
-    if chosen != "cpu" and warmup < 1:
-        raise BnmoveError(
-            f"warmup must be at least 1 on {chosen}: its first run sets up kernels (and builds "
-            "TensorRT engines), which would be timed"
-        )
-    ref = reference or ("original" if "original" in named else next(iter(named)))
-    if ref not in named:
-        raise BnmoveError(f"reference variant {ref!r} is not among {', '.join(named)}")
+    ref = _reference(named, reference, chosen, warmup)
     report = on_progress or ignore
 
     def step(what: str) -> None:
@@ -212,6 +205,19 @@ def _checks(
     arrays = runners[ref].feeds(batch, seed=0)
     want = runners[ref].run(arrays)
     return accuracies, [_deviation(name, r.run(arrays), want) for name, r in runners.items()]
+
+
+def _reference(named: dict[str, Path], reference: str | None, chosen: str, warmup: int) -> str:
+    """The variant the others are compared with, once the provider is known to be warmed up."""
+    if chosen != "cpu" and warmup < 1:
+        raise BnmoveError(
+            f"warmup must be at least 1 on {chosen}: its first run sets up kernels (and builds "
+            "TensorRT engines), which would be timed"
+        )
+    ref = reference or ("original" if "original" in named else next(iter(named)))
+    if ref not in named:
+        raise BnmoveError(f"reference variant {ref!r} is not among {', '.join(named)}")
+    return ref
 
 
 def _check_request(
