@@ -20,7 +20,7 @@ from bnmove.deploy import runtime, sessions
 from bnmove.deploy.comparison import Comparison, OutputDeviation, Timing, VariantInfo
 from bnmove.deploy.export import ExportOptions, export_variants
 from bnmove.deploy.providers import provider_works
-from bnmove.deploy.runtime import timing_plan
+from bnmove.deploy.rounds import timing_plan
 from bnmove.deploy.sessions import (
     SessionPlan,
     check_providers,

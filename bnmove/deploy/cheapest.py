@@ -65,7 +65,7 @@ def time_forms(
     """Seconds per run of each file on onnxruntime's CPU provider, round by round (interleaved, in
     rotating order), and of a second session of the first file in the same rounds: the noise
     floor, what two identical graphs read here and now (`bnmove.deploy.noise`)."""
-    from .runtime import _timed_rounds
+    from .rounds import timed_rounds
     from .sessions import Runner, SessionPlan
 
     floor = "\0noise floor"
@@ -77,7 +77,7 @@ def time_forms(
         runner.bind(arrays)
         for _ in range(warmup):
             runner.timed_run()
-    samples = _timed_rounds(runners, list(runners), rounds, None)
+    samples = timed_rounds(runners, list(runners), rounds, None)
     return {form: samples[form] for form in paths}, samples[floor]
 
 
