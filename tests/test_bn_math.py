@@ -244,3 +244,37 @@ def test_a_float32_weight_scaled_in_float32_is_within_two_ulps_of_the_float64_fo
     assert bool(((w32 - w64.float()).abs() <= 2 * ulp).all())
     assert not torch.equal(w32, w64.float())  # the roundings differ somewhere: the check can fail
     torch.testing.assert_close(c32, c64, rtol=1e-12, atol=1e-12)
+
+
+def test_solves_in_chunks_of_channels_as_in_one_and_never_split_a_per_channel_activation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An elementwise activation is solved a chunk of channels at a time, to the same solutions
+    (1e-12); a per-channel one (PReLU) sees every channel at once, as it must."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(40, generator=g, dtype=torch.float64)
+    sigma = torch.rand(40, generator=g, dtype=torch.float64) + 0.3
+    whole_m, whole_v = bn_math.gaussian_moments(F.silu, mu, sigma)
+    whole = bn_math.match_gaussian(F.silu, whole_m, whole_v)
+    prelu = nn.PReLU(40).double()
+    with torch.no_grad():
+        prelu.weight.uniform_(0.1, 0.5)
+    widths: list[int] = []
+
+    def per_channel(z: torch.Tensor) -> torch.Tensor:
+        widths.append(z.shape[1])
+        return prelu(z)
+
+    p_m, p_v = bn_math.gaussian_moments(per_channel, mu, sigma)
+    monkeypatch.setattr(bn_math, "_CHUNK", 16)
+    chunked_m, chunked_v = bn_math.gaussian_moments(F.silu, mu, sigma)
+    torch.testing.assert_close(chunked_m, whole_m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked_v, whole_v, rtol=1e-12, atol=1e-12)
+    chunked = bn_math.match_gaussian(F.silu, whole_m, whole_v)
+    assert bool(whole[2].all()) and torch.equal(chunked[2], whole[2])
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-10, atol=1e-10)
+    widths.clear()
+    torch.testing.assert_close(bn_math.gaussian_moments(per_channel, mu, sigma)[0], p_m, rtol=0, atol=0)
+    bn_math.match_gaussian(per_channel, p_m, p_v)
+    assert 40 in widths and 16 not in widths  # (64 channels: the elementwise probe, which fails)

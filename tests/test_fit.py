@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bnmove
 from bnmove.cli import main
-from bnmove.core import bn_math
+from bnmove.core import fit_math
 from bnmove.fitting.calibrate import calibration_batches, recalibrate
 from bnmove.sample_models import PreActResNet
 from bnmove.study.data import load_dataset
@@ -28,7 +28,7 @@ def test_fit_after_is_the_least_squares_solution() -> None:
     z = torch.randn(500, 3, generator=g, dtype=torch.float64) * 1.3 + 0.2
     w = torch.full((500,), 1 / 500, dtype=torch.float64)
     target = torch.tanh(1.7 * z - 0.4) + 0.05 * torch.randn(500, 3, generator=g, dtype=torch.float64)
-    a, b, mean, var = bn_math.fit_after(torch.tanh, z, w, target)
+    a, b, mean, var = fit_math.fit_after(torch.tanh, z, w, target)
     for c in range(3):
         design = np.stack([np.tanh(z[:, c].numpy()), np.ones(500)], 1)
         (ref_a, ref_b), *_ = np.linalg.lstsq(design, target[:, c].numpy(), rcond=None)
@@ -44,11 +44,11 @@ def test_fit_before_reaches_the_brute_force_optimum(act) -> None:  # type: ignor
         torch.randn(4, generator=g, dtype=torch.float64) * 1.5,
         torch.randn(4, generator=g, dtype=torch.float64),
     )
-    z, w = bn_math.gaussian_samples(
+    z, w = fit_math.gaussian_samples(
         torch.randn(4, generator=g, dtype=torch.float64), torch.rand(4, generator=g) + 0.5
     )
     target = a * act(z) + b
-    fa, fb = bn_math.fit_before(act, z, w, target, (a, b))
+    fa, fb = fit_math.fit_before(act, z, w, target, (a, b))
     fitted = (w[:, None] * (act(fa * z + fb) - target) ** 2).sum(0)
     grid = torch.linspace(-6, 6, 241, dtype=torch.float64)
     ga, gb = torch.meshgrid(grid, grid, indexing="ij")
@@ -60,7 +60,7 @@ def test_fit_before_reaches_the_brute_force_optimum(act) -> None:  # type: ignor
 def test_bn_params_for_affine() -> None:
     a, b = torch.tensor([2.0, -0.5]), torch.tensor([0.3, 1.0])
     mean, var = torch.tensor([0.1, -1.0]), torch.tensor([0.5, 2.0])
-    weight, bias = bn_math.bn_params_for_affine(a, b, mean, var, 1e-5)
+    weight, bias = fit_math.bn_params_for_affine(a, b, mean, var, 1e-5)
     u = torch.randn(10, 2, dtype=torch.float64)
     out = F.batch_norm(u, mean.double(), var.double(), weight, bias, False, 0.0, 1e-5)
     torch.testing.assert_close(out, a.double() * u + b.double())

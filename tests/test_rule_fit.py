@@ -13,7 +13,7 @@ from torch import nn
 from zoo import build, randomize_bn
 
 from bnmove import convert
-from bnmove.core import bn_math
+from bnmove.core import fit_math
 from bnmove.core.affine import affine_map
 from bnmove.pipeline.analyse import analyse
 from bnmove.pipeline.plan import plan
@@ -39,7 +39,7 @@ def _swap_error(site_placement: str, a: torch.Tensor, b: torch.Tensor, f: Any, s
             swapped = a[None, :] * f(z.clone()).double() + b[None, :]
         else:  # BN with the old map → f, against a f(z) + b
             swapped = f(a[None, :] * z + b[None, :]).double()
-    return bn_math.relative_rmse(swapped, target, w)
+    return fit_math.relative_rmse(swapped, target, w)
 
 
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.SiLU, nn.ReLU])

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import bn_math
+from ..core import fit_math
 from ..core.running import eval_mode
 from ..errors import ModelRunError
 from ..rules.base import CalibrationSource
@@ -219,16 +219,16 @@ class SequentialCalibration:
         w = torch.full((len(current),), 1.0 / len(current), dtype=torch.float64)
         with torch.no_grad():
             if plan.placement == "before":
-                a2, b2, mean, var = bn_math.fit_after(lambda t: t, current, w, target)
-                effect = bn_math.relative_rmse(a2[None, :] * current + b2[None, :], target, w)
+                a2, b2, mean, var = fit_math.fit_after(lambda t: t, current, w, target)
+                effect = fit_math.relative_rmse(a2[None, :] * current + b2[None, :], target, w)
             else:
                 with torch.enable_grad():  # Levenberg–Marquardt differentiates f; the pass runs without grad
-                    a2, b2 = bn_math.fit_before(plan.f, current, w, target, plan.init or (plan.a, plan.b))
-                mean, var = bn_math.weighted_moments(current, w)
-                effect = bn_math.relative_rmse(
+                    a2, b2 = fit_math.fit_before(plan.f, current, w, target, plan.init or (plan.a, plan.b))
+                mean, var = fit_math.weighted_moments(current, w)
+                effect = fit_math.relative_rmse(
                     plan.f(a2[None, :] * current + b2[None, :]).double(), target, w
                 )
-            weight, bias = bn_math.bn_params_for_affine(a2, b2, mean, var, plan.eps)
+            weight, bias = fit_math.bn_params_for_affine(a2, b2, mean, var, plan.eps)
             for name, value in (
                 ("weight", weight),
                 ("bias", bias),

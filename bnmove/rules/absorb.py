@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from ..analysis.detect import Site
 from ..analysis.nodes import skip_identity_down, skip_identity_up
-from ..core import bn_math
+from ..core import bn_math, fit_math
 from ..core.affine import ChannelAffine, affine_map
 from ..core.modules import set_submodule
 from ._parameters import pair_activation, set_bn
@@ -102,18 +102,18 @@ class Absorb(Rule):
             mu, sigma, ok = bn_math.match_gaussian(f, mean, var)
             mu = torch.where(ok, mu, torch.zeros_like(mu))
             sigma = torch.where(ok, sigma, torch.ones_like(sigma))
-            u, w = bn_math.gaussian_samples(mu, sigma)
+            u, w = fit_math.gaussian_samples(mu, sigma)
             z = (u - b[None, :]) / a[None, :]
             target = a1[None, :] * f(u.clone()).double() + b1[None, :]
-            c, d, new_mean, new_var = bn_math.fit_after(f, z, w, target)
-            effect = bn_math.relative_rmse(c[None, :] * f(z.clone()).double() + d[None, :], target, w)
+            c, d, new_mean, new_var = fit_math.fit_after(f, z, w, target)
+            effect = fit_math.relative_rmse(c[None, :] * f(z.clone()).double() + d[None, :], target, w)
         else:  # BN′ → f → A: z is BN′'s input
-            z, w = bn_math.gaussian_samples(mean, var.sqrt())
+            z, w = fit_math.gaussian_samples(mean, var.sqrt())
             target = a[None, :] * f(a1[None, :] * z + b1[None, :]).double() + b[None, :]
-            c, d = bn_math.fit_before(f, z, w, target, (a1, b1))
-            new_mean, new_var = bn_math.weighted_moments(z, w)
-            effect = bn_math.relative_rmse(f(c[None, :] * z + d[None, :]).double(), target, w)
-        set_bn(bn, *bn_math.bn_params_for_affine(c, d, new_mean, new_var, eps), new_mean, new_var)  # type: ignore[arg-type]
+            c, d = fit_math.fit_before(f, z, w, target, (a1, b1))
+            new_mean, new_var = fit_math.weighted_moments(z, w)
+            effect = fit_math.relative_rmse(f(c[None, :] * z + d[None, :]).double(), target, w)
+        set_bn(bn, *fit_math.bn_params_for_affine(c, d, new_mean, new_var, eps), new_mean, new_var)  # type: ignore[arg-type]
         set_submodule(root, kept.name, nn.Identity())
         return Applied(
             [f"kept affine {kept.name} absorbed into {site.bn_node.target} by fitting"], error=effect

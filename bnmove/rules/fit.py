@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..analysis.detect import Site
-from ..core import bn_math
+from ..core import bn_math, fit_math
 from ..core.affine import affine_map
 from ._exact import bn_module
 from ._parameters import _BatchNorm, batchnorm_at, pair_activation, set_bn
@@ -87,17 +87,17 @@ class FitAfter(_Fit):
     def samples(self, bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor]) -> Samples:
         a, b = (t.cpu() for t in affine_map(bn))
         mean, var = _statistics(bn)
-        z, w = bn_math.gaussian_samples(mean, var.sqrt())  # the BN's input, N(running_mean, running_var)
+        z, w = fit_math.gaussian_samples(mean, var.sqrt())  # the BN's input, N(running_mean, running_var)
         with torch.no_grad():
             target = f(a[None, :] * z + b[None, :]).double()
         return z, w, target
 
     def fit(self, bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor], samples: Samples) -> float:
         z, w, target = samples
-        a2, b2, mean, var = bn_math.fit_after(f, z, w, target)
+        a2, b2, mean, var = fit_math.fit_after(f, z, w, target)
         with torch.no_grad():
-            effect = bn_math.relative_rmse(a2[None, :] * f(z.clone()).double() + b2[None, :], target, w)
-        set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, float(bn.eps)), mean, var)
+            effect = fit_math.relative_rmse(a2[None, :] * f(z.clone()).double() + b2[None, :], target, w)
+        set_bn(bn, *fit_math.bn_params_for_affine(a2, b2, mean, var, float(bn.eps)), mean, var)
         return effect
 
 
@@ -114,7 +114,7 @@ class FitBefore(_Fit):
         mu, sigma, ok = bn_math.match_gaussian(f, mean, var)
         mu = torch.where(ok, mu, torch.zeros_like(mu))
         sigma = torch.where(ok, sigma, torch.ones_like(sigma))
-        z, w = bn_math.gaussian_samples(mu, sigma)
+        z, w = fit_math.gaussian_samples(mu, sigma)
         with torch.no_grad():
             target = a[None, :] * f(z.clone()).double() + b[None, :]
         return z, w, target
@@ -122,9 +122,9 @@ class FitBefore(_Fit):
     def fit(self, bn: _BatchNorm, f: Callable[[torch.Tensor], torch.Tensor], samples: Samples) -> float:
         z, w, target = samples
         a, b = (t.cpu() for t in affine_map(bn))
-        a2, b2 = bn_math.fit_before(f, z, w, target, (a, b))
-        mean, var = bn_math.weighted_moments(z, w)
+        a2, b2 = fit_math.fit_before(f, z, w, target, (a, b))
+        mean, var = fit_math.weighted_moments(z, w)
         with torch.no_grad():
-            effect = bn_math.relative_rmse(f(a2[None, :] * z + b2[None, :]).double(), target, w)
-        set_bn(bn, *bn_math.bn_params_for_affine(a2, b2, mean, var, float(bn.eps)), mean, var)
+            effect = fit_math.relative_rmse(f(a2[None, :] * z + b2[None, :]).double(), target, w)
+        set_bn(bn, *fit_math.bn_params_for_affine(a2, b2, mean, var, float(bn.eps)), mean, var)
         return effect
