@@ -50,7 +50,8 @@ def structure(module: nn.Module) -> Hashable | None:
     children = tuple((name, structure(child)) for name, child in module.named_children())
     if own is None or any(child is None for _, child in children):
         return None
-    return (type(module), own, children)
+    typed = tuple((name, type(value), value) for name, value in own)  # True and 1 are not alike here
+    return (type(module), typed, children)
 
 
 def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
