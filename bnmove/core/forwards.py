@@ -157,10 +157,13 @@ class InstalledForward:
     variants: list[tuple[frozenset[str], fx.Graph]]
     #: arguments the graphs were traced with as constants (their guards check each call)
     specialised: dict[str, Any]
-    #: the forward as a function of ``(self, *args)`` (the general graph's)
-    function: Callable[..., Any]
     #: the function of the graph for a mode and the optional arguments left at None
     function_for: Callable[[bool, frozenset[str]], Callable[..., Any]]
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        """The forward as a function of ``(self, *args)`` (the general graph's)."""
+        return self.function_for(False, frozenset())
 
 
 #: the key of a forward GraphModule's ``meta`` that holds the arguments it was specialised to
@@ -208,7 +211,7 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
     """The forward bnmove installed on this instance, or None when it runs its class's."""
     forward = module.__dict__.get("forward")
     if isinstance(forward, GraphForward):
-        return InstalledForward(forward.variants, forward.specialised, forward._fn, forward.function_for)
+        return InstalledForward(forward.variants, forward.specialised, forward.function_for)
     graph_module = getattr(forward, "__self__", None)
     if not isinstance(forward, types.MethodType) or not isinstance(graph_module, fx.GraphModule):
         return None
@@ -218,12 +221,13 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
         graph = copy_graph(graph_module.graph)  # a scriptable twin's forward, over the module's own names
     else:
         return None
-    function = _compiled(GraphForward._source_of(graph))
+    # compiled when first asked for (most readers want the graph): generating its source is most
+    # of the cost of reading a converted block
+    compiled = functools.cache(lambda: _compiled(GraphForward._source_of(graph)))
     return InstalledForward(
         [(frozenset(), graph)],
         dict(graph_module.meta.get(_SPECIALISED, {})),
-        function,
-        lambda training, nones: function,
+        lambda training, nones: compiled(),
     )
 
 
