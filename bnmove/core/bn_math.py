@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,6 +218,14 @@ def match_gaussian(
     return _match(f, target_mean, target_var, steps, nodes, channelwise)
 
 
+#: ``(m, v, (dm/dmu, dm/dl), (dv/dmu, dv/dl))`` per channel at ``(mu, l = log sigma)``, for the
+#: channels ``at`` (an index into all of them)
+MomentsAt = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+]
+
+
 def _match(
     f: Activation,
     target_mean: torch.Tensor,
@@ -226,21 +235,38 @@ def _match(
     channelwise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`match_gaussian` on one group of channels."""
+    x, w = _hermite_nodes(nodes)
+
+    def moments(mu: torch.Tensor, log_s: torch.Tensor, at: torch.Tensor) -> Any:
+        if channelwise:
+            return _quadrature(f, mu[at], log_s[at], x, w)
+        # a per-channel f (PReLU) reads every channel on dim 1: all are evaluated, the active kept
+        m, v, dm, dv = _quadrature(f, mu, log_s, x, w)
+        return m[at], v[at], (dm[0][at], dm[1][at]), (dv[0][at], dv[1][at])
+
+    return newton_match(
+        moments, lambda mu, sigma: gaussian_moments(f, mu, sigma, nodes=nodes), target_mean, target_var, steps
+    )
+
+
+def newton_match(
+    moments: MomentsAt,
+    exact: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    target_mean: torch.Tensor,
+    target_var: torch.Tensor,
+    steps: int = 60,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`match_gaussian`'s damped Newton iteration, for any way of taking the moments and their
+    derivatives (``moments``; ``exact``: the moments the result is checked with)."""
     tm, tv = target_mean.double(), target_var.double().clamp_min(1e-12)
     mu = tm.clone()
     log_s = 0.5 * torch.log(tv)
-    x, w = _hermite_nodes(nodes)
     scale_m = tv.sqrt() + 1e-6
     active = torch.arange(tm.numel())
     for _ in range(steps):
         if active.numel() == 0:
             break
-        # a per-channel f (PReLU) reads every channel on dim 1: then all channels are evaluated and
-        # only the active ones take their step
-        at = active if channelwise else slice(None)
-        d_mu, d_ls, r = _newton_step(f, mu[at], log_s[at], tm[at], tv[at], scale_m[at], x, w)
-        if not channelwise:
-            d_mu, d_ls, r = d_mu[active], d_ls[active], r[active]
+        d_mu, d_ls, r = _newton_update(*moments(mu, log_s, active), tm[active], tv[active], scale_m[active])
         # damped far from the solution, full Newton steps (quadratic convergence) close to it
         rate = torch.where(r < 1e-3, 1.0, 0.7)
         step_mu = torch.clamp(rate * d_mu, -2.0 * scale_m[active], 2.0 * scale_m[active])
@@ -249,23 +275,16 @@ def _match(
         log_s[active] -= step_ls
         active = active[(step_mu.abs() > 1e-10 * scale_m[active]) | (step_ls.abs() > 1e-10)]
     with torch.no_grad():
-        m, v = gaussian_moments(f, mu, torch.exp(log_s), nodes=nodes)
+        m, v = exact(mu, torch.exp(log_s))
     converged = ((m - tm).abs() <= 1e-3 * (tv.sqrt() + 1e-3)) & ((v - tv).abs() <= 1e-2 * tv + 1e-8)
     return mu, torch.exp(log_s), converged
 
 
-def _newton_step(
-    f: Activation,
-    mu: torch.Tensor,
-    log_s: torch.Tensor,
-    tm: torch.Tensor,
-    tv: torch.Tensor,
-    scale_m: torch.Tensor,
-    x: torch.Tensor,
-    w: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The undamped Newton step ``(d_mu, d_log_sigma)`` of `match_gaussian` and the larger
-    residual ``max(|r1|, |r2|)``, per channel."""
+def _quadrature(
+    f: Activation, mu: torch.Tensor, log_s: torch.Tensor, x: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``E f``, ``Var f`` and their derivatives in ``(mu, log sigma)`` by quadrature, per channel
+    (the Jacobian of `match_gaussian`'s docstring)."""
     s = torch.exp(log_s)
     z = torch.addr(mu.expand(x.numel(), -1), x, s).requires_grad_(True)  # mu + x·s, (nodes, C)
     with torch.enable_grad():
@@ -278,8 +297,20 @@ def _newton_step(
     dev = y - m
     v = w @ (dev * dev)
     grad_f, grad_dev = (torch.stack([w, w * x]) @ torch.cat([fp, dev * fp], 1)).split(mu.numel(), 1)
-    dm = (grad_f[0], s * grad_f[1])
-    dv = (2 * grad_dev[0], 2 * s * grad_dev[1])
+    return m, v, (grad_f[0], s * grad_f[1]), (2 * grad_dev[0], 2 * s * grad_dev[1])
+
+
+def _newton_update(
+    m: torch.Tensor,
+    v: torch.Tensor,
+    dm: tuple[torch.Tensor, torch.Tensor],
+    dv: tuple[torch.Tensor, torch.Tensor],
+    tm: torch.Tensor,
+    tv: torch.Tensor,
+    scale_m: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The undamped Newton step ``(d_mu, d_log_sigma)`` for the residuals ``r1 = (m − t_m) /
+    scale`` and ``r2 = (log v − log t_v) / 2``, and the larger residual, per channel."""
     r1 = (m - tm) / scale_m
     r2 = 0.5 * (torch.log(v + 1e-12) - torch.log(tv))
     g1 = (dm[0] / scale_m, dm[1] / scale_m)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..analysis.detect import Site
-from ..core import bn_math, rectified
+from ..core import bn_math, piecewise, rectified
 from ._parameters import (
     RELU_KEYS,
     _BatchNorm,
@@ -26,6 +26,7 @@ from ._parameters import (
     make_identity,
     pair_activation,
     pair_activation_key,
+    pieces_of,
 )
 from .base import Check, Context, Method, Prime, Rule, refuse
 
@@ -78,18 +79,30 @@ def _given(site: Site, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _solve(
-    f: bn_math.Activation, relu: bool, after: bool, given: tuple[torch.Tensor, torch.Tensor]
+    f: bn_math.Activation, key: Hashable | None, after: bool, given: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BN′'s ``(mean, var)`` per channel and which channels a Gaussian explains.
 
     After ``f``: the moments of ``f`` of N(beta, gamma²). Before ``f``: the Gaussian whose image
     under ``f`` has the old statistics; channels no Gaussian explains get mean 0, var 1. In closed
-    form for ReLU (`bnmove.core.rectified`), by Gauss–Hermite quadrature for any other ``f``
+    form for ReLU (`bnmove.core.rectified`) and the other piecewise-polynomial activations
+    (`bnmove.core.piecewise`), by Gauss–Hermite quadrature for any other ``f``
     (``bn_math.gaussian_moments``, ``bn_math.match_gaussian``)."""
+    pieces = pieces_of(key)
     if after:
-        mean, var = rectified.relu_moments(*given) if relu else bn_math.gaussian_moments(f, *given)
+        if key in RELU_KEYS:
+            mean, var = rectified.relu_moments(*given)
+        elif pieces is not None:
+            mean, var = piecewise.moments(pieces, *given)
+        else:
+            mean, var = bn_math.gaussian_moments(f, *given)
         return mean, var, torch.ones_like(mean, dtype=torch.bool)
-    mu, sigma, ok = rectified.match_relu(*given) if relu else bn_math.match_gaussian(f, *given)
+    if key in RELU_KEYS:
+        mu, sigma, ok = rectified.match_relu(*given)
+    elif pieces is not None:
+        mu, sigma, ok = piecewise.match(pieces, *given)
+    else:
+        mu, sigma, ok = bn_math.match_gaussian(f, *given)
     return torch.where(ok, mu, torch.zeros_like(mu)), torch.where(ok, sigma**2, torch.ones_like(sigma)), ok
 
 
@@ -108,7 +121,7 @@ def _prime(
 class _Request(NamedTuple):
     site: Site
     f: bn_math.Activation
-    relu: bool
+    key: Hashable | None
     given: tuple[torch.Tensor, torch.Tensor]
 
 
@@ -125,12 +138,12 @@ def solve_primes(moves: Sequence[tuple[nn.Module, Site, Rule]]) -> dict[Site, Pr
         key = pair_activation_key(root, site)
         group = (site.pair.placement, key) if key is not None else site  # unknown: solved alone
         given = _given(site, batchnorm_at(root, str(site.bn_node.target)))
-        groups.setdefault(group, []).append(_Request(site, f, key in RELU_KEYS, given))
+        groups.setdefault(group, []).append(_Request(site, f, key, given))
     primes: dict[Site, Prime] = {}
     for members in groups.values():
         first = members[0]
         together = (torch.cat([m.given[0] for m in members]), torch.cat([m.given[1] for m in members]))
-        solved = _solve(first.f, first.relu, first.site.pair.placement == "before", together)
+        solved = _solve(first.f, first.key, first.site.pair.placement == "before", together)
         sizes = [m.given[0].numel() for m in members]
         for member, mean, var, ok in zip(members, *(t.split(sizes) for t in solved), strict=True):
             primes[member.site] = _prime(member.given, mean, var, ok)
@@ -146,7 +159,7 @@ def identity(root: nn.Module, site: Site, bn: _BatchNorm, prime: Prime | None = 
         if f is None:
             make_identity(bn, torch.zeros_like(given[0]), torch.ones_like(given[1]))
             return [_NO_FUNCTION_NOTE]
-        relu = pair_activation_key(root, site) in RELU_KEYS
-        prime = _prime(given, *_solve(f, relu, site.pair.placement == "before", given))
+        key = pair_activation_key(root, site)
+        prime = _prime(given, *_solve(f, key, site.pair.placement == "before", given))
     make_identity(bn, prime.mean, prime.var)
     return list(prime.notes)

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from ..analysis.batchnorms import bn_channels, is_batchnorm_module
 from ..analysis.detect import Site
 from ..analysis.patterns import activation_call
-from ..core import bn_math
+from ..core import bn_math, piecewise
 from ..core.modules import settings
 
 
@@ -87,6 +87,31 @@ def _call_key(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Hasha
 RELU_KEYS = frozenset(
     (target, (), ()) for target in (nn.ReLU, torch.relu, torch.relu_, F.relu, F.relu_, "relu")
 )
+
+_PIECEWISE: dict[Any, Callable[[dict[str, Any], tuple[Any, ...]], list[piecewise.Piece]]] = {
+    **dict.fromkeys((nn.ReLU6, F.relu6, "relu6"), lambda o, a: piecewise.clipped(0.0, 6.0)),
+    **dict.fromkeys(
+        (nn.Hardtanh, F.hardtanh, "hardtanh"),
+        lambda o, a: piecewise.clipped(
+            float(o.get("min_val", a[0] if a else -1.0)), float(o.get("max_val", a[1] if len(a) > 1 else 1.0))
+        ),
+    ),
+    **dict.fromkeys(
+        (nn.LeakyReLU, F.leaky_relu, "leaky_relu"),
+        lambda o, a: piecewise.leaky(float(o.get("negative_slope", a[0] if a else 0.01))),
+    ),
+    **dict.fromkeys((nn.Hardswish, F.hardswish, "hardswish"), lambda o, a: piecewise.HARDSWISH),
+    **dict.fromkeys((nn.Hardsigmoid, F.hardsigmoid, "hardsigmoid"), lambda o, a: piecewise.HARDSIGMOID),
+}
+
+
+def pieces_of(key: Hashable | None) -> list[piecewise.Piece] | None:
+    """The pieces of a piecewise-polynomial activation (`bnmove.core.piecewise`) by its key, or None."""
+    if not isinstance(key, tuple):
+        return None
+    target, args, options = key
+    make = _PIECEWISE.get(target)
+    return None if make is None else make(dict(options), args)
 
 
 def module_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
