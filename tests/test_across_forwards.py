@@ -224,3 +224,39 @@ def test_blocks_of_one_structure_are_traced_once(monkeypatch: pytest.MonkeyPatch
     assert sorted(m.pair.bn for m in result.moves if m.moved) == ["0.bn1", "1.bn1", "2.bn1", "4.bn1"]
     assert sorted(_generated(result.model)) == ["0", "1", "2", "4"]
     assert_same_outputs(model, result.model, (x,))
+
+
+class _ReadsTensors(nn.Module):
+    """A block whose regenerated forward reads its own parameter and buffer (``get_attr``), and,
+    with ``frozen``, a tensor computed from a layer's buffer outside the graph."""
+
+    def __init__(self, frozen: bool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+        self.register_buffer("shift", torch.rand(1, 4, 1, 1))
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.frozen = frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn(self.conv(x))) * self.gamma + self.shift
+        if self.frozen:
+            y = y + self.inner[1].running_mean.view(1, -1, 1, 1)  # a real tensor: fx freezes it
+        return self.relu(self.inner(y)) + x
+
+
+def test_a_forward_that_reads_its_tensors_scripts_and_one_fx_would_freeze_stays_with_the_reason() -> None:
+    torch.manual_seed(0)
+    reads, frozen = randomize_bn(_ReadsTensors(False)).eval(), randomize_bn(_ReadsTensors(True)).eval()
+    x = torch.randn(2, 4, 6, 6)
+    result = convert(reads, "after", method="exact", example_inputs=(x,))
+    assert _generated(result.model) == [""] and sum(m.moved for m in result.moves) == 2
+    with torch.no_grad():
+        result.model.gamma.mul_(2.0)  # the installed forward and its scriptable twin read the current one
+        reads.gamma.mul_(2.0)
+        scripted = torch.jit.script(copy.deepcopy(result.model))
+        torch.testing.assert_close(scripted(x), reads(x), rtol=1e-4, atol=1e-5)
+    stays = convert(frozen, "after", method="exact", example_inputs=(x,))
+    assert not any(m.moved for m in stays.moves)
+    assert all("can only freeze as a constant" in str(m.reason) for m in stays.moves)
+    assert_same_outputs(frozen, stays.model, (x,))

@@ -318,13 +318,39 @@ def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     """
     if hasattr(type(module), _PREPARE):
         return
-    direct = fx.GraphModule(module, copy_graph(graph), class_name=f"{type(module).__name__}Script")
+    direct = fx.GraphModule(
+        _stubs(graph, module), copy_graph(graph), class_name=f"{type(module).__name__}Script"
+    )
     twin = type(module).__new__(type(module))
     twin.__dict__.update(module.__dict__)
     for key in _STATE:  # its code reads the module's current layers (fx copied the ones it saw)
         direct.__dict__[key] = module.__dict__[key]
     twin.__dict__["forward"] = direct.forward
     module.__dict__[_PREPARE] = functools.partial(operator.getitem, (twin,), 0)  # () -> twin
+
+
+def _stubs(graph: fx.Graph, module: nn.Module) -> nn.Module:
+    """A root with a plain module at every layer ``graph`` calls, and ``module``'s own value at
+    every attribute it reads: a GraphModule made over it has the graph's code and none of the
+    module's layers (the twin's GraphModule takes the module's own dictionaries right after), so
+    it never recompiles a GraphModule layer (a kept affine), as a GraphModule does its GraphModule
+    children whenever it compiles."""
+    root = nn.Module()
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        owner = root
+        *path, name = str(node.target).split(".")
+        for part in path:
+            if not isinstance(getattr(owner, part, None), nn.Module):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if node.op == "call_module":
+            if not isinstance(getattr(owner, name, None), nn.Module):
+                owner.add_module(name, nn.Module())
+        elif not hasattr(owner, name):
+            setattr(owner, name, _attribute(module, str(node.target)))
+    return root
 
 
 @contextlib.contextmanager

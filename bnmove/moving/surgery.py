@@ -201,6 +201,13 @@ def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> fx.Grap
     with class_forward(module, nones):
         graph = OwnForwardTracer().trace(module, concrete_args=concrete or None)
     for node in graph.nodes:
+        if node.op == "get_attr" and str(node.target).startswith("_tensor_constant"):
+            # a tensor computed outside the graph (``self.layer[1].running_mean.view(…)`` on a
+            # real tensor, ``torch.tensor([…])``): fx freezes it on the traced module, which a
+            # forward kept as code cannot hold
+            raise ValueError(
+                f"forward of {type(module).__name__} computes a tensor fx can only freeze as a constant"
+            )
         if isinstance(node.type, str):
             node.type = None
         if node.op == "placeholder" and concrete:
