@@ -212,23 +212,18 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
     forward = module.__dict__.get("forward")
     if isinstance(forward, GraphForward):
         return InstalledForward(forward.variants, forward.specialised, forward.function_for)
-    graph_module = getattr(forward, "__self__", None)
-    if not isinstance(forward, types.MethodType) or not isinstance(graph_module, fx.GraphModule):
-        return None
-    if _is_view_of(graph_module._modules.get(_VIEW), module):
-        graph = _retarget(graph_module.graph, _VIEW, strip=True)
-    elif _names_resolve(graph_module.graph, module):
-        graph = copy_graph(graph_module.graph)  # a scriptable twin's forward, over the module's own names
-    else:
-        return None
+    installed = one_graph_forward(module)
+    if installed is None:
+        graph_module = _bound_graph_module(module)
+        if graph_module is None or not _names_resolve(graph_module.graph, module):
+            return None
+        # a scriptable twin's forward, over the module's own names
+        installed = copy_graph(graph_module.graph), dict(graph_module.meta.get(_SPECIALISED, {}))
+    graph, specialised = installed
     # compiled when first asked for (most readers want the graph): generating its source is most
     # of the cost of reading a converted block
     compiled = functools.cache(lambda: _compiled(GraphForward._source_of(graph)))
-    return InstalledForward(
-        [(frozenset(), graph)],
-        dict(graph_module.meta.get(_SPECIALISED, {})),
-        lambda training, nones: compiled(),
-    )
+    return InstalledForward([(frozenset(), graph)], specialised, lambda training, nones: compiled())
 
 
 def one_graph_forward(module: nn.Module) -> tuple[fx.Graph, dict[str, Any]] | None:
@@ -237,13 +232,19 @@ def one_graph_forward(module: nn.Module) -> tuple[fx.Graph, dict[str, Any]] | No
 
     `install_forward` of these on a copy of the module gives the copy the forward it would get
     from a deep copy, for about a third of a GraphModule's deep copy (`bnmove.core.clone`)."""
-    forward = module.__dict__.get("forward")
-    graph_module = getattr(forward, "__self__", None)
-    if not isinstance(forward, types.MethodType) or not isinstance(graph_module, fx.GraphModule):
-        return None
-    if not _is_view_of(graph_module._modules.get(_VIEW), module):
+    graph_module = _bound_graph_module(module)
+    if graph_module is None or not _is_view_of(graph_module._modules.get(_VIEW), module):
         return None
     return _retarget(graph_module.graph, _VIEW, strip=True), dict(graph_module.meta.get(_SPECIALISED, {}))
+
+
+def _bound_graph_module(module: nn.Module) -> fx.GraphModule | None:
+    """The GraphModule whose bound ``forward`` the instance carries, if it carries one."""
+    forward = module.__dict__.get("forward")
+    graph_module = getattr(forward, "__self__", None)
+    if isinstance(forward, types.MethodType) and isinstance(graph_module, fx.GraphModule):
+        return graph_module
+    return None
 
 
 #: the instance attributes `install_forward` sets for a one-graph forward

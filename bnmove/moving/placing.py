@@ -233,8 +233,9 @@ class Mover:
 
     def _own_forward(self, module: nn.Module) -> list[tuple[frozenset[str], fx.Graph]]:
         """`surgery.trace_own_forward`, traced once per structure: blocks of one class with equal
-        settings all the way down trace alike (a ResNet repeats a handful of blocks)."""
-        like = structure(module) if generated_forward(module) is None else None
+        settings all the way down trace alike (a ResNet repeats a handful of blocks). A module with
+        a forward of its own (bnmove's, installed earlier) has no structure: its graphs are its own."""
+        like = structure(module)
         if like is None:
             return surgery.trace_own_forward(module)
         if like not in self._traced_like:
