@@ -87,8 +87,8 @@ def test_a_forward_branching_on_a_float_argument_is_specialised_to_its_calls() -
     result = convert(model, "after", method="exact", example_inputs=inputs)
     assert len(result.moved) == 2 and _generated(result.model) == ["block"]
     assert_same_outputs(model, result.model, inputs)
-    forward = vars(result.model.block)["forward"]
-    assert forward.specialised == {"drop_rate": 0.2}
+    forward = generated_forward(result.model.block)
+    assert forward is not None and forward.specialised == {"drop_rate": 0.2}
     assert sorted(sorted(key) for key, _ in forward.variants) == [[], ["self.training"]]
     with pytest.raises(AssertionError, match=r"drop_rate has been specialized to have value 0\.2"):
         result.model.block(torch.randn(2, 3, 8, 8), drop_rate=0.5)
@@ -100,7 +100,7 @@ def test_a_forward_branching_on_a_float_argument_is_specialised_to_its_calls() -
     assert 0.1 < float((block_out[0] == 0).float().mean()) < 0.3
     # The specialised forward converts back, specialised alike, and the outputs come home.
     back = convert(copy.deepcopy(result.model).eval(), "before", method="exact", example_inputs=inputs)
-    assert len(back.moved) == 2 and vars(back.model.block)["forward"].specialised == {"drop_rate": 0.2}
+    assert len(back.moved) == 2 and generated_forward(back.model.block).specialised == {"drop_rate": 0.2}  # type: ignore[union-attr]
     again = pickle.loads(pickle.dumps(back.model))
     assert_same_outputs(model, again, inputs)
 

@@ -21,11 +21,12 @@ import pytest
 import torch
 from conftest import assert_same_outputs
 from torch import fx, nn
-from zoo import ZOO, ScaledNet, build, randomize_bn
+from zoo import ZOO, Forest, ScaledNet, build, randomize_bn
 
 import bnmove
 from bnmove import convert
-from bnmove.core.forwards import generated_forward, install_forward
+from bnmove.core.dispatch import dispatched
+from bnmove.core.forwards import GraphForward, generated_forward, install_forward
 from bnmove.pipeline.conversion import SAVE_PRETRAINED
 
 TESTS = Path(__file__).resolve().parent
@@ -59,6 +60,8 @@ for entry in json.load(open(sys.argv[1])):
         bn = model.get_submodule(entry["bn"])
         before = bn.running_mean.clone()
         model.train()
+        with torch.no_grad():  # differs from call to call only where a training graph drops out
+            result["train_varies"] = not torch.equal(model(*inputs), model(*inputs))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         loss = model(*inputs).square().mean()
         loss.backward()
@@ -110,10 +113,9 @@ def _save(folder: Path, name: str, model: nn.Module, inputs: tuple[object, ...])
 
 def test_every_zoo_conversion_loads_and_computes_without_bnmove(tmp_path: Path) -> None:
     """Every model of the zoo, both placements, exact and fit: a file that names no bnmove module
-    and loads where bnmove cannot be imported, computing the same outputs; or, for a forward that
-    must dispatch between graphs, a warning that says so."""
+    and loads where bnmove cannot be imported, computing the same outputs; the forward that
+    branches on ``self.training`` (one graph per mode and a dispatch) trains there too."""
     entries = []
-    dispatched = []
     scripts = set()
     for name in ZOO:
         with contextlib.suppress(Exception):  # TorchScript refuses many of the zoo's forwards
@@ -124,23 +126,22 @@ def test_every_zoo_conversion_loads_and_computes_without_bnmove(tmp_path: Path) 
                 model, inputs = build(name)
                 result = convert(model, placement, method=method, example_inputs=inputs)
                 texts, _ = _pickle_text(result.model)
-                named = [t for t in texts if "bnmove" in t]
                 case = f"{name}-{placement}-{method}"
-                needs = [w for w in result.warnings if "needs bnmove installed to load" in w]
-                if needs:
-                    dispatched.append(case)
-                    assert named, case  # the warning is about a real dependency
-                    continue
-                assert not named, (case, named)
-                entries.append(
-                    {**_save(tmp_path, case, result.model, tuple(inputs)), "script": name in scripts}
-                )
-    # the zoo's one forward that branches on self.training in the block that holds the pair
-    assert dispatched == ["branching-forward-after-exact", "branching-forward-after-fit"]
+                assert not [t for t in texts if "bnmove" in t], case
+                assert not [w for w in result.warnings if "bnmove installed" in w], case
+                entry = {**_save(tmp_path, case, result.model, tuple(inputs)), "script": name in scripts}
+                if name == "branching-forward" and placement == "after":
+                    assert dispatched(result.model.block) is not None  # the case this is for
+                    entry["bn"] = "block.bn1"
+                entries.append(entry)
     report = _check_without_bnmove(entries, tmp_path)
     assert set(report) == {e["name"] for e in entries}
     for case, result in report.items():
         assert float(result["max_abs"]) <= 1e-5, case  # type: ignore[arg-type]
+    for method in ("exact", "fit"):  # the graph of training mode runs in training mode, and trains
+        trained = report[f"branching-forward-after-{method}"]
+        assert trained["train_varies"] is True and float(trained["stats_moved"]) > 0  # type: ignore[arg-type]
+        assert trained["trained_finite"] is True
     # loaded without bnmove, a converted model scripts wherever its original scripts
     scripted = {case: float(r["script_max_abs"]) for case, r in report.items() if "script_max_abs" in r}  # type: ignore[arg-type]
     assert len(scripted) == sum(bool(e["script"]) for e in entries) >= 8
@@ -164,6 +165,7 @@ def test_a_specialised_forward_keeps_its_guard_and_trains_without_bnmove(tmp_pat
     assert float(report["scaled"]["max_abs"]) == 0.0  # type: ignore[arg-type]
     assert float(report["scaled-net"]["max_abs"]) <= 1e-6  # type: ignore[arg-type]
     assert float(report["scaled"]["stats_moved"]) > 0  # type: ignore[arg-type]
+    assert report["scaled"]["train_varies"] is False  # one graph: no dropout in either mode
     assert report["scaled"]["trained_finite"] is True
 
 
@@ -252,5 +254,44 @@ def test_a_forward_installed_again_never_leaves_the_twin_of_the_earlier_one() ->
     first = block.__dict__["__prepare_scriptable__"]
     assert install_forward(block, [(frozenset(), graph)])
     assert block.__dict__["__prepare_scriptable__"] is not first
-    assert not install_forward(block, [(frozenset(), graph), (frozenset({"self.training"}), graph)])
-    assert "__prepare_scriptable__" not in block.__dict__
+    assert install_forward(block, [(frozenset(), graph), (frozenset({"self.training"}), graph)])
+    assert dispatched(block) is not None
+    with pytest.raises(AssertionError, match="TorchScript cannot compile"):  # a dispatch has no twin
+        torch.jit.script(block)
+    starred = fx.Graph()  # a forward of several graphs that takes *args: only bnmove dispatches it
+    starred.output(starred.placeholder("*args"))
+    assert not install_forward(block, [(frozenset(), starred), (frozenset({"self.training"}), starred)])
+    assert isinstance(block.forward, GraphForward) and dispatched(block) is None
+
+
+def test_a_forward_that_tests_an_optional_argument_runs_its_graphs_without_bnmove(tmp_path: Path) -> None:
+    """A forward with a graph per optional argument left at None (timm's DLA) is dispatched by a
+    GraphModule: saved whole it names no bnmove module, loads where bnmove cannot be imported and
+    runs the graph each call needs; deep copies, clones and a second conversion read it back."""
+    model = randomize_bn(Forest()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    result = convert(model, "after", method="exact", example_inputs=(x,))
+    assert {m.pair.bn for m in result.moved} == {"first.bn", "second.bn"} and not result.warnings
+    tree = result.model.first
+    variants = dispatched(tree)
+    assert variants is not None and sorted(sorted(k) for k, _ in variants) == [[], ["shortcut"]]
+    with torch.no_grad():
+        for call in ((x,), (x, x + 1)):  # both graphs, against the original's branches
+            torch.testing.assert_close(tree(*call), model.first(*call), rtol=1e-6, atol=1e-6)
+    assert not [t for t in _pickle_text(result.model)[0] if "bnmove" in t]
+    for copied in (copy.deepcopy(result.model), bnmove.core.clone.clone_module(result.model)):
+        assert dispatched(copied.first) is not None
+        assert_same_outputs(result.model, copied, (x,), rtol=1e-6)
+    back = convert(result.model, "before", method="exact", example_inputs=(x,))
+    assert_same_outputs(model, back.model, (x,), rtol=1e-5)
+    exported = torch.export.export(result.model, (x,)).module()  # the dispatch traces through
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), result.model(x), rtol=1e-6, atol=1e-6)
+    entries = [
+        _save(tmp_path, "forest", result.model, (x,)),
+        _save(tmp_path, "tree-none", tree, (x,)),
+        {**_save(tmp_path, "tree-given", tree, (x, x + 1)), "bn": "bn"},
+    ]
+    report = _check_without_bnmove(entries, tmp_path)
+    assert max(float(r["max_abs"]) for r in report.values()) <= 1e-6  # type: ignore[arg-type]
+    assert float(report["tree-given"]["stats_moved"]) > 0  # type: ignore[arg-type]

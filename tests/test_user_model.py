@@ -516,8 +516,8 @@ def test_forward_that_tests_an_optional_argument_keeps_both_branches() -> None:
     x, skip = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     result = convert(model, "after", method="exact", example_inputs=(x,))
     assert [m.pair.bn for m in result.moved] == ["bn1"]
-    forward = vars(result.model)["forward"]
-    assert [sorted(nones) for nones, _ in forward.variants] == [[], ["shortcut"]]
+    forward = bnmove.core.forwards.generated_forward(result.model)
+    assert forward is not None and [sorted(nones) for nones, _ in forward.variants] == [[], ["shortcut"]]
     _same(model, result.model, x)  # shortcut left out: the variant that reads x
     _same(model, result.model, x, skip)  # shortcut given: the general variant
     _same(model, pickle.loads(pickle.dumps(result.model)), x, skip)

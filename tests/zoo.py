@@ -415,6 +415,30 @@ class ScaledNet(nn.Module):
         return self.head(self.block(x, 0.5))
 
 
+class Tree(nn.Module):
+    """timm's DlaTree in miniature: ``if shortcut is None`` in the forward that calls the pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.relu(self.bn(self.conv(x)))
+        if shortcut is None:
+            shortcut = x
+        return out + shortcut
+
+
+class Forest(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = Tree(), Tree()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x), x)
+
+
 @dataclass(frozen=True)
 class Case:
     factory: Callable[[], nn.Module]

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .forwards import INSTALLED, install_forward, one_graph_forward
+from .forwards import INSTALLED, install_forward, installed_graphs
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -65,7 +65,7 @@ def clone_module(module: M, memo: dict[int, Any] | None = None) -> M:
     state: dict[str, Any] = {}
     # a forward bnmove installed is installed again on the copy: three times faster than deep
     # copies of its GraphModules, and the same forward
-    installed = one_graph_forward(module)
+    installed = installed_graphs(module)
     for name, value in module.__dict__.items():
         if installed is not None and name in INSTALLED:
             continue
@@ -84,6 +84,5 @@ def clone_module(module: M, memo: dict[int, Any] | None = None) -> M:
             state[name] = _copy_value(value, memo)
     new.__dict__.update(state)
     if installed is not None:
-        graph, specialised = installed
-        install_forward(new, [(frozenset(), graph)], specialised)
+        install_forward(new, *installed)
     return new

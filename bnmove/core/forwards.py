@@ -18,8 +18,9 @@ names (see `_prepare_for_torchscript`), and the module's TorchScript type is key
 that it never compiles the class's forward of an unchanged module of its class in its stead.
 
 A forward that needs several graphs (one per mode of ``self.training``, or per optional argument
-left at ``None``) dispatches between them at each call, which no GraphModule can hold: it stays a
-`GraphForward`, and the conversion says that the model needs bnmove to load.
+left at ``None``) has a GraphModule per graph, and a dispatch between them that is a GraphModule
+too (`bnmove.core.dispatch`). Only a forward of that kind that takes ``*args`` or ``**kwargs``
+stays a `GraphForward`, and the conversion says that the model needs bnmove to load.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
+from .dispatch import TRAINING, can_dispatch, choose, dispatched, dispatcher
 from .modules import key_script_type
 
 
@@ -48,12 +52,10 @@ class OwnForwardTracer(fx.Tracer):
         return True
 
 
-#: in a variant's key: the graph of training mode (the forward branches on ``self.training``)
-TRAINING = "self.training"
-
-
 class GraphForward:
-    """A ``forward`` generated from fx graphs, bound to one module instance.
+    """A ``forward`` generated from fx graphs, bound to one module instance, which only bnmove
+    loads: what bnmove 0.1 installed for a forward of several graphs, and what it still installs
+    for one that takes ``*args`` or ``**kwargs`` (`bnmove.core.dispatch` cannot pass those on).
 
     Stored as the instance attribute ``forward``, so ``nn.Module.__call__``
     (hooks included) runs it while the class stays the user's. It pickles and
@@ -88,24 +90,13 @@ class GraphForward:
 
     def _compile(self) -> None:
         self._fns = [_compiled(source) for source in self._sources]
-        self._fn = self._fns[0]  # the general one: every optional argument as given
-        self.__signature__ = _drop_self(inspect.signature(self._fn))
-        self._by_nones = {nones: fn for (nones, _), fn in zip(self.variants, self._fns, strict=True)}
-        keys = set().union(*(nones for nones, _ in self.variants))
-        self._training = TRAINING in keys
-        self._optional = sorted(keys - {TRAINING})
+        self.__signature__ = _drop_self(inspect.signature(self._fns[0]))
+        self._keys = [key for key, _ in self.variants]
+        self._optional = sorted(set().union(*self._keys) - {TRAINING})
 
     def function_for(self, training: bool, nones: frozenset[str] = frozenset()) -> Callable[..., Any]:
         """The graph's function that runs in this mode with these optional arguments left at None."""
-        fn = self._fn
-        key: frozenset[str] = frozenset()
-        if self._training and training:
-            key = frozenset({TRAINING})
-            fn = self._by_nones.get(key, fn)
-        if self._optional and nones:
-            key = key | (nones & set(self._optional))
-            fn = self._by_nones.get(key, fn)
-        return fn
+        return self._fns[choose(self._keys, training, nones)]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         nones: frozenset[str] = frozenset()
@@ -173,6 +164,11 @@ _VIEW = "module"
 _STATE = ("_parameters", "_buffers", "_modules")  # what attribute lookup reads
 #: the instance attribute through which `torch.jit.script` swaps in a module's scriptable twin
 _PREPARE = "__prepare_scriptable__"
+#: why `torch.jit.script` refuses a module whose forward dispatches between graphs
+_NOT_SCRIPTABLE = (
+    "this module's forward was regenerated as one graph per mode or optional argument, chosen at "
+    "each call, which TorchScript cannot compile: script the original model, or use torch.export"
+)
 
 
 def _view_of(module: nn.Module) -> nn.Module:
@@ -212,30 +208,49 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
     forward = module.__dict__.get("forward")
     if isinstance(forward, GraphForward):
         return InstalledForward(forward.variants, forward.specialised, forward.function_for)
-    installed = one_graph_forward(module)
+    installed = installed_graphs(module)
     if installed is None:
         graph_module = _bound_graph_module(module)
         if graph_module is None or not _names_resolve(graph_module.graph, module):
             return None
         # a scriptable twin's forward, over the module's own names
-        installed = copy_graph(graph_module.graph), dict(graph_module.meta.get(_SPECIALISED, {}))
-    graph, specialised = installed
+        installed = (
+            [(frozenset(), copy_graph(graph_module.graph))],
+            dict(graph_module.meta.get(_SPECIALISED, {})),
+        )
+    variants, specialised = installed
+    keys = [key for key, _ in variants]
     # compiled when first asked for (most readers want the graph): generating its source is most
     # of the cost of reading a converted block
-    compiled = functools.cache(lambda: _compiled(GraphForward._source_of(graph)))
-    return InstalledForward([(frozenset(), graph)], specialised, lambda training, nones: compiled())
+    compiled = [functools.cache(functools.partial(_function_of, graph)) for _, graph in variants]
+    return InstalledForward(
+        variants, specialised, lambda training, nones: compiled[choose(keys, training, nones)]()
+    )
 
 
-def one_graph_forward(module: nn.Module) -> tuple[fx.Graph, dict[str, Any]] | None:
-    """The graph (over the module's own names) and specialised arguments of the one-graph forward
-    bnmove installed on ``module`` as a GraphModule over its view, or None for any other forward.
+def _function_of(graph: fx.Graph) -> Callable[..., Any]:
+    return _compiled(GraphForward._source_of(graph))
+
+
+def installed_graphs(
+    module: nn.Module,
+) -> tuple[list[tuple[frozenset[str], fx.Graph]], dict[str, Any]] | None:
+    """The graphs (over the module's own names) and specialised arguments of the forward bnmove
+    installed on ``module`` as GraphModules over its view (one graph, or several and their
+    dispatch), or None for any other forward.
 
     `install_forward` of these on a copy of the module gives the copy the forward it would get
     from a deep copy, for about a third of a GraphModule's deep copy (`bnmove.core.clone`)."""
-    graph_module = _bound_graph_module(module)
-    if graph_module is None or not _is_view_of(graph_module._modules.get(_VIEW), module):
+    modules = dispatched(module)
+    if modules is None:
+        graph_module = _bound_graph_module(module)
+        modules = None if graph_module is None else [(frozenset(), graph_module)]
+    if modules is None or not all(_is_view_of(gm._modules.get(_VIEW), module) for _, gm in modules):
         return None
-    return _retarget(graph_module.graph, _VIEW, strip=True), dict(graph_module.meta.get(_SPECIALISED, {}))
+    return (
+        [(key, _retarget(gm.graph, _VIEW, strip=True)) for key, gm in modules],
+        dict(modules[0][1].meta.get(_SPECIALISED, {})),
+    )
 
 
 def _bound_graph_module(module: nn.Module) -> fx.GraphModule | None:
@@ -276,28 +291,53 @@ def install_forward(
 ) -> bool:
     """Make the graphs the forward of this one instance (its class and everything else stay).
 
-    Returns whether torch alone can rebuild it (one graph: a GraphModule's forward); several
-    graphs are dispatched by a `GraphForward`, which needs bnmove to load.
+    Returns whether torch alone can rebuild it: one graph is a GraphModule's forward, several
+    are dispatched by a GraphModule (`bnmove.core.dispatch`); only a forward of several graphs
+    that takes ``*args`` or ``**kwargs`` is a `GraphForward`, which needs bnmove to load.
     """
     for _, graph in variants:
         graph.lint()
     module.__dict__.pop(_PREPARE, None)  # a twin of an earlier forward must never be scripted
-    if len(variants) > 1:
+    name = type(module).__name__
+    if len(variants) > 1 and not can_dispatch(variants[0][1]):
         module.__dict__["forward"] = GraphForward(module, variants, specialised)
         return False
     view = _view_of(module)
-    holder = nn.Module()
-    holder.add_module(_VIEW, view)
-    graph_module = fx.GraphModule(
-        holder, _retarget(variants[0][1], _VIEW, strip=False), class_name=f"{type(module).__name__}Forward"
-    )
-    graph_module.add_module(_VIEW, view)  # the view itself, not the copy of its layers fx made
-    graph_module.meta[_SPECIALISED] = dict(specialised or {})
-    module.__dict__["forward"] = graph_module.forward
+    modules = [(key, _over_view(view, graph, f"{name}Forward", specialised, key)) for key, graph in variants]
     # else TorchScript would compile the class's forward of an unchanged module of its class instead
-    key_script_type(module, "generated forward", graph_module.code)
+    key_script_type(module, "generated forward", "\n".join(gm.code for _, gm in modules))
+    if len(modules) > 1:
+        module.__dict__["forward"] = dispatcher(module, modules, f"{name}Dispatch")
+        if not hasattr(type(module), _PREPARE):  # TorchScript says why, in torch's words alone
+            module.__dict__[_PREPARE] = functools.partial(torch._assert, False, _NOT_SCRIPTABLE)
+        return True
+    module.__dict__["forward"] = modules[0][1].forward
     _prepare_for_torchscript(module, variants[0][1])
     return True
+
+
+def _over_view(
+    view: nn.Module,
+    graph: fx.Graph,
+    class_name: str,
+    specialised: dict[str, Any] | None,
+    dispatched_on: frozenset[str] = frozenset(),
+) -> fx.GraphModule:
+    """A GraphModule of ``graph`` whose code reaches the module's layers through ``view``.
+
+    The graph of an optional argument left at None checks that it is (fx's ``_assert_is_none``),
+    which torch cannot load again (its retrace looks the check up by its dotted name); the
+    dispatch runs that graph only when the argument is None, so the check goes."""
+    retargeted = _retarget(graph, _VIEW, strip=False)
+    for node in list(retargeted.nodes):
+        if node.target is _assert_is_none and getattr(node.args[0], "target", None) in dispatched_on:
+            retargeted.erase_node(node)
+    holder = nn.Module()
+    holder.add_module(_VIEW, view)
+    graph_module = fx.GraphModule(holder, retargeted, class_name=class_name)
+    graph_module.add_module(_VIEW, view)  # the view itself, not the copy of its layers fx made
+    graph_module.meta[_SPECIALISED] = dict(specialised or {})
+    return graph_module
 
 
 def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:

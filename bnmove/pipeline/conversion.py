@@ -213,10 +213,10 @@ def needs_bnmove(work: nn.Module, scopes: list[str]) -> str:
     )
     more = f" and {len(scopes) - 3} more" if len(scopes) > 3 else ""
     return (
-        f"the forward of {named}{more} branches on the mode or on an optional argument, so bnmove "
-        "regenerated it as one graph per branch with a dispatch that torch alone cannot rebuild: the "
-        "model saved whole needs bnmove installed to load; --format pt2 (a torch.export program) "
-        "and --code-dir (plain Python) do not"
+        f"the forward of {named}{more} branches on the mode or on an optional argument and takes "
+        "*args or **kwargs, so bnmove regenerated it as one graph per branch with a dispatch that "
+        "torch alone cannot rebuild: the model saved whole needs bnmove installed to load; "
+        "--format pt2 (a torch.export program) and --code-dir (plain Python) do not"
     )
 
 
