@@ -339,7 +339,14 @@ def test_sigterm_during_a_save_leaves_no_temporary_file(
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
 
 
-class HFLike(nn.Module):
+class PreTrainedModel(nn.Module):  # as transformers names its base class
+    pass
+
+
+PreTrainedModel.__module__ = "transformers.modeling_utils"
+
+
+class HFLike(PreTrainedModel):
     """Stands in for a Hugging Face PreTrainedModel: it has save_pretrained."""
 
     def __init__(self) -> None:
@@ -358,7 +365,9 @@ def test_converting_an_hf_model_says_how_to_load_the_result(tmp_path: Path) -> N
     torch.save(HFLike().eval(), path)
     result = run("convert", path, "--allow-pickle", "--placement", "after", "--input-shape", "3,4")
     assert result.exit_code == 0, result.output
-    assert "from_pretrained on the original architecture cannot load them" in " ".join(result.stderr.split())
+    said = " ".join(result.stderr.split())
+    assert "from_pretrained builds the original placement" in said and "bnmove convert --format hf" in said
+    assert said.count("save_pretrained") == 2  # one line, not a second note beside it
 
 
 def test_identical_runs_write_identical_bytes(tmp_path: Path) -> None:

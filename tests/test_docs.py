@@ -77,6 +77,7 @@ def test_every_public_name_is_in_the_api_reference_with_a_docstring() -> None:
     import griffe
 
     import bnmove.deploy
+    import bnmove.io
     import bnmove.study
 
     page = (ROOT / "docs/reference/api.md").read_text()
@@ -87,6 +88,7 @@ def test_every_public_name_is_in_the_api_reference_with_a_docstring() -> None:
     )  # a small top level (what the main calls take: ExportOptions, Stage); the rest lives in namespaces
     public += [f"bnmove.deploy.{n}" for n in bnmove.deploy.__all__ if n not in bnmove.__all__]
     public += [f"bnmove.study.{n}" for n in bnmove.study.__all__ if n not in bnmove.__all__]
+    public += [f"bnmove.io.{n}" for n in bnmove.io.__all__]
     documented = re.findall(r"^::: (\S+)$", page, flags=re.M)
     assert set(public) <= set(documented), set(public) - set(documented)
     for name in documented:

@@ -13,11 +13,13 @@ from ..analysis.detect import PLACEMENTS
 from ..core.atomic import atomic_path, check_output, save_module
 from ..deploy.folding import fold_forward
 from ..deploy.program import save_program
+from ..errors import BnmoveError
 from ..fitting.calibrate import calibration_batches, recalibrate
 from ..io.codegen import require_graph_module, write_code_folder
+from ..io.pretrained import is_pretrained_model, save_pretrained
 from ..pipeline.analyse import detect
 from ..pipeline.calibration import DATA_FREE, Calibration, DataFree
-from ..pipeline.conversion import convert
+from ..pipeline.conversion import SAVE_PRETRAINED, convert
 from ..pipeline.plan import METHODS
 from ..report import (
     conversion_summary,
@@ -143,12 +145,14 @@ Examples:
 @click.option(
     "--format",
     "out_format",
-    type=click.Choice(["pt", "pt2"]),
+    type=click.Choice(["pt", "pt2", "hf"]),
     default="pt",
     show_default=True,
     help="pt: the whole module, torch.save (your model's class; load with torch.load(..., weights_only=False)). "
     "pt2: a torch.export program, loadable with torch alone and no code (torch.export.load(OUT).module()), "
-    "for eval-mode inference, its batch and spatial size dynamic where the model allows.",
+    "for eval-mode inference, its batch and spatial size dynamic where the model allows. "
+    "hf (Hugging Face models): a save_pretrained folder that "
+    "AutoModelFor...from_pretrained(OUT, trust_remote_code=True) loads in the converted placement.",
 )
 @click.option(
     "--max-error",
@@ -181,11 +185,17 @@ def convert_command(
     The saved file is a whole module: load it with torch.load(OUT, weights_only=False); with
     --format pt2 a torch.export program: torch.export.load(OUT).module().
     """
-    output = output or model.path.with_name(f"{model.stem}.{placement}.{out_format}")
+    suffix = "" if out_format == "hf" else f".{out_format}"  # a folder
+    output = output or model.path.with_name(f"{model.stem}.{placement}{suffix}")
     check_output(output, force=force, inputs=(model.path,))
     if code_dir is not None:
         check_output(code_dir, force=force, inputs=(model.path,))
     loaded = model.load()
+    if out_format == "hf" and not is_pretrained_model(loaded.module):
+        raise BnmoveError(
+            f"--format hf writes a save_pretrained folder, and {type(loaded.module).__name__} is not "
+            "a Hugging Face transformers model; use --format pt or pt2"
+        )
     calibration = (
         calibration_batches(calibration_path, samples=calibration_samples)
         if calibration_path is not None
@@ -213,14 +223,8 @@ def convert_command(
             max_error=max_error,
         )
     for warning in result.warnings:
-        click.echo(f"bnmove: warning: {warning}", err=True)
-    if result.moved and callable(getattr(result.model, "save_pretrained", None)):
-        click.echo(
-            "bnmove: note: a Hugging Face model: the moved BNs' modules and keys changed, so "
-            "from_pretrained on the original architecture cannot load them (it would drop them as "
-            "unexpected keys); load the saved file with torch.load, or use --format pt2",
-            err=True,
-        )
+        if not (out_format == "hf" and warning == SAVE_PRETRAINED):  # the folder is what it asks for
+            click.echo(f"bnmove: warning: {warning}", err=True)
     # Traced before anything is written, so an untraceable model fails cleanly.
     code_model = require_graph_module(result.model) if code_dir is not None else None
     if out_format == "pt2":
@@ -233,6 +237,8 @@ def convert_command(
             )
         fixed = "any " + ", ".join(dynamic) if dynamic else f"only {shape}"
         click.echo(f"bnmove: note: the program takes {fixed} (the example input is {shape})", err=True)
+    elif out_format == "hf":
+        save_pretrained(result.model, output)
     else:
         save_module(result.model, output)
     if code_dir is not None and code_model is not None:

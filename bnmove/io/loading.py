@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import LoadError
 from .pickles import PICKLE_FLAG, _explain, _unpickle
+from .pretrained import STRUCTURE, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,8 @@ def load_model(
 
 
 def _load_hf_folder(path: Path) -> nn.Module:
-    """A Hugging Face ``save_pretrained`` folder, as the class its config names (no remote code)."""
+    """A Hugging Face ``save_pretrained`` folder, as the class its config names (no remote code);
+    a folder `bnmove.save_pretrained` wrote, in its converted placement (without its code either)."""
     try:
         import transformers
     except ImportError:
@@ -317,6 +319,8 @@ def _load_hf_folder(path: Path) -> nn.Module:
         ) from None
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if hasattr(config, STRUCTURE):  # written by bnmove.save_pretrained: its converted placement
+            return load_pretrained(path)
         names = list(getattr(config, "architectures", None) or [])
         cls = getattr(transformers, names[0], None) if names else None
         model = (cls or transformers.AutoModel).from_pretrained(str(path), local_files_only=True)

@@ -29,6 +29,7 @@ from ..core.progress import OnProgress, Stage
 from ..core.running import double_inputs
 from ..errors import BnmoveError, VerificationError
 from ..fitting.calibrate import Batch, calibration_batches, split_held_out
+from ..io.pretrained import is_pretrained_model
 from ..rules import FIT
 from ..rules.base import CalibrationSource
 from .analyse import Analysis, analyse
@@ -182,28 +183,21 @@ def _convert(
     held_check = calibration_check(model, work, data.held) if real and data.held else None
     log.info("moved %d of %d pairs", sum(m.moved for m in moves), len(moves))
     warnings = [needs_bnmove(work, dispatched)] if dispatched else []
-    if any(m.moved or m.absorbed for m in moves) and _saves_weights_only(work):
+    if any(m.moved or m.absorbed for m in moves) and is_pretrained_model(work):
         warnings.append(SAVE_PRETRAINED)
     return Conversion(
         work, placement, method, moves, deviation, analysis.traced.untraced, check, held_check, warnings
     )
 
 
-#: what a converted Hugging Face model's save_pretrained folder gives back (issue 31)
+#: what a converted Hugging Face model's own save_pretrained folder gives back (issue 31)
 SAVE_PRETRAINED = (
-    "save_pretrained writes this model's weights and config, and from_pretrained builds the "
-    "original placement from the config, so it would load them with the moved BNs missing (newly "
-    "initialised): save the model whole (torch.save, or bnmove convert's output), or --format pt2"
+    "this model's own save_pretrained writes its weights and config, from which from_pretrained "
+    "builds the original placement, so it would load them with the moved BNs missing (newly "
+    "initialised): write the folder with bnmove.io.save_pretrained(model, folder) (bnmove convert "
+    "--format hf), which from_pretrained(folder, trust_remote_code=True) loads converted, or save "
+    "the model whole (torch.save), or --format pt2"
 )
-
-
-def _saves_weights_only(model: nn.Module) -> bool:
-    """A Hugging Face ``PreTrainedModel``: its own save and load go through its config, which
-    builds the original structure (recognised without importing transformers)."""
-    return any(
-        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
-        for cls in type(model).__mro__
-    )
 
 
 def needs_bnmove(work: nn.Module, scopes: list[str]) -> str:
