@@ -64,3 +64,34 @@ def test_a_regenerated_forward_is_installed_again_on_the_clone() -> None:
     scripted = torch.jit.script(clone_module(converted))
     with torch.no_grad():
         torch.testing.assert_close(scripted(*inputs), converted(*inputs))
+
+
+def test_a_graph_module_copy_runs_its_code_and_recompiles_on_its_own() -> None:
+    """A GraphModule is copied without compiling its code again: the copy computes the same, saves,
+    loads and deep-copies, and an edit and recompile of the copy's graph leaves the original as it was."""
+    import io
+
+    from bnmove.core.affine import ChannelAffine
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    traced = torch.fx.symbolic_trace(model)
+    holder = nn.Sequential(traced, ChannelAffine(3))
+    x = torch.randn(4, 3)
+    clone = clone_module(holder)
+    assert type(clone[0]) is not type(traced) and clone[0].forward.__func__ is traced.forward.__func__
+    torch.testing.assert_close(clone(x), holder(x))
+    buffer = io.BytesIO()
+    torch.save(clone, buffer)  # pickling recompiles the copy (GraphModule.__reduce__)
+    buffer.seek(0)
+    for again in (torch.load(buffer, weights_only=False), copy.deepcopy(clone), clone):
+        torch.testing.assert_close(again(x), holder(x))
+    graph_before = str(traced.graph)
+    (relu,) = [n for n in clone[0].graph.nodes if n.op == "call_module" and n.target == "1"]
+    with clone[0].graph.inserting_after(relu):
+        doubled = clone[0].graph.call_function(torch.mul, (relu, 2.0))
+    relu.replace_all_uses_with(doubled)
+    doubled.args = (relu, 2.0)
+    clone[0].recompile()
+    torch.testing.assert_close(clone[0](x), 2 * traced(x))
+    torch.testing.assert_close(traced(x), model(x))  # the original's code and graph are its own
+    assert str(traced.graph) == graph_before

@@ -119,8 +119,10 @@ def fold_into_following(
             out_ch, in_per_group, *([1] * (w.dim() - 2))
         )
         tap_sum = w.reshape(out_ch, in_per_group, -1).sum(-1, dtype=torch.float64)
-        b_per_out = b.reshape(groups, 1, in_per_group).expand(groups, out_ch // groups, -1)
-        shift = (tap_sum * b_per_out.reshape(out_ch, in_per_group)).sum(1)
+        # each output channel's kernel sums times its group's shifts: one batched product per group
+        shift = torch.bmm(
+            tap_sum.reshape(groups, out_ch // groups, in_per_group), b.reshape(groups, in_per_group, 1)
+        ).reshape(out_ch)
     out_bias = torch.zeros_like(shift) if bias is None else bias.detach().double()
     return new_w, out_bias + shift
 

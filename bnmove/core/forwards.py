@@ -143,13 +143,24 @@ def _drop_self(sig: inspect.Signature) -> inspect.Signature:
 
 @dataclass(frozen=True)
 class InstalledForward:
-    """What bnmove installed as a module's forward, whichever form it took."""
+    """What bnmove installed as a module's forward, whichever form it took.
 
-    variants: list[tuple[frozenset[str], fx.Graph]]
+    Its graphs are read (copied, over the module's own names) only when asked for: most readers
+    want its specialised arguments or its signature."""
+
+    #: makes the graphs, one per mode and optional arguments left at None (see `variants`)
+    graphs: Callable[[], list[tuple[frozenset[str], fx.Graph]]]
     #: arguments the graphs were traced with as constants (their guards check each call)
     specialised: dict[str, Any]
     #: the function of the graph for a mode and the optional arguments left at None
     function_for: Callable[[bool, frozenset[str]], Callable[..., Any]]
+    #: the forward's signature, ``self`` first
+    signature: inspect.Signature
+
+    @functools.cached_property
+    def variants(self) -> list[tuple[frozenset[str], fx.Graph]]:
+        """The graphs, each a copy of its own (key, graph)."""
+        return self.graphs()
 
     @property
     def function(self) -> Callable[..., Any]:
@@ -207,24 +218,35 @@ def generated_forward(module: nn.Module) -> InstalledForward | None:
     """The forward bnmove installed on this instance, or None when it runs its class's."""
     forward = module.__dict__.get("forward")
     if isinstance(forward, GraphForward):
-        return InstalledForward(forward.variants, forward.specialised, forward.function_for)
-    installed = installed_graphs(module)
-    if installed is None:
+        return InstalledForward(
+            lambda: [(key, copy_graph(graph)) for key, graph in forward.variants],
+            forward.specialised,
+            forward.function_for,
+            inspect.signature(forward._fns[0]),
+        )
+    modules = _installed_modules(module)
+    if modules is None:
         graph_module = _bound_graph_module(module)
         if graph_module is None or not _names_resolve(graph_module.graph, module):
             return None
-        # a scriptable twin's forward, over the module's own names
-        installed = (
-            [(frozenset(), copy_graph(graph_module.graph))],
-            dict(graph_module.meta.get(_SPECIALISED, {})),
-        )
-    variants, specialised = installed
-    keys = [key for key, _ in variants]
+        modules, strip = [(frozenset(), graph_module)], False  # a scriptable twin's, over own names
+    else:
+        strip = True
+    keys = [key for key, _ in modules]
+    variants = functools.cache(
+        lambda: [
+            (key, _retarget(gm.graph, _VIEW, strip=True) if strip else copy_graph(gm.graph))
+            for key, gm in modules
+        ]
+    )
     # compiled when first asked for (most readers want the graph): generating its source is most
     # of the cost of reading a converted block
-    compiled = [functools.cache(functools.partial(_function_of, graph)) for _, graph in variants]
+    compiled = [functools.cache(lambda i=i: _function_of(variants()[i][1])) for i in range(len(modules))]
     return InstalledForward(
-        variants, specialised, lambda training, nones: compiled[choose(keys, training, nones)]()
+        lambda: [(key, copy_graph(graph)) for key, graph in variants()],
+        dict(modules[0][1].meta.get(_SPECIALISED, {})),
+        lambda training, nones: compiled[choose(keys, training, nones)](),
+        inspect.signature(type(modules[0][1]).forward),
     )
 
 
@@ -232,25 +254,16 @@ def _function_of(graph: fx.Graph) -> Callable[..., Any]:
     return _compiled(GraphForward._source_of(graph))
 
 
-def installed_graphs(
-    module: nn.Module,
-) -> tuple[list[tuple[frozenset[str], fx.Graph]], dict[str, Any]] | None:
-    """The graphs (over the module's own names) and specialised arguments of the forward bnmove
-    installed on ``module`` as GraphModules over its view (one graph, or several and their
-    dispatch), or None for any other forward.
-
-    `install_forward` of these on a copy of the module gives the copy the forward it would get
-    from a deep copy, for about a third of a GraphModule's deep copy (`bnmove.core.clone`)."""
+def _installed_modules(module: nn.Module) -> list[tuple[frozenset[str], fx.GraphModule]] | None:
+    """The GraphModules over ``module``'s view of the forward bnmove installed on it (one graph, or
+    several and their dispatch), with their keys; None for any other forward."""
     modules = dispatched(module)
     if modules is None:
         graph_module = _bound_graph_module(module)
         modules = None if graph_module is None else [(frozenset(), graph_module)]
     if modules is None or not all(_is_view_of(gm._modules.get(_VIEW), module) for _, gm in modules):
         return None
-    return (
-        [(key, _retarget(gm.graph, _VIEW, strip=True)) for key, gm in modules],
-        dict(modules[0][1].meta.get(_SPECIALISED, {})),
-    )
+    return modules
 
 
 def _bound_graph_module(module: nn.Module) -> fx.GraphModule | None:
@@ -260,10 +273,6 @@ def _bound_graph_module(module: nn.Module) -> fx.GraphModule | None:
     if isinstance(forward, types.MethodType) and isinstance(graph_module, fx.GraphModule):
         return graph_module
     return None
-
-
-#: the instance attributes `install_forward` sets for a one-graph forward
-INSTALLED = ("forward", _PREPARE)
 
 
 def _names_resolve(graph: fx.Graph, module: nn.Module) -> bool:

@@ -248,7 +248,7 @@ class Mover:
         module = self.work.get_submodule(scope)
         generated = generated_forward(module)
         try:
-            signature = inspect.signature(generated.function if generated else type(module).forward)
+            signature = generated.signature if generated else inspect.signature(type(module).forward)
         except (TypeError, ValueError):
             return None
         signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # without self

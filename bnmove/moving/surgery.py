@@ -38,7 +38,6 @@ from ..core.forwards import (  # GraphForward: see __all__
     GraphForward,
     OwnForwardTracer,
     class_forward,
-    copy_graph,
     generated_forward,
 )
 from ..core.modules import Slots, key_script_type, parent_of
@@ -274,7 +273,7 @@ def trace_own_forward(
     if generated is not None and specialise is None:
         # bnmove's own graphs, one per mode and optional argument where they differ: tracing the
         # code made from them again gives them back, at the cost of a trace per variant
-        return [(key, copy_graph(graph)) for key, graph in generated.variants]
+        return generated.variants  # copies of their own
     concrete = dict(specialise if specialise is not None else generated.specialised if generated else {})
     optional = [
         name
@@ -327,9 +326,8 @@ def _optional_arguments(module: nn.Module) -> dict[str, Any]:
     """Parameters of the forward that have a default, with it."""
     generated = generated_forward(module)
     try:
-        params = inspect.signature(
-            generated.function if generated else type(module).forward
-        ).parameters.values()
+        signature = generated.signature if generated else inspect.signature(type(module).forward)
+        params = signature.parameters.values()
     except (TypeError, ValueError):
         return {}
     return {
