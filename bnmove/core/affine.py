@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.graph import PythonCode
-from torch.fx.graph_module import _forward_from_src
 
 from . import bn_math
+from .graph_code import SharedCodeModule
 
 
 def _graph() -> fx.Graph:
@@ -40,29 +39,7 @@ def _graph() -> fx.Graph:
 
 
 #: the code of every kept affine (regenerated the same after deepcopy and after loading)
-_PYTHON = _graph().python_code(root_module="self")
-_CODE = _PYTHON.src
-#: that code compiled, once per process (torch's own compiler, so it reads as fx's code does)
-_FORWARD = _forward_from_src(_CODE, _PYTHON.globals)
-
-
-class _KeptAffineModule(fx.GraphModule):
-    """The GraphModule a kept affine is made as: its first compilation, while it is built, takes the
-    code every kept affine shares (`_FORWARD`) instead of generating and compiling it again, a
-    third of the cost of a conversion that keeps many affines. Every later ``recompile`` (after
-    an edit of its graph, when pickled) is torch's own. It pickles and deep-copies as a plain
-    GraphModule: torch alone loads it."""
-
-    def recompile(self) -> PythonCode:
-        cls = type(self)  # fx makes a class per instance
-        if "_compiled" in vars(cls):
-            return super().recompile()
-        cls._compiled = True  # type: ignore[attr-defined]  # on the class fx makes for this instance
-        self._code = _CODE
-        self._lineno_map = getattr(_PYTHON, "_lineno_map", None)
-        self._prologue_start = getattr(_PYTHON, "_prologue_start", 0)
-        cls.forward = _FORWARD
-        return _PYTHON
+_CODE = _graph().python_code(root_module="self").src
 
 
 class _Recognised(type):
@@ -99,7 +76,8 @@ class ChannelAffine(nn.Module, metaclass=_Recognised):
         holder = nn.Module()
         holder.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
         holder.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
-        return _KeptAffineModule(holder, _graph(), class_name="ChannelAffine")
+        # built from the graph of every kept affine: its code is compiled once per process
+        return SharedCodeModule(holder, _graph(), class_name="ChannelAffine")
 
     weight: nn.Parameter
     bias: nn.Parameter

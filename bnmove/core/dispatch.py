@@ -31,6 +31,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from .graph_code import SharedCodeModule
+
 #: in a variant's key: the graph of training mode (the forward branches on ``self.training``)
 TRAINING = "self.training"
 #: the key of the dispatcher's ``meta`` that says which entry of ``graphs`` holds each variant
@@ -93,7 +95,7 @@ def dispatcher(
     chosen = graph.call_function(operator.getitem, (graphs, index))
     graph.output(graph.call_method("__call__", (chosen, *inputs)))
     graph.lint()
-    dispatch = fx.GraphModule(nn.Module(), graph, class_name=class_name)
+    dispatch = SharedCodeModule(nn.Module(), graph, class_name=class_name)
     table: list[Any] = []  # bound forwards of the variants' GraphModules
     for i in range(1 << (int(training) + len(optional))):
         nones = frozenset(name for bit, name in enumerate(optional, start=int(training)) if i >> bit & 1)

@@ -42,6 +42,7 @@ from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
 from .dispatch import TRAINING, can_dispatch, choose, dispatched, dispatcher
+from .graph_code import SharedCodeModule
 from .modules import key_script_type
 
 
@@ -343,7 +344,7 @@ def _over_view(
             retargeted.erase_node(node)
     holder = nn.Module()
     holder.add_module(_VIEW, view)
-    graph_module = fx.GraphModule(holder, retargeted, class_name=class_name)
+    graph_module = SharedCodeModule(holder, retargeted, class_name=class_name)
     graph_module.add_module(_VIEW, view)  # the view itself, not the copy of its layers fx made
     graph_module.meta[_SPECIALISED] = dict(specialised or {})
     return graph_module
@@ -368,7 +369,7 @@ def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     """
     if hasattr(type(module), _PREPARE):
         return
-    direct = fx.GraphModule(
+    direct = SharedCodeModule(
         _stubs(graph, module), copy_graph(graph), class_name=f"{type(module).__name__}Script"
     )
     twin = type(module).__new__(type(module))
