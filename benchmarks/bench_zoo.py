@@ -20,7 +20,11 @@ model) it checks the contract of issue 10 and prints one line per failure:
   and wherever the original scripts, ``torch.jit.script`` of the converted
   model computes what the eager converted model computes, or refuses where a
   forward was regenerated (counted, not a failure; computing something else
-  is one).
+  is one);
+* a converted Hugging Face model's folder from ``bnmove.io.save_pretrained``
+  loads with ``AutoModel….from_pretrained(folder, trust_remote_code=True)`` in
+  that subprocess and computes the same (a model with a regenerated forward,
+  which the folder cannot describe, is counted, not a failure).
 
 Needs the libraries, which are not bnmove dependencies: run it from the
 scratch environment ``../shared/tools/thirdparty-venv.sh`` builds.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -53,9 +58,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import bnmove
+import bnmove.io
 from bnmove.analysis.batchnorms import is_frozen_batchnorm
 from bnmove.analysis.patterns import module_activation_spec
 from bnmove.core.forwards import generated_forward
+from bnmove.io.pretrained import is_pretrained_model
 
 torch.set_num_threads(1)
 
@@ -181,6 +188,12 @@ class Outcome:
     script_checked: int = 0
     scripts: int = 0
     script_refused: int = 0
+    #: Hugging Face models: save_pretrained folders bnmove wrote, to be loaded by from_pretrained
+    #: without bnmove (placement, folder); those checked and loaded; those it could not describe
+    hf_saved: list[tuple[str, str]] = field(default_factory=list)
+    hf_checked: int = 0
+    hf_loads: int = 0
+    hf_refused: int = 0
 
 
 #: run in a fresh interpreter: bnmove cannot be imported, the model libraries can
@@ -191,8 +204,16 @@ import torch
 torch.set_num_threads(1)
 report = {}
 for folder in json.load(open(sys.argv[1])):
+    sys_folder = folder
     try:
-        model = torch.load(folder + "/model.pt", weights_only=False).eval()
+        if folder.endswith("/hf"):  # a folder bnmove.io.save_pretrained wrote: through transformers
+            import transformers
+            config = json.load(open(folder + "/config.json"))
+            auto = getattr(transformers, sorted(config["auto_map"])[0])
+            model = auto.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
+            folder = folder[: -len("/hf")]
+        else:
+            model = torch.load(folder + "/model.pt", weights_only=False).eval()
         inputs = torch.load(folder + "/inputs.pt", weights_only=False)
         expected = torch.load(folder + "/expected.pt", weights_only=False)
         with torch.no_grad():
@@ -202,9 +223,9 @@ for folder in json.load(open(sys.argv[1])):
         scale = max((float(t.abs().max()) for t in want if t.numel()), default=1.0)
         error = max((float((a - b).abs().max()) for a, b in zip(want, have) if a.numel()), default=0.0)
         same = len(want) == len(have) and error <= 1e-4 * max(scale, 1e-6)
-        report[folder] = "ok" if same else f"outputs differ by {error:.3g}"
+        report[sys_folder] = "ok" if same else f"outputs differ by {error:.3g}"
     except Exception as exc:
-        report[folder] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ''}"
+        report[sys_folder] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ''}"
 print(json.dumps(report))
 """
 
@@ -222,19 +243,23 @@ def _same(want: Any, got: Any, rtol: float = 1e-5) -> bool:
     )
 
 
-def _save_converted(model: nn.Module, inputs: tuple[Any, ...], root: Path) -> str:
+def _save_converted(model: nn.Module, inputs: tuple[Any, ...], root: Path, whole: bool = True) -> str:
+    """Saved whole (``model.pt``), or as a save_pretrained folder (``hf/``), with inputs and outputs."""
     folder = Path(tempfile.mkdtemp(dir=root))
     with torch.no_grad():
         expected = model.eval()(*inputs)
-    torch.save(model, folder / "model.pt")
+    if whole:
+        torch.save(model, folder / "model.pt")
+    else:
+        bnmove.io.save_pretrained(model, folder / "hf")
     torch.save(inputs, folder / "inputs.pt")
     torch.save(expected, folder / "expected.pt")
-    return str(folder)
+    return str(folder) if whole else str(folder / "hf")
 
 
 def load_without_bnmove(outcomes: list[Outcome], root: Path) -> None:
     """Load every saved converted model in one subprocess where ``import bnmove`` fails."""
-    folders = [folder for o in outcomes for _, folder in o.saved]
+    folders = [folder for o in outcomes for _, folder in o.saved + o.hf_saved]
     if not folders:
         return
     listing = root / "folders.json"
@@ -244,6 +269,7 @@ def load_without_bnmove(outcomes: list[Outcome], root: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, "HF_MODULES_CACHE": str(root / "hf-modules")},  # the folders' code goes there
     )
     report = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {}
     for outcome in outcomes:
@@ -255,7 +281,16 @@ def load_without_bnmove(outcomes: list[Outcome], root: Path) -> None:
             else:
                 outcome.failures.append(f"{placement}: does not load without bnmove ({verdict})")
             shutil.rmtree(folder, ignore_errors=True)
+        for placement, folder in outcome.hf_saved:
+            verdict = report.get(folder, f"the loading process failed: {done.stderr.strip()[-200:]}")
+            outcome.hf_checked += 1
+            if verdict == "ok":
+                outcome.hf_loads += 1
+            else:
+                outcome.failures.append(f"{placement}: its save_pretrained folder does not load ({verdict})")
+            shutil.rmtree(Path(folder).parent, ignore_errors=True)
         outcome.saved.clear()
+        outcome.hf_saved.clear()
         outcome.ok = not outcome.failures
 
 
@@ -317,6 +352,13 @@ def check(
                 outcome.need_bnmove += 1
             elif outcome.original_saves:
                 outcome.saved.append((placement, _save_converted(result.model, inputs, saves)))
+            if is_pretrained_model(result.model) and result.moved:
+                try:
+                    outcome.hf_saved.append(
+                        (placement, _save_converted(result.model, inputs, saves, whole=False))
+                    )
+                except bnmove.BnmoveError:
+                    outcome.hf_refused += 1  # a change a config cannot describe, said in one line
             if outcome.original_scripts:
                 outcome.script_checked += 1
                 regenerated = any(generated_forward(m) is not None for m in result.model.modules())
@@ -627,7 +669,7 @@ def main() -> None:
     load_without_bnmove(pending, saves)
     for outcome in outcomes:
         for failure in outcome.failures:
-            if "without bnmove" in failure:
+            if "without bnmove" in failure or "save_pretrained folder" in failure:
                 print(f"FAIL {outcome.library}/{outcome.name}: {failure}")
     print()
     for library in sorted({o.library for o in outcomes}):
@@ -650,6 +692,13 @@ def main() -> None:
             f"{sum(o.scripts for o in group)}/{sum(o.script_checked for o in group)}"
             f" ({sum(o.script_refused for o in group)} refused: a regenerated forward)"
         )
+        hf = (
+            f", save_pretrained folders that from_pretrained loads converted without bnmove "
+            f"{sum(o.hf_loads for o in group)}/{sum(o.hf_checked for o in group)}"
+            f" ({sum(o.hf_refused for o in group)} not written: a change a config cannot describe)"
+            if any(o.hf_checked or o.hf_refused for o in group)
+            else ""
+        )
         print(
             f"{library}: {passed}/{len(group)} pass ({100 * passed / len(group):.0f}%), "
             f"adjacencies found {found}/{ref} ({100 * found / max(ref, 1):.1f}%), "
@@ -658,7 +707,7 @@ def main() -> None:
             f"{regenerated} models with a regenerated forward somewhere (the rest: module surgery only), "
             f"{promised} pairs reported movable that convert left; "
             f"converted models that load without bnmove {loads}, "
-            f"that script where the original scripts {scripts}"
+            f"that script where the original scripts {scripts}{hf}"
         )
     minutes = (time.perf_counter() - started) / 60
     shutil.rmtree(saves, ignore_errors=True)

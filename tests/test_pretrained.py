@@ -228,3 +228,17 @@ def test_convert_format_hf_refuses_a_model_of_another_library_in_one_line(tmp_pa
     )
     assert done.exit_code == 1 and not (tmp_path / "mlp.after").exists()
     assert "--format hf writes a save_pretrained folder, and MLP is not" in done.output
+
+
+def test_a_function_of_torch_is_described_by_name_and_any_other_refused() -> None:
+    """An activation module of transformers holds its function (``self.act = gelu``): torch's
+    functions go into the description by name and come back as themselves; another is refused."""
+    layer = nn.Module()
+    layer.act = torch.nn.functional.gelu  # type: ignore[assignment]
+    spec = json.loads(json.dumps(_spec(layer, "layer")))
+    assert hf_structure.build(spec).act is torch.nn.functional.gelu
+    layer.act = len  # type: ignore[assignment]
+    with pytest.raises(BnmoveError, match="layer: its setting act is not a plain value"):
+        _spec(layer, "layer")
+    with pytest.raises(ValueError, match="not of torch or transformers"):
+        hf_structure.decode({"function": ["os", "getcwd"]})

@@ -36,21 +36,31 @@ class ChannelAffine(nn.Module):
 
 
 def decode(value: Any) -> Any:
-    """A setting as it was: JSON keeps tuples and lists apart as ``{"tuple": [...]}``/``{"list": [...]}``."""
+    """A setting as it was: JSON keeps tuples and lists apart as ``{"tuple": [...]}``/``{"list": [...]}``,
+    and a function of torch or transformers is ``{"function": [module, name]}``."""
     if isinstance(value, dict):
         ((kind, items),) = value.items()
+        if kind == "function":
+            return _named(*items)
         decoded = [decode(v) for v in items]
         return tuple(decoded) if kind == "tuple" else decoded
     return value
+
+
+def _named(module: str, qualname: str) -> Any:
+    if not module.startswith(TRUSTED):
+        raise ValueError(f"bnmove_structure names {module}:{qualname}, not of torch or transformers")
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def _class(name: str) -> type[nn.Module]:
     module, _, qualname = name.partition(":")
     if not module.startswith(TRUSTED):
         raise ValueError(f"bnmove_structure names {name}, not a class of torch or transformers")
-    found: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        found = getattr(found, part)
+    found = _named(module, qualname)
     if not (isinstance(found, type) and issubclass(found, nn.Module)):
         raise ValueError(f"bnmove_structure names {name}, which is not a module class")
     return found

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import types
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,6 +56,11 @@ def _encode(value: Any) -> Any:
         return value
     if isinstance(value, (tuple, list)):
         return {type(value).__name__: [_encode(v) for v in value]}
+    module = getattr(value, "__module__", None) or ""
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) and module.startswith(
+        hf_structure.TRUSTED
+    ):
+        return {"function": [module, value.__qualname__]}  # an activation's function (torch's gelu)
     raise _Unsupported(type(value).__name__)
 
 
