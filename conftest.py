@@ -53,6 +53,12 @@ def _sample_models() -> Path:
     return _samples
 
 
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    """The sample models go with the session that wrote them (in each xdist worker)."""
+    if _samples is not None:
+        shutil.rmtree(_samples, ignore_errors=True)
+
+
 def _setup(namespace: dict[str, Any]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bnmove-doc-"))
     shutil.copytree(_sample_models(), workdir / "sample-models")
