@@ -272,26 +272,28 @@ def load_without_bnmove(outcomes: list[Outcome], root: Path) -> None:
         env={**os.environ, "HF_MODULES_CACHE": str(root / "hf-modules")},  # the folders' code goes there
     )
     report = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {}
+    failed = f"the loading process failed: {done.stderr.strip()[-200:]}"
     for outcome in outcomes:
-        for placement, folder in outcome.saved:
-            verdict = report.get(folder, f"the loading process failed: {done.stderr.strip()[-200:]}")
-            outcome.load_checked += 1
-            if verdict == "ok":
-                outcome.loads += 1
-            else:
-                outcome.failures.append(f"{placement}: does not load without bnmove ({verdict})")
-            shutil.rmtree(folder, ignore_errors=True)
-        for placement, folder in outcome.hf_saved:
-            verdict = report.get(folder, f"the loading process failed: {done.stderr.strip()[-200:]}")
-            outcome.hf_checked += 1
-            if verdict == "ok":
-                outcome.hf_loads += 1
-            else:
-                outcome.failures.append(f"{placement}: its save_pretrained folder does not load ({verdict})")
-            shutil.rmtree(Path(folder).parent, ignore_errors=True)
+        outcome.load_checked += len(outcome.saved)
+        outcome.loads += _tally(report, failed, outcome.saved, "does not load without bnmove", outcome)
+        outcome.hf_checked += len(outcome.hf_saved)
+        outcome.hf_loads += _tally(
+            report, failed, outcome.hf_saved, "its save_pretrained folder does not load", outcome
+        )
+        for _, folder in outcome.saved + outcome.hf_saved:
+            shutil.rmtree(Path(folder).parent if folder.endswith("/hf") else folder, ignore_errors=True)
         outcome.saved.clear()
         outcome.hf_saved.clear()
         outcome.ok = not outcome.failures
+
+
+def _tally(
+    report: dict[str, str], failed: str, saved: list[tuple[str, str]], says: str, outcome: Outcome
+) -> int:
+    """How many of ``saved`` loaded and computed the same; the others become failures."""
+    verdicts = [(placement, report.get(folder, failed)) for placement, folder in saved]
+    outcome.failures.extend(f"{placement}: {says} ({v})" for placement, v in verdicts if v != "ok")
+    return sum(v == "ok" for _, v in verdicts)
 
 
 class _Timeout(Exception):
