@@ -242,3 +242,13 @@ def test_a_function_of_torch_is_described_by_name_and_any_other_refused() -> Non
         _spec(layer, "layer")
     with pytest.raises(ValueError, match="not of torch or transformers"):
         hf_structure.decode({"function": ["os", "getcwd"]})
+
+
+def test_rebuild_puts_each_described_module_in_its_place_and_a_none_stays_none() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    described = [["1", _spec(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), "1")], ["2", None]]
+    hf_structure.rebuild(model, json.loads(json.dumps(described)))
+    assert [type(m) for m in model[1]] == [nn.ReLU, nn.BatchNorm1d] and model[2] is None
+    assert list(model.state_dict()) == ["0.weight", "0.bias"] + [
+        f"1.1.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    ]

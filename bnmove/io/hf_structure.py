@@ -100,9 +100,9 @@ def rebuild(model: nn.Module, structure: list[list[Any]]) -> None:
     for path, spec in structure:
         owner, _, name = path.rpartition(".")
         parent = model.get_submodule(owner) if owner else model
-        new = build(spec)
         old = parent._modules.get(name)
-        if old is not None:  # on the device and in the dtype the model was built with
+        new = None if spec is None else build(spec)  # a child set to None stays None
+        if old is not None and new is not None:  # on the device the model was built on
             reference = next(old.parameters(), None)
             if reference is not None:
                 new.to(device=reference.device)
