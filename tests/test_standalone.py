@@ -261,6 +261,9 @@ def test_a_forward_installed_again_never_leaves_the_twin_of_the_earlier_one() ->
     starred.output(starred.placeholder("*args"))
     assert not install_forward(block, [(frozenset(), starred), (frozenset({"self.training"}), starred)])
     assert isinstance(block.forward, GraphForward) and dispatched(block) is None
+    clashing = fx.Graph()  # an argument named like one of the dispatcher's own inputs
+    clashing.output(clashing.placeholder("module_"))
+    assert not install_forward(block, [(frozenset(), clashing), (frozenset({"self.training"}), clashing)])
 
 
 def test_a_forward_that_tests_an_optional_argument_runs_its_graphs_without_bnmove(tmp_path: Path) -> None:

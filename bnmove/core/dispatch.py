@@ -7,9 +7,9 @@ each call is control flow, which a GraphModule cannot keep as such: torch rebuil
 GraphModule by tracing its code again, and tracing runs an ``if`` once. So the choice is written
 as data flow over the dispatcher's inputs, which tracing records as it is::
 
-    def forward(self, owner, graphs, is_, x, shortcut = None):
-        getattr_1 = owner.training
-        call = is_.__call__(shortcut, None)
+    def forward(self, module_, graphs_, is_none_, x, shortcut = None):
+        getattr_1 = module_.training
+        call = is_none_.__call__(shortcut, None)
         mul = call * 2
         add = getattr_1 + mul
         getitem = graphs[add]
@@ -62,11 +62,16 @@ def _switches(keys: Sequence[frozenset[str]]) -> tuple[bool, list[str]]:
     return TRAINING in named, sorted(named - {TRAINING})
 
 
+#: the dispatcher's own inputs, before the forward's
+_OWN_INPUTS = ("module_", "graphs_", "is_none_")
+
+
 def can_dispatch(graph: fx.Graph) -> bool:
     """Whether a dispatcher can pass a call on to this graph: every input is a named argument
     (a ``*args`` or ``**kwargs`` forward cannot be passed on without unpacking, which fx cannot
-    write)."""
-    return all(not str(n.target).startswith("*") for n in graph.nodes if n.op == "placeholder")
+    write), none named like the dispatcher's own."""
+    names = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    return not any(name.startswith("*") or name in _OWN_INPUTS for name in names)
 
 
 def dispatcher(
@@ -78,7 +83,7 @@ def dispatcher(
     keys = [key for key, _ in variants]
     training, optional = _switches(keys)
     graph = fx.Graph()
-    owner, graphs, is_ = (graph.placeholder(name) for name in ("owner", "graphs", "is_"))
+    owner, graphs, is_ = (graph.placeholder(name) for name in _OWN_INPUTS)
     inputs = [  # the forward's own arguments, with their defaults
         graph.placeholder(str(n.target), default_value=n.args[0])
         if n.args
