@@ -252,3 +252,17 @@ def test_rebuild_puts_each_described_module_in_its_place_and_a_none_stays_none()
     assert list(model.state_dict()) == ["0.weight", "0.bias"] + [
         f"1.1.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     ]
+
+
+def test_save_pretrained_refuses_a_class_transformers_does_not_export(tmp_path: Path) -> None:
+    """A model class of remote code (or a subclass of the user's) is not importable from
+    transformers, which the folder's modeling code would do: one line, nothing written."""
+    transformers = pytest.importorskip("transformers")
+
+    class MyResNet(transformers.ResNetForImageClassification):
+        pass
+
+    model = MyResNet(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
+    with pytest.raises(BnmoveError, match="MyResNet is not a class transformers itself exports"):
+        bnmove.io.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

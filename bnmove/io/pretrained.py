@@ -193,6 +193,13 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     folder = Path(folder)
     if not is_pretrained_model(model):
         raise BnmoveError(f"{type(model).__name__} is not a Hugging Face transformers model")
+    import transformers
+
+    if getattr(transformers, type(model).__name__, None) is not type(model):
+        raise BnmoveError(
+            f"{type(model).__name__} is not a class transformers itself exports (remote code?), which "
+            "the folder's modeling code would import: save the model whole, or --format pt2"
+        )
     changed = structure(model)
     autos = _auto_classes(model)
     new, source = _modeling(model)
