@@ -202,6 +202,11 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
         )
     changed = structure(model)
     autos = _auto_classes(model)
+    if not autos:  # nothing would load the folder's class: from_pretrained would build the original
+        raise BnmoveError(
+            f"no transformers Auto class builds {type(model).__name__} from its config, so no "
+            "from_pretrained would load the folder converted: save the model whole, or --format pt2"
+        )
     new, source = _modeling(model)
     with atomic_dir(folder) as tmp:
         cast(Any, model).save_pretrained(str(tmp))
