@@ -204,18 +204,17 @@ import torch
 torch.set_num_threads(1)
 report = {}
 for folder in json.load(open(sys.argv[1])):
-    sys_folder = folder
+    base = folder.removesuffix("/hf")  # beside a save_pretrained folder: its inputs and outputs
     try:
         if folder.endswith("/hf"):  # a folder bnmove.io.save_pretrained wrote: through transformers
             import transformers
             config = json.load(open(folder + "/config.json"))
             auto = getattr(transformers, sorted(config["auto_map"])[0])
             model = auto.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
-            folder = folder[: -len("/hf")]
         else:
             model = torch.load(folder + "/model.pt", weights_only=False).eval()
-        inputs = torch.load(folder + "/inputs.pt", weights_only=False)
-        expected = torch.load(folder + "/expected.pt", weights_only=False)
+        inputs = torch.load(base + "/inputs.pt", weights_only=False)
+        expected = torch.load(base + "/expected.pt", weights_only=False)
         with torch.no_grad():
             got = model(*inputs)
         want = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
@@ -223,9 +222,9 @@ for folder in json.load(open(sys.argv[1])):
         scale = max((float(t.abs().max()) for t in want if t.numel()), default=1.0)
         error = max((float((a - b).abs().max()) for a, b in zip(want, have) if a.numel()), default=0.0)
         same = len(want) == len(have) and error <= 1e-4 * max(scale, 1e-6)
-        report[sys_folder] = "ok" if same else f"outputs differ by {error:.3g}"
+        report[folder] = "ok" if same else f"outputs differ by {error:.3g}"
     except Exception as exc:
-        report[sys_folder] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ''}"
+        report[folder] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:150] if str(exc).strip() else ''}"
 print(json.dumps(report))
 """
 

@@ -320,7 +320,7 @@ def _load_hf_folder(path: Path) -> nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         if hasattr(config, STRUCTURE):  # written by bnmove.save_pretrained: its converted placement
-            return load_pretrained(path)
+            return load_pretrained(path, config)
         names = list(getattr(config, "architectures", None) or [])
         cls = getattr(transformers, names[0], None) if names else None
         model = (cls or transformers.AutoModel).from_pretrained(str(path), local_files_only=True)

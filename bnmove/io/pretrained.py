@@ -220,14 +220,15 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     return folder
 
 
-def load_pretrained(folder: Path) -> nn.Module:
+def load_pretrained(folder: Path, config: Any = None) -> nn.Module:
     """The model of a folder `save_pretrained` wrote, in its converted placement, built without
-    running the folder's code: its class from its config, the changed modules from the config's
-    list, then the weights, every one by name."""
+    running the folder's code: its class from its config (read from the folder unless given), the
+    changed modules from the config's list, then the weights, every one by name."""
     import transformers
     from safetensors.torch import load_file
 
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if config is None:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     cls = getattr(transformers, (config.architectures or [""])[0], None)
     if cls is None:
         raise BnmoveError(f"{folder}: its config names no transformers class ({config.architectures})")
@@ -245,6 +246,11 @@ def load_pretrained(folder: Path) -> nn.Module:
 
 def _check(model: nn.Module, loaded: nn.Module) -> None:
     want, got = model.state_dict(), loaded.state_dict()
-    if list(want) != list(got) or any(not torch.equal(want[k], got[k]) for k in want):
-        wrong = [k for k in want if k not in got or not torch.equal(want[k], got[k])] or list(got)
-        raise BnmoveError(f"the folder does not load back as the model: {wrong[0]} differs")
+    wrong = sorted(
+        k
+        for k in want.keys() | got.keys()
+        if k not in want or k not in got or not torch.equal(want[k], got[k])
+    )
+    if wrong or list(want) != list(got):
+        what = wrong[0] if wrong else "the order of its weights"
+        raise BnmoveError(f"the folder does not load back as the model: {what} differs")
