@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -278,3 +279,48 @@ def test_solves_in_chunks_of_channels_as_in_one_and_never_split_a_per_channel_ac
     torch.testing.assert_close(bn_math.gaussian_moments(per_channel, mu, sigma)[0], p_m, rtol=0, atol=0)
     bn_math.match_gaussian(per_channel, p_m, p_v)
     assert 40 in widths and 16 not in widths  # (64 channels: the elementwise probe, which fails)
+
+
+@pytest.mark.parametrize("solver", ["quadrature", "piecewise"])
+def test_repeated_targets_are_solved_once_each_to_the_same_solutions(
+    solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BNs never trained hold the same statistics: 3 distinct targets over 300 channels are solved
+    on 3 channels, and each channel gets what solving its target alone gives (1e-12)."""
+    from bnmove.core import piecewise
+
+    g = torch.Generator().manual_seed(4)
+    mu = torch.randn(3, generator=g, dtype=torch.float64)
+    sigma = torch.rand(3, generator=g, dtype=torch.float64) + 0.3
+    widths: list[int] = []
+    if solver == "quadrature":
+
+        def silu(z: torch.Tensor) -> torch.Tensor:
+            widths.append(z.shape[1])
+            return F.silu(z)
+
+        m, v = bn_math.gaussian_moments(F.silu, mu, sigma)
+        solve = functools.partial(bn_math.match_gaussian, silu)
+        probe = {64, 32}  # the elementwise check's own calls
+    else:
+        m, v = piecewise.moments(piecewise.HARDSWISH, mu, sigma)
+        expectations = piecewise._Pieces.expectations
+
+        def counted(
+            self: piecewise._Pieces, mu: torch.Tensor, sigma: torch.Tensor, families: int = 6
+        ) -> torch.Tensor:
+            widths.append(mu.numel())
+            return expectations(self, mu, sigma, families)
+
+        monkeypatch.setattr(piecewise._Pieces, "expectations", counted)
+        solve = functools.partial(piecewise.match, piecewise.HARDSWISH)
+        probe = set()
+    alone = [solve(m[i : i + 1], v[i : i + 1]) for i in range(3)]
+    order = torch.randint(0, 3, (300,), generator=g)
+    widths.clear()
+    together = solve(m[order], v[order])
+    assert widths and max(w for w in widths if w not in probe) <= 3
+    assert bool(together[2].all())
+    for k in range(2):  # mu, then sigma
+        want = torch.cat([alone[i][k] for i in range(3)])[order]
+        torch.testing.assert_close(together[k], want, rtol=1e-12, atol=1e-12)

@@ -140,6 +140,15 @@ def _hermite_nodes(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(nodes), torch.from_numpy(weights / weights.sum())
 
 
+@functools.lru_cache(maxsize=8)
+def _solving_nodes(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_hermite_nodes` less the far nodes whose weights are below 1e-18 (64 nodes: 44 kept): what
+    they add to a moment is below float64's rounding of it, and each costs an evaluation of ``f``."""
+    x, w = _hermite_nodes(n)
+    kept = w >= 1e-18
+    return x[kept].contiguous(), w[kept].contiguous()
+
+
 def gaussian_moments(
     f: Activation, mean: torch.Tensor, std: torch.Tensor, *, nodes: int = 96
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,18 +213,32 @@ def match_gaussian(
         dv/dmu = 2 Σ w (f(z) - m) f'(z)   dv/dl = 2 Σ w (f(z) - m) f'(z)·sigma·x
 
     (``Σ w (f - m) = 0`` drops the ``dm`` terms), so each step costs one evaluation of
-    ``f`` and of its elementwise derivative. Steps are damped (0.7) until both residuals are
-    below 1e-3, then full (quadratic convergence). Channels are independent: one whose step has
-    fallen below ``1e-10`` stops, the rest go on for at most ``steps`` steps; an elementwise ``f``
-    is solved ``_CHUNK`` channels at a time.
+    ``f`` and of its elementwise derivative (on ``nodes`` less those of negligible weight). Steps
+    are damped (0.7) until both residuals are below 1e-3, then full (quadratic convergence).
+    Channels are independent: one whose step has fallen below ``1e-10`` stops, the rest go on for
+    at most ``steps`` steps; an elementwise ``f`` solves each distinct target once (`distinct_targets`),
+    ``_CHUNK`` channels at a time.
     Returns ``(mu, sigma, converged)``; channels that do not converge (targets
     outside what ``f`` can produce) are reported, not guessed.
     """
-    channelwise = _elementwise(f)
-    if channelwise and target_mean.numel() > _CHUNK:
-        mu, sigma, ok = _in_chunks(lambda a, b: _match(f, a, b, steps, nodes, True), target_mean, target_var)
-        return mu, sigma, ok
-    return _match(f, target_mean, target_var, steps, nodes, channelwise)
+    if _elementwise(f):
+        return distinct_targets(
+            lambda a, b: _in_chunks(lambda c, d: _match(f, c, d, steps, nodes, True), a, b),
+            target_mean,
+            target_var,
+        )
+    return _match(f, target_mean, target_var, steps, nodes, False)
+
+
+def distinct_targets(
+    solve: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``solve`` on each distinct pair ``(a_c, b_c)`` once, its results given to every channel that
+    holds that pair (the BNs of a model never trained all hold the same statistics)."""
+    pairs, inverse = torch.unique(torch.stack([a.double(), b.double()], 1), dim=0, return_inverse=True)
+    if pairs.shape[0] == a.numel():
+        return solve(a, b)
+    return tuple(t[inverse] for t in solve(pairs[:, 0].to(a.dtype), pairs[:, 1].to(b.dtype)))
 
 
 #: ``(m, v, (dm/dmu, dm/dl), (dv/dmu, dv/dl))`` per channel at ``(mu, l = log sigma)``, for the
@@ -235,7 +258,7 @@ def _match(
     channelwise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`match_gaussian` on one group of channels."""
-    x, w = _hermite_nodes(nodes)
+    x, w = _solving_nodes(nodes)
 
     def moments(mu: torch.Tensor, log_s: torch.Tensor, at: torch.Tensor) -> Any:
         if channelwise:
