@@ -234,11 +234,15 @@ def distinct_targets(
     solve: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]], a: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """``solve`` on each distinct pair ``(a_c, b_c)`` once, its results given to every channel that
-    holds that pair (the BNs of a model never trained all hold the same statistics)."""
-    pairs, inverse = torch.unique(torch.stack([a.double(), b.double()], 1), dim=0, return_inverse=True)
-    if pairs.shape[0] == a.numel():
-        return solve(a, b)
-    return tuple(t[inverse] for t in solve(pairs[:, 0].to(a.dtype), pairs[:, 1].to(b.dtype)))
+    holds that pair (the BNs of a model never trained all hold the same statistics). Pairs are told
+    apart by their values' ranks (1-D sorts: ``torch.unique(dim=0)`` takes 20 ms on 19,200 pairs)."""
+    values_a, rank_a = torch.unique(a, return_inverse=True)
+    values_b, rank_b = torch.unique(b, return_inverse=True)
+    if max(values_a.numel(), values_b.numel()) == a.numel():
+        return solve(a, b)  # every pair differs
+    keys, inverse = torch.unique(rank_a * values_b.numel() + rank_b, return_inverse=True)
+    first = torch.empty(keys.numel(), dtype=torch.long).scatter_(0, inverse, torch.arange(a.numel()))
+    return tuple(t[inverse] for t in solve(a[first], b[first]))
 
 
 #: ``(m, v, (dm/dmu, dm/dl), (dv/dmu, dv/dl))`` per channel at ``(mu, l = log sigma)``, for the
