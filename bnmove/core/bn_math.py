@@ -222,11 +222,12 @@ def match_gaussian(
     outside what ``f`` can produce) are reported, not guessed.
     """
     if _elementwise(f):
-        return distinct_targets(
+        mu, sigma, ok = distinct_targets(
             lambda a, b: _in_chunks(lambda c, d: _match(f, c, d, steps, nodes, True), a, b),
             target_mean,
             target_var,
         )
+        return mu, sigma, ok
     return _match(f, target_mean, target_var, steps, nodes, False)
 
 

@@ -150,11 +150,12 @@ def match(
     def at(mu: torch.Tensor, log_s: torch.Tensor, active: torch.Tensor) -> Any:
         return _with_derivatives(table, mu[active], log_s[active])
 
-    return bn_math.distinct_targets(
+    mu, sigma, ok = bn_math.distinct_targets(
         lambda tm, tv: bn_math.newton_match(at, lambda mu, sigma: moments(pieces, mu, sigma), tm, tv, steps),
         target_mean,
         target_var,
     )
+    return mu, sigma, ok
 
 
 __all__ = ["HARDSIGMOID", "HARDSWISH", "Piece", "clipped", "leaky", "match", "moments"]
