@@ -79,11 +79,17 @@ class DenseNetLike(nn.Module):
 
 
 def _trained_like(model: nn.Module) -> nn.Module:
-    with torch.no_grad():  # non-trivial statistics
+    """Every BN's statistics and affine drawn per channel, as training leaves them: a never-trained
+    BN (weight 1, bias 0) makes the after-variant's BN′s all alike, which a solve does once."""
+    torch.manual_seed(0)
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
     return model.eval()
 
 
