@@ -3,12 +3,13 @@ LeakyReLU, Hardswish, Hardsigmoid): BN′'s statistics for them without quadratu
 
 An activation is a list of pieces ``[a, b)`` on each of which it is a polynomial of degree at
 most 2 (``c0 + c1·z + c2·z²``), continuous where the pieces meet. For ``z ~ N(mu, sigma²)`` and
-``u = (z − mu)/sigma``, the standard normal's partial moments over ``[alpha, beta]`` are::
+``alpha = (a − mu)/sigma``, ``beta = (b − mu)/sigma``, the partial moments ``Ij = E[z^j; a ≤ z < b]``
+follow from Stein's identity ``E[(z − mu)·g(z)] = sigma²·E g'(z)`` on the piece::
 
-    M0 = Φ(beta) − Φ(alpha),   M1 = φ(alpha) − φ(beta),
-    Mj = (j − 1)·M(j−2) + alpha^(j−1)·φ(alpha) − beta^(j−1)·φ(beta)
+    I0 = Φ(beta) − Φ(alpha),   I1 = mu·I0 + sigma·(φ(alpha) − φ(beta)),
+    Ij = mu·I(j−1) + (j − 1)·sigma²·I(j−2) + sigma·(a^(j−1)·φ(alpha) − b^(j−1)·φ(beta))
 
-and ``E[z^j; a ≤ z < b] = Σ_i C(j, i)·mu^(j−i)·sigma^i·Mi``. ``E f`` and ``E f²`` are sums of
+(an infinite bound's term is 0). ``E f`` and ``E f²`` are sums of
 these over the pieces; for a continuous piecewise ``g``, ``dE g/dmu = E g'`` and
 ``dE g/d(log sigma) = E[g'·(z − mu)]``, sums of the same kind. So the Newton solve for BN′
 before ``f`` (`bnmove.core.bn_math.newton_match`) costs a few operations per channel and
@@ -68,6 +69,8 @@ class _Pieces:
     def __init__(self, pieces: Sequence[Piece]) -> None:
         self.low = torch.tensor([a for a, _, _ in pieces], dtype=torch.float64)
         self.high = torch.tensor([b for _, b, _ in pieces], dtype=torch.float64)
+        self.finite_low = torch.where(torch.isfinite(self.low), self.low, 0.0)[:, None]
+        self.finite_high = torch.where(torch.isfinite(self.high), self.high, 0.0)[:, None]
         rows = []
         for _, _, f in pieces:
             slope, square = _derivative(f), _mul(f, f)
@@ -91,32 +94,22 @@ class _Pieces:
         # Φ(beta) − Φ(alpha), from the tail where both lie in it (no cancellation far right)
         upper = 0.5 * (torch.erfc(alpha / root2) - torch.erfc(beta / root2))
         lower = 0.5 * (torch.erfc(-beta / root2) - torch.erfc(-alpha / root2))
-        (a, pdf_a), (b, pdf_b) = _tail(alpha), _tail(beta)
-        partial = [torch.where(alpha > 0, upper, lower), pdf_a - pdf_b]
-        for j in range(2, 5):  # M_j = (j − 1)·M_(j−2) + alpha^(j−1)·φ(alpha) − beta^(j−1)·φ(beta)
-            partial.append((j - 1) * partial[j - 2] + a ** (j - 1) * pdf_a - b ** (j - 1) * pdf_b)
-        # E[z^j; piece] = Σ_i C(j, i)·mu^(j−i)·sigma^i·M_i, (P, 5, C) with j on dim 1
-        sigma_i = [sigma**i * partial[i] for i in range(5)]
-        mu_k = [torch.ones_like(mu), mu, mu * mu, mu**3, mu**4]
-        raw = torch.stack([_binomial_sum(j, mu_k, sigma_i) for j in range(5)], 1)
+        # sigma·φ at each bound (0 at an infinite one, where the bound itself is taken as 0)
+        at_low = sigma * torch.exp(-0.5 * alpha * alpha) / math.sqrt(2.0 * math.pi)
+        at_high = sigma * torch.exp(-0.5 * beta * beta) / math.sqrt(2.0 * math.pi)
+        var = sigma * sigma
+        raw = [torch.where(alpha > 0, upper, lower)]
+        raw.append(mu * raw[0] + at_low - at_high)
+        for j in range(2, 5):
+            raw.append(
+                mu * raw[j - 1]
+                + (j - 1) * var * raw[j - 2]
+                + self.finite_low ** (j - 1) * at_low
+                - self.finite_high ** (j - 1) * at_high
+            )
         pieces = self.coefficients.shape[1]
         flat = self.coefficients[:families].reshape(families, pieces * 5)  # (families, P·5)
-        return flat @ raw.reshape(pieces * 5, -1)
-
-
-def _tail(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` with ±∞ as 0, and ``φ(t)`` (0 at ±∞): ``t^k·φ(t)`` is then 0 at ±∞ too."""
-    finite = torch.isfinite(t)
-    safe = torch.where(finite, t, 0.0)
-    return safe, torch.where(finite, torch.exp(-0.5 * safe * safe) / math.sqrt(2.0 * math.pi), 0.0)
-
-
-def _binomial_sum(j: int, mu_k: list[torch.Tensor], sigma_i: list[torch.Tensor]) -> torch.Tensor:
-    """``Σ_i C(j, i)·mu^(j−i)·sigma^i·M_i``."""
-    total = mu_k[j] * sigma_i[0]
-    for i in range(1, j + 1):
-        total = total + math.comb(j, i) * mu_k[j - i] * sigma_i[i]
-    return total
+        return flat @ torch.stack(raw, 1).reshape(pieces * 5, -1)  # raw: (P, 5, C), j on dim 1
 
 
 def moments(
