@@ -247,6 +247,37 @@ def test_a_float32_weight_scaled_in_float32_is_within_two_ulps_of_the_float64_fo
     torch.testing.assert_close(c32, c64, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("fold", [bn_math.fold_into_preceding, bn_math.fold_into_following])
+@pytest.mark.parametrize(
+    ("shape", "groups", "transposed"),
+    [((6, 6, 3, 3), 1, False), ((6, 3, 1, 1), 2, False), ((6, 3, 1, 1), 2, True), ((6, 6), 1, False)],
+)
+def test_a_fold_in_place_scales_the_weight_itself_to_the_same_numbers(
+    fold, shape, groups, transposed
+) -> None:  # type: ignore[no-untyped-def]
+    """``inplace=True`` writes the scaled weight into the weight it was given (no temporary the size
+    of it) with the numbers of the fold that copies, bit for bit, 1x1 kernels included; without it
+    the weight is left as it was."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(*shape, generator=g, dtype=torch.float32)
+    bias = torch.randn(shape[1] * groups if transposed else shape[0], generator=g, dtype=torch.float32)
+    channels = (
+        (shape[0] if transposed else shape[1] * groups)
+        if fold is bn_math.fold_into_following
+        else bias.numel()
+    )
+    a = torch.rand(channels, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(channels, generator=g, dtype=torch.float64)
+    kept = weight.clone()
+    options = {"groups": groups, "transposed": transposed, "dtype": torch.float32}
+    copied = fold(weight, bias, a, b, **options)
+    assert torch.equal(weight, kept)
+    inplace = fold(weight, bias, a, b, inplace=True, **options)
+    assert inplace[0].data_ptr() == weight.data_ptr() and torch.equal(weight, copied[0])
+    assert not torch.equal(weight, kept)
+    assert torch.equal(inplace[1], copied[1])
+
+
 def test_solves_in_chunks_of_channels_as_in_one_and_never_split_a_per_channel_activation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

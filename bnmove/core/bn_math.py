@@ -59,13 +59,15 @@ def fold_into_preceding(
     transposed: bool = False,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``BN(z) = a*z + b`` into the layer that feeds it.
 
     ``weight`` is a Linear ``(out, in)``, a Conv ``(out, in/groups, *k)`` or a
     ConvTranspose ``(in, out/groups, *k)`` weight. Returns ``(weight', bias')`` with
     ``layer'(x) == BN(layer(x))``: the weight scaled in ``dtype`` (see `_scaled`), the bias in
-    float64.
+    float64. ``inplace``: ``weight`` itself is scaled and returned where it is of ``dtype``
+    (the same numbers, without a temporary the size of the weight).
     """
     w = _scaled(weight, dtype)
     scale = a.to(dtype)
@@ -73,11 +75,12 @@ def fold_into_preceding(
     if transposed:
         # Output channel o = g*(out/groups) + j lives at weight[g-block, j].
         in_ch, out_per_group = w.shape[0], w.shape[1]
+        view = scale.reshape(groups, 1, out_per_group, *([1] * (w.dim() - 2)))
         grouped = w.reshape(groups, in_ch // groups, out_per_group, *w.shape[2:])
-        new_w = (grouped * scale.reshape(groups, 1, out_per_group, *([1] * (w.dim() - 2)))).reshape(w.shape)
     else:
-        new_w = w * _channel_view(scale, w.dim(), 0)
-    return new_w, a * out_bias + b
+        view, grouped = _channel_view(scale, w.dim(), 0), w
+    scaled = grouped.mul_(view) if inplace and w.dtype == weight.dtype else grouped * view
+    return scaled.reshape(w.shape), a * out_bias + b
 
 
 def _scaled(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,34 +100,46 @@ def fold_into_following(
     transposed: bool = False,
     groups: int = 1,
     dtype: torch.dtype = torch.float64,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``BN(z) = a*z + b`` into the layer it feeds.
 
     Returns ``(weight', bias')`` with ``layer'(z) == layer(BN(z))`` for a Linear, an unpadded
     Conv, or a pointwise stride-1 ConvTranspose: the weight scaled in ``dtype`` (see `_scaled`),
     the bias in float64 (the kernel's sums accumulate in float64 whatever ``dtype``).
+    ``inplace``: as `fold_into_preceding`'s.
     """
     w = _scaled(weight, dtype)
     scale = a.to(dtype)
     if transposed:
         in_ch, out_per_group = w.shape[0], w.shape[1]
-        new_w = w * _channel_view(scale, w.dim(), 0)
+        view = _channel_view(scale, w.dim(), 0)
         # sum over kernel taps -> (in, out/groups); each input channel feeds its group.
-        tap_sum = w.reshape(in_ch, out_per_group, -1).sum(-1, dtype=torch.float64)
+        tap_sum = _tap_sums(w.reshape(in_ch, out_per_group, -1))
         shift = (tap_sum * b[:, None]).reshape(groups, in_ch // groups, out_per_group).sum(1)
         shift = shift.reshape(-1)
     else:
         out_ch, in_per_group = w.shape[0], w.shape[1]
-        new_w = w * scale.reshape(groups, 1, in_per_group).expand(groups, out_ch // groups, -1).reshape(
-            out_ch, in_per_group, *([1] * (w.dim() - 2))
+        view = (
+            scale.reshape(groups, 1, in_per_group)
+            .expand(groups, out_ch // groups, -1)
+            .reshape(out_ch, in_per_group, *([1] * (w.dim() - 2)))
         )
-        tap_sum = w.reshape(out_ch, in_per_group, -1).sum(-1, dtype=torch.float64)
+        tap_sum = _tap_sums(w.reshape(out_ch, in_per_group, -1))
         # each output channel's kernel sums times its group's shifts: one batched product per group
         shift = torch.bmm(
             tap_sum.reshape(groups, out_ch // groups, in_per_group), b.reshape(groups, in_per_group, 1)
         ).reshape(out_ch)
     out_bias = torch.zeros_like(shift) if bias is None else bias.detach().double()
+    # (the taps are summed before the weight is scaled, in place or not)
+    new_w = w.mul_(view) if inplace and w.dtype == weight.dtype else w * view
     return new_w, out_bias + shift
+
+
+def _tap_sums(taps: torch.Tensor) -> torch.Tensor:
+    """The sums over the last dim (a kernel's taps) in float64; a 1x1 kernel's single tap as it is
+    (a reduction that converts every element costs ten times the conversion alone)."""
+    return taps[..., 0].double() if taps.shape[-1] == 1 else taps.sum(-1, dtype=torch.float64)
 
 
 def identity_bn_params(

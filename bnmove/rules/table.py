@@ -31,15 +31,22 @@ from ..core import bn_math
 from ..core.affine import ChannelAffine
 
 Direction = Literal["backward", "forward"]
-#: ``fold(layer, a, b) -> (weight', bias')`` in float64
-Fold = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: ``fold(layer, a, b, inplace=False) -> (weight', bias')``, the bias in float64; ``inplace``: a
+#: Conv's or Linear's own weight is scaled (and returned), sparing a temporary the size of it
+Fold = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _weights(
-    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, *, direction: Direction, transposed: bool
+    layer: nn.Module,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    direction: Direction,
+    transposed: bool,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fold = bn_math.fold_into_preceding if direction == "backward" else bn_math.fold_into_following
     weight = cast(torch.Tensor, layer.weight)
@@ -53,11 +60,12 @@ def _weights(
         transposed=transposed,
         groups=int(getattr(layer, "groups", 1)),
         dtype=torch.promote_types(weight.dtype, torch.float32),
+        inplace=inplace,
     )
 
 
 def _diagonal(
-    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, *, direction: Direction
+    layer: nn.Module, a: torch.Tensor, b: torch.Tensor, *, direction: Direction, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     affine = cast(ChannelAffine, layer)
     w, c = affine.weight.detach().double().cpu(), affine.bias.detach().double().cpu()
@@ -97,11 +105,16 @@ def fold_for(layer: nn.Module, direction: Direction) -> Fold:
 def _set_weight_bias(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     w = cast(torch.Tensor, layer.weight)
     with torch.no_grad():
-        w.copy_(weight.to(w.dtype))
+        if not _same_memory(weight, w):  # a fold in place has written it already
+            w.copy_(weight.to(w.dtype))
         if layer.bias is None:
             layer.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype))
         else:
             cast(torch.Tensor, layer.bias).copy_(bias.to(w.dtype))
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr(), a.dtype, a.shape, a.stride()) == (b.data_ptr(), b.dtype, b.shape, b.stride())
 
 
 def fold_map(
@@ -110,4 +123,4 @@ def fold_map(
     """Fold the per-channel map ``a·z + b`` into the layer at ``layer_name``, in place."""
     layer = root.get_submodule(layer_name)
     assert isinstance(layer, AFFINE_LAYERS), f"{layer_name} takes no fold"
-    _set_weight_bias(layer, *fold_for(layer, direction)(layer, a, b))
+    _set_weight_bias(layer, *fold_for(layer, direction)(layer, a, b, inplace=True))
