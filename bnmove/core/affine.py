@@ -43,6 +43,7 @@ def _graph() -> fx.Graph:
 #: the code of every kept affine (regenerated the same after deepcopy and after loading)
 _CODE = _graph().python_code(root_module="self").src
 
+
 @functools.cache
 def _template() -> fx.GraphModule:
     """The kept affine every new one is copied from (no channels; never handed out): a copy reuses
