@@ -256,3 +256,42 @@ def test_a_kept_affine_built_with_the_shared_code_is_an_ordinary_graph_module() 
     affine.recompile()
     torch.testing.assert_close(affine(x), 2 * want, rtol=0, atol=0)
     torch.testing.assert_close(other(x), x, rtol=0, atol=0)  # the others keep their code
+
+
+def test_a_kept_affine_copies_its_graph_only_when_it_is_read() -> None:
+    """A new kept affine holds no graph of its own until one is read (the copy is most of what
+    making one costs); reading gives it its own copy of the template's, which an edit changes for
+    that layer alone. A copy of a layer not yet read is made without one too, a copy of an edited
+    one keeps the edit, and deep copies and pickles of an unread one compute the same map and load
+    as a plain GraphModule."""
+    from bnmove.core.clone import clone_module
+
+    affine, other = ChannelAffine(3), ChannelAffine(3)
+    with torch.no_grad():
+        affine.weight.copy_(torch.tensor([1.5, -2.0, 0.5]))
+        affine.bias.copy_(torch.tensor([0.25, 1.0, -1.0]))
+    assert "_graph" not in vars(affine)
+    x = torch.randn(2, 3, 4, 4)
+    want = x * affine.weight.view(1, 3, 1, 1) + affine.bias.view(1, 3, 1, 1)
+    torch.testing.assert_close(affine(x), want, rtol=0, atol=0)
+    lazy = clone_module(affine)
+    assert "_graph" not in vars(lazy)
+    torch.testing.assert_close(lazy(x), want, rtol=0, atol=0)
+    for again in (copy.deepcopy(affine), pickle.loads(pickle.dumps(affine))):
+        assert isinstance(again, ChannelAffine) and again.code == affine.code
+        torch.testing.assert_close(again(x), want, rtol=0, atol=0)
+    loaded = pickle.loads(pickle.dumps(ChannelAffine(3)))
+    assert type(loaded).__mro__[1] is torch.fx.GraphModule  # what torch alone rebuilds
+    graph = affine.graph
+    assert "_graph" in vars(affine) and graph.owning_module is affine
+    assert other.graph is not graph and len(other.graph.nodes) == len(graph.nodes)
+    (out,) = [n for n in graph.nodes if n.op == "output"]
+    with graph.inserting_before(out):
+        negated = graph.call_function(torch.neg, (out.args[0],))
+    out.args = (negated,)
+    affine.recompile()
+    torch.testing.assert_close(affine(x), -want, rtol=0, atol=0)
+    torch.testing.assert_close(clone_module(affine)(x), -want, rtol=0, atol=0)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(affine))(x), -want, rtol=0, atol=0)
+    torch.testing.assert_close(other(x), x, rtol=0, atol=0)  # weight 1, bias 0: its own code
+    torch.testing.assert_close(ChannelAffine(3)(x), x, rtol=0, atol=0)  # the template is untouched

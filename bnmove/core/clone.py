@@ -87,7 +87,7 @@ def _sibling(impl: type) -> type:
     )
 
 
-def _graph_copy(graph: fx.Graph) -> fx.Graph:
+def graph_copy(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph(tracer_cls=graph._tracer_cls)
     new._codegen = copy.deepcopy(graph._codegen)
     new.output(new.graph_copy(graph, {}))
@@ -124,7 +124,8 @@ def clone_module(module: M, memo: dict[int, Any] | None = None) -> M:
                 (k, None if t is None else _copy_tensor(t, memo)) for k, t in value.items()
             )
         elif name == "_graph" and isinstance(module, fx.GraphModule):
-            state[name] = _graph_copy(value)  # the graph its compiled code was made from
+            if value is not getattr(cls, "_shared_graph", None):  # else: copied when first read
+                state[name] = graph_copy(value)  # the graph its compiled code was made from
         else:
             state[name] = _copy_value(value, memo)
     new.__dict__.update(state)
