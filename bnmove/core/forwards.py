@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.graph import CodeGen
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
@@ -299,7 +300,8 @@ def install_forward(
     variants: Sequence[tuple[frozenset[str], fx.Graph]],
     specialised: dict[str, Any] | None = None,
 ) -> bool:
-    """Make the graphs the forward of this one instance (its class and everything else stay).
+    """Make the graphs the forward of this one instance (its class and everything else stay); the
+    graphs become the module's (the caller reads them no more).
 
     Returns whether torch alone can rebuild it: one graph is a GraphModule's forward, several
     are dispatched by a GraphModule (`bnmove.core.dispatch`); only a forward of several graphs
@@ -369,8 +371,12 @@ def _prepare_for_torchscript(module: nn.Module, graph: fx.Graph) -> None:
     """
     if hasattr(type(module), _PREPARE):
         return
+    # the graph is `install_forward`'s to give: a copy only where it is not yet as `copy_graph` makes one
+    plain = type(graph._codegen) is CodeGen and graph._tracer_cls is None
     direct = SharedCodeModule(
-        _stubs(graph, module), copy_graph(graph), class_name=f"{type(module).__name__}Script"
+        _stubs(graph, module),
+        graph if plain else copy_graph(graph),
+        class_name=f"{type(module).__name__}Script",
     )
     twin = type(module).__new__(type(module))
     twin.__dict__.update(module.__dict__)

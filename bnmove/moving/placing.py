@@ -377,11 +377,12 @@ class Mover:
         self._positions.clear()  # the reorders changed the Sequentials' keys
         dispatched = []
         for scope in sorted(self._dirty):
-            entry = self._scopes[scope]
+            entry = self._scopes.pop(scope)  # its graphs become the module's forward
             assert not isinstance(entry, Blocked)
             module = self.work.get_submodule(scope) if scope else self.work
             if not install_forward(module, entry[0], self._specialised.get(scope)):
                 dispatched.append(scope)
+        self._dirty.clear()
         return dispatched
 
 
