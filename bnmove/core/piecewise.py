@@ -64,9 +64,11 @@ def _derivative(p: Sequence[float]) -> tuple[float, ...]:
 class _Pieces:
     """The pieces as tensors: their bounds ``(P,)``, and the coefficients ``(6, P, 5)`` of the six
     polynomials whose expectations a Newton step needs: ``f``, ``f²``, ``f'``, ``f'·z``, ``(f²)'``
-    and ``(f²)'·z`` (degree at most 4)."""
+    and ``(f²)'·z`` (degree at most 4). A piece where ``f`` is 0 adds nothing to any of them and
+    is left out (ReLU6's, Hardswish's and Hardsigmoid's left piece: a third of the work)."""
 
     def __init__(self, pieces: Sequence[Piece]) -> None:
+        pieces = [piece for piece in pieces if any(c != 0.0 for c in piece[2])] or list(pieces[:1])
         self.low = torch.tensor([a for a, _, _ in pieces], dtype=torch.float64)
         self.high = torch.tensor([b for _, b, _ in pieces], dtype=torch.float64)
         self.finite_low = torch.where(torch.isfinite(self.low), self.low, 0.0)[:, None]
