@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -252,6 +253,22 @@ def test_rebuild_puts_each_described_module_in_its_place_and_a_none_stays_none()
     assert list(model.state_dict()) == ["0.weight", "0.bias"] + [
         f"1.1.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     ]
+
+
+def test_a_kept_affine_is_the_folder_s_layer_in_its_code_and_bnmove_s_when_bnmove_loads_it() -> None:
+    """The folder's own code builds its torch-only ``ChannelAffine``; bnmove's loader builds bnmove's
+    (a GraphModule torch alone unpickles, known as a kept affine to a later conversion)."""
+    described = [["1", {"channel_affine": 3, "training": False}]]
+    for affine, kind in ((None, hf_structure.ChannelAffine), (ChannelAffine, torch.fx.GraphModule)):
+        model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+        if affine is None:
+            hf_structure.rebuild(model, described)
+        else:
+            hf_structure.rebuild(model, described, affine=affine)
+        assert isinstance(model[1], kind) and isinstance(model[1], ChannelAffine) == (affine is not None)
+        assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+        assert not model[1].training
+    assert b"bnmove" not in pickle.dumps(model)
 
 
 def test_save_pretrained_refuses_a_class_transformers_does_not_export(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ after it imports the model's class from transformers): it is copied into the fol
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -72,10 +73,11 @@ def _tensor(shape: list[int], dtype: str) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.get_default_dtype() if kind.is_floating_point else kind)
 
 
-def build(spec: dict[str, Any]) -> nn.Module:
-    """The module ``spec`` describes, its tensors uninitialised (the weights are loaded after)."""
+def build(spec: dict[str, Any], affine: Callable[[int], nn.Module] = ChannelAffine) -> nn.Module:
+    """The module ``spec`` describes, its tensors uninitialised (the weights are loaded after); a
+    kept affine made by ``affine`` (bnmove's loader passes its own)."""
     if "channel_affine" in spec:
-        return ChannelAffine(spec["channel_affine"]).train(spec["training"])
+        return affine(spec["channel_affine"]).train(spec["training"])
     cls = _class(spec["class"])
     module = cls.__new__(cls)
     nn.Module.__init__(module)
@@ -90,18 +92,20 @@ def build(spec: dict[str, Any]) -> nn.Module:
     for name, shape, dtype, persistent in spec["buffers"]:
         module.register_buffer(name, None if shape is None else _tensor(shape, dtype), persistent=persistent)
     for name, child in spec["children"]:
-        module.add_module(name, None if child is None else build(child))
+        module.add_module(name, None if child is None else build(child, affine))
     module.train(spec["training"])
     return module
 
 
-def rebuild(model: nn.Module, structure: list[list[Any]]) -> None:
+def rebuild(
+    model: nn.Module, structure: list[list[Any]], affine: Callable[[int], nn.Module] = ChannelAffine
+) -> None:
     """Put every module of ``structure`` (``[path, spec]`` pairs) in its place in ``model``."""
     for path, spec in structure:
         owner, _, name = path.rpartition(".")
         parent = model.get_submodule(owner) if owner else model
         old = parent._modules.get(name)
-        new = None if spec is None else build(spec)  # a child set to None stays None
+        new = None if spec is None else build(spec, affine)  # a child set to None stays None
         if old is not None and new is not None:  # on the device the model was built on
             reference = next(old.parameters(), None)
             if reference is not None:

@@ -233,7 +233,9 @@ def load_pretrained(folder: Path, config: Any = None) -> nn.Module:
     if cls is None:
         raise BnmoveError(f"{folder}: its config names no transformers class ({config.architectures})")
     model = cls._from_config(config)
-    hf_structure.rebuild(model, getattr(config, STRUCTURE))
+    # bnmove's kept affine, not the folder's: torch alone loads the model saved whole, and a later
+    # conversion knows it for what it is
+    hf_structure.rebuild(model, getattr(config, STRUCTURE), affine=ChannelAffine)
     weights: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(str(file)))
