@@ -11,6 +11,7 @@ from ..analysis.detect import Pair
 from ..analysis.tracing import Untraced
 from ..deploy.folding import BnFate
 from ..pipeline.results import Conversion, Move
+from ..rules import MOVE_IDENTITY
 from ..rules.base import Method
 from ._shared import WIDE_TABLE, _yes
 
@@ -105,7 +106,13 @@ _METHOD_LABEL = {
 }
 
 
-def _label(method: Method | None, short: bool = False) -> str:
+#: an exact move that folded nothing and kept nothing: the BN computed nothing in eval mode
+_IDENTITY_LABEL = ("moved as the identity", "exact (identity)")
+
+
+def _label(method: Method | None, short: bool = False, rule: str | None = None) -> str:
+    if rule == MOVE_IDENTITY.name:
+        return _IDENTITY_LABEL[int(short)]
     return _METHOD_LABEL[method or Method.EXACT][int(short)]
 
 
@@ -122,8 +129,8 @@ def _move_result(move: Move, short: bool) -> str:
     else:
         colour = "yellow"
     if short:
-        return f"[{colour}]{_label(method, short=True)}[/]"
-    text = "swap: function changed" if method is Method.SWAP else _label(method)
+        return f"[{colour}]{_label(method, True, move.rule)}[/]"
+    text = "swap: function changed" if method is Method.SWAP else _label(method, rule=move.rule)
     return f"[{colour}]moved ({text})[/]"
 
 
@@ -161,7 +168,7 @@ def conversion_table(conversion: Conversion, width: int | None = None) -> Table:
 
 def conversion_summary(conversion: Conversion) -> str:
     moved = conversion.moved
-    counts = Counter(_label(m.method) for m in moved)
+    counts = Counter(_label(m.method, rule=m.rule) for m in moved)
     adjacent = sum(m.pair.placement is not None for m in conversion.moves)
     detail = ", ".join(f"{n} {label}" for label, n in counts.items()) or "none"
     absorbed = conversion.absorbed
