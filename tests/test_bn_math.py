@@ -281,8 +281,8 @@ def test_a_fold_in_place_scales_the_weight_itself_to_the_same_numbers(
 def test_solves_in_chunks_of_channels_as_in_one_and_never_split_a_per_channel_activation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An elementwise activation is solved a chunk of channels at a time, to the same solutions
-    (1e-12); a per-channel one (PReLU) sees every channel at once, as it must."""
+    """An elementwise activation's quadratures take a chunk of channels at a time, in one Newton loop,
+    to the same solutions (1e-12); a per-channel one (PReLU) sees every channel at once, as it must."""
     g = torch.Generator().manual_seed(3)
     mu = torch.randn(40, generator=g, dtype=torch.float64)
     sigma = torch.rand(40, generator=g, dtype=torch.float64) + 0.3
@@ -302,7 +302,11 @@ def test_solves_in_chunks_of_channels_as_in_one_and_never_split_a_per_channel_ac
     chunked_m, chunked_v = bn_math.gaussian_moments(F.silu, mu, sigma)
     torch.testing.assert_close(chunked_m, whole_m, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunked_v, whole_v, rtol=1e-12, atol=1e-12)
+    loops = []
+    newton = bn_math.newton_match
+    monkeypatch.setattr(bn_math, "newton_match", lambda *a: loops.append(1) or newton(*a))
     chunked = bn_math.match_gaussian(F.silu, whole_m, whole_v)
+    assert len(loops) == 1  # one Newton loop for the 3 chunks: its last steps are paid once
     assert bool(whole[2].all()) and torch.equal(chunked[2], whole[2])
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(chunked[1], whole[1], rtol=1e-10, atol=1e-10)

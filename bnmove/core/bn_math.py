@@ -232,15 +232,14 @@ def match_gaussian(
     are damped (0.7) until both residuals are below 1e-3, then full (quadratic convergence).
     Channels are independent: one whose step has fallen below ``1e-10`` stops, the rest go on for
     at most ``steps`` steps; an elementwise ``f`` solves each distinct target once (`distinct_targets`),
-    ``_CHUNK`` channels at a time.
+    all of them in one Newton loop whose quadratures take ``_CHUNK`` channels at a time (a loop per
+    chunk paid the last steps, a handful of channels each, once per chunk).
     Returns ``(mu, sigma, converged)``; channels that do not converge (targets
     outside what ``f`` can produce) are reported, not guessed.
     """
     if _elementwise(f):
         mu, sigma, ok = distinct_targets(
-            lambda a, b: _in_chunks(lambda c, d: _match(f, c, d, steps, nodes, True), a, b),
-            target_mean,
-            target_var,
+            lambda a, b: _match(f, a, b, steps, nodes, True), target_mean, target_var
         )
         return mu, sigma, ok
     return _match(f, target_mean, target_var, steps, nodes, False)
@@ -281,8 +280,11 @@ def _match(
     x, w = _solving_nodes(nodes)
 
     def moments(mu: torch.Tensor, log_s: torch.Tensor, at: torch.Tensor) -> Any:
-        if channelwise:
-            return _quadrature(f, mu[at], log_s[at], x, w)
+        if channelwise:  # in chunks of channels: one Newton loop for all, its few last steps paid once
+            m, v, dm_mu, dm_l, dv_mu, dv_l = _in_chunks(
+                lambda a, b: _flat(_quadrature(f, a, b, x, w)), mu[at], log_s[at]
+            )
+            return m, v, (dm_mu, dm_l), (dv_mu, dv_l)
         # a per-channel f (PReLU) reads every channel on dim 1: all are evaluated, the active kept
         m, v, dm, dv = _quadrature(f, mu, log_s, x, w)
         return m[at], v[at], (dm[0][at], dm[1][at]), (dv[0][at], dv[1][at])
@@ -334,13 +336,20 @@ def _quadrature(
         y = f(z.clone())  # a non-leaf input: an in-place activation may write into it
         (fp,) = torch.autograd.grad(y.sum(), z)
     y, fp = y.detach().double(), fp.double()
-    # every sum over the nodes as one product with the weights w and w·x: Σ w·f', Σ w·x·f' and
-    # Σ w·(f − m)·f', Σ w·x·(f − m)·f' in one (2, nodes) @ (nodes, 2C)
+    # every sum over the nodes as a product with the weights w and w·x: Σ w·f', Σ w·x·f' in one
+    # (2, nodes) @ (nodes, C), and Σ w·(f − m)·f', Σ w·x·(f − m)·f' in another
     m = w @ y
     dev = y - m
     v = w @ (dev * dev)
-    grad_f, grad_dev = (torch.stack([w, w * x]) @ torch.cat([fp, dev * fp], 1)).split(mu.numel(), 1)
+    both = torch.stack([w, w * x])
+    grad_f = both @ fp
+    grad_dev = both @ dev.mul_(fp)  # (f − m)·f' in place: the deviations are read no more
     return m, v, (grad_f[0], s * grad_f[1]), (2 * grad_dev[0], 2 * s * grad_dev[1])
+
+
+def _flat(moments: Any) -> tuple[torch.Tensor, ...]:
+    m, v, dm, dv = moments
+    return (m, v, *dm, *dv)
 
 
 def _newton_update(
