@@ -359,3 +359,28 @@ def test_repeated_targets_are_solved_once_each_to_the_same_solutions(
     for k in range(2):  # mu, then sigma
         want = torch.cat([alone[i][k] for i in range(3)])[order]
         torch.testing.assert_close(together[k], want, rtol=1e-12, atol=1e-12)
+
+
+class _OwnInplace(nn.Module):
+    """An activation of the user's own with an ``inplace`` flag it ignores: it always writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inplace = True
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z.clamp_(min=0.0)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.SiLU(inplace=True), lambda: nn.ReLU6(inplace=True), _OwnInplace])
+def test_an_activation_module_as_a_function_never_writes_over_its_input(make) -> None:  # type: ignore[no-untyped-def]
+    """torch's in-place activations are called as a copy with ``inplace=False`` (the module given
+    keeps its flag); any other module on a copy of the input."""
+    from bnmove.rules._parameters import module_function
+
+    module = make()
+    f = module_function(module)
+    z = torch.randn(4, 8, dtype=torch.float64)
+    kept = z.clone()
+    torch.testing.assert_close(f(z), make()(z.clone()), rtol=0, atol=0)
+    assert torch.equal(z, kept) and module.inplace is True

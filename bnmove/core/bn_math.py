@@ -177,10 +177,10 @@ def gaussian_moments(
         return m, v
     x, w = _hermite_nodes(nodes)
     z = mean.double()[None, :] + std.double().abs()[None, :] * x[:, None]
-    y = f(z.clone()).double()
-    m = (w[:, None] * y).sum(0)
-    var = (w[:, None] * (y - m) ** 2).sum(0)
-    return m, var.clamp_min(0.0)
+    y = f(z).double()  # z is read no more: an in-place f may write into it
+    m = w @ y
+    dev = y - m
+    return m, (w @ dev.mul_(dev)).clamp_min(0.0)
 
 
 #: channels a quadrature evaluates at once when its activation is elementwise: (nodes, 4096)

@@ -117,6 +117,11 @@ def pieces_of(key: Hashable | None) -> list[piecewise.Piece] | None:
 def module_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """An activation module as a function that never writes over its input."""
     if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+        if getattr(module, "inplace", None) is True and type(module).__module__.startswith("torch.nn."):
+            # torch's own: a shallow copy with inplace=False, sparing a copy of every input
+            module = copy.copy(module)
+            module.inplace = False  # type: ignore[assignment]
+            return cast("Callable[[torch.Tensor], torch.Tensor]", module)
         # Stateless: call it as is, on a copy of the input in case it works in place.
         return lambda z: module(z.clone())  # type: ignore[no-any-return]
     # float64 on the CPU: quadrature needs the precision, not the accelerator.
