@@ -202,8 +202,20 @@ class _SharedReLUBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
 
 
-def test_blocks_of_one_structure_are_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three blocks alike and one wider: two traces of a block's forward, and every block's BN moves."""
+class _ReadsChildSetting(_SharedReLUBlock):
+    """A block whose forward reads a setting of a child: blocks of two widths trace differently."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.bn1(self.conv1(x)))
+        if self.conv1.out_channels > 4:
+            y = y * 2.0
+        return self.relu(self.bn2(self.conv2(y)) + x)
+
+
+def test_blocks_that_trace_alike_are_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three blocks alike and one wider, whose forward only calls its children: one trace of a
+    block's forward, and every block's BN moves. Blocks whose forward reads a child's width: one
+    trace per width, and each computes what it computed."""
     import bnmove.moving.surgery as surgery
 
     traced: list[int] = []
@@ -220,10 +232,17 @@ def test_blocks_of_one_structure_are_traced_once(monkeypatch: pytest.MonkeyPatch
     ).eval()
     x = torch.randn(2, 4, 6, 6)
     result = convert(model, "after", method="exact", example_inputs=(x,))
-    assert len(traced) == 2
+    assert len(traced) == 1
     assert sorted(m.pair.bn for m in result.moves if m.moved) == ["0.bn1", "1.bn1", "2.bn1", "4.bn1"]
     assert sorted(_generated(result.model)) == ["0", "1", "2", "4"]
     assert_same_outputs(model, result.model, (x,))
+    traced.clear()
+    reading = randomize_bn(
+        nn.Sequential(_ReadsChildSetting(4), _ReadsChildSetting(4), nn.Conv2d(4, 6, 1), _ReadsChildSetting(6))
+    ).eval()
+    result = convert(reading, "after", method="exact", example_inputs=(x,))
+    assert len(traced) == 2 and sorted(_generated(result.model)) == ["0", "1", "3"]
+    assert_same_outputs(reading, result.model, (x,))
 
 
 class _ReadsTensors(nn.Module):

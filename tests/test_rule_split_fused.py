@@ -70,10 +70,10 @@ def test_what_a_fused_module_is_comes_back_typed() -> None:
     assert isinstance(blocked, Blocked) and "is not batch_norm followed by an activation" in blocked.reason
 
 
-def test_fused_modules_of_one_structure_are_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """timm repeats a few fused modules dozens of times: modules of one class with the same
-    settings (and children) trace alike, so each structure is analysed once, and each of its
-    modules splits and moves."""
+def test_fused_modules_that_trace_alike_are_analysed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm repeats a few fused modules dozens of times: the forward reads no width and only calls
+    its children, so modules of one class and activation trace alike whatever their width and are
+    analysed once (another activation is another analysis); each of them splits and moves."""
     import bnmove.analysis.detect as detect
 
     traced: list[nn.Module] = []
@@ -87,12 +87,15 @@ def test_fused_modules_of_one_structure_are_traced_once(monkeypatch: pytest.Monk
     model = nn.Sequential(
         *(m for _ in range(3) for m in (nn.Conv2d(4, 4, 1), BatchNormAct2d(4))),
         nn.Conv2d(4, 6, 1),
-        BatchNormAct2d(6),  # another width: another structure
+        BatchNormAct2d(6),  # another width: the same analysis
+        nn.Conv2d(6, 6, 1),
+        BatchNormAct2d(6, act_layer=nn.SiLU),  # another activation: another analysis
     ).eval()
     x = torch.randn(2, 4, 5, 5)
     result = convert(model, "after", method="exact", example_inputs=(x,))
-    assert len(traced) == 2
-    assert rules_used(result) == {"fold-backward": 4}
+    assert [m.num_features for m in traced] == [4, 6]
+    assert isinstance(traced[1].act, nn.SiLU)
+    assert rules_used(result) == {"fold-backward": 5}
     assert_same_outputs(model, result.model, (x,))
 
 

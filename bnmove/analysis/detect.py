@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 from torch import fx, nn
 
+from ..core.alike import forward_key
 from ..core.blocked import Blocked
-from ..core.modules import module_calls, qualified, structure
+from ..core.modules import module_calls, qualified
 from .batchnorms import is_batchnorm_module, is_functional_batchnorm, is_plain_batchnorm
 from .fused import FusedNorm, analyze_fused_norm
 from .nodes import describe_node, input_is_shared, is_identity_node, skip_identity_down
@@ -125,7 +126,7 @@ class _RegionAnalysis:
         self.modules = view.modules
         self.calls = view.calls
         self._fused: dict[str, FusedNorm | Blocked | None] = {}
-        #: by structure: modules of one class and settings trace alike (timm repeats a few dozen)
+        #: by `forward_key`: fused modules whose forwards trace alike share one analysis
         self._fused_like: dict[Hashable, FusedNorm | Blocked | None] = {}
 
     def bn_module(self, node: fx.Node) -> nn.Module | None:
@@ -141,7 +142,7 @@ class _RegionAnalysis:
             return None
         key = str(node.target)
         if key not in self._fused:
-            like = structure(module)
+            like = forward_key(module, child_settings=True)  # which activation it calls counts
             if like is None:
                 self._fused[key] = analyze_fused_norm(module)
             else:

@@ -23,9 +23,10 @@ from torch.fx.proxy import TraceError
 from ..analysis.detect import Site
 from ..analysis.nodes import input_is_shared
 from ..analysis.tracing import Region
+from ..core.alike import forward_key
 from ..core.blocked import Blocked
 from ..core.forwards import copy_graph, generated_forward, install_forward
-from ..core.modules import Slots, first_line, qualified, set_submodule, structure
+from ..core.modules import Slots, first_line, qualified, set_submodule
 from ..core.running import untouched
 from ..rules import SPLIT_FUSED, Context
 from ..rules.split_fused import activation_module
@@ -91,7 +92,7 @@ class Mover:
         self._positions: dict[int, tuple[list[str], dict[str, int]]] = {}
         #: every module's slots in each region, read once (a replaced module's slots are looked up here)
         self._slots: dict[str, Slots] = {}
-        #: the graphs of each structure's own forward, as traced (copies are edited)
+        #: the graphs of the own forward of each key of blocks that trace alike, as traced (copies are edited)
         self._traced_like: dict[Hashable, list[tuple[frozenset[str], fx.Graph]]] = {}
 
     def slots(self, region: str) -> Slots:
@@ -232,10 +233,11 @@ class Mover:
         return self._scopes[scope]
 
     def _own_forward(self, module: nn.Module) -> list[tuple[frozenset[str], fx.Graph]]:
-        """`surgery.trace_own_forward`, traced once per structure: blocks of one class with equal
-        settings all the way down trace alike (a ResNet repeats a handful of blocks). A module with
-        a forward of its own (bnmove's, installed earlier) has no structure: its graphs are its own."""
-        like = structure(module)
+        """`surgery.trace_own_forward`, traced once for the blocks that trace alike
+        (`bnmove.core.alike.forward_key`: ResNet-50's 16 bottlenecks trace twice, with and without a
+        downsample). A module with a forward of its own (bnmove's, installed earlier) has no key:
+        its graphs are its own."""
+        like = forward_key(module)
         if like is None:
             return surgery.trace_own_forward(module)
         if like not in self._traced_like:
