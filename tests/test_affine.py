@@ -295,3 +295,35 @@ def test_a_kept_affine_copies_its_graph_only_when_it_is_read() -> None:
     torch.testing.assert_close(pickle.loads(pickle.dumps(affine))(x), -want, rtol=0, atol=0)
     torch.testing.assert_close(other(x), x, rtol=0, atol=0)  # weight 1, bias 0: its own code
     torch.testing.assert_close(ChannelAffine(3)(x), x, rtol=0, atol=0)  # the template is untouched
+
+
+def test_the_identity_test_reads_the_first_channel_first_and_decides_as_the_full_test(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An identity BN (BN′) nudged by 0 to 12 ulps in one channel's weight or bias, the first or
+    another, float32 and float64, and a kept affine likewise: the early look at the first channel
+    never decides otherwise than the per-channel test alone."""
+    from bnmove.core import affine
+
+    cases: list[tuple[nn.Module, bool]] = []
+    for dtype in (torch.float32, torch.float64):
+        for channel in (0, 3):
+            for which in ("weight", "bias"):
+                for ulps in (0, 2, 4, 5, 8, 12):
+                    bn = nn.BatchNorm2d(5).to(dtype).eval()
+                    with torch.no_grad():
+                        bn.running_mean.uniform_(-1, 1)
+                        bn.running_var.uniform_(0.5, 2)
+                        bn.weight.copy_((bn.running_var + bn.eps).sqrt())
+                        bn.bias.copy_(bn.running_mean)
+                        t = getattr(bn, which)
+                        step = torch.finfo(dtype).eps * max(float(t[channel].abs()), 1.0)
+                        t[channel] += ulps * step
+                    cases.append((bn, affine.is_identity(bn)))
+                    kept = ChannelAffine(5, dtype=dtype)
+                    with torch.no_grad():
+                        getattr(kept, which)[channel] += ulps * torch.finfo(dtype).eps
+                    cases.append((kept, affine.is_identity(kept)))
+    assert {decided for _, decided in cases} == {True, False}
+    monkeypatch.setattr(affine, "_first_channel_far", lambda bn, u: False)
+    assert [affine.is_identity(m) for m, _ in cases] == [decided for _, decided in cases]

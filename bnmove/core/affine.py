@@ -17,6 +17,7 @@ and Add; a later move folds a BN into it exactly, like into a Linear.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Any
 
@@ -172,6 +173,8 @@ def is_identity(bn: nn.Module) -> bool:
     stored = bn.weight if isinstance(getattr(bn, "weight", None), torch.Tensor) else bn.running_mean
     assert isinstance(stored, torch.Tensor)
     u = IDENTITY_ULPS * torch.finfo(stored.dtype).eps
+    if _first_channel_far(bn, u):
+        return False
     a, b = affine_map(bn)
     mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     size = (
@@ -180,6 +183,25 @@ def is_identity(bn: nn.Module) -> bool:
         else mean.double().abs() + (var.double() + bn.eps).sqrt()
     )
     return bool(((a - 1).abs() <= u).all() and (b.abs() <= u * size.to(b)).all())
+
+
+def _first_channel_far(bn: nn.Module, u: float) -> bool:
+    """The first channel's map, in Python floats, at least twice outside `is_identity`'s bounds: a BN
+    that computes something fails here, before the per-channel test's dozen tensor operations
+    (a conversion asks it of every BN it moves)."""
+    first = [
+        float(t.detach().reshape(-1)[0]) if isinstance(t, torch.Tensor) and t.numel() else None
+        for t in (getattr(bn, n, None) for n in ("weight", "bias", "running_mean", "running_var"))
+    ]
+    weight, bias, mean, var = first
+    if isinstance(bn, ChannelAffine) or mean is None or var is None:
+        a, b, size = weight if weight is not None else 1.0, bias or 0.0, 1.0
+    else:
+        eps: float = bn.eps  # type: ignore[assignment]
+        scale = math.sqrt(var + eps)
+        a = (weight if weight is not None else 1.0) / scale
+        b, size = (bias or 0.0) - a * mean, abs(mean) + scale
+    return abs(a - 1.0) > 2 * u or abs(b) > 2 * u * size
 
 
 __all__ = ["ChannelAffine", "affine_map", "is_identity", "scale_positive"]
