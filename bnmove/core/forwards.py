@@ -135,7 +135,7 @@ class GraphForward:
 @functools.lru_cache(maxsize=512)
 def _compiled(source: str) -> Callable[..., Any]:
     """The function of a generated forward's source (with its imports): one per source text, which
-    blocks of one structure share, and which analysing a converted model reads again and again."""
+    blocks that trace alike share, and which analysing a converted model reads again and again."""
     return _forward_from_src(source, {})  # type: ignore[no-any-return]
 
 

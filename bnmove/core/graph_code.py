@@ -1,7 +1,7 @@
 """GraphModules that compile the code of a graph once per process, however many are built from it.
 
 A conversion builds many GraphModules from graphs alike: every kept affine has the same graph, and
-blocks of one structure (resnet50's Bottlenecks) get regenerated forwards, and scriptable twins,
+blocks that trace alike (resnet50's Bottlenecks) get regenerated forwards, and scriptable twins,
 whose code is the same text. A GraphModule generates its code from its graph and compiles it when
 it is built, which is most of what building one costs. `SharedCodeModule` does that once per
 graph *fingerprint* (every node's operation, name, target, arguments and annotation: what the
