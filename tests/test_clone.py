@@ -30,7 +30,16 @@ def test_clone_keeps_ties_and_independence() -> None:
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(3, 3))
     model[3].weight = model[0].weight
     model.config = {"depth": [1, 2]}  # type: ignore[assignment]
+    model.seen = []  # type: ignore[assignment]  # empty containers are the clone's own too
     clone = clone_module(model)
+    clone[1].register_forward_hook(lambda m, i, o: o)
+    clone.seen.append(1)  # type: ignore[union-attr]
+    assert not model[1]._forward_hooks and model.seen == []
+    assert all(
+        getattr(a, k) is not getattr(b, k)
+        for a, b in zip(clone.modules(), model.modules(), strict=True)
+        for k in ("_forward_hooks", "_forward_pre_hooks", "_state_dict_hooks", "_modules", "_parameters")
+    )
     assert clone[0] is clone[2] and clone[3].weight is clone[0].weight
     with torch.no_grad():
         clone[0].weight.add_(1.0)

@@ -33,11 +33,24 @@ M = TypeVar("M", bound=nn.Module)
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), type)
 
 
+#: the exact types `_copy_value` answers first, by one set lookup (a module's dozen hook
+#: dictionaries are empty OrderedDicts; its settings are ints, floats, bools, strings)
+_SHARED_TYPES = frozenset(t for t in _IMMUTABLE if t is not type)
+_EMPTY_TYPES = frozenset((dict, list, set, _OrderedDict))
+
+
+#: what a module holds whose copy two modules may share (a view's dictionaries are its module's)
+_TREE = frozenset(("_modules", "_parameters", "_buffers", "_graph"))
+
+
 def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
+    kind = type(value)
+    if kind in _SHARED_TYPES:
+        return value
+    if kind in _EMPTY_TYPES and not value:
+        return kind()
     if isinstance(value, _IMMUTABLE):
         return value
-    if isinstance(value, (dict, list, set)) and not value and type(value) in (dict, list, set, _OrderedDict):
-        return type(value)()
     if isinstance(value, tuple) and all(isinstance(v, _IMMUTABLE) for v in value):
         return value
     if id(value) in memo:
@@ -112,6 +125,14 @@ def clone_module(module: M, memo: dict[int, Any] | None = None) -> M:
     memo[key] = new
     state: dict[str, Any] = {}
     for name, value in module.__dict__.items():
+        kind = type(value)
+        if name not in _TREE:  # `_copy_value`'s first answers, without the call
+            if kind in _SHARED_TYPES:
+                state[name] = value
+                continue
+            if kind in _EMPTY_TYPES and not value:
+                state[name] = kind()
+                continue
         if name in ("_modules", "_parameters", "_buffers") and id(value) in memo:
             state[name] = memo[id(value)]  # a view's, or a twin's: the module's own, copied already
         elif name == "_modules":
