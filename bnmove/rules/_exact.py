@@ -78,8 +78,16 @@ def _given(site: Site, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return bn.running_mean.detach().double().cpu(), bn.running_var.detach().double().cpu()
 
 
+def _closed_form(key: Hashable | None) -> bool:
+    """ReLU and the piecewise polynomials: solved from their key alone, with no function to call."""
+    return key in RELU_KEYS or pieces_of(key) is not None
+
+
 def _solve(
-    f: bn_math.Activation, key: Hashable | None, after: bool, given: tuple[torch.Tensor, torch.Tensor]
+    f: bn_math.Activation | None,
+    key: Hashable | None,
+    after: bool,
+    given: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BN′'s ``(mean, var)`` per channel and which channels a Gaussian explains.
 
@@ -95,6 +103,7 @@ def _solve(
         elif pieces is not None:
             mean, var = piecewise.moments(pieces, *given)
         else:
+            assert f is not None
             mean, var = bn_math.gaussian_moments(f, *given)
         return mean, var, torch.ones_like(mean, dtype=torch.bool)
     if key in RELU_KEYS:
@@ -102,6 +111,7 @@ def _solve(
     elif pieces is not None:
         mu, sigma, ok = piecewise.match(pieces, *given)
     else:
+        assert f is not None
         mu, sigma, ok = bn_math.match_gaussian(f, *given)
     return torch.where(ok, mu, torch.zeros_like(mu)), torch.where(ok, sigma**2, torch.ones_like(sigma)), ok
 
@@ -120,7 +130,7 @@ def _prime(
 
 class _Request(NamedTuple):
     site: Site
-    f: bn_math.Activation
+    f: bn_math.Activation | None  # None: solved in closed form
     key: Hashable | None
     given: tuple[torch.Tensor, torch.Tensor]
 
@@ -132,10 +142,12 @@ def solve_primes(moves: Sequence[tuple[nn.Module, Site, Rule]]) -> dict[Site, Pr
     (`identity` handles them)."""
     groups: dict[Hashable, list[_Request]] = {}
     for root, site, rule in moves:
-        f = pair_activation(root, site) if isinstance(rule, ExactRule) else None
-        if f is None:
+        if not isinstance(rule, ExactRule):
             continue
         key = pair_activation_key(root, site)
+        f = None if _closed_form(key) else pair_activation(root, site)
+        if f is None and not _closed_form(key):
+            continue
         group = (site.pair.placement, key) if key is not None else site  # unknown: solved alone
         given = _given(site, batchnorm_at(root, str(site.bn_node.target)))
         groups.setdefault(group, []).append(_Request(site, f, key, given))
