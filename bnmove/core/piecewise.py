@@ -71,8 +71,11 @@ class _Pieces:
         pieces = [piece for piece in pieces if any(c != 0.0 for c in piece[2])] or list(pieces[:1])
         self.low = torch.tensor([a for a, _, _ in pieces], dtype=torch.float64)
         self.high = torch.tensor([b for _, b, _ in pieces], dtype=torch.float64)
-        self.finite_low = torch.where(torch.isfinite(self.low), self.low, 0.0)[:, None]
-        self.finite_high = torch.where(torch.isfinite(self.high), self.high, 0.0)[:, None]
+        finite_low = torch.where(torch.isfinite(self.low), self.low, 0.0)[:, None]
+        finite_high = torch.where(torch.isfinite(self.high), self.high, 0.0)[:, None]
+        #: each finite bound to the powers 1, 2, 3 the recurrence multiplies ``sigma·φ`` by
+        self.low_powers = [finite_low**k for k in (1, 2, 3)]
+        self.high_powers = [finite_high**k for k in (1, 2, 3)]
         rows = []
         for _, _, f in pieces:
             slope, square = _derivative(f), _mul(f, f)
@@ -93,21 +96,23 @@ class _Pieces:
         alpha = (self.low[:, None] - mu) / sigma  # (P, C)
         beta = (self.high[:, None] - mu) / sigma
         root2 = math.sqrt(2.0)
-        # Φ(beta) − Φ(alpha), from the tail where both lie in it (no cancellation far right)
-        upper = 0.5 * (torch.erfc(alpha / root2) - torch.erfc(beta / root2))
-        lower = 0.5 * (torch.erfc(-beta / root2) - torch.erfc(-alpha / root2))
+        # Φ(beta) − Φ(alpha), from the tail where both lie in it (no cancellation far right):
+        # ½(erfc(a/√2) − erfc(b/√2)) right of 0, ½(erfc(−b/√2) − erfc(−a/√2)) left of it, both as
+        # ½·s·(erfc(s·a/√2) − erfc(s·b/√2)) with s = ±1 (the same numbers, two erfc calls, not four)
+        side = torch.where(alpha > 0, 1.0, -1.0)
+        mass = 0.5 * side * (torch.erfc(alpha / root2 * side) - torch.erfc(beta / root2 * side))
         # sigma·φ at each bound (0 at an infinite one, where the bound itself is taken as 0)
         at_low = sigma * torch.exp(-0.5 * alpha * alpha) / math.sqrt(2.0 * math.pi)
         at_high = sigma * torch.exp(-0.5 * beta * beta) / math.sqrt(2.0 * math.pi)
         var = sigma * sigma
-        raw = [torch.where(alpha > 0, upper, lower)]
+        raw = [mass]
         raw.append(mu * raw[0] + at_low - at_high)
         for j in range(2, 5):
             raw.append(
                 mu * raw[j - 1]
                 + (j - 1) * var * raw[j - 2]
-                + self.finite_low ** (j - 1) * at_low
-                - self.finite_high ** (j - 1) * at_high
+                + self.low_powers[j - 2] * at_low
+                - self.high_powers[j - 2] * at_high
             )
         pieces = self.coefficients.shape[1]
         flat = self.coefficients[:families].reshape(families, pieces * 5)  # (families, P·5)
