@@ -175,14 +175,15 @@ def is_identity(bn: nn.Module) -> bool:
     u = IDENTITY_ULPS * torch.finfo(stored.dtype).eps
     if _first_channel_far(bn, u):
         return False
-    a, b = affine_map(bn)
     mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
-    size = (
-        torch.ones_like(b)
-        if mean is None or var is None
-        else mean.double().abs() + (var.double() + bn.eps).sqrt()
-    )
-    return bool(((a - 1).abs() <= u).all() and (b.abs() <= u * size.to(b)).all())
+    if isinstance(bn, ChannelAffine) or mean is None or var is None:
+        a, b = affine_map(bn)
+        size: torch.Tensor | float = 1.0
+    else:  # `affine_map`'s numbers, its √(var+ε) read once for the size too
+        eps: float = bn.eps  # type: ignore[assignment]
+        a, b, scale = bn_math.bn_affine_and_scale(mean, var, bn.weight, bn.bias, eps)  # type: ignore[arg-type]
+        size = mean.detach().double().abs() + scale
+    return bool(((a - 1).abs() <= u).all() and (b.abs() <= u * size).all())
 
 
 def _first_channel_far(bn: nn.Module, u: float) -> bool:

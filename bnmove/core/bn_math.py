@@ -34,14 +34,27 @@ def bn_affine(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(a, b)`` of eval-mode BN, in float64."""
+    a, b, _ = bn_affine_and_scale(running_mean, running_var, weight, bias, eps)
+    return a, b
+
+
+def bn_affine_and_scale(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`bn_affine`'s ``(a, b)`` and the ``√(var + ε)`` it divides by, in float64."""
     mean = running_mean.detach().double()
-    a = 1.0 / torch.sqrt(running_var.detach().double() + eps)
+    scale = torch.sqrt(running_var.detach().double() + eps)
+    a = 1.0 / scale
     if weight is not None:
         a = a * weight.detach().double()
     b = -a * mean
     if bias is not None:
         b = b + bias.detach().double()
-    return a, b
+    return a, b, scale
 
 
 def _channel_view(t: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
