@@ -14,22 +14,42 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..errors import ModelRunError
 
 
-@contextlib.contextmanager
-def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+def _plain_flags(modules: list[nn.Module]) -> bool:
+    """Whether every module's class takes torch's own ``train`` and ``__setattr__``: then setting
+    each flag directly is what ``train`` does, without a call and a recursion per module."""
+    return all(
+        type(m).train is nn.Module.train and type(m).__setattr__ is nn.Module.__setattr__ for m in modules
+    )
+
+
+def kept_modes(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Whatever the block does to train/eval flags, each module's own flag is put back after."""
-    flags = [(m, m.training) for m in model.modules()]
+    return _modes(model, to_eval=False)
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Put every module in eval mode and restore each module's own flag after."""
+    return _modes(model, to_eval=True)
+
+
+@contextlib.contextmanager
+def _modes(model: nn.Module, *, to_eval: bool) -> Iterator[nn.Module]:
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    plain = _plain_flags(modules)
     try:
+        if to_eval and plain:
+            for module in modules:
+                object.__setattr__(module, "training", False)
+        elif to_eval:
+            model.eval()  # a class's own train() decides what eval means for it
         yield model
     finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode and restore each module's own flag after."""
-    with kept_modes(model):
-        yield model.eval()
+        for module, flag in zip(modules, flags, strict=True):
+            if plain:
+                object.__setattr__(module, "training", flag)
+            else:
+                module.training = flag
 
 
 @contextlib.contextmanager
