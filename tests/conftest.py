@@ -16,6 +16,13 @@ from bnmove.core.running import eval_mode, output_tensors, run_model
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same random state, whichever worker runs it after whichever
+    tests: a test that draws without a seed of its own draws the same numbers on every run."""
+    torch.manual_seed(0)
+
+
 def outputs_of(model: nn.Module, inputs: Sequence[Any]) -> Any:
     """``model(*inputs)`` in eval mode, no grad, on copies of the input tensors (any structure)."""
     with eval_mode(model):

@@ -149,7 +149,8 @@ def affine_map(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return bn.weight.detach().double(), bn.bias.detach().double()
     mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
     assert mean is not None and var is not None, "an eval-mode map needs running statistics"
-    return bn_math.bn_affine(mean, var, bn.weight, bn.bias, float(bn.eps))  # type: ignore[arg-type]
+    a, b, _ = bn_math.bn_affine(mean, var, bn.weight, bn.bias, float(bn.eps))  # type: ignore[arg-type]
+    return a, b
 
 
 def scale_positive(bn: nn.Module) -> bool:
@@ -181,7 +182,7 @@ def is_identity(bn: nn.Module) -> bool:
         size: torch.Tensor | float = 1.0
     else:  # `affine_map`'s numbers, its √(var+ε) read once for the size too
         eps: float = bn.eps  # type: ignore[assignment]
-        a, b, scale = bn_math.bn_affine_and_scale(mean, var, bn.weight, bn.bias, eps)  # type: ignore[arg-type]
+        a, b, scale = bn_math.bn_affine(mean, var, bn.weight, bn.bias, eps)  # type: ignore[arg-type]
         size = mean.detach().double().abs() + scale
     return bool(((a - 1).abs() <= u).all() and (b.abs() <= u * size).all())
 

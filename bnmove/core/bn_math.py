@@ -32,20 +32,8 @@ def bn_affine(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(a, b)`` of eval-mode BN, in float64."""
-    a, b, _ = bn_affine_and_scale(running_mean, running_var, weight, bias, eps)
-    return a, b
-
-
-def bn_affine_and_scale(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`bn_affine`'s ``(a, b)`` and the ``√(var + ε)`` it divides by, in float64."""
+    """Per-channel ``(a, b)`` of eval-mode BN, and the ``√(var + ε)`` that ``a`` divides by, in float64."""
     mean = running_mean.detach().double()
     scale = torch.sqrt(running_var.detach().double() + eps)
     a = 1.0 / scale
