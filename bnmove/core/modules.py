@@ -54,10 +54,24 @@ def structure(module: nn.Module) -> Hashable | None:
     return (type(module), typed, children)
 
 
+def submodule(root: nn.Module, target: str) -> nn.Module:
+    """``root.get_submodule(target)``, read from each module's children directly: a conversion looks
+    modules up by name hundreds of times, and torch's lookup tests and reads every step through
+    ``nn.Module.__getattr__``. A step whose name is not a plain child (an attribute or a class
+    attribute by that name, or no such child) is left to torch, which answers or says why not."""
+    module = root
+    for atom in target.split(".") if target else ():
+        child = module._modules.get(atom)
+        if child is None or atom in module.__dict__ or hasattr(type(module), atom):
+            return root.get_submodule(target)
+        module = child
+    return module
+
+
 def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
     """Replace the submodule at a dotted path (``""`` is not allowed)."""
     parent_name, _, attr = qualified_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
+    parent = submodule(root, parent_name) if parent_name else root
     setattr(parent, attr, module)
 
 
@@ -123,7 +137,7 @@ def key_script_type(module: nn.Module, kind: str, value: str) -> None:
 
 def parent_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
-    return (root.get_submodule(parent_name) if parent_name else root), attr
+    return (submodule(root, parent_name) if parent_name else root), attr
 
 
 def first_line(exc: BaseException) -> str:

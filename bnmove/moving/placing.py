@@ -26,7 +26,7 @@ from ..analysis.tracing import Region
 from ..core.alike import forward_key
 from ..core.blocked import Blocked
 from ..core.forwards import copy_graph, generated_forward, install_forward
-from ..core.modules import Slots, first_line, qualified, set_submodule
+from ..core.modules import Slots, first_line, qualified, set_submodule, submodule
 from ..core.running import untouched
 from ..rules import SPLIT_FUSED, Context
 from ..rules.split_fused import activation_module
@@ -204,7 +204,7 @@ class Mover:
 
     def _scope_graph(self, scope: str) -> _ScopeGraph | Blocked:
         if scope not in self._scopes:
-            module = self.work.get_submodule(scope) if scope else self.work
+            module = submodule(self.work, scope) if scope else self.work
             what = f"{scope or 'the model'} ({type(module).__name__})"
             self._scopes[scope] = Blocked(f"the forward of {what} is being traced")  # never asks for itself
             try:
@@ -247,7 +247,7 @@ class Mover:
     def _call_values(self, scope: str) -> dict[str, Any] | None:
         """The non-tensor arguments every call of ``scope`` passes (the same at each call), read in the
         forward of the nearest ancestor that calls it; None when there is no such single set."""
-        module = self.work.get_submodule(scope)
+        module = submodule(self.work, scope)
         generated = generated_forward(module)
         try:
             signature = generated.signature if generated else inspect.signature(type(module).forward)
@@ -311,13 +311,13 @@ class Mover:
                 rewrite.move_nodes(placement, site.bn_node, site.act_node)
             for name in (bn_name, act_name):
                 if name is not None:
-                    modules[name] = root.get_submodule(name)
+                    modules[name] = submodule(root, name)
             return notes, qualified(site.region, new_name)
         assert site.act_node is not None
         if isinstance(how, _CrossSurgery):
             return self._apply_across(site, how, affine)
         rewrite.move_nodes(placement, site.bn_node, site.act_node)
-        scope_module = self.work.get_submodule(how.scope) if how.scope else self.work
+        scope_module = submodule(self.work, how.scope) if how.scope else self.work
         affine_name = None
         if affine is not None:  # beside the BN, under a name of its own
             affine_name = surgery.add_beside(root, bn_name, "affine", affine)
@@ -359,7 +359,7 @@ class Mover:
             affine,
             slots=self.slots(site.region),
         )
-        modules[bn_name] = root.get_submodule(bn_name)
+        modules[bn_name] = submodule(root, bn_name)
         for node in (site.act_node, *how.nodes):  # the slot calls the activation now
             source = node.args[0]
             assert isinstance(source, fx.Node)
@@ -381,7 +381,7 @@ class Mover:
         for scope in sorted(self._dirty):
             entry = self._scopes.pop(scope)  # its graphs become the module's forward
             assert not isinstance(entry, Blocked)
-            module = self.work.get_submodule(scope) if scope else self.work
+            module = submodule(self.work, scope) if scope else self.work
             if not install_forward(module, entry[0], self._specialised.get(scope)):
                 dispatched.append(scope)
         self._dirty.clear()

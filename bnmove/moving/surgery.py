@@ -40,7 +40,7 @@ from ..core.forwards import (  # GraphForward: see __all__
     class_forward,
     generated_forward,
 )
-from ..core.modules import Slots, key_script_type, parent_of
+from ..core.modules import Slots, key_script_type, parent_of, submodule
 from ..core.running import kept_modes
 
 # -- module surgery ---------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class Reorders:
 def add_beside(root: nn.Module, name: str, suffix: str, module: nn.Module) -> str:
     """Register ``module`` beside submodule ``name`` as ``<leaf>_<suffix>`` (made unique); returns its name."""
     parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
+    parent = submodule(root, parent_name) if parent_name else root
     new, i = f"{leaf}_{suffix}", 1
     while new in parent._modules or hasattr(parent, new):
         i += 1
@@ -135,10 +135,10 @@ def module_move(
     module's slots under ``root``, read once per conversion (without it, the model is walked).
     """
     replace_everywhere = (slots or Slots(root)).replace
-    bn_module = root.get_submodule(bn)
+    bn_module = submodule(root, bn)
     if affine is not None:  # X -> A -> f -> BN' or BN' -> f -> A -> N, all in the BN's slot
         if act is not None:
-            replace_everywhere(root.get_submodule(act), nn.Identity())
+            replace_everywhere(submodule(root, act), nn.Identity())
         three = (affine, act_module, bn_module) if placement == "before" else (bn_module, act_module, affine)
         replace_everywhere(bn_module, nn.Sequential(*three))
         return f"{bn}.2" if placement == "before" else f"{bn}.0"
@@ -152,7 +152,7 @@ def module_move(
             else:
                 reorders.move(seq, bn_key, act_key, after=False)
             return bn
-        replace_everywhere(root.get_submodule(act), nn.Identity())
+        replace_everywhere(submodule(root, act), nn.Identity())
     pair = (act_module, bn_module) if placement == "before" else (bn_module, act_module)
     replace_everywhere(bn_module, nn.Sequential(*pair))
     return f"{bn}.1" if placement == "before" else f"{bn}.0"

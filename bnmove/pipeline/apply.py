@@ -8,7 +8,7 @@ from torch import nn
 
 from ..analysis.batchnorms import is_frozen_batchnorm
 from ..analysis.detect import Site
-from ..core.modules import qualified
+from ..core.modules import qualified, submodule
 from ..rules import ABSORB, Method, Rule, solve_primes
 from .analyse import Analysis
 from .calibration import NOT_CALIBRATED, Calibrator, Pending
@@ -51,9 +51,7 @@ def _root(analysis: Analysis, site: Site) -> nn.Module:
 
 
 def _frozen_note(root: nn.Module, site: Site, rule: Rule) -> list[str]:
-    if site.bn_node.op != "call_module" or not is_frozen_batchnorm(
-        root.get_submodule(str(site.bn_node.target))
-    ):
+    if site.bn_node.op != "call_module" or not is_frozen_batchnorm(submodule(root, str(site.bn_node.target))):
         return []
     if rule.exact:
         return [

@@ -18,7 +18,7 @@ from ..analysis.batchnorms import bn_channels, is_batchnorm_module
 from ..analysis.detect import Site
 from ..analysis.patterns import activation_call
 from ..core import bn_math, piecewise
-from ..core.modules import settings
+from ..core.modules import settings, submodule
 
 
 def _constant(root: nn.Module, value: Any) -> Any:
@@ -41,7 +41,7 @@ def pair_activation(root: nn.Module, site: Site) -> Callable[[torch.Tensor], tor
     fused = site.fused
     if fused is not None:
         if fused.act_child is not None:
-            return module_function(root.get_submodule(f"{site.bn_node.target}.{fused.act_child}"))
+            return module_function(submodule(root, f"{site.bn_node.target}.{fused.act_child}"))
         return activation_call(fused.act_target, fused.act_args, fused.act_kwargs)
     assert site.act_node is not None
     return activation_function(root, site.act_node)
@@ -54,12 +54,12 @@ def pair_activation_key(root: nn.Module, site: Site) -> Hashable | None:
     fused = site.fused
     if fused is not None:
         if fused.act_child is not None:
-            return _module_key(root.get_submodule(f"{site.bn_node.target}.{fused.act_child}"))
+            return _module_key(submodule(root, f"{site.bn_node.target}.{fused.act_child}"))
         return _call_key(fused.act_target, fused.act_args, fused.act_kwargs)
     node = site.act_node
     assert node is not None
     if node.op == "call_module":
-        return _module_key(root.get_submodule(str(node.target)))
+        return _module_key(submodule(root, str(node.target)))
     if any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
         return None
     return _call_key(
@@ -134,7 +134,7 @@ def module_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
 def activation_function(root: nn.Module, node: fx.Node) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The activation at ``node`` as a float64 function of its input (None if it needs runtime tensors)."""
     if node.op == "call_module":
-        return module_function(root.get_submodule(str(node.target)))
+        return module_function(submodule(root, str(node.target)))
     try:
         args = tuple(_constant(root, a) for a in node.args[1:])
         kwargs = {k: _constant(root, v) for k, v in node.kwargs.items() if k != "inplace"}
@@ -178,7 +178,7 @@ def make_identity(bn: _BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> None
 
 def batchnorm_at(root: nn.Module, name: str) -> _BatchNorm:
     """The BN at ``name``; a frozen BN has the same state under the same names, so it is typed as one."""
-    module = root.get_submodule(name)
+    module = submodule(root, name)
     assert is_batchnorm_module(module)
     return cast("_BatchNorm", module)
 

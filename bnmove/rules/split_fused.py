@@ -18,6 +18,7 @@ from torch import nn
 from ..analysis.detect import Site
 from ..analysis.fused import FusedNorm, make_plain_batchnorm
 from ..analysis.patterns import activation_call, activation_spec
+from ..core.modules import submodule
 from .base import Applied, Check, Context, Method, Rule, refuse
 
 
@@ -32,7 +33,7 @@ def split_fused(module: nn.Module, fused: FusedNorm) -> tuple[nn.Module, nn.Modu
     for name in list(plain._modules):
         del plain._modules[name]
     if fused.act_child is not None:
-        return plain, module.get_submodule(fused.act_child)
+        return plain, submodule(module, fused.act_child)
     act = activation_module(fused.call.spec.kind, fused.act_target, fused.act_args, fused.act_kwargs)
     return None if act is None else (plain, act)
 
@@ -83,6 +84,6 @@ class SplitFused(Rule):
     def split(self, root: nn.Module, site: Site) -> tuple[nn.Module, nn.Module]:
         """`apply`'s split itself, for a site whose check passed."""
         assert site.fused is not None
-        split = split_fused(root.get_submodule(str(site.bn_node.target)), site.fused)
+        split = split_fused(submodule(root, str(site.bn_node.target)), site.fused)
         assert split is not None, "a split after a passed check"
         return split

@@ -29,6 +29,7 @@ from torch import nn
 from ..analysis.layers import AFFINE_LAYERS
 from ..core import bn_math
 from ..core.affine import ChannelAffine
+from ..core.modules import submodule
 
 Direction = Literal["backward", "forward"]
 #: ``fold(layer, a, b, inplace=False) -> (weight', bias')``, the bias in float64; ``inplace``: a
@@ -121,6 +122,6 @@ def fold_map(
     root: nn.Module, a: torch.Tensor, b: torch.Tensor, layer_name: str, direction: Direction
 ) -> None:
     """Fold the per-channel map ``a·z + b`` into the layer at ``layer_name``, in place."""
-    layer = root.get_submodule(layer_name)
+    layer = submodule(root, layer_name)
     assert isinstance(layer, AFFINE_LAYERS), f"{layer_name} takes no fold"
     _set_weight_bias(layer, *fold_for(layer, direction)(layer, a, b, inplace=True))
