@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -51,6 +52,20 @@ class CallsSuper(Block):
         return super().forward(x)
 
 
+def _passes_through(forward):  # type: ignore[no-untyped-def]
+    @functools.wraps(forward)  # so the source read is the decorated function's
+    def wrapper(self, x):  # type: ignore[no-untyped-def]
+        return forward(self, x) * self.conv.out_channels  # reads a child's setting the source hides
+
+    return wrapper
+
+
+class Decorated(Block):
+    @_passes_through
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 class Caches(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.last = x
@@ -73,12 +88,12 @@ def test_a_forward_that_only_calls_its_children_traces_alike_at_every_width() ->
 
 
 def test_any_other_use_of_self_keys_by_every_setting_all_the_way_down() -> None:
-    for cls in (ReadsChild, CallsMethod, Indexes, CallsSuper, Caches):
+    for cls in (ReadsChild, CallsMethod, Indexes, CallsSuper, Caches, Decorated):
         narrow, wide = _keys(cls)
         assert narrow != wide, cls.__name__  # the widths differ, so the structures do
         assert forward_key(cls(4)) == forward_key(cls(4)), cls.__name__
     assert self_uses(ReadsChild) == {"conv": {"call", "read"}}
-    assert self_uses(CallsSuper) is None and self_uses(Caches) is None
+    assert self_uses(CallsSuper) is None and self_uses(Caches) is None and self_uses(Decorated) is None
 
 
 def test_child_settings_count_where_asked_and_a_forward_of_its_own_has_no_key() -> None:

@@ -71,8 +71,8 @@ def _read_uses(cls: type) -> dict[str, frozenset[str]] | None:
     except (OSError, TypeError, SyntaxError):
         return None
     function = tree.body[0] if tree.body else None
-    if not isinstance(function, ast.FunctionDef) or not function.args.args:
-        return None
+    if not isinstance(function, ast.FunctionDef) or not function.args.args or function.decorator_list:
+        return None  # (a decorator's wrapper runs code this source does not show)
     me = function.args.args[0].arg
     parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
     uses: dict[str, set[str]] = {}
