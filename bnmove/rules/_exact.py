@@ -145,8 +145,9 @@ def solve_primes(moves: Sequence[tuple[nn.Module, Site, Rule]]) -> dict[Site, Pr
         if not isinstance(rule, ExactRule):
             continue
         key = pair_activation_key(root, site)
-        f = None if _closed_form(key) else pair_activation(root, site)
-        if f is None and not _closed_form(key):
+        closed = _closed_form(key)
+        f = None if closed else pair_activation(root, site)
+        if f is None and not closed:
             continue
         group = (site.pair.placement, key) if key is not None else site  # unknown: solved alone
         given = _given(site, batchnorm_at(root, str(site.bn_node.target)))
